@@ -1,0 +1,2228 @@
+#!/usr/bin/env python3
+"""llmhost: one OpenAI-compatible endpoint in front of the LLM servers you already run.
+
+Register llama.cpp, vLLM, Ollama, LM Studio, TGI or any remote OpenAI-compatible API in a JSON
+registry (``servers.json``) and serve them all behind one ``/v1`` API: chat completions (text and
+images, streaming and not, tools), legacy completions, embeddings and rerank. One file, standard
+library only; the ``mcp`` package is imported only when an MCP server is used.
+
+Usage::
+
+    python3 llmhost.py add local http://127.0.0.1:8080/v1        # probes GET /v1/models first
+    python3 llmhost.py add openai https://api.openai.com/v1 --api-key-env OPENAI_API_KEY --model gpt-4o-mini
+    python3 llmhost.py list [--json] | show NAME | remove NAME
+    python3 llmhost.py serve [--host 127.0.0.1] [--port 8000] [--api-key KEY]...
+
+Deliberately not supported: clustering (run several copies behind any load balancer), HTTP/2
+toward clients or upstreams, request/response transformation beyond what a route needs (model
+alias rewrite, base64 embeddings, rerank normalisation), storing prompts or keys in logs.
+
+Sections, in dependency order (grep the banners):
+    Limits · Errors · Wire format · HTTP server · Upstream client · Registry · Router ·
+    Admission · Auth · Application · CLI
+"""
+
+import json
+import os
+import re
+import sys
+import time
+
+__version__ = "0.1.0"
+
+# =============================================================================
+# Limits
+# =============================================================================
+# Owns: every number that bounds memory, time or work, with its unit and precedent.
+# Never: read at import from the environment (the CLI passes overrides down).
+
+MAX_REQUEST_LINE = 8 * 1024  # bytes; aiohttp 8190 -> 414 past it
+MAX_HEADER_BYTES = 64 * 1024  # bytes, all header lines; node 80 KiB -> 431
+MAX_HEADER_COUNT = 100  # fields; http.client's _MAXHEADERS -> 431
+MAX_BODY_BYTES = 32 * 1024 * 1024  # bytes; llama-swap 32 MiB, fits base64 images -> 413
+MAX_UPSTREAM_BODY = 64 * 1024 * 1024  # bytes of a non-streamed upstream answer we buffer
+HEADER_TIMEOUT = 10.0  # s to receive a whole request head; slowloris guard
+BODY_TIMEOUT = 60.0  # s of silence while a request body is arriving
+KEEPALIVE_IDLE = 5.0  # s an idle client connection is kept; uvicorn 5 s
+MAX_CONNECTIONS = 1024  # open client connections per process; past it new ones are closed
+CONNECT_TIMEOUT = 5.0  # s to open an upstream connection
+UPSTREAM_TIMEOUT = 600.0  # s to the first byte and between bytes; model loading is slow
+POOL_MAX_IDLE = 64  # idle keep-alive connections per upstream origin (> default concurrency)
+POOL_IDLE_TIMEOUT = 30.0  # s an idle upstream connection is kept; httpcore
+MAX_ATTEMPTS = 3  # upstream servers tried for one request before giving up
+FAILURES_BEFORE_COOLDOWN = 3  # consecutive failures; LiteLLM allowed_fails 3
+COOLDOWN_BASE = 5.0  # s, doubled per further failure; LiteLLM cooldown_time 5 s
+COOLDOWN_MAX = 300.0  # s, cap of the exponential cooldown
+MAX_CONCURRENCY = 50  # requests proxied at once per process; the user's figure
+QUEUE_SIZE = 100  # requests waiting for a slot before 429; Ollama queues, llama-swap 429s
+QUEUE_TIMEOUT = 60.0  # s a request may wait in the queue before 429
+PROBE_TIMEOUT = 5.0  # s for `add` to probe GET {url}/models
+WATCH_INTERVAL = 1.0  # s between registry file checks while serving
+SHUTDOWN_TIMEOUT = 30.0  # s in-flight requests get to finish after SIGTERM
+TICK = 0.25  # s between sweeps of deadlines (timeouts are enforced to this precision)
+RELAY_CHUNK = 64 * 1024  # bytes read from an upstream at a time
+
+# =============================================================================
+# Errors
+# =============================================================================
+# Owns: every failure that becomes an HTTP answer. Each class knows its status and its OpenAI
+# error `type`/`code`; the Application renders them as {"error": {message, type, param, code}}.
+# Never: does I/O.
+
+
+class HTTPError(Exception):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+    close = False  # True: the connection cannot be trusted any more (framing error)
+
+    def __init__(self, message, *, status=None, code=None, param=None, headers=()):
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if code is not None:
+            self.code = code
+        self.param = param
+        self.headers = list(headers)
+
+    def envelope(self):
+        return {"error": {"message": self.message, "type": self.type,
+                          "param": self.param, "code": self.code}}
+
+
+class BadRequest(HTTPError):
+    status, type, code = 400, "invalid_request_error", "invalid_request"
+
+
+class ProtocolError(BadRequest):
+    """The request could not be framed; answered, then the connection is closed (RFC 9112 §2.2)."""
+    code = "protocol_error"
+    close = True
+
+
+class Unauthorized(HTTPError):
+    status, type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+class Forbidden(HTTPError):
+    status, type, code = 403, "invalid_request_error", "forbidden"
+
+
+class NotFound(HTTPError):
+    status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class MethodNotAllowed(HTTPError):
+    status, type, code = 405, "invalid_request_error", "method_not_allowed"
+
+
+class RateLimited(HTTPError):
+    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+
+class UpstreamError(HTTPError):
+    """An upstream could not be used. `retryable`: nothing reached the client, try the next one."""
+    status, type, code = 502, "server_error", "upstream_error"
+    retryable = True
+
+
+class UpstreamTimeout(UpstreamError):
+    status, code = 504, "upstream_timeout"
+
+
+class ServiceUnavailable(HTTPError):
+    status, type, code = 503, "server_error", "service_unavailable"
+
+
+class RegistryError(Exception):
+    """The registry file cannot be read or a change to it is invalid; the message names both."""
+
+
+# =============================================================================
+# Wire format
+# =============================================================================
+# Owns: HTTP/1.1 message heads and bodies as bytes (RFC 9110/9112): parsing requests, writing
+# responses, chunked framing. Pure: callers hand in lines and bytes.
+# Raises: ProtocolError carrying the status the peer is owed (400, 413, 414, 431, 501, 505).
+
+REASONS = {
+    100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
+    403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+    409: "Conflict", 413: "Content Too Large", 414: "URI Too Long", 422: "Unprocessable Content",
+    429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
+    504: "Gateway Timeout", 505: "HTTP Version Not Supported",
+}
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"  # RFC 9110 §5.6.2
+_REQUEST_LINE = re.compile(rb"(%s) ([^\x00-\x20\x7f]+) HTTP/(\d)\.(\d)\r\n" % _TOKEN)
+# field-value: visible chars, SP/HTAB inside, obs-text allowed (RFC 9110 §5.5); no CR, LF, NUL.
+_HEADER_LINE = re.compile(rb"(%s):[ \t]*((?:[\x21-\x7e\x80-\xff](?:[ \t]*[\x21-\x7e\x80-\xff])*)?)"
+                          rb"[ \t]*" % _TOKEN)
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*%s(?:=(?:%s|\"[^\"\r\n]*\"))?)*"
+                         rb"[ \t]*\r\n" % (_TOKEN, _TOKEN))
+KNOWN_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH",
+                           b"CONNECT", b"TRACE"})
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
+                        "trailer", "upgrade", "proxy-authorization", "proxy-authenticate"})
+
+
+class Request:
+    """One parsed request. `headers` maps lower-cased names to values (repeats joined by ', ')."""
+    __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "keep_alive",
+                 "conn", "started", "request_id", "model", "server", "status")
+
+    def __init__(self, method, target, version, headers):
+        self.method = method
+        self.target = target
+        path, _, self.query = target.partition("?")
+        self.path = path
+        self.version = version
+        self.headers = headers
+        self.body = b""
+        conn = headers.get("connection", "").lower()
+        if version == "1.1":
+            self.keep_alive = "close" not in conn
+        else:
+            self.keep_alive = "keep-alive" in conn
+        self.conn = None
+        self.started = 0.0
+        self.request_id = ""
+
+
+def parse_request_line(line):
+    """b"POST /v1/x HTTP/1.1\\r\\n" -> (method, target, version). RFC 9112 §3."""
+    if len(line) > MAX_REQUEST_LINE:
+        raise ProtocolError("request line too long", status=414, code="uri_too_long")
+    if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+        raise ProtocolError("request line must end with CRLF (bare CR or LF)")
+    m = _REQUEST_LINE.fullmatch(line)
+    if m is None:
+        raise ProtocolError("malformed request line")
+    method, target, major, minor = m.groups()
+    if major != b"1":
+        raise ProtocolError("HTTP version not supported", status=505, code="http_version")
+    if method not in KNOWN_METHODS:
+        raise ProtocolError("method not implemented", status=501, code="not_implemented")
+    if not (target.startswith(b"/") or target == b"*"):
+        raise ProtocolError("request target must be a path (origin-form)")
+    return method.decode(), target.decode("latin-1"), "1." + minor.decode()
+
+
+def parse_header_block(block):
+    """All header lines (each ending CRLF) without the empty line -> {name: value}. RFC 9112 §5."""
+    if len(block) > MAX_HEADER_BYTES:
+        raise ProtocolError("request headers too large", status=431, code="headers_too_large")
+    headers = {}
+    lines = block.split(b"\r\n")
+    if lines[-1] != b"":
+        raise ProtocolError("header section must end with CRLF")
+    if len(lines) - 1 > MAX_HEADER_COUNT:
+        raise ProtocolError("too many header fields", status=431, code="headers_too_large")
+    for raw in lines[:-1]:
+        m = _HEADER_LINE.fullmatch(raw)
+        if m is None:
+            if raw[:1] in (b" ", b"\t"):
+                raise ProtocolError("obsolete line folding is not accepted")
+            raise ProtocolError("malformed header field")
+        name = m.group(1).decode().lower()
+        value = m.group(2).decode("latin-1")
+        old = headers.get(name)
+        if old is None:
+            headers[name] = value
+        elif name in ("content-length", "host", "transfer-encoding", "authorization"):
+            # Repeats of these are how requests get smuggled (RFC 9112 §6.3, §3.2).
+            raise ProtocolError(f"repeated {name} header")
+        else:
+            headers[name] = old + ", " + value
+    return headers
+
+
+def body_framing(headers):
+    """-> ('length', n) or ('chunked', None) for a request. RFC 9112 §6.3."""
+    te = headers.get("transfer-encoding")
+    cl = headers.get("content-length")
+    if te is not None:
+        if cl is not None:
+            raise ProtocolError("both Content-Length and Transfer-Encoding")
+        if te.strip().lower() != "chunked":
+            raise ProtocolError("only Transfer-Encoding: chunked is supported", status=501,
+                                code="not_implemented")
+        return "chunked", None
+    if cl is None:
+        return "length", 0
+    if not cl.isdigit() or not cl.isascii() or len(cl) > 18:
+        raise ProtocolError("malformed Content-Length")
+    n = int(cl)
+    if n > MAX_BODY_BYTES:
+        raise ProtocolError(f"request body over {MAX_BODY_BYTES} bytes", status=413,
+                            code="body_too_large")
+    return "length", n
+
+
+def parse_chunk_size(line):
+    """b"1a;ext=v\\r\\n" -> 26. Extensions are accepted and ignored (RFC 9112 §7.1.1)."""
+    m = _CHUNK_SIZE.fullmatch(line)
+    if m is None:
+        raise ProtocolError("malformed chunk size line")
+    return int(m.group(1), 16)
+
+
+def check_header_value(value):
+    """Refuse CR, LF and NUL in anything we write into a head (no response splitting)."""
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise ValueError("CR, LF or NUL in a header value")
+    return value
+
+
+def response_head(status, headers, version="1.1"):
+    """Status line and header lines, ending with the empty line. `headers` is a list of pairs."""
+    parts = [f"HTTP/{version} {status} {REASONS.get(status, 'Unknown')}\r\n"]
+    for name, value in headers:
+        parts.append(f"{name}: {check_header_value(str(value))}\r\n")
+    parts.append("\r\n")
+    return "".join(parts).encode("latin-1")
+
+
+def encode_chunk(data):
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def json_bytes(obj):
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+# =============================================================================
+# HTTP server
+# =============================================================================
+# Owns: client connections: reading requests (keep-alive, Content-Length and chunked bodies,
+# Expect: 100-continue), writing responses (coalesced head and body, chunked streams), the
+# deadlines that guard every read (slowloris, idle keep-alive), and noticing a client that left.
+# Raises: nothing to its caller; a ProtocolError becomes a response plus Connection: close.
+# Never: knows routes, models or upstreams (the Application's `handle(request)` does).
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("", "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def http_date(t):
+    g = time.gmtime(t)  # RFC 9110 §5.6.7 IMF-fixdate, locale-independent
+    return "%s, %02d %s %04d %02d:%02d:%02d GMT" % (
+        _DAYS[g.tm_wday], g.tm_mday, _MONTHS[g.tm_mon], g.tm_year, g.tm_hour, g.tm_min, g.tm_sec)
+
+
+class Sweeper:
+    """One timer for every deadline: objects with `.deadline` (monotonic s or None) and `.expire()`.
+
+    Per-read timers (`wait_for`) cost a task or a timer handle per read on the hot path; a sweep
+    every TICK costs one pass over the tracked objects, and setting a deadline is one assignment.
+    """
+
+    def __init__(self, tick=TICK):
+        self.tick = tick
+        self.tracked = set()
+        self.date = http_date(time.time())
+        self.callbacks = []  # called each sweep: housekeeping (pool expiry, registry watch)
+
+    async def run(self):
+        import asyncio
+        while True:
+            await asyncio.sleep(self.tick)
+            now = time.monotonic()
+            self.date = http_date(time.time())
+            for obj in tuple(self.tracked):
+                deadline = obj.deadline
+                if deadline is not None and now >= deadline:
+                    obj.deadline = None
+                    obj.expire()
+            for callback in self.callbacks:
+                try:
+                    callback(now)
+                except Exception:  # housekeeping must never stop the sweeps
+                    log_exception("housekeeping failed")
+
+
+class ClientConnection:
+    """One client socket. `phase` is what we wait for: idle, head, body, app, stream."""
+
+    def __init__(self, server, reader, writer):
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.transport = writer.transport
+        self.deadline = None
+        self.phase = "head"
+        self.gone = False  # the client closed or reset its side
+        self.upstream = None  # upstream connection serving this client now (closed if we go)
+        self.streaming = False  # response head sent as a chunked stream
+        self.chunked = True
+        self.http10 = False
+
+    # -- deadlines -------------------------------------------------------------------------
+    def expire(self):
+        if self.phase in ("head", "body"):
+            # RFC 9110 §15.5.9: 408 for a request that did not arrive in time; then close.
+            self.write_error(HTTPError("request not received in time", status=408,
+                                       code="request_timeout"), close=True)
+        self.transport.close()
+
+    def peer_gone(self):
+        """Called by the protocol on EOF or reset from the client."""
+        if self.phase in ("app", "stream"):
+            self.gone = True
+            upstream = self.upstream
+            if upstream is not None:
+                upstream.abort()  # the model stops generating: it sees its socket close
+
+    # -- reading ---------------------------------------------------------------------------
+    async def read_request(self, first):
+        import asyncio
+        reader = self.reader
+        self.phase = "head" if first else "idle"
+        self.deadline = time.monotonic() + (HEADER_TIMEOUT if first else KEEPALIVE_IDLE)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError as exc:
+            if not exc.partial.strip():
+                return None  # clean close between requests
+            head = exc.partial  # the peer half-closed mid-head: say what was wrong with it
+            self.parse_head(head + b"\r\n\r\n" if head.endswith(b"\r\n") else head)
+            raise ProtocolError("incomplete request head")
+        except asyncio.LimitOverrunError:
+            buffered = await reader.read(MAX_REQUEST_LINE + MAX_HEADER_BYTES)
+            if buffered.find(b"\n", 0, MAX_REQUEST_LINE + 1) == -1:
+                raise ProtocolError("request line too long", status=414, code="uri_too_long")
+            raise ProtocolError("request headers too large", status=431,
+                                code="headers_too_large")
+        started = time.monotonic()
+        request = self.parse_head(head)
+        request.started = started
+        request.conn = self
+        kind, length = body_framing(request.headers)
+        if kind == "length" and length == 0:
+            self.phase = "app"
+            self.deadline = None
+            return request
+        if request.headers.get("expect", "").lower() == "100-continue":
+            self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.phase = "body"
+        self.deadline = time.monotonic() + BODY_TIMEOUT
+        if kind == "length":
+            request.body = await reader.readexactly(length)
+        else:
+            request.body = await self.read_chunked_body()
+        self.phase = "app"
+        self.deadline = None
+        return request
+
+    def parse_head(self, head):
+        while head.startswith(b"\r\n"):  # RFC 9112 §2.2: ignore CRLF before a request line
+            head = head[2:]
+        end = head.find(b"\n") + 1
+        if end == 0:
+            raise ProtocolError("incomplete request head")
+        method, target, version = parse_request_line(head[:end])
+        headers = parse_header_block(head[end:-2])
+        if version == "1.1" and "host" not in headers:
+            raise ProtocolError("missing Host header")  # RFC 9112 §3.2
+        request = Request(method, target, version, headers)
+        if version == "1.0":
+            self.http10 = True
+        return request
+
+    async def read_chunked_body(self):
+        reader = self.reader
+        parts = []
+        total = 0
+        while True:
+            try:
+                size = parse_chunk_size(await reader.readuntil(b"\r\n"))
+            except Exception as exc:
+                if isinstance(exc, ProtocolError):
+                    raise
+                raise ProtocolError("malformed chunk size line") from None
+            if size == 0:
+                break
+            total += size
+            if total > MAX_BODY_BYTES:
+                raise ProtocolError(f"request body over {MAX_BODY_BYTES} bytes", status=413,
+                                    code="body_too_large")
+            data = await reader.readexactly(size + 2)
+            if data[-2:] != b"\r\n":
+                raise ProtocolError("chunk data not followed by CRLF")
+            parts.append(data[:-2])
+            self.deadline = time.monotonic() + BODY_TIMEOUT
+        trailer_bytes = 0
+        while True:  # trailer fields are read and dropped (RFC 9112 §7.1.2)
+            line = await reader.readuntil(b"\r\n")
+            if line == b"\r\n":
+                break
+            trailer_bytes += len(line)
+            if trailer_bytes > MAX_HEADER_BYTES or not _HEADER_LINE.fullmatch(line[:-2]):
+                raise ProtocolError("malformed chunked trailer")
+        return b"".join(parts)
+
+    # -- writing ---------------------------------------------------------------------------
+    def common_headers(self, request, keep_alive):
+        headers = [("Date", self.server.sweeper.date)]
+        if not keep_alive:
+            headers.append(("Connection", "close"))
+        if request is not None and request.request_id:
+            headers.append(("X-Request-Id", request.request_id))
+        return headers
+
+    def respond(self, request, status, headers, body=b""):
+        """A whole response in one write (head and body coalesced)."""
+        keep_alive = request is not None and request.keep_alive and not self.server.closing
+        all_headers = self.common_headers(request, keep_alive)
+        all_headers.extend(headers)
+        all_headers.append(("Content-Length", len(body)))
+        version = "1.0" if self.http10 else "1.1"
+        if request is not None and request.method == "HEAD":
+            body = b""
+        self.writer.write(response_head(status, all_headers, version) + body)
+        return keep_alive
+
+    def write_error(self, error, request=None, close=False):
+        headers = [("Content-Type", "application/json")] + error.headers
+        if close or error.close:
+            headers.append(("Connection", "close"))
+            request = None if request is None else request
+            if request is not None:
+                request.keep_alive = False
+        return self.respond(request, error.status, headers, json_bytes(error.envelope()))
+
+    def start_stream(self, request, status, headers):
+        """Send the head of a streamed response; bodies go through write_chunk/end_stream."""
+        self.chunked = not self.http10
+        if not self.chunked:
+            request.keep_alive = False  # HTTP/1.0: the end of the body is the close
+        keep_alive = request.keep_alive and not self.server.closing
+        all_headers = self.common_headers(request, keep_alive)
+        all_headers.extend(headers)
+        if self.chunked:
+            all_headers.append(("Transfer-Encoding", "chunked"))
+        self.phase = "stream"
+        self.streaming = True
+        self.writer.write(response_head(status, all_headers, "1.0" if self.http10 else "1.1"))
+        return keep_alive
+
+    def write_chunk(self, data):
+        if data:
+            self.writer.write(encode_chunk(data) if self.chunked else data)
+
+    def end_stream(self):
+        if self.chunked:
+            self.writer.write(LAST_CHUNK)
+        self.streaming = False
+
+
+def _client_protocol_class():
+    """A StreamReaderProtocol that tells its ClientConnection when the client goes away, so a
+    generation can be stopped at once instead of when the next token fails to write."""
+    import asyncio
+
+    class ClientProtocol(asyncio.StreamReaderProtocol):
+        connection = None
+
+        def eof_received(self):
+            if self.connection is not None:
+                self.connection.peer_gone()
+            return super().eof_received()
+
+        def connection_lost(self, exc):
+            if self.connection is not None:
+                self.connection.peer_gone()
+            super().connection_lost(exc)
+
+    return ClientProtocol
+
+
+class HTTPServer:
+    """Accepts connections and runs the request loop; `app.handle(request)` answers each one."""
+
+    def __init__(self, app, sweeper, *, max_connections=MAX_CONNECTIONS):
+        self.app = app
+        self.sweeper = sweeper
+        self.max_connections = max_connections
+        self.connections = set()
+        self.closing = False
+        self.servers = []
+        self.idle = None  # asyncio.Event set when no request is in flight (for shutdown)
+
+    async def listen(self, host, port, *, sock=None, reuse_port=False):
+        import asyncio
+        import socket
+        loop = asyncio.get_running_loop()
+        protocol_class = _client_protocol_class()
+
+        def factory():
+            reader = asyncio.StreamReader(limit=MAX_REQUEST_LINE + MAX_HEADER_BYTES, loop=loop)
+            return protocol_class(reader, self._accepted, loop=loop)
+
+        if sock is not None:
+            server = await loop.create_server(factory, sock=sock, backlog=1024)
+        else:
+            server = await loop.create_server(factory, host, port, backlog=1024,
+                                              reuse_port=reuse_port or None)
+        for s in server.sockets:
+            if s.family in (socket.AF_INET, socket.AF_INET6):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.servers.append(server)
+        return [s.getsockname()[:2] for s in server.sockets]
+
+    def _accepted(self, reader, writer):
+        import asyncio
+        import socket
+        transport = writer.transport
+        if self.closing or len(self.connections) >= self.max_connections:
+            transport.abort()
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = ClientConnection(self, reader, writer)
+        transport.get_protocol().connection = conn
+        # The task is kept alive by the connection set (asyncio holds only weak references).
+        conn.task = asyncio.get_running_loop().create_task(self._serve(conn))
+
+    async def _serve(self, conn):
+        import asyncio
+        self.connections.add(conn)
+        self.sweeper.tracked.add(conn)
+        writer = conn.writer
+        first = True
+        try:
+            while not self.closing:
+                try:
+                    request = await conn.read_request(first)
+                except ProtocolError as exc:
+                    conn.write_error(exc, close=True)
+                    break
+                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                    conn.write_error(ProtocolError("incomplete request"), close=True)
+                    break
+                if request is None:
+                    break
+                first = False
+                self.idle.clear()
+                try:
+                    keep_alive = await self.app.handle(request)
+                finally:
+                    conn.phase = "idle"
+                    conn.upstream = None
+                    if not any(c.phase in ("app", "stream") for c in self.connections):
+                        self.idle.set()
+                if not keep_alive or conn.gone:
+                    break
+                if writer.transport.get_write_buffer_size() > RELAY_CHUNK:
+                    await writer.drain()
+        except (ConnectionError, OSError):
+            pass  # the client went away; nothing is owed to it
+        except Exception:
+            log_exception("connection handler failed")
+        finally:
+            self.sweeper.tracked.discard(conn)
+            self.connections.discard(conn)
+            conn.deadline = None
+            writer.close()
+
+    async def shutdown(self, timeout):
+        """Stop accepting, close idle connections, let in-flight requests finish up to `timeout`."""
+        import asyncio
+        self.closing = True
+        for server in self.servers:
+            server.close()
+        for conn in list(self.connections):
+            if conn.phase in ("idle", "head"):
+                conn.transport.close()
+        try:
+            await asyncio.wait_for(self.idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        for conn in list(self.connections):
+            conn.transport.abort()
+        for conn in list(self.connections):
+            task = getattr(conn, "task", None)
+            if task is not None:
+                task.cancel()
+
+
+def log_exception(message):
+    import logging
+    logging.getLogger("llmhost").exception(message)
+
+# =============================================================================
+# Upstream client
+# =============================================================================
+# Owns: HTTP/1.1 connections to upstream servers (http and https), one keep-alive pool per
+# origin, response framing (Content-Length, chunked, close-delimited), connect/first-byte/idle
+# timeouts through the Sweeper, and the one retry of a stale pooled connection.
+# Raises: UpstreamError / UpstreamTimeout only; OSError never escapes this section.
+# Never: knows model names or failover order (that is the Router's and the Application's).
+
+
+class Origin:
+    """Where an upstream lives: parsed once from its base URL."""
+
+    def __init__(self, url):
+        from urllib.parse import urlsplit
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL with a host: {url!r}")
+        self.scheme = parts.scheme
+        self.host = parts.hostname
+        default_port = 443 if parts.scheme == "https" else 80
+        self.port = parts.port or default_port
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = host if self.port == default_port else f"{host}:{self.port}"
+        self.base_path = parts.path.rstrip("/")
+        self.key = (self.scheme, self.host, self.port)
+        self.ssl = None
+        if self.scheme == "https":
+            import ssl
+            self.ssl = ssl.create_default_context()
+
+
+class UpstreamConnection:
+    def __init__(self, origin, reader, writer):
+        self.origin = origin
+        self.reader = reader
+        self.writer = writer
+        self.deadline = None
+        self.expired = False  # a deadline passed: errors that follow are timeouts
+        self.reused = False
+        self.idle_since = 0.0
+
+    def expire(self):
+        self.expired = True
+        self.writer.transport.abort()
+
+    def abort(self):
+        self.writer.transport.abort()
+
+
+class UpstreamResponse:
+    """Status and headers of an upstream answer; the body is read with read_some()/read_all()."""
+
+    def __init__(self, client, conn, status, headers, framing, length, timeout):
+        self.client = client
+        self.conn = conn
+        self.status = status
+        self.headers = headers
+        self.framing = framing  # "length", "chunked" or "close"
+        self.remaining = length
+        self.timeout = timeout
+        self.done = framing == "length" and length == 0
+        self.reusable = framing != "close" and "close" not in headers.get("connection", "").lower()
+        if self.done:
+            self.release()
+
+    async def read_some(self):
+        """The next piece of the body as it arrives; b"" at its end."""
+        import asyncio
+        if self.done:
+            return b""
+        conn = self.conn
+        reader = conn.reader
+        try:
+            if self.framing == "chunked":
+                size = parse_chunk_size(await reader.readuntil(b"\r\n"))
+                if size == 0:
+                    while await reader.readuntil(b"\r\n") != b"\r\n":
+                        pass  # trailers
+                    data = b""
+                else:
+                    data = await reader.readexactly(size + 2)
+                    if data[-2:] != b"\r\n":
+                        raise ProtocolError("chunk not followed by CRLF")
+                    data = data[:-2]
+            elif self.framing == "length":
+                data = await reader.read(min(self.remaining, RELAY_CHUNK))
+                if not data:
+                    raise ConnectionError("closed before Content-Length bytes")
+                self.remaining -= len(data)
+                if self.remaining == 0:
+                    self.done = True
+                    self.release()
+                    return data
+            else:
+                data = await reader.read(RELAY_CHUNK)
+        except (OSError, EOFError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ProtocolError, ValueError) as exc:
+            self.close()
+            if conn.expired:
+                raise UpstreamTimeout("upstream stopped sending (idle timeout)") from None
+            raise UpstreamError(f"upstream connection broke mid-answer: {exc!r}") from None
+        if not data:
+            self.done = True
+            self.release()
+            return b""
+        conn.deadline = time.monotonic() + self.timeout
+        return data
+
+    async def read_all(self, limit=MAX_UPSTREAM_BODY):
+        parts = []
+        total = 0
+        while True:
+            data = await self.read_some()
+            if not data:
+                return b"".join(parts)
+            total += len(data)
+            if total > limit:
+                self.close()
+                raise UpstreamError(f"upstream answer larger than {limit} bytes")
+            parts.append(data)
+
+    def release(self):
+        self.client.release(self.conn, self.reusable and self.done)
+
+    def close(self):
+        self.done = True
+        self.client.release(self.conn, False)
+
+
+class UpstreamClient:
+    def __init__(self, sweeper):
+        self.sweeper = sweeper
+        self.idle = {}  # origin key -> list of idle UpstreamConnection (last in, first out)
+        sweeper.callbacks.append(self.expire_idle)
+
+    async def connect(self, origin, timeout):
+        import asyncio
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(origin.host, origin.port, ssl=origin.ssl,
+                                        limit=MAX_HEADER_BYTES,
+                                        server_hostname=origin.host if origin.ssl else None),
+                timeout)
+        except asyncio.TimeoutError:
+            raise UpstreamTimeout(f"connect to {origin.host_header} timed out after {timeout:g}s",
+                                  code="upstream_connect_timeout") from None
+        except (OSError, ValueError) as exc:
+            raise UpstreamError(f"cannot connect to {origin.host_header}: "
+                                f"{exc.strerror or exc}" if isinstance(exc, OSError) else str(exc),
+                                code="upstream_unreachable") from None
+        import socket
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return UpstreamConnection(origin, reader, writer)
+
+    async def request(self, origin, head, body, *, timeout=UPSTREAM_TIMEOUT,
+                      connect_timeout=CONNECT_TIMEOUT, on_connection=None):
+        """Send one request; return its UpstreamResponse once the head has arrived.
+
+        A pooled connection that fails before any response byte is retried once on a fresh one:
+        the server may have closed it while it idled (RFC 9112 §9.3.1 allows the retry).
+        """
+        import asyncio
+        idle = self.idle.get(origin.key)
+        while True:
+            if idle:
+                conn = idle.pop()
+                conn.reused = True
+                if conn.reader.at_eof() or conn.writer.transport.is_closing():
+                    conn.abort()
+                    continue
+            else:
+                conn = await self.connect(origin, connect_timeout)
+            if on_connection is not None:
+                on_connection(conn)
+            self.sweeper.tracked.add(conn)
+            conn.deadline = time.monotonic() + timeout
+            try:
+                conn.writer.write(head + body if len(body) < RELAY_CHUNK else head)
+                if len(body) >= RELAY_CHUNK:
+                    conn.writer.write(body)
+                raw = await conn.reader.readuntil(b"\r\n\r\n")
+                while raw[9:10] == b"1" and raw[:5] == b"HTTP/":  # skip 1xx interim answers
+                    raw = await conn.reader.readuntil(b"\r\n\r\n")
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+                self.release(conn, False)
+                if conn.expired:
+                    raise UpstreamTimeout(f"{origin.host_header} sent no answer within "
+                                          f"{timeout:g}s") from None
+                if conn.reused and not (isinstance(exc, asyncio.IncompleteReadError)
+                                        and exc.partial):
+                    idle = None  # stale pooled connection: once more, on a fresh one
+                    continue
+                raise UpstreamError(f"{origin.host_header} closed the connection without an "
+                                    "answer", code="upstream_closed") from None
+            try:
+                return self.parse_response_head(conn, raw, timeout)
+            except ValueError as exc:
+                self.release(conn, False)
+                raise UpstreamError(f"{origin.host_header} sent a malformed answer: {exc}",
+                                    code="upstream_protocol_error") from None
+
+    def parse_response_head(self, conn, raw, timeout):
+        lines = raw.decode("latin-1").split("\r\n")
+        version, _, rest = lines[0].partition(" ")
+        if not version.startswith("HTTP/1."):
+            raise ValueError(f"status line {lines[0][:60]!r}")
+        status = int(rest[:3])
+        headers = {}
+        for line in lines[1:-2]:
+            name, sep, value = line.partition(":")
+            if not sep or not name or name != name.strip():
+                raise ValueError(f"header line {line[:60]!r}")
+            name = name.lower()
+            value = value.strip()
+            headers[name] = headers[name] + ", " + value if name in headers else value
+        if version == "HTTP/1.0" and "keep-alive" not in headers.get("connection", "").lower():
+            headers["connection"] = "close"
+        if status in (204, 304):
+            return UpstreamResponse(self, conn, status, headers, "length", 0, timeout)
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            return UpstreamResponse(self, conn, status, headers, "chunked", None, timeout)
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise ValueError(f"Content-Length {length[:30]!r}")
+            return UpstreamResponse(self, conn, status, headers, "length", int(length), timeout)
+        return UpstreamResponse(self, conn, status, headers, "close", None, timeout)
+
+    def release(self, conn, reusable):
+        self.sweeper.tracked.discard(conn)
+        conn.deadline = None
+        if reusable and not conn.expired:
+            idle = self.idle.setdefault(conn.origin.key, [])
+            if len(idle) < POOL_MAX_IDLE:
+                conn.idle_since = time.monotonic()
+                idle.append(conn)
+                return
+        conn.abort()
+
+    def expire_idle(self, now):
+        for idle in self.idle.values():
+            while idle and now - idle[0].idle_since > POOL_IDLE_TIMEOUT:
+                idle.pop(0).abort()
+
+    def close_all(self):
+        for idle in self.idle.values():
+            for conn in idle:
+                conn.abort()
+        self.idle.clear()
+
+# =============================================================================
+# Registry
+# =============================================================================
+# Owns: servers.json — parsing with errors that name the file, line and field; validation;
+# atomic saves (temp file in the same folder, fsync, os.replace) under an exclusive lock.
+# Raises: RegistryError only.
+# Never: touches the network (the CLI probes before it calls update_registry).
+
+REGISTRY_VERSION = 1
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _is_str_list(value):
+    return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+# field -> (check, what it must be). Unknown fields are refused so a typo cannot go unnoticed.
+SERVER_FIELDS = {
+    "name": (lambda v: isinstance(v, str) and NAME_RE.fullmatch(v), "a name of 1-64 [A-Za-z0-9._-]"),
+    "url": (lambda v: isinstance(v, str) and valid_url(v) is None, "an http(s) URL with a host"),
+    "models": (_is_str_list, "a list of model ids"),
+    "discover": (lambda v: isinstance(v, bool), "true or false"),
+    "alias": (lambda v: v is None or (isinstance(v, str) and v and "/" not in v),
+              "null or a public model name without '/'"),
+    "api_key_env": (lambda v: v is None or (isinstance(v, str) and ENV_NAME_RE.fullmatch(v)),
+                    "null or an environment variable name"),
+    "api_key": (lambda v: v is None or (isinstance(v, str) and v), "null or a key"),
+    "timeout": (lambda v: v is None or _is_number(v), "null or seconds > 0"),
+    "connect_timeout": (lambda v: v is None or _is_number(v), "null or seconds > 0"),
+    "max_concurrency": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)
+                                                and v > 0), "null or an integer > 0"),
+    "priority": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "mcp": (_is_str_list, "a list of MCP server names"),
+}
+
+
+def valid_url(url):
+    """None if `url` is a usable upstream base URL, else the reason it is not."""
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a bad port
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme not in ("http", "https"):
+        return "the scheme must be http or https"
+    if not parts.hostname:
+        return "there is no host"
+    if parts.query or parts.fragment:
+        return "a base URL has no query or fragment"
+    if any(c.isspace() for c in url):
+        return "it contains whitespace"
+    return None
+
+
+def empty_registry():
+    return {"version": REGISTRY_VERSION, "servers": [], "mcpServers": {}}
+
+
+def validate_registry(doc, path):
+    """Check the whole document; raise RegistryError naming the first bad field."""
+    where = f"{path}:"
+    if not isinstance(doc, dict):
+        raise RegistryError(f"{where} the top level must be a JSON object")
+    if doc.get("version") != REGISTRY_VERSION:
+        raise RegistryError(f"{where} \"version\" must be {REGISTRY_VERSION} "
+                            f"(found {doc.get('version')!r})")
+    unknown = set(doc) - {"version", "servers", "mcpServers"}
+    if unknown:
+        raise RegistryError(f"{where} unknown top-level field(s): {', '.join(sorted(unknown))}")
+    servers = doc.setdefault("servers", [])
+    if not isinstance(servers, list):
+        raise RegistryError(f"{where} \"servers\" must be a list")
+    seen = set()
+    for i, entry in enumerate(servers):
+        label = f"{where} servers[{i}]"
+        if not isinstance(entry, dict):
+            raise RegistryError(f"{label} must be an object")
+        label = f"{where} servers[{i}] ({entry.get('name', '?')})"
+        for field in ("name", "url"):
+            if field not in entry:
+                raise RegistryError(f"{label}: missing \"{field}\"")
+        for field, value in entry.items():
+            rule = SERVER_FIELDS.get(field)
+            if rule is None:
+                raise RegistryError(f"{label}: unknown field \"{field}\" "
+                                    f"(known: {', '.join(SERVER_FIELDS)})")
+            if not rule[0](value):
+                raise RegistryError(f"{label}.{field}: must be {rule[1]}, found {value!r}"
+                                    if field != "api_key" else f"{label}.api_key: must be a key")
+        if entry["name"] in seen:
+            raise RegistryError(f"{label}: the name \"{entry['name']}\" is used twice")
+        seen.add(entry["name"])
+        if entry.get("alias") and len(entry.get("models", [])) != 1:
+            raise RegistryError(f"{label}.alias: an alias needs exactly one model in \"models\"")
+    mcp_servers = doc.setdefault("mcpServers", {})
+    if not isinstance(mcp_servers, dict):
+        raise RegistryError(f"{where} \"mcpServers\" must be an object")
+    for name, entry in mcp_servers.items():
+        if not NAME_RE.fullmatch(name) or not isinstance(entry, dict):
+            raise RegistryError(f"{where} mcpServers.{name}: must be an object under a name of "
+                                "1-64 [A-Za-z0-9._-]")
+    for entry in servers:
+        for name in entry.get("mcp", ()):
+            if name not in mcp_servers:
+                raise RegistryError(f"{where} servers ({entry['name']}).mcp: no MCP server "
+                                    f"named \"{name}\"")
+    return doc
+
+
+def parse_registry(text, path):
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RegistryError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
+    return validate_registry(doc, path)
+
+
+def load_registry(path):
+    """The registry at `path`; a file that does not exist yet is an empty registry."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return empty_registry()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RegistryError(f"{path}: cannot read: {exc}") from None
+    return parse_registry(text, path)
+
+
+def registry_text(doc):
+    return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+
+
+def save_registry(path, doc):
+    """Atomic replace: readers see the old file or the new one, never half of either."""
+    import tempfile
+    validate_registry(doc, path)
+    folder = os.path.dirname(os.path.abspath(path))
+    has_literal_key = any(entry.get("api_key") for entry in doc["servers"])
+    try:
+        mode = os.stat(path).st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    if has_literal_key:
+        mode = 0o600  # a literal upstream key: only the owner may read the file
+    fd, tmp = tempfile.mkstemp(prefix=".servers.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(registry_text(doc))
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+class RegistryLock:
+    """An exclusive lock on `<registry>.lock`, so two `add`s in two shells cannot lose an entry."""
+
+    def __init__(self, path):
+        self.path = os.path.abspath(path) + ".lock"
+        self.fd = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: atomic replace still protects the file itself
+            return self
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
+
+
+def update_registry(path, change):
+    """Lock, re-read, apply `change(doc)` (which may raise RegistryError), validate, save."""
+    with RegistryLock(path):
+        doc = load_registry(path)
+        result = change(doc)
+        save_registry(path, doc)
+        return result
+
+
+def find_server(doc, name):
+    for entry in doc["servers"]:
+        if entry["name"] == name:
+            return entry
+    return None
+
+# =============================================================================
+# Router
+# =============================================================================
+# Owns: public model name -> candidate upstreams, their order (priority, health, load,
+# round-robin), health counters and cooldowns. Pure: no sockets; time comes from `clock`.
+# Raises: NotFound for an unknown model.
+# Never: sends anything (the Application does, in the order it is given).
+
+
+class Upstream:
+    """A registry entry as the router sees it, with its live health and load."""
+
+    def __init__(self, entry, api_key):
+        self.entry = entry
+        self.name = entry["name"]
+        self.origin = Origin(entry["url"])
+        self.models = list(entry.get("models") or ())
+        self.alias = entry.get("alias")
+        self.priority = entry.get("priority", 0)
+        self.max_concurrency = entry.get("max_concurrency")
+        self.timeout = entry.get("timeout") or UPSTREAM_TIMEOUT
+        self.connect_timeout = entry.get("connect_timeout") or CONNECT_TIMEOUT
+        self.api_key = api_key
+        auth = f"Authorization: Bearer {check_header_value(api_key)}\r\n" if api_key else ""
+        # Built once: the part of every upstream request head that never changes.
+        self.head_fixed = (f"Host: {self.origin.host_header}\r\n{auth}"
+                           f"User-Agent: llmhost/{__version__}\r\n"
+                           "Content-Type: application/json\r\n")
+        self.in_flight = 0
+        self.failures = 0  # consecutive
+        self.cooldown_until = 0.0
+        self.requests = 0
+        self.errors = 0
+        self.last_error = None
+
+    def public_names(self):
+        return [self.alias] if self.alias else self.models
+
+    def full(self):
+        return self.max_concurrency is not None and self.in_flight >= self.max_concurrency
+
+
+class Router:
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.upstreams = {}  # name -> Upstream
+        self.table = {}  # public model name -> [(Upstream, upstream model id)]
+        self.turn = 0  # round-robin among equals
+
+    def load(self, entries, api_keys, discovered=None):
+        """Replace the entries. Unchanged entries keep their health; in-flight requests keep the
+        Upstream object they started with, so they finish where they began."""
+        discovered = discovered or {}
+        upstreams = {}
+        for entry in entries:
+            old = self.upstreams.get(entry["name"])
+            key = api_keys.get(entry["name"])
+            if old is not None and old.entry == entry and old.api_key == key:
+                upstreams[old.name] = old
+            else:
+                upstreams[entry["name"]] = Upstream(entry, key)
+            if entry["name"] in discovered:
+                upstreams[entry["name"]].models = discovered[entry["name"]]
+        self.upstreams = upstreams
+        self.rebuild()
+
+    def rebuild(self):
+        table = {}
+        for up in self.upstreams.values():
+            if up.alias:
+                table.setdefault(up.alias, []).append((up, up.models[0]))
+            else:
+                for model in up.models:
+                    table.setdefault(model, []).append((up, model))
+        self.table = table
+
+    def resolve(self, model):
+        """-> the candidates for `model` in the order to try them."""
+        pool = self.table.get(model)
+        if pool is None:
+            server, _, rest = model.partition("/")  # "server/model" pins one server
+            up = self.upstreams.get(server)
+            if up is not None and rest:
+                if rest == up.alias:
+                    pool = [(up, up.models[0])]
+                elif rest in up.models or (not up.models and up.entry.get("discover")):
+                    pool = [(up, rest)]
+        if pool is None:
+            known = sorted(self.table)
+            hint = (f" Known models: {', '.join(known[:8])}{' …' if len(known) > 8 else ''}."
+                    if known else " No models are registered: see `llmhost.py add --help`.")
+            raise NotFound(f"The model '{model}' does not exist.{hint}", code="model_not_found",
+                           param="model")
+        if len(pool) == 1:
+            return pool
+        now = self.clock()
+        self.turn += 1
+        n = len(pool)
+        ranked = sorted(range(n), key=lambda i: (
+            pool[i][0].cooldown_until > now,  # cooling servers only as a last resort
+            pool[i][0].full(),  # a full server waits behind lower-priority free ones
+            pool[i][0].priority,  # lower first: a remote fallback gets priority 10
+            pool[i][0].in_flight,  # least busy
+            (i - self.turn) % n))  # ties: round-robin
+        return [pool[i] for i in ranked]
+
+    def succeeded(self, up):
+        up.failures = 0
+
+    def failed(self, up, reason):
+        up.failures += 1
+        up.errors += 1
+        up.last_error = reason
+        if up.failures >= FAILURES_BEFORE_COOLDOWN:
+            extra = up.failures - FAILURES_BEFORE_COOLDOWN
+            up.cooldown_until = self.clock() + min(COOLDOWN_MAX, COOLDOWN_BASE * 2 ** min(extra, 16))
+
+    def rate_limited(self, up, retry_after):
+        up.errors += 1
+        up.last_error = "HTTP 429"
+        up.cooldown_until = self.clock() + min(COOLDOWN_MAX, max(1.0, retry_after))
+
+    def recovered(self, up):
+        up.failures = 0
+        up.cooldown_until = 0.0
+
+    def cooling(self):
+        now = self.clock()
+        return [up for up in self.upstreams.values() if up.cooldown_until > now]
+
+    def public_models(self):
+        """[(public name, [server names])] in a stable order."""
+        return [(name, [up.name for up, _ in pool]) for name, pool in sorted(self.table.items())]
+
+
+def parse_retry_after(value, default=COOLDOWN_BASE):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default  # an HTTP-date is rare from model servers; use the default
+
+
+# =============================================================================
+# Admission
+# =============================================================================
+# Owns: the global concurrency limit and its bounded FIFO wait queue.
+# Raises: RateLimited (429 + Retry-After) when the queue is full or the wait too long.
+
+
+class Admission:
+    def __init__(self, limit=MAX_CONCURRENCY, queue_size=QUEUE_SIZE, queue_timeout=QUEUE_TIMEOUT):
+        from collections import deque
+        self.limit = limit
+        self.queue_size = queue_size
+        self.queue_timeout = queue_timeout
+        self.active = 0
+        self.waiters = deque()
+        self.rejected = 0
+
+    def queued(self):
+        return sum(1 for fut in self.waiters if not fut.done())
+
+    async def acquire(self):
+        import asyncio
+        if self.active < self.limit and not self.waiters:
+            self.active += 1
+            return
+        if self.queued() >= self.queue_size:
+            self.rejected += 1
+            raise RateLimited(f"llmhost is at its limit of {self.limit} concurrent requests and "
+                              f"{self.queue_size} queued; retry shortly",
+                              headers=[("Retry-After", "1")])
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        try:
+            await asyncio.wait_for(fut, self.queue_timeout)
+        except asyncio.TimeoutError:
+            self.rejected += 1
+            raise RateLimited(f"waited {self.queue_timeout:g}s for one of {self.limit} request "
+                              "slots; retry shortly", headers=[("Retry-After", "1")]) from None
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # the slot was handed to us as we were cancelled: pass it on
+            raise
+
+    def release(self):
+        waiters = self.waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # the slot passes straight to the next in line
+                return
+        self.active -= 1
+
+
+# =============================================================================
+# Auth
+# =============================================================================
+# Owns: the optional API keys clients must present. Constant-time comparison; the supplied
+# key is never logged or echoed.
+
+
+def check_api_key(headers, keys):
+    import hmac
+    supplied = ""
+    auth = headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        supplied = auth[7:].strip()
+    elif "x-api-key" in headers:
+        supplied = headers["x-api-key"].strip()
+    if not supplied:
+        raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key'.",
+                           headers=[("WWW-Authenticate", 'Bearer realm="llmhost"')])
+    given = supplied.encode("utf-8", "replace")
+    ok = False
+    for key in keys:  # compare against every key: the time does not say which one was close
+        ok |= hmac.compare_digest(given, key.encode())
+    if not ok:
+        raise Unauthorized("Incorrect API key provided.",
+                           headers=[("WWW-Authenticate", 'Bearer realm="llmhost"')])
+
+# =============================================================================
+# Application
+# =============================================================================
+# Owns: the routes table and the request path:
+#
+#   client bytes -> HTTPServer reads the request (protocol error -> 4xx + close)
+#     -> auth (401) -> parse JSON, find the model (400/404) -> admission (queue / 429)
+#     -> for each candidate upstream, in Router order (at most MAX_ATTEMPTS):
+#          connect error, timeout, 429/502/503/504 before any byte -> mark it, try the next
+#          got status + headers -> point of no return: relay to the client
+#     -> client gone -> the upstream connection is aborted at once (generation stops)
+#     -> upstream dies mid-stream -> one OpenAI error event, end of stream; never [DONE]
+#
+# Errors become responses here (any HTTPError -> the OpenAI envelope) and in the HTTPServer
+# (protocol errors before the application ran). Response bytes are relayed untouched except
+# where a route must read them: base64 embeddings, rerank normalisation, error envelopes.
+
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+SSE_HEADERS = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
+JSON_TYPE = [("Content-Type", "application/json")]
+
+# endpoint kind -> (upstream path after the base URL, required fields and their types)
+ENDPOINTS = {
+    "chat": ("/chat/completions", (("model", str), ("messages", list))),
+    "completions": ("/completions", (("model", str), ("prompt", (str, list)))),
+    "embeddings": ("/embeddings", (("model", str), ("input", (str, list)))),
+    "rerank": ("/rerank", (("model", str), ("query", str), ("documents", list))),
+}
+TYPE_NAMES = {str: "a string", list: "an array", (str, list): "a string or an array"}
+
+
+def parse_json_body(request):
+    if not request.body:
+        raise BadRequest("The request body is empty; send a JSON object.", code="invalid_json")
+    try:
+        body = json.loads(request.body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def check_fields(body, required):
+    for field, kind in required:
+        value = body.get(field)
+        if value is None:
+            raise BadRequest(f"Missing required parameter: '{field}'.", param=field,
+                             code="missing_required_parameter")
+        if not isinstance(value, kind) or (isinstance(value, list) and not value and
+                                           field != "input"):
+            raise BadRequest(f"Invalid type for '{field}': expected {TYPE_NAMES[kind]}"
+                             f"{' (not empty)' if isinstance(value, list) else ''}.",
+                             param=field, code="invalid_type")
+
+
+def error_envelope_bytes(status, body):
+    """An upstream's error body, wrapped in OpenAI's envelope unless it already is one."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("error"), dict) and "message" in doc["error"]:
+        return body
+    if isinstance(doc, dict) and isinstance(doc.get("error"), str):
+        message = doc["error"]  # Ollama, TGI: {"error": "..."}
+    elif isinstance(doc, dict) and isinstance(doc.get("detail"), (str, list)):
+        message = str(doc["detail"])  # FastAPI-based servers
+    else:
+        message = body.decode("utf-8", "replace").strip()[:2000] or REASONS.get(status, "error")
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return json_bytes({"error": {"message": f"upstream: {message}", "type": kind, "param": None,
+                                 "code": f"upstream_{status}"}})
+
+
+def embeddings_as_base64(body):
+    """Encode float embeddings as base64 float32 (what the openai client asks for by default)
+    for upstreams that ignore `encoding_format`."""
+    import array
+    import base64
+    doc = json.loads(body)
+    changed = False
+    for item in doc.get("data") or ():
+        vector = item.get("embedding") if isinstance(item, dict) else None
+        if isinstance(vector, list):
+            floats = array.array("f", vector)
+            if sys.byteorder == "big":
+                floats.byteswap()  # the wire format is little-endian
+            item["embedding"] = base64.b64encode(floats.tobytes()).decode()
+            changed = True
+    return json_bytes(doc) if changed else body
+
+
+def rerank_documents(documents):
+    texts = []
+    for i, doc in enumerate(documents):
+        if isinstance(doc, dict) and isinstance(doc.get("text"), str):
+            texts.append(doc["text"])
+        elif isinstance(doc, str):
+            texts.append(doc)
+        else:
+            raise BadRequest(f"documents[{i}] must be a string or an object with 'text'.",
+                             param="documents", code="invalid_type")
+    return texts
+
+
+def normalize_rerank(body, model, texts, top_n, return_documents):
+    """llama.cpp, vLLM, Jina, Cohere and TEI answers -> {model, results: [{index,
+    relevance_score, document?}]}, best first."""
+    doc = json.loads(body)
+    items = doc.get("results", doc.get("data")) if isinstance(doc, dict) else doc
+    if not isinstance(items, list):
+        raise UpstreamError("upstream rerank answer has no results list", code="upstream_format")
+    results = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("index"), int) \
+                or not 0 <= item["index"] < len(texts):
+            raise UpstreamError("upstream rerank answer has a result without a valid index",
+                                code="upstream_format")
+        score = item.get("relevance_score", item.get("score"))
+        result = {"index": item["index"], "relevance_score": score}
+        if return_documents:
+            result["document"] = {"text": texts[item["index"]]}
+        results.append(result)
+    results.sort(key=lambda r: -(r["relevance_score"] or 0.0))
+    if isinstance(top_n, int) and top_n >= 0:
+        results = results[:top_n]
+    out = {"object": "list", "model": model, "results": results}
+    if isinstance(doc, dict):
+        for key in ("id", "usage"):
+            if key in doc:
+                out[key] = doc[key]
+    return json_bytes(out)
+
+
+class AccessLog:
+    """One line per request, buffered and written once per sweep: formatting and a write per
+    request would be a measurable share of a proxied request's cost."""
+
+    def __init__(self, stream, enabled=True):
+        self.stream = stream
+        self.enabled = enabled
+        self.lines = []
+
+    def add(self, request, status, model, server, now):
+        if self.enabled:
+            self.lines.append("%s %s %s %s model=%s server=%s status=%s %.1fms id=%s\n" % (
+                time.strftime("%Y-%m-%d %H:%M:%S"), "INFO", request.method, request.path,
+                model or "-", server or "-", status, (now - request.started) * 1000,
+                request.request_id))
+            if len(self.lines) >= 256:
+                self.flush()
+
+    def flush(self, _now=None):
+        if self.lines:
+            lines, self.lines = self.lines, []
+            try:
+                self.stream.write("".join(lines))
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass
+
+
+class Application:
+    def __init__(self, router, client, admission, *, api_keys=(), access_log=None):
+        self.router = router
+        self.client = client
+        self.admission = admission
+        self.api_keys = tuple(api_keys)
+        self.access_log = access_log
+        self.started = time.time()
+        self.ids = "%x" % (int(time.time() * 1000) & 0xFFFFFFFFFF)
+        self.counter = 0
+        self.routes = {
+            "/v1/chat/completions": ("POST", self.chat),
+            "/v1/completions": ("POST", self.completions),
+            "/v1/embeddings": ("POST", self.embeddings),
+            "/v1/rerank": ("POST", self.rerank),
+            "/v1/reranking": ("POST", self.rerank),  # llama.cpp's name
+            "/v1/models": ("GET", self.models),
+            "/v1/status": ("GET", self.status),
+            "/health": ("GET", self.health),
+            "/v1/health": ("GET", self.health),
+        }
+        self.open_routes = {"/health", "/v1/health"}
+
+    # -- dispatch --------------------------------------------------------------------------
+    async def handle(self, request):
+        """Answer one request; return whether the connection may be kept open."""
+        rid = request.headers.get("x-request-id")
+        if rid is None or not REQUEST_ID_RE.fullmatch(rid):
+            self.counter += 1
+            rid = "%s-%x" % (self.ids, self.counter)
+        request.request_id = rid
+        request.model = request.server = None
+        request.status = 0
+        conn = request.conn
+        try:
+            keep_alive = await self.dispatch(request)
+        except HTTPError as exc:
+            keep_alive = self.fail(request, exc)
+        except Exception:
+            log_exception(f"request {rid} failed")
+            keep_alive = self.fail(request, HTTPError("internal error in llmhost; see its log"))
+        if self.access_log is not None:
+            self.access_log.add(request, request.status if not conn.gone else 499,
+                                request.model, request.server, time.monotonic())
+        return keep_alive
+
+    def fail(self, request, exc):
+        conn = request.conn
+        if conn.gone:
+            return False
+        request.status = exc.status
+        if conn.streaming:  # too late for a status: end the stream with an error event
+            conn.write_chunk(b"data: " + json_bytes(exc.envelope()) + b"\n\n")
+            conn.end_stream()
+            return request.keep_alive
+        return conn.write_error(exc, request)
+
+    async def dispatch(self, request):
+        path = request.path
+        route = self.routes.get(path)
+        if route is None and not path.startswith("/v1/"):
+            path = "/v1" + path  # clients configured without /v1 still work
+            route = self.routes.get(path)
+        if route is None:
+            if path.startswith("/v1/models/"):
+                route = ("GET", self.model_detail)
+            else:
+                raise NotFound(f"Unknown path {request.path!r}; see /v1/models, "
+                               "/v1/chat/completions, /v1/embeddings, /v1/rerank.")
+        method, handler = route
+        if self.api_keys and path not in self.open_routes and request.method != "OPTIONS":
+            check_api_key(request.headers, self.api_keys)
+        if request.method != method and not (method == "GET" and request.method == "HEAD"):
+            raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}; "
+                                   f"use {method}.", headers=[("Allow", method)])
+        return await handler(request)
+
+    def reply_json(self, request, doc, status=200):
+        request.status = status
+        return request.conn.respond(request, status, JSON_TYPE, json_bytes(doc))
+
+    # -- small routes ----------------------------------------------------------------------
+    async def health(self, request):
+        return self.reply_json(request, {"status": "ok"})
+
+    def model_object(self, name, servers):
+        return {"id": name, "object": "model", "created": int(self.started),
+                "owned_by": servers[0], "servers": servers}
+
+    async def models(self, request):
+        data = [self.model_object(name, servers) for name, servers in self.router.public_models()]
+        return self.reply_json(request, {"object": "list", "data": data})
+
+    async def model_detail(self, request):
+        from urllib.parse import unquote
+        name = unquote(request.path.split("/v1/models/", 1)[1])
+        pool = self.router.resolve(name)
+        return self.reply_json(request, self.model_object(name, [up.name for up, _ in pool]))
+
+    async def status(self, request):
+        now = self.router.clock()
+        servers = [{
+            "name": up.name, "url": up.entry["url"], "models": up.public_names(),
+            "healthy": up.cooldown_until <= now,
+            "cooldown_seconds": round(max(0.0, up.cooldown_until - now), 1),
+            "in_flight": up.in_flight, "requests": up.requests, "errors": up.errors,
+            "consecutive_failures": up.failures, "last_error": up.last_error,
+        } for up in self.router.upstreams.values()]
+        adm = self.admission
+        return self.reply_json(request, {
+            "version": __version__, "uptime_seconds": round(time.time() - self.started, 1),
+            "in_flight": adm.active, "queued": adm.queued(), "max_concurrency": adm.limit,
+            "rejected": adm.rejected, "servers": servers})
+
+    # -- proxied routes --------------------------------------------------------------------
+    async def chat(self, request):
+        body = parse_json_body(request)
+        check_fields(body, ENDPOINTS["chat"][1])
+        return await self.forward(request, body, "/chat/completions")
+
+    async def completions(self, request):
+        body = parse_json_body(request)
+        check_fields(body, ENDPOINTS["completions"][1])
+        return await self.forward(request, body, "/completions")
+
+    async def embeddings(self, request):
+        body = parse_json_body(request)
+        check_fields(body, ENDPOINTS["embeddings"][1])
+        transform = embeddings_as_base64 if body.get("encoding_format") == "base64" else None
+        return await self.forward(request, body, "/embeddings", transform=transform)
+
+    async def rerank(self, request):
+        body = parse_json_body(request)
+        check_fields(body, ENDPOINTS["rerank"][1])
+        texts = rerank_documents(body["documents"])
+        model = body["model"]
+        return_documents = bool(body.get("return_documents"))
+        if any(not isinstance(d, str) for d in body["documents"]):
+            body = dict(body, documents=texts)
+            request.body = b""  # forces re-encoding with the plain-text documents
+        return await self.forward(request, body, "/rerank", transform=lambda raw: normalize_rerank(
+            raw, model, texts, body.get("top_n"), return_documents))
+
+    async def forward(self, request, body, suffix, transform=None):
+        model = body["model"]
+        request.model = model
+        candidates = self.router.resolve(model)
+        await self.admission.acquire()
+        try:
+            return await self.try_candidates(request, body, model, candidates, suffix, transform)
+        finally:
+            self.admission.release()
+
+    async def try_candidates(self, request, body, model, candidates, suffix, transform):
+        conn = request.conn
+        attempts = candidates[:MAX_ATTEMPTS]
+        last_error = None
+
+        def attach(upstream_conn):
+            conn.upstream = upstream_conn
+            if conn.gone:
+                upstream_conn.abort()
+
+        for i, (up, upstream_model) in enumerate(attempts):
+            final = i == len(attempts) - 1
+            payload = request.body
+            if upstream_model != model or not payload:
+                payload = json_bytes(dict(body, model=upstream_model))
+            head = ("POST %s%s HTTP/1.1\r\n%sContent-Length: %d\r\nX-Request-Id: %s\r\n\r\n" % (
+                up.origin.base_path, suffix, up.head_fixed, len(payload), request.request_id)
+                    ).encode("latin-1")
+            request.server = up.name
+            up.in_flight += 1
+            up.requests += 1
+            try:
+                sent = time.monotonic()
+                try:
+                    resp = await self.client.request(up.origin, head, payload, timeout=up.timeout,
+                                                     connect_timeout=up.connect_timeout,
+                                                     on_connection=attach)
+                except UpstreamError as exc:
+                    if conn.gone:
+                        return False
+                    self.router.failed(up, exc.message)
+                    last_error = exc
+                    continue
+                status = resp.status
+                if status in RETRY_STATUSES and not final:
+                    try:
+                        await resp.read_all()
+                    except UpstreamError:
+                        pass
+                    if status == 429:
+                        self.router.rate_limited(up, parse_retry_after(
+                            resp.headers.get("retry-after")))
+                    else:
+                        self.router.failed(up, f"HTTP {status}")
+                    continue
+                if status >= 500:
+                    self.router.failed(up, f"HTTP {status}")
+                else:
+                    self.router.succeeded(up)
+                overhead = (sent - request.started) * 1000
+                return await self.relay(request, up, resp, transform, overhead)
+            finally:
+                up.in_flight -= 1
+                conn.upstream = None
+        raise last_error
+
+    async def relay(self, request, up, resp, transform, overhead):
+        conn = request.conn
+        status = resp.status
+        ctype = resp.headers.get("content-type", "application/json")
+        headers = [("Content-Type", ctype), ("X-Llmhost-Server", up.name),
+                   ("X-Llmhost-Overhead-Ms", "%.2f" % overhead)]
+        request.status = status
+        if status < 300 and ctype.startswith("text/event-stream"):
+            return await self.relay_stream(request, up, resp, headers + SSE_HEADERS)
+        body = await resp.read_all()
+        if status >= 400:
+            body = error_envelope_bytes(status, body)
+            headers[0] = JSON_TYPE[0]
+            retry_after = resp.headers.get("retry-after")
+            if retry_after and check_header_value(retry_after):
+                headers.append(("Retry-After", retry_after))
+        elif transform is not None:
+            try:
+                body = transform(body)
+            except (ValueError, TypeError, AttributeError) as exc:
+                raise UpstreamError(f"upstream answer could not be read: {exc}",
+                                    code="upstream_format") from None
+        return conn.respond(request, status, headers, body)
+
+    async def relay_stream(self, request, up, resp, headers):
+        """Relay SSE bytes as they arrive. Only whole events are passed on (the bytes up to the
+        last blank line), so an error event after an upstream death is never glued to half of
+        an event; upstreams send whole events per write, so this holds nothing back."""
+        conn = request.conn
+        writer = conn.writer
+        transport = conn.transport
+        keep_alive = conn.start_stream(request, resp.status, headers)
+        tail = b""
+        try:
+            while True:
+                data = await resp.read_some()
+                if not data:
+                    break
+                if tail:
+                    data = tail + data
+                end = data.rfind(b"\n\n") + 2
+                if end < len(data):
+                    end = max(end, data.rfind(b"\n\r\n") + 3)
+                    if end < len(data):
+                        tail = data[end:]
+                        data = data[:end]
+                    else:
+                        tail = b""
+                else:
+                    tail = b""
+                conn.write_chunk(data)
+                if transport.get_write_buffer_size() > RELAY_CHUNK:
+                    await writer.drain()
+            conn.write_chunk(tail)
+        except UpstreamError as exc:
+            if conn.gone:
+                return False
+            self.router.failed(up, exc.message)
+            conn.write_chunk(b"data: " + json_bytes(exc.envelope()) + b"\n\n")
+        except (ConnectionError, OSError):
+            resp.close()
+            return False
+        if conn.gone:
+            resp.close()
+            return False
+        conn.end_stream()
+        return keep_alive
+
+# =============================================================================
+# CLI
+# =============================================================================
+# Owns: argparse subcommands, the environment (LLMHOST_REGISTRY, LLMHOST_API_KEY, api_key_env
+# variables), the synchronous probe `add` runs, and building the server in `serve`.
+# Errors: one line on stderr, exit status 1 (2 for usage errors, as argparse does).
+
+
+class CLIError(Exception):
+    pass
+
+
+def registry_path(args, environ):
+    return args.registry or environ.get("LLMHOST_REGISTRY") or "servers.json"
+
+
+def http_get_json(url, api_key=None, timeout=PROBE_TIMEOUT):
+    """GET `url` with the standard library's client -> (status, parsed JSON or None, raw text).
+    Raises CLIError saying what was tried when nothing usable came back."""
+    import http.client
+    import socket
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        import ssl
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout,
+                                           context=ssl.create_default_context())
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    headers = {"Accept": "application/json", "User-Agent": f"llmhost/{__version__}"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    try:
+        conn.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+                     headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read(MAX_UPSTREAM_BODY)
+    except socket.timeout:
+        raise CLIError(f"GET {url}: no answer within {timeout:g}s") from None
+    except ConnectionRefusedError:
+        raise CLIError(f"GET {url}: connection refused (is the server running on that port?)") \
+            from None
+    except socket.gaierror as exc:
+        raise CLIError(f"GET {url}: cannot resolve host {parts.hostname!r} ({exc.strerror})") \
+            from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise CLIError(f"GET {url}: {exc.__class__.__name__}: {exc}") from None
+    finally:
+        conn.close()
+    text = raw.decode("utf-8", "replace")
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    return resp.status, doc, text
+
+
+def list_models(doc):
+    """The model ids in an OpenAI `GET /models` answer, or None if it is not one."""
+    if isinstance(doc, dict) and isinstance(doc.get("data"), list):
+        ids = [m.get("id") for m in doc["data"] if isinstance(m, dict)]
+        if all(isinstance(i, str) for i in ids):
+            return ids
+    return None
+
+
+def probe_server(url, api_key, timeout=PROBE_TIMEOUT):
+    """-> (base URL that answered, model ids). Tries {url}/models, then {url}/v1/models."""
+    tried = []
+    bases = [url]
+    if not url.rstrip("/").endswith("/v1"):
+        bases.append(url.rstrip("/") + "/v1")
+    for base in bases:
+        status, doc, text = http_get_json(base + "/models", api_key, timeout)
+        tried.append(f"GET {base}/models -> {status}")
+        if status in (401, 403):
+            raise CLIError(f"GET {base}/models: the server refused the key (HTTP {status}). "
+                           "Pass the upstream's key with --api-key-env VAR (or --api-key).")
+        if status == 200:
+            ids = list_models(doc)
+            if ids is not None:
+                return base, ids
+            tried[-1] += " (not an OpenAI model list)"
+    raise CLIError("no OpenAI-compatible model list found: " + "; ".join(tried) +
+                   ". URL must be the base URL a client would use, e.g. http://127.0.0.1:8080/v1 "
+                   "(use --no-check to add a server that is not up yet).")
+
+
+def auth_source(entry):
+    if entry.get("api_key_env"):
+        return f"env:{entry['api_key_env']}"
+    if entry.get("api_key"):
+        return "key in file"
+    return "-"
+
+
+def public_entry(entry):
+    """An entry as shown to people: never the key itself."""
+    out = {k: v for k, v in entry.items() if k != "api_key"}
+    out.setdefault("models", [])
+    out["auth"] = auth_source(entry)
+    return out
+
+
+def print_table(rows, header):
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    for row in [header] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def entry_api_key(entry, environ):
+    if entry.get("api_key_env"):
+        return environ.get(entry["api_key_env"]) or None
+    return entry.get("api_key") or None
+
+
+def cmd_add(args, environ):
+    path = registry_path(args, environ)
+    if not NAME_RE.fullmatch(args.name):
+        raise CLIError(f"invalid name {args.name!r}: use 1-64 of A-Z a-z 0-9 . _ -")
+    url = args.url.strip()
+    reason = valid_url(url)
+    if reason:
+        raise CLIError(f"invalid URL {args.url!r}: {reason} (example: http://127.0.0.1:8080/v1)")
+    url = url.rstrip("/")
+    for suffix in ("/chat/completions", "/completions", "/models", "/embeddings"):
+        if url.endswith(suffix):
+            raise CLIError(f"{url} looks like an endpoint, not a base URL: use "
+                           f"{url[:-len(suffix)]}")
+    if args.alias and len(args.model or ()) != 1:
+        raise CLIError("--alias needs exactly one --model")
+    if args.api_key and args.api_key_env:
+        raise CLIError("use either --api-key-env or --api-key, not both")
+    if args.api_key_env and not ENV_NAME_RE.fullmatch(args.api_key_env):
+        raise CLIError(f"invalid environment variable name {args.api_key_env!r}")
+    existing = load_registry(path)  # fail early (and on a broken file) before probing
+    if find_server(existing, args.name):
+        raise CLIError(f"a server named {args.name!r} already exists in {path}; "
+                       f"remove it first or pick another name")
+    api_key = args.api_key
+    if args.api_key_env:
+        api_key = environ.get(args.api_key_env)
+        if not api_key and not args.no_check:
+            raise CLIError(f"environment variable {args.api_key_env} is not set; export it "
+                           "first (or add with --no-check)")
+    models = list(dict.fromkeys(args.model or ()))
+    if not args.no_check:
+        base, listed = probe_server(url, api_key)
+        if base != url:
+            print(f"note: {url}/models did not answer; using {base}", file=sys.stderr)
+            url = base
+        missing = [m for m in models if m not in listed]
+        if missing:
+            hints = [f"{m} (did you mean {m}:latest?)" if f"{m}:latest" in listed else m
+                     for m in missing]
+            shown = ", ".join(listed[:20]) + (" …" if len(listed) > 20 else "")
+            raise CLIError(f"{url} does not serve {', '.join(hints)}; it lists: "
+                           f"{shown or '(no models)'}")
+        if not models:
+            models = listed
+    entry = {"name": args.name, "url": url, "models": models}
+    if not args.model:
+        entry["discover"] = True  # serve re-reads the upstream's model list when it starts
+    for field in ("alias", "api_key_env", "api_key", "timeout", "max_concurrency", "priority"):
+        value = getattr(args, field, None)
+        if value is not None:
+            entry[field] = value
+    if args.mcp:
+        entry["mcp"] = args.mcp
+
+    def change(doc):
+        if find_server(doc, args.name):
+            raise RegistryError(f"a server named {args.name!r} was added meanwhile")
+        doc["servers"].append(entry)
+
+    update_registry(path, change)
+    shown = ", ".join(models[:10]) + (" …" if len(models) > 10 else "")
+    print(f"added {args.name}: {url} ({len(models)} model{'s' if len(models) != 1 else ''}"
+          f"{': ' + shown if models else ''}){' [not checked]' if args.no_check else ''}")
+    return 0
+
+
+def cmd_remove(args, environ):
+    path = registry_path(args, environ)
+
+    def change(doc):
+        entry = find_server(doc, args.name)
+        if entry is None:
+            known = ", ".join(e["name"] for e in doc["servers"]) or "none"
+            raise RegistryError(f"no server named {args.name!r} in {path} (known: {known})")
+        doc["servers"].remove(entry)
+
+    update_registry(path, change)
+    print(f"removed {args.name}")
+    return 0
+
+
+def cmd_list(args, environ):
+    doc = load_registry(registry_path(args, environ))
+    if args.json:
+        print(json.dumps([public_entry(e) for e in doc["servers"]], indent=2))
+        return 0
+    if not doc["servers"]:
+        print("no servers registered; add one with: llmhost.py add NAME URL", file=sys.stderr)
+        return 0
+    rows = []
+    for e in doc["servers"]:
+        models = [e["alias"] + " -> " + e["models"][0]] if e.get("alias") else e.get("models", [])
+        text = ", ".join(models[:4]) + (f" (+{len(models) - 4})" if len(models) > 4 else "")
+        if e.get("discover"):
+            text = (text + " " if text else "") + "[all listed]"
+        rows.append([e["name"], e["url"], text or "-", auth_source(e)])
+    print_table(rows, ["NAME", "URL", "MODELS", "AUTH"])
+    return 0
+
+
+def cmd_show(args, environ):
+    path = registry_path(args, environ)
+    entry = find_server(load_registry(path), args.name)
+    if entry is None:
+        raise CLIError(f"no server named {args.name!r} in {path}")
+    shown = public_entry(entry)
+    width = max(len(k) for k in shown)
+    for key, value in shown.items():
+        if isinstance(value, list):
+            value = ", ".join(value) or "-"
+        print(f"{key.ljust(width)}  {value}")
+    return 0
+
+
+def parse_api_keys(args, environ):
+    keys = list(args.api_key or ())
+    keys += [k.strip() for k in environ.get("LLMHOST_API_KEY", "").split(",") if k.strip()]
+    return keys
+
+
+async def discover_models(client, upstreams):
+    """GET /models of every entry marked `discover`; -> {name: [ids]} for those that answered."""
+    import asyncio
+
+    async def one(up):
+        head = ("GET %s/models HTTP/1.1\r\n%s\r\n" % (up.origin.base_path, up.head_fixed)
+                ).encode("latin-1")
+        try:
+            resp = await client.request(up.origin, head, b"", timeout=PROBE_TIMEOUT,
+                                        connect_timeout=min(up.connect_timeout, PROBE_TIMEOUT))
+            body = await resp.read_all()
+        except UpstreamError as exc:
+            return up.name, None, exc.message
+        if resp.status != 200:
+            return up.name, None, f"HTTP {resp.status}"
+        try:
+            ids = list_models(json.loads(body))
+        except ValueError:
+            ids = None
+        return up.name, ids, None if ids is not None else "not an OpenAI model list"
+
+    found = {}
+    results = await asyncio.gather(*(one(up) for up in upstreams if up.entry.get("discover")))
+    for name, ids, error in results:
+        if ids is not None:
+            found[name] = ids
+        else:
+            logger().warning("server %s: could not list its models (%s); using the registry's "
+                             "list", name, error)
+    return found
+
+
+def logger():
+    import logging
+    return logging.getLogger("llmhost")
+
+
+class Gateway:
+    """Everything `serve` runs, built from the registry and the options; also what tests start."""
+
+    def __init__(self, registry, *, environ=None, api_keys=(), max_concurrency=MAX_CONCURRENCY,
+                 queue_size=QUEUE_SIZE, queue_timeout=QUEUE_TIMEOUT, access_log=None,
+                 clock=time.monotonic):
+        self.registry = registry
+        self.environ = dict(os.environ if environ is None else environ)
+        self.sweeper = Sweeper()
+        self.router = Router(clock)
+        self.client = UpstreamClient(self.sweeper)
+        self.admission = Admission(max_concurrency, queue_size, queue_timeout)
+        self.app = Application(self.router, self.client, self.admission, api_keys=api_keys,
+                               access_log=access_log)
+        self.http = HTTPServer(self.app, self.sweeper)
+        self.registry_stamp = None
+        self.tasks = []
+        if access_log is not None:
+            self.sweeper.callbacks.append(access_log.flush)
+
+    def load(self, doc):
+        keys = {e["name"]: entry_api_key(e, self.environ) for e in doc["servers"]}
+        self.router.load(doc["servers"], keys)
+
+    async def start(self, host="127.0.0.1", port=0, sock=None, reuse_port=False):
+        import asyncio
+        self.load(load_registry(self.registry))
+        self.registry_stamp = self.stamp()
+        self.http.idle = asyncio.Event()
+        self.http.idle.set()
+        self.tasks.append(asyncio.get_running_loop().create_task(self.sweeper.run()))
+        found = await discover_models(self.client, self.router.upstreams.values())
+        if found:
+            self.router.load([up.entry for up in self.router.upstreams.values()],
+                             {up.name: up.api_key for up in self.router.upstreams.values()}, found)
+        return await self.http.listen(host, port, sock=sock, reuse_port=reuse_port)
+
+    def stamp(self):
+        try:
+            st = os.stat(self.registry)
+            return (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            return None
+
+    async def stop(self, timeout=SHUTDOWN_TIMEOUT):
+        await self.http.shutdown(timeout)
+        for task in self.tasks:
+            task.cancel()
+        self.client.close_all()
+        if self.app.access_log is not None:
+            self.app.access_log.flush()
+
+
+def cmd_serve(args, environ):
+    import asyncio
+    import logging
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%Y-%m-%d %H:%M:%S")
+    path = registry_path(args, environ)
+    load_registry(path)  # a broken registry stops serve before it binds
+    keys = parse_api_keys(args, environ)
+    gateway = Gateway(path, environ=environ, api_keys=keys,
+                      max_concurrency=args.max_concurrency, queue_size=args.queue_size,
+                      queue_timeout=args.queue_timeout,
+                      access_log=AccessLog(sys.stderr, enabled=not args.no_access_log))
+
+    async def run():
+        import signal
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        addresses = await gateway.start(args.host, args.port)
+        shown = ", ".join(f"http://{h if ':' not in h else '[' + h + ']'}:{p}"
+                          for h, p in addresses)
+        models = len(gateway.router.table)
+        logger().info("llmhost %s serving on %s (auth %s; %d servers, %d models; registry %s)",
+                      __version__, shown, "on" if keys else "off",
+                      len(gateway.router.upstreams), models, path)
+        await stop.wait()
+        logger().info("shutting down: finishing in-flight requests (up to %gs)",
+                      args.shutdown_timeout)
+        await gateway.stop(args.shutdown_timeout)
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        raise CLIError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") \
+            from None
+    return 0
+
+
+def build_parser():
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="llmhost.py", description="One OpenAI-compatible endpoint for your LLM servers.",
+        epilog="Registry: --registry PATH, else $LLMHOST_REGISTRY, else ./servers.json")
+    parser.add_argument("--version", action="version", version=f"llmhost {__version__}")
+    parser.add_argument("--registry", metavar="PATH", help="the servers.json to use")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("add", help="register an LLM server (checked before it is saved)",
+                       description="Register an OpenAI-compatible server. URL is the base URL a "
+                       "client would use, usually ending in /v1. The server is probed with "
+                       "GET URL/models unless --no-check is given.")
+    p.add_argument("name", help="a unique name: 1-64 of A-Z a-z 0-9 . _ -")
+    p.add_argument("url", help="base URL, e.g. http://127.0.0.1:8080/v1")
+    p.add_argument("--model", action="append", metavar="ID",
+                   help="a model id it serves (repeatable; default: all it lists)")
+    p.add_argument("--alias", metavar="PUBLIC", help="public name for the single --model")
+    p.add_argument("--api-key-env", metavar="VAR", help="environment variable with its key")
+    p.add_argument("--api-key", metavar="KEY", help="literal key (file becomes mode 0600)")
+    p.add_argument("--timeout", type=float, metavar="S",
+                   help=f"seconds to first byte and between bytes (default {UPSTREAM_TIMEOUT:g})")
+    p.add_argument("--max-concurrency", type=int, metavar="N",
+                   help="requests it takes at once (e.g. llama.cpp --parallel)")
+    p.add_argument("--priority", type=int, metavar="N",
+                   help="lower is tried first among servers of one model (default 0)")
+    p.add_argument("--mcp", action="append", metavar="NAME", help=argparse.SUPPRESS)
+    p.add_argument("--no-check", action="store_true", help="save without probing the server")
+    p.set_defaults(func=cmd_add)
+
+    p = sub.add_parser("remove", help="unregister a server")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_remove)
+
+    p = sub.add_parser("list", help="list registered servers")
+    p.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("show", help="show one server's entry")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible API")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=4000, help="port (default 4000)")
+    p.add_argument("--api-key", action="append", metavar="KEY",
+                   help="key clients must send (repeatable; also $LLMHOST_API_KEY, comma-separated)")
+    p.add_argument("--max-concurrency", type=int, default=MAX_CONCURRENCY, metavar="N",
+                   help=f"requests proxied at once (default {MAX_CONCURRENCY})")
+    p.add_argument("--queue-size", type=int, default=QUEUE_SIZE, metavar="N",
+                   help=f"requests that may wait for a slot before 429 (default {QUEUE_SIZE})")
+    p.add_argument("--queue-timeout", type=float, default=QUEUE_TIMEOUT, metavar="S",
+                   help=f"seconds a request may wait for a slot (default {QUEUE_TIMEOUT:g})")
+    p.add_argument("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT, metavar="S",
+                   help=f"seconds in-flight requests get after SIGTERM (default "
+                        f"{SHUTDOWN_TIMEOUT:g})")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--no-access-log", action="store_true", help="no line per request")
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv=None, environ=None):
+    environ = os.environ if environ is None else environ
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args, environ)
+    except (CLIError, RegistryError) as exc:
+        print(f"llmhost: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
