@@ -1799,13 +1799,14 @@ def registry_path(args, environ):
     return args.registry or environ.get("LLMHOST_REGISTRY") or "servers.json"
 
 
-def http_get_json(url, api_key=None, timeout=PROBE_TIMEOUT):
+def http_get_json(url, api_key=None, timeout=None):
     """GET `url` with the standard library's client -> (status, parsed JSON or None, raw text).
     Raises CLIError saying what was tried when nothing usable came back."""
     import http.client
     import socket
     from urllib.parse import urlsplit
     parts = urlsplit(url)
+    timeout = PROBE_TIMEOUT if timeout is None else timeout
     if parts.scheme == "https":
         import ssl
         conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout,
@@ -1849,7 +1850,7 @@ def list_models(doc):
     return None
 
 
-def probe_server(url, api_key, timeout=PROBE_TIMEOUT):
+def probe_server(url, api_key, timeout=None):
     """-> (base URL that answered, model ids). Tries {url}/models, then {url}/v1/models."""
     tried = []
     bases = [url]

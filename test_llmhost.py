@@ -1,0 +1,674 @@
+"""Tests for llmhost. Run: python3 -m pytest -q test_llmhost.py
+
+Independent peers on loopback, never mocks of llmhost itself: the fake upstream is the standard
+library's http.server (HTTP/1.1, hand-written chunked SSE); clients are http.client and raw
+sockets, so llmhost's own client and server never only test each other. llmhost runs in-process
+(its own event loop in a thread) for most tests and as a real subprocess where a user would.
+
+`python3 test_llmhost.py fake-upstream PORT [MODEL...]` runs the fake upstream on its own, for
+trying llmhost by hand (e.g. with the openai client).
+"""
+
+import asyncio
+import base64
+import http.client
+import http.server
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import llmhost
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TIMEOUT = 10  # every socket in these tests has one, so a hang fails fast
+
+
+# =============================================================================
+# Fake upstream: a scriptable OpenAI-compatible server on stdlib http.server
+# =============================================================================
+
+class FakeHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    # -- plumbing ----------------------------------------------------------------------
+    def send_json(self, status, doc, extra=()):
+        body = json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in extra:
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def start_sse(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def chunk(self, data):
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def event(self, doc):
+        self.chunk(b"data: " + (doc if isinstance(doc, bytes) else json.dumps(doc).encode())
+                   + b"\n\n")
+
+    # -- routes ------------------------------------------------------------------------
+    def do_GET(self):
+        fake = self.server.fake
+        fake.record(self, b"")
+        if self.path.rstrip("/") == fake.prefix + "/models":
+            if fake.models_status != 200:
+                return self.send_json(fake.models_status, {"error": "nope"})
+            return self.send_json(200, {"object": "list", "data": [
+                {"id": m, "object": "model", "owned_by": "fake"} for m in fake.models]})
+        self.send_json(404, {"error": {"message": "not found", "type": "not_found"}})
+
+    def do_POST(self):
+        fake = self.server.fake
+        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        fake.record(self, raw)
+        body = json.loads(raw)
+        step = fake.next_step()
+        if step.get("hold") is not None:
+            fake.holding.release()
+            step["hold"].wait(TIMEOUT)
+        if step.get("delay"):
+            time.sleep(step["delay"])
+        if step.get("close"):  # drop the connection without answering
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if step.get("status"):
+            if step.get("raw") is not None:
+                data = step["raw"]
+                self.send_response(step["status"])
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                return self.wfile.write(data)
+            return self.send_json(step["status"], step.get("body", {"error": {
+                "message": f"fake error {step['status']}", "type": "server_error",
+                "code": None}}), step.get("headers", ()))
+        path = self.path[len(fake.prefix):]
+        if path == "/chat/completions":
+            return self.chat(body, step)
+        if path == "/completions":
+            return self.send_json(200, {"id": "cmpl-1", "object": "text_completion",
+                                        "model": body["model"], "choices": [
+                {"index": 0, "text": "echo: " + str(body["prompt"]), "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}})
+        if path == "/embeddings":
+            inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+            return self.send_json(200, {"object": "list", "model": body["model"], "data": [
+                {"object": "embedding", "index": i, "embedding": [0.5, -1.25, i + 0.0, 3.0]}
+                for i in range(len(inputs))], "usage": {"prompt_tokens": 2, "total_tokens": 2}})
+        if path == "/rerank":
+            words = set(body["query"].lower().split())
+            return self.send_json(200, {"model": body["model"], "results": [
+                {"index": i, "relevance_score": len(words & set(doc.lower().split())) / 10}
+                for i, doc in enumerate(body["documents"])]})
+        self.send_json(404, {"error": {"message": "no such route", "type": "not_found"}})
+
+    def chat(self, body, step):
+        messages = body["messages"]
+        last = messages[-1]
+        if last.get("role") == "tool":
+            reply, call = "tool result: " + str(last.get("content")), None
+        elif body.get("tools") and body.get("tool_choice") != "none":
+            fn = body["tools"][0]["function"]["name"]
+            reply, call = None, {"id": "call_1", "type": "function", "function": {
+                "name": fn, "arguments": json.dumps({"city": "Paris", "unit": "celsius"})}}
+        else:
+            content = last.get("content")
+            if isinstance(content, list):
+                texts = [p.get("text", "") for p in content if p.get("type") == "text"]
+                images = sum(1 for p in content if p.get("type") == "image_url")
+                content = " ".join(texts) + f" [{images} images]"
+            reply, call = "echo: " + str(content), None
+        usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": reply}
+            if call:
+                message["tool_calls"] = [call]
+            return self.send_json(200, {
+                "id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+                "model": body["model"], "usage": usage, "choices": [{
+                    "index": 0, "message": message,
+                    "finish_reason": "tool_calls" if call else "stop"}]})
+        self.start_sse()
+        base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+                "model": body["model"]}
+
+        def delta(d, finish=None):
+            return dict(base, choices=[{"index": 0, "delta": d, "finish_reason": finish}])
+
+        self.event(delta({"role": "assistant", "content": ""}))
+        pieces = []
+        if call:
+            args = call["function"]["arguments"]
+            cut = len(args) // 3
+            pieces = [{"tool_calls": [{"index": 0, "id": call["id"], "type": "function",
+                                       "function": {"name": call["function"]["name"],
+                                                    "arguments": ""}}]}]
+            pieces += [{"tool_calls": [{"index": 0, "function": {"arguments": part}}]}
+                       for part in (args[:cut], args[cut:2 * cut], args[2 * cut:])]
+        else:
+            words = reply.split(" ")
+            pieces = [{"content": w if i == 0 else " " + w} for i, w in enumerate(words)]
+        for i, piece in enumerate(pieces):
+            if step.get("drop_after") is not None and i >= step["drop_after"]:
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)  # dies mid-stream
+                return
+            if step.get("stall_after") is not None and i >= step["stall_after"]:
+                self.server.fake.holding.release()
+                step["stall"].wait(TIMEOUT)
+                self.close_connection = True
+                return
+            self.event(delta(piece))
+            if step.get("pace"):
+                time.sleep(step["pace"])
+        self.event(delta({}, "tool_calls" if call else "stop"))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            self.event(dict(base, choices=[], usage=usage))
+        self.event(b"[DONE]")
+        self.chunk(b"")
+
+
+class FakeUpstream:
+    """A fake OpenAI server. `script(*steps)` queues per-request behaviours (status, delay,
+    hold, close, drop_after, stall_after, pace); requests are recorded with their raw body."""
+
+    def __init__(self, models=("fake-model",), prefix="/v1"):
+        self.models = list(models)
+        self.prefix = prefix
+        self.models_status = 200
+        self.requests = []
+        self.steps = []
+        self.lock = threading.Lock()
+        self.holding = threading.Semaphore(0)  # released when a request reaches a hold/stall
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHandler)
+        self.server.daemon_threads = True
+        self.server.fake = self
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}{prefix}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def record(self, handler, raw):
+        with self.lock:
+            self.requests.append({"method": handler.command, "path": handler.path,
+                                  "headers": {k.lower(): v for k, v in handler.headers.items()},
+                                  "body": raw})
+
+    def script(self, *steps):
+        with self.lock:
+            self.steps.extend(steps)
+
+    def next_step(self):
+        with self.lock:
+            return self.steps.pop(0) if self.steps else {}
+
+    def posts(self):
+        return [r for r in self.requests if r["method"] == "POST"]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# =============================================================================
+# Harness: llmhost in-process, clients
+# =============================================================================
+
+class Running:
+    """A Gateway on its own event loop in a thread, listening on 127.0.0.1:<port 0>."""
+
+    def __init__(self, registry, **options):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.gateway = llmhost.Gateway(registry, environ=options.pop("environ", {}), **options)
+        addresses = self.call(self.gateway.start("127.0.0.1", 0))
+        self.port = addresses[0][1]
+
+    def call(self, coro, timeout=TIMEOUT):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, timeout=2):
+        self.call(self.gateway.stop(timeout), timeout + 5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(TIMEOUT)
+        self.loop.close()
+
+
+def write_registry(path, servers, mcp=None):
+    doc = {"version": 1, "servers": servers, "mcpServers": mcp or {}}
+    with open(path, "w") as f:
+        json.dump(doc, f)
+    return str(path)
+
+
+@pytest.fixture
+def fake():
+    upstream = FakeUpstream()
+    yield upstream
+    upstream.close()
+
+
+@pytest.fixture
+def registry(tmp_path):
+    return str(tmp_path / "servers.json")
+
+
+@pytest.fixture
+def gateway(fake, tmp_path):
+    """llmhost with one server `local` serving `fake-model`."""
+    path = write_registry(tmp_path / "servers.json",
+                          [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    running = Running(path)
+    yield running
+    running.stop()
+
+
+def request(port, method, path, body=None, headers=None, timeout=TIMEOUT):
+    """-> (status, headers dict, body bytes) over a fresh http.client connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    hdrs = {"Content-Type": "application/json"}
+    hdrs.update(headers or {})
+    conn.request(method, path, body=data, headers=hdrs)
+    resp = conn.getresponse()
+    payload = resp.read()
+    conn.close()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, payload
+
+
+def post(port, path, body, **kw):
+    status, headers, raw = request(port, "POST", path, body, **kw)
+    return status, headers, raw
+
+
+def jpost(port, path, body, **kw):
+    status, headers, raw = request(port, "POST", path, body, **kw)
+    return status, json.loads(raw)
+
+
+def sse_events(raw):
+    """Decode an SSE body the way clients do: the data of each event."""
+    events = []
+    for block in raw.replace(b"\r\n", b"\n").split(b"\n\n"):
+        data = [line[5:].lstrip() for line in block.split(b"\n") if line.startswith(b"data:")]
+        if data:
+            events.append(b"\n".join(data).decode())
+    return events
+
+
+def raw_exchange(port, payload, timeout=TIMEOUT, half_close=True):
+    """Send raw bytes; read until the server closes. -> bytes received."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(payload)
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            try:
+                data = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        return b"".join(chunks)
+
+
+CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hello there"}]}
+
+
+# =============================================================================
+# Wire format (pure)
+# =============================================================================
+
+@pytest.mark.parametrize("line, expected", [
+    (b"GET / HTTP/1.1\r\n", ("GET", "/", "1.1")),
+    (b"POST /v1/chat/completions?x=1 HTTP/1.0\r\n", ("POST", "/v1/chat/completions?x=1", "1.0")),
+    (b"OPTIONS * HTTP/1.1\r\n", ("OPTIONS", "*", "1.1")),
+])
+def test_request_line_ok(line, expected):
+    assert llmhost.parse_request_line(line) == expected
+
+
+@pytest.mark.parametrize("line, status", [
+    (b"GET / HTTP/1.1\n", 400),  # bare LF
+    (b"GET /\r HTTP/1.1\r\n", 400),  # bare CR
+    (b"GET  / HTTP/1.1\r\n", 400),  # double space
+    (b"GET / HTTP/2.0\r\n", 505),
+    (b"GET / HTTP/1.1 extra\r\n", 400),
+    (b"BREW / HTTP/1.1\r\n", 501),
+    (b"G@T / HTTP/1.1\r\n", 400),
+    (b"GET http://x/ HTTP/1.1\r\n", 400),  # absolute-form: we are not a forward proxy
+    (b"GET /\x00 HTTP/1.1\r\n", 400),
+    (b"GET /" + b"a" * llmhost.MAX_REQUEST_LINE + b" HTTP/1.1\r\n", 414),
+])
+def test_request_line_refused(line, status):
+    with pytest.raises(llmhost.ProtocolError) as info:
+        llmhost.parse_request_line(line)
+    assert info.value.status == status and info.value.close
+
+
+def test_request_line_limit_is_exact():
+    prefix, suffix = b"GET /", b" HTTP/1.1\r\n"
+    fits = prefix + b"a" * (llmhost.MAX_REQUEST_LINE - len(prefix) - len(suffix)) + suffix
+    assert len(fits) == llmhost.MAX_REQUEST_LINE
+    llmhost.parse_request_line(fits)
+    with pytest.raises(llmhost.ProtocolError):
+        llmhost.parse_request_line(fits[:5] + b"a" + fits[5:])
+
+
+def test_header_block_parses_and_joins_repeats():
+    headers = llmhost.parse_header_block(
+        b"Host: x\r\nAccept: a\r\naccept:  b \r\nX-Empty:\r\n")
+    assert headers == {"host": "x", "accept": "a, b", "x-empty": ""}
+
+
+@pytest.mark.parametrize("block", [
+    b"Host : x\r\n",  # space before colon (RFC 9112 5.1)
+    b"Host: x\r\n folded\r\n",  # obs-fold
+    b"Host: x\nAccept: y\r\n",  # bare LF inside the block
+    b"Host: a\rb\r\n",  # bare CR
+    b"Host: a\x00b\r\n",  # NUL
+    b"Bad[name]: x\r\n",
+    b"NoColon\r\n",
+    b"Content-Length: 1\r\nContent-Length: 1\r\n",  # repeated framing header
+    b"Host: a\r\nHost: b\r\n",
+])
+def test_header_block_refused(block):
+    with pytest.raises(llmhost.ProtocolError) as info:
+        llmhost.parse_header_block(block)
+    assert info.value.status == 400
+
+
+def test_header_count_limit_at_n_and_n_plus_1():
+    lines = b"".join(b"X-%d: v\r\n" % i for i in range(llmhost.MAX_HEADER_COUNT))
+    assert len(llmhost.parse_header_block(lines)) == llmhost.MAX_HEADER_COUNT
+    with pytest.raises(llmhost.ProtocolError) as info:
+        llmhost.parse_header_block(lines + b"X-last: v\r\n")
+    assert info.value.status == 431
+
+
+@pytest.mark.parametrize("headers, result", [
+    ({}, ("length", 0)),
+    ({"content-length": "12"}, ("length", 12)),
+    ({"transfer-encoding": "chunked"}, ("chunked", None)),
+    ({"transfer-encoding": "Chunked"}, ("chunked", None)),
+])
+def test_body_framing(headers, result):
+    assert llmhost.body_framing(headers) == result
+
+
+@pytest.mark.parametrize("headers, status", [
+    ({"content-length": "5", "transfer-encoding": "chunked"}, 400),
+    ({"content-length": "-1"}, 400),
+    ({"content-length": "1, 1"}, 400),
+    ({"content-length": "0x10"}, 400),
+    ({"content-length": "١٢"}, 400),  # unicode digits are not digits on the wire
+    ({"transfer-encoding": "gzip, chunked"}, 501),
+    ({"transfer-encoding": "identity"}, 501),
+    ({"content-length": str(llmhost.MAX_BODY_BYTES + 1)}, 413),
+])
+def test_body_framing_refused(headers, status):
+    with pytest.raises(llmhost.ProtocolError) as info:
+        llmhost.body_framing(headers)
+    assert info.value.status == status
+
+
+def test_body_limit_at_n():
+    assert llmhost.body_framing({"content-length": str(llmhost.MAX_BODY_BYTES)}) == \
+        ("length", llmhost.MAX_BODY_BYTES)
+
+
+@pytest.mark.parametrize("line, size", [(b"0\r\n", 0), (b"1a\r\n", 26), (b"A;ext=1\r\n", 10),
+                                        (b"5;a;b=\"q\"\r\n", 5)])
+def test_chunk_size(line, size):
+    assert llmhost.parse_chunk_size(line) == size
+
+
+@pytest.mark.parametrize("line", [b"\r\n", b"g\r\n", b"-1\r\n", b"1 2\r\n", b"5\n",
+                                  b"0x5\r\n", b"11111111111111111\r\n", b"5;=x\r\n"])
+def test_chunk_size_refused(line):
+    with pytest.raises(llmhost.ProtocolError):
+        llmhost.parse_chunk_size(line)
+
+
+def test_response_head_refuses_response_splitting():
+    with pytest.raises(ValueError):
+        llmhost.response_head(200, [("X-Id", "a\r\nSet-Cookie: x")])
+    assert llmhost.response_head(204, [("X-A", "b")]) == b"HTTP/1.1 204 No Content\r\nX-A: b\r\n\r\n"
+
+
+# =============================================================================
+# Registry
+# =============================================================================
+
+def test_missing_registry_is_empty(registry):
+    assert llmhost.load_registry(registry)["servers"] == []
+
+
+def test_shipped_servers_json_is_a_valid_empty_registry():
+    doc = llmhost.load_registry(os.path.join(HERE, "servers.json"))
+    assert doc["version"] == 1 and doc["servers"] == []
+
+
+@pytest.mark.parametrize("text, needle", [
+    ('{"version": 1, "servers": [', "1:28: not valid JSON"),
+    ('{"version": 2, "servers": []}', '"version" must be 1'),
+    ('{"version": 1, "servers": {}}', '"servers" must be a list'),
+    ('{"version": 1, "servers": [{"name": "a"}]}', 'missing "url"'),
+    ('{"version": 1, "servers": [{"name": "a b", "url": "http://x"}]}', "servers[0] (a b).name"),
+    ('{"version": 1, "servers": [{"name": "a", "url": "ftp://x"}]}', "servers[0] (a).url"),
+    ('{"version": 1, "servers": [{"name": "a", "url": "http://x", "modles": []}]}',
+     'unknown field "modles"'),
+    ('{"version": 1, "servers": [{"name": "a", "url": "http://x"}, {"name": "a", "url": '
+     '"http://y"}]}', "used twice"),
+    ('{"version": 1, "servers": [{"name": "a", "url": "http://x", "models": ["m", "n"], '
+     '"alias": "p"}]}', "alias needs exactly one model"),
+    ('{"version": 1, "servers": [{"name": "a", "url": "http://x", "mcp": ["t"]}]}',
+     'no MCP server named "t"'),
+])
+def test_registry_errors_name_file_and_field(tmp_path, text, needle):
+    path = tmp_path / "servers.json"
+    path.write_text(text)
+    with pytest.raises(llmhost.RegistryError) as info:
+        llmhost.load_registry(str(path))
+    assert str(path) in str(info.value) and needle in str(info.value)
+
+
+def test_literal_key_makes_file_private(registry):
+    doc = llmhost.empty_registry()
+    doc["servers"].append({"name": "a", "url": "http://x/v1", "models": [], "api_key": "sk-1"})
+    llmhost.save_registry(registry, doc)
+    assert os.stat(registry).st_mode & 0o777 == 0o600
+    doc["servers"][0].pop("api_key")
+    os.chmod(registry, 0o644)
+    llmhost.save_registry(registry, doc)
+    assert os.stat(registry).st_mode & 0o777 == 0o644  # the mode it had is kept
+
+
+def test_failed_update_leaves_file_byte_identical(registry):
+    llmhost.save_registry(registry, llmhost.empty_registry())
+    before = open(registry, "rb").read()
+
+    def change(doc):
+        doc["servers"].append({"name": "a", "url": "http://x"})
+        raise llmhost.RegistryError("no")
+
+    with pytest.raises(llmhost.RegistryError):
+        llmhost.update_registry(registry, change)
+    with pytest.raises(llmhost.RegistryError):  # an invalid result is not saved either
+        llmhost.update_registry(registry, lambda doc: doc["servers"].append({"name": "?"}))
+    assert open(registry, "rb").read() == before
+    assert [f for f in os.listdir(os.path.dirname(registry)) if f.endswith(".tmp")] == []
+
+
+def test_racing_adds_from_many_processes_lose_nothing(registry):
+    """Twelve `add --no-check` processes at once: every entry lands (the lock serialises the
+    read-modify-write; without it, last writer wins)."""
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
+                               registry, "add", f"s{i}", f"http://127.0.0.1:{9000 + i}/v1",
+                               "--no-check"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for i in range(12)]
+    for p in procs:
+        assert p.wait(TIMEOUT * 3) == 0, p.stderr.read()
+    names = sorted(e["name"] for e in llmhost.load_registry(registry)["servers"])
+    assert names == sorted(f"s{i}" for i in range(12))
+
+
+# =============================================================================
+# CLI
+# =============================================================================
+
+def run_cli(registry, *argv, environ=None):
+    """main() in-process -> (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = llmhost.main(["--registry", registry, *argv], environ=environ or {})
+        except SystemExit as exc:  # argparse usage errors
+            code = exc.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_add_probes_and_saves(fake, registry):
+    code, out, err = run_cli(registry, "add", "local", fake.url)
+    assert code == 0, err
+    entry = llmhost.load_registry(registry)["servers"][0]
+    assert entry == {"name": "local", "url": fake.url, "models": ["fake-model"], "discover": True}
+    assert fake.requests[-1]["path"] == "/v1/models"
+
+
+def test_add_corrects_missing_v1(fake, registry):
+    base = fake.url[:-3]
+    code, out, err = run_cli(registry, "add", "local", base, "--model", "fake-model")
+    assert code == 0, err
+    assert "using " + fake.url in err
+    assert llmhost.load_registry(registry)["servers"][0]["url"] == fake.url
+
+
+def test_add_sends_upstream_key_from_env(fake, registry):
+    code, _, err = run_cli(registry, "add", "local", fake.url, "--api-key-env", "UP_KEY",
+                           environ={"UP_KEY": "sk-upstream"})
+    assert code == 0, err
+    assert fake.requests[-1]["headers"]["authorization"] == "Bearer sk-upstream"
+    entry = llmhost.load_registry(registry)["servers"][0]
+    assert entry["api_key_env"] == "UP_KEY" and "api_key" not in entry
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["add", "x", "not a url"], "invalid URL"),
+    (["add", "x", "ftp://host/v1"], "scheme must be http or https"),
+    (["add", "x", "http:///v1"], "no host"),
+    (["add", "x", "http://127.0.0.1:99999/v1"], "invalid URL"),
+    (["add", "bad name", "http://127.0.0.1:1/v1"], "invalid name"),
+    (["add", "x", "http://127.0.0.1:1/v1"], "connection refused"),
+    (["add", "x", "http://127.0.0.1:1/v1/chat/completions"], "not a base URL"),
+    (["add", "x", "http://127.0.0.1:1/v1", "--alias", "p"], "--alias needs exactly one"),
+    (["remove", "ghost"], "no server named 'ghost'"),
+    (["show", "ghost"], "no server named 'ghost'"),
+])
+def test_cli_refusals_leave_file_untouched(registry, argv, needle):
+    llmhost.save_registry(registry, {"version": 1, "servers": [
+        {"name": "keep", "url": "http://127.0.0.1:2/v1", "models": ["m"]}], "mcpServers": {}})
+    before = open(registry, "rb").read()
+    code, out, err = run_cli(registry, *argv)
+    assert code != 0 and needle in err, err
+    assert open(registry, "rb").read() == before
+
+
+def test_add_refuses_unknown_model_and_duplicate(fake, registry):
+    assert run_cli(registry, "add", "local", fake.url)[0] == 0
+    before = open(registry, "rb").read()
+    code, _, err = run_cli(registry, "add", "other", fake.url, "--model", "nope")
+    assert code == 1 and "does not serve nope" in err and "fake-model" in err
+    code, _, err = run_cli(registry, "add", "local", fake.url)
+    assert code == 1 and "already exists" in err
+    assert open(registry, "rb").read() == before
+
+
+def test_add_refuses_non_openai_answer_and_refused_key(fake, registry):
+    fake.models_status = 401
+    code, _, err = run_cli(registry, "add", "local", fake.url)
+    assert code == 1 and "refused the key" in err
+    fake.models_status = 500
+    code, _, err = run_cli(registry, "add", "local", fake.url)
+    assert code == 1 and "no OpenAI-compatible model list" in err and "--no-check" in err
+    assert not os.path.exists(registry)
+
+
+def test_add_unreachable_times_out_quickly(registry, monkeypatch):
+    """A server that accepts but never answers: a clear error within the probe timeout."""
+    monkeypatch.setattr(llmhost, "PROBE_TIMEOUT", 0.5)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        started = time.monotonic()
+        code, _, err = run_cli(registry, "add", "x", f"http://127.0.0.1:{silent.getsockname()[1]}/v1")
+        assert code == 1 and "no answer within" in err
+        assert time.monotonic() - started < 5
+    finally:
+        silent.close()
+
+
+def test_no_check_adds_unreachable_server(registry):
+    code, out, err = run_cli(registry, "add", "later", "http://127.0.0.1:1/v1", "--no-check")
+    assert code == 0, err
+    assert llmhost.load_registry(registry)["servers"][0]["name"] == "later"
+
+
+def test_list_show_remove(fake, registry):
+    run_cli(registry, "add", "a", fake.url, "--model", "fake-model", "--api-key", "sk-secret")
+    run_cli(registry, "add", "b", "http://127.0.0.1:1/v1", "--no-check", "--api-key-env", "K")
+    code, out, _ = run_cli(registry, "list")
+    assert code == 0 and out.splitlines()[0].split() == ["NAME", "URL", "MODELS", "AUTH"]
+    assert "env:K" in out and "key in file" in out and "sk-secret" not in out
+    code, out, _ = run_cli(registry, "list", "--json")
+    listed = json.loads(out)
+    assert [e["name"] for e in listed] == ["a", "b"] and listed[0]["models"] == ["fake-model"]
+    assert "sk-secret" not in out
+    code, out, _ = run_cli(registry, "show", "a")
+    assert code == 0 and "fake-model" in out and "sk-secret" not in out
+    code, out, err = run_cli(registry, "remove", "a")
+    assert code == 0
+    assert [e["name"] for e in llmhost.load_registry(registry)["servers"]] == ["b"]
+    code, _, err = run_cli(registry, "remove", "a")
+    assert code == 1 and "'a'" in err and "known: b" in err
+
+
+def test_cli_runs_on_bare_python(tmp_path):
+    """`python3 -I -S` (no site-packages) runs every non-MCP command."""
+    reg = str(tmp_path / "r.json")
+    cmd = [sys.executable, "-I", "-S", os.path.join(HERE, "llmhost.py"), "--registry", reg]
+    for argv in (["--help"], ["--version"], ["add", "x", "http://127.0.0.1:1/v1", "--no-check"],
+                 ["list"], ["list", "--json"], ["show", "x"], ["remove", "x"], ["serve", "--help"]):
+        result = subprocess.run(cmd + argv, capture_output=True, text=True, timeout=TIMEOUT)
+        assert result.returncode == 0, (argv, result.stderr)
+    result = subprocess.run([sys.executable, "-I", "-S", "-c",
+                             "import sys; sys.path.insert(0, %r); import llmhost; "
+                             "print('mcp' in sys.modules, 'asyncio' in sys.modules)" % HERE],
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.stdout.split() == ["False", "False"]
