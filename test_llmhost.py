@@ -36,6 +36,7 @@ TIMEOUT = 10  # every socket in these tests has one, so a hang fails fast
 
 class FakeHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # else head and body meet delayed ACKs: 40 ms a request
 
     def log_message(self, *args):
         pass
@@ -192,7 +193,7 @@ class FakeUpstream:
     """A fake OpenAI server. `script(*steps)` queues per-request behaviours (status, delay,
     hold, close, drop_after, stall_after, pace); requests are recorded with their raw body."""
 
-    def __init__(self, models=("fake-model",), prefix="/v1"):
+    def __init__(self, models=("fake-model",), prefix="/v1", port=0):
         self.models = list(models)
         self.prefix = prefix
         self.models_status = 200
@@ -200,12 +201,13 @@ class FakeUpstream:
         self.steps = []
         self.lock = threading.Lock()
         self.holding = threading.Semaphore(0)  # released when a request reaches a hold/stall
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHandler)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), FakeHandler)
         self.server.daemon_threads = True
         self.server.fake = self
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}{prefix}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+                                       daemon=True)
         self.thread.start()
 
     def record(self, handler, raw):
@@ -672,3 +674,287 @@ def test_cli_runs_on_bare_python(tmp_path):
                              "print('mcp' in sys.modules, 'asyncio' in sys.modules)" % HERE],
                             capture_output=True, text=True, timeout=TIMEOUT)
     assert result.stdout.split() == ["False", "False"]
+
+
+# =============================================================================
+# Proxy: the OpenAI API through llmhost
+# =============================================================================
+
+def test_health_and_models(gateway):
+    status, _, raw = request(gateway.port, "GET", "/health")
+    assert status == 200 and json.loads(raw) == {"status": "ok"}
+    status, _, raw = request(gateway.port, "GET", "/v1/models")
+    doc = json.loads(raw)
+    assert status == 200 and doc["object"] == "list"
+    assert [(m["id"], m["object"], m["owned_by"]) for m in doc["data"]] == \
+        [("fake-model", "model", "local")]
+    status, _, raw = request(gateway.port, "GET", "/v1/models/fake-model")
+    assert status == 200 and json.loads(raw)["id"] == "fake-model"
+    status, _, raw = request(gateway.port, "GET", "/models")  # without the /v1 prefix
+    assert status == 200 and json.loads(raw)["data"][0]["id"] == "fake-model"
+
+
+def test_chat_forwards_body_bytes_untouched(gateway, fake):
+    body = json.dumps(dict(CHAT, temperature=0.25, tools=[{"type": "function", "function": {
+        "name": "get_weather", "parameters": {"type": "object"}}}], tool_choice="none",
+        parallel_tool_calls=False, response_format={"type": "json_object"},
+        some_future_field={"x": [1, 2]})).encode()
+    status, headers, raw = post(gateway.port, "/v1/chat/completions", body)
+    assert status == 200, raw
+    assert json.loads(raw)["choices"][0]["message"]["content"] == "echo: hello there"
+    assert headers["x-llmhost-server"] == "local" and float(headers["x-llmhost-overhead-ms"]) >= 0
+    assert fake.posts()[-1]["body"] == body  # byte-exact: nothing re-encoded
+    assert fake.posts()[-1]["path"] == "/v1/chat/completions"
+
+
+def test_image_parts_forwarded_byte_exact(gateway, fake):
+    png = base64.b64encode(os.urandom(300_000)).decode()  # ~400 KB data URL
+    body = json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + png}}]}]}).encode()
+    status, _, raw = post(gateway.port, "/v1/chat/completions", body)
+    assert status == 200 and json.loads(raw)["choices"][0]["message"]["content"] == \
+        "echo: what is this [1 images]"
+    assert fake.posts()[-1]["body"] == body
+
+
+def test_chat_stream_relays_events_and_usage(gateway):
+    status, headers, raw = post(gateway.port, "/v1/chat/completions",
+                                dict(CHAT, stream=True, stream_options={"include_usage": True}))
+    assert status == 200
+    assert headers["content-type"] == "text/event-stream"
+    assert headers["cache-control"] == "no-cache" and headers["x-accel-buffering"] == "no"
+    assert headers["transfer-encoding"] == "chunked"
+    events = sse_events(raw)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == "echo: hello there"
+    assert chunks[-1]["usage"]["total_tokens"] == 10 and chunks[-1]["choices"] == []
+
+
+def test_streamed_tool_call_deltas_reassemble(gateway):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    status, _, raw = post(gateway.port, "/v1/chat/completions",
+                          dict(CHAT, stream=True, tools=tools))
+    calls = {}
+    for event in sse_events(raw)[:-1]:
+        for delta in json.loads(event)["choices"][0]["delta"].get("tool_calls", ()):
+            call = calls.setdefault(delta["index"], {"name": "", "arguments": ""})
+            call["name"] += delta.get("function", {}).get("name", "")
+            call["arguments"] += delta.get("function", {}).get("arguments", "")
+    assert calls[0]["name"] == "get_weather"
+    assert json.loads(calls[0]["arguments"]) == {"city": "Paris", "unit": "celsius"}
+
+
+def test_tool_result_round_trip(gateway):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    status, doc = jpost(gateway.port, "/v1/chat/completions", dict(CHAT, tools=tools))
+    message = doc["choices"][0]["message"]
+    assert doc["choices"][0]["finish_reason"] == "tool_calls"
+    call = message["tool_calls"][0]
+    messages = CHAT["messages"] + [message, {"role": "tool", "tool_call_id": call["id"],
+                                             "content": "21 degrees"}]
+    status, doc = jpost(gateway.port, "/v1/chat/completions",
+                        {"model": "fake-model", "messages": messages, "tools": tools})
+    assert doc["choices"][0]["message"]["content"] == "tool result: 21 degrees"
+
+
+def test_legacy_completions(gateway):
+    status, doc = jpost(gateway.port, "/v1/completions", {"model": "fake-model", "prompt": "hi"})
+    assert status == 200 and doc["choices"][0]["text"] == "echo: hi"
+
+
+def test_embeddings_float_and_base64(gateway, fake):
+    status, doc = jpost(gateway.port, "/v1/embeddings", {"model": "fake-model",
+                                                         "input": ["a", "b"]})
+    assert status == 200 and doc["data"][1]["embedding"] == [0.5, -1.25, 1.0, 3.0]
+    status, doc = jpost(gateway.port, "/v1/embeddings", {"model": "fake-model", "input": "a",
+                                                         "encoding_format": "base64"})
+    packed = base64.b64decode(doc["data"][0]["embedding"])
+    assert struct.unpack("<4f", packed) == (0.5, -1.25, 0.0, 3.0)
+    assert doc["usage"]["total_tokens"] == 2
+
+
+def test_rerank_normalised_best_first(gateway, fake):
+    body = {"model": "fake-model", "query": "red apple",
+            "documents": ["a green pear", {"text": "one red apple"}, "red car"],
+            "top_n": 2, "return_documents": True}
+    for path in ("/v1/rerank", "/rerank"):
+        status, doc = jpost(gateway.port, path, body)
+        assert status == 200, doc
+        assert [r["index"] for r in doc["results"]] == [1, 2]
+        assert doc["results"][0] == {"index": 1, "relevance_score": 0.2,
+                                     "document": {"text": "one red apple"}}
+        assert doc["model"] == "fake-model"
+    assert json.loads(fake.posts()[-1]["body"])["documents"] == \
+        ["a green pear", "one red apple", "red car"]  # objects flattened for the upstream
+
+
+@pytest.mark.parametrize("path, body, status, code", [
+    ("/v1/chat/completions", b"{not json", 400, "invalid_json"),
+    ("/v1/chat/completions", b"[1, 2]", 400, "invalid_json"),
+    ("/v1/chat/completions", b"", 400, "invalid_json"),
+    ("/v1/chat/completions", {"model": "fake-model"}, 400, "missing_required_parameter"),
+    ("/v1/chat/completions", {"messages": []}, 400, "missing_required_parameter"),
+    ("/v1/chat/completions", {"model": 3, "messages": [{}]}, 400, "invalid_type"),
+    ("/v1/chat/completions", {"model": "fake-model", "messages": "hi"}, 400, "invalid_type"),
+    ("/v1/chat/completions", {"model": "nope", "messages": [{}]}, 404, "model_not_found"),
+    ("/v1/embeddings", {"model": "fake-model"}, 400, "missing_required_parameter"),
+    ("/v1/rerank", {"model": "fake-model", "query": "q"}, 400, "missing_required_parameter"),
+    ("/v1/rerank", {"model": "fake-model", "query": "q", "documents": [3]}, 400, "invalid_type"),
+    ("/v1/completions", {"model": "fake-model"}, 400, "missing_required_parameter"),
+    ("/v1/nothing", {}, 404, "not_found"),
+])
+def test_bad_requests_get_openai_envelopes(gateway, fake, path, body, status, code):
+    got, headers, raw = post(gateway.port, path, body)
+    doc = json.loads(raw)
+    assert got == status and doc["error"]["code"] == code, doc
+    assert set(doc["error"]) == {"message", "type", "param", "code"}
+    assert headers["content-type"] == "application/json"
+    assert fake.posts() == []  # nothing reached the upstream
+
+
+def test_unknown_model_lists_known_ones(gateway):
+    status, doc = jpost(gateway.port, "/v1/chat/completions", dict(CHAT, model="gpt-9"))
+    assert status == 404 and "fake-model" in doc["error"]["message"]
+    assert doc["error"]["param"] == "model"
+
+
+def test_wrong_method_is_405(gateway):
+    status, headers, raw = request(gateway.port, "GET", "/v1/chat/completions")
+    assert status == 405 and headers["allow"] == "POST"
+    assert json.loads(raw)["error"]["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize("step, status, fragment", [
+    ({"status": 500}, 500, "fake error 500"),  # an OpenAI envelope: passed on as it is
+    ({"status": 400, "body": {"error": "bad things"}}, 400, "upstream: bad things"),  # Ollama
+    ({"status": 422, "body": {"detail": "field x"}}, 422, "upstream: field x"),  # FastAPI
+    ({"status": 500, "raw": b"Internal oops"}, 500, "upstream: Internal oops"),
+])
+def test_upstream_errors_passed_on_in_envelope(gateway, fake, step, status, fragment):
+    fake.script(step)
+    got, doc = jpost(gateway.port, "/v1/chat/completions", CHAT)
+    assert got == status and fragment in doc["error"]["message"]
+    assert doc["error"]["type"] in ("server_error", "invalid_request_error")
+
+
+def test_upstream_unreachable_is_502_and_timeout_504(tmp_path, fake):
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "dead", "url": "http://127.0.0.1:1/v1", "models": ["dead-model"]},
+        {"name": "slow", "url": fake.url, "models": ["fake-model"], "timeout": 0.5}])
+    running = Running(path)
+    try:
+        status, doc = jpost(running.port, "/v1/chat/completions", dict(CHAT, model="dead-model"))
+        assert status == 502 and doc["error"]["code"] == "upstream_unreachable"
+        fake.script({"delay": 2})
+        status, doc = jpost(running.port, "/v1/chat/completions", CHAT)
+        assert status == 504 and doc["error"]["code"] == "upstream_timeout"
+    finally:
+        running.stop()
+
+
+def test_api_keys(fake, tmp_path):
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "local", "url": fake.url, "models": ["fake-model"], "api_key_env": "UPKEY"}])
+    running = Running(path, api_keys=["k1", "k2"], environ={"UPKEY": "sk-up"})
+    try:
+        status, headers, raw = post(running.port, "/v1/chat/completions", CHAT)
+        assert status == 401 and json.loads(raw)["error"]["code"] == "invalid_api_key"
+        assert headers["www-authenticate"].startswith("Bearer")
+        status, _, raw = post(running.port, "/v1/chat/completions", CHAT,
+                              headers={"Authorization": "Bearer wrong"})
+        assert status == 401 and "wrong" not in raw.decode()
+        for hdrs in ({"Authorization": "Bearer k2"}, {"x-api-key": "k1"}):
+            status, _, _ = post(running.port, "/v1/chat/completions", CHAT, headers=hdrs)
+            assert status == 200
+        assert request(running.port, "GET", "/health")[0] == 200  # stays open
+        assert request(running.port, "GET", "/v1/models")[0] == 401
+        # the client's key never goes upstream; the entry's own key does
+        assert fake.posts()[-1]["headers"]["authorization"] == "Bearer sk-up"
+    finally:
+        running.stop()
+
+
+def test_alias_and_pinned_server(fake, tmp_path):
+    other = FakeUpstream(models=["fake-model"])
+    try:
+        path = write_registry(tmp_path / "s.json", [
+            {"name": "a", "url": fake.url, "models": ["fake-model"], "alias": "public"},
+            {"name": "b", "url": other.url, "models": ["fake-model"]}])
+        running = Running(path)
+        try:
+            status, doc = jpost(running.port, "/v1/chat/completions", dict(CHAT, model="public"))
+            assert status == 200 and json.loads(fake.posts()[-1]["body"])["model"] == "fake-model"
+            ids = [m["id"] for m in json.loads(request(running.port, "GET", "/v1/models")[2])["data"]]
+            assert ids == ["fake-model", "public"]
+            for _ in range(3):
+                jpost(running.port, "/v1/chat/completions", dict(CHAT, model="b/fake-model"))
+            assert len(other.posts()) == 3 and len(fake.posts()) == 1
+        finally:
+            running.stop()
+    finally:
+        other.close()
+
+
+def test_discover_rereads_models_at_start(fake, tmp_path):
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "local", "url": fake.url, "models": ["old"], "discover": True}])
+    fake.models = ["new-1", "new-2"]
+    running = Running(path)
+    try:
+        ids = [m["id"] for m in json.loads(request(running.port, "GET", "/v1/models")[2])["data"]]
+        assert ids == ["new-1", "new-2"]
+    finally:
+        running.stop()
+
+
+def test_keep_alive_reuses_connections_both_sides(gateway, fake):
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=TIMEOUT)
+    for i in range(5):
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(CHAT),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.getheader("Connection") is None
+        resp.read()
+    conn.close()
+    ports = {r["headers"].get("x-request-id") for r in fake.posts()}
+    assert len(ports) == 5  # each request got its own id, forwarded upstream
+
+
+def test_request_id_accepted_or_minted(gateway, fake):
+    status, headers, _ = post(gateway.port, "/v1/chat/completions", CHAT,
+                              headers={"X-Request-Id": "abc-123"})
+    assert headers["x-request-id"] == "abc-123"
+    assert fake.posts()[-1]["headers"]["x-request-id"] == "abc-123"
+    status, headers, _ = post(gateway.port, "/v1/chat/completions", CHAT,
+                              headers={"X-Request-Id": "bad id\twith space"})
+    assert headers["x-request-id"] != "bad id\twith space" and headers["x-request-id"]
+
+
+def test_chunked_request_body_and_100_continue(gateway, fake):
+    body = json.dumps(CHAT).encode()
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
+            b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+    chunked = b"%x;note=1\r\n%s\r\n%x\r\n%s\r\n0\r\nX-Trailer: t\r\n\r\n" % (
+        10, body[:10], len(body) - 10, body[10:])
+    raw = raw_exchange(gateway.port, head + chunked, half_close=False)
+    assert raw.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n")
+    assert fake.posts()[-1]["body"] == body
+
+
+def test_http10_client_gets_close_delimited_stream(gateway):
+    body = json.dumps(dict(CHAT, stream=True)).encode()
+    raw = raw_exchange(gateway.port, b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: "
+                       b"%d\r\n\r\n%s" % (len(body), body), half_close=False)
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") and b"chunked" not in head.lower()
+    assert sse_events(payload)[-1] == "[DONE]"
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["fake-upstream"]:
+    upstream = FakeUpstream(models=sys.argv[3:] or ["fake-model"], port=int(sys.argv[2]))
+    print(f"fake upstream on {upstream.url}", flush=True)
+    upstream.thread.join()
