@@ -56,7 +56,8 @@ COOLDOWN_MAX = 300.0  # s, cap of the exponential cooldown
 MAX_CONCURRENCY = 50  # requests proxied at once per process; the user's figure
 QUEUE_SIZE = 100  # requests waiting for a slot before 429; Ollama queues, llama-swap 429s
 QUEUE_TIMEOUT = 60.0  # s a request may wait in the queue before 429
-PROBE_TIMEOUT = 5.0  # s for `add` to probe GET {url}/models
+PROBE_TIMEOUT = 5.0  # s for `add` (and health probes) to get GET {url}/models
+PROBE_INTERVAL = 1.0  # s between health probes of a cooling server
 WATCH_INTERVAL = 1.0  # s between registry file checks while serving
 SHUTDOWN_TIMEOUT = 30.0  # s in-flight requests get to finish after SIGTERM
 TICK = 0.25  # s between sweeps of deadlines (timeouts are enforced to this precision)
@@ -170,7 +171,7 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfe
 class Request:
     """One parsed request. `headers` maps lower-cased names to values (repeats joined by ', ')."""
     __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "keep_alive",
-                 "conn", "started", "request_id", "model", "server", "status")
+                 "conn", "started", "request_id", "model", "server", "status", "extra")
 
     def __init__(self, method, target, version, headers):
         self.method = method
@@ -188,6 +189,7 @@ class Request:
         self.conn = None
         self.started = 0.0
         self.request_id = ""
+        self.extra = ()  # headers every response to this request carries (CORS)
 
 
 def parse_request_line(line):
@@ -356,6 +358,7 @@ class ClientConnection:
         self.phase = "head"
         self.gone = False  # the client closed or reset its side
         self.upstream = None  # upstream connection serving this client now (closed if we go)
+        self.task = None
         self.streaming = False  # response head sent as a chunked stream
         self.chunked = True
         self.http10 = False
@@ -469,8 +472,10 @@ class ClientConnection:
         headers = [("Date", self.server.sweeper.date)]
         if not keep_alive:
             headers.append(("Connection", "close"))
-        if request is not None and request.request_id:
-            headers.append(("X-Request-Id", request.request_id))
+        if request is not None:
+            if request.request_id:
+                headers.append(("X-Request-Id", request.request_id))
+            headers.extend(request.extra)
         return headers
 
     def respond(self, request, status, headers, body=b""):
@@ -550,6 +555,7 @@ class HTTPServer:
         self.connections = set()
         self.closing = False
         self.servers = []
+        self.in_flight = 0
         self.idle = None  # asyncio.Event set when no request is in flight (for shutdown)
 
     async def listen(self, host, port, *, sock=None, reuse_port=False):
@@ -585,12 +591,12 @@ class HTTPServer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = ClientConnection(self, reader, writer)
         transport.get_protocol().connection = conn
-        # The task is kept alive by the connection set (asyncio holds only weak references).
+        # The connection set keeps the task alive (the loop holds only weak references).
         conn.task = asyncio.get_running_loop().create_task(self._serve(conn))
+        self.connections.add(conn)
 
     async def _serve(self, conn):
         import asyncio
-        self.connections.add(conn)
         self.sweeper.tracked.add(conn)
         writer = conn.writer
         first = True
@@ -607,13 +613,15 @@ class HTTPServer:
                 if request is None:
                     break
                 first = False
+                self.in_flight += 1
                 self.idle.clear()
                 try:
                     keep_alive = await self.app.handle(request)
                 finally:
                     conn.phase = "idle"
                     conn.upstream = None
-                    if not any(c.phase in ("app", "stream") for c in self.connections):
+                    self.in_flight -= 1
+                    if not self.in_flight:
                         self.idle.set()
                 if not keep_alive or conn.gone:
                     break
@@ -645,9 +653,8 @@ class HTTPServer:
         for conn in list(self.connections):
             conn.transport.abort()
         for conn in list(self.connections):
-            task = getattr(conn, "task", None)
-            if task is not None:
-                task.cancel()
+            if conn.task is not None:
+                conn.task.cancel()
 
 
 def log_exception(message):
@@ -1506,13 +1513,44 @@ class AccessLog:
                 pass
 
 
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "::1", "ip6-localhost"})
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Api-Key, X-Request-Id, OpenAI-Organization"
+
+
+def is_loopback_host(host):
+    """True for names and addresses that can only mean this machine."""
+    import ipaddress
+    host = host.strip("[]").lower()
+    if host in LOOPBACK_NAMES or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(value):
+    """The name in a Host header: 'example.com:80' -> 'example.com', '[::1]:8' -> '::1'."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
 class Application:
-    def __init__(self, router, client, admission, *, api_keys=(), access_log=None):
+    def __init__(self, router, client, admission, *, api_keys=(), access_log=None,
+                 allowed_hosts=None, cors_origins=()):
         self.router = router
         self.client = client
         self.admission = admission
         self.api_keys = tuple(api_keys)
         self.access_log = access_log
+        # None: any Host (not bound to loopback). Else a browser on this machine could be
+        # pointed at us through DNS rebinding: only loopback names and these hosts pass.
+        self.allowed_hosts = None if allowed_hosts is None else {
+            h.lower() for h in allowed_hosts}
+        self.cors_origins = frozenset(cors_origins)
+        self.capacity_waiters = []  # futures of requests waiting for a server's max_concurrency
         self.started = time.time()
         self.ids = "%x" % (int(time.time() * 1000) & 0xFFFFFFFFFF)
         self.counter = 0
@@ -1564,6 +1602,21 @@ class Application:
         return conn.write_error(exc, request)
 
     async def dispatch(self, request):
+        if self.allowed_hosts is not None:
+            host = host_name(request.headers.get("host", ""))
+            if not (is_loopback_host(host) or host in self.allowed_hosts):
+                raise Forbidden(f"Host {host!r} is not allowed (DNS rebinding protection); "
+                                "start serve with --allowed-host NAME to allow it.",
+                                code="host_not_allowed")
+        origin = request.headers.get("origin")
+        if origin is not None and self.cors_origins:
+            if "*" in self.cors_origins:
+                request.extra = [("Access-Control-Allow-Origin", "*")]
+            elif origin in self.cors_origins:
+                request.extra = [("Access-Control-Allow-Origin", check_header_value(origin)),
+                                 ("Vary", "Origin")]
+            if request.method == "OPTIONS" and request.extra:
+                return self.preflight(request)
         path = request.path
         route = self.routes.get(path)
         if route is None and not path.startswith("/v1/"):
@@ -1582,6 +1635,14 @@ class Application:
             raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}; "
                                    f"use {method}.", headers=[("Allow", method)])
         return await handler(request)
+
+    def preflight(self, request):
+        """Answer a CORS preflight (the Fetch standard's OPTIONS with Access-Control-*)."""
+        request.status = 204
+        return request.conn.respond(request, 204, [
+            ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+            ("Access-Control-Allow-Headers", CORS_ALLOW_HEADERS),
+            ("Access-Control-Max-Age", "600")])
 
     def reply_json(self, request, doc, status=200):
         request.status = status
@@ -1655,9 +1716,39 @@ class Application:
         candidates = self.router.resolve(model)
         await self.admission.acquire()
         try:
+            if candidates[0][0].full():
+                candidates = await self.wait_for_capacity(model)
             return await self.try_candidates(request, body, model, candidates, suffix, transform)
         finally:
             self.admission.release()
+
+    async def wait_for_capacity(self, model):
+        """Every server of `model` is at its max_concurrency: wait (FIFO-ish, bounded by the
+        queue timeout) until one has a free slot, like llama.cpp's own slot queue would."""
+        import asyncio
+        deadline = time.monotonic() + self.admission.queue_timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            candidates = self.router.resolve(model)
+            if not candidates[0][0].full():
+                return candidates
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.admission.rejected += 1
+                raise RateLimited(f"every server for '{model}' is at its max_concurrency; "
+                                  "retry shortly", headers=[("Retry-After", "1")])
+            fut = loop.create_future()
+            self.capacity_waiters.append(fut)
+            try:
+                await asyncio.wait_for(fut, remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    def capacity_freed(self):
+        waiters, self.capacity_waiters = self.capacity_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     async def try_candidates(self, request, body, model, candidates, suffix, transform):
         conn = request.conn
@@ -1713,6 +1804,8 @@ class Application:
             finally:
                 up.in_flight -= 1
                 conn.upstream = None
+                if self.capacity_waiters and up.max_concurrency is not None:
+                    self.capacity_freed()
         raise last_error
 
     async def relay(self, request, up, resp, transform, overhead):
@@ -2062,7 +2155,7 @@ class Gateway:
 
     def __init__(self, registry, *, environ=None, api_keys=(), max_concurrency=MAX_CONCURRENCY,
                  queue_size=QUEUE_SIZE, queue_timeout=QUEUE_TIMEOUT, access_log=None,
-                 clock=time.monotonic):
+                 allowed_hosts=None, cors_origins=(), clock=time.monotonic):
         self.registry = registry
         self.environ = dict(os.environ if environ is None else environ)
         self.sweeper = Sweeper()
@@ -2070,29 +2163,58 @@ class Gateway:
         self.client = UpstreamClient(self.sweeper)
         self.admission = Admission(max_concurrency, queue_size, queue_timeout)
         self.app = Application(self.router, self.client, self.admission, api_keys=api_keys,
-                               access_log=access_log)
+                               access_log=access_log, allowed_hosts=allowed_hosts,
+                               cors_origins=cors_origins)
         self.http = HTTPServer(self.app, self.sweeper)
         self.registry_stamp = None
-        self.tasks = []
+        self.next_watch = 0.0
+        self.probing = set()  # names of cooling servers with a probe under way
+        self.tasks = set()
         if access_log is not None:
             self.sweeper.callbacks.append(access_log.flush)
+        self.sweeper.callbacks.append(self.housekeeping)
 
-    def load(self, doc):
-        keys = {e["name"]: entry_api_key(e, self.environ) for e in doc["servers"]}
-        self.router.load(doc["servers"], keys)
+    def spawn(self, coro):
+        import asyncio
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
 
     async def start(self, host="127.0.0.1", port=0, sock=None, reuse_port=False):
         import asyncio
-        self.load(load_registry(self.registry))
-        self.registry_stamp = self.stamp()
         self.http.idle = asyncio.Event()
         self.http.idle.set()
-        self.tasks.append(asyncio.get_running_loop().create_task(self.sweeper.run()))
-        found = await discover_models(self.client, self.router.upstreams.values())
-        if found:
-            self.router.load([up.entry for up in self.router.upstreams.values()],
-                             {up.name: up.api_key for up in self.router.upstreams.values()}, found)
+        await self.reload(quiet=True)
+        self.spawn(self.sweeper.run())
         return await self.http.listen(host, port, sock=sock, reuse_port=reuse_port)
+
+    async def reload(self, quiet=False):
+        """Re-read the registry; a broken file keeps the last good one (and says why)."""
+        self.registry_stamp = self.stamp()
+        try:
+            doc = load_registry(self.registry)
+        except RegistryError as exc:
+            if quiet:
+                raise
+            logger().error("registry not reloaded, keeping the last good one: %s", exc)
+            return
+        keys = {e["name"]: entry_api_key(e, self.environ) for e in doc["servers"]}
+        before = set(self.router.upstreams)
+        self.router.load(doc["servers"], keys)
+        if not quiet:
+            logger().info("registry reloaded: %d servers, %d models (added: %s; removed: %s)",
+                          len(self.router.upstreams), len(self.router.table),
+                          ", ".join(sorted(set(self.router.upstreams) - before)) or "-",
+                          ", ".join(sorted(before - set(self.router.upstreams))) or "-")
+        fresh = [up for up in self.router.upstreams.values()
+                 if up.entry.get("discover") and (quiet or up.name not in before)]
+        if fresh:
+            found = await discover_models(self.client, fresh)
+            for up in fresh:  # the router may have been reloaded meanwhile: update in place
+                if up.name in found and self.router.upstreams.get(up.name) is up:
+                    up.models = found[up.name]
+            self.router.rebuild()
 
     def stamp(self):
         try:
@@ -2101,17 +2223,52 @@ class Gateway:
         except OSError:
             return None
 
+    def housekeeping(self, now):
+        """Each sweep: notice registry edits (about once a second) and probe cooling servers."""
+        if now >= self.next_watch:
+            self.next_watch = now + WATCH_INTERVAL
+            if self.stamp() != self.registry_stamp:
+                self.spawn(self.reload())
+        for up in self.router.cooling():
+            if up.name not in self.probing:
+                self.probing.add(up.name)
+                self.spawn(self.probe(up))
+
+    async def probe(self, up):
+        """GET /models on a cooling server every PROBE_INTERVAL; an answer ends its cooldown."""
+        import asyncio
+        head = ("GET %s/models HTTP/1.1\r\n%s\r\n" % (up.origin.base_path, up.head_fixed)
+                ).encode("latin-1")
+        try:
+            while up.cooldown_until > self.router.clock():
+                await asyncio.sleep(PROBE_INTERVAL)
+                try:
+                    resp = await self.client.request(up.origin, head, b"", timeout=PROBE_TIMEOUT,
+                                                     connect_timeout=up.connect_timeout)
+                    await resp.read_all()
+                except UpstreamError:
+                    continue
+                if resp.status == 200:
+                    logger().info("server %s answers again; back in rotation", up.name)
+                    self.router.recovered(up)
+        finally:
+            self.probing.discard(up.name)
+
     async def stop(self, timeout=SHUTDOWN_TIMEOUT):
         await self.http.shutdown(timeout)
-        for task in self.tasks:
+        for task in list(self.tasks):
             task.cancel()
         self.client.close_all()
         if self.app.access_log is not None:
             self.app.access_log.flush()
 
 
+def serve_addresses(addresses, keys):
+    shown = ", ".join(f"http://{'[' + h + ']' if ':' in h else h}:{p}" for h, p in addresses)
+    return f"{shown} (auth {'on: ' + str(len(keys)) + ' key(s)' if keys else 'off'})"
+
+
 def cmd_serve(args, environ):
-    import asyncio
     import logging
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s",
@@ -2119,10 +2276,30 @@ def cmd_serve(args, environ):
     path = registry_path(args, environ)
     load_registry(path)  # a broken registry stops serve before it binds
     keys = parse_api_keys(args, environ)
-    gateway = Gateway(path, environ=environ, api_keys=keys,
-                      max_concurrency=args.max_concurrency, queue_size=args.queue_size,
-                      queue_timeout=args.queue_timeout,
-                      access_log=AccessLog(sys.stderr, enabled=not args.no_access_log))
+    loopback = is_loopback_host(args.host)
+    if not loopback and not keys and not args.no_auth:
+        raise CLIError(f"refusing to serve on {args.host} without an API key: anyone who can "
+                       "reach this machine could use your models. Pass --api-key KEY (or set "
+                       "LLMHOST_API_KEY), or --no-auth to serve openly on purpose.")
+    try:
+        workers = (os.cpu_count() or 1) if args.workers == "auto" else int(args.workers)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise CLIError("--workers must be at least 1 (or auto)")
+    options = dict(environ=environ, api_keys=keys, queue_timeout=args.queue_timeout,
+                   allowed_hosts=args.allowed_host or () if loopback else None,
+                   cors_origins=args.cors_origin or ())
+    if workers == 1:
+        return run_worker(args, path, keys, options, args.max_concurrency, args.queue_size)
+    return run_workers(args, path, keys, options, workers)
+
+
+def run_worker(args, path, keys, options, max_concurrency, queue_size, sock=None, label=""):
+    import asyncio
+    gateway = Gateway(path, max_concurrency=max_concurrency, queue_size=queue_size,
+                      access_log=AccessLog(sys.stderr, enabled=not args.no_access_log),
+                      **options)
 
     async def run():
         import signal
@@ -2130,15 +2307,16 @@ def cmd_serve(args, environ):
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        addresses = await gateway.start(args.host, args.port)
-        shown = ", ".join(f"http://{h if ':' not in h else '[' + h + ']'}:{p}"
-                          for h, p in addresses)
-        models = len(gateway.router.table)
-        logger().info("llmhost %s serving on %s (auth %s; %d servers, %d models; registry %s)",
-                      __version__, shown, "on" if keys else "off",
-                      len(gateway.router.upstreams), models, path)
+        loop.add_signal_handler(signal.SIGHUP, lambda: gateway.spawn(gateway.reload()))
+        addresses = await gateway.start(args.host, args.port, sock=sock)
+        logger().info("llmhost %s%s serving on %s; %d servers, %d models; registry %s",
+                      __version__, label, serve_addresses(addresses, keys),
+                      len(gateway.router.upstreams), len(gateway.router.table), path)
+        if not gateway.router.upstreams:
+            logger().warning("no servers registered yet: add one with "
+                             "`python3 llmhost.py add NAME URL` (serve picks it up live)")
         await stop.wait()
-        logger().info("shutting down: finishing in-flight requests (up to %gs)",
+        logger().info("shutting down%s: finishing in-flight requests (up to %gs)", label,
                       args.shutdown_timeout)
         await gateway.stop(args.shutdown_timeout)
 
@@ -2147,6 +2325,85 @@ def cmd_serve(args, environ):
     except OSError as exc:
         raise CLIError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") \
             from None
+    return 0
+
+
+def run_workers(args, path, keys, options, workers):
+    """N processes, each a full gateway, sharing one port through SO_REUSEPORT (the kernel
+    spreads connections). Limits are split so the global --max-concurrency still holds."""
+    import signal
+    import socket
+    socks = []
+    try:
+        for _ in range(workers):
+            family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((args.host, args.port if not socks else socks[0].getsockname()[1]))
+            sock.listen(1024)
+            sock.setblocking(False)
+            socks.append(sock)
+    except (OSError, AttributeError) as exc:
+        raise CLIError(f"cannot listen on {args.host}:{args.port} with {workers} workers: "
+                       f"{getattr(exc, 'strerror', None) or exc}") from None
+    children = []
+    for i, sock in enumerate(socks):
+        share = args.max_concurrency // workers + (i < args.max_concurrency % workers)
+        queue = args.queue_size // workers + (i < args.queue_size % workers)
+        pid = os.fork()
+        if pid == 0:
+            for other in socks:
+                if other is not sock:
+                    other.close()
+            code = 1
+            try:
+                code = run_worker(args, path, keys, options, max(1, share), queue, sock=sock,
+                                  label=f" worker {i + 1}/{workers}")
+            except CLIError as exc:
+                print(f"llmhost: error: {exc}", file=sys.stderr)
+            finally:
+                os._exit(code)
+        children.append(pid)
+    for sock in socks:
+        sock.close()
+
+    def forward(signum, _frame):
+        for pid in children:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    status = 0
+    for pid in children:
+        while True:
+            try:
+                _, code = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        status = status or os.waitstatus_to_exitcode(code)
+    return status
+
+
+def cmd_status(args, environ):
+    key = args.api_key or (environ.get("LLMHOST_API_KEY", "").split(",")[0].strip() or None)
+    status, doc, text = http_get_json(args.url.rstrip("/") + "/v1/status", key)
+    if status != 200 or not isinstance(doc, dict):
+        message = (doc or {}).get("error", {}).get("message") if isinstance(doc, dict) else text
+        raise CLIError(f"GET {args.url}/v1/status -> HTTP {status}: {message}")
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"llmhost {doc['version']} up {doc['uptime_seconds']:g}s: {doc['in_flight']} in flight "
+          f"of {doc['max_concurrency']}, {doc['queued']} queued, {doc['rejected']} rejected")
+    rows = [[s["name"], "ok" if s["healthy"] else f"cooling {s['cooldown_seconds']:g}s",
+             s["in_flight"], s["requests"], s["errors"], s["last_error"] or "-"]
+            for s in doc["servers"]]
+    print_table(rows, ["SERVER", "HEALTH", "IN-FLIGHT", "REQUESTS", "ERRORS", "LAST ERROR"])
     return 0
 
 
@@ -2207,9 +2464,23 @@ def build_parser():
     p.add_argument("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT, metavar="S",
                    help=f"seconds in-flight requests get after SIGTERM (default "
                         f"{SHUTDOWN_TIMEOUT:g})")
+    p.add_argument("--workers", default="1", metavar="N",
+                   help="processes sharing the port (SO_REUSEPORT); 'auto' = one per CPU")
+    p.add_argument("--no-auth", action="store_true",
+                   help="allow a non-loopback --host without an API key")
+    p.add_argument("--allowed-host", action="append", metavar="NAME",
+                   help="a Host name accepted besides loopback ones (DNS-rebinding guard)")
+    p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                   help="answer CORS for this browser origin (repeatable, or '*')")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--no-access-log", action="store_true", help="no line per request")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("status", help="health and load of a running serve")
+    p.add_argument("--url", default="http://127.0.0.1:4000", help="where serve listens")
+    p.add_argument("--api-key", metavar="KEY", help="its API key (default $LLMHOST_API_KEY)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
     return parser
 
 

@@ -958,3 +958,425 @@ if __name__ == "__main__" and sys.argv[1:2] == ["fake-upstream"]:
     upstream = FakeUpstream(models=sys.argv[3:] or ["fake-model"], port=int(sys.argv[2]))
     print(f"fake upstream on {upstream.url}", flush=True)
     upstream.thread.join()
+
+
+# =============================================================================
+# Router (pure, injectable clock)
+# =============================================================================
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def make_router(*entries, clock=None):
+    router = llmhost.Router(clock or Clock())
+    router.load([dict({"url": "http://127.0.0.1:1/v1", "models": ["m"]}, **e) for e in entries],
+                {})
+    return router
+
+
+def names(candidates):
+    return [up.name for up, _ in candidates]
+
+
+def test_router_least_busy_then_round_robin():
+    router = make_router({"name": "a"}, {"name": "b"}, {"name": "c"})
+    firsts = [names(router.resolve("m"))[0] for _ in range(6)]
+    assert sorted(firsts) == ["a", "a", "b", "b", "c", "c"]  # ties rotate
+    router.upstreams["a"].in_flight = 2
+    router.upstreams["b"].in_flight = 1
+    assert names(router.resolve("m")) == ["c", "b", "a"]
+
+
+def test_router_priority_fallback_only_when_down_or_full():
+    router = make_router({"name": "local", "max_concurrency": 1},
+                         {"name": "remote", "priority": 10})
+    assert names(router.resolve("m")) == ["local", "remote"]
+    router.upstreams["local"].in_flight = 1  # full
+    assert names(router.resolve("m")) == ["remote", "local"]
+
+
+def test_router_cooldown_exponential_and_recovery():
+    clock = Clock()
+    router = make_router({"name": "a"}, {"name": "b"}, clock=clock)
+    a = router.upstreams["a"]
+    for _ in range(llmhost.FAILURES_BEFORE_COOLDOWN - 1):
+        router.failed(a, "boom")
+    assert a.cooldown_until == 0  # not yet
+    router.failed(a, "boom")
+    assert a.cooldown_until == clock.now + llmhost.COOLDOWN_BASE
+    assert all(names(router.resolve("m"))[-1] == "a" for _ in range(4))  # skipped while cooling
+    router.failed(a, "boom")
+    assert a.cooldown_until == clock.now + 2 * llmhost.COOLDOWN_BASE  # doubles
+    for _ in range(30):
+        router.failed(a, "boom")
+    assert a.cooldown_until == clock.now + llmhost.COOLDOWN_MAX  # capped
+    clock.now += llmhost.COOLDOWN_MAX + 1
+    assert router.cooling() == [] and "a" in names(router.resolve("m"))[:2]
+    router.failed(a, "boom")
+    router.recovered(a)
+    assert a.failures == 0 and a.cooldown_until == 0
+
+
+def test_router_429_cools_at_once_honouring_retry_after():
+    clock = Clock()
+    router = make_router({"name": "a"}, clock=clock)
+    router.rate_limited(router.upstreams["a"], llmhost.parse_retry_after("7"))
+    assert router.upstreams["a"].cooldown_until == clock.now + 7
+    assert llmhost.parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == llmhost.COOLDOWN_BASE
+
+
+def test_router_keeps_health_of_unchanged_entries_on_reload():
+    router = make_router({"name": "a"}, {"name": "b"})
+    a = router.upstreams["a"]
+    a.failures = 2
+    router.load([{"name": "a", "url": "http://127.0.0.1:1/v1", "models": ["m"]}], {})
+    assert router.upstreams["a"] is a and "b" not in router.upstreams
+
+
+# =============================================================================
+# Routing, failover and concurrency through a running gateway
+# =============================================================================
+
+@pytest.fixture
+def pool(tmp_path):
+    """Three fake upstreams behind `fake-model`, tried in order u0, u1, u2 (priorities)."""
+    fakes = [FakeUpstream() for _ in range(3)]
+    path = write_registry(tmp_path / "servers.json", [
+        {"name": f"u{i}", "url": f.url, "models": ["fake-model"], "priority": i, "timeout": 2}
+        for i, f in enumerate(fakes)])
+    running = Running(path)
+    yield running, fakes
+    running.stop()
+    for f in fakes:
+        f.close()
+
+
+def test_failover_before_first_byte(pool):
+    running, fakes = pool
+    fakes[0].close()  # connection refused
+    fakes[1].script({"status": 503})
+    status, headers, raw = post(running.port, "/v1/chat/completions", CHAT)
+    assert status == 200 and headers["x-llmhost-server"] == "u2"
+    assert len(fakes[1].posts()) == 1 and len(fakes[2].posts()) == 1
+    up = running.gateway.router.upstreams
+    assert up["u0"].errors == 1 and up["u1"].errors == 1 and up["u2"].errors == 0
+
+
+def test_429_upstream_fails_over_and_cools(pool):
+    running, fakes = pool
+    fakes[0].script({"status": 429, "headers": [("Retry-After", "30")]})
+    status, headers, _ = post(running.port, "/v1/chat/completions", CHAT)
+    assert status == 200 and headers["x-llmhost-server"] == "u1"
+    status, headers, _ = post(running.port, "/v1/chat/completions", CHAT)
+    assert headers["x-llmhost-server"] == "u1"  # u0 is cooling down for 30 s
+    assert len(fakes[0].posts()) == 1
+
+
+def test_last_candidate_error_is_passed_on(pool):
+    running, fakes = pool
+    for f in fakes:
+        f.script({"status": 503})
+    status, doc = jpost(running.port, "/v1/chat/completions", CHAT)
+    assert status == 503 and "fake error 503" in doc["error"]["message"]
+    assert [len(f.posts()) for f in fakes] == [1, 1, 1]
+
+
+def test_no_retry_after_first_byte_and_error_event(pool):
+    running, fakes = pool
+    fakes[0].script({"drop_after": 2})
+    status, headers, raw = post(running.port, "/v1/chat/completions", dict(CHAT, stream=True))
+    events = sse_events(raw)
+    assert status == 200 and "[DONE]" not in events
+    error = json.loads(events[-1])["error"]
+    assert error["type"] == "server_error" and "mid-answer" in error["message"]
+    assert [json.loads(e)["choices"][0]["delta"] for e in events[:-1]] == \
+        [{"role": "assistant", "content": ""}, {"content": "echo:"}, {"content": " hello"}]
+    assert len(fakes[1].posts()) == 0 and len(fakes[2].posts()) == 0  # never retried
+
+
+def test_upstream_stall_mid_stream_ends_with_timeout_event(pool):
+    running, fakes = pool
+    release = threading.Event()
+    fakes[0].script({"stall_after": 1, "stall": release})
+    running.gateway.router.upstreams["u0"].timeout = 0.5
+    try:
+        status, _, raw = post(running.port, "/v1/chat/completions", dict(CHAT, stream=True))
+    finally:
+        release.set()
+    events = sse_events(raw)
+    assert json.loads(events[-1])["error"]["code"] == "upstream_timeout"
+    assert "[DONE]" not in events
+
+
+def test_non_stream_death_is_502(pool):
+    running, fakes = pool
+    fakes[0].script({"close": True})
+    for f in fakes[1:]:
+        f.script({"close": True})
+    status, doc = jpost(running.port, "/v1/chat/completions", CHAT)
+    assert status == 502 and doc["error"]["code"] == "upstream_closed"
+
+
+def test_stale_pooled_connection_is_retried_once(gateway, fake):
+    assert post(gateway.port, "/v1/chat/completions", CHAT)[0] == 200
+    # the upstream forgets every idle keep-alive connection (as after its own idle timeout)
+    fake.server.shutdown()
+    fake.server.server_close()
+    fake.server = http.server.ThreadingHTTPServer(("127.0.0.1", fake.port), FakeHandler)
+    fake.server.fake = fake
+    fake.thread = threading.Thread(target=fake.server.serve_forever, args=(0.05,), daemon=True)
+    fake.thread.start()
+    status, _, _ = post(gateway.port, "/v1/chat/completions", CHAT)
+    assert status == 200
+    assert gateway.gateway.router.upstreams["local"].errors == 0
+
+
+def test_cooling_server_comes_back_through_probe(pool):
+    running, fakes = pool
+    router = running.gateway.router
+    u0 = router.upstreams["u0"]
+    for _ in range(llmhost.FAILURES_BEFORE_COOLDOWN):
+        router.failed(u0, "test")
+    assert u0 in router.cooling()
+    deadline = time.monotonic() + 5 * llmhost.PROBE_INTERVAL
+    while u0 in router.cooling() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert u0 not in router.cooling()  # GET /models answered: back well before 5 s
+    assert any(r["path"] == "/v1/models" for r in fakes[0].requests)
+
+
+def held_requests(port, n, body=CHAT):
+    """Start n POSTs in threads; -> (threads, results list filled as they finish)."""
+    results = []
+
+    def one():
+        try:
+            results.append(post(port, "/v1/chat/completions", body, timeout=TIMEOUT * 2))
+        except Exception as exc:  # noqa: BLE001 -- recorded and asserted on
+            results.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+def test_sixty_against_fifty_with_small_queue(fake, tmp_path):
+    path = write_registry(tmp_path / "s.json",
+                          [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    running = Running(path, max_concurrency=50, queue_size=5)
+    release = threading.Event()
+    fake.script(*[{"hold": release} for _ in range(60)])
+    try:
+        threads, results = held_requests(running.port, 60)
+        for _ in range(50):  # 50 reach the upstream and are held there
+            assert fake.holding.acquire(timeout=TIMEOUT)
+        deadline = time.monotonic() + TIMEOUT
+        while len(results) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        rejected = [r for r in results if r[0] == 429]
+        assert len(rejected) == 5 and len(results) == 5  # the excess: answered at once
+        for status, headers, raw in rejected:
+            assert headers["retry-after"] == "1"
+            assert json.loads(raw)["error"]["code"] == "rate_limit_exceeded"
+        assert running.gateway.admission.queued() == 5
+        release.set()
+        for t in threads:
+            t.join(TIMEOUT * 2)
+        assert sorted(r[0] for r in results) == [200] * 55 + [429] * 5  # none lost, none hung
+        assert len(fake.posts()) == 55
+    finally:
+        release.set()
+        running.stop()
+
+
+def test_queue_timeout_gives_429(fake, tmp_path):
+    path = write_registry(tmp_path / "s.json",
+                          [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    running = Running(path, max_concurrency=1, queue_size=5, queue_timeout=0.3)
+    release = threading.Event()
+    fake.script({"hold": release})
+    try:
+        threads, results = held_requests(running.port, 1)
+        assert fake.holding.acquire(timeout=TIMEOUT)
+        status, headers, raw = post(running.port, "/v1/chat/completions", CHAT)
+        assert status == 429 and "waited" in json.loads(raw)["error"]["message"]
+        release.set()
+        threads[0].join(TIMEOUT)
+        assert results[0][0] == 200
+    finally:
+        release.set()
+        running.stop()
+
+
+def test_server_max_concurrency_queues_then_uses_fallback(tmp_path):
+    local, remote = FakeUpstream(), FakeUpstream()
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "local", "url": local.url, "models": ["fake-model"], "max_concurrency": 1},
+        {"name": "remote", "url": remote.url, "models": ["fake-model"], "priority": 10,
+         "max_concurrency": 1}])
+    running = Running(path)
+    release = threading.Event()
+    local.script({"hold": release})
+    remote.script({"hold": release})
+    try:
+        threads, results = held_requests(running.port, 1)
+        assert local.holding.acquire(timeout=TIMEOUT)  # local is full now
+        threads2, results2 = held_requests(running.port, 1)
+        assert remote.holding.acquire(timeout=TIMEOUT)  # so the fallback takes the second
+        threads3, results3 = held_requests(running.port, 1)  # both full: this one waits
+        time.sleep(0.2)
+        assert results3 == [] and len(local.posts()) + len(remote.posts()) == 2
+        release.set()
+        for t in threads + threads2 + threads3:
+            t.join(TIMEOUT)
+        assert [r[0] for r in results + results2 + results3] == [200, 200, 200]
+    finally:
+        release.set()
+        running.stop()
+        local.close()
+        remote.close()
+
+
+class StreamWatcher(FakeUpstream):
+    """An upstream whose paced stream notes when its client (llmhost) went away."""
+
+
+def test_client_disconnect_reaches_upstream_within_a_second(gateway, fake):
+    long_text = " ".join(["word"] * 200)
+    fake.script({"pace": 0.02})
+    body = json.dumps({"model": "fake-model", "stream": True,
+                       "messages": [{"role": "user", "content": long_text}]}).encode()
+    s = socket.create_connection(("127.0.0.1", gateway.port), timeout=TIMEOUT)
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n"
+              b"\r\n%s" % (len(body), body))
+    assert b"200 OK" in s.recv(4096)
+    closed_at = time.monotonic()
+    s.close()
+    deadline = closed_at + 1.0
+    while time.monotonic() < deadline and gateway.gateway.http.in_flight:
+        time.sleep(0.01)
+    assert gateway.gateway.http.in_flight == 0  # the request ended, no waiting for the model
+    # and the upstream connection was closed, not pooled: the model stops generating
+    assert sum(len(v) for v in gateway.gateway.client.idle.values()) == 0
+    assert gateway.gateway.router.upstreams["local"].in_flight == 0
+
+
+def test_live_registry_add_and_remove(fake, tmp_path):
+    path = write_registry(tmp_path / "s.json", [])
+    running = Running(path)
+
+    def model_ids():
+        return [m["id"] for m in json.loads(request(running.port, "GET", "/v1/models")[2])["data"]]
+
+    def wait_for(expected):
+        deadline = time.monotonic() + 2.0
+        while model_ids() != expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return model_ids()
+
+    try:
+        assert model_ids() == []
+        assert run_cli(path, "add", "local", fake.url)[0] == 0
+        assert wait_for(["fake-model"]) == ["fake-model"]
+        assert post(running.port, "/v1/chat/completions", CHAT)[0] == 200
+        with open(path, "w") as f:
+            f.write("{ broken")  # a broken edit keeps the last good registry
+        time.sleep(1.5)
+        assert model_ids() == ["fake-model"]
+        write_registry(path, [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+        assert run_cli(path, "remove", "local")[0] == 0
+        assert wait_for([]) == []
+    finally:
+        running.stop()
+
+
+def test_status_endpoint_and_command(pool):
+    running, fakes = pool
+    fakes[0].close()
+    post(running.port, "/v1/chat/completions", CHAT)
+    status, _, raw = request(running.port, "GET", "/v1/status")
+    doc = json.loads(raw)
+    servers = {s["name"]: s for s in doc["servers"]}
+    assert servers["u0"]["errors"] == 1 and "cannot connect" in servers["u0"]["last_error"]
+    assert servers["u1"]["requests"] == 1 and doc["max_concurrency"] == 50
+    code, out, err = run_cli("unused", "status", "--url", f"http://127.0.0.1:{running.port}")
+    assert code == 0 and "u0" in out and "cannot connect" in out
+
+
+def start_serve(registry, *extra, env=None):
+    """`python3 llmhost.py serve` as a user runs it; -> (process, port)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
+                             registry, "serve", "--port", str(port), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, **(env or {})))
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc, port
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.02)
+    proc.kill()
+    raise AssertionError("serve did not start: " + proc.communicate()[1])
+
+
+def test_user_session_subprocess(fake, tmp_path):
+    """add / list / serve / request / remove / SIGTERM as typed in a shell."""
+    registry = str(tmp_path / "servers.json")
+    cli = [sys.executable, os.path.join(HERE, "llmhost.py")]
+    env = dict(os.environ, LLMHOST_REGISTRY=registry)
+    assert subprocess.run(cli + ["add", "local", fake.url], env=env, timeout=TIMEOUT,
+                          capture_output=True).returncode == 0
+    out = subprocess.run(cli + ["list", "--json"], env=env, capture_output=True, text=True,
+                         timeout=TIMEOUT).stdout
+    assert json.loads(out)[0]["models"] == ["fake-model"]
+    proc, port = start_serve(registry)
+    try:
+        status, doc = jpost(port, "/v1/chat/completions", CHAT)
+        assert status == 200 and doc["choices"][0]["message"]["content"] == "echo: hello there"
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0
+    assert "serving on http://127.0.0.1:%d (auth off)" % port in err
+    assert "POST /v1/chat/completions model=fake-model server=local status=200" in err
+
+
+def test_sigterm_lets_a_stream_finish(fake, tmp_path):
+    registry = write_registry(tmp_path / "s.json",
+                              [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    proc, port = start_serve(registry, "--shutdown-timeout", "10")
+    try:
+        fake.script({"pace": 0.1})
+        body = json.dumps(dict(CHAT, stream=True, messages=[
+            {"role": "user", "content": "one two three four five six seven eight"}])).encode()
+        s = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        received = s.recv(65536)
+        assert b"200 OK" in received
+        proc.send_signal(15)
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            received += data
+        s.close()
+        assert b"data: [DONE]" in received and received.endswith(b"0\r\n\r\n")
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
