@@ -1785,22 +1785,30 @@ class Application:
                     continue
                 status = resp.status
                 if status in RETRY_STATUSES and not final:
-                    try:
-                        await resp.read_all()
-                    except UpstreamError:
-                        pass
+                    resp.close()
                     if status == 429:
                         self.router.rate_limited(up, parse_retry_after(
                             resp.headers.get("retry-after")))
                     else:
                         self.router.failed(up, f"HTTP {status}")
                     continue
+                data = None
+                if not (status < 300 and resp.headers.get("content-type", "").startswith(
+                        "text/event-stream")):
+                    try:  # a whole answer is read before any byte goes out: still retryable
+                        data = await resp.read_all()
+                    except UpstreamError as exc:
+                        if conn.gone:
+                            return False
+                        self.router.failed(up, exc.message)
+                        last_error = exc
+                        continue
                 if status >= 500:
                     self.router.failed(up, f"HTTP {status}")
                 else:
                     self.router.succeeded(up)
                 overhead = (sent - request.started) * 1000
-                return await self.relay(request, up, resp, transform, overhead)
+                return await self.relay(request, up, resp, data, transform, overhead)
             finally:
                 up.in_flight -= 1
                 conn.upstream = None
@@ -1808,16 +1816,16 @@ class Application:
                     self.capacity_freed()
         raise last_error
 
-    async def relay(self, request, up, resp, transform, overhead):
+    async def relay(self, request, up, resp, body, transform, overhead):
+        """Answer the client with `resp`: its buffered `body`, or (None) its SSE stream."""
         conn = request.conn
         status = resp.status
         ctype = resp.headers.get("content-type", "application/json")
         headers = [("Content-Type", ctype), ("X-Llmhost-Server", up.name),
                    ("X-Llmhost-Overhead-Ms", "%.2f" % overhead)]
         request.status = status
-        if status < 300 and ctype.startswith("text/event-stream"):
+        if body is None:
             return await self.relay_stream(request, up, resp, headers + SSE_HEADERS)
-        body = await resp.read_all()
         if status >= 400:
             body = error_envelope_bytes(status, body)
             headers[0] = JSON_TYPE[0]
