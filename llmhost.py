@@ -62,6 +62,8 @@ WATCH_INTERVAL = 1.0  # s between registry file checks while serving
 SHUTDOWN_TIMEOUT = 30.0  # s in-flight requests get to finish after SIGTERM
 TICK = 0.25  # s between sweeps of deadlines (timeouts are enforced to this precision)
 RELAY_CHUNK = 64 * 1024  # bytes read from an upstream at a time
+LINGER_TIMEOUT = 2.0  # s we keep reading (and dropping) after an error answer; nginx lingering_close
+LINGER_BYTES = 1024 * 1024  # bytes dropped at most before the socket is just closed
 
 # =============================================================================
 # Errors
@@ -606,9 +608,11 @@ class HTTPServer:
                     request = await conn.read_request(first)
                 except ProtocolError as exc:
                     conn.write_error(exc, close=True)
+                    await self.linger(conn)
                     break
                 except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                     conn.write_error(ProtocolError("incomplete request"), close=True)
+                    await self.linger(conn)
                     break
                 if request is None:
                     break
@@ -636,6 +640,26 @@ class HTTPServer:
             self.connections.discard(conn)
             conn.deadline = None
             writer.close()
+
+    async def linger(self, conn):
+        """Half-close and drop what the client still sends, so our error answer is read before
+        the close: closing with unread input sends a reset that can destroy the answer."""
+        writer = conn.writer
+        if conn.transport.is_closing():
+            return
+        try:
+            if writer.can_write_eof():
+                writer.write_eof()
+            conn.phase = "linger"
+            conn.deadline = time.monotonic() + LINGER_TIMEOUT
+            dropped = 0
+            while dropped < LINGER_BYTES:
+                data = await conn.reader.read(RELAY_CHUNK)
+                if not data:
+                    break
+                dropped += len(data)
+        except (OSError, RuntimeError):
+            pass
 
     async def shutdown(self, timeout):
         """Stop accepting, close idle connections, let in-flight requests finish up to `timeout`."""

@@ -1448,3 +1448,376 @@ def test_fifty_slow_streams_cost_no_more_than_one(tmp_path):
         proc.communicate(timeout=TIMEOUT)
         for f in fakes:
             f.close()
+
+
+# =============================================================================
+# Hostile input: strict parsing, slow clients, browsers, exposure, secrets
+# =============================================================================
+
+_BODY = b'{"model": "fake-model", "messages": [{"role": "user", "content": "x"}]}'
+_POST = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+
+# (name, raw request, expected status). Each must be answered and the connection closed.
+MALFORMED = [
+    ("bare LF request line", b"GET /health HTTP/1.1\nHost: x\n\n", 400),
+    ("bare LF headers", b"GET /health HTTP/1.1\r\nHost: x\nX: y\r\n\r\n", 400),
+    ("bare CR in header", b"GET /health HTTP/1.1\r\nHost: x\rX: y\r\n\r\n", 400),
+    ("NUL in header value", b"GET /health HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\n\r\n", 400),
+    ("NUL in target", b"GET /he\x00alth HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("space before colon", b"GET /health HTTP/1.1\r\nHost : x\r\n\r\n", 400),
+    ("obs-fold", b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n", 400),
+    ("header without colon", b"GET /health HTTP/1.1\r\nHost: x\r\nBogus\r\n\r\n", 400),
+    ("bad header name", b"GET /health HTTP/1.1\r\nHost: x\r\nX(a): b\r\n\r\n", 400),
+    ("missing Host", b"GET /health HTTP/1.1\r\n\r\n", 400),
+    ("two Hosts", b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    ("HTTP/0.9 line", b"GET /health\r\n\r\n", 400),
+    ("extra token in line", b"GET /health HTTP/1.1 x\r\nHost: x\r\n\r\n", 400),
+    ("double space in line", b"GET  /health HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("absolute-form target", b"GET http://evil/ HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("bad version text", b"GET /health HTTP/1.1.1\r\nHost: x\r\n\r\n", 400),
+    ("HTTP/2.0", b"GET /health HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+    ("h2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),
+    ("unknown method", b"BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n", 501),
+    ("lower-case method", b"get /health HTTP/1.1\r\nHost: x\r\n\r\n", 501),
+    ("method with @", b"G@T /health HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("CL.TE smuggling", _POST + b"Content-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"0\r\n\r\nG", 400),
+    ("TE.CL smuggling", _POST + b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"
+     b"8\r\nSMUGGLED\r\n0\r\n\r\n", 400),
+    ("two Content-Lengths", _POST + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", 400),
+    ("CL list", _POST + b"Content-Length: 5, 5\r\n\r\nhello", 400),
+    ("CL negative", _POST + b"Content-Length: -5\r\n\r\nhello", 400),
+    ("CL plus sign", _POST + b"Content-Length: +5\r\n\r\nhello", 400),
+    ("CL hex", _POST + b"Content-Length: 0x5\r\n\r\nhello", 400),
+    ("CL huge", _POST + b"Content-Length: 99999999999999999999\r\n\r\n", 400),
+    ("CL over limit", _POST + b"Content-Length: %d\r\n\r\n" % (llmhost.MAX_BODY_BYTES + 1), 413),
+    ("TE gzip", _POST + b"Transfer-Encoding: gzip\r\n\r\n", 501),
+    ("TE chunked twice in list", _POST + b"Transfer-Encoding: chunked, chunked\r\n\r\n", 501),
+    ("TE obfuscated", _POST + b"Transfer-Encoding: xchunked\r\n\r\n", 501),
+    ("TE repeated", _POST + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: x\r\n\r\n", 400),
+    ("TE space before colon", _POST + b"Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n", 400),
+    ("chunk size not hex", _POST + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n", 400),
+    ("chunk size negative", _POST + b"Transfer-Encoding: chunked\r\n\r\n-1\r\nab\r\n0\r\n\r\n",
+     400),
+    ("chunk size overflow", _POST + b"Transfer-Encoding: chunked\r\n\r\n"
+     b"1000000000000000a\r\n", 400),
+    ("chunk size bare LF", _POST + b"Transfer-Encoding: chunked\r\n\r\n2\nab\r\n0\r\n\r\n", 400),
+    ("chunk without CRLF", _POST + b"Transfer-Encoding: chunked\r\n\r\n2\r\nabXY0\r\n\r\n", 400),
+    ("chunk bad extension", _POST + b"Transfer-Encoding: chunked\r\n\r\n2;=\r\nab\r\n0\r\n\r\n",
+     400),
+    ("chunked over limit", _POST + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % (
+        llmhost.MAX_BODY_BYTES + 1), 413),
+    ("bad trailer", _POST + b"Transfer-Encoding: chunked\r\n\r\n0\r\nbad trailer\r\n\r\n", 400),
+    ("request line too long", b"GET /" + b"a" * llmhost.MAX_REQUEST_LINE + b" HTTP/1.1\r\n"
+     b"Host: x\r\n\r\n", 414),
+    ("header line too long", b"GET /health HTTP/1.1\r\nHost: x\r\nX: " + b"a" * (
+        llmhost.MAX_HEADER_BYTES + llmhost.MAX_REQUEST_LINE) + b"\r\n\r\n", 431),
+    ("headers too large", b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(
+        b"X-%d: %s\r\n" % (i, b"v" * 1000) for i in range(70)) + b"\r\n", 431),
+    ("too many headers", b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(
+        b"X-%d: v\r\n" % i for i in range(llmhost.MAX_HEADER_COUNT)) + b"\r\n", 431),
+    ("head cut off", b"GET /health HTTP/1.1\r\nHost: x\r\nX-Partial: ab", 400),
+    ("body cut off", _POST + b"Content-Length: 100\r\n\r\n{\"model\"", 400),
+    ("chunked body cut off", _POST + b"Transfer-Encoding: chunked\r\n\r\n10\r\nabc", 400),
+]
+
+
+def parse_response(raw):
+    """-> (status, headers, body, rest) for one HTTP/1.1 response; asserts it is well-formed."""
+    head, sep, rest = raw.partition(b"\r\n\r\n")
+    assert sep, raw[:200]
+    lines = head.decode("latin-1").split("\r\n")
+    version, status, _ = lines[0].split(" ", 2)
+    assert version in ("HTTP/1.1", "HTTP/1.0") and status.isdigit() and len(status) == 3
+    headers = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(": ")
+        assert colon and name and "\r" not in value and "\n" not in value
+        headers[name.lower()] = value
+    if "content-length" in headers:
+        n = int(headers["content-length"])
+        assert len(rest) >= n
+        return int(status), headers, rest[:n], rest[n:]
+    if headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while True:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line, 16)
+            if size == 0:
+                _, _, rest = rest.partition(b"\r\n")
+                return int(status), headers, body, rest
+            body, rest = body + rest[:size], rest[size + 2:]
+    return int(status), headers, rest, b""
+
+
+def test_malformed_table_is_large_enough():
+    assert len(MALFORMED) >= 40
+
+
+@pytest.mark.parametrize("name, payload, expected", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_requests_answered_and_closed(gateway, name, payload, expected):
+    raw = raw_exchange(gateway.port, payload)  # reads until the server closes
+    status, headers, body, rest = parse_response(raw)
+    assert status == expected, body
+    assert headers["connection"] == "close" and rest == b""
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_malformed_table_while_a_good_client_keeps_working(gateway):
+    stop = threading.Event()
+    good = []
+
+    def well_formed():
+        conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=TIMEOUT)
+        while not stop.is_set():
+            conn.request("POST", "/v1/chat/completions", body=_BODY,
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            good.append((resp.status, json.loads(resp.read())["choices"][0]["message"]))
+        conn.close()
+
+    thread = threading.Thread(target=well_formed)
+    thread.start()
+    try:
+        for name, payload, expected in MALFORMED:
+            status = parse_response(raw_exchange(gateway.port, payload))[0]
+            assert status == expected, name
+    finally:
+        stop.set()
+        thread.join(TIMEOUT)
+    assert len(good) > 0 and all(status == 200 for status, _ in good)
+
+
+def test_byte_by_byte_request_is_parsed(gateway):
+    payload = _POST + b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BODY), _BODY)
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=TIMEOUT) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(len(payload)):
+            s.sendall(payload[i:i + 1])
+        raw = b""
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            raw += data
+    status, _, body, _ = parse_response(raw)
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "echo: x"
+
+
+def test_pipelined_requests_answered_in_order(gateway):
+    one = _POST + b"Content-Length: %d\r\nX-Request-Id: first\r\n\r\n%s" % (len(_BODY), _BODY)
+    two = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Request-Id: second\r\n\r\n"
+    three = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Request-Id: third\r\nConnection: close\r\n\r\n"
+    raw = raw_exchange(gateway.port, one + two + three, half_close=False)
+    ids = []
+    while raw:
+        status, headers, body, raw = parse_response(raw)
+        assert status == 200
+        ids.append(headers["x-request-id"])
+    assert ids == ["first", "second", "third"]
+
+
+def test_pipelined_garbage_after_good_request(gateway):
+    raw = raw_exchange(gateway.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGARBAGE\r\n\r\n",
+                       half_close=False)
+    status, _, _, rest = parse_response(raw)
+    assert status == 200
+    status, headers, _, rest = parse_response(rest)
+    assert status == 400 and headers["connection"] == "close" and rest == b""
+
+
+def test_slow_clients_time_out(gateway, monkeypatch):
+    monkeypatch.setattr(llmhost, "HEADER_TIMEOUT", 0.5)
+    monkeypatch.setattr(llmhost, "KEEPALIVE_IDLE", 0.5)
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=TIMEOUT) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # ... and never the end
+        started = time.monotonic()
+        raw = s.recv(65536)
+        assert raw.startswith(b"HTTP/1.1 408 ") and s.recv(10) == b""
+        assert time.monotonic() - started < 2
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=TIMEOUT) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # one request, then idle
+        assert parse_response(s.recv(65536))[0] == 200
+        assert s.recv(10) == b""  # idle keep-alive closed (silently)
+
+
+def test_two_hundred_slowloris_connections_do_not_block_service(gateway):
+    sockets = []
+    try:
+        for _ in range(200):
+            s = socket.create_connection(("127.0.0.1", gateway.port), timeout=TIMEOUT)
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
+            sockets.append(s)
+        started = time.monotonic()
+        status, doc = jpost(gateway.port, "/v1/chat/completions", CHAT)
+        assert status == 200 and time.monotonic() - started < 1.0
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def test_connection_cap(gateway):
+    gateway.gateway.http.max_connections = len(gateway.gateway.http.connections) + 2
+    held = [socket.create_connection(("127.0.0.1", gateway.port), timeout=TIMEOUT)
+            for _ in range(2)]
+    try:
+        time.sleep(0.1)
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=TIMEOUT) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            try:
+                assert s.recv(100) == b""  # refused: closed at once
+            except ConnectionResetError:
+                pass
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_dns_rebinding_guard(fake, tmp_path):
+    path = write_registry(tmp_path / "s.json",
+                          [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    running = Running(path, allowed_hosts=["my-box.lan"])
+    try:
+        for host, expected in [("attacker.example", 403), ("attacker.example:4000", 403),
+                               ("localhost:4000", 200), ("127.0.0.1", 200), ("[::1]:4000", 200),
+                               ("my-box.lan:4000", 200), ("127.0.0.1.nip.io", 403)]:
+            status, _, raw = request(running.port, "GET", "/v1/models", headers={"Host": host})
+            assert status == expected, host
+            if expected == 403:
+                assert json.loads(raw)["error"]["code"] == "host_not_allowed"
+    finally:
+        running.stop()
+
+
+def test_cors_off_by_default_and_on_when_asked(fake, tmp_path, gateway):
+    status, headers, _ = request(gateway.port, "OPTIONS", "/v1/chat/completions",
+                                 headers={"Origin": "http://app.example",
+                                          "Access-Control-Request-Method": "POST"})
+    assert status == 405 and "access-control-allow-origin" not in headers
+    path = write_registry(tmp_path / "c.json",
+                          [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    running = Running(path, cors_origins=["http://app.example"], api_keys=["k"])
+    try:
+        status, headers, _ = request(running.port, "OPTIONS", "/v1/chat/completions",
+                                     headers={"Origin": "http://app.example",
+                                              "Access-Control-Request-Method": "POST"})
+        assert status == 204 and headers["access-control-allow-origin"] == "http://app.example"
+        assert "Authorization" in headers["access-control-allow-headers"]
+        status, headers, _ = post(running.port, "/v1/chat/completions", CHAT, headers={
+            "Origin": "http://app.example", "Authorization": "Bearer k"})
+        assert status == 200 and headers["access-control-allow-origin"] == "http://app.example"
+        status, headers, _ = post(running.port, "/v1/chat/completions", CHAT, headers={
+            "Origin": "http://other.example", "Authorization": "Bearer k"})
+        assert "access-control-allow-origin" not in headers
+    finally:
+        running.stop()
+
+
+def test_non_loopback_without_key_refuses_to_start(tmp_path):
+    registry = write_registry(tmp_path / "s.json", [])
+    result = subprocess.run([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
+                             registry, "serve", "--host", "0.0.0.0", "--port", "0"],
+                            capture_output=True, text=True, timeout=TIMEOUT,
+                            env={k: v for k, v in os.environ.items() if k != "LLMHOST_API_KEY"})
+    assert result.returncode == 1
+    assert "refusing to serve on 0.0.0.0 without an API key" in result.stderr
+    assert "--no-auth" in result.stderr
+
+
+def test_no_key_appears_in_any_output(fake, tmp_path):
+    secrets = ["sk-client-key-123", "sk-upstream-env-456", "sk-upstream-literal-789",
+               "sk-wrong-guess-000"]
+    registry = write_registry(tmp_path / "s.json", [
+        {"name": "a", "url": fake.url, "models": ["fake-model"], "api_key_env": "UP"},
+        {"name": "b", "url": "http://127.0.0.1:1/v1", "models": ["m2"],
+         "api_key": secrets[2]}])
+    proc, port = start_serve(registry, "--api-key", secrets[0], "--log-level", "debug",
+                             env={"UP": secrets[1]})
+    outputs = []
+    try:
+        auth = {"Authorization": "Bearer " + secrets[0]}
+        outputs.append(post(port, "/v1/chat/completions", CHAT, headers=auth)[2])
+        outputs.append(post(port, "/v1/chat/completions", dict(CHAT, model="m2"), headers=auth)[2])
+        outputs.append(post(port, "/v1/chat/completions", CHAT,
+                            headers={"Authorization": "Bearer " + secrets[3]})[2])
+        outputs.append(request(port, "GET", "/v1/status", headers=auth)[2])
+        assert fake.posts()[0]["headers"]["authorization"] == "Bearer " + secrets[1]
+        for argv in (["list"], ["list", "--json"], ["show", "a"], ["show", "b"]):
+            outputs.append(subprocess.run(
+                [sys.executable, os.path.join(HERE, "llmhost.py"), "--registry", registry,
+                 *argv], capture_output=True, timeout=TIMEOUT).stdout)
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=TIMEOUT)
+    outputs += [out.encode(), err.encode()]
+    assert b"status=401" in outputs[-1]  # the failed auth was logged ...
+    for blob in outputs:
+        for secret in secrets:
+            assert secret.encode() not in blob  # ... and no key appears anywhere
+
+
+def test_fuzzed_requests_never_break_the_server(gateway):
+    """Seeded mutations of valid requests, split at random boundaries, some cut off: every
+    answer is a well-formed response, the server keeps serving, and nothing leaks."""
+    import random
+    rng = random.Random(20261125)
+    seeds = [
+        _POST + b"Content-Length: %d\r\n\r\n%s" % (len(_BODY), _BODY),
+        _POST + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(_BODY), _BODY),
+        b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n",
+        b"GET /health HTTP/1.0\r\n\r\n",
+    ]
+    alphabet = b"\r\n\x00 :;\t0123456789abcdefABCDEF-/\x7f\xff"
+    connections = gateway.gateway.http.connections
+    loop_tasks = lambda: gateway.call(_count_tasks())  # noqa: E731
+    baseline = loop_tasks()
+    answered = 0
+    for i in range(2000):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(0, 6)):
+            op = rng.random()
+            pos = rng.randrange(len(data) + 1)
+            if op < 0.4:
+                data[pos:pos + 1] = bytes([rng.choice(alphabet)])
+            elif op < 0.7:
+                data[pos:pos] = bytes(rng.choice(alphabet) for _ in range(rng.randint(1, 4)))
+            elif op < 0.85:
+                del data[pos:pos + rng.randint(1, 8)]
+            else:
+                data = data[:pos]  # cut off
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=TIMEOUT) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            cuts = sorted(rng.sample(range(len(data) + 1), min(len(data), rng.randint(0, 3))))
+            start = 0
+            try:
+                for cut in cuts + [len(data)]:
+                    s.sendall(bytes(data[start:cut]))
+                    start = cut
+                s.shutdown(socket.SHUT_WR)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # answered and closed before we were done sending: read the answer
+            raw = b""
+            while True:
+                try:
+                    chunk = s.recv(65536)
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+                raw += chunk
+        while raw:
+            status, headers, body, raw = parse_response(raw)
+            assert 200 <= status < 600
+            answered += 1
+    assert answered > 1000
+    assert jpost(gateway.port, "/v1/chat/completions", CHAT)[0] == 200
+    deadline = time.monotonic() + 2
+    while connections and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not connections  # every connection was closed and forgotten
+    assert loop_tasks() <= baseline  # no task left behind
+
+
+async def _count_tasks():
+    return len(asyncio.all_tasks())
