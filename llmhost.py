@@ -298,6 +298,45 @@ LAST_CHUNK = b"0\r\n\r\n"
 def json_bytes(obj):
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
+
+# =============================================================================
+# SSE
+# =============================================================================
+# Owns: Server-Sent Events (WHATWG HTML §9.2): encoding one event, and an incremental decoder
+# for the few places that must read a stream (bench, the MCP tool loop). Relaying never
+# decodes: it passes bytes through.
+
+
+def sse_event(data):
+    """One `data:` event from bytes or a JSON-able object."""
+    return b"data: " + (data if isinstance(data, bytes) else json_bytes(data)) + b"\n\n"
+
+
+class SSEDecoder:
+    """feed(bytes) -> the data of each event completed by those bytes (str, lines joined)."""
+
+    def __init__(self):
+        self.buffer = b""
+        self.data = []
+
+    def feed(self, chunk):
+        self.buffer += chunk
+        events = []
+        while True:
+            cut = self.buffer.find(b"\n")
+            if cut < 0:
+                return events
+            line = self.buffer[:cut].rstrip(b"\r")
+            self.buffer = self.buffer[cut + 1:]
+            if not line:
+                if self.data:
+                    events.append("\n".join(self.data))
+                    self.data = []
+            elif line.startswith(b"data:"):
+                value = line[5:]
+                self.data.append((value[1:] if value[:1] == b" " else value).decode("utf-8",
+                                                                                    "replace"))
+
 # =============================================================================
 # HTTP server
 # =============================================================================
@@ -1620,7 +1659,7 @@ class Application:
             return False
         request.status = exc.status
         if conn.streaming:  # too late for a status: end the stream with an error event
-            conn.write_chunk(b"data: " + json_bytes(exc.envelope()) + b"\n\n")
+            conn.write_chunk(sse_event(exc.envelope()))
             conn.end_stream()
             return request.keep_alive
         return conn.write_error(exc, request)
@@ -1701,7 +1740,8 @@ class Application:
         } for up in self.router.upstreams.values()]
         adm = self.admission
         return self.reply_json(request, {
-            "version": __version__, "uptime_seconds": round(time.time() - self.started, 1),
+            "version": __version__, "pid": os.getpid(),
+            "uptime_seconds": round(time.time() - self.started, 1),
             "in_flight": adm.active, "queued": adm.queued(), "max_concurrency": adm.limit,
             "rejected": adm.rejected, "servers": servers})
 
@@ -1898,7 +1938,7 @@ class Application:
             if conn.gone:
                 return False
             self.router.failed(up, exc.message)
-            conn.write_chunk(b"data: " + json_bytes(exc.envelope()) + b"\n\n")
+            conn.write_chunk(sse_event(exc.envelope()))
         except (ConnectionError, OSError):
             resp.close()
             return False
@@ -2439,6 +2479,157 @@ def cmd_status(args, environ):
     return 0
 
 
+def percentile(values, p):
+    """Nearest-rank percentile of a non-empty list (what wrk and most load tools report)."""
+    ordered = sorted(values)
+    import math
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1))]
+
+
+async def bench_run(args, api_key, progress=sys.stderr):
+    """Load one OpenAI-compatible endpoint; -> a dict of results (see cmd_bench)."""
+    import asyncio
+    from collections import Counter
+    sweeper = Sweeper()
+    client = UpstreamClient(sweeper)
+    ticker = asyncio.get_running_loop().create_task(sweeper.run())
+    origin = Origin(args.url.rstrip("/"))
+    prompt = args.prompt or " ".join(["hello"] * args.prompt_tokens)
+    body = {"model": args.model, "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": args.max_tokens}
+    if args.stream:
+        body.update(stream=True, stream_options={"include_usage": True})
+    payload = json_bytes(body)
+    auth = f"Authorization: Bearer {check_header_value(api_key)}\r\n" if api_key else ""
+    head = (f"POST {origin.base_path}/chat/completions HTTP/1.1\r\nHost: {origin.host_header}"
+            f"\r\n{auth}Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+            f"User-Agent: llmhost-bench/{__version__}\r\n\r\n").encode("latin-1")
+    latency, ttft, itl, tokens = [], [], [], []
+    errors = Counter()
+    started = time.monotonic()
+    end = started + args.duration if args.duration else None
+    issued = 0
+
+    async def one():
+        t0 = time.monotonic()
+        try:
+            resp = await client.request(origin, head, payload, timeout=args.timeout)
+            if resp.status != 200:
+                await resp.read_all()
+                errors[f"HTTP {resp.status}"] += 1
+                return
+            first = last = None
+            count = 0
+            if args.stream:
+                decoder = SSEDecoder()
+                while True:
+                    data = await resp.read_some()
+                    if not data:
+                        break
+                    for event in decoder.feed(data):
+                        if event == "[DONE]":
+                            continue
+                        doc = json.loads(event)
+                        if doc.get("error"):
+                            errors["error event"] += 1
+                            return
+                        if doc.get("usage"):
+                            count = doc["usage"].get("completion_tokens") or count
+                        choices = doc.get("choices") or [{}]
+                        delta = choices[0].get("delta") or {}
+                        if delta.get("content") or delta.get("reasoning_content") or \
+                                delta.get("tool_calls"):
+                            now = time.monotonic()
+                            if first is None:
+                                first = now
+                            else:
+                                itl.append(now - last)
+                            last = now
+                            count += 0 if doc.get("usage") else 1
+            else:
+                doc = json.loads(await resp.read_all())
+                count = (doc.get("usage") or {}).get("completion_tokens") or 0
+            done = time.monotonic()
+            latency.append(done - t0)
+            ttft.append((first or done) - t0)
+            tokens.append(count)
+        except UpstreamTimeout:
+            errors["timeout"] += 1
+        except UpstreamError as exc:
+            errors["connect" if exc.code in ("upstream_unreachable",
+                                             "upstream_connect_timeout") else "broken"] += 1
+        except (ValueError, AttributeError, TypeError, IndexError):
+            errors["bad answer"] += 1
+
+    async def worker():
+        nonlocal issued
+        while (issued < args.requests) if end is None else (time.monotonic() < end):
+            issued += 1
+            await one()
+
+    async def show_progress():
+        while True:
+            await asyncio.sleep(0.5)
+            elapsed = time.monotonic() - started
+            progress.write(f"\r  {len(latency)} ok, {sum(errors.values())} errors, "
+                           f"{len(latency) / elapsed:.1f} req/s, {elapsed:.0f}s ")
+            progress.flush()
+
+    shower = asyncio.get_running_loop().create_task(show_progress())
+    try:
+        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    finally:
+        shower.cancel()
+        ticker.cancel()
+        client.close_all()
+        progress.write("\n")
+    elapsed = time.monotonic() - started
+
+    def stats(values):
+        if not values:
+            return None
+        return {"mean": sum(values) / len(values) * 1000, **{
+            f"p{p}": percentile(values, p) * 1000 for p in (50, 90, 99)}}
+
+    return {"url": args.url, "model": args.model, "stream": args.stream,
+            "concurrency": args.concurrency, "seconds": round(elapsed, 3),
+            "requests": len(latency), "errors": dict(errors),
+            "requests_per_second": len(latency) / elapsed,
+            "output_tokens_per_second": sum(tokens) / elapsed,
+            "latency_ms": stats(latency), "ttft_ms": stats(ttft), "itl_ms": stats(itl)}
+
+
+def cmd_bench(args, environ):
+    import asyncio
+    if args.concurrency < 1 or (args.requests or 0) < 0:
+        raise CLIError("--concurrency must be at least 1")
+    if not args.duration and not args.requests:
+        args.requests = 100
+    reason = valid_url(args.url)
+    if reason:
+        raise CLIError(f"invalid URL {args.url!r}: {reason}")
+    key = args.api_key or (environ.get(args.api_key_env) if args.api_key_env else None)
+    result = asyncio.run(bench_run(args, key))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0 if result["requests"] else 1
+    print(f"{result['requests']} requests in {result['seconds']:.2f}s at concurrency "
+          f"{args.concurrency}{' (stream)' if args.stream else ''}: "
+          f"{result['requests_per_second']:.1f} req/s, "
+          f"{result['output_tokens_per_second']:.1f} output tokens/s")
+    rows = []
+    for label, key_ in (("latency", "latency_ms"), ("time to first token", "ttft_ms"),
+                        ("inter-token", "itl_ms")):
+        st = result[key_]
+        if st:
+            rows.append([label] + [f"{st[k]:.2f}" for k in ("mean", "p50", "p90", "p99")])
+    if rows:
+        print_table(rows, ["ms", "mean", "p50", "p90", "p99"])
+    if result["errors"]:
+        print("errors: " + ", ".join(f"{k}: {v}" for k, v in sorted(result["errors"].items())))
+    return 0 if result["requests"] else 1
+
+
 def build_parser():
     import argparse
     parser = argparse.ArgumentParser(
@@ -2507,6 +2698,29 @@ def build_parser():
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--no-access-log", action="store_true", help="no line per request")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench", help="load-test any OpenAI-compatible endpoint",
+                       description="Measure req/s, latency, time to first token, inter-token "
+                       "latency and output tokens/s of URL (a base URL such as "
+                       "http://127.0.0.1:4000/v1). Run it against a model directly and through "
+                       "llmhost to see the gateway's cost on your hardware.")
+    p.add_argument("url")
+    p.add_argument("--model", required=True)
+    p.add_argument("--concurrency", "-c", type=int, default=1, metavar="N")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--requests", "-n", type=int, metavar="N", help="total (default 100)")
+    group.add_argument("--duration", "-d", type=float, metavar="S", help="run for S seconds")
+    p.add_argument("--stream", action="store_true", help="stream (measures TTFT and ITL)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--prompt", metavar="TEXT")
+    group.add_argument("--prompt-tokens", type=int, default=16, metavar="N",
+                       help="a prompt of about N tokens (default 16)")
+    p.add_argument("--max-tokens", type=int, default=64, metavar="N")
+    p.add_argument("--api-key", metavar="KEY")
+    p.add_argument("--api-key-env", metavar="VAR")
+    p.add_argument("--timeout", type=float, default=UPSTREAM_TIMEOUT, metavar="S")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("status", help="health and load of a running serve")
     p.add_argument("--url", default="http://127.0.0.1:4000", help="where serve listens")

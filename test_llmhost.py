@@ -1821,3 +1821,55 @@ def test_fuzzed_requests_never_break_the_server(gateway):
 
 async def _count_tasks():
     return len(asyncio.all_tasks())
+
+
+# =============================================================================
+# Performance features: workers, bench
+# =============================================================================
+
+def test_workers_share_one_port(fake, tmp_path):
+    registry = write_registry(tmp_path / "s.json",
+                              [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    proc, port = start_serve(registry, "--workers", "2", "--max-concurrency", "7")
+    try:
+        pids, limits = set(), set()
+        deadline = time.monotonic() + TIMEOUT
+        while len(pids) < 2 and time.monotonic() < deadline:  # new connections spread out
+            doc = json.loads(request(port, "GET", "/v1/status")[2])
+            pids.add(doc["pid"])
+            limits.add((doc["pid"], doc["max_concurrency"]))
+        assert len(pids) == 2 and proc.pid not in pids
+        assert sorted(limit for _, limit in limits) == [3, 4]  # 7 split: the total holds
+        assert jpost(port, "/v1/chat/completions", CHAT)[0] == 200
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0 and err.count("serving on") == 2
+    for pid in pids:  # no worker outlives serve
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_bench_direct_and_through_llmhost(gateway, fake):
+    for url in (fake.url, f"http://127.0.0.1:{gateway.port}/v1"):
+        for extra in ([], ["--stream"]):
+            code, out, err = run_cli("unused", "bench", url, "--model", "fake-model", "-c", "3",
+                                     "-n", "12", "--json", *extra)
+            result = json.loads(out)
+            assert code == 0 and result["requests"] == 12 and result["errors"] == {}
+            assert result["output_tokens_per_second"] > 0
+            assert 0 < result["ttft_ms"]["p50"] <= result["latency_ms"]["p50"]
+            if extra:
+                assert result["itl_ms"]["p50"] >= 0
+    code, out, err = run_cli("unused", "bench", f"http://127.0.0.1:{gateway.port}/v1",
+                             "--model", "nope-model", "-n", "3", "--json")
+    assert code == 1 and json.loads(out)["errors"] == {"HTTP 404": 3}
+
+
+def test_sse_decoder_incremental():
+    decoder = llmhost.SSEDecoder()
+    stream = b"data: a\r\n\r\n: comment\n\ndata: b\ndata: c\n\nevent: x\ndata:d\n\n"
+    events = []
+    for i in range(len(stream)):
+        events += decoder.feed(stream[i:i + 1])
+    assert events == ["a", "b\nc", "d"]
