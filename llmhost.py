@@ -138,6 +138,11 @@ class ServiceUnavailable(HTTPError):
     status, type, code = 503, "server_error", "service_unavailable"
 
 
+class ClientGone(HTTPError):
+    """The client left; nothing is written (499 in the access log, as nginx counts it)."""
+    status, code = 499, "client_closed_request"
+
+
 class RegistryError(Exception):
     """The registry file cannot be read or a change to it is invalid; the message names both."""
 
@@ -399,6 +404,7 @@ class ClientConnection:
         self.phase = "head"
         self.gone = False  # the client closed or reset its side
         self.upstream = None  # upstream connection serving this client now (closed if we go)
+        self.on_gone = None  # called when the client leaves mid-request (cancels MCP calls)
         self.task = None
         self.streaming = False  # response head sent as a chunked stream
         self.chunked = True
@@ -419,6 +425,8 @@ class ClientConnection:
             upstream = self.upstream
             if upstream is not None:
                 upstream.abort()  # the model stops generating: it sees its socket close
+            if self.on_gone is not None:
+                self.on_gone()
 
     # -- reading ---------------------------------------------------------------------------
     async def read_request(self, first):
@@ -1037,6 +1045,87 @@ def valid_url(url):
     return None
 
 
+# mcpServers entries: the shape Claude Desktop, Cursor, LM Studio and VS Code use.
+MCP_HTTP_TYPES = {"http": "http", "streamable-http": "http", "streamableHttp": "http", "sse": "sse"}
+MCP_ENTRY_KEYS = {"command", "args", "env", "cwd", "url", "headers", "type", "timeout", "sampling_model"}
+
+def mcp_transport(entry):
+    """'stdio', 'http' or 'sse' for a valid entry."""
+    return "stdio" if "command" in entry else MCP_HTTP_TYPES.get(entry.get("type", "http"), "http")
+def _is_str_map(v):
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items())
+def validate_mcp_entry(name, entry):
+    """Errors (strings) for one `mcpServers` entry; [] when it is usable."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+        return [f"name {name!r}: use 1-64 letters, digits, '_', '-', '.'"]
+    if not isinstance(entry, dict):
+        return [f"{name}: entry must be an object"]
+    errors = [f"{name}: unknown key {k!r}" for k in sorted(set(entry) - MCP_ENTRY_KEYS)]
+    if ("command" in entry) == ("url" in entry):
+        return errors + [f"{name}: needs exactly one of 'command' (stdio) or 'url' (HTTP)"]
+    if "command" in entry:
+        if not isinstance(entry["command"], str) or not entry["command"].strip():
+            errors.append(f"{name}: 'command' must be a non-empty string")
+        if not isinstance(entry.get("args", []), list) or not all(isinstance(a, str) for a in entry.get("args", [])):
+            errors.append(f"{name}: 'args' must be a list of strings")
+        if not _is_str_map(entry.get("env", {})):
+            errors.append(f"{name}: 'env' must map names to strings")
+        if not isinstance(entry.get("cwd", ""), str):
+            errors.append(f"{name}: 'cwd' must be a string")
+        if entry.get("type", "stdio") != "stdio":
+            errors.append(f"{name}: 'type' must be 'stdio' for a command")
+        errors += [f"{name}: {k!r} is for URL servers" for k in ("headers",) if k in entry]
+    else:
+        url = entry["url"]
+        if not isinstance(url, str) or valid_url(url) is not None:
+            errors.append(f"{name}: 'url' must be an http:// or https:// URL")
+        if not _is_str_map(entry.get("headers", {})):
+            errors.append(f"{name}: 'headers' must map names to strings")
+        if entry.get("type", "http") not in MCP_HTTP_TYPES:
+            errors.append(f"{name}: 'type' must be one of http, streamable-http, sse")
+        errors += [f"{name}: {k!r} is for command servers" for k in ("args", "env", "cwd") if k in entry]
+    t = entry.get("timeout")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0):
+        errors.append(f"{name}: 'timeout' must be a positive number of seconds")
+    return errors
+def import_mcp_json(doc):
+    """Entries from a Claude Desktop / Cursor / LM Studio `mcp.json` (`mcpServers`) or VS Code
+    (`servers`, also nested under `mcp` in settings.json). Returns (imported, skipped) with
+    skipped = [(name, reason)]. Client-specific keys (autoApprove, disabled...) are dropped."""
+    if not isinstance(doc, dict):
+        return {}, [("*", "not a JSON object")]
+    servers = doc.get("mcpServers", doc.get("servers", (doc.get("mcp") or {}).get("servers")))
+    if not isinstance(servers, dict):
+        return {}, [("*", "no 'mcpServers' or 'servers' object")]
+    imported, skipped = {}, []
+    for raw_name, raw in servers.items():
+        name = re.sub(r"[^A-Za-z0-9_.-]", "-", str(raw_name)).strip("-.")[:64] or "server"
+        if not isinstance(raw, dict):
+            skipped.append((raw_name, "entry is not an object"))
+            continue
+        if raw.get("disabled") is True:
+            skipped.append((raw_name, "disabled in the source file"))
+            continue
+        entry = {k: raw[k] for k in ("command", "args", "env", "cwd", "url", "headers", "type", "timeout") if k in raw}
+        if entry.get("type") == "stdio" or ("command" in entry and "type" in entry):
+            entry.pop("type")  # VS Code writes type=stdio; ours is implied by 'command'
+        if entry.get("type") in ("http", "streamable-http", "streamableHttp"):
+            entry.pop("type")  # the default for a URL
+        if "${input:" in json.dumps(entry):
+            skipped.append((raw_name, "uses VS Code ${input:...} prompts; set an environment variable instead"))
+            continue
+        if "timeout" in entry and isinstance(entry["timeout"], (int, float)) and entry["timeout"] > 1000:
+            entry["timeout"] = entry["timeout"] / 1000  # Cline/Cursor write milliseconds
+        errors = validate_mcp_entry(name, entry)
+        if name in imported:
+            errors.append(f"name {name!r} occurs twice after sanitising")
+        if errors:
+            skipped.append((raw_name, "; ".join(errors)))
+        else:
+            imported[name] = entry
+    return imported, skipped
+
+
 def empty_registry():
     return {"version": REGISTRY_VERSION, "servers": [], "mcpServers": {}}
 
@@ -1081,9 +1170,9 @@ def validate_registry(doc, path):
     if not isinstance(mcp_servers, dict):
         raise RegistryError(f"{where} \"mcpServers\" must be an object")
     for name, entry in mcp_servers.items():
-        if not NAME_RE.fullmatch(name) or not isinstance(entry, dict):
-            raise RegistryError(f"{where} mcpServers.{name}: must be an object under a name of "
-                                "1-64 [A-Za-z0-9._-]")
+        errors = validate_mcp_entry(name, entry)
+        if errors:
+            raise RegistryError(f"{where} mcpServers.{name}: {'; '.join(errors)}")
     for entry in servers:
         for name in entry.get("mcp", ()):
             if name not in mcp_servers:
@@ -1238,6 +1327,7 @@ class Router:
         self.clock = clock
         self.upstreams = {}  # name -> Upstream
         self.table = {}  # public model name -> [(Upstream, upstream model id)]
+        self.mcp_attached = False  # some entry gives its models MCP servers' tools
         self.turn = 0  # round-robin among equals
 
     def load(self, entries, api_keys, discovered=None):
@@ -1258,6 +1348,7 @@ class Router:
         self.rebuild()
 
     def rebuild(self):
+        self.mcp_attached = any(up.entry.get("mcp") for up in self.upstreams.values())
         table = {}
         for up in self.upstreams.values():
             if up.alias:
@@ -1267,8 +1358,8 @@ class Router:
                     table.setdefault(model, []).append((up, model))
         self.table = table
 
-    def resolve(self, model):
-        """-> the candidates for `model` in the order to try them."""
+    def pool(self, model):
+        """-> the (Upstream, upstream model id) pairs serving `model`, in no particular order."""
         pool = self.table.get(model)
         if pool is None:
             server, _, rest = model.partition("/")  # "server/model" pins one server
@@ -1284,6 +1375,11 @@ class Router:
                     if known else " No models are registered: see `llmhost.py add --help`.")
             raise NotFound(f"The model '{model}' does not exist.{hint}", code="model_not_found",
                            param="model")
+        return pool
+
+    def resolve(self, model):
+        """-> the candidates for `model` in the order to try them."""
+        pool = self.pool(model)
         if len(pool) == 1:
             return pool
         now = self.clock()
@@ -1411,6 +1507,583 @@ def check_api_key(headers, keys):
     if not ok:
         raise Unauthorized("Incorrect API key provided.",
                            headers=[("WWW-Authenticate", 'Bearer realm="llmhost"')])
+
+# =============================================================================
+# MCP bridge
+# =============================================================================
+# Owns: one `mcp.Client` per configured MCP server (stdio, streamable HTTP, legacy SSE), each
+#   entered and exited by ONE owner task (the SDK's anyio scopes hang if exited from another
+#   task); the tool cache and its refresh on list_changed; turning tool results into what an
+#   OpenAI model reads; answering server-initiated sampling/elicitation/roots requests.
+# Raises: MCPError (server unknown, cannot start, cannot connect) only. A tool that fails,
+#   times out or loses its connection is a result with ok=False, never an exception.
+# Never: imports `mcp` at module import (~0.6-1 s, ~580 modules) - only inside functions, and
+#   only once an MCP server is used; reads os.environ except through the CLI helpers'
+#   defaults; logs header values, env values, prompts or sampled text.
+
+
+def mcp_log():
+    import logging
+    return logging.getLogger("llmhost.mcp")
+
+
+MCP_MAX_ROUNDS = 8  # model -> tools -> model rounds per request before we stop calling tools
+MCP_KEEPALIVE = 10.0  # s between SSE comments that keep a stream alive while tools run
+MCP_CALL_TIMEOUT = 60.0  # s, one tool call incl. sampling rounds; Claude Desktop uses 60 s too
+MCP_CONNECT_TIMEOUT = 30.0  # s, spawn + handshake; `npx -y pkg` may download on first start
+MCP_CLOSE_TIMEOUT = 10.0  # s per server at shutdown; the SDK's stdio exit is stdin-close, TERM, KILL (~2 s each)
+MCP_BACKOFF_MAX = 30.0  # s between restarts of a server that keeps dying
+MCP_LIST_PAGES_MAX = 100  # pages per list walk, so a paginator that never ends cannot hang us
+MCP_NAME_MAX = 64  # OpenAI function names: ^[a-zA-Z0-9_-]{1,64}$
+MCP_LOG_LEVEL = "info"  # 2026 servers send logs only to requests that opt in at a level
+
+
+class MCPError(HTTPError):
+    """An MCP server is unknown, cannot be started or cannot be reached; the message names it."""
+    status, type, code = 502, "server_error", "mcp_server_unavailable"
+
+    def __init__(self, server, message):
+        super().__init__(f"MCP server {server!r}: {message}")
+        self.server = server
+
+
+# ---- pure helpers ----------------------------------------------------------------------------
+
+_ENV_REF = re.compile(r"\$\{(?:env:)?([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value, environ):
+    """Expand `${VAR}`, `${env:VAR}` (VS Code) and `${VAR:-default}`; an unset VAR without a
+    default raises KeyError(VAR), so a missing secret is reported, not sent as ''."""
+
+    def sub(m):
+        if m.group(1) in environ:
+            return environ[m.group(1)]
+        if m.group(2) is not None:
+            return m.group(2)
+        raise KeyError(m.group(1))
+
+    return _ENV_REF.sub(sub, value)
+
+
+def _name_part(s):
+    return re.sub(r"[^A-Za-z0-9_-]", "_", s)
+
+
+def mcp_tool_name(server, tool, taken):
+    """`<server>__<tool>` as an OpenAI function name, unique within `taken` (which it updates).
+    Too long or already taken: cut and add a hash of the *original* pair, so the same server
+    and tool get the same name on every request given the same order."""
+    base = f"{_name_part(server)}__{_name_part(tool)}"
+    if len(base) <= MCP_NAME_MAX and base not in taken:
+        taken.add(base)
+        return base
+    import hashlib
+    digest = hashlib.sha256(f"{server}\0{tool}".encode()).hexdigest()
+    for i in range(0, len(digest) - 8):  # another hash window on the (astronomically rare) clash
+        name = f"{base[:MCP_NAME_MAX - 9]}_{digest[i:i + 8]}"
+        if name not in taken:
+            taken.add(name)
+            return name
+    raise ValueError("no free tool name")  # unreachable in practice
+
+
+
+
+
+
+
+
+
+
+def _describe_exc(exc):
+    """One line for an exception, unwrapping anyio's nested ExceptionGroups to the leaf causes."""
+    group = getattr(__builtins__, "BaseExceptionGroup", None) if not isinstance(
+        __builtins__, dict) else __builtins__.get("BaseExceptionGroup")
+    if group is not None and isinstance(exc, group):
+        leaves = []
+        for sub in exc.exceptions:
+            leaf = _describe_exc(sub)
+            if leaf not in leaves:
+                leaves.append(leaf)
+        return "; ".join(leaves)
+    msg = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {msg}" if not isinstance(exc, (OSError, TimeoutError)) or str(exc) else type(exc).__name__
+
+
+def _dump(model):
+    return model.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+
+def _b64_size(data):
+    return len(data) * 3 // 4 - data[-2:].count("=")
+
+
+def mcp_result_to_openai(result):
+    """A CallToolResult as (text, parts): text is what any model reads (text blocks joined;
+    structuredContent as JSON when there is no text; media described); parts are OpenAI content
+    parts (text + image_url data URLs + input_audio), for vision/audio-capable models."""
+    texts, media = [], []
+    for block in result.content or []:
+        kind = getattr(block, "type", "")
+        if kind == "text":
+            texts.append(block.text)
+        elif kind == "image":
+            texts.append(f"[image: {block.mime_type}, {_b64_size(block.data)} bytes]")
+            media.append({"type": "image_url", "image_url": {"url": f"data:{block.mime_type};base64,{block.data}"}})
+        elif kind == "audio":
+            texts.append(f"[audio: {block.mime_type}, {_b64_size(block.data)} bytes]")
+            fmt = block.mime_type.rsplit("/", 1)[-1].replace("mpeg", "mp3").replace("x-wav", "wav")
+            if fmt in ("wav", "mp3"):  # the only formats chat completions' input_audio accepts
+                media.append({"type": "input_audio", "input_audio": {"data": block.data, "format": fmt}})
+        elif kind == "resource_link":
+            texts.append(f"[resource: {block.name} {block.uri}]")
+        elif kind == "resource":
+            res = block.resource
+            if getattr(res, "text", None) is not None:
+                texts.append(res.text)
+            else:
+                texts.append(f"[resource: {res.uri} {res.mime_type or 'binary'}]")
+    if not any(getattr(b, "type", "") == "text" for b in result.content or []) \
+            and result.structured_content is not None:
+        texts.insert(0, json.dumps(result.structured_content, ensure_ascii=False))
+    text = "\n".join(texts)
+    return text, [{"type": "text", "text": text}] + media
+
+
+def _sampling_to_openai(params):
+    """CreateMessageRequestParams -> OpenAI chat messages (system prompt first)."""
+    messages = [{"role": "system", "content": params.system_prompt}] if params.system_prompt else []
+    for m in params.messages:
+        parts = []
+        for block in m.content if isinstance(m.content, list) else [m.content]:
+            kind = getattr(block, "type", "")
+            if kind == "text":
+                parts.append({"type": "text", "text": block.text})
+            elif kind == "image":
+                parts.append({"type": "image_url", "image_url": {"url": f"data:{block.mime_type};base64,{block.data}"}})
+            else:  # audio / tool_use / tool_result: we do not declare sampling.tools; describe
+                parts.append({"type": "text", "text": f"[{kind} content omitted]"})
+        if all(p["type"] == "text" for p in parts):
+            messages.append({"role": m.role, "content": "\n".join(p["text"] for p in parts)})
+        else:
+            messages.append({"role": m.role, "content": parts})
+    return messages
+
+
+def _elicit_defaults(schema):
+    """Form content from the schema's defaults, or None when a required field has no default."""
+    props = (schema or {}).get("properties") or {}
+    content = {k: p["default"] for k, p in props.items() if isinstance(p, dict) and "default" in p}
+    return content if all(k in content for k in (schema or {}).get("required") or []) else None
+
+
+# ---- the hub --------------------------------------------------------------------------------
+
+class _MCPConn:
+    """Per-server state. `client` is set only while the owner task holds an entered Client."""
+
+    def __init__(self, name, spec):
+        self.name, self.spec, self.transport = name, spec, mcp_transport(spec)
+        self.client = self.owner = self.stop = self.lock = None
+        self.state, self.era, self.server_info, self.last_error = "idle", None, None, None
+        self.tools = None  # cached list[mcp Tool]; None = not listed yet or invalidated
+        self.failures, self.retry_at = 0, 0.0
+
+    def note_failure(self, error):
+        self.last_error, self.failures = error, self.failures + 1
+        # the first failure retries at once (a crash while idle), then 1, 2, 4 ... 30 s
+        self.retry_at = time.monotonic() + (0 if self.failures <= 1 else min(MCP_BACKOFF_MAX, 2.0 ** (self.failures - 2)))
+
+
+class MCPHub:
+    """The MCP servers the app knows, connected lazily; see the banner for the contract."""
+
+    def __init__(self, specs, *, environ, sampler=None, roots=(), call_timeout=MCP_CALL_TIMEOUT,
+                 connect_timeout=MCP_CONNECT_TIMEOUT):
+        self._conns = {name: _MCPConn(name, dict(spec)) for name, spec in specs.items()}
+        self._environ, self._sampler, self._roots = environ, sampler, [os.path.abspath(r) for r in roots]
+        self._call_timeout, self._connect_timeout = call_timeout, connect_timeout
+        self._closing = False
+
+    # ---- connection lifecycle (owner task per server) ----
+
+    def specs(self):
+        return {name: c.spec for name, c in self._conns.items()}
+
+    def add(self, name, spec):
+        """Know one more server (a request's allowed server_url); connects on first use."""
+        if name not in self._conns:
+            self._conns[name] = _MCPConn(name, dict(spec))
+
+    async def update(self, specs):
+        """The registry changed: stop servers that went away or changed, know the new ones."""
+        import asyncio
+        stale = [c for name, c in self._conns.items() if specs.get(name) != c.spec]
+        for c in stale:
+            del self._conns[c.name]
+        for name, spec in specs.items():
+            self.add(name, spec)
+        await asyncio.gather(*(self._stop(c) for c in stale), return_exceptions=True)
+
+    def _conn(self, server):
+        if server not in self._conns:
+            raise MCPError(server, "not configured")
+        return self._conns[server]
+
+    def _target(self, c):
+        """What `mcp.Client` connects to; ${VAR} expansion happens here, at connect time."""
+        spec = c.spec
+        try:
+            if c.transport == "stdio":
+                from mcp import StdioServerParameters
+                env = {k: expand_env(v, self._environ) for k, v in (spec.get("env") or {}).items()}
+                args = [expand_env(a, self._environ) for a in spec.get("args") or []]
+                return StdioServerParameters(command=spec["command"], args=args, env=env or None,
+                                             cwd=spec.get("cwd") or None)
+            headers = {k: expand_env(v, self._environ) for k, v in (spec.get("headers") or {}).items()}
+        except KeyError as e:
+            raise MCPError(c.name, f"environment variable {e.args[0]} is not set") from None
+        if c.transport == "sse":
+            from mcp.client.sse import sse_client
+            return sse_client(spec["url"], headers=headers or None)
+        return _streamable_http(spec["url"], headers)
+
+    def _callbacks(self, c):
+        import mcp_types as T
+        name = c.name
+
+        async def on_sampling(ctx, params):
+            if self._sampler is None:
+                return T.ErrorData(code=T.INVALID_REQUEST, message="sampling is not available")
+            request = {"messages": _sampling_to_openai(params), "max_tokens": params.max_tokens}
+            if params.stop_sequences:
+                request["stop"] = list(params.stop_sequences)
+            if params.temperature is not None:
+                request["temperature"] = params.temperature
+            try:
+                out = await self._sampler(name, request)
+            except Exception as e:  # the app's model failed: tell the server, keep the session
+                mcp_log().warning("MCP %s: sampling failed: %s", name, _describe_exc(e))
+                return T.ErrorData(code=T.INTERNAL_ERROR, message=f"sampling failed: {_describe_exc(e)}")
+            mcp_log().info("MCP %s: answered a sampling request (%s)", name, out.get("model"))
+            return T.CreateMessageResult(role="assistant", content=T.TextContent(text=out.get("text") or ""),
+                                         model=out.get("model") or "unknown",
+                                         stop_reason=out.get("stop_reason") or "endTurn")
+
+        async def on_elicit(ctx, params):
+            # No person is present: accept a form only when defaults answer every required field.
+            content = None if getattr(params, "mode", "form") == "url" else _elicit_defaults(params.requested_schema)
+            mcp_log().info("MCP %s: elicitation %s", name, "accepted with defaults" if content is not None else "declined")
+            return T.ElicitResult(action="accept", content=content) if content is not None \
+                else T.ElicitResult(action="decline")
+
+        async def on_roots(ctx):
+            from urllib.request import pathname2url
+            return T.ListRootsResult(roots=[T.Root(uri="file://" + pathname2url(p),
+                                                   name=os.path.basename(p) or p) for p in self._roots])
+
+        async def on_log(params):
+            level = {"debug": 10, "info": 20, "notice": 20, "warning": 30, "error": 40}.get(params.level, 50)
+            mcp_log().log(level, "MCP %s%s: %s", name, f" [{params.logger}]" if params.logger else "", params.data)
+
+        async def on_message(msg):
+            if isinstance(msg, T.ToolListChangedNotification):
+                mcp_log().info("MCP %s: tool list changed", name)
+                c.tools = None
+            elif isinstance(msg, Exception):
+                mcp_log().debug("MCP %s: transport: %s", name, _describe_exc(msg))
+
+        kw = dict(elicitation_callback=on_elicit, logging_callback=on_log, message_handler=on_message,
+                  log_level=MCP_LOG_LEVEL, cache=None,  # our own tool cache; the SDK's would go stale silently
+                  client_info=T.Implementation(name="llmhost", version="1"))
+        if self._sampler is not None:  # passing a callback is what declares the capability
+            kw["sampling_callback"] = on_sampling
+        if self._roots:
+            kw["list_roots_callback"] = on_roots
+        return kw
+
+    async def _owner(self, c, ready):
+        """Enter the Client, publish it, wait for stop, exit it - all in this one task."""
+        import asyncio
+        from mcp import Client
+        from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+        listener = None
+        try:
+            async with Client(self._target(c), **self._callbacks(c)) as client:
+                c.client, c.era, c.server_info = client, client.protocol_version, client.server_info
+                c.state = "ready"
+                ready.set_result(client)
+                caps = client.server_capabilities.tools
+                if caps and caps.list_changed and client.protocol_version in MODERN_PROTOCOL_VERSIONS:
+                    listener = asyncio.create_task(self._listen(c, client))
+                await c.stop.wait()
+        except BaseException as e:
+            if not ready.done():
+                ready.set_exception(e if isinstance(e, MCPError) else MCPError(c.name, _describe_exc(e)))
+            elif not isinstance(e, asyncio.CancelledError):
+                mcp_log().warning("MCP %s: session ended: %s", c.name, _describe_exc(e))
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+        finally:
+            if listener is not None:
+                listener.cancel()
+                await asyncio.gather(listener, return_exceptions=True)
+            c.client = None
+            c.state = "closed" if self._closing else ("idle" if c.state == "ready" else "failed")
+
+    async def _listen(self, c, client):
+        """2026-07-28 servers announce list changes only on a subscriptions/listen stream. It has
+        no replay, so a lost stream means "assume changed": drop the cache and re-listen (with
+        backoff) rather than restart the session under in-flight calls."""
+        import asyncio
+        delay = 1.0
+        while True:
+            try:
+                async with client.listen(tools_list_changed=True) as sub:
+                    delay = 1.0
+                    async for _event in sub:
+                        mcp_log().info("MCP %s: tool list changed", c.name)
+                        c.tools = None
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                mcp_log().debug("MCP %s: listen stream ended: %s", c.name, _describe_exc(e))
+            c.tools = None
+            await asyncio.sleep(delay)
+            delay = min(MCP_BACKOFF_MAX, delay * 2)
+
+    def _alive(self, c):
+        if c.client is None or c.owner is None or c.owner.done():
+            return False
+        # A stdio child that exited closes the dispatcher (EOF); private attribute, read defensively.
+        return not getattr(getattr(c.client.session, "_dispatcher", None), "_closed", False)
+
+    async def _stop(self, c):
+        import asyncio
+        if c.owner is None:
+            return
+        c.stop.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(c.owner), MCP_CLOSE_TIMEOUT)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            c.owner.cancel()  # cancelling the owner still exits the Client inside the owner task
+            await asyncio.gather(c.owner, return_exceptions=True)
+        except Exception:
+            pass
+        c.owner = c.client = None
+
+    async def _ensure(self, server):
+        """The connected Client for `server`, (re)starting it if needed; raises MCPError."""
+        import asyncio
+        c = self._conn(server)
+        if self._closing:
+            raise MCPError(server, "shutting down")
+        if c.lock is None:
+            c.lock = asyncio.Lock()
+        async with c.lock:
+            if self._alive(c):
+                return c.client
+            if c.owner is not None:  # it died since last use: tear down, then restart
+                mcp_log().warning("MCP %s: connection lost; restarting", server)
+                await self._stop(c)
+                c.tools = None
+                c.note_failure("connection lost")
+            wait = c.retry_at - time.monotonic()
+            if wait > 0:
+                raise MCPError(server, f"unavailable, next retry in {wait:.0f} s (last error: {c.last_error})")
+            c.state, c.stop = "connecting", asyncio.Event()
+            ready = asyncio.get_running_loop().create_future()
+            t0 = time.monotonic()
+            c.owner = asyncio.create_task(self._owner(c, ready), name=f"mcp-owner-{server}")
+            try:
+                client = await asyncio.wait_for(asyncio.shield(ready), self._connect_timeout)
+            except BaseException as e:
+                await self._stop(c)
+                err = e if isinstance(e, MCPError) else MCPError(server, f"no answer within {self._connect_timeout:.0f} s"
+                                                                 if isinstance(e, asyncio.TimeoutError) else _describe_exc(e))
+                c.state = "failed"
+                c.note_failure(str(err))
+                if isinstance(e, asyncio.CancelledError):
+                    raise
+                raise err from None
+            mcp_log().info("MCP %s: connected (%s, %s) in %.0f ms", server, c.transport, c.era,
+                         (time.monotonic() - t0) * 1000)
+            return client
+
+    def _lost(self, c, exc):
+        """Whether `exc` from a request means the session is gone (so the next use restarts)."""
+        from mcp.shared.exceptions import MCPError as SDKError
+        lost = not isinstance(exc, SDKError) or exc.code == -32000  # CONNECTION_CLOSED
+        if lost and c.stop is not None:
+            c.stop.set()  # the owner exits the Client; _ensure restarts on next use
+            c.last_error = _describe_exc(exc)
+        return lost
+
+    async def _walk(self, server, method, attr):
+        """Every page of a paginated list call."""
+        client = await self._ensure(server)
+        items, cursor = [], None
+        for _ in range(MCP_LIST_PAGES_MAX):
+            page = await getattr(client, method)(cursor=cursor)
+            items += getattr(page, attr)
+            cursor = page.next_cursor
+            if not cursor:
+                break
+        return items
+
+    async def _tools_of(self, server):
+        c = self._conn(server)
+        if c.tools is None:
+            try:
+                c.tools = await self._walk(server, "list_tools", "tools")
+            except MCPError:
+                raise
+            except Exception as e:
+                self._lost(c, e)
+                raise MCPError(server, f"listing tools failed: {_describe_exc(e)}") from None
+            c.failures = 0
+        return c.tools
+
+    async def aclose(self):
+        """Stop every server (stdio children exit: stdin closed, then TERM, then KILL)."""
+        import asyncio
+        self._closing = True
+        await asyncio.gather(*(self._stop(c) for c in self._conns.values()), return_exceptions=True)
+        for c in self._conns.values():
+            c.state = "closed"
+
+    # ---- what the application uses ----
+
+    async def tools(self, server_names, allowed=None):
+        """OpenAI tool bindings for these servers, in order. `allowed` filters by MCP or OpenAI
+        tool name: one iterable for all servers, or a mapping server -> iterable (absent = all).
+        Raises MCPError if a server cannot be reached."""
+        import asyncio
+        lists = await asyncio.gather(*(self._tools_of(s) for s in server_names))
+        taken, out = set(), []
+        for server, tools in zip(server_names, lists):
+            allow = allowed.get(server) if isinstance(allowed, dict) else allowed
+            allow = None if allow is None else set(allow)
+            for t in tools:
+                name = mcp_tool_name(server, t.name, taken)
+                if allow is not None and t.name not in allow and name not in allow:
+                    taken.discard(name)
+                    continue
+                params = t.input_schema or {"type": "object", "properties": {}}
+                out.append({"name": name, "server": server, "tool": t.name, "openai": {
+                    "type": "function",
+                    "function": {"name": name, "description": t.description or t.title or t.name, "parameters": params}}})
+        return out
+
+    async def call(self, server, tool, arguments, timeout=None):
+        """Run one tool. Returns {ok, content, text, parts, duration_ms, error}; raises MCPError
+        only when the server cannot be started or reached."""
+        import asyncio
+        c = self._conn(server)
+        timeout = timeout or c.spec.get("timeout") or self._call_timeout
+        t0 = time.monotonic()
+        client = await self._ensure(server)
+
+        async def progress(done, total, message):
+            mcp_log().info("MCP %s/%s: progress %s/%s %s", server, tool, done, total if total is not None else "?",
+                         message or "")
+
+        def result(ok, text, parts=None, error=None):
+            parts = parts or [{"type": "text", "text": text}]
+            return {"ok": ok, "content": parts if len(parts) > 1 else text, "text": text, "parts": parts,
+                    "duration_ms": round((time.monotonic() - t0) * 1000, 1), "error": error}
+
+        try:
+            r = await asyncio.wait_for(client.call_tool(
+                tool, arguments or {}, read_timeout_seconds=timeout, progress_callback=progress),
+                timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            return result(False, f"Error: tool {tool} timed out after {timeout:g} s", error="timeout")
+        except asyncio.CancelledError:
+            raise  # the client went away: the SDK sends notifications/cancelled as this unwinds
+        except Exception as e:
+            if getattr(e, "code", None) == -32001:  # the SDK's own REQUEST_TIMEOUT
+                return result(False, f"Error: tool {tool} timed out after {timeout:g} s", error="timeout")
+            msg = ("connection lost: " if self._lost(c, e) else "") + _describe_exc(e)
+            return result(False, f"Error: {msg}", error=msg)
+        c.failures = 0
+        text, parts = mcp_result_to_openai(r)
+        if r.is_error:
+            return result(False, text or "Error: the tool reported an error", parts, error=text or "tool error")
+        return result(True, text, parts)
+
+    async def resources(self, server):
+        """{'resources': [...], 'templates': [...]} as MCP JSON dicts."""
+        caps = (await self._ensure(server)).server_capabilities
+        if not caps.resources:
+            return {"resources": [], "templates": []}
+        return {"resources": [_dump(r) for r in await self._walk(server, "list_resources", "resources")],
+                "templates": [_dump(r) for r in await self._walk(server, "list_resource_templates",
+                                                                  "resource_templates")]}
+
+    async def prompts(self, server):
+        caps = (await self._ensure(server)).server_capabilities
+        return [_dump(p) for p in await self._walk(server, "list_prompts", "prompts")] if caps.prompts else []
+
+    def status(self):
+        """One dict per server for GET /v1/mcp/servers and `mcp list`."""
+        return [{"name": c.name, "transport": c.transport, "state": c.state, "era": c.era,
+                 "server": _dump(c.server_info) if c.server_info else None,
+                 "tools": None if c.tools is None else len(c.tools), "last_error": c.last_error}
+                for c in self._conns.values()]
+
+
+def _streamable_http(url, headers):
+    """The v2 streamable HTTP transport has no headers=; it takes an httpx2 client we must close."""
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def transport():
+        import httpx2
+        from mcp.client.streamable_http import streamable_http_client
+        # the SDK's defaults (create_mcp_http_client): 30 s to connect, 300 s between reads
+        async with httpx2.AsyncClient(headers=headers,
+                                      timeout=httpx2.Timeout(30.0, read=300.0)) as http:
+            async with streamable_http_client(url, http_client=http) as streams:
+                yield streams
+
+    return transport()
+
+
+# ---- CLI helpers (ad-hoc servers, before they are registered) --------------------------------
+
+async def _adhoc(entry, environ, sampler, fn):
+    errors = validate_mcp_entry("adhoc", entry)
+    if errors:
+        raise MCPError("adhoc", "; ".join(errors))
+    hub = MCPHub({"adhoc": entry}, environ=os.environ if environ is None else environ, sampler=sampler)
+    try:
+        return await fn(hub)
+    finally:
+        await hub.aclose()
+
+
+async def mcp_list_tools_adhoc(entry, *, environ=None):
+    """Tools of an unregistered server: [{name, openai_name, description, inputSchema}]."""
+    async def run(hub):
+        c = hub._conns["adhoc"]
+        bindings = await hub.tools(["adhoc"])
+        return [dict(_dump(t), openai_name=b["name"]) for t, b in zip(c.tools, bindings)]
+    return await _adhoc(entry, environ, None, run)
+
+
+async def mcp_call_adhoc(entry, tool, args, *, environ=None, sampler=None, timeout=None):
+    return await _adhoc(entry, environ, sampler, lambda hub: hub.call("adhoc", tool, args, timeout))
+
+
+async def mcp_list_resources_adhoc(entry, *, environ=None):
+    return await _adhoc(entry, environ, None, lambda hub: hub.resources("adhoc"))
+
+
+async def mcp_list_prompts_adhoc(entry, *, environ=None):
+    return await _adhoc(entry, environ, None, lambda hub: hub.prompts("adhoc"))
+
 
 # =============================================================================
 # Application
@@ -1602,8 +2275,14 @@ def host_name(value):
 
 class Application:
     def __init__(self, router, client, admission, *, api_keys=(), access_log=None,
-                 allowed_hosts=None, cors_origins=()):
+                 allowed_hosts=None, cors_origins=(), mcp_environ=None, mcp_roots=(),
+                 mcp_max_rounds=MCP_MAX_ROUNDS, mcp_allow_urls=()):
         self.router = router
+        # MCP servers connect on first use; until then this costs nothing (no `mcp` import).
+        self.mcp = MCPHub({}, environ=mcp_environ or {}, sampler=self.sample, roots=mcp_roots)
+        self.mcp_max_rounds = mcp_max_rounds
+        self.mcp_allow_urls = tuple(mcp_allow_urls)
+        self.mcp_models = {}  # MCP server -> model of the request that last called it (sampling)
         self.client = client
         self.admission = admission
         self.api_keys = tuple(api_keys)
@@ -1625,6 +2304,8 @@ class Application:
             "/v1/reranking": ("POST", self.rerank),  # llama.cpp's name
             "/v1/models": ("GET", self.models),
             "/v1/status": ("GET", self.status),
+            "/v1/mcp/servers": ("GET", self.mcp_servers),
+            "/v1/mcp/tools": ("GET", self.mcp_tools),
             "/health": ("GET", self.health),
             "/v1/health": ("GET", self.health),
         }
@@ -1749,18 +2430,22 @@ class Application:
     async def chat(self, request):
         body = parse_json_body(request)
         check_fields(body, ENDPOINTS["chat"][1])
-        return await self.forward(request, body, "/chat/completions")
+        selection = self.mcp_selection(body)
+        if selection:
+            return await self.chat_with_mcp(request, body, *selection)
+        return await self.forward(request, body, "/chat/completions", raw=request.body)
 
     async def completions(self, request):
         body = parse_json_body(request)
         check_fields(body, ENDPOINTS["completions"][1])
-        return await self.forward(request, body, "/completions")
+        return await self.forward(request, body, "/completions", raw=request.body)
 
     async def embeddings(self, request):
         body = parse_json_body(request)
         check_fields(body, ENDPOINTS["embeddings"][1])
         transform = embeddings_as_base64 if body.get("encoding_format") == "base64" else None
-        return await self.forward(request, body, "/embeddings", transform=transform)
+        return await self.forward(request, body, "/embeddings", transform=transform,
+                                  raw=request.body)
 
     async def rerank(self, request):
         body = parse_json_body(request)
@@ -1768,21 +2453,24 @@ class Application:
         texts = rerank_documents(body["documents"])
         model = body["model"]
         return_documents = bool(body.get("return_documents"))
+        raw = request.body
         if any(not isinstance(d, str) for d in body["documents"]):
-            body = dict(body, documents=texts)
-            request.body = b""  # forces re-encoding with the plain-text documents
-        return await self.forward(request, body, "/rerank", transform=lambda raw: normalize_rerank(
-            raw, model, texts, body.get("top_n"), return_documents))
+            body = dict(body, documents=texts)  # upstreams take plain strings
+            raw = None
+        return await self.forward(request, body, "/rerank", raw=raw, transform=lambda data: (
+            normalize_rerank(data, model, texts, body.get("top_n"), return_documents)))
 
-    async def forward(self, request, body, suffix, transform=None):
-        model = body["model"]
-        request.model = model
-        candidates = self.router.resolve(model)
+    async def forward(self, request, body, suffix, transform=None, raw=None):
+        """Route `body` (sent as `raw` when that is its unchanged encoding) and relay the answer."""
+        request.model = body["model"]
+        candidates = self.router.resolve(body["model"])
+
+        def deliver(up, resp, data, overhead):
+            return self.relay(request, up, resp, data, transform, overhead)
+
         await self.admission.acquire()
         try:
-            if candidates[0][0].full():
-                candidates = await self.wait_for_capacity(model)
-            return await self.try_candidates(request, body, model, candidates, suffix, transform)
+            return await self.try_candidates(request, body, candidates, suffix, raw, deliver)
         finally:
             self.admission.release()
 
@@ -1814,7 +2502,12 @@ class Application:
             if not fut.done():
                 fut.set_result(None)
 
-    async def try_candidates(self, request, body, model, candidates, suffix, transform):
+    async def try_candidates(self, request, body, candidates, suffix, raw, deliver):
+        """Send to each candidate in turn until one answers; `deliver(up, resp, body bytes or
+        None for a stream, overhead ms)` then owns the answer (the point of no return)."""
+        model = body["model"]
+        if candidates[0][0].full():
+            candidates = await self.wait_for_capacity(model)
         conn = request.conn
         attempts = candidates[:MAX_ATTEMPTS]
         last_error = None
@@ -1826,7 +2519,7 @@ class Application:
 
         for i, (up, upstream_model) in enumerate(attempts):
             final = i == len(attempts) - 1
-            payload = request.body
+            payload = raw
             if upstream_model != model or not payload:
                 payload = json_bytes(dict(body, model=upstream_model))
             head = ("POST %s%s HTTP/1.1\r\n%sContent-Length: %d\r\nX-Request-Id: %s\r\n\r\n" % (
@@ -1871,8 +2564,7 @@ class Application:
                     self.router.failed(up, f"HTTP {status}")
                 else:
                     self.router.succeeded(up)
-                overhead = (sent - request.started) * 1000
-                return await self.relay(request, up, resp, data, transform, overhead)
+                return await deliver(up, resp, data, (sent - request.started) * 1000)
             finally:
                 up.in_flight -= 1
                 conn.upstream = None
@@ -1947,6 +2639,324 @@ class Application:
             return False
         conn.end_stream()
         return keep_alive
+
+    # -- MCP: tools executed by llmhost --------------------------------------------------
+    async def mcp_servers(self, request):
+        return self.reply_json(request, {"object": "list", "data": self.mcp.status()})
+
+    async def mcp_tools(self, request):
+        bindings = await self.mcp.tools(list(self.mcp.specs()))
+        return self.reply_json(request, {"object": "list", "data": [
+            dict(b["openai"], server=b["server"], tool=b["tool"]) for b in bindings]})
+
+    def mcp_selection(self, body):
+        """-> (servers, allowed) whose tools this chat request gets, or None. Per request: tools
+        of type "mcp" (the Responses-API shape); per model: the `mcp` list of its servers."""
+        tools = body.get("tools")
+        if tools is not None and not isinstance(tools, list):
+            raise BadRequest("'tools' must be an array.", param="tools", code="invalid_type")
+        requested = [t for t in tools or () if isinstance(t, dict) and t.get("type") == "mcp"]
+        if not requested and not self.router.mcp_attached:
+            return None
+        servers, allowed = [], {}
+        for tool in requested:
+            label = tool.get("server_label")
+            if not isinstance(label, str) or not NAME_RE.fullmatch(label):
+                raise BadRequest("An mcp tool needs a 'server_label' of 1-64 [A-Za-z0-9._-].",
+                                 param="tools")
+            if tool.get("require_approval", "never") != "never":
+                raise BadRequest("llmhost runs MCP tools without asking: 'require_approval' must "
+                                 "be 'never'.", param="tools")
+            url = tool.get("server_url")
+            known = self.mcp.specs()
+            if url is not None:
+                if not isinstance(url, str) or valid_url(url) or not any(
+                        url.startswith(prefix) for prefix in self.mcp_allow_urls):
+                    raise BadRequest(f"server_url {url!r} is not allowed: start serve with "
+                                     "--mcp-allow-url PREFIX to allow it.", param="tools",
+                                     code="mcp_url_not_allowed")
+                headers = tool.get("headers") or {}
+                spec = {"url": url, "headers": headers}
+                if validate_mcp_entry(label, spec):
+                    raise BadRequest("; ".join(validate_mcp_entry(label, spec)), param="tools")
+                if label in known and known[label] != spec:
+                    raise BadRequest(f"server_label {label!r} is a registered MCP server with "
+                                     "another URL.", param="tools")
+                self.mcp.add(label, spec)
+            elif label not in known:
+                raise BadRequest(f"No MCP server named {label!r}; registered: "
+                                 f"{', '.join(known) or 'none'}.", param="tools",
+                                 code="mcp_server_not_found")
+            if label not in servers:
+                servers.append(label)
+            names = tool.get("allowed_tools")
+            if isinstance(names, dict):
+                names = names.get("tool_names")
+            if isinstance(names, list):
+                allowed.setdefault(label, []).extend(names)
+        for up, _ in self.router.pool(body["model"]):
+            for name in up.entry.get("mcp", ()):
+                if name not in servers:
+                    servers.append(name)
+        return (servers, allowed) if servers else None
+
+    async def sample(self, server, params):
+        """An MCP server's sampling request, answered by one of our models: the server's
+        `sampling_model`, else the model of the request that last called its tools."""
+        model = self.mcp.specs().get(server, {}).get("sampling_model") or \
+            self.mcp_models.get(server)
+        if not model:
+            raise RuntimeError("no model to sample with: set sampling_model on the MCP server")
+        body = dict(params, model=model, stream=False)
+        request = Request("POST", "/v1/chat/completions", "1.1", {})
+        request.conn = Detached()
+        request.started = time.monotonic()
+        request.request_id = f"sampling-{server}"
+        status, data = await self.complete(request, body, self.router.resolve(model))
+        if status != 200:
+            raise RuntimeError(f"model {model} answered HTTP {status}")
+        doc = json.loads(data)
+        choice = doc["choices"][0]
+        return {"text": choice["message"].get("content") or "", "model": doc.get("model", model),
+                "stop_reason": {"length": "maxTokens", "stop": "endTurn"}.get(
+                    choice.get("finish_reason"), "endTurn")}
+
+    async def complete(self, request, body, candidates):
+        """One non-streamed chat completion through the router -> (status, body bytes)."""
+        async def deliver(up, resp, data, overhead):
+            request.server = up.name
+            return resp.status, data if data is not None else await resp.read_all()
+        return await self.try_candidates(request, body, candidates, "/chat/completions", None,
+                                         deliver)
+
+    async def run_mcp_calls(self, request, calls, bindings, report):
+        """Run this round's MCP tool calls concurrently -> one result dict per call. A client
+        that leaves cancels them (the SDK tells each server)."""
+        import asyncio
+
+        async def one(call):
+            binding = bindings[call["function"]["name"]]
+            try:
+                args = json.loads(call["function"].get("arguments") or "{}")
+                if not isinstance(args, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                args = call["function"].get("arguments")
+                result = {"ok": False, "text": f"Error: the arguments are not a JSON object "
+                          f"({exc}); call the tool again with valid JSON.", "duration_ms": 0.0,
+                          "error": "invalid arguments"}
+            else:
+                try:
+                    result = await self.mcp.call(binding["server"], binding["tool"], args)
+                except MCPError as exc:
+                    result = {"ok": False, "text": f"Error: {exc.message}", "duration_ms": 0.0,
+                              "error": exc.message}
+            report.append({"id": call.get("id"), "server": binding["server"],
+                           "tool": binding["tool"], "arguments": args, "ok": result["ok"],
+                           "error": result["error"], "duration_ms": result["duration_ms"]})
+            return result
+
+        for call in calls:
+            self.mcp_models[bindings[call["function"]["name"]]["server"]] = request.model
+        conn = request.conn
+        task = asyncio.ensure_future(asyncio.gather(*(one(c) for c in calls)))
+        conn.on_gone = task.cancel
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=MCP_KEEPALIVE)
+                if done:
+                    return task.result()
+                if conn.streaming:  # an SSE comment: clients ignore it, proxies see traffic
+                    conn.write_chunk(b": llmhost: running tools\n\n")
+        except asyncio.CancelledError:
+            if conn.gone:
+                raise ClientGone("client closed the request") from None
+            raise
+        finally:
+            conn.on_gone = None
+
+    async def chat_with_mcp(self, request, body, servers, allowed):
+        """The tool loop: ask the model; run the MCP tools it calls; give it the results; ask
+        again, up to mcp_max_rounds. Client tools in a round end the loop (see README)."""
+        request.model = body["model"]
+        candidates = self.router.resolve(body["model"])
+        bindings = {b["name"]: b for b in await self.mcp.tools(servers, allowed or None)}
+        tools = [t for t in body.get("tools") or () if not (isinstance(t, dict) and
+                                                            t.get("type") == "mcp")]
+        tools += [b["openai"] for b in bindings.values()]
+        state = {"messages": list(body["messages"]), "report": [], "usage": {}, "rounds": 0}
+        base = {k: v for k, v in body.items() if k not in ("tools", "stream", "stream_options")}
+        base["tools"] = tools
+        await self.admission.acquire()
+        try:
+            if body.get("stream") is True:
+                include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                return await self.mcp_loop_stream(request, base, candidates, bindings, state,
+                                                  include_usage)
+            return await self.mcp_loop(request, base, candidates, bindings, state)
+        finally:
+            self.admission.release()
+
+    def mcp_round_body(self, base, state, last, stream):
+        body = dict(base, messages=state["messages"])
+        if last:
+            body["tool_choice"] = "none"  # out of rounds: the model must answer now
+        if stream:
+            body.update(stream=True, stream_options={"include_usage": True})
+        return body
+
+    @staticmethod
+    def add_usage(total, usage):
+        for key, value in (usage or {}).items():
+            if isinstance(value, int):
+                total[key] = total.get(key, 0) + value
+
+    @staticmethod
+    def split_calls(calls, bindings):
+        """-> (the MCP calls llmhost runs, the client's own calls) of one model answer."""
+        mine = [c for c in calls if c.get("function", {}).get("name") in bindings]
+        return mine, [c for c in calls if c not in mine]
+
+    def extend_conversation(self, state, message, mine, results):
+        state["messages"].append(dict(message, tool_calls=mine))
+        state["messages"].extend({"role": "tool", "tool_call_id": c.get("id"), "content": r["text"]}
+                                 for c, r in zip(mine, results))
+
+    async def mcp_loop(self, request, base, candidates, bindings, state):
+        rounds = self.mcp_max_rounds
+        for number in range(rounds + 1):
+            last = number == rounds
+            status, data = await self.complete(
+                request, self.mcp_round_body(base, state, last, False), candidates)
+            if status != 200:
+                request.status = status
+                return request.conn.respond(request, status, JSON_TYPE,
+                                            error_envelope_bytes(status, data))
+            doc = json.loads(data)
+            self.add_usage(state["usage"], doc.get("usage"))
+            message = doc["choices"][0]["message"]
+            mine, theirs = self.split_calls(message.get("tool_calls") or [], bindings)
+            if not mine or last:
+                break
+            results = await self.run_mcp_calls(request, mine, bindings, state["report"])
+            state["rounds"] += 1
+            if theirs:  # the client's own tools: back to the client with just those
+                doc["choices"][0]["message"] = dict(message, tool_calls=theirs)
+                break
+            self.extend_conversation(state, message, mine, results)
+        if last and mine:
+            note = f"[llmhost: stopped after {rounds} rounds of MCP tool calls]"
+            message["content"] = ((message.get("content") or "") + "\n\n" + note).strip()
+            message.pop("tool_calls", None)
+            doc["choices"][0]["finish_reason"] = "stop"
+            doc["mcp_rounds_exhausted"] = True
+        doc["usage"] = state["usage"] or doc.get("usage")
+        doc["mcp_calls"] = state["report"]
+        request.status = 200
+        return request.conn.respond(request, 200, JSON_TYPE + [
+            ("X-Llmhost-Server", request.server or "-")], json_bytes(doc))
+
+    async def mcp_loop_stream(self, request, base, candidates, bindings, state, include_usage):
+        conn = request.conn
+        rounds = self.mcp_max_rounds
+        keep_alive = True
+        template = None
+        for number in range(rounds + 1):
+            last = number == rounds
+            collected = {"calls": {}, "finish": None}
+
+            async def deliver(up, resp, data, overhead, collected=collected):
+                nonlocal keep_alive, template
+                request.server = up.name
+                if data is not None:
+                    return resp.status, data
+                if not conn.streaming:
+                    keep_alive = conn.start_stream(request, 200, [
+                        ("Content-Type", "text/event-stream"), ("X-Llmhost-Server", up.name)]
+                        + SSE_HEADERS)
+                    request.status = 200
+                decoder = SSEDecoder()
+                while True:
+                    chunk = await resp.read_some()
+                    if not chunk:
+                        return 200, None
+                    for event in decoder.feed(chunk):
+                        if event == "[DONE]":
+                            continue
+                        doc = json.loads(event)
+                        if doc.get("error"):
+                            conn.write_chunk(sse_event(doc))
+                            raise UpstreamError("the model failed mid-stream")
+                        self.add_usage(state["usage"], doc.get("usage"))
+                        for choice in doc.get("choices") or ():
+                            template = doc
+                            delta = choice.get("delta") or {}
+                            for part in delta.pop("tool_calls", None) or ():
+                                call = collected["calls"].setdefault(part.get("index", 0), {
+                                    "id": None, "type": "function",
+                                    "function": {"name": "", "arguments": ""}})
+                                call["id"] = part.get("id") or call["id"]
+                                fn = part.get("function") or {}
+                                call["function"]["name"] += fn.get("name") or ""
+                                call["function"]["arguments"] += fn.get("arguments") or ""
+                            if choice.get("finish_reason"):
+                                collected["finish"] = choice["finish_reason"]
+                            shown = any(v for k, v in delta.items() if k != "role")
+                            if not shown and not (number == 0 and "role" in delta):
+                                continue  # nothing a client would show
+                            choice["finish_reason"] = None
+                            doc.pop("usage", None)
+                            conn.write_chunk(sse_event(doc))
+
+            status, data = await self.try_candidates(
+                request, self.mcp_round_body(base, state, last, True), candidates,
+                "/chat/completions", None, deliver)
+            if status != 200 or data is not None:
+                if conn.streaming:
+                    conn.write_chunk(sse_event(json.loads(error_envelope_bytes(status, data))))
+                    conn.end_stream()
+                    return keep_alive
+                request.status = status
+                return conn.respond(request, status, JSON_TYPE, error_envelope_bytes(status, data))
+            calls = [collected["calls"][i] for i in sorted(collected["calls"])]
+            mine, theirs = self.split_calls(calls, bindings)
+            if not mine or last:
+                break
+            results = await self.run_mcp_calls(request, mine, bindings, state["report"])
+            state["rounds"] += 1
+            if theirs:
+                break
+            self.extend_conversation(state, {"role": "assistant", "content": None}, mine,
+                                     results)
+        finish = collected["finish"] or "stop"
+        tail = dict(template or {"object": "chat.completion.chunk"})
+        tail.pop("usage", None)
+        if theirs and not (last and mine):
+            finish = "tool_calls"
+            conn.write_chunk(sse_event(dict(tail, choices=[{"index": 0, "delta": {"tool_calls": [
+                dict(call, index=i) for i, call in enumerate(theirs)]}, "finish_reason": None}])))
+        elif last and mine:
+            finish = "stop"
+            note = f"\n\n[llmhost: stopped after {rounds} rounds of MCP tool calls]"
+            conn.write_chunk(sse_event(dict(tail, choices=[{"index": 0, "delta": {
+                "content": note}, "finish_reason": None}])))
+        conn.write_chunk(sse_event(dict(tail, choices=[{"index": 0, "delta": {},
+                                                        "finish_reason": finish}],
+                                        mcp_calls=state["report"])))
+        if include_usage:
+            conn.write_chunk(sse_event(dict(tail, choices=[], usage=state["usage"])))
+        conn.write_chunk(sse_event(b"[DONE]"))
+        conn.end_stream()
+        return keep_alive
+
+
+class Detached:
+    """The `conn` of a request llmhost makes itself (MCP sampling): no client to write to."""
+
+    def __init__(self):
+        self.gone = self.streaming = False
+        self.upstream = self.on_gone = None
+
 
 # =============================================================================
 # CLI
@@ -2227,7 +3237,8 @@ class Gateway:
 
     def __init__(self, registry, *, environ=None, api_keys=(), max_concurrency=MAX_CONCURRENCY,
                  queue_size=QUEUE_SIZE, queue_timeout=QUEUE_TIMEOUT, access_log=None,
-                 allowed_hosts=None, cors_origins=(), clock=time.monotonic):
+                 allowed_hosts=None, cors_origins=(), mcp_max_rounds=MCP_MAX_ROUNDS,
+                 mcp_allow_urls=(), mcp_roots=(), clock=time.monotonic):
         self.registry = registry
         self.environ = dict(os.environ if environ is None else environ)
         self.sweeper = Sweeper()
@@ -2236,7 +3247,9 @@ class Gateway:
         self.admission = Admission(max_concurrency, queue_size, queue_timeout)
         self.app = Application(self.router, self.client, self.admission, api_keys=api_keys,
                                access_log=access_log, allowed_hosts=allowed_hosts,
-                               cors_origins=cors_origins)
+                               cors_origins=cors_origins, mcp_environ=self.environ,
+                               mcp_roots=mcp_roots, mcp_max_rounds=mcp_max_rounds,
+                               mcp_allow_urls=mcp_allow_urls)
         self.http = HTTPServer(self.app, self.sweeper)
         self.registry_stamp = None
         self.next_watch = 0.0
@@ -2274,6 +3287,7 @@ class Gateway:
         keys = {e["name"]: entry_api_key(e, self.environ) for e in doc["servers"]}
         before = set(self.router.upstreams)
         self.router.load(doc["servers"], keys)
+        await self.app.mcp.update(doc["mcpServers"])
         if not quiet:
             logger().info("registry reloaded: %d servers, %d models (added: %s; removed: %s)",
                           len(self.router.upstreams), len(self.router.table),
@@ -2330,6 +3344,7 @@ class Gateway:
         await self.http.shutdown(timeout)
         for task in list(self.tasks):
             task.cancel()
+        await self.app.mcp.aclose()  # stdio children exit; none is left behind
         self.client.close_all()
         if self.app.access_log is not None:
             self.app.access_log.flush()
@@ -2361,7 +3376,9 @@ def cmd_serve(args, environ):
         raise CLIError("--workers must be at least 1 (or auto)")
     options = dict(environ=environ, api_keys=keys, queue_timeout=args.queue_timeout,
                    allowed_hosts=args.allowed_host or () if loopback else None,
-                   cors_origins=args.cors_origin or ())
+                   cors_origins=args.cors_origin or (), mcp_max_rounds=args.mcp_max_rounds,
+                   mcp_allow_urls=args.mcp_allow_url or (), mcp_roots=args.root or ())
+    logging.getLogger("mcp").setLevel(logging.WARNING)  # the SDK logs tracebacks at INFO
     if workers == 1:
         return run_worker(args, path, keys, options, args.max_concurrency, args.queue_size)
     return run_workers(args, path, keys, options, workers)
@@ -2630,6 +3647,301 @@ def cmd_bench(args, environ):
     return 0 if result["requests"] else 1
 
 
+def parse_pairs(items, sep, what):
+    out = {}
+    for item in items or ():
+        key, found, value = item.partition(sep)
+        if not found or not key.strip():
+            raise CLIError(f"{what} {item!r}: expected KEY{sep.strip() or sep}VALUE")
+        out[key.strip()] = value.strip() if sep == ":" else value
+    return out
+
+
+def mcp_entry_from_args(args):
+    """The mcpServers entry `mcp add` (or an ad-hoc --url / -- COMMAND) describes."""
+    if args.url and args.cmd:
+        raise CLIError("give either --url URL or -- COMMAND ARGS, not both")
+    if args.url:
+        entry = {"url": args.url}
+        headers = parse_pairs(getattr(args, "header", None), ":", "--header")
+        if headers:
+            entry["headers"] = headers
+        if getattr(args, "transport", None) == "sse":
+            entry["type"] = "sse"
+    elif args.cmd:
+        entry = {"command": args.cmd[0], "args": args.cmd[1:]}
+        env = parse_pairs(getattr(args, "env", None), "=", "--env")
+        if env:
+            entry["env"] = env
+        if getattr(args, "cwd", None):
+            entry["cwd"] = args.cwd
+    else:
+        return None
+    for field in ("timeout", "sampling_model"):
+        if getattr(args, field, None) is not None:
+            entry[field] = getattr(args, field)
+    return entry
+
+
+def mcp_target(args, environ, words):
+    """(name, entry, remaining words): an ad-hoc server if --url / -- COMMAND, else the
+    registered server named by the first word."""
+    entry = mcp_entry_from_args(args)
+    if entry is not None:
+        return "adhoc", entry, words
+    if not words:
+        raise CLIError("name a registered MCP server, or give --url URL or -- COMMAND ARGS")
+    doc = load_registry(registry_path(args, environ))
+    entry = doc["mcpServers"].get(words[0])
+    if entry is None:
+        raise CLIError(f"no MCP server named {words[0]!r} (registered: "
+                       f"{', '.join(doc['mcpServers']) or 'none'})")
+    return words[0], entry, words[1:]
+
+
+def run_mcp(coro):
+    import asyncio
+    import logging
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    try:
+        return asyncio.run(coro)
+    except MCPError as exc:
+        raise CLIError(exc.message) from None
+
+
+def cmd_mcp_add(args, environ):
+    path = registry_path(args, environ)
+    entry = mcp_entry_from_args(args)
+    if entry is None:
+        raise CLIError("give --url URL, or -- COMMAND ARGS for a stdio server")
+    errors = validate_mcp_entry(args.name, entry)
+    if errors:
+        raise CLIError("; ".join(errors))
+    if args.name in load_registry(path)["mcpServers"]:
+        raise CLIError(f"an MCP server named {args.name!r} already exists; remove it first")
+    tools = []
+    if not args.no_check:
+        tools = run_mcp(mcp_list_tools_adhoc(entry, environ=environ))
+
+    def change(doc):
+        if args.name in doc["mcpServers"]:
+            raise RegistryError(f"an MCP server named {args.name!r} was added meanwhile")
+        doc["mcpServers"][args.name] = entry
+
+    update_registry(path, change)
+    listed = f": {len(tools)} tools ({', '.join(t['name'] for t in tools[:8])})" if tools else ""
+    print(f"added MCP server {args.name}{listed}{' [not checked]' if args.no_check else ''}")
+    return 0
+
+
+def cmd_mcp_remove(args, environ):
+    path = registry_path(args, environ)
+    detached = []
+
+    def change(doc):
+        if args.name not in doc["mcpServers"]:
+            raise RegistryError(f"no MCP server named {args.name!r} (registered: "
+                                f"{', '.join(doc['mcpServers']) or 'none'})")
+        del doc["mcpServers"][args.name]
+        for entry in doc["servers"]:
+            if args.name in entry.get("mcp", ()):
+                entry["mcp"] = [n for n in entry["mcp"] if n != args.name]
+                detached.append(entry["name"])
+
+    update_registry(path, change)
+    print(f"removed MCP server {args.name}" +
+          (f" (detached from {', '.join(detached)})" if detached else ""))
+    return 0
+
+
+def cmd_mcp_list(args, environ):
+    doc = load_registry(registry_path(args, environ))
+    users = {}
+    for entry in doc["servers"]:
+        for name in entry.get("mcp", ()):
+            users.setdefault(name, []).append(entry["name"])
+    if args.json:
+        print(json.dumps([dict(name=n, transport=mcp_transport(e), attached_to=users.get(n, []),
+                               **{k: v for k, v in e.items() if k not in ("env", "headers")},
+                               **{k: sorted(e[k]) for k in ("env", "headers") if k in e})
+                          for n, e in doc["mcpServers"].items()], indent=2))
+        return 0
+    if not doc["mcpServers"]:
+        print("no MCP servers registered; add one with: llmhost.py mcp add NAME -- COMMAND",
+              file=sys.stderr)
+        return 0
+    rows = [[n, mcp_transport(e), e.get("url") or " ".join([e["command"]] + e.get("args", [])),
+             ", ".join(users.get(n, [])) or "-"] for n, e in doc["mcpServers"].items()]
+    print_table(rows, ["NAME", "TRANSPORT", "TARGET", "ATTACHED TO"])
+    return 0
+
+
+def cmd_mcp_import(args, environ):
+    path = registry_path(args, environ)
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            source = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"cannot read {args.file}: {exc}") from None
+    imported, skipped = import_mcp_json(source)
+    added = []
+
+    def change(doc):
+        for name, entry in imported.items():
+            if name in doc["mcpServers"]:
+                skipped.append((name, "already registered"))
+            else:
+                doc["mcpServers"][name] = entry
+                added.append(name)
+
+    update_registry(path, change)
+    print(f"imported {len(added)} MCP server(s) from {args.file}: {', '.join(added) or '-'}")
+    for name, reason in skipped:
+        print(f"skipped {name}: {reason}")
+    return 0
+
+
+def cmd_mcp_attach(args, environ):
+    path = registry_path(args, environ)
+
+    def change(doc):
+        entry = find_server(doc, args.server)
+        if entry is None:
+            raise RegistryError(f"no server named {args.server!r}")
+        if args.name not in doc["mcpServers"]:
+            raise RegistryError(f"no MCP server named {args.name!r}")
+        names = [n for n in entry.get("mcp", ()) if n != args.name]
+        if args.attach:
+            names.append(args.name)
+        if names:
+            entry["mcp"] = names
+        else:
+            entry.pop("mcp", None)
+
+    update_registry(path, change)
+    print(f"{'attached' if args.attach else 'detached'} {args.name} "
+          f"{'to' if args.attach else 'from'} {args.server}")
+    return 0
+
+
+def cmd_mcp_tools(args, environ):
+    if not args.words and not args.url and not args.cmd:
+        doc = load_registry(registry_path(args, environ))
+        targets = list(doc["mcpServers"].items())
+    else:
+        name, entry, _ = mcp_target(args, environ, args.words)
+        targets = [(name, entry)]
+    everything = []
+    for name, entry in targets:
+        tools = run_mcp(mcp_list_tools_adhoc(entry, environ=environ))
+        for tool in tools:
+            tool["openai_name"] = mcp_tool_name(name, tool["name"], set())
+            tool["server"] = name
+        everything += tools
+    if args.json:
+        print(json.dumps(everything, indent=2))
+        return 0
+    rows = [[t["openai_name"], (t.get("description") or "").split("\n")[0][:70]]
+            for t in everything]
+    print_table(rows, ["TOOL (as models see it)", "DESCRIPTION"])
+    return 0
+
+
+def cmd_mcp_call(args, environ):
+    name, entry, words = mcp_target(args, environ, args.words)
+    if not words:
+        raise CLIError("name the tool to call")
+    tool, rest = words[0], words[1:]
+    try:
+        arguments = json.loads(rest[0]) if rest else {}
+    except ValueError as exc:
+        raise CLIError(f"arguments are not valid JSON: {exc}") from None
+    if not isinstance(arguments, dict):
+        raise CLIError("arguments must be a JSON object")
+    result = run_mcp(mcp_call_adhoc(entry, tool, arguments, environ=environ,
+                                    timeout=args.timeout))
+    if args.json:
+        print(json.dumps({k: result[k] for k in ("ok", "text", "parts", "duration_ms",
+                                                 "error")}, indent=2))
+    else:
+        print(result["text"])
+    return 0 if result["ok"] else 1
+
+
+def cmd_mcp_resources(args, environ):
+    name, entry, _ = mcp_target(args, environ, args.words)
+    listing = run_mcp((mcp_list_prompts_adhoc if args.kind == "prompts" else
+                       mcp_list_resources_adhoc)(entry, environ=environ))
+    print(json.dumps(listing, indent=2))
+    return 0
+
+
+def add_mcp_parsers(sub):
+    import argparse
+    mcp = sub.add_parser("mcp", help="MCP servers whose tools models get (see `mcp -h`)",
+                         description="Register MCP servers and try their tools. Tools reach "
+                         "models as <server>__<tool>; llmhost runs them.")
+    msub = mcp.add_subparsers(dest="mcp_command", metavar="COMMAND")
+    msub.required = True
+
+    def target_options(p, with_words=True):
+        if with_words:
+            p.add_argument("words", nargs="*", help=argparse.SUPPRESS)
+        p.add_argument("--url", help="an ad-hoc streamable HTTP (or SSE) server")
+        p.add_argument("--header", action="append", metavar="'K: V'", help="with --url")
+        p.add_argument("--transport", choices=["http", "sse"], default="http")
+        p.add_argument("--env", action="append", metavar="K=V", help="for a stdio command")
+        p.add_argument("--cwd", metavar="DIR", help="for a stdio command")
+
+    p = msub.add_parser("add", help="register an MCP server: NAME -- COMMAND ARGS, or NAME --url",
+                        usage="%(prog)s NAME (-- COMMAND [ARGS...] | --url URL) [options]")
+    p.add_argument("name")
+    target_options(p, with_words=False)
+    p.add_argument("--timeout", type=float, metavar="S", help="per tool call (default 60)")
+    p.add_argument("--sampling-model", metavar="MODEL",
+                   help="model that answers this server's sampling requests")
+    p.add_argument("--no-check", action="store_true", help="save without connecting")
+    p.set_defaults(func=cmd_mcp_add)
+
+    p = msub.add_parser("remove", help="unregister an MCP server")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_mcp_remove)
+
+    p = msub.add_parser("list", help="registered MCP servers")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_mcp_list)
+
+    p = msub.add_parser("import", help="import a Claude Desktop / Cursor / LM Studio / VS Code "
+                        "mcp.json")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_mcp_import)
+
+    for verb, attach in (("attach", True), ("detach", False)):
+        p = msub.add_parser(verb, help=f"{verb} an MCP server's tools {'to' if attach else 'from'}"
+                            " every request to a server's models")
+        p.add_argument("name", help="the MCP server")
+        p.add_argument("server", help="the LLM server entry")
+        p.set_defaults(func=cmd_mcp_attach, attach=attach)
+
+    p = msub.add_parser("tools", help="list tools: [NAME] or an ad-hoc --url / -- COMMAND",
+                        usage="%(prog)s [NAME | --url URL | -- COMMAND ARGS] [--json]")
+    target_options(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_mcp_tools)
+
+    p = msub.add_parser("call", help="call a tool: NAME TOOL [JSON-ARGS]",
+                        usage="%(prog)s (NAME | --url URL) TOOL [JSON-ARGS] [-- COMMAND ARGS]")
+    target_options(p)
+    p.add_argument("--timeout", type=float, metavar="S")
+    p.add_argument("--json", action="store_true", help="the whole result as JSON")
+    p.set_defaults(func=cmd_mcp_call)
+
+    for kind in ("resources", "prompts"):
+        p = msub.add_parser(kind, help=f"list a server's {kind}: NAME or ad-hoc")
+        target_options(p)
+        p.set_defaults(func=cmd_mcp_resources, kind=kind)
+
+
 def build_parser():
     import argparse
     parser = argparse.ArgumentParser(
@@ -2657,7 +3969,8 @@ def build_parser():
                    help="requests it takes at once (e.g. llama.cpp --parallel)")
     p.add_argument("--priority", type=int, metavar="N",
                    help="lower is tried first among servers of one model (default 0)")
-    p.add_argument("--mcp", action="append", metavar="NAME", help=argparse.SUPPRESS)
+    p.add_argument("--mcp", action="append", metavar="NAME",
+                   help="give its models this MCP server's tools (repeatable)")
     p.add_argument("--no-check", action="store_true", help="save without probing the server")
     p.set_defaults(func=cmd_add)
 
@@ -2695,6 +4008,12 @@ def build_parser():
                    help="a Host name accepted besides loopback ones (DNS-rebinding guard)")
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                    help="answer CORS for this browser origin (repeatable, or '*')")
+    p.add_argument("--mcp-max-rounds", type=int, default=MCP_MAX_ROUNDS, metavar="N",
+                   help=f"model/tool rounds per request (default {MCP_MAX_ROUNDS})")
+    p.add_argument("--mcp-allow-url", action="append", metavar="PREFIX",
+                   help="allow requests to name MCP servers by a server_url with this prefix")
+    p.add_argument("--root", action="append", metavar="PATH",
+                   help="a folder offered to MCP servers as a root (default: none)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--no-access-log", action="store_true", help="no line per request")
     p.set_defaults(func=cmd_serve)
@@ -2722,6 +4041,8 @@ def build_parser():
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
+    add_mcp_parsers(sub)
+
     p = sub.add_parser("status", help="health and load of a running serve")
     p.add_argument("--url", default="http://127.0.0.1:4000", help="where serve listens")
     p.add_argument("--api-key", metavar="KEY", help="its API key (default $LLMHOST_API_KEY)")
@@ -2732,7 +4053,13 @@ def build_parser():
 
 def main(argv=None, environ=None):
     environ = os.environ if environ is None else environ
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = []
+    if "--" in argv and "mcp" in argv[:argv.index("--")]:  # mcp ... -- COMMAND ARGS
+        command = argv[argv.index("--") + 1:]
+        argv = argv[:argv.index("--")]
     args = build_parser().parse_args(argv)
+    args.cmd = command
     try:
         return args.func(args, environ)
     except (CLIError, RegistryError) as exc:

@@ -126,8 +126,25 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
     def chat(self, body, step):
         messages = body["messages"]
         last = messages[-1]
+        calls = step.get("calls")
+        if calls and body.get("tool_choice") != "none":  # scripted tool calls, in parallel
+            return self.send_json(200, {
+                "id": "chatcmpl-2", "object": "chat.completion", "created": 1,
+                "model": body["model"], "usage": {"prompt_tokens": 5, "completion_tokens": 1,
+                                                  "total_tokens": 6},
+                "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                    "role": "assistant", "content": None, "tool_calls": [
+                        {"id": f"call_{i}", "type": "function", "function": {
+                            "name": name, "arguments": json.dumps(args)}}
+                        for i, (name, args) in enumerate(calls)]}}]}) \
+                if not body.get("stream") else self.stream_calls(body, calls)
         if last.get("role") == "tool":
-            reply, call = "tool result: " + str(last.get("content")), None
+            results = []
+            for m in reversed(messages):
+                if m.get("role") != "tool":
+                    break
+                results.insert(0, str(m.get("content")))
+            reply, call = "tool result: " + " | ".join(results), None
         elif body.get("tools") and body.get("tool_choice") != "none":
             fn = body["tools"][0]["function"]["name"]
             reply, call = None, {"id": "call_1", "type": "function", "function": {
@@ -196,6 +213,31 @@ class QuietServer(http.server.ThreadingHTTPServer):
     def handle_error(self, request, client_address):
         if not isinstance(sys.exc_info()[1], ConnectionError):  # clients that left: expected
             super().handle_error(request, client_address)
+
+
+def _stream_calls(self, body, calls):
+    """A streamed answer that calls these tools, arguments split over several deltas."""
+    self.start_sse()
+    base = {"id": "chatcmpl-2", "object": "chat.completion.chunk", "created": 1,
+            "model": body["model"]}
+    self.event(dict(base, choices=[{"index": 0, "delta": {"role": "assistant"},
+                                    "finish_reason": None}]))
+    for i, (name, args) in enumerate(calls):
+        text = json.dumps(args)
+        self.event(dict(base, choices=[{"index": 0, "finish_reason": None, "delta": {
+            "tool_calls": [{"index": i, "id": f"call_{i}", "type": "function",
+                            "function": {"name": name, "arguments": text[:3]}}]}}]))
+        self.event(dict(base, choices=[{"index": 0, "finish_reason": None, "delta": {
+            "tool_calls": [{"index": i, "function": {"arguments": text[3:]}}]}}]))
+    self.event(dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]))
+    if (body.get("stream_options") or {}).get("include_usage"):
+        self.event(dict(base, choices=[], usage={"prompt_tokens": 5, "completion_tokens": 1,
+                                                 "total_tokens": 6}))
+    self.event(b"[DONE]")
+    self.chunk(b"")
+
+
+FakeHandler.stream_calls = _stream_calls
 
 
 class FakeUpstream:
