@@ -2013,6 +2013,12 @@ class MCPHub:
             return result(False, text or "Error: the tool reported an error", parts, error=text or "tool error")
         return result(True, text, parts)
 
+    async def describe_tools(self, server):
+        """The server's tools as MCP JSON, each with the name models see (`openai_name`)."""
+        bindings = await self.tools([server])
+        return [dict(_dump(t), openai_name=b["name"])
+                for t, b in zip(self._conn(server).tools, bindings)]
+
     async def resources(self, server):
         """{'resources': [...], 'templates': [...]} as MCP JSON dicts."""
         caps = (await self._ensure(server)).server_capabilities
@@ -2051,38 +2057,16 @@ def _streamable_http(url, headers):
     return transport()
 
 
-# ---- CLI helpers (ad-hoc servers, before they are registered) --------------------------------
-
-async def _adhoc(entry, environ, sampler, fn):
-    errors = validate_mcp_entry("adhoc", entry)
+async def with_mcp_server(name, entry, environ, action, sampler=None):
+    """Connect to one server (registered or not yet), run `action(hub)`, shut it down."""
+    errors = validate_mcp_entry(name, entry)
     if errors:
-        raise MCPError("adhoc", "; ".join(errors))
-    hub = MCPHub({"adhoc": entry}, environ=os.environ if environ is None else environ, sampler=sampler)
+        raise MCPError(name, "; ".join(errors))
+    hub = MCPHub({name: entry}, environ=environ, sampler=sampler)
     try:
-        return await fn(hub)
+        return await action(hub)
     finally:
         await hub.aclose()
-
-
-async def mcp_list_tools_adhoc(entry, *, environ=None):
-    """Tools of an unregistered server: [{name, openai_name, description, inputSchema}]."""
-    async def run(hub):
-        c = hub._conns["adhoc"]
-        bindings = await hub.tools(["adhoc"])
-        return [dict(_dump(t), openai_name=b["name"]) for t, b in zip(c.tools, bindings)]
-    return await _adhoc(entry, environ, None, run)
-
-
-async def mcp_call_adhoc(entry, tool, args, *, environ=None, sampler=None, timeout=None):
-    return await _adhoc(entry, environ, sampler, lambda hub: hub.call("adhoc", tool, args, timeout))
-
-
-async def mcp_list_resources_adhoc(entry, *, environ=None):
-    return await _adhoc(entry, environ, None, lambda hub: hub.resources("adhoc"))
-
-
-async def mcp_list_prompts_adhoc(entry, *, environ=None):
-    return await _adhoc(entry, environ, None, lambda hub: hub.prompts("adhoc"))
 
 
 # =============================================================================
@@ -2844,7 +2828,7 @@ class Application:
                 doc["choices"][0]["message"] = dict(message, tool_calls=theirs)
                 break
             self.extend_conversation(state, message, mine, results)
-        if last and mine:
+        if last:  # out of rounds: the answer is what the model has, and we say so
             note = f"[llmhost: stopped after {rounds} rounds of MCP tool calls]"
             message["content"] = ((message.get("content") or "") + "\n\n" + note).strip()
             message.pop("tool_calls", None)
@@ -2931,11 +2915,11 @@ class Application:
         finish = collected["finish"] or "stop"
         tail = dict(template or {"object": "chat.completion.chunk"})
         tail.pop("usage", None)
-        if theirs and not (last and mine):
+        if theirs and not last:
             finish = "tool_calls"
             conn.write_chunk(sse_event(dict(tail, choices=[{"index": 0, "delta": {"tool_calls": [
                 dict(call, index=i) for i, call in enumerate(theirs)]}, "finish_reason": None}])))
-        elif last and mine:
+        elif last:
             finish = "stop"
             note = f"\n\n[llmhost: stopped after {rounds} rounds of MCP tool calls]"
             conn.write_chunk(sse_event(dict(tail, choices=[{"index": 0, "delta": {
@@ -3721,7 +3705,8 @@ def cmd_mcp_add(args, environ):
         raise CLIError(f"an MCP server named {args.name!r} already exists; remove it first")
     tools = []
     if not args.no_check:
-        tools = run_mcp(mcp_list_tools_adhoc(entry, environ=environ))
+        tools = run_mcp(with_mcp_server(args.name, entry, environ,
+                                        lambda hub: hub.describe_tools(args.name)))
 
     def change(doc):
         if args.name in doc["mcpServers"]:
@@ -3833,11 +3818,9 @@ def cmd_mcp_tools(args, environ):
         targets = [(name, entry)]
     everything = []
     for name, entry in targets:
-        tools = run_mcp(mcp_list_tools_adhoc(entry, environ=environ))
-        for tool in tools:
-            tool["openai_name"] = mcp_tool_name(name, tool["name"], set())
-            tool["server"] = name
-        everything += tools
+        tools = run_mcp(with_mcp_server(name, entry, environ,
+                                        lambda hub, name=name: hub.describe_tools(name)))
+        everything += [dict(tool, server=name) for tool in tools]
     if args.json:
         print(json.dumps(everything, indent=2))
         return 0
@@ -3858,8 +3841,8 @@ def cmd_mcp_call(args, environ):
         raise CLIError(f"arguments are not valid JSON: {exc}") from None
     if not isinstance(arguments, dict):
         raise CLIError("arguments must be a JSON object")
-    result = run_mcp(mcp_call_adhoc(entry, tool, arguments, environ=environ,
-                                    timeout=args.timeout))
+    result = run_mcp(with_mcp_server(name, entry, environ, lambda hub: hub.call(
+        name, tool, arguments, args.timeout)))
     if args.json:
         print(json.dumps({k: result[k] for k in ("ok", "text", "parts", "duration_ms",
                                                  "error")}, indent=2))
@@ -3870,8 +3853,8 @@ def cmd_mcp_call(args, environ):
 
 def cmd_mcp_resources(args, environ):
     name, entry, _ = mcp_target(args, environ, args.words)
-    listing = run_mcp((mcp_list_prompts_adhoc if args.kind == "prompts" else
-                       mcp_list_resources_adhoc)(entry, environ=environ))
+    listing = run_mcp(with_mcp_server(name, entry, environ, lambda hub: (
+        hub.prompts(name) if args.kind == "prompts" else hub.resources(name))))
     print(json.dumps(listing, indent=2))
     return 0
 

@@ -1013,6 +1013,465 @@ def test_http10_client_gets_close_delimited_stream(gateway):
     assert sse_events(payload)[-1] == "[DONE]"
 
 
+
+# =============================================================================
+# MCP: a real MCP server (the SDK's MCPServer) and the tool loop through llmhost
+# =============================================================================
+
+PNG_1PX = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAA"
+           "AABJRU5ErkJggg==")
+
+
+def run_mcp_test_server(argv):
+    """`python3 test_llmhost.py mcp-server stdio|http`: tools returning text, structured
+    content, an image, an error; a slow one; one that samples, two that elicit; one that dies;
+    one that adds a tool (list_changed). HTTP binds 127.0.0.1 and prints "PORT n"."""
+    from typing import Annotated
+
+    import anyio
+    from mcp.server.mcpserver import Context, MCPServer
+    from mcp.server.mcpserver.resolve import Elicit, Resolve, Sample
+    from mcp.server.mcpserver.utilities.types import Image
+    from mcp_types import CreateMessageResult, SamplingMessage, TextContent
+    from pydantic import BaseModel, Field
+
+    srv = MCPServer("llmhost-test", version="1.0")
+
+    class Weather(BaseModel):
+        city: str
+        temp_c: float
+
+    class Prefs(BaseModel):
+        colour: str = Field(default="blue")
+        count: int = Field(default=3)
+
+    class NeedsName(BaseModel):
+        name: str
+
+    @srv.tool(description="Echo text back.")
+    def echo(text: str) -> str:
+        return text
+
+    @srv.tool(description="Structured weather.")
+    def weather(city: str) -> Weather:
+        return Weather(city=city, temp_c=21.5)
+
+    @srv.tool(description="Return a 1x1 image.")
+    def pixel() -> Image:
+        return Image(data=base64.b64decode(PNG_1PX), format="png")
+
+    @srv.tool(description="Always fails.")
+    def boom() -> str:
+        raise ValueError("kaboom")
+
+    @srv.tool(description="Sleeps.")
+    async def slow(seconds: float) -> str:
+        await anyio.sleep(seconds)
+        return f"slept {seconds}"
+
+    @srv.tool(description="Exits the server process.")
+    def die() -> str:
+        os._exit(3)
+
+    @srv.tool(description="Returns one HTTP request header (empty on stdio).")
+    def header(name: str, ctx: Context) -> str:
+        return (ctx.headers or {}).get(name.lower(), "")
+
+    def ask_model(topic: str) -> Sample:
+        return Sample([SamplingMessage(role="user", content=TextContent(
+            text=f"Write about {topic}"))], max_tokens=42, system_prompt="Be brief.",
+            stop_sequences=["END"])
+
+    @srv.tool(description="Asks the client's model (sampling).")
+    def summarize(topic: str, answer: Annotated[CreateMessageResult, Resolve(ask_model)]) -> str:
+        return f"model={answer.model} text={answer.content.text}"
+
+    @srv.tool(description="Elicits a form where every field has a default.")
+    def prefs(p: Annotated[Prefs, Resolve(lambda: Elicit("Preferences?", Prefs))]) -> str:
+        return f"colour={p.colour} count={p.count}"
+
+    @srv.tool(description="Elicits a required field without a default.")
+    def name(p: Annotated[NeedsName, Resolve(lambda: Elicit("Your name?", NeedsName))]) -> str:
+        return f"name={p.name}"
+
+    @srv.tool(description="Adds a tool at runtime and announces it.")
+    async def grow(ctx: Context) -> str:
+        srv.add_tool(lambda: "extra ok", name="extra", description="Added at runtime.")
+        await ctx.notify_tools_changed()
+        return "grown"
+
+    @srv.resource("test://hello", description="A greeting.")
+    def hello() -> str:
+        return "hello resource"
+
+    @srv.prompt(description="A prompt.")
+    def greet(who: str) -> str:
+        return f"Say hello to {who}"
+
+    if argv[0] == "stdio":
+        srv.run("stdio")
+        return
+    import uvicorn
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    print(f"PORT {sock.getsockname()[1]}", flush=True)
+    config = uvicorn.Config(srv.streamable_http_app(), log_level="warning", lifespan="on")
+    anyio.run(uvicorn.Server(config).serve, [sock])
+
+
+MCP_STDIO = {"command": sys.executable, "args": [os.path.abspath(__file__), "mcp-server", "stdio"]}
+
+
+@pytest.fixture(scope="module")
+def mcp_env(tmp_path_factory):
+    """A fake upstream with model `fake-model` (plain) and alias `agent` (with MCP server `t`
+    attached), llmhost in-process. The stdio MCP server starts on first use, once."""
+    fake = FakeUpstream()
+    path = write_registry(tmp_path_factory.mktemp("mcp") / "servers.json", [
+        {"name": "local", "url": fake.url, "models": ["fake-model"]},
+        {"name": "agent", "url": fake.url, "models": ["fake-model"], "alias": "agent",
+         "mcp": ["t"]}], mcp={"t": MCP_STDIO, "broken": {"command": "/nonexistent/mcp-server"}})
+    running = Running(path)
+    yield running, fake
+    running.stop(timeout=5)
+    fake.close()
+
+
+def agent_chat(port, calls_script, fake, stream=False, **extra):
+    fake.steps.clear()
+    fake.requests.clear()
+    fake.script(*calls_script)
+    body = dict({"model": "agent", "messages": [{"role": "user", "content": "go"}]}, **extra)
+    if stream:
+        body.update(stream=True, stream_options={"include_usage": True})
+    status, headers, raw = post(port, "/v1/chat/completions", body, timeout=TIMEOUT * 3)
+    return status, headers, raw
+
+
+def test_mcp_one_round_non_stream(mcp_env):
+    running, fake = mcp_env
+    status, _, raw = agent_chat(running.port, [{"calls": [("t__echo", {"text": "hi"})]}], fake)
+    doc = json.loads(raw)
+    assert status == 200, doc
+    assert doc["choices"][0]["message"]["content"] == "tool result: hi"
+    (call,) = doc["mcp_calls"]
+    assert (call["server"], call["tool"], call["arguments"], call["ok"]) == \
+        ("t", "echo", {"text": "hi"}, True)
+    assert doc["usage"]["total_tokens"] == 6 + 10  # both rounds
+    first, second = [json.loads(r["body"]) for r in fake.posts()]
+    names = [t["function"]["name"] for t in first["tools"]]
+    assert "t__echo" in names and "t__weather" in names
+    echo = next(t for t in first["tools"] if t["function"]["name"] == "t__echo")["function"]
+    assert echo["description"] == "Echo text back."
+    assert echo["parameters"]["properties"]["text"]["type"] == "string"
+    assert second["messages"][-2]["tool_calls"][0]["function"]["name"] == "t__echo"
+    assert second["messages"][-1] == {"role": "tool", "tool_call_id": "call_0", "content": "hi"}
+
+
+def test_mcp_stream_is_a_valid_chunk_stream(mcp_env):
+    running, fake = mcp_env
+    status, headers, raw = agent_chat(running.port, [{"calls": [("t__echo", {"text": "yo"})]}],
+                                      fake, stream=True)
+    assert status == 200 and headers["content-type"] == "text/event-stream"
+    events = sse_events(raw)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == "tool result: yo"
+    finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(finals) == 1 and finals[0]["choices"][0]["finish_reason"] == "stop"
+    assert finals[0]["mcp_calls"][0]["tool"] == "echo"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 16
+    assert not any("tool_calls" in (c["choices"][0]["delta"] if c["choices"] else {})
+                   for c in chunks)  # MCP calls are llmhost's business, not the client's
+
+
+def test_mcp_parallel_calls_and_result_kinds(mcp_env):
+    running, fake = mcp_env
+    status, _, raw = agent_chat(running.port, [{"calls": [
+        ("t__echo", {"text": "a"}), ("t__weather", {"city": "Oslo"}), ("t__pixel", {}),
+        ("t__boom", {})]}], fake)
+    doc = json.loads(raw)
+    content = doc["choices"][0]["message"]["content"]
+    parts = content[len("tool result: "):].split(" | ")
+    assert parts[0] == "a"
+    assert json.loads(parts[1]) == {"city": "Oslo", "temp_c": 21.5}  # structuredContent
+    assert parts[2].startswith("[image: image/png, ")
+    assert "Error executing tool boom" in parts[3]  # isError: given to the model as text
+    assert [c["ok"] for c in doc["mcp_calls"]] == [True, True, True, False]
+
+
+def test_mcp_bad_arguments_go_back_to_the_model(mcp_env):
+    running, fake = mcp_env
+    fake.steps.clear()
+    fake.script({"calls": [("t__echo", {"wrong": 1})]}, {})
+    status, _, raw = agent_chat(running.port, [{"calls": [("t__echo", {"wrong": 1})]}], fake)
+    doc = json.loads(raw)
+    assert status == 200 and doc["mcp_calls"][0]["ok"] is False
+    assert doc["choices"][0]["message"]["content"].startswith("tool result: ")
+
+
+def test_mcp_max_rounds(mcp_env):
+    running, fake = mcp_env
+    running.gateway.app.mcp_max_rounds = 2
+    try:
+        call = {"calls": [("t__echo", {"text": "again"})]}
+        status, _, raw = agent_chat(running.port, [call, call, call], fake)
+    finally:
+        running.gateway.app.mcp_max_rounds = llmhost.MCP_MAX_ROUNDS
+    doc = json.loads(raw)
+    assert doc["mcp_rounds_exhausted"] is True and len(doc["mcp_calls"]) == 2
+    assert "stopped after 2 rounds" in doc["choices"][0]["message"]["content"]
+    assert json.loads(fake.posts()[-1]["body"])["tool_choice"] == "none"
+    assert len(fake.posts()) == 3
+
+
+def test_mcp_client_tools_go_back_to_the_client(mcp_env):
+    running, fake = mcp_env
+    client_tool = {"type": "function", "function": {"name": "lookup", "parameters": {}}}
+    for stream in (False, True):
+        status, _, raw = agent_chat(running.port, [{"calls": [
+            ("lookup", {"q": 1}), ("t__echo", {"text": "x"})]}], fake, stream=stream,
+            tools=[client_tool])
+        if stream:
+            chunks = [json.loads(e) for e in sse_events(raw)[:-1]]
+            calls = [tc for c in chunks if c["choices"] for tc in
+                     c["choices"][0]["delta"].get("tool_calls") or ()]
+            finish = [c["choices"][0]["finish_reason"] for c in chunks
+                      if c["choices"] and c["choices"][0]["finish_reason"]]
+            report = [c for c in chunks if c.get("mcp_calls")][0]["mcp_calls"]
+        else:
+            doc = json.loads(raw)
+            calls = doc["choices"][0]["message"]["tool_calls"]
+            finish = [doc["choices"][0]["finish_reason"]]
+            report = doc["mcp_calls"]
+        assert [c["function"]["name"] for c in calls] == ["lookup"]
+        assert json.loads(calls[0]["function"]["arguments"]) == {"q": 1}
+        assert finish == ["tool_calls"]
+        assert [r["tool"] for r in report] == ["echo"]  # executed before returning
+        tools = [t["function"]["name"] for t in json.loads(fake.posts()[0]["body"])["tools"]]
+        assert tools[0] == "lookup" and "t__echo" in tools  # the client's own kept beside
+
+
+def test_mcp_sampling_served_by_our_model(mcp_env):
+    running, fake = mcp_env
+    status, _, raw = agent_chat(running.port, [
+        {"calls": [("t__summarize", {"topic": "cats"})]}, {}, {}], fake)
+    doc = json.loads(raw)
+    assert doc["mcp_calls"][0]["ok"] is True, doc
+    assert doc["choices"][0]["message"]["content"] == \
+        "tool result: model=fake-model text=echo: Write about cats"
+    sampling = json.loads(fake.posts()[1]["body"])  # the MCP server's request, via the router
+    assert sampling["model"] == "fake-model" and sampling["max_tokens"] == 42
+    assert sampling["stop"] == ["END"]
+    assert sampling["messages"][0] == {"role": "system", "content": "Be brief."}
+
+
+def test_mcp_elicitation_defaults_or_decline(mcp_env):
+    running, fake = mcp_env
+    status, _, raw = agent_chat(running.port, [{"calls": [("t__prefs", {}), ("t__name", {})]}],
+                                fake)
+    doc = json.loads(raw)
+    results = doc["choices"][0]["message"]["content"][len("tool result: "):].split(" | ")
+    assert results[0] == "colour=blue count=3"
+    assert [c["ok"] for c in doc["mcp_calls"]] == [True, False]  # no default: declined
+
+
+def test_mcp_per_request_selection_and_refusals(mcp_env):
+    running, fake = mcp_env
+    mcp_tool = {"type": "mcp", "server_label": "t", "allowed_tools": ["echo"],
+                "require_approval": "never"}
+    status, _, raw = agent_chat(running.port, [{"calls": [("t__echo", {"text": "sel"})]}], fake,
+                                model="fake-model", tools=[mcp_tool])
+    assert json.loads(raw)["choices"][0]["message"]["content"] == "tool result: sel"
+    tools = [t["function"]["name"] for t in json.loads(fake.posts()[0]["body"])["tools"]]
+    assert tools == ["t__echo"]  # allowed_tools filters
+    for tool, code in [
+            (dict(mcp_tool, server_label="nope"), "mcp_server_not_found"),
+            (dict(mcp_tool, server_label="x", server_url="http://169.254.169.254/mcp"),
+             "mcp_url_not_allowed"),
+            (dict(mcp_tool, require_approval="always"), "invalid_request")]:
+        status, doc = jpost(running.port, "/v1/chat/completions",
+                            dict(CHAT, tools=[tool]))
+        assert status == 400 and doc["error"]["code"] == code, doc
+
+
+def test_mcp_unstartable_server_is_a_clear_error(mcp_env):
+    running, fake = mcp_env
+    status, doc = jpost(running.port, "/v1/chat/completions", dict(CHAT, tools=[
+        {"type": "mcp", "server_label": "broken", "require_approval": "never"}]))
+    assert status == 502 and doc["error"]["code"] == "mcp_server_unavailable"
+    assert "'broken'" in doc["error"]["message"]
+
+
+def test_mcp_status_and_tools_endpoints(mcp_env):
+    running, fake = mcp_env
+    agent_chat(running.port, [{"calls": [("t__echo", {"text": "x"})]}], fake)
+    servers = {s["name"]: s for s in json.loads(request(running.port, "GET",
+                                                        "/v1/mcp/servers")[2])["data"]}
+    assert servers["t"]["state"] == "ready" and servers["t"]["transport"] == "stdio"
+    assert servers["t"]["era"] and servers["t"]["tools"] >= 10
+    status, _, raw = request(running.port, "GET", "/v1/mcp/tools")
+    assert status == 502  # `broken` cannot start: the listing says so rather than hiding it
+
+
+def test_mcp_crashed_stdio_server_restarts_and_list_changed(mcp_env):
+    running, fake = mcp_env
+    status, _, raw = agent_chat(running.port, [{"calls": [("t__die", {})]}], fake)
+    assert json.loads(raw)["mcp_calls"][0]["ok"] is False
+    status, _, raw = agent_chat(running.port, [{"calls": [("t__echo", {"text": "back"})]}], fake)
+    assert json.loads(raw)["choices"][0]["message"]["content"] == "tool result: back"
+    agent_chat(running.port, [{"calls": [("t__grow", {})]}], fake)
+    deadline = time.monotonic() + TIMEOUT
+    names = []
+    while "t__extra" not in names and time.monotonic() < deadline:
+        fake.requests.clear()
+        agent_chat(running.port, [{}], fake, tool_choice="none")
+        names = [t["function"]["name"] for t in json.loads(fake.posts()[0]["body"])["tools"]]
+        time.sleep(0.05)
+    assert "t__extra" in names  # list_changed refreshed the tool cache
+
+
+def test_mcp_client_disconnect_cancels_calls(mcp_env):
+    running, fake = mcp_env
+    fake.steps.clear()
+    fake.script({"calls": [("t__slow", {"seconds": 5})]})
+    body = json.dumps({"model": "agent", "messages": [{"role": "user", "content": "go"}]}).encode()
+    s = socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT)
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+              % (len(body), body))
+    deadline = time.monotonic() + TIMEOUT
+    while not fake.posts() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # the tool call is under way
+    s.close()
+    closed = time.monotonic()
+    while running.gateway.http.in_flight and time.monotonic() - closed < 1.0:
+        time.sleep(0.01)
+    assert running.gateway.http.in_flight == 0  # not waiting out the 5 s tool
+
+
+@pytest.fixture(scope="module")
+def mcp_http_server():
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "mcp-server", "http"],
+                            stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("PORT "), line
+    yield f"http://127.0.0.1:{int(line.split()[1])}/mcp"
+    proc.terminate()
+    proc.wait(TIMEOUT)
+
+
+def test_mcp_streamable_http_with_env_header(mcp_http_server, fake, tmp_path):
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "local", "url": fake.url, "models": ["fake-model"], "mcp": ["h"]}],
+        mcp={"h": {"url": mcp_http_server, "headers": {"X-Token": "${MCP_TOKEN}"}}})
+    running = Running(path, environ={"MCP_TOKEN": "tok-123"})
+    try:
+        fake.script({"calls": [("h__header", {"name": "x-token"})]})
+        status, doc = jpost(running.port, "/v1/chat/completions", CHAT)
+        assert doc["choices"][0]["message"]["content"] == "tool result: tok-123"
+        servers = json.loads(request(running.port, "GET", "/v1/mcp/servers")[2])["data"]
+        assert servers[0]["transport"] == "http" and servers[0]["state"] == "ready"
+    finally:
+        running.stop()
+
+
+def test_mcp_server_url_allowed_by_prefix(mcp_http_server, fake, tmp_path):
+    path = write_registry(tmp_path / "s.json",
+                          [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    running = Running(path, mcp_allow_urls=["http://127.0.0.1:"])
+    try:
+        fake.script({"calls": [("web__echo", {"text": "via url"})]})
+        status, doc = jpost(running.port, "/v1/chat/completions", dict(CHAT, tools=[
+            {"type": "mcp", "server_label": "web", "server_url": mcp_http_server,
+             "require_approval": "never"}]))
+        assert status == 200 and doc["choices"][0]["message"]["content"] == "tool result: via url"
+    finally:
+        running.stop()
+
+
+def test_mcp_cli(tmp_path, mcp_http_server):
+    registry = str(tmp_path / "servers.json")
+    cli = [sys.executable, os.path.join(HERE, "llmhost.py"), "--registry", registry, "mcp"]
+
+    def run(*argv):
+        return subprocess.run(cli + list(argv), capture_output=True, text=True, timeout=60)
+
+    result = run("add", "t", "--", *MCP_STDIO["command":] if False else
+                 [MCP_STDIO["command"]] + MCP_STDIO["args"])
+    assert result.returncode == 0 and "tools" in result.stdout, result.stderr
+    assert run("add", "w", "--url", mcp_http_server).returncode == 0
+    before = open(registry, "rb").read()
+    result = run("add", "dead", "--url", "http://127.0.0.1:1/mcp")
+    assert result.returncode == 1 and "'dead'" in result.stderr
+    assert open(registry, "rb").read() == before  # a refused add changes nothing
+    listed = json.loads(run("list", "--json").stdout)
+    assert [(e["name"], e["transport"]) for e in listed] == [("t", "stdio"), ("w", "http")]
+    tools = json.loads(run("tools", "t", "--json").stdout)
+    assert "t__echo" in [t["openai_name"] for t in tools]
+    result = run("call", "t", "echo", '{"text": "cli"}')
+    assert result.returncode == 0 and result.stdout.strip() == "cli"
+    result = run("call", "--url", mcp_http_server, "weather", '{"city": "Rome"}', "--json")
+    assert json.loads(json.loads(result.stdout)["text"])["city"] == "Rome"
+    result = run("call", "t", "boom")
+    assert result.returncode == 1 and "boom" in result.stdout
+    assert "test://hello" in run("resources", "t").stdout
+    assert "greet" in run("prompts", "--url", mcp_http_server).stdout
+    assert run("remove", "w").returncode == 0
+    assert run("remove", "w").returncode == 1
+
+
+def test_mcp_import_mcp_json(tmp_path):
+    registry = str(tmp_path / "servers.json")
+    source = tmp_path / "claude_desktop_config.json"
+    source.write_text(json.dumps({"mcpServers": {
+        "time": {"command": "uvx", "args": ["mcp-server-time"]},
+        "docs": {"url": "http://127.0.0.1:3001/mcp", "headers": {"Authorization": "Bearer x"}},
+        "off": {"command": "x", "disabled": True},
+        "bad": {"args": ["no command"]}}}))
+    code, out, err = run_cli(registry, "mcp", "import", str(source))
+    assert code == 0 and "imported 2" in out
+    assert "skipped off" in out and "skipped bad" in out
+    doc = llmhost.load_registry(registry)
+    assert doc["mcpServers"]["time"] == {"command": "uvx", "args": ["mcp-server-time"]}
+    vscode = tmp_path / "mcp.json"
+    vscode.write_text(json.dumps({"servers": {"fs": {"type": "stdio", "command": "npx"}}}))
+    code, out, err = run_cli(registry, "mcp", "import", str(vscode))
+    assert code == 0 and llmhost.load_registry(registry)["mcpServers"]["fs"] == \
+        {"command": "npx"}
+
+
+def test_mcp_tool_names_sanitised_and_bounded():
+    taken = set()
+    assert llmhost.mcp_tool_name("time", "get_current_time", taken) == "time__get_current_time"
+    odd = llmhost.mcp_tool_name("my.server", "weird.name/with spaces", taken)
+    assert odd == "my_server__weird_name_with_spaces"
+    long = llmhost.mcp_tool_name("s" * 40, "t" * 40, taken)
+    assert len(long) <= 64 and long == llmhost.mcp_tool_name("s" * 40, "t" * 40, set())
+    again = llmhost.mcp_tool_name("my_server", "weird_name_with_spaces", taken)
+    assert again != odd and len(again) <= 64  # collision resolved deterministically
+
+
+def test_mcp_is_not_imported_until_used(tmp_path, fake):
+    code = ("import sys, json; sys.path.insert(0, %r); import llmhost, asyncio\n"
+            "g = llmhost.Gateway(%r)\n"
+            "async def main():\n"
+            "    await g.start('127.0.0.1', 0)\n"
+            "    await g.stop(1)\n"
+            "asyncio.run(main()); print('mcp' in sys.modules)")
+    registry = write_registry(tmp_path / "s.json", [
+        {"name": "local", "url": fake.url, "models": ["fake-model"], "mcp": ["t"]}],
+        mcp={"t": MCP_STDIO})
+    result = subprocess.run([sys.executable, "-c", code % (HERE, registry)],
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.stdout.strip() == "False", result.stderr
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["mcp-server"]:
+    run_mcp_test_server(sys.argv[2:])
+
 if __name__ == "__main__" and sys.argv[1:2] == ["fake-upstream"]:
     upstream = FakeUpstream(models=sys.argv[3:] or ["fake-model"], port=int(sys.argv[2]))
     print(f"fake upstream on {upstream.url}", flush=True)
