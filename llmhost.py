@@ -2735,10 +2735,9 @@ class Application:
                 except MCPError as exc:
                     result = {"ok": False, "text": f"Error: {exc.message}", "duration_ms": 0.0,
                               "error": exc.message}
-            report.append({"id": call.get("id"), "server": binding["server"],
-                           "tool": binding["tool"], "arguments": args, "ok": result["ok"],
-                           "error": result["error"], "duration_ms": result["duration_ms"]})
-            return result
+            return result, {"id": call.get("id"), "server": binding["server"],
+                            "tool": binding["tool"], "arguments": args, "ok": result["ok"],
+                            "error": result["error"], "duration_ms": result["duration_ms"]}
 
         for call in calls:
             self.mcp_models[bindings[call["function"]["name"]]["server"]] = request.model
@@ -2749,7 +2748,8 @@ class Application:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=MCP_KEEPALIVE)
                 if done:
-                    return task.result()
+                    report.extend(entry for _, entry in task.result())  # in call order
+                    return [result for result, _ in task.result()]
                 if conn.streaming:  # an SSE comment: clients ignore it, proxies see traffic
                     conn.write_chunk(b": llmhost: running tools\n\n")
         except asyncio.CancelledError:
