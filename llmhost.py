@@ -3841,8 +3841,15 @@ def cmd_mcp_call(args, environ):
         raise CLIError(f"arguments are not valid JSON: {exc}") from None
     if not isinstance(arguments, dict):
         raise CLIError("arguments must be a JSON object")
-    result = run_mcp(with_mcp_server(name, entry, environ, lambda hub: hub.call(
-        name, tool, arguments, args.timeout)))
+    async def call(hub):
+        # List first, as models do: the SDK mirrors x-mcp-header parameters only for tools it
+        # has seen, and a wrong tool name gets a clear answer.
+        known = [t["tool"] for t in await hub.tools([name])]
+        if tool not in known:
+            raise MCPError(name, f"has no tool {tool!r} (tools: {', '.join(known) or 'none'})")
+        return await hub.call(name, tool, arguments, args.timeout)
+
+    result = run_mcp(with_mcp_server(name, entry, environ, call))
     if args.json:
         print(json.dumps({k: result[k] for k in ("ok", "text", "parts", "duration_ms",
                                                  "error")}, indent=2))
