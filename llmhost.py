@@ -60,6 +60,11 @@ PROBE_TIMEOUT = 5.0  # s for `add` (and health probes) to get GET {url}/models
 PROBE_INTERVAL = 1.0  # s between health probes of a cooling server
 WATCH_INTERVAL = 1.0  # s between registry file checks while serving
 SHUTDOWN_TIMEOUT = 30.0  # s in-flight requests get to finish after SIGTERM
+MANAGED_TTL = 900.0  # s a managed server may idle before it is stopped; LM Studio's JIT TTL
+MANAGED_START_TIMEOUT = 120.0  # s for a managed server to become ready (model loading)
+MANAGED_STOP_GRACE = 5.0  # s between SIGTERM and SIGKILL of a managed server's process group
+MANAGED_LOG_BYTES = 1024 * 1024  # bytes of output kept per managed server (halved when full)
+MANAGED_BACKOFF_MAX = 60.0  # s between start attempts of a server that keeps failing
 TICK = 0.25  # s between sweeps of deadlines (timeouts are enforced to this precision)
 RELAY_CHUNK = 64 * 1024  # bytes read from an upstream at a time
 LINGER_TIMEOUT = 2.0  # s we keep reading (and dropping) after an error answer; nginx lingering_close
@@ -302,6 +307,14 @@ LAST_CHUNK = b"0\r\n\r\n"
 
 def json_bytes(obj):
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+def list_models(doc):
+    """The model ids in an OpenAI `GET /models` answer, or None if it is not one."""
+    if isinstance(doc, dict) and isinstance(doc.get("data"), list):
+        ids = [m.get("id") for m in doc["data"] if isinstance(m, dict)]
+        if all(isinstance(i, str) for i in ids):
+            return ids
+    return None
 
 
 # =============================================================================
@@ -728,9 +741,13 @@ class HTTPServer:
                 conn.task.cancel()
 
 
-def log_exception(message):
+def logger():
     import logging
-    logging.getLogger("llmhost").exception(message)
+    return logging.getLogger("llmhost")
+
+
+def log_exception(message):
+    logger().exception(message)
 
 # =============================================================================
 # Upstream client
@@ -1023,7 +1040,18 @@ SERVER_FIELDS = {
                                                 and v > 0), "null or an integer > 0"),
     "priority": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
     "mcp": (_is_str_list, "a list of MCP server names"),
+    # managed entries: llmhost starts the server itself (instead of "url")
+    "command": (lambda v: isinstance(v, str) and v.strip(), "a command line"),
+    "ttl": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+            "seconds >= 0 (0: never stop)"),
+    "ready_path": (lambda v: isinstance(v, str) and v.startswith("/"), "a path such as /health"),
+    "start_timeout": (lambda v: _is_number(v), "seconds > 0"),
+    "env": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+            "an object of strings"),
+    "cwd": (lambda v: isinstance(v, str) and v, "a folder"),
+    "group": (lambda v: isinstance(v, str) and NAME_RE.fullmatch(v), "a group name"),
 }
+MANAGED_FIELDS = ("command", "ttl", "ready_path", "start_timeout", "env", "cwd", "group")
 
 
 def valid_url(url):
@@ -1150,9 +1178,14 @@ def validate_registry(doc, path):
         if not isinstance(entry, dict):
             raise RegistryError(f"{label} must be an object")
         label = f"{where} servers[{i}] ({entry.get('name', '?')})"
-        for field in ("name", "url"):
-            if field not in entry:
-                raise RegistryError(f"{label}: missing \"{field}\"")
+        if "name" not in entry:
+            raise RegistryError(f"{label}: missing \"name\"")
+        if ("url" in entry) == ("command" in entry):
+            raise RegistryError(f"{label}: needs exactly one of \"url\" (a running server) or "
+                                "\"command\" (one llmhost starts)")
+        if "url" in entry and any(f in entry for f in MANAGED_FIELDS):
+            raise RegistryError(f"{label}: {', '.join(f for f in MANAGED_FIELDS if f in entry)} "
+                                "only apply to managed entries (with \"command\")")
         for field, value in entry.items():
             rule = SERVER_FIELDS.get(field)
             if rule is None:
@@ -1295,25 +1328,30 @@ class Upstream:
     def __init__(self, entry, api_key):
         self.entry = entry
         self.name = entry["name"]
-        self.origin = Origin(entry["url"])
+        self.managed = "command" in entry  # llmhost starts it; its port is chosen at each start
+        self.api_key = api_key
+        self.set_url(entry.get("url") or "http://127.0.0.1:0/v1")
         self.models = list(entry.get("models") or ())
         self.alias = entry.get("alias")
         self.priority = entry.get("priority", 0)
         self.max_concurrency = entry.get("max_concurrency")
         self.timeout = entry.get("timeout") or UPSTREAM_TIMEOUT
         self.connect_timeout = entry.get("connect_timeout") or CONNECT_TIMEOUT
-        self.api_key = api_key
-        auth = f"Authorization: Bearer {check_header_value(api_key)}\r\n" if api_key else ""
-        # Built once: the part of every upstream request head that never changes.
-        self.head_fixed = (f"Host: {self.origin.host_header}\r\n{auth}"
-                           f"User-Agent: llmhost/{__version__}\r\n"
-                           "Content-Type: application/json\r\n")
         self.in_flight = 0
         self.failures = 0  # consecutive
         self.cooldown_until = 0.0
         self.requests = 0
         self.errors = 0
         self.last_error = None
+
+    def set_url(self, url):
+        self.origin = Origin(url)
+        auth = f"Authorization: Bearer {check_header_value(self.api_key)}\r\n" \
+            if self.api_key else ""
+        # Built once per origin: the part of every upstream request head that never changes.
+        self.head_fixed = (f"Host: {self.origin.host_header}\r\n{auth}"
+                           f"User-Agent: llmhost/{__version__}\r\n"
+                           "Content-Type: application/json\r\n")
 
     def public_names(self):
         return [self.alias] if self.alias else self.models
@@ -1427,6 +1465,344 @@ def parse_retry_after(value, default=COOLDOWN_BASE):
         return float(value)
     except (TypeError, ValueError):
         return default  # an HTTP-date is rare from model servers; use the default
+
+
+# =============================================================================
+# Managed servers
+# =============================================================================
+# Owns: model servers llmhost starts itself (entries with "command"): one shared start per
+# server (single flight), readiness polling, idle stop after `ttl`, the --max-running bound
+# (stopping the least recently used *idle* server, never one with requests in flight), output
+# kept in a bounded log beside the registry, and a pid file so a killed serve's children are
+# reaped on the next start. Processes run in their own session: stops signal the whole group.
+# Raises: ServiceUnavailable (503, with the last lines of the server's output).
+
+
+def expand_command(command, port, model, environ):
+    """${PORT}, ${MODEL} and ${env.VAR} in a managed entry's command line -> argv."""
+    import shlex
+
+    def sub(m):
+        key = m.group(1)
+        if key == "PORT":
+            return str(port)
+        if key == "MODEL":
+            return model or ""
+        if key.startswith("env.") and key[4:] in environ:
+            return environ[key[4:]]
+        raise ValueError(f"${{{key}}} is not set")
+
+    return [os.path.expanduser(arg) for arg in shlex.split(re.sub(r"\$\{([A-Za-z_.]+)\}", sub,
+                                                                    command))]
+
+
+def check_command(command, environ):
+    """None if the first word of `command` is a runnable program, else why not."""
+    import shutil
+    try:
+        argv = expand_command(command, 1, "model", environ)
+    except ValueError as exc:
+        return str(exc)
+    if not argv:
+        return "the command is empty"
+    found = shutil.which(argv[0], path=environ.get("PATH", os.defpath))
+    if found is None:
+        return f"{argv[0]!r} is not an executable file (nor found on PATH)"
+    return None
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def logs_folder(registry):
+    return os.path.join(os.path.dirname(os.path.abspath(registry)), "llmhost-logs")
+
+
+class ManagedServer:
+    """One managed entry's process. States: stopped, starting, running, failed."""
+
+    def __init__(self, up, log_path):
+        self.up = up
+        self.name = up.name
+        self.log_path = log_path
+        self.state = "stopped"
+        self.proc = None
+        self.port = None
+        self.started_at = None
+        self.last_used = time.monotonic()
+        self.starting = None  # the shared start (asyncio.Task) while one is under way
+        self.failures = 0
+        self.retry_at = 0.0
+        self.last_error = None
+
+    def info(self, now):
+        return {"name": self.name, "state": self.state,
+                "pid": self.proc.pid if self.proc and self.state != "stopped" else None,
+                "port": self.port if self.state in ("starting", "running") else None,
+                "uptime_seconds": round(now - self.started_at, 1)
+                if self.started_at and self.state == "running" else None,
+                "idle_seconds": round(now - self.last_used, 1) if not self.up.in_flight else 0,
+                "in_flight": self.up.in_flight, "ttl": self.up.entry.get("ttl", MANAGED_TTL),
+                "last_error": self.last_error}
+
+    def log_tail(self, lines=12):
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(0, os.path.getsize(self.log_path) - 8192))
+                return b"\n".join(f.read().splitlines()[-lines:]).decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+
+class ProcessManager:
+    def __init__(self, registry, environ, client, max_running=None):
+        self.registry = registry
+        self.environ = environ
+        self.client = client
+        self.max_running = max_running
+        self.servers = {}  # name -> ManagedServer
+        self.pid_file = os.path.abspath(registry) + ".pids"
+        self.owner_mark = os.path.abspath(registry)  # in each child's env, to find them again
+
+    def sync(self, upstreams):
+        """The registry was (re)loaded: know the managed entries; forget (and stop) the rest."""
+        gone = []
+        for name, server in list(self.servers.items()):
+            up = upstreams.get(name)
+            if up is None or up.entry != server.up.entry:
+                del self.servers[name]
+                gone.append(server)
+        for up in upstreams.values():
+            if up.managed:
+                server = self.servers.get(up.name)
+                if server is None:
+                    self.servers[up.name] = ManagedServer(up, os.path.join(
+                        logs_folder(self.registry), f"{up.name}.log"))
+                else:
+                    server.up = up
+                    if server.port:
+                        up.set_url(f"http://127.0.0.1:{server.port}/v1")
+        return gone
+
+    async def ensure(self, up):
+        """Return once `up`'s process is ready; start it (once, whoever asks) if it is not."""
+        import asyncio
+        server = self.servers.get(up.name)
+        if server is None:
+            raise ServiceUnavailable(f"managed server {up.name} is no longer registered")
+        server.last_used = time.monotonic()
+        if server.state == "running" and server.proc.returncode is None:
+            return
+        if server.starting is None:
+            server.starting = asyncio.get_running_loop().create_task(self.start(server))
+            server.starting.add_done_callback(lambda _t: setattr(server, "starting", None))
+        await asyncio.shield(server.starting)
+
+    def fail(self, server, message):
+        server.state = "failed"
+        server.failures += 1
+        server.retry_at = time.monotonic() + min(MANAGED_BACKOFF_MAX, 2.0 ** (server.failures - 1))
+        tail = server.log_tail()
+        server.last_error = message
+        logger().warning("managed server %s: %s", server.name, message)
+        return ServiceUnavailable(f"managed server {server.name}: {message}" +
+                                  (f"; its last output:\n{tail}" if tail else ""),
+                                  code="server_start_failed")
+
+    async def start(self, server):
+        import asyncio
+        import subprocess
+        up = server.up
+        entry = up.entry
+        wait = server.retry_at - time.monotonic()
+        if server.state == "failed" and wait > 0:
+            raise ServiceUnavailable(f"managed server {server.name} failed to start "
+                                     f"({server.last_error}); next try in {wait:.0f}s",
+                                     code="server_start_failed", headers=[
+                                         ("Retry-After", str(int(wait) + 1))])
+        await self.make_room(server)
+        server.state = "starting"
+        port = free_port()
+        try:
+            argv = expand_command(entry["command"], port, up.models[0] if up.models else "",
+                                  self.environ)
+        except ValueError as exc:
+            raise self.fail(server, str(exc)) from None
+        os.makedirs(os.path.dirname(server.log_path), exist_ok=True)
+        self.trim_log(server.log_path)
+        env = dict(self.environ, **entry.get("env", {}), LLMHOST_OWNER=self.owner_mark)
+        with open(server.log_path, "ab") as log:
+            log.write(f"--- llmhost: starting {' '.join(argv)}\n".encode())
+            log.flush()
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    cwd=os.path.expanduser(entry["cwd"]) if entry.get("cwd") else None, env=env,
+                    start_new_session=True)  # its own process group: stopped as a whole
+            except OSError as exc:
+                raise self.fail(server, f"cannot run {argv[0]}: {exc.strerror or exc}") from None
+        server.proc, server.port = proc, port
+        self.write_pids()
+        up.set_url(f"http://127.0.0.1:{port}/v1")
+        logger().info("managed server %s: started pid %d on port %d", server.name, proc.pid, port)
+        deadline = time.monotonic() + entry.get("start_timeout", MANAGED_START_TIMEOUT)
+        ready_head = ("GET %s HTTP/1.1\r\n%s\r\n" % (entry.get("ready_path", "/health"),
+                                                     up.head_fixed)).encode("latin-1")
+        models_head = ("GET %s/models HTTP/1.1\r\n%s\r\n" % (up.origin.base_path, up.head_fixed)
+                       ).encode("latin-1")
+        while True:
+            if proc.returncode is not None:
+                raise self.fail(server, f"exited with code {proc.returncode} while starting")
+            if time.monotonic() > deadline:
+                await self.stop(server, "did not become ready")
+                raise self.fail(server, f"not ready after {entry.get('start_timeout', MANAGED_START_TIMEOUT):g}s")
+            if await self.answers(up, ready_head) and await self.lists_model(up, models_head):
+                break
+            await asyncio.sleep(0.1)
+        server.state = "running"
+        server.started_at = server.last_used = time.monotonic()
+        server.failures = 0
+        server.last_error = None
+        logger().info("managed server %s: ready", server.name)
+        asyncio.get_running_loop().create_task(self.watch(server, proc))
+
+    async def answers(self, up, head):
+        try:
+            resp = await self.client.request(up.origin, head, b"", timeout=2.0, connect_timeout=1.0)
+            await resp.read_all()
+        except UpstreamError:
+            return False
+        return resp.status == 200
+
+    async def lists_model(self, up, head):
+        try:
+            resp = await self.client.request(up.origin, head, b"", timeout=2.0, connect_timeout=1.0)
+            ids = list_models(json.loads(await resp.read_all()))
+        except (UpstreamError, ValueError):
+            return False
+        return resp.status == 200 and ids is not None and (
+            not up.models or up.entry.get("discover") or any(m in ids for m in up.models))
+
+    async def watch(self, server, proc):
+        await proc.wait()
+        if server.proc is proc and server.state == "running":
+            server.state = "failed"
+            server.last_error = f"exited with code {proc.returncode}"
+            logger().warning("managed server %s exited with code %s", server.name,
+                             proc.returncode)
+        self.write_pids()
+
+    async def make_room(self, server):
+        """Under --max-running: stop the least recently used idle server of the same group;
+        if every running one has requests in flight, wait for one to go idle."""
+        import asyncio
+        if not self.max_running:
+            return
+        group = server.up.entry.get("group")
+        while True:
+            running = [s for s in self.servers.values() if s is not server and
+                       s.state in ("running", "starting") and s.up.entry.get("group") == group]
+            if len(running) < self.max_running:
+                return
+            idle = [s for s in running if s.state == "running" and not s.up.in_flight]
+            if idle:
+                await self.stop(min(idle, key=lambda s: s.last_used), "making room")
+            else:
+                await asyncio.sleep(0.05)
+
+    async def stop(self, server, reason):
+        """SIGTERM the process group, SIGKILL after a grace period."""
+        import asyncio
+        import signal
+        proc = server.proc
+        if proc is None or proc.returncode is not None:
+            server.state = "stopped" if server.state != "failed" else "failed"
+            return
+        server.state = "stopping"
+        logger().info("managed server %s: stopping (%s)", server.name, reason)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                break
+            try:
+                await asyncio.wait_for(proc.wait(), MANAGED_STOP_GRACE)
+                break
+            except asyncio.TimeoutError:
+                continue
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # anything the server left in its group
+        except (ProcessLookupError, PermissionError):
+            pass
+        server.state = "stopped"
+        server.port = None
+        self.write_pids()
+
+    async def stop_all(self):
+        import asyncio
+        await asyncio.gather(*(self.stop(s, "shutting down") for s in self.servers.values()))
+
+    def idle_check(self, now, spawn):
+        for server in self.servers.values():
+            ttl = server.up.entry.get("ttl", MANAGED_TTL)
+            if server.state == "running" and ttl and not server.up.in_flight and \
+                    now - server.last_used > ttl:
+                server.state = "stopping"
+                spawn(self.stop(server, f"idle for {ttl:g}s"))
+
+    def write_pids(self):
+        pids = {str(s.proc.pid): s.name for s in self.servers.values()
+                if s.proc is not None and s.proc.returncode is None}
+        try:
+            if pids:
+                with open(self.pid_file, "w") as f:
+                    json.dump(pids, f)
+            elif os.path.exists(self.pid_file):
+                os.unlink(self.pid_file)
+        except OSError as exc:
+            logger().warning("cannot write %s: %s", self.pid_file, exc)
+
+    def reap_orphans(self):
+        """Children of a serve that was killed (SIGKILL) are found by the pid file and the
+        LLMHOST_OWNER mark in their environment (so a reused pid is never hit), and stopped."""
+        import signal
+        try:
+            with open(self.pid_file) as f:
+                pids = json.load(f)
+        except (OSError, ValueError):
+            return []
+        reaped = []
+        for pid in pids:
+            try:
+                with open(f"/proc/{int(pid)}/environ", "rb") as f:
+                    marked = f"LLMHOST_OWNER={self.owner_mark}".encode() in f.read().split(b"\0")
+                if marked:
+                    os.killpg(int(pid), signal.SIGKILL)
+                    reaped.append(int(pid))
+            except (OSError, ValueError):
+                continue
+        try:
+            os.unlink(self.pid_file)
+        except OSError:
+            pass
+        return reaped
+
+    @staticmethod
+    def trim_log(path):
+        """Keep the log bounded: past MANAGED_LOG_BYTES, keep its second half."""
+        try:
+            if os.path.getsize(path) > MANAGED_LOG_BYTES:
+                with open(path, "rb") as f:
+                    f.seek(-MANAGED_LOG_BYTES // 2, os.SEEK_END)
+                    tail = f.read()
+                with open(path, "wb") as f:
+                    f.write(tail)
+        except OSError:
+            pass
 
 
 # =============================================================================
@@ -2260,8 +2636,9 @@ def host_name(value):
 class Application:
     def __init__(self, router, client, admission, *, api_keys=(), access_log=None,
                  allowed_hosts=None, cors_origins=(), mcp_environ=None, mcp_roots=(),
-                 mcp_max_rounds=MCP_MAX_ROUNDS, mcp_allow_urls=()):
+                 mcp_max_rounds=MCP_MAX_ROUNDS, mcp_allow_urls=(), processes=None):
         self.router = router
+        self.processes = processes  # ProcessManager for entries llmhost starts itself
         # MCP servers connect on first use; until then this costs nothing (no `mcp` import).
         self.mcp = MCPHub({}, environ=mcp_environ or {}, sampler=self.sample, roots=mcp_roots)
         self.mcp_max_rounds = mcp_max_rounds
@@ -2353,6 +2730,8 @@ class Application:
         if route is None:
             if path.startswith("/v1/models/"):
                 route = ("GET", self.model_detail)
+            elif path.startswith("/v1/processes/"):
+                route = ("POST", self.process_action)
             else:
                 raise NotFound(f"Unknown path {request.path!r}; see /v1/models, "
                                "/v1/chat/completions, /v1/embeddings, /v1/rerank.")
@@ -2381,8 +2760,13 @@ class Application:
         return self.reply_json(request, {"status": "ok"})
 
     def model_object(self, name, servers):
-        return {"id": name, "object": "model", "created": int(self.started),
-                "owned_by": servers[0], "servers": servers}
+        doc = {"id": name, "object": "model", "created": int(self.started),
+               "owned_by": servers[0], "servers": servers}
+        managed = [self.processes.servers[s] for s in servers if s in self.processes.servers]
+        if managed:  # managed models are listed whether running or not, with their state
+            states = [m.state for m in managed]
+            doc["state"] = next((st for st in ("running", "starting") if st in states), states[0])
+        return doc
 
     async def models(self, request):
         data = [self.model_object(name, servers) for name, servers in self.router.public_models()]
@@ -2404,11 +2788,26 @@ class Application:
             "consecutive_failures": up.failures, "last_error": up.last_error,
         } for up in self.router.upstreams.values()]
         adm = self.admission
-        return self.reply_json(request, {
+        managed = [m.info(now) for m in self.processes.servers.values()]
+        return self.reply_json(request, {"processes": managed,
             "version": __version__, "pid": os.getpid(),
             "uptime_seconds": round(time.time() - self.started, 1),
             "in_flight": adm.active, "queued": adm.queued(), "max_concurrency": adm.limit,
             "rejected": adm.rejected, "servers": servers})
+
+    async def process_action(self, request):
+        """POST /v1/processes/NAME/load or /unload: start or stop a managed server now."""
+        _, _, rest = request.path.partition("/v1/processes/")
+        name, _, action = rest.partition("/")
+        server = self.processes.servers.get(name)
+        if server is None or action not in ("load", "unload"):
+            raise NotFound(f"No managed server {name!r} (or no action {action!r}); managed: "
+                           f"{', '.join(self.processes.servers) or 'none'}.")
+        if action == "load":
+            await self.processes.ensure(server.up)
+        else:
+            await self.processes.stop(server, "unload requested")
+        return self.reply_json(request, server.info(time.monotonic()))
 
     # -- proxied routes --------------------------------------------------------------------
     async def chat(self, request):
@@ -2513,6 +2912,15 @@ class Application:
             up.in_flight += 1
             up.requests += 1
             try:
+                if up.managed:
+                    try:
+                        await self.processes.ensure(up)  # started on demand, shared by all
+                    except ServiceUnavailable as exc:
+                        last_error = exc
+                        continue
+                    head = ("POST %s%s HTTP/1.1\r\n%sContent-Length: %d\r\nX-Request-Id: %s"
+                            "\r\n\r\n" % (up.origin.base_path, suffix, up.head_fixed,
+                                            len(payload), request.request_id)).encode("latin-1")
                 sent = time.monotonic()
                 try:
                     resp = await self.client.request(up.origin, head, payload, timeout=up.timeout,
@@ -2552,6 +2960,8 @@ class Application:
             finally:
                 up.in_flight -= 1
                 conn.upstream = None
+                if up.managed and up.name in self.processes.servers:
+                    self.processes.servers[up.name].last_used = time.monotonic()
                 if self.capacity_waiters and up.max_concurrency is not None:
                     self.capacity_freed()
         raise last_error
@@ -3000,13 +3410,6 @@ def http_get_json(url, api_key=None, timeout=None):
     return resp.status, doc, text
 
 
-def list_models(doc):
-    """The model ids in an OpenAI `GET /models` answer, or None if it is not one."""
-    if isinstance(doc, dict) and isinstance(doc.get("data"), list):
-        ids = [m.get("id") for m in doc["data"] if isinstance(m, dict)]
-        if all(isinstance(i, str) for i in ids):
-            return ids
-    return None
 
 
 def probe_server(url, api_key, timeout=None):
@@ -3211,9 +3614,6 @@ async def discover_models(client, upstreams):
     return found
 
 
-def logger():
-    import logging
-    return logging.getLogger("llmhost")
 
 
 class Gateway:
@@ -3222,18 +3622,19 @@ class Gateway:
     def __init__(self, registry, *, environ=None, api_keys=(), max_concurrency=MAX_CONCURRENCY,
                  queue_size=QUEUE_SIZE, queue_timeout=QUEUE_TIMEOUT, access_log=None,
                  allowed_hosts=None, cors_origins=(), mcp_max_rounds=MCP_MAX_ROUNDS,
-                 mcp_allow_urls=(), mcp_roots=(), clock=time.monotonic):
+                 mcp_allow_urls=(), mcp_roots=(), max_running=None, clock=time.monotonic):
         self.registry = registry
         self.environ = dict(os.environ if environ is None else environ)
         self.sweeper = Sweeper()
         self.router = Router(clock)
         self.client = UpstreamClient(self.sweeper)
         self.admission = Admission(max_concurrency, queue_size, queue_timeout)
+        self.processes = ProcessManager(registry, self.environ, self.client, max_running)
         self.app = Application(self.router, self.client, self.admission, api_keys=api_keys,
                                access_log=access_log, allowed_hosts=allowed_hosts,
                                cors_origins=cors_origins, mcp_environ=self.environ,
                                mcp_roots=mcp_roots, mcp_max_rounds=mcp_max_rounds,
-                               mcp_allow_urls=mcp_allow_urls)
+                               mcp_allow_urls=mcp_allow_urls, processes=self.processes)
         self.http = HTTPServer(self.app, self.sweeper)
         self.registry_stamp = None
         self.next_watch = 0.0
@@ -3254,6 +3655,10 @@ class Gateway:
         import asyncio
         self.http.idle = asyncio.Event()
         self.http.idle.set()
+        reaped = self.processes.reap_orphans()
+        if reaped:
+            logger().warning("stopped %d managed server(s) left by a previous serve: pids %s",
+                             len(reaped), ", ".join(map(str, reaped)))
         await self.reload(quiet=True)
         self.spawn(self.sweeper.run())
         return await self.http.listen(host, port, sock=sock, reuse_port=reuse_port)
@@ -3271,20 +3676,29 @@ class Gateway:
         keys = {e["name"]: entry_api_key(e, self.environ) for e in doc["servers"]}
         before = set(self.router.upstreams)
         self.router.load(doc["servers"], keys)
+        for server in self.processes.sync(self.router.upstreams):
+            self.spawn(self.retire(server))
         await self.app.mcp.update(doc["mcpServers"])
         if not quiet:
             logger().info("registry reloaded: %d servers, %d models (added: %s; removed: %s)",
                           len(self.router.upstreams), len(self.router.table),
                           ", ".join(sorted(set(self.router.upstreams) - before)) or "-",
                           ", ".join(sorted(before - set(self.router.upstreams))) or "-")
-        fresh = [up for up in self.router.upstreams.values()
-                 if up.entry.get("discover") and (quiet or up.name not in before)]
+        fresh = [up for up in self.router.upstreams.values() if not up.managed and
+                 up.entry.get("discover") and (quiet or up.name not in before)]
         if fresh:
             found = await discover_models(self.client, fresh)
             for up in fresh:  # the router may have been reloaded meanwhile: update in place
                 if up.name in found and self.router.upstreams.get(up.name) is up:
                     up.models = found[up.name]
             self.router.rebuild()
+
+    async def retire(self, server):
+        """A managed entry was removed or changed: stop its process once its requests end."""
+        import asyncio
+        while server.up.in_flight:
+            await asyncio.sleep(0.1)
+        await self.processes.stop(server, "removed from the registry")
 
     def stamp(self):
         try:
@@ -3299,7 +3713,10 @@ class Gateway:
             self.next_watch = now + WATCH_INTERVAL
             if self.stamp() != self.registry_stamp:
                 self.spawn(self.reload())
+        self.processes.idle_check(now, self.spawn)
         for up in self.router.cooling():
+            if up.managed:
+                continue  # its process manager decides when it is tried again
             if up.name not in self.probing:
                 self.probing.add(up.name)
                 self.spawn(self.probe(up))
@@ -3329,6 +3746,7 @@ class Gateway:
         for task in list(self.tasks):
             task.cancel()
         await self.app.mcp.aclose()  # stdio children exit; none is left behind
+        await self.processes.stop_all()
         self.client.close_all()
         if self.app.access_log is not None:
             self.app.access_log.flush()
