@@ -774,6 +774,7 @@ class Origin:
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = host if self.port == default_port else f"{host}:{self.port}"
         self.base_path = parts.path.rstrip("/")
+        self.base_url = f"{self.scheme}://{self.host_header}{self.base_path}"
         self.key = (self.scheme, self.host, self.port)
         self.ssl = None
         if self.scheme == "https":
@@ -1565,6 +1566,7 @@ class ProcessManager:
         self.client = client
         self.max_running = max_running
         self.servers = {}  # name -> ManagedServer
+        self.group_locks = {}  # group -> asyncio.Lock: one start at a time makes room
         self.pid_file = os.path.abspath(registry) + ".pids"
         self.owner_mark = os.path.abspath(registry)  # in each child's env, to find them again
 
@@ -1624,8 +1626,10 @@ class ProcessManager:
                                      f"({server.last_error}); next try in {wait:.0f}s",
                                      code="server_start_failed", headers=[
                                          ("Retry-After", str(int(wait) + 1))])
-        await self.make_room(server)
-        server.state = "starting"
+        lock = self.group_locks.setdefault(entry.get("group"), asyncio.Lock())
+        async with lock:  # starts queue in order; each makes room before the next looks
+            await self.make_room(server)
+            server.state = "starting"
         port = free_port()
         try:
             argv = expand_command(entry["command"], port, up.models[0] if up.models else "",
@@ -1705,7 +1709,8 @@ class ProcessManager:
         group = server.up.entry.get("group")
         while True:
             running = [s for s in self.servers.values() if s is not server and
-                       s.state in ("running", "starting") and s.up.entry.get("group") == group]
+                       s.state in ("running", "starting", "stopping") and
+                       s.up.entry.get("group") == group]
             if len(running) < self.max_running:
                 return
             idle = [s for s in running if s.state == "running" and not s.up.in_flight]
@@ -2781,7 +2786,8 @@ class Application:
     async def status(self, request):
         now = self.router.clock()
         servers = [{
-            "name": up.name, "url": up.entry["url"], "models": up.public_names(),
+            "name": up.name, "url": up.entry.get("url") or up.origin.base_url,
+            "managed": up.managed, "models": up.public_names(),
             "healthy": up.cooldown_until <= now,
             "cooldown_seconds": round(max(0.0, up.cooldown_until - now), 1),
             "in_flight": up.in_flight, "requests": up.requests, "errors": up.errors,
@@ -3466,6 +3472,12 @@ def cmd_add(args, environ):
     path = registry_path(args, environ)
     if not NAME_RE.fullmatch(args.name):
         raise CLIError(f"invalid name {args.name!r}: use 1-64 of A-Z a-z 0-9 . _ -")
+    if args.command:
+        return add_managed(args, environ, path)
+    if not args.url:
+        raise CLIError("give the server's base URL (or --command for one llmhost starts)")
+    if args.check or args.env or args.cwd or args.ttl is not None or args.group:
+        raise CLIError("--check, --env, --cwd, --ttl and --group are for --command entries")
     url = args.url.strip()
     reason = valid_url(url)
     if reason:
@@ -3528,6 +3540,81 @@ def cmd_add(args, environ):
     return 0
 
 
+def add_managed(args, environ, path):
+    """`add NAME --command '...'`: a server llmhost starts on demand and stops when idle."""
+    import asyncio
+    if args.url:
+        raise CLIError("a --command entry has no URL: llmhost picks its port (${PORT})")
+    if "${PORT}" not in args.command:
+        raise CLIError("the command must take its port from ${PORT}, e.g. "
+                       "'llama-server -m model.gguf --port ${PORT}'")
+    problem = check_command(args.command, environ)
+    if problem:
+        raise CLIError(f"cannot run the command: {problem}")
+    if find_server(load_registry(path), args.name):
+        raise CLIError(f"a server named {args.name!r} already exists in {path}")
+    entry = {"name": args.name, "command": args.command, "models": list(dict.fromkeys(
+        args.model or ()))}
+    for field in ("alias", "api_key_env", "api_key", "timeout", "max_concurrency", "priority",
+                  "ttl", "ready_path", "start_timeout", "cwd", "group"):
+        value = getattr(args, field, None)
+        if value is not None:
+            entry[field] = value
+    if args.env:
+        entry["env"] = parse_pairs(args.env, "=", "--env")
+    if args.mcp:
+        entry["mcp"] = args.mcp
+    try:
+        validate_registry({"version": REGISTRY_VERSION, "servers": [entry], "mcpServers": {
+            name: {"command": "x"} for name in entry.get("mcp", ())}}, path)
+    except RegistryError as exc:
+        raise CLIError(str(exc)) from None
+    if args.check:
+        listed = asyncio.run(check_managed(entry, path, environ))
+        missing = [m for m in entry["models"] if m not in listed]
+        if missing:
+            raise CLIError(f"the server started but does not list {', '.join(missing)}; it "
+                           f"lists: {', '.join(listed) or '(no models)'}")
+        entry["models"] = entry["models"] or listed
+    if not entry["models"]:
+        raise CLIError("name the model(s) it serves with --model (or use --check to list them)")
+
+    def change(doc):
+        if find_server(doc, args.name):
+            raise RegistryError(f"a server named {args.name!r} was added meanwhile")
+        doc["servers"].append(entry)
+
+    update_registry(path, change)
+    ttl = entry.get("ttl", MANAGED_TTL)
+    print(f"added {args.name}: started on demand by `{args.command}` ({', '.join(entry['models'])};"
+          f" {f'stopped after {ttl:g}s idle' if ttl else 'never stopped for idling'})")
+    return 0
+
+
+async def check_managed(entry, path, environ):
+    """Start a managed entry once, list its models, stop it (add --check)."""
+    import asyncio
+    sweeper = Sweeper()
+    ticker = asyncio.get_running_loop().create_task(sweeper.run())
+    client = UpstreamClient(sweeper)
+    manager = ProcessManager(path, dict(environ), client)
+    up = Upstream(dict(entry, discover=True), entry_api_key(entry, environ))
+    manager.sync({up.name: up})
+    server = manager.servers[up.name]
+    try:
+        await manager.ensure(up)
+        head = ("GET %s/models HTTP/1.1\r\n%s\r\n" % (up.origin.base_path, up.head_fixed)
+                ).encode("latin-1")
+        resp = await client.request(up.origin, head, b"", timeout=PROBE_TIMEOUT)
+        return list_models(json.loads(await resp.read_all())) or []
+    except (ServiceUnavailable, UpstreamError, ValueError) as exc:
+        raise CLIError(f"--check failed: {getattr(exc, 'message', exc)}") from None
+    finally:
+        await manager.stop(server, "check done")
+        client.close_all()
+        ticker.cancel()
+
+
 def cmd_remove(args, environ):
     path = registry_path(args, environ)
 
@@ -3557,7 +3644,8 @@ def cmd_list(args, environ):
         text = ", ".join(models[:4]) + (f" (+{len(models) - 4})" if len(models) > 4 else "")
         if e.get("discover"):
             text = (text + " " if text else "") + "[all listed]"
-        rows.append([e["name"], e["url"], text or "-", auth_source(e)])
+        rows.append([e["name"], e.get("url") or f"(managed) {e['command']}"[:60], text or "-",
+                     auth_source(e)])
     print_table(rows, ["NAME", "URL", "MODELS", "AUTH"])
     return 0
 
@@ -3779,6 +3867,7 @@ def cmd_serve(args, environ):
     options = dict(environ=environ, api_keys=keys, queue_timeout=args.queue_timeout,
                    allowed_hosts=args.allowed_host or () if loopback else None,
                    cors_origins=args.cors_origin or (), mcp_max_rounds=args.mcp_max_rounds,
+                   max_running=args.max_running,
                    mcp_allow_urls=args.mcp_allow_url or (), mcp_roots=args.root or ())
     logging.getLogger("mcp").setLevel(logging.WARNING)  # the SDK logs tracebacks at INFO
     if workers == 1:
@@ -3804,6 +3893,11 @@ def run_worker(args, path, keys, options, max_concurrency, queue_size, sock=None
                       __version__, label, serve_addresses(addresses, keys),
                       len(gateway.router.upstreams), len(gateway.router.table), path)
         if not gateway.router.upstreams:
+            found = await loop.run_in_executor(None, discover_servers, DISCOVERY_PORTS)
+            for name, url, ids in found:
+                logger().info("found %s at %s serving %s: add it with `python3 llmhost.py add "
+                              "%s %s` (or `discover --add`)", name, url,
+                              ", ".join(ids[:5]) or "no models", name, url)
             logger().warning("no servers registered yet: add one with "
                              "`python3 llmhost.py add NAME URL` (serve picks it up live)")
         await stop.wait()
@@ -3880,12 +3974,143 @@ def run_workers(args, path, keys, options, workers):
     return status
 
 
-def cmd_status(args, environ):
+def serve_api(args, environ, path, method="GET"):
+    """Call a running serve's API (for status, ps, load, unload) -> the JSON answer."""
+    import http.client
+    from urllib.parse import urlsplit
     key = args.api_key or (environ.get("LLMHOST_API_KEY", "").split(",")[0].strip() or None)
-    status, doc, text = http_get_json(args.url.rstrip("/") + "/v1/status", key)
+    url = args.url.rstrip("/") + path
+    if method == "GET":
+        status, doc, text = http_get_json(url, key)
+    else:
+        parts = urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port,
+                                          timeout=MANAGED_START_TIMEOUT + 10)
+        try:
+            conn.request(method, parts.path, body=b"", headers={
+                "Authorization": f"Bearer {key}"} if key else {})
+            resp = conn.getresponse()
+            status, text = resp.status, resp.read().decode("utf-8", "replace")
+        except OSError as exc:
+            raise CLIError(f"{method} {url}: {exc}") from None
+        finally:
+            conn.close()
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            doc = None
     if status != 200 or not isinstance(doc, dict):
         message = (doc or {}).get("error", {}).get("message") if isinstance(doc, dict) else text
-        raise CLIError(f"GET {args.url}/v1/status -> HTTP {status}: {message}")
+        raise CLIError(f"{method} {url} -> HTTP {status}: {message}")
+    return doc
+
+
+def cmd_ps(args, environ):
+    doc = serve_api(args, environ, "/v1/status")
+    rows = [[p["name"], p["state"], p["pid"] or "-", p["port"] or "-",
+             "-" if p["uptime_seconds"] is None else f"{p['uptime_seconds']:g}s",
+             f"{p['idle_seconds']:g}s", p["in_flight"], p["last_error"] or "-"]
+            for p in doc.get("processes", ())]
+    if not rows:
+        print("no managed servers (add one with: llmhost.py add NAME --command '...')",
+              file=sys.stderr)
+        return 0
+    print_table(rows, ["NAME", "STATE", "PID", "PORT", "UPTIME", "IDLE", "IN-FLIGHT",
+                       "LAST ERROR"])
+    return 0
+
+
+def cmd_load(args, environ):
+    from urllib.parse import quote
+    doc = serve_api(args, environ, f"/v1/processes/{quote(args.name)}/{args.action}", "POST")
+    print(f"{args.name}: {doc['state']}" + (f" (pid {doc['pid']}, port {doc['port']})"
+                                             if doc.get("pid") else ""))
+    return 0
+
+
+def cmd_logs(args, environ):
+    path = os.path.join(logs_folder(registry_path(args, environ)), f"{args.name}.log")
+    if not os.path.exists(path):
+        raise CLIError(f"no log for {args.name!r} yet ({path}); it is written when serve starts it")
+    with open(path, "rb") as f:
+        data = f.read()
+        sys.stdout.write(b"\n".join(data.splitlines()[-args.lines:]).decode("utf-8", "replace")
+                         + "\n")
+        sys.stdout.flush()
+        while args.follow:
+            chunk = f.read()
+            if chunk:
+                sys.stdout.write(chunk.decode("utf-8", "replace"))
+                sys.stdout.flush()
+            else:
+                time.sleep(0.3)
+    return 0
+
+
+# well-known local ports of OpenAI-compatible servers
+DISCOVERY_PORTS = {1234: "lmstudio", 11434: "ollama", 8080: "llamacpp", 8000: "vllm",
+                   1337: "jan", 5000: "textgen", 5001: "koboldcpp"}
+
+
+def discover_servers(ports, timeout=0.5):
+    """-> [(name, base URL, model ids)] for every port on 127.0.0.1 answering /v1/models."""
+    found = []
+    for port, name in ports.items():
+        url = f"http://127.0.0.1:{port}/v1"
+        try:
+            status, doc, _ = http_get_json(url + "/models", timeout=timeout)
+        except CLIError:
+            continue
+        ids = list_models(doc) if status == 200 else None
+        if ids is not None:
+            found.append((name, url, ids))
+    return found
+
+
+def cmd_discover(args, environ):
+    ports = DISCOVERY_PORTS
+    if args.ports:
+        try:
+            ports = {int(p): f"local{p}" for p in args.ports.split(",")}
+        except ValueError:
+            raise CLIError("--ports takes numbers separated by commas") from None
+    found = discover_servers(ports)
+    if not found:
+        print("found no OpenAI-compatible server on the usual local ports "
+              f"({', '.join(map(str, ports))})")
+        return 1
+    path = registry_path(args, environ)
+    known = {e.get("url") for e in load_registry(path)["servers"]}
+    for name, url, ids in found:
+        shown = ", ".join(ids[:6]) + (" …" if len(ids) > 6 else "")
+        print(f"{name:10} {url:28} {shown or '(no models)'}"
+              f"{'  [registered]' if url in known else ''}")
+    if args.add:
+        added = []
+
+        def change(doc):
+            names = {e["name"] for e in doc["servers"]}
+            urls = {e.get("url") for e in doc["servers"]}
+            for name, url, ids in found:
+                if url in urls:
+                    continue
+                unique = name
+                while unique in names:
+                    unique += "-2"
+                doc["servers"].append({"name": unique, "url": url, "models": ids,
+                                       "discover": True})
+                names.add(unique)
+                added.append(unique)
+
+        update_registry(path, change)
+        print(f"added: {', '.join(added) or 'nothing new'}")
+    else:
+        print("register them with: llmhost.py discover --add")
+    return 0
+
+
+def cmd_status(args, environ):
+    doc = serve_api(args, environ, "/v1/status")
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
@@ -4365,7 +4590,7 @@ def build_parser():
                        "client would use, usually ending in /v1. The server is probed with "
                        "GET URL/models unless --no-check is given.")
     p.add_argument("name", help="a unique name: 1-64 of A-Z a-z 0-9 . _ -")
-    p.add_argument("url", help="base URL, e.g. http://127.0.0.1:8080/v1")
+    p.add_argument("url", nargs="?", help="base URL, e.g. http://127.0.0.1:8080/v1")
     p.add_argument("--model", action="append", metavar="ID",
                    help="a model id it serves (repeatable; default: all it lists)")
     p.add_argument("--alias", metavar="PUBLIC", help="public name for the single --model")
@@ -4380,6 +4605,21 @@ def build_parser():
     p.add_argument("--mcp", action="append", metavar="NAME",
                    help="give its models this MCP server's tools (repeatable)")
     p.add_argument("--no-check", action="store_true", help="save without probing the server")
+    managed = p.add_argument_group("servers llmhost starts itself (instead of URL)")
+    managed.add_argument("--command", metavar="'CMD ... ${PORT}'",
+                         help="command line; ${PORT}, ${MODEL}, ${env.VAR} are expanded")
+    managed.add_argument("--ttl", type=float, metavar="S",
+                         help=f"stop after S idle seconds (default {MANAGED_TTL:g}; 0 = never)")
+    managed.add_argument("--ready-path", metavar="PATH",
+                         help="answers 200 when ready (default /health)")
+    managed.add_argument("--start-timeout", type=float, metavar="S",
+                         help=f"seconds to become ready (default {MANAGED_START_TIMEOUT:g})")
+    managed.add_argument("--env", action="append", metavar="K=V", help="extra environment")
+    managed.add_argument("--cwd", metavar="DIR", help="working folder")
+    managed.add_argument("--group", metavar="NAME",
+                         help="--max-running counts servers per group")
+    managed.add_argument("--check", action="store_true",
+                         help="start it once, list its models, stop it")
     p.set_defaults(func=cmd_add)
 
     p = sub.add_parser("remove", help="unregister a server")
@@ -4416,6 +4656,8 @@ def build_parser():
                    help="a Host name accepted besides loopback ones (DNS-rebinding guard)")
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                    help="answer CORS for this browser origin (repeatable, or '*')")
+    p.add_argument("--max-running", type=int, metavar="N",
+                   help="managed servers running at once (per --group); idle ones make room")
     p.add_argument("--mcp-max-rounds", type=int, default=MCP_MAX_ROUNDS, metavar="N",
                    help=f"model/tool rounds per request (default {MCP_MAX_ROUNDS})")
     p.add_argument("--mcp-allow-url", action="append", metavar="PREFIX",
@@ -4450,6 +4692,29 @@ def build_parser():
     p.set_defaults(func=cmd_bench)
 
     add_mcp_parsers(sub)
+
+    for name, func, help_text in (
+            ("ps", cmd_ps, "managed servers of a running serve (pid, port, state, idle)"),
+            ("load", cmd_load, "start a managed server now, through the running serve"),
+            ("unload", cmd_load, "stop a managed server now, through the running serve")):
+        p = sub.add_parser(name, help=help_text)
+        if name != "ps":
+            p.add_argument("name")
+        p.add_argument("--url", default="http://127.0.0.1:4000", help="where serve listens")
+        p.add_argument("--api-key", metavar="KEY", help="its API key (default $LLMHOST_API_KEY)")
+        p.set_defaults(func=func, action=name)
+
+    p = sub.add_parser("logs", help="output of a managed server (kept beside the registry)")
+    p.add_argument("name")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("-n", "--lines", type=int, default=50)
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("discover", help="find LM Studio, Ollama, llama.cpp, vLLM... on this "
+                       "machine's usual ports")
+    p.add_argument("--add", action="store_true", help="register what answers")
+    p.add_argument("--ports", metavar="N,N", help="probe these ports instead")
+    p.set_defaults(func=cmd_discover)
 
     p = sub.add_parser("status", help="health and load of a running serve")
     p.add_argument("--url", default="http://127.0.0.1:4000", help="where serve listens")
