@@ -70,6 +70,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         fake = self.server.fake
         fake.record(self, b"")
+        if self.path == "/health":
+            return self.send_json(200, {"status": "ok"})
         if self.path.rstrip("/") == fake.prefix + "/models":
             if fake.models_status != 200:
                 return self.send_json(fake.models_status, {"error": "nope"})
@@ -138,6 +140,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
                             "name": name, "arguments": json.dumps(args)}}
                         for i, (name, args) in enumerate(calls)]}}]}) \
                 if not body.get("stream") else self.stream_calls(body, calls)
+        if str(last.get("content")).startswith("delay:"):  # for fakes run as a subprocess
+            time.sleep(float(str(last["content"])[6:]))
         if last.get("role") == "tool":
             results = []
             for m in reversed(messages):
@@ -1469,6 +1473,179 @@ def test_mcp_is_not_imported_until_used(tmp_path, fake):
     result = subprocess.run([sys.executable, "-c", code % (HERE, registry)],
                             capture_output=True, text=True, timeout=TIMEOUT)
     assert result.stdout.strip() == "False", result.stderr
+
+
+
+# =============================================================================
+# Managed servers: started on demand, stopped when idle
+# =============================================================================
+
+FAKE_CMD = f"{sys.executable} {os.path.abspath(__file__)} fake-upstream ${{PORT}}"
+
+
+def managed_entry(name, model, **extra):
+    return dict({"name": name, "command": f"{FAKE_CMD} {model}", "models": [model]}, **extra)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def wait_until(predicate, timeout=TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_managed_cold_start_is_shared_and_idle_stop(tmp_path):
+    path = write_registry(tmp_path / "s.json", [managed_entry("m", "managed-model", ttl=0.5)])
+    running = Running(path)
+    try:
+        models = json.loads(request(running.port, "GET", "/v1/models")[2])["data"]
+        assert models[0]["id"] == "managed-model" and models[0]["state"] == "stopped"
+        body = {"model": "managed-model", "messages": [{"role": "user", "content": "hi"}]}
+        threads, results = held_requests(running.port, 20, body)
+        for t in threads:
+            t.join(TIMEOUT * 2)
+        assert [r[0] for r in results] == [200] * 20
+        log = open(tmp_path / "llmhost-logs" / "m.log").read()
+        assert log.count("--- llmhost: starting") == 1  # 20 first requests, one start
+        server = running.gateway.processes.servers["m"]
+        pid = server.proc.pid
+        assert pid_alive(pid) and server.state == "running"
+        assert wait_until(lambda: server.state == "stopped", 5)  # ttl 0.5 s
+        assert wait_until(lambda: not pid_alive(pid), 5)
+        status, doc = jpost(running.port, "/v1/chat/completions", body)
+        assert status == 200 and server.state == "running" and server.proc.pid != pid
+    finally:
+        running.stop()
+    assert wait_until(lambda: not pid_alive(server.proc.pid), 5)  # serve leaves no child
+
+
+def test_managed_max_running_swaps_without_cutting(tmp_path):
+    path = write_registry(tmp_path / "s.json", [managed_entry("a", "model-a", ttl=0),
+                                                managed_entry("b", "model-b", ttl=0)])
+    running = Running(path, max_running=1)
+    procs = running.gateway.processes.servers
+    try:
+        slow_a = {"model": "model-a", "messages": [{"role": "user", "content": "delay:0.8"}]}
+        threads, results = held_requests(running.port, 1, slow_a)
+        assert wait_until(lambda: procs["a"].up.in_flight and procs["a"].state == "running")
+        started = time.monotonic()
+        status, doc = jpost(running.port, "/v1/chat/completions",
+                            {"model": "model-b", "messages": [{"role": "user", "content": "x"}]})
+        threads[0].join(TIMEOUT)
+        assert results[0][0] == 200  # the in-flight request on `a` was not cut
+        assert status == 200 and time.monotonic() - started >= 0.5  # `b` waited its turn
+        assert procs["a"].state == "stopped" and procs["b"].state == "running"
+        for model in ("model-a", "model-b", "model-a"):
+            assert jpost(running.port, "/v1/chat/completions", {"model": model, "messages": [
+                {"role": "user", "content": "x"}]})[0] == 200
+            assert sum(s.state == "running" for s in procs.values()) == 1
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize("command, extra, needle", [
+    (f"{sys.executable} -c 'import sys; print(\"bad model file\"); sys.exit(3)' ${{PORT}}", {},
+     "exited with code 3"),
+    (f"{sys.executable} -m http.server --bind 127.0.0.1 ${{PORT}}",
+     {"start_timeout": 1.0}, "not ready after 1s"),
+])
+def test_managed_start_failures_are_503_with_output(tmp_path, command, extra, needle):
+    path = write_registry(tmp_path / "s.json", [dict(
+        {"name": "bad", "command": command, "models": ["bad-model"]}, **extra)])
+    running = Running(path)
+    try:
+        body = {"model": "bad-model", "messages": [{"role": "user", "content": "x"}]}
+        status, doc = jpost(running.port, "/v1/chat/completions", body)
+        assert status == 503 and doc["error"]["code"] == "server_start_failed"
+        assert needle in doc["error"]["message"]
+        if "exited" in needle:
+            assert "bad model file" in doc["error"]["message"]  # the last lines of its output
+        status, headers, raw = post(running.port, "/v1/chat/completions", body)
+        assert status == 503 and "next try in" in json.loads(raw)["error"]["message"]
+        assert int(headers["retry-after"]) >= 1  # backoff before the next attempt
+    finally:
+        running.stop()
+
+
+def test_killed_serve_leaves_no_child_on_next_start(tmp_path):
+    registry = write_registry(tmp_path / "s.json", [managed_entry("m", "managed-model", ttl=0)])
+    proc, port = start_serve(registry)
+    assert jpost(port, "/v1/chat/completions", {"model": "managed-model", "messages": [
+        {"role": "user", "content": "x"}]})[0] == 200
+    child = int(next(iter(json.load(open(registry + ".pids")))))
+    proc.kill()  # SIGKILL: no chance to stop its children
+    proc.communicate()
+    assert pid_alive(child)
+    proc, port = start_serve(registry)
+    try:
+        assert wait_until(lambda: not pid_alive(child), 5)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=TIMEOUT)
+    assert "left by a previous serve" in err
+
+
+def test_managed_cli(tmp_path):
+    registry = str(tmp_path / "servers.json")
+    code, out, err = run_cli(registry, "add", "m", "--command", FAKE_CMD + " model-x", "--check",
+                             "--ttl", "60", environ=dict(os.environ))
+    assert code == 0, err
+    entry = llmhost.load_registry(registry)["servers"][0]
+    assert entry["models"] == ["model-x"] and entry["ttl"] == 60 and "url" not in entry
+    for argv, needle in [
+            (["add", "x", "--command", "/no/such/binary --port ${PORT}", "--model", "y"],
+             "not an executable"),
+            (["add", "x", "--command", f"{sys.executable} -m http.server", "--model", "y"],
+             "${PORT}"),
+            (["add", "x", "--command", FAKE_CMD + " z"], "--model"),
+            (["add", "x", "http://127.0.0.1:1/v1", "--ttl", "5", "--no-check"], "--command")]:
+        before = open(registry, "rb").read()
+        code, out, err = run_cli(registry, *argv, environ=dict(os.environ))
+        assert code == 1 and needle in err, err
+        assert open(registry, "rb").read() == before
+    proc, port = start_serve(registry)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        code, out, err = run_cli(registry, "ps", "--url", url)
+        assert code == 0 and "stopped" in out
+        code, out, err = run_cli(registry, "load", "m", "--url", url)
+        assert code == 0 and "running" in out
+        code, out, err = run_cli(registry, "logs", "m")
+        assert code == 0 and "--- llmhost: starting" in out
+        code, out, err = run_cli(registry, "unload", "m", "--url", url)
+        assert code == 0 and "stopped" in out
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=TIMEOUT)
+
+
+def test_discover_finds_fake_servers(tmp_path):
+    one, two = FakeUpstream(models=["alpha"]), FakeUpstream(models=["beta", "gamma"])
+    registry = str(tmp_path / "servers.json")
+    try:
+        ports = f"{one.port},{two.port},1"
+        code, out, err = run_cli(registry, "discover", "--ports", ports)
+        assert code == 0 and "alpha" in out and "beta, gamma" in out
+        assert not os.path.exists(registry)
+        code, out, err = run_cli(registry, "discover", "--ports", ports, "--add")
+        servers = llmhost.load_registry(registry)["servers"]
+        assert [s["models"] for s in servers] == [["alpha"], ["beta", "gamma"]]
+        code, out, err = run_cli(registry, "discover", "--ports", ports, "--add")
+        assert "nothing new" in out and len(llmhost.load_registry(registry)["servers"]) == 2
+    finally:
+        one.close()
+        two.close()
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["mcp-server"]:
