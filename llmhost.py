@@ -172,6 +172,7 @@ _REQUEST_LINE = re.compile(rb"(%s) ([^\x00-\x20\x7f]+) HTTP/(\d)\.(\d)\r\n" % _T
 # field-value: visible chars, SP/HTAB inside, obs-text allowed (RFC 9110 §5.5); no CR, LF, NUL.
 _HEADER_LINE = re.compile(rb"(%s):[ \t]*((?:[\x21-\x7e\x80-\xff](?:[ \t]*[\x21-\x7e\x80-\xff])*)?)"
                           rb"[ \t]*" % _TOKEN)
+_HEADER_LINE_CRLF = re.compile(_HEADER_LINE.pattern + rb"\r\n")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*%s(?:=(?:%s|\"[^\"\r\n]*\"))?)*"
                          rb"[ \t]*\r\n" % (_TOKEN, _TOKEN))
 KNOWN_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH",
@@ -228,18 +229,21 @@ def parse_header_block(block):
     if len(block) > MAX_HEADER_BYTES:
         raise ProtocolError("request headers too large", status=431, code="headers_too_large")
     headers = {}
-    lines = block.split(b"\r\n")
-    if lines[-1] != b"":
+    if block and not block.endswith(b"\r\n"):
         raise ProtocolError("header section must end with CRLF")
-    if len(lines) - 1 > MAX_HEADER_COUNT:
+    if block.count(b"\r\n") > MAX_HEADER_COUNT:
         raise ProtocolError("too many header fields", status=431, code="headers_too_large")
-    for raw in lines[:-1]:
-        m = _HEADER_LINE.fullmatch(raw)
+    pos = 0
+    end = len(block)
+    match = _HEADER_LINE_CRLF.match
+    while pos < end:
+        m = match(block, pos)
         if m is None:
-            if raw[:1] in (b" ", b"\t"):
+            if block[pos:pos + 1] in (b" ", b"\t"):
                 raise ProtocolError("obsolete line folding is not accepted")
             raise ProtocolError("malformed header field")
-        name = m.group(1).decode().lower()
+        pos = m.end()
+        name = m.group(1).lower().decode()
         value = m.group(2).decode("latin-1")
         old = headers.get(name)
         if old is None:
@@ -561,8 +565,9 @@ class ClientConnection:
                 request.keep_alive = False
         return self.respond(request, error.status, headers, json_bytes(error.envelope()))
 
-    def start_stream(self, request, status, headers):
-        """Send the head of a streamed response; bodies go through write_chunk/end_stream."""
+    def start_stream(self, request, status, headers, first=b""):
+        """Send the head of a streamed response (with the first piece of body, if it is at
+        hand: one write instead of two); the rest goes through write_chunk/end_stream."""
         self.chunked = not self.http10
         if not self.chunked:
             request.keep_alive = False  # HTTP/1.0: the end of the body is the close
@@ -573,16 +578,21 @@ class ClientConnection:
             all_headers.append(("Transfer-Encoding", "chunked"))
         self.phase = "stream"
         self.streaming = True
-        self.writer.write(response_head(status, all_headers, "1.0" if self.http10 else "1.1"))
+        head = response_head(status, all_headers, "1.0" if self.http10 else "1.1")
+        self.writer.write(head + (encode_chunk(first) if self.chunked else first) if first
+                          else head)
         return keep_alive
 
     def write_chunk(self, data):
         if data:
             self.writer.write(encode_chunk(data) if self.chunked else data)
 
-    def end_stream(self):
+    def end_stream(self, last=b""):
+        """End the stream, with a last piece of body in the same write."""
         if self.chunked:
-            self.writer.write(LAST_CHUNK)
+            self.writer.write(encode_chunk(last) + LAST_CHUNK if last else LAST_CHUNK)
+        elif last:
+            self.writer.write(last)
         self.streaming = False
 
 
@@ -835,6 +845,11 @@ class UpstreamResponse:
                     if data[-2:] != b"\r\n":
                         raise ProtocolError("chunk not followed by CRLF")
                     data = data[:-2]
+                    if getattr(reader, "_buffer", b"")[:5] == b"0\r\n\r\n":
+                        await reader.readexactly(5)  # the end is here too: say so now
+                        self.done = True
+                        self.release()
+                        return data
             elif self.framing == "length":
                 data = await reader.read(min(self.remaining, RELAY_CHUNK))
                 if not data:
@@ -859,6 +874,10 @@ class UpstreamResponse:
         conn.deadline = time.monotonic() + self.timeout
         return data
 
+    def buffered(self):
+        """Whether body bytes have already arrived (read_some would not wait)."""
+        return bool(getattr(self.conn.reader, "_buffer", None))  # StreamReader's own buffer
+
     async def read_all(self, limit=MAX_UPSTREAM_BODY):
         parts = []
         total = 0
@@ -878,6 +897,10 @@ class UpstreamResponse:
     def close(self):
         self.done = True
         self.client.release(self.conn, False)
+
+
+RESPONSE_FIELDS = tuple((b"\r\n" + name.encode() + b":", name) for name in (
+    "content-type", "content-length", "transfer-encoding", "connection", "retry-after"))
 
 
 class UpstreamClient:
@@ -955,20 +978,22 @@ class UpstreamClient:
                                     code="upstream_protocol_error") from None
 
     def parse_response_head(self, conn, raw, timeout):
-        lines = raw.decode("latin-1").split("\r\n")
-        version, _, rest = lines[0].partition(" ")
-        if not version.startswith("HTTP/1."):
-            raise ValueError(f"status line {lines[0][:60]!r}")
-        status = int(rest[:3])
+        """Status and the few fields we use. An upstream's other fields are never forwarded,
+        so they are not parsed: finding five names in the lower-cased head is much cheaper."""
+        lower = raw.lower()
+        if not lower.startswith(b"http/1.") or raw[8:9] != b" " or not raw[9:12].isdigit():
+            raise ValueError(f"status line {raw[:60]!r}")
+        status = int(raw[9:12])
         headers = {}
-        for line in lines[1:-2]:
-            name, sep, value = line.partition(":")
-            if not sep or not name or name != name.strip():
-                raise ValueError(f"header line {line[:60]!r}")
-            name = name.lower()
-            value = value.strip()
-            headers[name] = headers[name] + ", " + value if name in headers else value
-        if version == "HTTP/1.0" and "keep-alive" not in headers.get("connection", "").lower():
+        for field, name in RESPONSE_FIELDS:
+            at = lower.find(field)
+            if at >= 0:
+                if field == b"\r\ncontent-length:" and lower.find(field, at + 1) >= 0:
+                    raise ValueError("repeated Content-Length")
+                start = at + len(field)
+                headers[name] = raw[start:raw.index(b"\r\n", start)].strip().decode("latin-1")
+        if lower.startswith(b"http/1.0") and "keep-alive" not in headers.get("connection",
+                                                                            "").lower():
             headers["connection"] = "close"
         if status in (204, 304):
             return UpstreamResponse(self, conn, status, headers, "length", 0, timeout)
@@ -2657,6 +2682,7 @@ class Application:
         # pointed at us through DNS rebinding: only loopback names and these hosts pass.
         self.allowed_hosts = None if allowed_hosts is None else {
             h.lower() for h in allowed_hosts}
+        self.host_verdicts = {}  # Host header -> allowed? (parsing addresses per request is slow)
         self.cors_origins = frozenset(cors_origins)
         self.capacity_waiters = []  # futures of requests waiting for a server's max_concurrency
         self.started = time.time()
@@ -2713,8 +2739,15 @@ class Application:
 
     async def dispatch(self, request):
         if self.allowed_hosts is not None:
-            host = host_name(request.headers.get("host", ""))
-            if not (is_loopback_host(host) or host in self.allowed_hosts):
+            header = request.headers.get("host", "")
+            allowed = self.host_verdicts.get(header)
+            if allowed is None:
+                allowed = is_loopback_host(host_name(header)) or \
+                    host_name(header) in self.allowed_hosts
+                if len(self.host_verdicts) < 256:
+                    self.host_verdicts[header] = allowed
+            if not allowed:
+                host = host_name(header)
                 raise Forbidden(f"Host {host!r} is not allowed (DNS rebinding protection); "
                                 "start serve with --allowed-host NAME to allow it.",
                                 code="host_not_allowed")
@@ -2999,13 +3032,19 @@ class Application:
     async def relay_stream(self, request, up, resp, headers):
         """Relay SSE bytes as they arrive. Only whole events are passed on (the bytes up to the
         last blank line), so an error event after an upstream death is never glued to half of
-        an event; upstreams send whole events per write, so this holds nothing back."""
+        an event; upstreams send whole events per write, so this holds nothing back. Bytes that
+        are already at hand share a write with the head or the end (fewer syscalls)."""
         conn = request.conn
         writer = conn.writer
         transport = conn.transport
-        keep_alive = conn.start_stream(request, resp.status, headers)
+        keep_alive = None
         tail = b""
+        pending = b""  # whole events read but not written yet
         try:
+            if resp.buffered():
+                pending = await resp.read_some()
+            keep_alive = conn.start_stream(request, resp.status, headers, pending)
+            pending = b""
             while True:
                 data = await resp.read_some()
                 if not data:
@@ -3022,14 +3061,19 @@ class Application:
                         tail = b""
                 else:
                     tail = b""
+                if resp.done:
+                    pending = data  # the last piece: written with the end of the stream
+                    break
                 conn.write_chunk(data)
                 if transport.get_write_buffer_size() > RELAY_CHUNK:
                     await writer.drain()
-            conn.write_chunk(tail)
+            pending += tail
         except UpstreamError as exc:
             if conn.gone:
                 return False
             self.router.failed(up, exc.message)
+            if keep_alive is None:
+                raise
             conn.write_chunk(sse_event(exc.envelope()))
         except (ConnectionError, OSError):
             resp.close()
@@ -3037,7 +3081,7 @@ class Application:
         if conn.gone:
             resp.close()
             return False
-        conn.end_stream()
+        conn.end_stream(pending)
         return keep_alive
 
     # -- MCP: tools executed by llmhost --------------------------------------------------
