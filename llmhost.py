@@ -2619,17 +2619,19 @@ class AccessLog:
         self.stream = stream
         self.enabled = enabled
         self.lines = []
+        self.stamp = time.strftime("%Y-%m-%d %H:%M:%S")  # refreshed each sweep, not per line
 
     def add(self, request, status, model, server, now):
         if self.enabled:
-            self.lines.append("%s %s %s %s model=%s server=%s status=%s %.1fms id=%s\n" % (
-                time.strftime("%Y-%m-%d %H:%M:%S"), "INFO", request.method, request.path,
+            self.lines.append("%s INFO %s %s model=%s server=%s status=%s %.1fms id=%s\n" % (
+                self.stamp, request.method, request.path,
                 model or "-", server or "-", status, (now - request.started) * 1000,
                 request.request_id))
             if len(self.lines) >= 256:
                 self.flush()
 
     def flush(self, _now=None):
+        self.stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         if self.lines:
             lines, self.lines = self.lines, []
             try:
