@@ -4257,8 +4257,9 @@ async def bench_run(args, api_key, progress=sys.stderr):
         except (ValueError, AttributeError, TypeError, IndexError):
             errors["bad answer"] += 1
 
-    async def worker():
+    async def worker(delay):
         nonlocal issued
+        await asyncio.sleep(delay)  # --ramp: clients join one by one, as real ones do
         while (issued < args.requests) if end is None else (time.monotonic() < end):
             issued += 1
             await one()
@@ -4273,7 +4274,8 @@ async def bench_run(args, api_key, progress=sys.stderr):
 
     shower = asyncio.get_running_loop().create_task(show_progress())
     try:
-        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        await asyncio.gather(*(worker(i * args.ramp / args.concurrency)
+                               for i in range(args.concurrency)))
     finally:
         shower.cancel()
         ticker.cancel()
@@ -4732,6 +4734,8 @@ def build_parser():
     group.add_argument("--requests", "-n", type=int, metavar="N", help="total (default 100)")
     group.add_argument("--duration", "-d", type=float, metavar="S", help="run for S seconds")
     p.add_argument("--stream", action="store_true", help="stream (measures TTFT and ITL)")
+    p.add_argument("--ramp", type=float, default=0.0, metavar="S",
+                   help="spread the clients' first requests over S seconds (default 0)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--prompt", metavar="TEXT")
     group.add_argument("--prompt-tokens", type=int, default=16, metavar="N",

@@ -17,6 +17,7 @@ Subcommands:
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -264,9 +265,10 @@ async def read_response(reader):
         hdr[k.strip().lower()] = v.strip().lower()
     body = bytearray()
     t_first, t_last, gaps = None, None, []
+    t_token = None  # when the first content token arrived (the first event is role-only)
 
     def got(data):
-        nonlocal t_first, t_last
+        nonlocal t_first, t_last, t_token
         if not data:
             return
         now = time.perf_counter()
@@ -276,6 +278,8 @@ async def read_response(reader):
             gaps.append((now - t_last) * 1000)
         t_last = now
         body.extend(data)
+        if t_token is None and FIRST_TOKEN.search(body):
+            t_token = now
 
     if "chunked" in hdr.get("transfer-encoding", ""):
         while True:
@@ -306,7 +310,11 @@ async def read_response(reader):
             if not data:
                 break
             got(data)
-    return status, bytes(body), t_first, time.perf_counter(), gaps, hdr.get("connection") == "close"
+    return (status, bytes(body), t_first, time.perf_counter(), gaps,
+            hdr.get("connection") == "close", t_token)
+
+
+FIRST_TOKEN = re.compile(rb'"content":"[^"]')
 
 
 def pct(values, p):
@@ -337,7 +345,7 @@ def stream_client(argv):
     req = (("POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
             "Authorization: Bearer bench\r\nContent-Length: %d\r\n\r\n") % (path, host_port[0], len(body))
            ).encode() + body
-    ttfb, total, maxgap, errors = [], [], [], {}
+    ttfb, ttft, total, maxgap, errors = [], [], [], [], {}
 
     def err(kind):
         errors[kind] = errors.get(kind, 0) + 1
@@ -353,7 +361,7 @@ def stream_client(argv):
                     reader, writer = await asyncio.open_connection(host, int(port or 80))
                 t0 = time.perf_counter()
                 writer.write(req)
-                status, data, t_first, t_end, gaps, close = await asyncio.wait_for(
+                status, data, t_first, t_end, gaps, close, t_token = await asyncio.wait_for(
                     read_response(reader), 30)
                 if status != 200:
                     err("status_%d" % status)
@@ -361,6 +369,7 @@ def stream_client(argv):
                     err("bad_stream")
                 else:
                     ttfb.append((t_first - t0) * 1000)
+                    ttft.append(((t_token or t_end) - t0) * 1000)
                     total.append((t_end - t0) * 1000)
                     maxgap.append(max(gaps) if gaps else 0.0)
                 if close:
@@ -388,7 +397,7 @@ def stream_client(argv):
     # arrivals within a stream), all over the same streams.
     nerr = sum(errors.values())
     kinds = ",".join("%s:%d" % kv for kv in sorted(errors.items())) or "-"
-    for name, vals in (("ttfb", ttfb), ("total", total), ("gap", maxgap)):
+    for name, vals in (("ttfb", ttfb), ("ttft", ttft), ("total", total), ("gap", maxgap)):
         print("BENCH name=%s requests=%d rps=%.1f p50_ms=%.3f p90_ms=%.3f p99_ms=%.3f "
               "sock_errors=%d status_errors=0 errkinds=%s"
               % (name, len(vals), len(vals) / elapsed, pct(vals, 50), pct(vals, 90), pct(vals, 99),
@@ -588,6 +597,36 @@ def table(args):
         print("\n**Errors or failed runs:** " + ", ".join(bad))
 
 
+def agree(args):
+    """`agree RESULTS DIRECT.json LLMHOST.json`: llmhost's own `bench` command vs this harness's
+    stream client on the same paced path: time to first token/byte and whole-stream time."""
+    harness = {}
+    with open(args[0]) as f:
+        for line in f:
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) >= 3 and parts[0].startswith(("paced-ttft", "paced-total")):
+                kv = dict(x.split("=", 1) for x in parts[2].split() if "=" in x)
+                harness[(parts[0].split("-")[1], parts[1])] = kv
+    print("| path | measure | harness p50 / p99 ms | `llmhost.py bench` p50 / p99 ms | bench/harness |")
+    print("|---|---|--:|--:|--:|")
+    for target, path in (("direct", args[1]), ("llmhost", args[2])):
+        try:
+            with open(path) as f:
+                result = json.load(f)
+        except (OSError, ValueError):
+            print(f"| {target} | (bench failed) | | | |")
+            continue
+        for measure, key in (("ttft", "ttft_ms"), ("total", "latency_ms")):
+            h = harness.get((measure, target))
+            b = result.get(key) or {}
+            if not h or not b:
+                continue
+            hp50, hp99 = float(h["p50_ms"]), float(h["p99_ms"])
+            print(f"| {target} | {'first token' if measure == 'ttft' else 'whole stream'} | "
+                  f"{hp50:.2f} / {hp99:.2f} | {b['p50']:.2f} / {b['p99']:.2f} | "
+                  f"{b['p50'] / hp50:.2f} / {b['p99'] / hp99:.2f} |")
+
+
 def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "free-ports":
@@ -616,6 +655,8 @@ def main():
         sample(args)
     elif cmd == "table":
         table(args)
+    elif cmd == "agree":
+        agree(args)
     else:
         sys.exit(__doc__)
 
