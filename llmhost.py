@@ -3312,7 +3312,7 @@ class Application:
         template = None
         for number in range(rounds + 1):
             last = number == rounds
-            collected = {"calls": {}, "finish": None}
+            collected = {"calls": {}, "finish": None, "content": []}
 
             async def deliver(up, resp, data, overhead, collected=collected):
                 nonlocal keep_alive, template
@@ -3333,9 +3333,11 @@ class Application:
                         if event == "[DONE]":
                             continue
                         doc = json.loads(event)
-                        if doc.get("error"):
-                            conn.write_chunk(sse_event(doc))
-                            raise UpstreamError("the model failed mid-stream")
+                        if doc.get("error"):  # ends the stream with our one error event
+                            error = doc["error"]
+                            raise UpstreamError("upstream: " + str(error.get("message", error)
+                                                                   if isinstance(error, dict)
+                                                                   else error))
                         self.add_usage(state["usage"], doc.get("usage"))
                         for choice in doc.get("choices") or ():
                             template = doc
@@ -3350,6 +3352,8 @@ class Application:
                                 call["function"]["arguments"] += fn.get("arguments") or ""
                             if choice.get("finish_reason"):
                                 collected["finish"] = choice["finish_reason"]
+                            if delta.get("content"):
+                                collected["content"].append(delta["content"])
                             shown = any(v for k, v in delta.items() if k != "role")
                             if not shown and not (number == 0 and "role" in delta):
                                 continue  # nothing a client would show
@@ -3375,8 +3379,8 @@ class Application:
             state["rounds"] += 1
             if theirs:
                 break
-            self.extend_conversation(state, {"role": "assistant", "content": None}, mine,
-                                     results)
+            self.extend_conversation(state, {"role": "assistant", "content": "".join(
+                collected["content"]) or None}, mine, results)
         finish = collected["finish"] or "stop"
         tail = dict(template or {"object": "chat.completion.chunk"})
         tail.pop("usage", None)
