@@ -42,7 +42,7 @@ MAX_HEADER_COUNT = 100  # fields; http.client's _MAXHEADERS -> 431
 MAX_BODY_BYTES = 32 * 1024 * 1024  # bytes; llama-swap 32 MiB, fits base64 images -> 413
 MAX_UPSTREAM_BODY = 64 * 1024 * 1024  # bytes of a non-streamed upstream answer we buffer
 HEADER_TIMEOUT = 10.0  # s to receive a whole request head; slowloris guard
-BODY_TIMEOUT = 60.0  # s of silence while a request body is arriving
+BODY_TIMEOUT = 60.0  # s for a Content-Length body; for a chunked body, per chunk
 KEEPALIVE_IDLE = 5.0  # s an idle client connection is kept; uvicorn 5 s
 MAX_CONNECTIONS = 1024  # open client connections per process; past it new ones are closed
 CONNECT_TIMEOUT = 5.0  # s to open an upstream connection
@@ -428,7 +428,6 @@ class ClientConnection:
         self.task = None
         self.streaming = False  # response head sent as a chunked stream
         self.chunked = True
-        self.http10 = False
 
     # -- deadlines -------------------------------------------------------------------------
     def expire(self):
@@ -460,7 +459,7 @@ class ClientConnection:
             if not exc.partial.strip():
                 return None  # clean close between requests
             head = exc.partial  # the peer half-closed mid-head: say what was wrong with it
-            self.parse_head(head + b"\r\n\r\n" if head.endswith(b"\r\n") else head)
+            self.parse_head(head + b"\r\n" if head.endswith(b"\r\n") else head)
             raise ProtocolError("incomplete request head")
         except asyncio.LimitOverrunError:
             buffered = await reader.read(MAX_REQUEST_LINE + MAX_HEADER_BYTES)
@@ -477,7 +476,8 @@ class ClientConnection:
             self.phase = "app"
             self.deadline = None
             return request
-        if request.headers.get("expect", "").lower() == "100-continue":
+        if request.headers.get("expect", "").lower() == "100-continue" and \
+                request.version == "1.1":  # RFC 9110 §10.1.1: not for HTTP/1.0 clients
             self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.phase = "body"
         self.deadline = time.monotonic() + BODY_TIMEOUT
@@ -499,10 +499,7 @@ class ClientConnection:
         headers = parse_header_block(head[end:-2])
         if version == "1.1" and "host" not in headers:
             raise ProtocolError("missing Host header")  # RFC 9112 §3.2
-        request = Request(method, target, version, headers)
-        if version == "1.0":
-            self.http10 = True
-        return request
+        return Request(method, target, version, headers)
 
     async def read_chunked_body(self):
         reader = self.reader
@@ -541,6 +538,8 @@ class ClientConnection:
         headers = [("Date", self.server.sweeper.date)]
         if not keep_alive:
             headers.append(("Connection", "close"))
+        elif request.version == "1.0":
+            headers.append(("Connection", "keep-alive"))  # RFC 9112 §9.3: 1.0 must be told
         if request is not None:
             if request.request_id:
                 headers.append(("X-Request-Id", request.request_id))
@@ -552,8 +551,11 @@ class ClientConnection:
         keep_alive = request is not None and request.keep_alive and not self.server.closing
         all_headers = self.common_headers(request, keep_alive)
         all_headers.extend(headers)
-        all_headers.append(("Content-Length", len(body)))
-        version = "1.0" if self.http10 else "1.1"
+        if status >= 200 and status not in (204, 304):  # RFC 9110 §8.6: none for those
+            all_headers.append(("Content-Length", len(body)))
+        else:
+            body = b""
+        version = "1.0" if request is not None and request.version == "1.0" else "1.1"
         if request is not None and request.method == "HEAD":
             body = b""
         self.writer.write(response_head(status, all_headers, version) + body)
@@ -561,17 +563,14 @@ class ClientConnection:
 
     def write_error(self, error, request=None, close=False):
         headers = [("Content-Type", "application/json")] + error.headers
-        if close or error.close:
-            headers.append(("Connection", "close"))
-            request = None if request is None else request
-            if request is not None:
-                request.keep_alive = False
+        if (close or error.close) and request is not None:
+            request.keep_alive = False  # common_headers then says Connection: close
         return self.respond(request, error.status, headers, json_bytes(error.envelope()))
 
     def start_stream(self, request, status, headers, first=b""):
         """Send the head of a streamed response (with the first piece of body, if it is at
         hand: one write instead of two); the rest goes through write_chunk/end_stream."""
-        self.chunked = not self.http10
+        self.chunked = request.version != "1.0"
         if not self.chunked:
             request.keep_alive = False  # HTTP/1.0: the end of the body is the close
         keep_alive = request.keep_alive and not self.server.closing
@@ -581,7 +580,8 @@ class ClientConnection:
             all_headers.append(("Transfer-Encoding", "chunked"))
         self.phase = "stream"
         self.streaming = True
-        head = response_head(status, all_headers, "1.0" if self.http10 else "1.1")
+        head = response_head(status, all_headers, request.version if request.version == "1.0"
+                             else "1.1")
         self.writer.write(head + (encode_chunk(first) if self.chunked else first) if first
                           else head)
         return keep_alive
@@ -802,6 +802,7 @@ class UpstreamConnection:
         self.writer = writer
         self.deadline = None
         self.expired = False  # a deadline passed: errors that follow are timeouts
+        self.aborted = False  # we closed it on purpose (the client left)
         self.reused = False
         self.idle_since = 0.0
 
@@ -810,6 +811,7 @@ class UpstreamConnection:
         self.writer.transport.abort()
 
     def abort(self):
+        self.aborted = True
         self.writer.transport.abort()
 
 
@@ -967,8 +969,12 @@ class UpstreamClient:
                 if conn.expired:
                     raise UpstreamTimeout(f"{origin.host_header} sent no answer within "
                                           f"{timeout:g}s") from None
-                if conn.reused and not (isinstance(exc, asyncio.IncompleteReadError)
-                                        and exc.partial):
+                if isinstance(exc, asyncio.LimitOverrunError):
+                    raise UpstreamError(f"{origin.host_header} sent a response head over "
+                                        f"{MAX_HEADER_BYTES} bytes",
+                                        code="upstream_protocol_error") from None
+                if conn.reused and not conn.aborted and not (
+                        isinstance(exc, asyncio.IncompleteReadError) and exc.partial):
                     idle = None  # stale pooled connection: once more, on a fresh one
                     continue
                 raise UpstreamError(f"{origin.host_header} closed the connection without an "
@@ -2890,14 +2896,15 @@ class Application:
     async def forward(self, request, body, suffix, transform=None, raw=None):
         """Route `body` (sent as `raw` when that is its unchanged encoding) and relay the answer."""
         request.model = body["model"]
-        candidates = self.router.resolve(body["model"])
+        self.router.pool(body["model"])  # an unknown model is a 404 before any wait
 
         def deliver(up, resp, data, overhead):
             return self.relay(request, up, resp, data, transform, overhead)
 
         await self.admission.acquire()
-        try:
-            return await self.try_candidates(request, body, candidates, suffix, raw, deliver)
+        try:  # ordered now, after the wait: health and load may have changed meanwhile
+            return await self.try_candidates(request, body, self.router.resolve(body["model"]),
+                                             suffix, raw, deliver)
         finally:
             self.admission.release()
 
@@ -3000,7 +3007,11 @@ class Application:
                     self.router.failed(up, f"HTTP {status}")
                 else:
                     self.router.succeeded(up)
-                return await deliver(up, resp, data, (sent - request.started) * 1000)
+                try:
+                    return await deliver(up, resp, data, (sent - request.started) * 1000)
+                finally:
+                    if not resp.done:
+                        resp.close()  # not read to its end: the connection cannot be reused
             finally:
                 up.in_flight -= 1
                 conn.upstream = None
@@ -3056,16 +3067,13 @@ class Application:
                     break
                 if tail:
                     data = tail + data
-                end = data.rfind(b"\n\n") + 2
-                if end < len(data):
-                    end = max(end, data.rfind(b"\n\r\n") + 3)
-                    if end < len(data):
-                        tail = data[end:]
-                        data = data[:end]
-                    else:
-                        tail = b""
+                # cut after the last blank line (an event's end, LF or CRLF style)
+                lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\n\r\n")
+                cut = max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
+                if cut < len(data) and len(data) - cut < MAX_UPSTREAM_BODY:
+                    data, tail = data[:cut], data[cut:]
                 else:
-                    tail = b""
+                    tail = b""  # whole events, or an "event" too big to hold: pass it on
                 if resp.done:
                     pending = data  # the last piece: written with the end of the stream
                     break
@@ -3228,7 +3236,7 @@ class Application:
         """The tool loop: ask the model; run the MCP tools it calls; give it the results; ask
         again, up to mcp_max_rounds. Client tools in a round end the loop (see README)."""
         request.model = body["model"]
-        candidates = self.router.resolve(body["model"])
+        self.router.pool(body["model"])  # an unknown model is a 404 before MCP servers start
         bindings = {b["name"]: b for b in await self.mcp.tools(servers, allowed or None)}
         tools = [t for t in body.get("tools") or () if not (isinstance(t, dict) and
                                                             t.get("type") == "mcp")]
@@ -3240,9 +3248,8 @@ class Application:
         try:
             if body.get("stream") is True:
                 include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-                return await self.mcp_loop_stream(request, base, candidates, bindings, state,
-                                                  include_usage)
-            return await self.mcp_loop(request, base, candidates, bindings, state)
+                return await self.mcp_loop_stream(request, base, bindings, state, include_usage)
+            return await self.mcp_loop(request, base, bindings, state)
         finally:
             self.admission.release()
 
@@ -3271,12 +3278,13 @@ class Application:
         state["messages"].extend({"role": "tool", "tool_call_id": c.get("id"), "content": r["text"]}
                                  for c, r in zip(mine, results))
 
-    async def mcp_loop(self, request, base, candidates, bindings, state):
+    async def mcp_loop(self, request, base, bindings, state):
         rounds = self.mcp_max_rounds
         for number in range(rounds + 1):
             last = number == rounds
-            status, data = await self.complete(
-                request, self.mcp_round_body(base, state, last, False), candidates)
+            status, data = await self.complete(  # each round ordered anew (health, load)
+                request, self.mcp_round_body(base, state, last, False),
+                self.router.resolve(base["model"]))
             if status != 200:
                 request.status = status
                 return request.conn.respond(request, status, JSON_TYPE,
@@ -3305,7 +3313,7 @@ class Application:
         return request.conn.respond(request, 200, JSON_TYPE + [
             ("X-Llmhost-Server", request.server or "-")], json_bytes(doc))
 
-    async def mcp_loop_stream(self, request, base, candidates, bindings, state, include_usage):
+    async def mcp_loop_stream(self, request, base, bindings, state, include_usage):
         conn = request.conn
         rounds = self.mcp_max_rounds
         keep_alive = True
@@ -3362,8 +3370,8 @@ class Application:
                             conn.write_chunk(sse_event(doc))
 
             status, data = await self.try_candidates(
-                request, self.mcp_round_body(base, state, last, True), candidates,
-                "/chat/completions", None, deliver)
+                request, self.mcp_round_body(base, state, last, True),
+                self.router.resolve(base["model"]), "/chat/completions", None, deliver)
             if status != 200 or data is not None:
                 if conn.streaming:
                     conn.write_chunk(sse_event(json.loads(error_envelope_bytes(status, data))))
@@ -3516,9 +3524,16 @@ def print_table(rows, header):
 
 
 def entry_api_key(entry, environ):
+    """The entry's upstream key, stripped (a key read with $(cat file) ends with a newline)."""
     if entry.get("api_key_env"):
-        return environ.get(entry["api_key_env"]) or None
-    return entry.get("api_key") or None
+        key = (environ.get(entry["api_key_env"]) or "").strip()
+        where = f"environment variable {entry['api_key_env']}"
+    else:
+        key = (entry.get("api_key") or "").strip()
+        where = "api_key"
+    if any(c in key for c in "\r\n\0"):
+        raise RegistryError(f"server {entry['name']}: the {where} holds a line break or NUL")
+    return key or None
 
 
 def cmd_add(args, environ):
@@ -3809,12 +3824,12 @@ class Gateway:
         self.registry_stamp = self.stamp()
         try:
             doc = load_registry(self.registry)
+            keys = {e["name"]: entry_api_key(e, self.environ) for e in doc["servers"]}
         except RegistryError as exc:
             if quiet:
                 raise
             logger().error("registry not reloaded, keeping the last good one: %s", exc)
             return
-        keys = {e["name"]: entry_api_key(e, self.environ) for e in doc["servers"]}
         before = set(self.router.upstreams)
         self.router.load(doc["servers"], keys)
         for server in self.processes.sync(self.router.upstreams):

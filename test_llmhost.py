@@ -191,6 +191,15 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
             words = reply.split(" ")
             pieces = [{"content": w if i == 0 else " " + w} for i, w in enumerate(words)]
         for i, piece in enumerate(pieces):
+            if step.get("split"):  # each event in two chunks, cut mid-JSON
+                data = b"data: " + json.dumps(delta(piece)).encode() + b"\n\n"
+                self.chunk(data[:len(data) // 2])
+                if step.get("drop_after") is not None and i >= step["drop_after"]:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)  # dies mid-event
+                    return
+                self.chunk(data[len(data) // 2:])
+                continue
             if step.get("drop_after") is not None and i >= step["drop_after"]:
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)  # dies mid-stream
@@ -1010,6 +1019,18 @@ def test_chunked_request_body_and_100_continue(gateway, fake):
     assert fake.posts()[-1]["body"] == body
 
 
+def test_http10_keep_alive_and_no_100_continue(gateway):
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=TIMEOUT) as s:
+        s.sendall(b"GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        status, headers, body, _ = parse_response(s.recv(65536))
+        assert status == 200 and headers["connection"] == "keep-alive"
+        body = json.dumps(CHAT).encode()
+        s.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nExpect: 100-continue\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        raw = s.recv(65536)
+        assert raw.startswith(b"HTTP/1.0 200 ")  # no interim 100 for an HTTP/1.0 client
+
+
 def test_http10_client_gets_close_delimited_stream(gateway):
     body = json.dumps(dict(CHAT, stream=True)).encode()
     raw = raw_exchange(gateway.port, b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: "
@@ -1796,6 +1817,23 @@ def test_no_retry_after_first_byte_and_error_event(pool):
     assert len(fakes[1].posts()) == 0 and len(fakes[2].posts()) == 0  # never retried
 
 
+def test_events_split_across_chunks_and_death_mid_event(pool):
+    running, fakes = pool
+    fakes[0].script({"split": True})
+    status, _, raw = post(running.port, "/v1/chat/completions", dict(CHAT, stream=True))
+    events = sse_events(raw)
+    assert events[-1] == "[DONE]"
+    text = "".join(json.loads(e)["choices"][0]["delta"].get("content") or ""
+                   for e in events[:-1] if json.loads(e)["choices"])
+    assert text == "echo: hello there"
+    fakes[0].script({"split": True, "drop_after": 1})
+    status, _, raw = post(running.port, "/v1/chat/completions", dict(CHAT, stream=True))
+    events = sse_events(raw)
+    assert [json.loads(e).get("error", {}).get("type") for e in events] == \
+        [None, None, "server_error"]  # whole events, then one clean error event
+    assert raw.count(b"data:") == 3
+
+
 def test_upstream_stall_mid_stream_ends_with_timeout_event(pool):
     running, fakes = pool
     release = threading.Event()
@@ -2383,6 +2421,7 @@ def test_cors_off_by_default_and_on_when_asked(fake, tmp_path, gateway):
                                      headers={"Origin": "http://app.example",
                                               "Access-Control-Request-Method": "POST"})
         assert status == 204 and headers["access-control-allow-origin"] == "http://app.example"
+        assert "content-length" not in headers  # RFC 9110 §8.6: never with a 204
         assert "Authorization" in headers["access-control-allow-headers"]
         status, headers, _ = post(running.port, "/v1/chat/completions", CHAT, headers={
             "Origin": "http://app.example", "Authorization": "Bearer k"})
