@@ -1227,8 +1227,8 @@ def validate_registry(doc, path):
                 raise RegistryError(f"{label}: unknown field \"{field}\" "
                                     f"(known: {', '.join(SERVER_FIELDS)})")
             if not rule[0](value):
-                raise RegistryError(f"{label}.{field}: must be {rule[1]}, found {value!r}"
-                                    if field != "api_key" else f"{label}.api_key: must be a key")
+                shown = "" if field in ("api_key", "env") else f", found {value!r}"
+                raise RegistryError(f"{label}.{field}: must be {rule[1]}{shown}")
         if entry["name"] in seen:
             raise RegistryError(f"{label}: the name \"{entry['name']}\" is used twice")
         seen.add(entry["name"])
@@ -1278,7 +1278,11 @@ def save_registry(path, doc):
     import tempfile
     validate_registry(doc, path)
     folder = os.path.dirname(os.path.abspath(path))
-    has_literal_key = any(entry.get("api_key") for entry in doc["servers"])
+    # literal secrets (an api_key, or env/header values that are not just ${VAR}): owner-only
+    maps = [e.get("env", {}) for e in doc["servers"]] + [
+        m for e in doc["mcpServers"].values() for m in (e.get("env", {}), e.get("headers", {}))]
+    has_literal_key = any(entry.get("api_key") for entry in doc["servers"]) or any(
+        re.fullmatch(r"(\$\{[^}]+\}|\s)*", str(v)) is None for m in maps for v in m.values())
     try:
         mode = os.stat(path).st_mode & 0o777
     except FileNotFoundError:
@@ -1570,6 +1574,7 @@ class ManagedServer:
         self.started_at = None
         self.last_used = time.monotonic()
         self.starting = None  # the shared start (asyncio.Task) while one is under way
+        self.watcher = None  # the task that notices the process exit
         self.failures = 0
         self.retry_at = 0.0
         self.last_error = None
@@ -1601,6 +1606,8 @@ class ProcessManager:
         self.max_running = max_running
         self.servers = {}  # name -> ManagedServer
         self.group_locks = {}  # group -> asyncio.Lock: one start at a time makes room
+        self.retired = set()  # removed from the registry, stopped once their requests end
+        self.next_trim = 0.0
         self.pid_file = os.path.abspath(registry) + ".pids"
         self.owner_mark = os.path.abspath(registry)  # in each child's env, to find them again
 
@@ -1612,6 +1619,7 @@ class ProcessManager:
             if up is None or up.entry != server.up.entry:
                 del self.servers[name]
                 gone.append(server)
+                self.retired.add(server)
         for up in upstreams.values():
             if up.managed:
                 server = self.servers.get(up.name)
@@ -1664,6 +1672,9 @@ class ProcessManager:
         async with lock:  # starts queue in order; each makes room before the next looks
             await self.make_room(server)
             server.state = "starting"
+        old = server.proc
+        if old is not None and old.returncode is None:
+            await old.wait()  # a stop is under way: never two copies of one server at once
         port = free_port()
         try:
             argv = expand_command(entry["command"], port, up.models[0] if up.models else "",
@@ -1673,8 +1684,10 @@ class ProcessManager:
         os.makedirs(os.path.dirname(server.log_path), exist_ok=True)
         self.trim_log(server.log_path)
         env = dict(self.environ, **entry.get("env", {}), LLMHOST_OWNER=self.owner_mark)
-        with open(server.log_path, "ab") as log:
-            log.write(f"--- llmhost: starting {' '.join(argv)}\n".encode())
+        fd = os.open(server.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "ab") as log:  # its output may hold secrets: owner-only
+            # the command as registered, not expanded: ${env.VAR} values stay out of the log
+            log.write(f"--- llmhost: starting {entry['command']} (port {port})\n".encode())
             log.flush()
             try:
                 proc = await asyncio.create_subprocess_exec(
@@ -1684,7 +1697,11 @@ class ProcessManager:
             except OSError as exc:
                 raise self.fail(server, f"cannot run {argv[0]}: {exc.strerror or exc}") from None
         server.proc, server.port = proc, port
+        server.watcher = asyncio.get_running_loop().create_task(self.watch(server, proc))
         self.write_pids()
+        if self.servers.get(server.name) is not server:  # removed from the registry meanwhile
+            await self.stop(server, "removed from the registry while starting")
+            raise ServiceUnavailable(f"managed server {server.name} was removed")
         up.set_url(f"http://127.0.0.1:{port}/v1")
         logger().info("managed server %s: started pid %d on port %d", server.name, proc.pid, port)
         deadline = time.monotonic() + entry.get("start_timeout", MANAGED_START_TIMEOUT)
@@ -1694,6 +1711,7 @@ class ProcessManager:
                        ).encode("latin-1")
         while True:
             if proc.returncode is not None:
+                await self.stop(server, "exited while starting")  # what it left in its group
                 raise self.fail(server, f"exited with code {proc.returncode} while starting")
             if time.monotonic() > deadline:
                 await self.stop(server, "did not become ready")
@@ -1706,7 +1724,6 @@ class ProcessManager:
         server.failures = 0
         server.last_error = None
         logger().info("managed server %s: ready", server.name)
-        asyncio.get_running_loop().create_task(self.watch(server, proc))
 
     async def answers(self, up, head):
         try:
@@ -1741,6 +1758,7 @@ class ProcessManager:
         if not self.max_running:
             return
         group = server.up.entry.get("group")
+        deadline = time.monotonic() + server.up.entry.get("start_timeout", MANAGED_START_TIMEOUT)
         while True:
             running = [s for s in self.servers.values() if s is not server and
                        s.state in ("running", "starting", "stopping") and
@@ -1750,6 +1768,11 @@ class ProcessManager:
             idle = [s for s in running if s.state == "running" and not s.up.in_flight]
             if idle:
                 await self.stop(min(idle, key=lambda s: s.last_used), "making room")
+            elif time.monotonic() > deadline:
+                raise ServiceUnavailable(
+                    f"managed server {server.name} waited for a free slot (--max-running "
+                    f"{self.max_running}) too long: the running ones stay busy",
+                    code="server_start_failed", headers=[("Retry-After", "5")])
             else:
                 await asyncio.sleep(0.05)
 
@@ -1758,34 +1781,40 @@ class ProcessManager:
         import asyncio
         import signal
         proc = server.proc
-        if proc is None or proc.returncode is not None:
-            server.state = "stopped" if server.state != "failed" else "failed"
+        if proc is None:
             return
-        server.state = "stopping"
-        logger().info("managed server %s: stopping (%s)", server.name, reason)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                break
-            try:
-                await asyncio.wait_for(proc.wait(), MANAGED_STOP_GRACE)
-                break
-            except asyncio.TimeoutError:
-                continue
+        if proc.returncode is None:
+            server.state = "stopping"
+            logger().info("managed server %s: stopping (%s)", server.name, reason)
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    break
+                try:
+                    await asyncio.wait_for(proc.wait(), MANAGED_STOP_GRACE)
+                    break
+                except asyncio.TimeoutError:
+                    continue
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # anything the server left in its group
         except (ProcessLookupError, PermissionError):
             pass
-        server.state = "stopped"
-        server.port = None
+        if server.proc is proc and server.state != "failed":  # not if a new one started since
+            server.state = "stopped"
+            server.port = None
         self.write_pids()
 
     async def stop_all(self):
         import asyncio
-        await asyncio.gather(*(self.stop(s, "shutting down") for s in self.servers.values()))
+        everything = list(self.servers.values()) + list(self.retired)
+        await asyncio.gather(*(self.stop(s, "shutting down") for s in everything))
 
     def idle_check(self, now, spawn):
+        if now >= self.next_trim:  # a chatty server's log stays bounded while it runs too
+            self.next_trim = now + 60
+            for server in self.servers.values():
+                self.trim_log(server.log_path)
         for server in self.servers.values():
             ttl = server.up.entry.get("ttl", MANAGED_TTL)
             if server.state == "running" and ttl and not server.up.in_flight and \
@@ -1942,6 +1971,7 @@ def mcp_log():
     return logging.getLogger("llmhost.mcp")
 
 
+MCP_REQUEST_SERVERS = 16  # servers named by requests' server_url kept connected at once
 MCP_MAX_ROUNDS = 8  # model -> tools -> model rounds per request before we stop calling tools
 MCP_KEEPALIVE = 10.0  # s between SSE comments that keep a stream alive while tools run
 MCP_CALL_TIMEOUT = 60.0  # s, one tool call incl. sampling rounds; Claude Desktop uses 60 s too
@@ -2013,17 +2043,22 @@ def mcp_tool_name(server, tool, taken):
 
 def _describe_exc(exc):
     """One line for an exception, unwrapping anyio's nested ExceptionGroups to the leaf causes."""
-    group = getattr(__builtins__, "BaseExceptionGroup", None) if not isinstance(
-        __builtins__, dict) else __builtins__.get("BaseExceptionGroup")
-    if group is not None and isinstance(exc, group):
+    try:
+        from builtins import BaseExceptionGroup as group  # Python 3.11+
+    except ImportError:
+        try:
+            from exceptiongroup import BaseExceptionGroup as group  # anyio's backport on 3.10
+        except ImportError:
+            group = ()
+    if isinstance(exc, group):
         leaves = []
         for sub in exc.exceptions:
             leaf = _describe_exc(sub)
             if leaf not in leaves:
                 leaves.append(leaf)
         return "; ".join(leaves)
-    msg = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {msg}" if not isinstance(exc, (OSError, TimeoutError)) or str(exc) else type(exc).__name__
+    msg = getattr(exc, "message", None) or str(exc)
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
 
 def _dump(model):
@@ -2104,6 +2139,8 @@ class _MCPConn:
         self.state, self.era, self.server_info, self.last_error = "idle", None, None, None
         self.tools = None  # cached list[mcp Tool]; None = not listed yet or invalidated
         self.failures, self.retry_at = 0, 0.0
+        self.from_request = False  # named by a request's server_url: literal, never ${VAR}
+        self.retired = False  # removed from the hub: must not be (re)started
 
     def note_failure(self, error):
         self.last_error, self.failures = error, self.failures + 1
@@ -2124,22 +2161,38 @@ class MCPHub:
     # ---- connection lifecycle (owner task per server) ----
 
     def specs(self):
-        return {name: c.spec for name, c in self._conns.items()}
+        """The registered servers (not those a request named by URL)."""
+        return {name: c.spec for name, c in self._conns.items() if not c.from_request}
 
-    def add(self, name, spec):
-        """Know one more server (a request's allowed server_url); connects on first use."""
-        if name not in self._conns:
-            self._conns[name] = _MCPConn(name, dict(spec))
+    async def add_from_request(self, name, spec):
+        """A server a request names by an allowed server_url. Kept (and reused) only by
+        requests that give the same URL and headers; at most MCP_REQUEST_SERVERS are kept."""
+        c = self._conns.get(name)
+        if c is not None and c.spec == spec and c.from_request:
+            return
+        if c is not None:
+            await self._retire([c])
+        dynamic = [c for c in self._conns.values() if c.from_request]
+        if len(dynamic) >= MCP_REQUEST_SERVERS:
+            await self._retire(dynamic[:1])  # the oldest
+        c = self._conns[name] = _MCPConn(name, dict(spec))
+        c.from_request = True
+
+    async def _retire(self, conns):
+        import asyncio
+        for c in conns:
+            c.retired = True
+            self._conns.pop(c.name, None)
+        await asyncio.gather(*(self._stop(c) for c in conns), return_exceptions=True)
 
     async def update(self, specs):
         """The registry changed: stop servers that went away or changed, know the new ones."""
-        import asyncio
-        stale = [c for name, c in self._conns.items() if specs.get(name) != c.spec]
-        for c in stale:
-            del self._conns[c.name]
+        stale = [c for name, c in self._conns.items() if name in specs and c.from_request or
+                 not c.from_request and specs.get(name) != c.spec]
+        await self._retire(stale)
         for name, spec in specs.items():
-            self.add(name, spec)
-        await asyncio.gather(*(self._stop(c) for c in stale), return_exceptions=True)
+            if name not in self._conns:
+                self._conns[name] = _MCPConn(name, dict(spec))
 
     def _conn(self, server):
         if server not in self._conns:
@@ -2149,14 +2202,18 @@ class MCPHub:
     def _target(self, c):
         """What `mcp.Client` connects to; ${VAR} expansion happens here, at connect time."""
         spec = c.spec
+        environ = self._environ
+        if c.from_request:  # a client's values are sent as they are: ${VAR} must never expand
+            environ = {}    # to the gateway's own secrets
         try:
             if c.transport == "stdio":
                 from mcp import StdioServerParameters
-                env = {k: expand_env(v, self._environ) for k, v in (spec.get("env") or {}).items()}
-                args = [expand_env(a, self._environ) for a in spec.get("args") or []]
+                env = {k: expand_env(v, environ) for k, v in (spec.get("env") or {}).items()}
+                args = [expand_env(a, environ) for a in spec.get("args") or []]
                 return StdioServerParameters(command=spec["command"], args=args, env=env or None,
                                              cwd=spec.get("cwd") or None)
-            headers = {k: expand_env(v, self._environ) for k, v in (spec.get("headers") or {}).items()}
+            headers = {k: v if c.from_request else expand_env(v, environ)
+                       for k, v in (spec.get("headers") or {}).items()}
         except KeyError as e:
             raise MCPError(c.name, f"environment variable {e.args[0]} is not set") from None
         if c.transport == "sse":
@@ -2297,6 +2354,8 @@ class MCPHub:
         if c.lock is None:
             c.lock = asyncio.Lock()
         async with c.lock:
+            if c.retired:
+                raise MCPError(server, "removed from the registry")
             if self._alive(c):
                 return c.client
             if c.owner is not None:  # it died since last use: tear down, then restart
@@ -3115,7 +3174,7 @@ class Application:
         requested = [t for t in tools or () if isinstance(t, dict) and t.get("type") == "mcp"]
         if not requested and not self.router.mcp_attached:
             return None
-        servers, allowed = [], {}
+        servers, allowed, request_servers = [], {}, []
         for tool in requested:
             label = tool.get("server_label")
             if not isinstance(label, str) or not NAME_RE.fullmatch(label):
@@ -3132,14 +3191,13 @@ class Application:
                     raise BadRequest(f"server_url {url!r} is not allowed: start serve with "
                                      "--mcp-allow-url PREFIX to allow it.", param="tools",
                                      code="mcp_url_not_allowed")
-                headers = tool.get("headers") or {}
-                spec = {"url": url, "headers": headers}
+                spec = {"url": url, "headers": tool.get("headers") or {}}
                 if validate_mcp_entry(label, spec):
                     raise BadRequest("; ".join(validate_mcp_entry(label, spec)), param="tools")
-                if label in known and known[label] != spec:
-                    raise BadRequest(f"server_label {label!r} is a registered MCP server with "
-                                     "another URL.", param="tools")
-                self.mcp.add(label, spec)
+                if label in known:
+                    raise BadRequest(f"server_label {label!r} is a registered MCP server; give "
+                                     "another label for a server_url.", param="tools")
+                request_servers.append((label, spec))
             elif label not in known:
                 raise BadRequest(f"No MCP server named {label!r}; registered: "
                                  f"{', '.join(known) or 'none'}.", param="tools",
@@ -3155,7 +3213,7 @@ class Application:
             for name in up.entry.get("mcp", ()):
                 if name not in servers:
                     servers.append(name)
-        return (servers, allowed) if servers else None
+        return (servers, allowed, request_servers) if servers else None
 
     async def sample(self, server, params):
         """An MCP server's sampling request, answered by one of our models: the server's
@@ -3194,7 +3252,8 @@ class Application:
         async def one(call):
             binding = bindings[call["function"]["name"]]
             try:
-                args = json.loads(call["function"].get("arguments") or "{}")
+                args = call["function"].get("arguments") or "{}"
+                args = json.loads(args) if isinstance(args, str) else args  # some send objects
                 if not isinstance(args, dict):
                     raise ValueError("not a JSON object")
             except ValueError as exc:
@@ -3232,11 +3291,13 @@ class Application:
         finally:
             conn.on_gone = None
 
-    async def chat_with_mcp(self, request, body, servers, allowed):
+    async def chat_with_mcp(self, request, body, servers, allowed, request_servers):
         """The tool loop: ask the model; run the MCP tools it calls; give it the results; ask
         again, up to mcp_max_rounds. Client tools in a round end the loop (see README)."""
         request.model = body["model"]
         self.router.pool(body["model"])  # an unknown model is a 404 before MCP servers start
+        for label, spec in request_servers:
+            await self.mcp.add_from_request(label, spec)
         bindings = {b["name"]: b for b in await self.mcp.tools(servers, allowed or None)}
         tools = [t for t in body.get("tools") or () if not (isinstance(t, dict) and
                                                             t.get("type") == "mcp")]
@@ -3435,6 +3496,16 @@ def registry_path(args, environ):
     return args.registry or environ.get("LLMHOST_REGISTRY") or "servers.json"
 
 
+def http_connection(parts, timeout):
+    """A standard-library client connection for a split http(s) URL."""
+    import http.client
+    if parts.scheme == "https":
+        import ssl
+        return http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout,
+                                           context=ssl.create_default_context())
+    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+
+
 def http_get_json(url, api_key=None, timeout=None):
     """GET `url` with the standard library's client -> (status, parsed JSON or None, raw text).
     Raises CLIError saying what was tried when nothing usable came back."""
@@ -3443,12 +3514,7 @@ def http_get_json(url, api_key=None, timeout=None):
     from urllib.parse import urlsplit
     parts = urlsplit(url)
     timeout = PROBE_TIMEOUT if timeout is None else timeout
-    if parts.scheme == "https":
-        import ssl
-        conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout,
-                                           context=ssl.create_default_context())
-    else:
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    conn = http_connection(parts, timeout)
     headers = {"Accept": "application/json", "User-Agent": f"llmhost/{__version__}"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
@@ -3512,6 +3578,8 @@ def auth_source(entry):
 def public_entry(entry):
     """An entry as shown to people: never the key itself."""
     out = {k: v for k, v in entry.items() if k != "api_key"}
+    if "env" in out:  # values may be secrets: only the names are shown
+        out["env"] = sorted(out["env"])
     out.setdefault("models", [])
     out["auth"] = auth_source(entry)
     return out
@@ -3852,9 +3920,12 @@ class Gateway:
     async def retire(self, server):
         """A managed entry was removed or changed: stop its process once its requests end."""
         import asyncio
+        if server.starting is not None:
+            await asyncio.gather(server.starting, return_exceptions=True)
         while server.up.in_flight:
             await asyncio.sleep(0.1)
         await self.processes.stop(server, "removed from the registry")
+        self.processes.retired.discard(server)
 
     def stamp(self):
         try:
@@ -3932,6 +4003,9 @@ def cmd_serve(args, environ):
         workers = 0
     if workers < 1:
         raise CLIError("--workers must be at least 1 (or auto)")
+    if workers > 1 and any("command" in e for e in load_registry(path)["servers"]):
+        raise CLIError("managed servers (entries with --command) need --workers 1: each worker "
+                       "would start its own copy of every model")
     options = dict(environ=environ, api_keys=keys, queue_timeout=args.queue_timeout,
                    allowed_hosts=args.allowed_host or () if loopback else None,
                    cors_origins=args.cors_origin or (), mcp_max_rounds=args.mcp_max_rounds,
@@ -4016,9 +4090,13 @@ def run_workers(args, path, keys, options, workers):
             try:
                 code = run_worker(args, path, keys, options, max(1, share), queue, sock=sock,
                                   label=f" worker {i + 1}/{workers}")
-            except CLIError as exc:
+            except (CLIError, RegistryError) as exc:
                 print(f"llmhost: error: {exc}", file=sys.stderr)
+            except BaseException:  # a worker must never die without saying why
+                import traceback
+                traceback.print_exc()
             finally:
+                sys.stderr.flush()
                 os._exit(code)
         children.append(pid)
     for sock in socks:
@@ -4035,12 +4113,7 @@ def run_workers(args, path, keys, options, workers):
         signal.signal(sig, forward)
     status = 0
     for pid in children:
-        while True:
-            try:
-                _, code = os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
+        _, code = os.waitpid(pid, 0)
         status = status or os.waitstatus_to_exitcode(code)
     return status
 
@@ -4054,15 +4127,13 @@ def serve_api(args, environ, path, method="GET"):
     if method == "GET":
         status, doc, text = http_get_json(url, key)
     else:
-        parts = urlsplit(url)
-        conn = http.client.HTTPConnection(parts.hostname, parts.port,
-                                          timeout=MANAGED_START_TIMEOUT + 10)
+        conn = http_connection(urlsplit(url), MANAGED_START_TIMEOUT + 10)
         try:
-            conn.request(method, parts.path, body=b"", headers={
+            conn.request(method, urlsplit(url).path, body=b"", headers={
                 "Authorization": f"Bearer {key}"} if key else {})
             resp = conn.getresponse()
             status, text = resp.status, resp.read().decode("utf-8", "replace")
-        except OSError as exc:
+        except (OSError, http.client.HTTPException) as exc:
             raise CLIError(f"{method} {url}: {exc}") from None
         finally:
             conn.close()

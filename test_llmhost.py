@@ -1408,13 +1408,23 @@ def test_mcp_streamable_http_with_env_header(mcp_http_server, fake, tmp_path):
 def test_mcp_server_url_allowed_by_prefix(mcp_http_server, fake, tmp_path):
     path = write_registry(tmp_path / "s.json",
                           [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
-    running = Running(path, mcp_allow_urls=["http://127.0.0.1:"])
+    running = Running(path, mcp_allow_urls=["http://127.0.0.1:"],
+                      environ={"GATEWAY_SECRET": "s3cret"})
     try:
+        tool = {"type": "mcp", "server_label": "web", "server_url": mcp_http_server,
+                "headers": {"X-Token": "${GATEWAY_SECRET}"}, "require_approval": "never"}
         fake.script({"calls": [("web__echo", {"text": "via url"})]})
-        status, doc = jpost(running.port, "/v1/chat/completions", dict(CHAT, tools=[
-            {"type": "mcp", "server_label": "web", "server_url": mcp_http_server,
-             "require_approval": "never"}]))
+        status, doc = jpost(running.port, "/v1/chat/completions", dict(CHAT, tools=[tool]))
         assert status == 200 and doc["choices"][0]["message"]["content"] == "tool result: via url"
+        fake.script({"calls": [("web__header", {"name": "x-token"})]})
+        status, doc = jpost(running.port, "/v1/chat/completions", dict(CHAT, tools=[tool]))
+        # a client's header values are sent as given: never expanded to the gateway's secrets
+        assert doc["choices"][0]["message"]["content"] == "tool result: ${GATEWAY_SECRET}"
+        status, doc = jpost(running.port, "/v1/chat/completions", dict(CHAT, tools=[
+            {"type": "mcp", "server_label": "web", "require_approval": "never"}]))
+        assert status == 400  # another request cannot reuse it by its label alone
+        assert [s["name"] for s in json.loads(request(
+            running.port, "GET", "/v1/mcp/servers")[2])["data"]] == ["web"]
     finally:
         running.stop()
 
