@@ -18,8 +18,8 @@ toward clients or upstreams, request/response transformation beyond what a route
 alias rewrite, base64 embeddings, rerank normalisation), storing prompts or keys in logs.
 
 Sections, in dependency order (grep the banners):
-    Limits · Errors · Wire format · HTTP server · Upstream client · Registry · Router ·
-    Admission · Auth · Application · CLI
+    Limits · Errors · Wire format · SSE · HTTP server · Upstream client · Registry · Router ·
+    Managed servers · Admission · Auth · MCP bridge · Application · CLI
 """
 
 import json
@@ -177,8 +177,8 @@ _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*%s(?:=(?:%s|\"[^\
                          rb"[ \t]*\r\n" % (_TOKEN, _TOKEN))
 KNOWN_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH",
                            b"CONNECT", b"TRACE"})
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
-                        "trailer", "upgrade", "proxy-authorization", "proxy-authenticate"})
+# No client header is forwarded upstream (heads are built from scratch), so hop-by-hop fields,
+# the client's Authorization and anything named in Connection never reach an upstream.
 
 
 class Request:
@@ -904,6 +904,19 @@ class UpstreamResponse:
         self.client.release(self.conn, False)
 
 
+async def fetch_json(client, origin, fixed_head, path, timeout=PROBE_TIMEOUT):
+    """GET `path` (health checks, model lists) -> (status, parsed JSON or None).
+    `fixed_head` is the entry's constant head lines. Raises UpstreamError."""
+    head = ("GET %s HTTP/1.1\r\n%s\r\n" % (path, fixed_head)).encode("latin-1")
+    resp = await client.request(origin, head, b"", timeout=timeout,
+                                connect_timeout=min(CONNECT_TIMEOUT, timeout))
+    body = await resp.read_all()
+    try:
+        return resp.status, json.loads(body)
+    except ValueError:
+        return resp.status, None
+
+
 RESPONSE_FIELDS = tuple((b"\r\n" + name.encode() + b":", name) for name in (
     "content-type", "content-length", "transfer-encoding", "connection", "retry-after"))
 
@@ -1058,37 +1071,6 @@ def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
-# field -> (check, what it must be). Unknown fields are refused so a typo cannot go unnoticed.
-SERVER_FIELDS = {
-    "name": (lambda v: isinstance(v, str) and NAME_RE.fullmatch(v), "a name of 1-64 [A-Za-z0-9._-]"),
-    "url": (lambda v: isinstance(v, str) and valid_url(v) is None, "an http(s) URL with a host"),
-    "models": (_is_str_list, "a list of model ids"),
-    "discover": (lambda v: isinstance(v, bool), "true or false"),
-    "alias": (lambda v: v is None or (isinstance(v, str) and v and "/" not in v),
-              "null or a public model name without '/'"),
-    "api_key_env": (lambda v: v is None or (isinstance(v, str) and ENV_NAME_RE.fullmatch(v)),
-                    "null or an environment variable name"),
-    "api_key": (lambda v: v is None or (isinstance(v, str) and v), "null or a key"),
-    "timeout": (lambda v: v is None or _is_number(v), "null or seconds > 0"),
-    "connect_timeout": (lambda v: v is None or _is_number(v), "null or seconds > 0"),
-    "max_concurrency": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)
-                                                and v > 0), "null or an integer > 0"),
-    "priority": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
-    "mcp": (_is_str_list, "a list of MCP server names"),
-    # managed entries: llmhost starts the server itself (instead of "url")
-    "command": (lambda v: isinstance(v, str) and v.strip(), "a command line"),
-    "ttl": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
-            "seconds >= 0 (0: never stop)"),
-    "ready_path": (lambda v: isinstance(v, str) and v.startswith("/"), "a path such as /health"),
-    "start_timeout": (lambda v: _is_number(v), "seconds > 0"),
-    "env": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
-            "an object of strings"),
-    "cwd": (lambda v: isinstance(v, str) and v, "a folder"),
-    "group": (lambda v: isinstance(v, str) and NAME_RE.fullmatch(v), "a group name"),
-}
-MANAGED_FIELDS = ("command", "ttl", "ready_path", "start_timeout", "env", "cwd", "group")
-
-
 def valid_url(url):
     """None if `url` is a usable upstream base URL, else the reason it is not."""
     from urllib.parse import urlsplit
@@ -1187,6 +1169,37 @@ def import_mcp_json(doc):
         else:
             imported[name] = entry
     return imported, skipped
+
+
+# field -> (check, what it must be). Unknown fields are refused so a typo cannot go unnoticed.
+SERVER_FIELDS = {
+    "name": (lambda v: isinstance(v, str) and NAME_RE.fullmatch(v), "a name of 1-64 [A-Za-z0-9._-]"),
+    "url": (lambda v: isinstance(v, str) and valid_url(v) is None, "an http(s) URL with a host"),
+    "models": (_is_str_list, "a list of model ids"),
+    "discover": (lambda v: isinstance(v, bool), "true or false"),
+    "alias": (lambda v: v is None or (isinstance(v, str) and v and "/" not in v),
+              "null or a public model name without '/'"),
+    "api_key_env": (lambda v: v is None or (isinstance(v, str) and ENV_NAME_RE.fullmatch(v)),
+                    "null or an environment variable name"),
+    "api_key": (lambda v: v is None or (isinstance(v, str) and v), "null or a key"),
+    "timeout": (lambda v: v is None or _is_number(v), "null or seconds > 0"),
+    "connect_timeout": (lambda v: v is None or _is_number(v), "null or seconds > 0"),
+    "max_concurrency": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)
+                                                and v > 0), "null or an integer > 0"),
+    "priority": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "mcp": (_is_str_list, "a list of MCP server names"),
+    # managed entries: llmhost starts the server itself (instead of "url")
+    "command": (lambda v: isinstance(v, str) and v.strip(), "a command line"),
+    "ttl": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+            "seconds >= 0 (0: never stop)"),
+    "ready_path": (lambda v: isinstance(v, str) and v.startswith("/"), "a path such as /health"),
+    "start_timeout": (lambda v: _is_number(v), "seconds > 0"),
+    "env": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+            "an object of strings"),
+    "cwd": (lambda v: isinstance(v, str) and v, "a folder"),
+    "group": (lambda v: isinstance(v, str) and NAME_RE.fullmatch(v), "a group name"),
+}
+MANAGED_FIELDS = ("command", "ttl", "ready_path", "start_timeout", "env", "cwd", "group")
 
 
 def empty_registry():
@@ -1705,10 +1718,6 @@ class ProcessManager:
         up.set_url(f"http://127.0.0.1:{port}/v1")
         logger().info("managed server %s: started pid %d on port %d", server.name, proc.pid, port)
         deadline = time.monotonic() + entry.get("start_timeout", MANAGED_START_TIMEOUT)
-        ready_head = ("GET %s HTTP/1.1\r\n%s\r\n" % (entry.get("ready_path", "/health"),
-                                                     up.head_fixed)).encode("latin-1")
-        models_head = ("GET %s/models HTTP/1.1\r\n%s\r\n" % (up.origin.base_path, up.head_fixed)
-                       ).encode("latin-1")
         while True:
             if proc.returncode is not None:
                 await self.stop(server, "exited while starting")  # what it left in its group
@@ -1716,7 +1725,7 @@ class ProcessManager:
             if time.monotonic() > deadline:
                 await self.stop(server, "did not become ready")
                 raise self.fail(server, f"not ready after {entry.get('start_timeout', MANAGED_START_TIMEOUT):g}s")
-            if await self.answers(up, ready_head) and await self.lists_model(up, models_head):
+            if await self.ready(up):
                 break
             await asyncio.sleep(0.1)
         server.state = "running"
@@ -1725,22 +1734,21 @@ class ProcessManager:
         server.last_error = None
         logger().info("managed server %s: ready", server.name)
 
-    async def answers(self, up, head):
+    async def ready(self, up):
+        """The ready path answers 200 and /models lists the model (llama.cpp answers 503
+        while it loads the model)."""
         try:
-            resp = await self.client.request(up.origin, head, b"", timeout=2.0, connect_timeout=1.0)
-            await resp.read_all()
+            status, _ = await fetch_json(self.client, up.origin, up.head_fixed,
+                                         up.entry.get("ready_path", "/health"), 2.0)
+            if status != 200:
+                return False
+            status, doc = await fetch_json(self.client, up.origin, up.head_fixed,
+                                           up.origin.base_path + "/models", 2.0)
         except UpstreamError:
             return False
-        return resp.status == 200
-
-    async def lists_model(self, up, head):
-        try:
-            resp = await self.client.request(up.origin, head, b"", timeout=2.0, connect_timeout=1.0)
-            ids = list_models(json.loads(await resp.read_all()))
-        except (UpstreamError, ValueError):
-            return False
-        return resp.status == 200 and ids is not None and (
-            not up.models or up.entry.get("discover") or any(m in ids for m in up.models))
+        ids = list_models(doc) if status == 200 else None
+        return ids is not None and (not up.models or up.entry.get("discover") or
+                                    any(m in ids for m in up.models))
 
     async def watch(self, server, proc):
         await proc.wait()
@@ -2033,14 +2041,6 @@ def mcp_tool_name(server, tool, taken):
     raise ValueError("no free tool name")  # unreachable in practice
 
 
-
-
-
-
-
-
-
-
 def _describe_exc(exc):
     """One line for an exception, unwrapping anyio's nested ExceptionGroups to the leaf causes."""
     try:
@@ -2129,6 +2129,23 @@ def _elicit_defaults(schema):
 
 
 # ---- the hub --------------------------------------------------------------------------------
+
+def _streamable_http(url, headers):
+    """The v2 streamable HTTP transport has no headers=; it takes an httpx2 client we must close."""
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def transport():
+        import httpx2
+        from mcp.client.streamable_http import streamable_http_client
+        # the SDK's defaults (create_mcp_http_client): 30 s to connect, 300 s between reads
+        async with httpx2.AsyncClient(headers=headers,
+                                      timeout=httpx2.Timeout(30.0, read=300.0)) as http:
+            async with streamable_http_client(url, http_client=http) as streams:
+                yield streams
+
+    return transport()
+
 
 class _MCPConn:
     """Per-server state. `client` is set only while the owner task holds an entered Client."""
@@ -2514,23 +2531,6 @@ class MCPHub:
                 for c in self._conns.values()]
 
 
-def _streamable_http(url, headers):
-    """The v2 streamable HTTP transport has no headers=; it takes an httpx2 client we must close."""
-    import contextlib
-
-    @contextlib.asynccontextmanager
-    async def transport():
-        import httpx2
-        from mcp.client.streamable_http import streamable_http_client
-        # the SDK's defaults (create_mcp_http_client): 30 s to connect, 300 s between reads
-        async with httpx2.AsyncClient(headers=headers,
-                                      timeout=httpx2.Timeout(30.0, read=300.0)) as http:
-            async with streamable_http_client(url, http_client=http) as streams:
-                yield streams
-
-    return transport()
-
-
 async def with_mcp_server(name, entry, environ, action, sampler=None):
     """Connect to one server (registered or not yet), run `action(hub)`, shut it down."""
     errors = validate_mcp_entry(name, entry)
@@ -2565,12 +2565,12 @@ REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 SSE_HEADERS = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
 JSON_TYPE = [("Content-Type", "application/json")]
 
-# endpoint kind -> (upstream path after the base URL, required fields and their types)
-ENDPOINTS = {
-    "chat": ("/chat/completions", (("model", str), ("messages", list))),
-    "completions": ("/completions", (("model", str), ("prompt", (str, list)))),
-    "embeddings": ("/embeddings", (("model", str), ("input", (str, list)))),
-    "rerank": ("/rerank", (("model", str), ("query", str), ("documents", list))),
+# endpoint -> its required fields and their types
+REQUIRED = {
+    "chat": (("model", str), ("messages", list)),
+    "completions": (("model", str), ("prompt", (str, list))),
+    "embeddings": (("model", str), ("input", (str, list))),
+    "rerank": (("model", str), ("query", str), ("documents", list)),
 }
 TYPE_NAMES = {str: "a string", list: "an array", (str, list): "a string or an array"}
 
@@ -2731,6 +2731,14 @@ def host_name(value):
     if value.startswith("["):
         return value[1:value.find("]")] if "]" in value else value
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class Detached:
+    """The `conn` of a request llmhost makes itself (MCP sampling): no client to write to."""
+
+    def __init__(self):
+        self.gone = self.streaming = False
+        self.upstream = self.on_gone = None
 
 
 class Application:
@@ -2921,7 +2929,7 @@ class Application:
     # -- proxied routes --------------------------------------------------------------------
     async def chat(self, request):
         body = parse_json_body(request)
-        check_fields(body, ENDPOINTS["chat"][1])
+        check_fields(body, REQUIRED["chat"])
         selection = self.mcp_selection(body)
         if selection:
             return await self.chat_with_mcp(request, body, *selection)
@@ -2929,19 +2937,19 @@ class Application:
 
     async def completions(self, request):
         body = parse_json_body(request)
-        check_fields(body, ENDPOINTS["completions"][1])
+        check_fields(body, REQUIRED["completions"])
         return await self.forward(request, body, "/completions", raw=request.body)
 
     async def embeddings(self, request):
         body = parse_json_body(request)
-        check_fields(body, ENDPOINTS["embeddings"][1])
+        check_fields(body, REQUIRED["embeddings"])
         transform = embeddings_as_base64 if body.get("encoding_format") == "base64" else None
         return await self.forward(request, body, "/embeddings", transform=transform,
                                   raw=request.body)
 
     async def rerank(self, request):
         body = parse_json_body(request)
-        check_fields(body, ENDPOINTS["rerank"][1])
+        check_fields(body, REQUIRED["rerank"])
         texts = rerank_documents(body["documents"])
         model = body["model"]
         return_documents = bool(body.get("return_documents"))
@@ -3015,9 +3023,6 @@ class Application:
             payload = raw
             if upstream_model != model or not payload:
                 payload = json_bytes(dict(body, model=upstream_model))
-            head = ("POST %s%s HTTP/1.1\r\n%sContent-Length: %d\r\nX-Request-Id: %s\r\n\r\n" % (
-                up.origin.base_path, suffix, up.head_fixed, len(payload), request.request_id)
-                    ).encode("latin-1")
             request.server = up.name
             up.in_flight += 1
             up.requests += 1
@@ -3028,9 +3033,9 @@ class Application:
                     except ServiceUnavailable as exc:
                         last_error = exc
                         continue
-                    head = ("POST %s%s HTTP/1.1\r\n%sContent-Length: %d\r\nX-Request-Id: %s"
-                            "\r\n\r\n" % (up.origin.base_path, suffix, up.head_fixed,
-                                            len(payload), request.request_id)).encode("latin-1")
+                head = ("POST %s%s HTTP/1.1\r\n%sContent-Length: %d\r\nX-Request-Id: %s"
+                        "\r\n\r\n" % (up.origin.base_path, suffix, up.head_fixed, len(payload),
+                                        request.request_id)).encode("latin-1")
                 sent = time.monotonic()
                 try:
                     resp = await self.client.request(up.origin, head, payload, timeout=up.timeout,
@@ -3472,14 +3477,6 @@ class Application:
         return keep_alive
 
 
-class Detached:
-    """The `conn` of a request llmhost makes itself (MCP sampling): no client to write to."""
-
-    def __init__(self):
-        self.gone = self.streaming = False
-        self.upstream = self.on_gone = None
-
-
 # =============================================================================
 # CLI
 # =============================================================================
@@ -3541,8 +3538,6 @@ def http_get_json(url, api_key=None, timeout=None):
     except ValueError:
         doc = None
     return resp.status, doc, text
-
-
 
 
 def probe_server(url, api_key, timeout=None):
@@ -3739,11 +3734,10 @@ async def check_managed(entry, path, environ):
     server = manager.servers[up.name]
     try:
         await manager.ensure(up)
-        head = ("GET %s/models HTTP/1.1\r\n%s\r\n" % (up.origin.base_path, up.head_fixed)
-                ).encode("latin-1")
-        resp = await client.request(up.origin, head, b"", timeout=PROBE_TIMEOUT)
-        return list_models(json.loads(await resp.read_all())) or []
-    except (ServiceUnavailable, UpstreamError, ValueError) as exc:
+        _, doc = await fetch_json(client, up.origin, up.head_fixed,
+                                  up.origin.base_path + "/models")
+        return list_models(doc) or []
+    except (ServiceUnavailable, UpstreamError) as exc:
         raise CLIError(f"--check failed: {getattr(exc, 'message', exc)}") from None
     finally:
         await manager.stop(server, "check done")
@@ -3811,20 +3805,14 @@ async def discover_models(client, upstreams):
     import asyncio
 
     async def one(up):
-        head = ("GET %s/models HTTP/1.1\r\n%s\r\n" % (up.origin.base_path, up.head_fixed)
-                ).encode("latin-1")
         try:
-            resp = await client.request(up.origin, head, b"", timeout=PROBE_TIMEOUT,
-                                        connect_timeout=min(up.connect_timeout, PROBE_TIMEOUT))
-            body = await resp.read_all()
+            status, doc = await fetch_json(client, up.origin, up.head_fixed,
+                                           up.origin.base_path + "/models")
         except UpstreamError as exc:
             return up.name, None, exc.message
-        if resp.status != 200:
-            return up.name, None, f"HTTP {resp.status}"
-        try:
-            ids = list_models(json.loads(body))
-        except ValueError:
-            ids = None
+        if status != 200:
+            return up.name, None, f"HTTP {status}"
+        ids = list_models(doc)
         return up.name, ids, None if ids is not None else "not an OpenAI model list"
 
     found = {}
@@ -3836,8 +3824,6 @@ async def discover_models(client, upstreams):
             logger().warning("server %s: could not list its models (%s); using the registry's "
                              "list", name, error)
     return found
-
-
 
 
 class Gateway:
@@ -3951,18 +3937,15 @@ class Gateway:
     async def probe(self, up):
         """GET /models on a cooling server every PROBE_INTERVAL; an answer ends its cooldown."""
         import asyncio
-        head = ("GET %s/models HTTP/1.1\r\n%s\r\n" % (up.origin.base_path, up.head_fixed)
-                ).encode("latin-1")
         try:
             while up.cooldown_until > self.router.clock():
                 await asyncio.sleep(PROBE_INTERVAL)
                 try:
-                    resp = await self.client.request(up.origin, head, b"", timeout=PROBE_TIMEOUT,
-                                                     connect_timeout=up.connect_timeout)
-                    await resp.read_all()
+                    status, _ = await fetch_json(self.client, up.origin, up.head_fixed,
+                                                 up.origin.base_path + "/models")
                 except UpstreamError:
                     continue
-                if resp.status == 200:
+                if status == 200:
                     logger().info("server %s answers again; back in rotation", up.name)
                     self.router.recovered(up)
         finally:
