@@ -130,9 +130,8 @@ class RateLimited(HTTPError):
 
 
 class UpstreamError(HTTPError):
-    """An upstream could not be used. `retryable`: nothing reached the client, try the next one."""
+    """An upstream could not be used (refused, reset, broken answer); 502."""
     status, type, code = 502, "server_error", "upstream_error"
-    retryable = True
 
 
 class UpstreamTimeout(UpstreamError):
@@ -3469,7 +3468,8 @@ class Application:
                 "content": note}, "finish_reason": None}])))
         conn.write_chunk(sse_event(dict(tail, choices=[{"index": 0, "delta": {},
                                                         "finish_reason": finish}],
-                                        mcp_calls=state["report"])))
+                                        mcp_calls=state["report"],
+                                        **({"mcp_rounds_exhausted": True} if last else {}))))
         if include_usage:
             conn.write_chunk(sse_event(dict(tail, choices=[], usage=state["usage"])))
         conn.write_chunk(sse_event(b"[DONE]"))
