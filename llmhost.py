@@ -1187,6 +1187,7 @@ SERVER_FIELDS = {
                                                 and v > 0), "null or an integer > 0"),
     "priority": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
     "mcp": (_is_str_list, "a list of MCP server names"),
+    "vision": (lambda v: isinstance(v, bool), "true or false (its models read images)"),
     # managed entries: llmhost starts the server itself (instead of "url")
     "command": (lambda v: isinstance(v, str) and v.strip(), "a command line"),
     "ttl": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
@@ -3306,7 +3307,9 @@ class Application:
         tools = [t for t in body.get("tools") or () if not (isinstance(t, dict) and
                                                             t.get("type") == "mcp")]
         tools += [b["openai"] for b in bindings.values()]
-        state = {"messages": list(body["messages"]), "report": [], "usage": {}, "rounds": 0}
+        state = {"messages": list(body["messages"]), "report": [], "usage": {}, "rounds": 0,
+                 "vision": any(up.entry.get("vision") for up, _ in
+                               self.router.pool(body["model"]))}
         base = {k: v for k, v in body.items() if k not in ("tools", "stream", "stream_options")}
         base["tools"] = tools
         await self.admission.acquire()
@@ -3342,6 +3345,11 @@ class Application:
         state["messages"].append(dict(message, tool_calls=mine))
         state["messages"].extend({"role": "tool", "tool_call_id": c.get("id"), "content": r["text"]}
                                  for c, r in zip(mine, results))
+        media = [part for r in results for part in r.get("parts", ())[1:]]
+        if media and state["vision"]:  # tool messages are text only: images follow as a user turn
+            state["messages"].append({"role": "user", "content": [
+                {"type": "text", "text": "Images and audio returned by the tool calls above:"}]
+                + media})
 
     async def mcp_loop(self, request, base, bindings, state):
         rounds = self.mcp_max_rounds
@@ -3652,7 +3660,8 @@ def cmd_add(args, environ):
     entry = {"name": args.name, "url": url, "models": models}
     if not args.model:
         entry["discover"] = True  # serve re-reads the upstream's model list when it starts
-    for field in ("alias", "api_key_env", "api_key", "timeout", "max_concurrency", "priority"):
+    for field in ("alias", "api_key_env", "api_key", "timeout", "max_concurrency", "priority",
+                  "vision"):
         value = getattr(args, field, None)
         if value is not None:
             entry[field] = value
@@ -3687,7 +3696,7 @@ def add_managed(args, environ, path):
     entry = {"name": args.name, "command": args.command, "models": list(dict.fromkeys(
         args.model or ()))}
     for field in ("alias", "api_key_env", "api_key", "timeout", "max_concurrency", "priority",
-                  "ttl", "ready_path", "start_timeout", "cwd", "group"):
+                  "vision", "ttl", "ready_path", "start_timeout", "cwd", "group"):
         value = getattr(args, field, None)
         if value is not None:
             entry[field] = value
@@ -4731,6 +4740,8 @@ def build_parser():
                    help="lower is tried first among servers of one model (default 0)")
     p.add_argument("--mcp", action="append", metavar="NAME",
                    help="give its models this MCP server's tools (repeatable)")
+    p.add_argument("--vision", action="store_true", default=None,
+                   help="its models read images: MCP tool images are given to them")
     p.add_argument("--no-check", action="store_true", help="save without probing the server")
     managed = p.add_argument_group("servers llmhost starts itself (instead of URL)")
     managed.add_argument("--command", metavar="'CMD ... ${PORT}'",

@@ -1157,7 +1157,10 @@ def mcp_env(tmp_path_factory):
     path = write_registry(tmp_path_factory.mktemp("mcp") / "servers.json", [
         {"name": "local", "url": fake.url, "models": ["fake-model"]},
         {"name": "agent", "url": fake.url, "models": ["fake-model"], "alias": "agent",
-         "mcp": ["t"]}], mcp={"t": MCP_STDIO, "broken": {"command": "/nonexistent/mcp-server"}})
+         "mcp": ["t"]},
+        {"name": "eyes", "url": fake.url, "models": ["fake-model"], "alias": "eyes",
+         "mcp": ["t"], "vision": True}],
+        mcp={"t": MCP_STDIO, "broken": {"command": "/nonexistent/mcp-server"}})
     running = Running(path)
     yield running, fake
     running.stop(timeout=5)
@@ -1227,6 +1230,18 @@ def test_mcp_parallel_calls_and_result_kinds(mcp_env):
     assert parts[2].startswith("[image: image/png, ")
     assert "Error executing tool boom" in parts[3]  # isError: given to the model as text
     assert [c["ok"] for c in doc["mcp_calls"]] == [True, True, True, False]
+
+
+def test_mcp_images_reach_vision_models_as_parts(mcp_env):
+    running, fake = mcp_env
+    for model, expect_image in (("agent", False), ("eyes", True)):
+        agent_chat(running.port, [{"calls": [("t__pixel", {})]}], fake, model=model)
+        messages = json.loads(fake.posts()[1]["body"])["messages"]
+        assert messages[-2 if expect_image else -1]["content"].startswith("[image: image/png")
+        if expect_image:
+            parts = messages[-1]["content"]
+            assert messages[-1]["role"] == "user" and parts[1]["type"] == "image_url"
+            assert parts[1]["image_url"]["url"] == "data:image/png;base64," + PNG_1PX
 
 
 def test_mcp_bad_arguments_go_back_to_the_model(mcp_env):
