@@ -293,12 +293,15 @@ def check_header_value(value):
 
 
 def response_head(status, headers, version="1.1"):
-    """Status line and header lines, ending with the empty line. `headers` is a list of pairs."""
-    parts = [f"HTTP/{version} {status} {REASONS.get(status, 'Unknown')}\r\n"]
-    for name, value in headers:
-        parts.append(f"{name}: {check_header_value(str(value))}\r\n")
-    parts.append("\r\n")
-    return "".join(parts).encode("latin-1")
+    """Status line and header lines, ending with the empty line. `headers` is a list of pairs.
+    A CR, LF or NUL inside any value is refused (no response splitting): counted once over the
+    whole head rather than looked for in each value."""
+    text = "HTTP/%s %d %s\r\n%s\r\n" % (version, status, REASONS.get(status, "Unknown"), "".join(
+        ["%s: %s\r\n" % pair for pair in headers]))
+    lines = len(headers) + 2
+    if text.count("\n") != lines or text.count("\r") != lines or "\0" in text:
+        raise ValueError("CR, LF or NUL in a header value")
+    return text.encode("latin-1")
 
 
 def encode_chunk(data):
