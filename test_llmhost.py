@@ -1050,7 +1050,7 @@ PNG_1PX = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAC
 
 
 def run_mcp_test_server(argv):
-    """`python3 test_llmhost.py mcp-server stdio|http`: tools returning text, structured
+    """`python3 test_llmhost.py mcp-server stdio|http|sse`: tools returning text, structured
     content, an image, an error; a slow one; one that samples, two that elicit; one that dies;
     one that adds a tool (list_changed). HTTP binds 127.0.0.1 and prints "PORT n"."""
     from typing import Annotated
@@ -1142,7 +1142,8 @@ def run_mcp_test_server(argv):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     print(f"PORT {sock.getsockname()[1]}", flush=True)
-    config = uvicorn.Config(srv.streamable_http_app(), log_level="warning", lifespan="on")
+    app = srv.sse_app() if argv[0] == "sse" else srv.streamable_http_app()
+    config = uvicorn.Config(app, log_level="warning", lifespan="on")
     anyio.run(uvicorn.Server(config).serve, [sock])
 
 
@@ -1394,15 +1395,45 @@ def test_mcp_client_disconnect_cancels_calls(mcp_env):
     assert running.gateway.http.in_flight == 0  # not waiting out the 5 s tool
 
 
-@pytest.fixture(scope="module")
-def mcp_http_server():
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "mcp-server", "http"],
+def start_mcp_http(kind):
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "mcp-server", kind],
                             stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     assert line.startswith("PORT "), line
-    yield f"http://127.0.0.1:{int(line.split()[1])}/mcp"
+    return proc, int(line.split()[1])
+
+
+@pytest.fixture(scope="module")
+def mcp_http_server():
+    proc, port = start_mcp_http("http")
+    yield f"http://127.0.0.1:{port}/mcp"
     proc.terminate()
     proc.wait(TIMEOUT)
+
+
+def test_mcp_legacy_sse_transport(fake, tmp_path):
+    proc, port = start_mcp_http("sse")
+    try:
+        registry = str(tmp_path / "servers.json")
+        code, out, err = run_cli(registry, "mcp", "add", "old", "--url",
+                                 f"http://127.0.0.1:{port}/sse", "--transport", "sse")
+        assert code == 0 and "tools" in out, err
+        assert llmhost.load_registry(registry)["mcpServers"]["old"]["type"] == "sse"
+        write_registry(registry, [{"name": "local", "url": fake.url, "models": ["fake-model"],
+                                   "mcp": ["old"]}],
+                       mcp=llmhost.load_registry(registry)["mcpServers"])
+        running = Running(registry)
+        try:
+            fake.script({"calls": [("old__echo", {"text": "over sse"})]})
+            status, doc = jpost(running.port, "/v1/chat/completions", CHAT)
+            assert doc["choices"][0]["message"]["content"] == "tool result: over sse"
+            servers = json.loads(request(running.port, "GET", "/v1/mcp/servers")[2])["data"]
+            assert servers[0]["transport"] == "sse" and servers[0]["state"] == "ready"
+        finally:
+            running.stop()
+    finally:
+        proc.terminate()
+        proc.wait(TIMEOUT)
 
 
 def test_mcp_streamable_http_with_env_header(mcp_http_server, fake, tmp_path):
