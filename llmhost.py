@@ -1089,6 +1089,8 @@ def valid_url(url):
         return "a base URL has no query or fragment"
     if any(c.isspace() for c in url):
         return "it contains whitespace"
+    if not url.isascii():
+        return "it has non-ASCII characters (percent-encode them)"
     return None
 
 
@@ -1423,10 +1425,9 @@ class Router:
         self.mcp_attached = False  # some entry gives its models MCP servers' tools
         self.turn = 0  # round-robin among equals
 
-    def load(self, entries, api_keys, discovered=None):
+    def load(self, entries, api_keys):
         """Replace the entries. Unchanged entries keep their health; in-flight requests keep the
         Upstream object they started with, so they finish where they began."""
-        discovered = discovered or {}
         upstreams = {}
         for entry in entries:
             old = self.upstreams.get(entry["name"])
@@ -1435,8 +1436,6 @@ class Router:
                 upstreams[old.name] = old
             else:
                 upstreams[entry["name"]] = Upstream(entry, key)
-            if entry["name"] in discovered:
-                upstreams[entry["name"]].models = discovered[entry["name"]]
         self.upstreams = upstreams
         self.rebuild()
 
@@ -2393,6 +2392,8 @@ class MCPHub:
             try:
                 client = await asyncio.wait_for(asyncio.shield(ready), self._connect_timeout)
             except BaseException as e:
+                if not ready.done():
+                    ready.cancel()  # nobody will read what the owner would have put there
                 await self._stop(c)
                 err = e if isinstance(e, MCPError) else MCPError(server, f"no answer within {self._connect_timeout:.0f} s"
                                                                  if isinstance(e, asyncio.TimeoutError) else _describe_exc(e))
@@ -3293,6 +3294,7 @@ class Application:
                 if conn.streaming:  # an SSE comment: clients ignore it, proxies see traffic
                     conn.write_chunk(b": llmhost: running tools\n\n")
         except asyncio.CancelledError:
+            task.cancel()  # the calls end with us (client gone, or shutdown)
             if conn.gone:
                 raise ClientGone("client closed the request") from None
             raise
@@ -3911,7 +3913,8 @@ class Gateway:
         if fresh:
             found = await discover_models(self.client, fresh)
             for up in fresh:  # the router may have been reloaded meanwhile: update in place
-                if up.name in found and self.router.upstreams.get(up.name) is up:
+                if up.name in found and self.router.upstreams.get(up.name) is up and \
+                        not up.alias:  # an alias names its one model, whatever the list says
                     up.models = found[up.name]
             self.router.rebuild()
 
@@ -4293,6 +4296,7 @@ async def bench_run(args, api_key, progress=sys.stderr):
 
     async def one():
         t0 = time.monotonic()
+        resp = None
         try:
             resp = await client.request(origin, head, payload, timeout=args.timeout)
             if resp.status != 200:
@@ -4341,6 +4345,9 @@ async def bench_run(args, api_key, progress=sys.stderr):
                                              "upstream_connect_timeout") else "broken"] += 1
         except (ValueError, AttributeError, TypeError, IndexError):
             errors["bad answer"] += 1
+        finally:
+            if resp is not None and not resp.done:
+                resp.close()  # an answer not read to its end: its connection is not reused
 
     async def worker(delay):
         nonlocal issued
