@@ -665,7 +665,10 @@ class HTTPServer:
             return
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:  # asyncio skips this for sockets made with proto 0 (--workers makes those)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass  # the client is already gone; the read loop will see it
         conn = ClientConnection(self, reader, writer)
         transport.get_protocol().connection = conn
         # The connection set keeps the task alive (the loop holds only weak references).
@@ -944,10 +947,7 @@ class UpstreamClient:
             raise UpstreamError(f"cannot connect to {origin.host_header}: "
                                 f"{exc.strerror or exc}" if isinstance(exc, OSError) else str(exc),
                                 code="upstream_unreachable") from None
-        import socket
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # asyncio sets TCP_NODELAY itself on sockets it creates for open_connection
         return UpstreamConnection(origin, reader, writer)
 
     async def request(self, origin, head, body, *, timeout=UPSTREAM_TIMEOUT,
