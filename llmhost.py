@@ -2347,6 +2347,8 @@ class MCPHub:
     def _alive(self, c):
         if c.client is None or c.owner is None or c.owner.done():
             return False
+        if c.stop is not None and c.stop.is_set():
+            return False  # lost, and its owner is exiting the Client: restart, do not reuse
         # A stdio child that exited closes the dispatcher (EOF); private attribute, read defensively.
         return not getattr(getattr(c.client.session, "_dispatcher", None), "_closed", False)
 
@@ -2429,15 +2431,19 @@ class MCPHub:
 
     async def _tools_of(self, server):
         c = self._conn(server)
-        if c.tools is None:
+        for attempt in (1, 2):  # a session found dead while listing: once more, restarted
+            if c.tools is not None:
+                break
             try:
                 c.tools = await self._walk(server, "list_tools", "tools")
             except MCPError:
                 raise
             except Exception as e:
-                self._lost(c, e)
-                raise MCPError(server, f"listing tools failed: {_describe_exc(e)}") from None
-            c.failures = 0
+                if not self._lost(c, e) or attempt == 2:
+                    raise MCPError(server, f"listing tools failed: {_describe_exc(e)}") \
+                        from None
+            else:
+                c.failures = 0
         return c.tools
 
     async def aclose(self):

@@ -1364,6 +1364,7 @@ def test_mcp_crashed_stdio_server_restarts_and_list_changed(mcp_env):
     status, _, raw = agent_chat(running.port, [{"calls": [("t__die", {})]}], fake)
     assert json.loads(raw)["mcp_calls"][0]["ok"] is False
     status, _, raw = agent_chat(running.port, [{"calls": [("t__echo", {"text": "back"})]}], fake)
+    assert status == 200, raw
     assert json.loads(raw)["choices"][0]["message"]["content"] == "tool result: back"
     agent_chat(running.port, [{"calls": [("t__grow", {})]}], fake)
     deadline = time.monotonic() + TIMEOUT
