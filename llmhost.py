@@ -202,6 +202,8 @@ class Request:
         self.started = 0.0
         self.request_id = ""
         self.extra = ()  # headers every response to this request carries (CORS)
+        self.model = self.server = None  # for the access log
+        self.status = 0
 
 
 def parse_request_line(line):
@@ -2799,8 +2801,6 @@ class Application:
             self.counter += 1
             rid = "%s-%x" % (self.ids, self.counter)
         request.request_id = rid
-        request.model = request.server = None
-        request.status = 0
         conn = request.conn
         try:
             keep_alive = await self.dispatch(request)
@@ -3346,6 +3346,9 @@ class Application:
             if isinstance(value, int):
                 total[key] = total.get(key, 0) + value
 
+    def exhausted_note(self):
+        return f"\n\n[llmhost: stopped after {self.mcp_max_rounds} rounds of MCP tool calls]"
+
     @staticmethod
     def split_calls(calls, bindings):
         """-> (the MCP calls llmhost runs, the client's own calls) of one model answer."""
@@ -3386,8 +3389,7 @@ class Application:
                 break
             self.extend_conversation(state, message, mine, results)
         if last:  # out of rounds: the answer is what the model has, and we say so
-            note = f"[llmhost: stopped after {rounds} rounds of MCP tool calls]"
-            message["content"] = ((message.get("content") or "") + "\n\n" + note).strip()
+            message["content"] = ((message.get("content") or "") + self.exhausted_note()).strip()
             message.pop("tool_calls", None)
             doc["choices"][0]["finish_reason"] = "stop"
             doc["mcp_rounds_exhausted"] = True
@@ -3482,9 +3484,8 @@ class Application:
                 dict(call, index=i) for i, call in enumerate(theirs)]}, "finish_reason": None}])))
         elif last:
             finish = "stop"
-            note = f"\n\n[llmhost: stopped after {rounds} rounds of MCP tool calls]"
             conn.write_chunk(sse_event(dict(tail, choices=[{"index": 0, "delta": {
-                "content": note}, "finish_reason": None}])))
+                "content": self.exhausted_note()}, "finish_reason": None}])))
         conn.write_chunk(sse_event(dict(tail, choices=[{"index": 0, "delta": {},
                                                         "finish_reason": finish}],
                                         mcp_calls=state["report"],

@@ -627,38 +627,36 @@ def agree(args):
                   f"{b['p50'] / hp50:.2f} / {b['p99'] / hp99:.2f} |")
 
 
+def busy(args):
+    """Machine CPU busy % (of 100 x cores) over ARGS[0] seconds."""
+    m0 = _machine_ticks()
+    time.sleep(float(args[0]))
+    m1 = _machine_ticks()
+    total = (m1[0] - m0[0]) or 1
+    print("%.0f" % (100.0 * os.cpu_count() * (total - (m1[1] - m0[1])) / total))
+
+
+COMMANDS = {
+    "free-ports": lambda args: free_ports(int(args[0])),
+    "nginx-conf": nginx_conf,
+    "paced-server": paced_server,
+    "stream-client": stream_client,
+    "check": check,
+    "wait-http": wait_http,
+    "busy": busy,
+    "tree": lambda args: print(" ".join(map(str, _tree(int(args[0]))))),
+    "rss": lambda args: print(rss_kb(int(args[0]))),
+    "sample": sample,
+    "table": table,
+    "agree": agree,
+}
+
+
 def main():
-    cmd, args = sys.argv[1], sys.argv[2:]
-    if cmd == "free-ports":
-        free_ports(int(args[0]))
-    elif cmd == "nginx-conf":
-        nginx_conf(args)
-    elif cmd == "paced-server":
-        paced_server(args)
-    elif cmd == "stream-client":
-        stream_client(args)
-    elif cmd == "check":
-        check(args)
-    elif cmd == "wait-http":
-        wait_http(args)
-    elif cmd == "busy":  # machine CPU busy % (of 100 x cores) over ARGS[0] seconds
-        m0 = _machine_ticks()
-        time.sleep(float(args[0]))
-        m1 = _machine_ticks()
-        total = (m1[0] - m0[0]) or 1
-        print("%.0f" % (100.0 * os.cpu_count() * (total - (m1[1] - m0[1])) / total))
-    elif cmd == "tree":
-        print(" ".join(map(str, _tree(int(args[0])))))
-    elif cmd == "rss":
-        print(rss_kb(int(args[0])))
-    elif cmd == "sample":
-        sample(args)
-    elif cmd == "table":
-        table(args)
-    elif cmd == "agree":
-        agree(args)
-    else:
+    command = COMMANDS.get(sys.argv[1] if len(sys.argv) > 1 else "")
+    if command is None:
         sys.exit(__doc__)
+    command(sys.argv[2:])
 
 
 if __name__ == "__main__":
