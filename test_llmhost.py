@@ -184,6 +184,7 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
             except threading.BrokenBarrierError:
                 self.close_connection = True
                 return
+        paced_from = time.monotonic()  # pace by the clock: a late wake-up is not carried on
         pieces = []
         if call:
             args = call["function"]["arguments"]
@@ -217,7 +218,7 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
                 return
             self.event(delta(piece))
             if step.get("pace"):
-                time.sleep(step["pace"])
+                time.sleep(max(0.0, paced_from + (i + 1) * step["pace"] - time.monotonic()))
         self.event(delta({}, "tool_calls" if call else "stop"))
         if (body.get("stream_options") or {}).get("include_usage"):
             self.event(dict(base, choices=[], usage=usage))
@@ -2234,6 +2235,48 @@ def test_fifty_streams_flow_at_once(tmp_path):
         barrier.abort()
         for conn in conns:
             conn.close()
+        proc.terminate()
+        proc.communicate(timeout=TIMEOUT)
+        for f in fakes:
+            f.close()
+
+
+def test_fifty_slow_streams_take_as_long_as_one(tmp_path):
+    """Issue 3's measure: 50 concurrent 1 s streams (20 events, 50 ms apart, spread over three
+    upstreams) each take within 10% of one stream alone. Each stream is timed from its own
+    request to its last byte, so starting 50 client threads is not counted; the fake upstreams
+    pace by the clock, so their own thread scheduling does not add up over 20 events."""
+    fakes = [FakeUpstream() for _ in range(3)]
+    registry = write_registry(tmp_path / "s.json", [
+        {"name": f"u{i}", "url": f.url, "models": ["fake-model"]} for i, f in enumerate(fakes)])
+    proc, port = start_serve(registry, "--no-access-log")
+    body = dict(CHAT, stream=True, messages=[{"role": "user", "content": " ".join(["w"] * 19)}])
+
+    def durations(n):
+        for f in fakes:
+            f.script(*[{"pace": 0.05} for _ in range(n)])
+        results = []
+
+        def one():
+            started = time.monotonic()
+            status, _, raw = post(port, "/v1/chat/completions", body, timeout=TIMEOUT)
+            results.append((status, sse_events(raw)[-1], time.monotonic() - started))
+
+        threads = [threading.Thread(target=one) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT * 2)
+        assert [(r[0], r[1]) for r in results] == [(200, "[DONE]")] * n
+        for f in fakes:
+            f.steps.clear()
+        return [r[2] for r in results]
+
+    try:
+        alone = durations(1)[0]
+        together = durations(50)
+        assert alone >= 1.0 and max(together) <= alone * 1.10, (alone, sorted(together)[-5:])
+    finally:
         proc.terminate()
         proc.communicate(timeout=TIMEOUT)
         for f in fakes:
