@@ -5,6 +5,8 @@ Subcommands:
   free-ports N                 print N free loopback TCP ports
   nginx-conf ...               write the canned-upstream and reverse-proxy nginx configs
   paced-server PORT            canned OpenAI upstream whose SSE stream is paced (asyncio)
+  minimal-proxy LISTEN:UP ...  the floor for llmhost's stack: a featureless asyncio-streams
+                               keep-alive pass-through, one listening port per upstream port
   stream-client URL MODEL      N concurrent keep-alive paced streams: TTFB / total / gaps
   check URL MODEL KIND         one request; verify the answer looks like the canned one
   wait-http URL START_NS       poll URL until 200; print ms since START_NS
@@ -244,6 +246,57 @@ def paced_server(args):
         asyncio.run(main())
     except (KeyboardInterrupt, SystemExit):
         pass
+
+
+# --------------------------------------------------------------------------- minimal proxy
+def _framing(head):
+    """-> Content-Length, or None for a chunked body (all the bench's upstreams send)."""
+    lower = head.lower()
+    at = lower.find(b"\r\ncontent-length:")
+    if at < 0:
+        return None if b"\r\ntransfer-encoding: chunked" in lower else 0
+    return int(head[at + 17:head.index(b"\r\n", at + 17)])
+
+
+async def minimal_relay(reader, writer, upstream_port, pool):
+    """Requests in, bytes through: no parsing past framing, no routing, no checks."""
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            body = await reader.readexactly(_framing(head) or 0)
+            up = pool.pop() if pool else await asyncio.open_connection("127.0.0.1", upstream_port)
+            up[1].write(head + body)
+            up_head = await up[0].readuntil(b"\r\n\r\n")
+            length = _framing(up_head)
+            if length is not None:
+                writer.write(up_head + await up[0].readexactly(length))
+            else:
+                writer.write(up_head)
+                data = b""
+                while not data.endswith(b"0\r\n\r\n"):  # the last chunk (good enough here)
+                    data = await up[0].read(65536)
+                    if not data:
+                        raise ConnectionError("upstream closed mid-body")
+                    writer.write(data)
+            if b"\r\nconnection: close" in up_head.lower():
+                up[1].close()
+            else:
+                pool.append(up)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        writer.close()
+
+
+def minimal_proxy(args):
+    async def main():
+        servers = []
+        for pair in args:
+            listen, up = (int(x) for x in pair.split(":"))
+            pool = []
+            servers.append(await asyncio.start_server(
+                lambda r, w, up=up, pool=pool: minimal_relay(r, w, up, pool),
+                "127.0.0.1", listen, backlog=4096))
+        await asyncio.gather(*(srv.serve_forever() for srv in servers))
+    asyncio.run(main())
 
 
 # --------------------------------------------------------------------------- stream client
@@ -582,7 +635,7 @@ def table(args):
         rss = "%.1f→%.1f" % (int(idle) / 1024, int(smp[0]) / 1024) if idle and smp else ""
         cpu = "/".join(smp[1:4]) if len(smp) == 4 else ""
         d, n = base.get((s, "direct")), base.get((s, "nginx"))
-        cmp_ = t.startswith("llmhost")
+        cmp_ = t not in ("direct", "nginx")
         print("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             s, t, f(kv, "rps", "%.0f"), f(kv, "p50_ms"), f(kv, "p90_ms"), f(kv, "p99_ms"),
             errs if kv else "FAILED", rss, cpu,
@@ -640,6 +693,7 @@ COMMANDS = {
     "free-ports": lambda args: free_ports(int(args[0])),
     "nginx-conf": nginx_conf,
     "paced-server": paced_server,
+    "minimal-proxy": minimal_proxy,
     "stream-client": stream_client,
     "check": check,
     "wait-http": wait_http,
