@@ -818,7 +818,12 @@ class UpstreamConnection:
         self.writer.transport.abort()
 
     def abort(self):
+        """Close it because the client left (a failure that follows is not retried)."""
         self.aborted = True
+        self.writer.transport.abort()
+
+    def discard(self):
+        """Close it because the pool will not keep it."""
         self.writer.transport.abort()
 
 
@@ -966,7 +971,7 @@ class UpstreamClient:
                 conn = idle.pop()
                 conn.reused = True
                 if conn.reader.at_eof() or conn.writer.transport.is_closing():
-                    conn.abort()
+                    conn.discard()
                     continue
             else:
                 conn = await self.connect(origin, connect_timeout)
@@ -1041,17 +1046,17 @@ class UpstreamClient:
                 conn.idle_since = time.monotonic()
                 idle.append(conn)
                 return
-        conn.abort()
+        conn.discard()
 
     def expire_idle(self, now):
         for idle in self.idle.values():
             while idle and now - idle[0].idle_since > POOL_IDLE_TIMEOUT:
-                idle.pop(0).abort()
+                idle.pop(0).discard()
 
     def close_all(self):
         for idle in self.idle.values():
             for conn in idle:
-                conn.abort()
+                conn.discard()
         self.idle.clear()
 
 # =============================================================================

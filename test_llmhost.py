@@ -1935,6 +1935,16 @@ def test_stale_pooled_connection_is_retried_once(gateway, fake):
     assert gateway.gateway.router.upstreams["local"].errors == 0
 
 
+def test_pooled_connection_closed_without_answer_is_retried_once(gateway, fake):
+    """The other stale case: the pooled connection looks open, takes the request, and is
+    closed without an answer (the upstream's idle timeout raced the request)."""
+    assert post(gateway.port, "/v1/chat/completions", CHAT)[0] == 200  # now pooled
+    fake.script({"close": True})
+    status, _, _ = post(gateway.port, "/v1/chat/completions", CHAT)
+    assert status == 200 and len(fake.posts()) == 3  # the second on a fresh connection
+    assert gateway.gateway.router.upstreams["local"].errors == 0
+
+
 def test_cooling_server_comes_back_through_probe(pool):
     running, fakes = pool
     router = running.gateway.router
