@@ -1925,6 +1925,8 @@ class Admission:
         try:
             await asyncio.wait_for(fut, self.queue_timeout)
         except asyncio.TimeoutError:
+            if fut.done() and not fut.cancelled():
+                return  # handed the slot as the wait ran out (wait_for on 3.12+): keep it
             self.rejected += 1
             raise RateLimited(f"waited {self.queue_timeout:g}s for one of {self.limit} request "
                               "slots; retry shortly", headers=[("Retry-After", "1")]) from None

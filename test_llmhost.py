@@ -1975,6 +1975,32 @@ def held_requests(port, n, body=CHAT):
     return threads, results
 
 
+def test_slot_handed_over_as_the_wait_times_out_is_not_lost():
+    """A release that lands in the same loop turn as the waiter's timeout: the waiter either
+    gets the slot or the slot goes back; it is never lost (asyncio.wait_for on 3.12+ raises
+    TimeoutError even when the future was already given its result)."""
+    async def trial(offset):
+        admission = llmhost.Admission(limit=1, queue_size=5, queue_timeout=0.005)
+        await admission.acquire()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_task(admission.acquire())
+        await asyncio.sleep(0)
+        loop.call_at(loop.time() + offset, admission.release)
+        try:
+            await waiter
+            holders = 1
+        except llmhost.RateLimited:
+            holders = 0
+        await asyncio.sleep(0.01)  # the release has run by now
+        return admission.active, holders
+
+    async def trials():
+        return [await trial(0.005 + (i - 10) * 0.0001) for i in range(20)]
+
+    for active, holders in asyncio.run(trials()):
+        assert active == holders
+
+
 def test_sixty_against_fifty_with_small_queue(fake, tmp_path):
     path = write_registry(tmp_path / "s.json",
                           [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
