@@ -99,6 +99,11 @@ class HTTPError(Exception):
                           "param": self.param, "code": self.code}}
 
 
+class ClientGone(HTTPError):
+    """The client closed its connection mid-request: nothing is owed to it (logged as 499)."""
+    status, code = 499, "client_closed_request"
+
+
 class BadRequest(HTTPError):
     status, type, code = 400, "invalid_request_error", "invalid_request"
 
@@ -3022,7 +3027,8 @@ class Application:
 
     async def try_candidates(self, request, body, candidates, suffix, raw, deliver):
         """Send to each candidate in turn until one answers; `deliver(up, resp, body bytes or
-        None for a stream, overhead ms)` then owns the answer (the point of no return)."""
+        None for a stream, overhead ms)` then owns the answer (the point of no return). A client
+        that leaves meanwhile ends it with ClientGone, so no caller has to check for that."""
         model = body["model"]
         if candidates[0][0].full():
             candidates = await self.wait_for_capacity(model)
@@ -3060,7 +3066,7 @@ class Application:
                                                      on_connection=attach)
                 except UpstreamError as exc:
                     if conn.gone:
-                        return False
+                        raise ClientGone("the client closed the request") from None
                     self.router.failed(up, exc.message)
                     last_error = exc
                     continue
@@ -3080,7 +3086,7 @@ class Application:
                         data = await resp.read_all()
                     except UpstreamError as exc:
                         if conn.gone:
-                            return False
+                            raise ClientGone("the client closed the request") from None
                         self.router.failed(up, exc.message)
                         last_error = exc
                         continue

@@ -1403,6 +1403,28 @@ def test_mcp_client_disconnect_cancels_calls(mcp_env):
     assert running.gateway.http.in_flight == 0  # not waiting out the 5 s tool
 
 
+def test_mcp_client_leaving_mid_round_is_no_internal_error(mcp_env, caplog):
+    """A client that leaves while the model is answering an MCP round: the round is dropped
+    quietly (logged as 499), not as a failure with a traceback."""
+    running, fake = mcp_env
+    fake.steps.clear()
+    release = threading.Event()
+    fake.script({"hold": release})
+    body = json.dumps({"model": "agent", "messages": [{"role": "user", "content": "go"}]}).encode()
+    try:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            assert fake.holding.acquire(timeout=TIMEOUT)  # the model round is under way
+        deadline = time.monotonic() + TIMEOUT
+        while running.gateway.http.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert running.gateway.http.in_flight == 0
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    finally:
+        release.set()
+
+
 def start_mcp_http(kind):
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "mcp-server", kind],
                             stdout=subprocess.PIPE, text=True)
