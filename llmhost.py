@@ -3632,16 +3632,43 @@ def entry_api_key(entry, environ):
     return key or None
 
 
+# `add` options copied into an entry as given (both kinds of entry)
+SERVER_OPTIONS = ("alias", "api_key_env", "api_key", "timeout", "max_concurrency", "priority",
+                  "vision", "mcp")
+
+
+def copy_options(args, entry, fields):
+    for field in fields:
+        value = getattr(args, field, None)
+        if value is not None:
+            entry[field] = value
+
+
+def append_server(path, entry):
+    def change(doc):
+        if find_server(doc, entry["name"]):
+            raise RegistryError(f"a server named {entry['name']!r} was added meanwhile")
+        doc["servers"].append(entry)
+
+    update_registry(path, change)
+
+
 def cmd_add(args, environ):
     path = registry_path(args, environ)
     if not NAME_RE.fullmatch(args.name):
         raise CLIError(f"invalid name {args.name!r}: use 1-64 of A-Z a-z 0-9 . _ -")
+    if args.api_key and args.api_key_env:
+        raise CLIError("use either --api-key-env or --api-key, not both")
+    if args.api_key_env and not ENV_NAME_RE.fullmatch(args.api_key_env):
+        raise CLIError(f"invalid environment variable name {args.api_key_env!r}")
     if args.command:
         return add_managed(args, environ, path)
     if not args.url:
         raise CLIError("give the server's base URL (or --command for one llmhost starts)")
-    if args.check or args.env or args.cwd or args.ttl is not None or args.group:
-        raise CLIError("--check, --env, --cwd, --ttl and --group are for --command entries")
+    given = [f"--{f.replace('_', '-')}" for f in ("check",) + MANAGED_FIELDS[1:]
+             if getattr(args, f) not in (None, False)]
+    if given:
+        raise CLIError(f"{', '.join(given)}: only for --command entries (servers llmhost starts)")
     url = args.url.strip()
     reason = valid_url(url)
     if reason:
@@ -3653,10 +3680,6 @@ def cmd_add(args, environ):
                            f"{url[:-len(suffix)]}")
     if args.alias and len(args.model or ()) != 1:
         raise CLIError("--alias needs exactly one --model")
-    if args.api_key and args.api_key_env:
-        raise CLIError("use either --api-key-env or --api-key, not both")
-    if args.api_key_env and not ENV_NAME_RE.fullmatch(args.api_key_env):
-        raise CLIError(f"invalid environment variable name {args.api_key_env!r}")
     existing = load_registry(path)  # fail early (and on a broken file) before probing
     if find_server(existing, args.name):
         raise CLIError(f"a server named {args.name!r} already exists in {path}; "
@@ -3685,20 +3708,8 @@ def cmd_add(args, environ):
     entry = {"name": args.name, "url": url, "models": models}
     if not args.model:
         entry["discover"] = True  # serve re-reads the upstream's model list when it starts
-    for field in ("alias", "api_key_env", "api_key", "timeout", "max_concurrency", "priority",
-                  "vision"):
-        value = getattr(args, field, None)
-        if value is not None:
-            entry[field] = value
-    if args.mcp:
-        entry["mcp"] = args.mcp
-
-    def change(doc):
-        if find_server(doc, args.name):
-            raise RegistryError(f"a server named {args.name!r} was added meanwhile")
-        doc["servers"].append(entry)
-
-    update_registry(path, change)
+    copy_options(args, entry, SERVER_OPTIONS)
+    append_server(path, entry)
     shown = ", ".join(models[:10]) + (" …" if len(models) > 10 else "")
     print(f"added {args.name}: {url} ({len(models)} model{'s' if len(models) != 1 else ''}"
           f"{': ' + shown if models else ''}){' [not checked]' if args.no_check else ''}")
@@ -3720,15 +3731,10 @@ def add_managed(args, environ, path):
         raise CLIError(f"a server named {args.name!r} already exists in {path}")
     entry = {"name": args.name, "command": args.command, "models": list(dict.fromkeys(
         args.model or ()))}
-    for field in ("alias", "api_key_env", "api_key", "timeout", "max_concurrency", "priority",
-                  "vision", "ttl", "ready_path", "start_timeout", "cwd", "group"):
-        value = getattr(args, field, None)
-        if value is not None:
-            entry[field] = value
+    copy_options(args, entry, SERVER_OPTIONS + ("ttl", "ready_path", "start_timeout", "cwd",
+                                                "group"))
     if args.env:
         entry["env"] = parse_pairs(args.env, "=", "--env")
-    if args.mcp:
-        entry["mcp"] = args.mcp
     try:
         validate_registry({"version": REGISTRY_VERSION, "servers": [entry], "mcpServers": {
             name: {"command": "x"} for name in entry.get("mcp", ())}}, path)
@@ -3743,13 +3749,7 @@ def add_managed(args, environ, path):
         entry["models"] = entry["models"] or listed
     if not entry["models"]:
         raise CLIError("name the model(s) it serves with --model (or use --check to list them)")
-
-    def change(doc):
-        if find_server(doc, args.name):
-            raise RegistryError(f"a server named {args.name!r} was added meanwhile")
-        doc["servers"].append(entry)
-
-    update_registry(path, change)
+    append_server(path, entry)
     ttl = entry.get("ttl", MANAGED_TTL)
     print(f"added {args.name}: started on demand by `{args.command}` ({', '.join(entry['models'])};"
           f" {f'stopped after {ttl:g}s idle' if ttl else 'never stopped for idling'})")
@@ -4231,7 +4231,7 @@ def cmd_discover(args, environ):
     ports = DISCOVERY_PORTS
     if args.ports:
         try:
-            ports = {int(p): f"local{p}" for p in args.ports.split(",")}
+            ports = {int(p): f"local{int(p)}" for p in args.ports.split(",")}
         except ValueError:
             raise CLIError("--ports takes numbers separated by commas") from None
     found = discover_servers(ports)

@@ -670,6 +670,10 @@ def test_add_sends_upstream_key_from_env(fake, registry):
     (["add", "x", "http://127.0.0.1:1/v1"], "connection refused"),
     (["add", "x", "http://127.0.0.1:1/v1/chat/completions"], "not a base URL"),
     (["add", "x", "http://127.0.0.1:1/v1", "--alias", "p"], "--alias needs exactly one"),
+    (["add", "x", "http://127.0.0.1:1/v1", "--ready-path", "/up", "--start-timeout", "9"],
+     "--ready-path, --start-timeout: only for --command entries"),
+    (["add", "x", "--command", "srv --port ${PORT}", "--model", "m", "--api-key", "k",
+      "--api-key-env", "K"], "either --api-key-env or --api-key"),
     (["remove", "ghost"], "no server named 'ghost'"),
     (["show", "ghost"], "no server named 'ghost'"),
 ])
@@ -1741,13 +1745,14 @@ def test_discover_finds_fake_servers(tmp_path):
     one, two = FakeUpstream(models=["alpha"]), FakeUpstream(models=["beta", "gamma"])
     registry = str(tmp_path / "servers.json")
     try:
-        ports = f"{one.port},{two.port},1"
+        ports = f"{one.port}, {two.port},1"  # spaces as typed: names are still local<port>
         code, out, err = run_cli(registry, "discover", "--ports", ports)
         assert code == 0 and "alpha" in out and "beta, gamma" in out
         assert not os.path.exists(registry)
         code, out, err = run_cli(registry, "discover", "--ports", ports, "--add")
         servers = llmhost.load_registry(registry)["servers"]
         assert [s["models"] for s in servers] == [["alpha"], ["beta", "gamma"]]
+        assert [s["name"] for s in servers] == [f"local{one.port}", f"local{two.port}"]
         code, out, err = run_cli(registry, "discover", "--ports", ports, "--add")
         assert "nothing new" in out and len(llmhost.load_registry(registry)["servers"]) == 2
     finally:
