@@ -3536,9 +3536,9 @@ def http_connection(parts, timeout):
     return http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
 
 
-def http_get_json(url, api_key=None, timeout=None):
-    """GET `url` with the standard library's client -> (status, parsed JSON or None, raw text).
-    Raises CLIError saying what was tried when nothing usable came back."""
+def http_json(url, api_key=None, timeout=None, method="GET"):
+    """`method` `url` (no body) with the standard library's client -> (status, parsed JSON or
+    None, raw text). Raises CLIError saying what was tried when nothing usable came back."""
     import http.client
     import socket
     from urllib.parse import urlsplit
@@ -3549,20 +3549,20 @@ def http_get_json(url, api_key=None, timeout=None):
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     try:
-        conn.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
-                     headers=headers)
+        conn.request(method, (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+                     body=None if method == "GET" else b"", headers=headers)
         resp = conn.getresponse()
         raw = resp.read(MAX_UPSTREAM_BODY)
     except socket.timeout:
-        raise CLIError(f"GET {url}: no answer within {timeout:g}s") from None
+        raise CLIError(f"{method} {url}: no answer within {timeout:g}s") from None
     except ConnectionRefusedError:
-        raise CLIError(f"GET {url}: connection refused (is the server running on that port?)") \
-            from None
+        raise CLIError(f"{method} {url}: connection refused (is the server running on that "
+                       "port?)") from None
     except socket.gaierror as exc:
-        raise CLIError(f"GET {url}: cannot resolve host {parts.hostname!r} ({exc.strerror})") \
-            from None
+        raise CLIError(f"{method} {url}: cannot resolve host {parts.hostname!r} "
+                       f"({exc.strerror})") from None
     except (OSError, http.client.HTTPException) as exc:
-        raise CLIError(f"GET {url}: {exc.__class__.__name__}: {exc}") from None
+        raise CLIError(f"{method} {url}: {exc.__class__.__name__}: {exc}") from None
     finally:
         conn.close()
     text = raw.decode("utf-8", "replace")
@@ -3580,7 +3580,7 @@ def probe_server(url, api_key, timeout=None):
     if not url.rstrip("/").endswith("/v1"):
         bases.append(url.rstrip("/") + "/v1")
     for base in bases:
-        status, doc, text = http_get_json(base + "/models", api_key, timeout)
+        status, doc, text = http_json(base + "/models", api_key, timeout)
         tried.append(f"GET {base}/models -> {status}")
         if status in (401, 403):
             raise CLIError(f"GET {base}/models: the server refused the key (HTTP {status}). "
@@ -3828,10 +3828,12 @@ def cmd_show(args, environ):
     return 0
 
 
+def env_api_keys(environ):
+    return [k.strip() for k in environ.get("LLMHOST_API_KEY", "").split(",") if k.strip()]
+
+
 def parse_api_keys(args, environ):
-    keys = list(args.api_key or ())
-    keys += [k.strip() for k in environ.get("LLMHOST_API_KEY", "").split(",") if k.strip()]
-    return keys
+    return list(args.api_key or ()) + env_api_keys(environ)
 
 
 async def discover_models(client, upstreams):
@@ -4138,27 +4140,10 @@ def run_workers(args, path, keys, options, workers):
 
 def serve_api(args, environ, path, method="GET"):
     """Call a running serve's API (for status, ps, load, unload) -> the JSON answer."""
-    import http.client
-    from urllib.parse import urlsplit
-    key = args.api_key or (environ.get("LLMHOST_API_KEY", "").split(",")[0].strip() or None)
+    key = args.api_key or next(iter(env_api_keys(environ)), None)
     url = args.url.rstrip("/") + path
-    if method == "GET":
-        status, doc, text = http_get_json(url, key)
-    else:
-        conn = http_connection(urlsplit(url), MANAGED_START_TIMEOUT + 10)
-        try:
-            conn.request(method, urlsplit(url).path, body=b"", headers={
-                "Authorization": f"Bearer {key}"} if key else {})
-            resp = conn.getresponse()
-            status, text = resp.status, resp.read().decode("utf-8", "replace")
-        except (OSError, http.client.HTTPException) as exc:
-            raise CLIError(f"{method} {url}: {exc}") from None
-        finally:
-            conn.close()
-        try:
-            doc = json.loads(text)
-        except ValueError:
-            doc = None
+    status, doc, text = http_json(url, key, None if method == "GET"
+                                  else MANAGED_START_TIMEOUT + 10, method)  # load waits
     if status != 200 or not isinstance(doc, dict):
         message = (doc or {}).get("error", {}).get("message") if isinstance(doc, dict) else text
         raise CLIError(f"{method} {url} -> HTTP {status}: {message}")
@@ -4218,7 +4203,7 @@ def discover_servers(ports, timeout=0.5):
     for port, name in ports.items():
         url = f"http://127.0.0.1:{port}/v1"
         try:
-            status, doc, _ = http_get_json(url + "/models", timeout=timeout)
+            status, doc, _ = http_json(url + "/models", timeout=timeout)
         except CLIError:
             continue
         ids = list_models(doc) if status == 200 else None

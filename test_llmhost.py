@@ -959,6 +959,10 @@ def test_api_keys(fake, tmp_path):
         assert request(running.port, "GET", "/v1/models")[0] == 401
         # the client's key never goes upstream; the entry's own key does
         assert fake.posts()[-1]["headers"]["authorization"] == "Bearer sk-up"
+        # the CLI reads $LLMHOST_API_KEY the way serve does (blanks skipped)
+        code, out, err = run_cli("unused", "status", "--url", f"http://127.0.0.1:{running.port}",
+                                 environ={"LLMHOST_API_KEY": " , k2"})
+        assert code == 0, err
     finally:
         running.stop()
 
