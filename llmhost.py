@@ -99,11 +99,6 @@ class HTTPError(Exception):
                           "param": self.param, "code": self.code}}
 
 
-class ClientGone(HTTPError):
-    """The client closed its connection mid-request: nothing is owed to it (logged as 499)."""
-    status, code = 499, "client_closed_request"
-
-
 class BadRequest(HTTPError):
     status, type, code = 400, "invalid_request_error", "invalid_request"
 
@@ -642,7 +637,7 @@ class HTTPServer:
         self.in_flight = 0
         self.idle = None  # asyncio.Event set when no request is in flight (for shutdown)
 
-    async def listen(self, host, port, *, sock=None, reuse_port=False):
+    async def listen(self, host, port, *, sock=None):
         import asyncio
         import socket
         loop = asyncio.get_running_loop()
@@ -655,8 +650,7 @@ class HTTPServer:
         if sock is not None:
             server = await loop.create_server(factory, sock=sock, backlog=1024)
         else:
-            server = await loop.create_server(factory, host, port, backlog=1024,
-                                              reuse_port=reuse_port or None)
+            server = await loop.create_server(factory, host, port, backlog=1024)
         for s in server.sockets:
             if s.family in (socket.AF_INET, socket.AF_INET6):
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -921,17 +915,22 @@ class UpstreamResponse:
         self.client.release(self.conn, False)
 
 
-async def fetch_json(client, origin, fixed_head, path, timeout=PROBE_TIMEOUT):
-    """GET `path` (health checks, model lists) -> (status, parsed JSON or None).
-    `fixed_head` is the entry's constant head lines. Raises UpstreamError."""
-    head = ("GET %s HTTP/1.1\r\n%s\r\n" % (path, fixed_head)).encode("latin-1")
-    resp = await client.request(origin, head, b"", timeout=timeout,
+async def fetch_json(client, up, path, timeout=PROBE_TIMEOUT):
+    """GET `path` from the Upstream `up` (health checks, model lists) -> (status, parsed JSON
+    or None). Raises UpstreamError."""
+    head = ("GET %s HTTP/1.1\r\n%s\r\n" % (path, up.head_fixed)).encode("latin-1")
+    resp = await client.request(up.origin, head, b"", timeout=timeout,
                                 connect_timeout=min(CONNECT_TIMEOUT, timeout))
     body = await resp.read_all()
     try:
         return resp.status, json.loads(body)
     except ValueError:
         return resp.status, None
+
+
+def fetch_models(client, up, timeout=PROBE_TIMEOUT):
+    """GET the upstream's model list -> (status, parsed JSON or None)."""
+    return fetch_json(client, up, up.origin.base_path + "/models", timeout)
 
 
 RESPONSE_FIELDS = tuple((b"\r\n" + name.encode() + b":", name) for name in (
@@ -1146,7 +1145,7 @@ def validate_mcp_entry(name, entry):
             errors.append(f"{name}: 'type' must be one of http, streamable-http, sse")
         errors += [f"{name}: {k!r} is for command servers" for k in ("args", "env", "cwd") if k in entry]
     t = entry.get("timeout")
-    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0):
+    if t is not None and not _is_number(t):
         errors.append(f"{name}: 'timeout' must be a positive number of seconds")
     return errors
 def import_mcp_json(doc):
@@ -1170,7 +1169,7 @@ def import_mcp_json(doc):
         entry = {k: raw[k] for k in ("command", "args", "env", "cwd", "url", "headers", "type", "timeout") if k in raw}
         if entry.get("type") == "stdio" or ("command" in entry and "type" in entry):
             entry.pop("type")  # VS Code writes type=stdio; ours is implied by 'command'
-        if entry.get("type") in ("http", "streamable-http", "streamableHttp"):
+        if MCP_HTTP_TYPES.get(entry.get("type")) == "http":
             entry.pop("type")  # the default for a URL
         if "${input:" in json.dumps(entry):
             skipped.append((raw_name, "uses VS Code ${input:...} prompts; set an environment variable instead"))
@@ -1210,7 +1209,7 @@ SERVER_FIELDS = {
     "ttl": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
             "seconds >= 0 (0: never stop)"),
     "ready_path": (lambda v: isinstance(v, str) and v.startswith("/"), "a path such as /health"),
-    "start_timeout": (lambda v: _is_number(v), "seconds > 0"),
+    "start_timeout": (_is_number, "seconds > 0"),
     "env": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
             "an object of strings"),
     "cwd": (lambda v: isinstance(v, str) and v, "a folder"),
@@ -1731,14 +1730,15 @@ class ProcessManager:
             raise ServiceUnavailable(f"managed server {server.name} was removed")
         up.set_url(f"http://127.0.0.1:{port}/v1")
         logger().info("managed server %s: started pid %d on port %d", server.name, proc.pid, port)
-        deadline = time.monotonic() + entry.get("start_timeout", MANAGED_START_TIMEOUT)
+        start_timeout = entry.get("start_timeout", MANAGED_START_TIMEOUT)
+        deadline = time.monotonic() + start_timeout
         while True:
             if proc.returncode is not None:
                 await self.stop(server, "exited while starting")  # what it left in its group
                 raise self.fail(server, f"exited with code {proc.returncode} while starting")
             if time.monotonic() > deadline:
                 await self.stop(server, "did not become ready")
-                raise self.fail(server, f"not ready after {entry.get('start_timeout', MANAGED_START_TIMEOUT):g}s")
+                raise self.fail(server, f"not ready after {start_timeout:g}s")
             if await self.ready(up):
                 break
             await asyncio.sleep(0.1)
@@ -1752,12 +1752,11 @@ class ProcessManager:
         """The ready path answers 200 and /models lists the model (llama.cpp answers 503
         while it loads the model)."""
         try:
-            status, _ = await fetch_json(self.client, up.origin, up.head_fixed,
-                                         up.entry.get("ready_path", "/health"), 2.0)
+            status, _ = await fetch_json(self.client, up, up.entry.get("ready_path", "/health"),
+                                         2.0)
             if status != 200:
                 return False
-            status, doc = await fetch_json(self.client, up.origin, up.head_fixed,
-                                           up.origin.base_path + "/models", 2.0)
+            status, doc = await fetch_models(self.client, up, 2.0)
         except UpstreamError:
             return False
         ids = list_models(doc) if status == 200 else None
@@ -2856,8 +2855,8 @@ class Application:
             if "*" in self.cors_origins:
                 request.extra = [("Access-Control-Allow-Origin", "*")]
             elif origin in self.cors_origins:
-                request.extra = [("Access-Control-Allow-Origin", check_header_value(origin)),
-                                 ("Vary", "Origin")]
+                # a parsed header value: no CR, LF or NUL can be in it
+                request.extra = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
             if request.method == "OPTIONS" and request.extra:
                 return self.preflight(request)
         path = request.path
@@ -3066,7 +3065,7 @@ class Application:
                                                      on_connection=attach)
                 except UpstreamError as exc:
                     if conn.gone:
-                        raise ClientGone("the client closed the request") from None
+                        raise ClientGone("client closed the request") from None
                     self.router.failed(up, exc.message)
                     last_error = exc
                     continue
@@ -3086,7 +3085,7 @@ class Application:
                         data = await resp.read_all()
                     except UpstreamError as exc:
                         if conn.gone:
-                            raise ClientGone("the client closed the request") from None
+                            raise ClientGone("client closed the request") from None
                         self.router.failed(up, exc.message)
                         last_error = exc
                         continue
@@ -3203,6 +3202,7 @@ class Application:
         if not requested and not self.router.mcp_attached:
             return None
         servers, allowed, request_servers = [], {}, []
+        known = self.mcp.specs()
         for tool in requested:
             label = tool.get("server_label")
             if not isinstance(label, str) or not NAME_RE.fullmatch(label):
@@ -3212,7 +3212,6 @@ class Application:
                 raise BadRequest("llmhost runs MCP tools without asking: 'require_approval' must "
                                  "be 'never'.", param="tools")
             url = tool.get("server_url")
-            known = self.mcp.specs()
             if url is not None:
                 if not isinstance(url, str) or valid_url(url) or not any(
                         url.startswith(prefix) for prefix in self.mcp_allow_urls):
@@ -3220,8 +3219,9 @@ class Application:
                                      "--mcp-allow-url PREFIX to allow it.", param="tools",
                                      code="mcp_url_not_allowed")
                 spec = {"url": url, "headers": tool.get("headers") or {}}
-                if validate_mcp_entry(label, spec):
-                    raise BadRequest("; ".join(validate_mcp_entry(label, spec)), param="tools")
+                problems = validate_mcp_entry(label, spec)
+                if problems:
+                    raise BadRequest("; ".join(problems), param="tools")
                 if label in known:
                     raise BadRequest(f"server_label {label!r} is a registered MCP server; give "
                                      "another label for a server_url.", param="tools")
@@ -3267,7 +3267,6 @@ class Application:
     async def complete(self, request, body, candidates):
         """One non-streamed chat completion through the router -> (status, body bytes)."""
         async def deliver(up, resp, data, overhead):
-            request.server = up.name
             return resp.status, data if data is not None else await resp.read_all()
         return await self.try_candidates(request, body, candidates, "/chat/completions", None,
                                          deliver)
@@ -3324,16 +3323,15 @@ class Application:
         """The tool loop: ask the model; run the MCP tools it calls; give it the results; ask
         again, up to mcp_max_rounds. Client tools in a round end the loop (see README)."""
         request.model = body["model"]
-        self.router.pool(body["model"])  # an unknown model is a 404 before MCP servers start
+        pool = self.router.pool(body["model"])  # an unknown model: 404 before MCP servers start
         for label, spec in request_servers:
             await self.mcp.add_from_request(label, spec)
         bindings = {b["name"]: b for b in await self.mcp.tools(servers, allowed or None)}
         tools = [t for t in body.get("tools") or () if not (isinstance(t, dict) and
                                                             t.get("type") == "mcp")]
         tools += [b["openai"] for b in bindings.values()]
-        state = {"messages": list(body["messages"]), "report": [], "usage": {}, "rounds": 0,
-                 "vision": any(up.entry.get("vision") for up, _ in
-                               self.router.pool(body["model"]))}
+        state = {"messages": list(body["messages"]), "report": [], "usage": {},
+                 "vision": any(up.entry.get("vision") for up, _ in pool)}
         base = {k: v for k, v in body.items() if k not in ("tools", "stream", "stream_options")}
         base["tools"] = tools
         await self.admission.acquire()
@@ -3396,7 +3394,6 @@ class Application:
             if not mine or last:
                 break
             results = await self.run_mcp_calls(request, mine, bindings, state["report"])
-            state["rounds"] += 1
             if theirs:  # the client's own tools: back to the client with just those
                 doc["choices"][0]["message"] = dict(message, tool_calls=theirs)
                 break
@@ -3423,7 +3420,6 @@ class Application:
 
             async def deliver(up, resp, data, overhead, collected=collected):
                 nonlocal keep_alive, template
-                request.server = up.name
                 if data is not None:
                     return resp.status, data
                 if not conn.streaming:
@@ -3483,7 +3479,6 @@ class Application:
             if not mine or last:
                 break
             results = await self.run_mcp_calls(request, mine, bindings, state["report"])
-            state["rounds"] += 1
             if theirs:
                 break
             self.extend_conversation(state, {"role": "assistant", "content": "".join(
@@ -3768,8 +3763,7 @@ async def check_managed(entry, path, environ):
     server = manager.servers[up.name]
     try:
         await manager.ensure(up)
-        _, doc = await fetch_json(client, up.origin, up.head_fixed,
-                                  up.origin.base_path + "/models")
+        _, doc = await fetch_models(client, up)
         return list_models(doc) or []
     except (ServiceUnavailable, UpstreamError) as exc:
         raise CLIError(f"--check failed: {getattr(exc, 'message', exc)}") from None
@@ -3837,13 +3831,12 @@ def parse_api_keys(args, environ):
 
 
 async def discover_models(client, upstreams):
-    """GET /models of every entry marked `discover`; -> {name: [ids]} for those that answered."""
+    """GET /models of each of `upstreams`; -> {name: [ids]} for those that answered."""
     import asyncio
 
     async def one(up):
         try:
-            status, doc = await fetch_json(client, up.origin, up.head_fixed,
-                                           up.origin.base_path + "/models")
+            status, doc = await fetch_models(client, up)
         except UpstreamError as exc:
             return up.name, None, exc.message
         if status != 200:
@@ -3852,7 +3845,7 @@ async def discover_models(client, upstreams):
         return up.name, ids, None if ids is not None else "not an OpenAI model list"
 
     found = {}
-    results = await asyncio.gather(*(one(up) for up in upstreams if up.entry.get("discover")))
+    results = await asyncio.gather(*(one(up) for up in upstreams))
     for name, ids, error in results:
         if ids is not None:
             found[name] = ids
@@ -3897,7 +3890,7 @@ class Gateway:
         task.add_done_callback(self.tasks.discard)
         return task
 
-    async def start(self, host="127.0.0.1", port=0, sock=None, reuse_port=False):
+    async def start(self, host="127.0.0.1", port=0, sock=None):
         import asyncio
         self.http.idle = asyncio.Event()
         self.http.idle.set()
@@ -3907,7 +3900,7 @@ class Gateway:
                              len(reaped), ", ".join(map(str, reaped)))
         await self.reload(quiet=True)
         self.spawn(self.sweeper.run())
-        return await self.http.listen(host, port, sock=sock, reuse_port=reuse_port)
+        return await self.http.listen(host, port, sock=sock)
 
     async def reload(self, quiet=False):
         """Re-read the registry; a broken file keeps the last good one (and says why)."""
@@ -3978,8 +3971,7 @@ class Gateway:
             while up.cooldown_until > self.router.clock():
                 await asyncio.sleep(PROBE_INTERVAL)
                 try:
-                    status, _ = await fetch_json(self.client, up.origin, up.head_fixed,
-                                                 up.origin.base_path + "/models")
+                    status, _ = await fetch_models(self.client, up)
                 except UpstreamError:
                     continue
                 if status == 200:
@@ -4010,7 +4002,7 @@ def cmd_serve(args, environ):
                         format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%Y-%m-%d %H:%M:%S")
     path = registry_path(args, environ)
-    load_registry(path)  # a broken registry stops serve before it binds
+    servers = load_registry(path)["servers"]  # a broken registry stops serve before it binds
     keys = parse_api_keys(args, environ)
     loopback = is_loopback_host(args.host)
     if not loopback and not keys and not args.no_auth:
@@ -4023,7 +4015,7 @@ def cmd_serve(args, environ):
         workers = 0
     if workers < 1:
         raise CLIError("--workers must be at least 1 (or auto)")
-    if workers > 1 and any("command" in e for e in load_registry(path)["servers"]):
+    if workers > 1 and any("command" in e for e in servers):
         raise CLIError("managed servers (entries with --command) need --workers 1: each worker "
                        "would start its own copy of every model")
     options = dict(environ=environ, api_keys=keys, queue_timeout=args.queue_timeout,
