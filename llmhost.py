@@ -172,6 +172,10 @@ _REQUEST_LINE = re.compile(rb"(%s) ([^\x00-\x20\x7f]+) HTTP/(\d)\.(\d)\r\n" % _T
 _HEADER_LINE = re.compile(rb"(%s):[ \t]*((?:[\x21-\x7e\x80-\xff](?:[ \t]*[\x21-\x7e\x80-\xff])*)?)"
                           rb"[ \t]*" % _TOKEN)
 _HEADER_LINE_CRLF = re.compile(_HEADER_LINE.pattern + rb"\r\n")
+# The same grammar for a whole block at once, on its latin-1 text (OWS is stripped afterwards).
+_HEADER_BLOCK = re.compile(r"(?:%s:[\t\x20-\x7e\x80-\xff]*\r\n)*" % _TOKEN.decode())
+# Repeats of these are how requests get smuggled (RFC 9112 §6.3, §3.2).
+_SINGLE_HEADERS = frozenset({"content-length", "host", "transfer-encoding", "authorization"})
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*%s(?:=(?:%s|\"[^\"\r\n]*\"))?)*"
                          rb"[ \t]*\r\n" % (_TOKEN, _TOKEN))
 KNOWN_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH",
@@ -226,35 +230,44 @@ def parse_request_line(line):
 
 
 def parse_header_block(block):
-    """All header lines (each ending CRLF) without the empty line -> {name: value}. RFC 9112 §5."""
+    """All header lines (each ending CRLF) without the empty line -> {name: value}. RFC 9112 §5.
+
+    One regex checks the whole block; splitting it is then plain string work (a third of the
+    cost of matching line by line, which is done only to say what is wrong with a bad block)."""
     if len(block) > MAX_HEADER_BYTES:
         raise ProtocolError("request headers too large", status=431, code="headers_too_large")
-    headers = {}
     if block and not block.endswith(b"\r\n"):
         raise ProtocolError("header section must end with CRLF")
     if block.count(b"\r\n") > MAX_HEADER_COUNT:
         raise ProtocolError("too many header fields", status=431, code="headers_too_large")
+    text = block.decode("latin-1")
+    if _HEADER_BLOCK.fullmatch(text) is None:
+        _header_block_fault(block)
+    headers = {}
+    for line in text.split("\r\n")[:-1]:
+        name, _, value = line.partition(":")
+        name = name.lower()
+        value = value.strip(" \t")
+        old = headers.get(name)
+        if old is None:
+            headers[name] = value
+        elif name in _SINGLE_HEADERS:
+            raise ProtocolError(f"repeated {name} header")
+        else:
+            headers[name] = old + ", " + value
+    return headers
+
+
+def _header_block_fault(block):
+    """Raise the ProtocolError that names the first bad line of a block that failed to match."""
     pos = 0
-    end = len(block)
-    match = _HEADER_LINE_CRLF.match
-    while pos < end:
-        m = match(block, pos)
+    while True:
+        m = _HEADER_LINE_CRLF.match(block, pos)
         if m is None:
             if block[pos:pos + 1] in (b" ", b"\t"):
                 raise ProtocolError("obsolete line folding is not accepted")
             raise ProtocolError("malformed header field")
         pos = m.end()
-        name = m.group(1).lower().decode()
-        value = m.group(2).decode("latin-1")
-        old = headers.get(name)
-        if old is None:
-            headers[name] = value
-        elif name in ("content-length", "host", "transfer-encoding", "authorization"):
-            # Repeats of these are how requests get smuggled (RFC 9112 §6.3, §3.2).
-            raise ProtocolError(f"repeated {name} header")
-        else:
-            headers[name] = old + ", " + value
-    return headers
 
 
 def body_framing(headers):

@@ -465,6 +465,12 @@ def test_header_block_parses_and_joins_repeats():
     assert headers == {"host": "x", "accept": "a, b", "x-empty": ""}
 
 
+def test_header_block_keeps_inner_spaces_and_obs_text():
+    headers = llmhost.parse_header_block(
+        b"User-Agent: \tOpenAI/Python 1.54 \t\r\nX-Name: caf\xe9\r\nX-Colon: a:b\r\n")
+    assert headers == {"user-agent": "OpenAI/Python 1.54", "x-name": "caf\xe9", "x-colon": "a:b"}
+
+
 @pytest.mark.parametrize("block", [
     b"Host : x\r\n",  # space before colon (RFC 9112 5.1)
     b"Host: x\r\n folded\r\n",  # obs-fold
