@@ -2611,7 +2611,9 @@ REQUIRED = {
 TYPE_NAMES = {str: "a string", list: "an array", (str, list): "a string or an array"}
 
 
-def parse_json_body(request):
+def parse_json_body(request, required):
+    """The request's JSON object, with its `required` fields checked; its model is noted for
+    the access log (so a request refused later, say for an unknown model, still names it)."""
     if not request.body:
         raise BadRequest("The request body is empty; send a JSON object.", code="invalid_json")
     try:
@@ -2620,6 +2622,8 @@ def parse_json_body(request):
         raise BadRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    check_fields(body, required)
+    request.model = body["model"]
     return body
 
 
@@ -2962,28 +2966,24 @@ class Application:
 
     # -- proxied routes --------------------------------------------------------------------
     async def chat(self, request):
-        body = parse_json_body(request)
-        check_fields(body, REQUIRED["chat"])
+        body = parse_json_body(request, REQUIRED["chat"])
         selection = self.mcp_selection(body)
         if selection:
             return await self.chat_with_mcp(request, body, *selection)
         return await self.forward(request, body, "/chat/completions", raw=request.body)
 
     async def completions(self, request):
-        body = parse_json_body(request)
-        check_fields(body, REQUIRED["completions"])
+        body = parse_json_body(request, REQUIRED["completions"])
         return await self.forward(request, body, "/completions", raw=request.body)
 
     async def embeddings(self, request):
-        body = parse_json_body(request)
-        check_fields(body, REQUIRED["embeddings"])
+        body = parse_json_body(request, REQUIRED["embeddings"])
         transform = embeddings_as_base64 if body.get("encoding_format") == "base64" else None
         return await self.forward(request, body, "/embeddings", transform=transform,
                                   raw=request.body)
 
     async def rerank(self, request):
-        body = parse_json_body(request)
-        check_fields(body, REQUIRED["rerank"])
+        body = parse_json_body(request, REQUIRED["rerank"])
         texts = rerank_documents(body["documents"])
         model = body["model"]
         return_documents = bool(body.get("return_documents"))
@@ -2996,7 +2996,6 @@ class Application:
 
     async def forward(self, request, body, suffix, transform=None, raw=None):
         """Route `body` (sent as `raw` when that is its unchanged encoding) and relay the answer."""
-        request.model = body["model"]
         self.router.pool(body["model"])  # an unknown model is a 404 before any wait
 
         def deliver(up, resp, data, overhead):
@@ -3335,7 +3334,6 @@ class Application:
     async def chat_with_mcp(self, request, body, servers, allowed, request_servers):
         """The tool loop: ask the model; run the MCP tools it calls; give it the results; ask
         again, up to mcp_max_rounds. Client tools in a round end the loop (see README)."""
-        request.model = body["model"]
         pool = self.router.pool(body["model"])  # an unknown model: 404 before MCP servers start
         for label, spec in request_servers:
             await self.mcp.add_from_request(label, spec)

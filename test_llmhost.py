@@ -2218,10 +2218,12 @@ def test_user_session_subprocess(fake, tmp_path):
     try:
         status, doc = jpost(port, "/v1/chat/completions", CHAT)
         assert status == 200 and doc["choices"][0]["message"]["content"] == "echo: hello there"
+        assert jpost(port, "/v1/chat/completions", dict(CHAT, model="nope"))[0] == 404
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 0
+    assert "POST /v1/chat/completions model=nope server=- status=404" in err
     assert "serving on http://127.0.0.1:%d (auth off)" % port in err
     assert "POST /v1/chat/completions model=fake-model server=local status=200" in err
 
