@@ -3717,6 +3717,8 @@ def cmd_add(args, environ):
     copy_options(args, entry, SERVER_OPTIONS)
     append_server(path, entry)
     shown = ", ".join(models[:10]) + (" …" if len(models) > 10 else "")
+    if args.alias:
+        shown = f"{args.alias} -> {shown}"
     print(f"added {args.name}: {url} ({len(models)} model{'s' if len(models) != 1 else ''}"
           f"{': ' + shown if models else ''}){' [not checked]' if args.no_check else ''}")
     return 0

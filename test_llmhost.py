@@ -650,6 +650,15 @@ def test_add_probes_and_saves(fake, registry):
     assert fake.requests[-1]["path"] == "/v1/models"
 
 
+def test_add_with_alias_saves_and_says_it(fake, registry):
+    code, out, err = run_cli(registry, "add", "local", fake.url, "--model", "fake-model",
+                             "--alias", "public")
+    assert code == 0, err
+    assert "(1 model: public -> fake-model)" in out
+    entry = llmhost.load_registry(registry)["servers"][0]
+    assert entry == {"name": "local", "url": fake.url, "models": ["fake-model"], "alias": "public"}
+
+
 def test_add_corrects_missing_v1(fake, registry):
     base = fake.url[:-3]
     code, out, err = run_cli(registry, "add", "local", base, "--model", "fake-model")
