@@ -584,9 +584,10 @@ class ClientConnection:
             request.keep_alive = False  # common_headers then says Connection: close
         return self.respond(request, error.status, headers, json_bytes(error.envelope()))
 
-    def start_stream(self, request, status, headers, first=b""):
+    def start_stream(self, request, status, headers, first=b"", end=False):
         """Send the head of a streamed response (with the first piece of body, if it is at
-        hand: one write instead of two); the rest goes through write_chunk/end_stream."""
+        hand: one write instead of two); the rest goes through write_chunk/end_stream, or
+        `end` says `first` is the whole body and the stream ends in this same write."""
         self.chunked = request.version != "1.0"
         if not self.chunked:
             request.keep_alive = False  # HTTP/1.0: the end of the body is the close
@@ -599,8 +600,13 @@ class ClientConnection:
         self.streaming = True
         head = response_head(status, all_headers, request.version if request.version == "1.0"
                              else "1.1")
-        self.writer.write(head + (encode_chunk(first) if self.chunked else first) if first
-                          else head)
+        if first and self.chunked:
+            first = encode_chunk(first)
+        if end:
+            self.streaming = False
+            if self.chunked:
+                first += LAST_CHUNK
+        self.writer.write(head + first)
         return keep_alive
 
     def write_chunk(self, data):
@@ -3157,6 +3163,8 @@ class Application:
         try:
             if resp.buffered():
                 pending = await resp.read_some()
+            if resp.done:  # the whole stream was at hand: head, events and end in one write
+                return conn.start_stream(request, resp.status, headers, pending, end=True)
             keep_alive = conn.start_stream(request, resp.status, headers, pending)
             pending = b""
             while True:
