@@ -2092,6 +2092,8 @@ def _describe_exc(exc):
                 leaves.append(leaf)
         return "; ".join(leaves)
     msg = getattr(exc, "message", None) or str(exc)
+    if type(exc).__name__ == "ValidationError":  # pydantic's: a line per failed alternative
+        msg = "the server's answer is malformed (%s)" % msg.split("\n", 1)[0]
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
 
@@ -2441,9 +2443,15 @@ class MCPHub:
             return client
 
     def _lost(self, c, exc):
-        """Whether `exc` from a request means the session is gone (so the next use restarts)."""
+        """Whether `exc` from a request means the session is gone (so the next use restarts).
+        A server may answer with any error code, -32000 included (JSON-RPC leaves -32000 to
+        -32099 to servers), and a malformed answer fails validation (a ValueError): the session
+        lives on. Only the SDK's own "Connection closed" and transport failures mean it is gone."""
         from mcp.shared.exceptions import MCPError as SDKError
-        lost = not isinstance(exc, SDKError) or exc.code == -32000  # CONNECTION_CLOSED
+        if isinstance(exc, SDKError):
+            lost = exc.code == -32000 and exc.message == "Connection closed" or not self._alive(c)
+        else:
+            lost = not isinstance(exc, ValueError) or not self._alive(c)
         if lost and c.stop is not None:
             c.stop.set()  # the owner exits the Client; _ensure restarts on next use
             c.last_error = _describe_exc(exc)

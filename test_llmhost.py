@@ -1130,6 +1130,15 @@ def run_mcp_test_server(argv):
     def die() -> str:
         os._exit(3)
 
+    @srv.tool(description="The server's process id.")
+    def pid() -> str:
+        return str(os.getpid())
+
+    @srv.tool(description="Answers with a JSON-RPC error in the servers' own range.")
+    def quota() -> str:
+        from mcp.shared.exceptions import MCPError
+        raise MCPError(-32000, "quota exceeded")
+
     @srv.tool(description="Returns one HTTP request header (empty on stdio).")
     def header(name: str, ctx: Context) -> str:
         return (ctx.headers or {}).get(name.lower(), "")
@@ -1405,6 +1414,23 @@ def test_mcp_crashed_stdio_server_restarts_and_list_changed(mcp_env):
         names = [t["function"]["name"] for t in json.loads(fake.posts()[0]["body"])["tools"]]
         time.sleep(0.05)
     assert "t__extra" in names  # list_changed refreshed the tool cache
+
+
+def test_mcp_error_reply_keeps_the_session(mcp_env):
+    """-32000 from a server is its own error (JSON-RPC leaves -32000..-32099 to servers), not
+    the SDK's "Connection closed": the model gets the message and the server is not restarted."""
+    running, fake = mcp_env
+
+    def call(tool):
+        status, _, raw = agent_chat(running.port, [{"calls": [(tool, {})]}], fake)
+        assert status == 200, raw
+        return json.loads(raw)
+
+    before = call("t__pid")["choices"][0]["message"]["content"]
+    doc = call("t__quota")
+    assert doc["mcp_calls"][0]["ok"] is False
+    assert doc["mcp_calls"][0]["error"] == "MCPError: quota exceeded"  # no "connection lost"
+    assert call("t__pid")["choices"][0]["message"]["content"] == before
 
 
 def test_mcp_client_disconnect_cancels_calls(mcp_env):
