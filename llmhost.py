@@ -2331,10 +2331,14 @@ class MCPHub:
     async def _owner(self, c, ready):
         """Enter the Client, publish it, wait for stop, exit it - all in this one task."""
         import asyncio
-        from mcp import Client
-        from mcp_types.version import MODERN_PROTOCOL_VERSIONS
         listener = None
         try:
+            try:
+                from mcp import Client
+                from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+            except ImportError as e:
+                raise MCPError(c.name, f"MCP needs the mcp package ({e}): pip install "
+                               "'mcp>=2.3,<3'") from None
             async with Client(self._target(c), **self._callbacks(c)) as client:
                 c.client, c.era, c.server_info = client, client.protocol_version, client.server_info
                 c.state = "ready"

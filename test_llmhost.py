@@ -774,6 +774,12 @@ def test_cli_runs_on_bare_python(tmp_path):
                              "print('mcp' in sys.modules, 'asyncio' in sys.modules)" % HERE],
                             capture_output=True, text=True, timeout=TIMEOUT)
     assert result.stdout.split() == ["False", "False"]
+    # MCP on a bare Python: at once, a message that says what to install (it waited 30 s)
+    started = time.monotonic()
+    result = subprocess.run(cmd + ["mcp", "call", "--url", "http://127.0.0.1:1/mcp", "x"],
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 1 and "pip install 'mcp" in result.stderr, result.stderr
+    assert time.monotonic() - started < 10
 
 
 # =============================================================================
