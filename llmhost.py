@@ -2658,6 +2658,28 @@ def check_fields(body, required):
                              param=field, code="invalid_type")
 
 
+def completion_message(data):
+    """-> (document, first choice's message) of a chat completion body, or (None, None) when
+    the body is not one (some servers answer 200 with an error object or nothing usable)."""
+    try:
+        doc = json.loads(data)
+        message = doc["choices"][0]["message"]
+    except (ValueError, UnicodeDecodeError, KeyError, IndexError, TypeError):
+        return None, None
+    return (doc, message) if isinstance(message, dict) else (None, None)
+
+
+def completion_as_chunk(doc, message):
+    """A whole chat completion as one streamed chunk (for servers that ignore "stream")."""
+    delta = {k: v for k, v in message.items() if v is not None and k != "tool_calls"}
+    calls = message.get("tool_calls")
+    if isinstance(calls, list) and calls:
+        delta["tool_calls"] = [dict(call, index=i) for i, call in enumerate(calls)
+                               if isinstance(call, dict)]
+    return dict(doc, object="chat.completion.chunk", choices=[{
+        "index": 0, "delta": delta, "finish_reason": doc["choices"][0].get("finish_reason")}])
+
+
 def error_envelope_bytes(status, body):
     """An upstream's error body, wrapped in OpenAI's envelope unless it already is one."""
     try:
@@ -3364,7 +3386,10 @@ class Application:
         state = {"messages": list(body["messages"]), "report": [], "usage": {},
                  "vision": any(up.entry.get("vision") for up, _ in pool)}
         base = {k: v for k, v in body.items() if k not in ("tools", "stream", "stream_options")}
-        base["tools"] = tools
+        if tools:
+            base["tools"] = tools
+        else:  # OpenAI refuses "tools": [] (and a tool_choice without tools)
+            base.pop("tool_choice", None)
         await self.admission.acquire()
         try:
             if body.get("stream") is True:
@@ -3376,7 +3401,7 @@ class Application:
 
     def mcp_round_body(self, base, state, last, stream):
         body = dict(base, messages=state["messages"])
-        if last:
+        if last and "tools" in body:
             body["tool_choice"] = "none"  # out of rounds: the model must answer now
         if stream:
             body.update(stream=True, stream_options={"include_usage": True})
@@ -3418,9 +3443,12 @@ class Application:
                 request.status = status
                 return request.conn.respond(request, status, JSON_TYPE,
                                             error_envelope_bytes(status, data))
-            doc = json.loads(data)
+            doc, message = completion_message(data)
+            if message is None:  # not a chat completion: the client gets it as it came
+                request.status = 200
+                return request.conn.respond(request, 200, JSON_TYPE + [
+                    ("X-Llmhost-Server", request.server or "-")], data)
             self.add_usage(state["usage"], doc.get("usage"))
-            message = doc["choices"][0]["message"]
             mine, theirs = self.split_calls(message.get("tool_calls") or [], bindings)
             if not mine or last:
                 break
@@ -3445,19 +3473,63 @@ class Application:
         rounds = self.mcp_max_rounds
         keep_alive = True
         template = None
+        stream_id = None  # every round's chunks carry the first round's id, as one completion
         for number in range(rounds + 1):
             last = number == rounds
             collected = {"calls": {}, "finish": None, "content": []}
 
-            async def deliver(up, resp, data, overhead, collected=collected):
-                nonlocal keep_alive, template
-                if data is not None:
-                    return resp.status, data
+            def absorb(doc, number=number, collected=collected):
+                """Take in one chunk of this round: note its tool calls and text, and pass on
+                what a client would show."""
+                nonlocal template, stream_id
+                if not isinstance(doc, dict):
+                    raise UpstreamError("upstream sent an event that is not a JSON object")
+                if doc.get("error"):  # ends the stream with our one error event
+                    error = doc["error"]
+                    raise UpstreamError("upstream: " + str(error.get("message", error)
+                                                           if isinstance(error, dict) else error))
+                if stream_id is None:
+                    stream_id = doc.get("id")
+                elif "id" in doc:
+                    doc["id"] = stream_id
+                self.add_usage(state["usage"], doc.get("usage"))
+                for choice in doc.get("choices") or ():
+                    template = doc
+                    delta = choice.get("delta") or {}
+                    for part in delta.pop("tool_calls", None) or ():
+                        call = collected["calls"].setdefault(part.get("index", 0), {
+                            "id": None, "type": "function",
+                            "function": {"name": "", "arguments": ""}})
+                        call["id"] = part.get("id") or call["id"]
+                        fn = part.get("function") or {}
+                        call["function"]["name"] += fn.get("name") or ""
+                        call["function"]["arguments"] += fn.get("arguments") or ""
+                    if choice.get("finish_reason"):
+                        collected["finish"] = choice["finish_reason"]
+                    if delta.get("content"):
+                        collected["content"].append(delta["content"])
+                    shown = any(v for k, v in delta.items() if k != "role")
+                    if not shown and not (number == 0 and "role" in delta):
+                        continue  # nothing a client would show
+                    choice["finish_reason"] = None
+                    doc.pop("usage", None)
+                    conn.write_chunk(sse_event(doc))
+
+            async def deliver(up, resp, data, overhead):
+                nonlocal keep_alive
+                if data is not None:  # a whole answer, though a stream was asked for
+                    doc, message = completion_message(data) if resp.status == 200 else (None,
+                                                                                        None)
+                    if message is None:
+                        return resp.status, data
                 if not conn.streaming:
                     keep_alive = conn.start_stream(request, 200, [
                         ("Content-Type", "text/event-stream"), ("X-Llmhost-Server", up.name)]
                         + SSE_HEADERS)
                     request.status = 200
+                if data is not None:  # some servers ignore "stream": one chunk of it all
+                    absorb(completion_as_chunk(doc, message))
+                    return 200, None
                 decoder = SSEDecoder()
                 while True:
                     chunk = await resp.read_some()
@@ -3466,44 +3538,26 @@ class Application:
                     for event in decoder.feed(chunk):
                         if event == "[DONE]":
                             continue
-                        doc = json.loads(event)
-                        if doc.get("error"):  # ends the stream with our one error event
-                            error = doc["error"]
-                            raise UpstreamError("upstream: " + str(error.get("message", error)
-                                                                   if isinstance(error, dict)
-                                                                   else error))
-                        self.add_usage(state["usage"], doc.get("usage"))
-                        for choice in doc.get("choices") or ():
-                            template = doc
-                            delta = choice.get("delta") or {}
-                            for part in delta.pop("tool_calls", None) or ():
-                                call = collected["calls"].setdefault(part.get("index", 0), {
-                                    "id": None, "type": "function",
-                                    "function": {"name": "", "arguments": ""}})
-                                call["id"] = part.get("id") or call["id"]
-                                fn = part.get("function") or {}
-                                call["function"]["name"] += fn.get("name") or ""
-                                call["function"]["arguments"] += fn.get("arguments") or ""
-                            if choice.get("finish_reason"):
-                                collected["finish"] = choice["finish_reason"]
-                            if delta.get("content"):
-                                collected["content"].append(delta["content"])
-                            shown = any(v for k, v in delta.items() if k != "role")
-                            if not shown and not (number == 0 and "role" in delta):
-                                continue  # nothing a client would show
-                            choice["finish_reason"] = None
-                            doc.pop("usage", None)
-                            conn.write_chunk(sse_event(doc))
+                        try:
+                            doc = json.loads(event)
+                        except ValueError:
+                            raise UpstreamError("upstream sent an event that is not JSON: "
+                                                f"{event[:200]!r}") from None
+                        absorb(doc)
 
             status, data = await self.try_candidates(
                 request, self.mcp_round_body(base, state, last, True),
                 self.router.resolve(base["model"]), "/chat/completions", None, deliver)
             if status != 200 or data is not None:
-                if conn.streaming:
-                    conn.write_chunk(sse_event(json.loads(error_envelope_bytes(status, data))))
+                if conn.streaming:  # a later round failed: an error event ends the stream
+                    conn.write_chunk(sse_event(json.loads(error_envelope_bytes(
+                        status if status != 200 else 502, data))))
                     conn.end_stream()
                     return keep_alive
                 request.status = status
+                if status == 200:  # not a chat completion: the client gets it as it came
+                    return conn.respond(request, 200, JSON_TYPE + [
+                        ("X-Llmhost-Server", request.server or "-")], data)
                 return conn.respond(request, status, JSON_TYPE, error_envelope_bytes(status, data))
             calls = [collected["calls"][i] for i in sorted(collected["calls"])]
             mine, theirs = self.split_calls(calls, bindings)
@@ -4031,6 +4085,17 @@ def serve_addresses(addresses, keys):
 
 def cmd_serve(args, environ):
     import logging
+    for flag, value, least in (("--port", args.port, 0),
+                               ("--max-concurrency", args.max_concurrency, 1),
+                               ("--queue-size", args.queue_size, 0),
+                               ("--queue-timeout", args.queue_timeout, 0),
+                               ("--shutdown-timeout", args.shutdown_timeout, 0),
+                               ("--max-running", args.max_running, 1),
+                               ("--mcp-max-rounds", args.mcp_max_rounds, 1)):
+        if value is not None and value < least:
+            raise CLIError(f"{flag} must be at least {least}")
+    if args.port > 65535:
+        raise CLIError("--port must be at most 65535")
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%Y-%m-%d %H:%M:%S")
@@ -4057,9 +4122,22 @@ def cmd_serve(args, environ):
                    max_running=args.max_running,
                    mcp_allow_urls=args.mcp_allow_url or (), mcp_roots=args.root or ())
     logging.getLogger("mcp").setLevel(logging.WARNING)  # the SDK logs tracebacks at INFO
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per MCP HTTP message
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(one_line_sdk_errors)
     if workers == 1:
         return run_worker(args, path, keys, options, args.max_concurrency, args.queue_size)
     return run_workers(args, path, keys, options, workers)
+
+
+def one_line_sdk_errors(record):
+    """Logging filter: the MCP SDK logs a transport's end (an SSE server going away) as an ERROR
+    with a 40-line traceback; one line says as much."""
+    if record.exc_info and record.name.startswith("mcp."):
+        record.msg = "%s: %s" % (record.getMessage(), _describe_exc(record.exc_info[1]))
+        record.args = ()
+        record.exc_info = record.exc_text = None
+    return True
 
 
 def run_worker(args, path, keys, options, max_concurrency, queue_size, sock=None, label=""):

@@ -689,6 +689,9 @@ def test_add_sends_upstream_key_from_env(fake, registry):
      "--ready-path, --start-timeout: only for --command entries"),
     (["add", "x", "--command", "srv --port ${PORT}", "--model", "m", "--api-key", "k",
       "--api-key-env", "K"], "either --api-key-env or --api-key"),
+    (["serve", "--mcp-max-rounds", "0"], "--mcp-max-rounds must be at least 1"),
+    (["serve", "--max-concurrency", "0"], "--max-concurrency must be at least 1"),
+    (["serve", "--queue-timeout", "-1"], "--queue-timeout must be at least 0"),
     (["remove", "ghost"], "no server named 'ghost'"),
     (["show", "ghost"], "no server named 'ghost'"),
 ])
@@ -1261,6 +1264,58 @@ def test_mcp_stream_is_a_valid_chunk_stream(mcp_env):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 16
     assert not any("tool_calls" in (c["choices"][0]["delta"] if c["choices"] else {})
                    for c in chunks)  # MCP calls are llmhost's business, not the client's
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]}  # one completion across the rounds
+
+
+def test_mcp_stream_from_a_server_that_ignores_stream(mcp_env):
+    """A server that answers a stream request with a whole JSON completion: its tool calls
+    still run and the client still gets a stream."""
+    running, fake = mcp_env
+    calls = {"status": 200, "body": {"id": "c1", "object": "chat.completion", "choices": [
+        {"index": 0, "finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": None, "tool_calls": [{
+                "id": "k1", "type": "function",
+                "function": {"name": "t__echo", "arguments": '{"text": "hey"}'}}]}}]}}
+    answer = {"status": 200, "body": {"id": "c2", "object": "chat.completion", "choices": [
+        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant",
+                                                          "content": "done"}}]}}
+    status, headers, raw = agent_chat(running.port, [calls, answer], fake, stream=True)
+    assert status == 200 and headers["content-type"] == "text/event-stream", raw
+    chunks = [json.loads(e) for e in sse_events(raw)[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
+                   if c["choices"]) == "done"
+    finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finals[0]["mcp_calls"][0]["tool"] == "echo" and finals[0]["mcp_calls"][0]["ok"]
+    assert {c["id"] for c in chunks} == {"c1"}
+    messages = json.loads(fake.posts()[1]["body"])["messages"]
+    assert messages[-1] == {"role": "tool", "tool_call_id": "k1", "content": "hey"}
+
+
+@pytest.mark.parametrize("step", [
+    {"status": 200, "body": {"error": {"message": "model overloaded"}}},
+    {"status": 200, "body": {"choices": []}},
+    {"status": 200, "raw": b"not json"},
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_mcp_answer_that_is_no_completion_is_relayed(mcp_env, caplog, step, stream):
+    """What a plain request would get, unchanged: not a 500 with a traceback."""
+    running, fake = mcp_env
+    status, _, raw = agent_chat(running.port, [step], fake, stream=stream)
+    assert status == 200
+    assert raw == (step["raw"] if "raw" in step else json.dumps(step["body"]).encode())
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_mcp_with_no_tools_sends_none_upstream(mcp_env):
+    """allowed_tools that match nothing: OpenAI refuses "tools": [], so none is sent (and no
+    tool_choice without tools)."""
+    running, fake = mcp_env
+    status, _, raw = agent_chat(running.port, [{}], fake, model="fake-model", tool_choice="auto",
+                                tools=[{"type": "mcp", "server_label": "t",
+                                        "allowed_tools": []}])
+    assert status == 200, raw
+    sent = json.loads(fake.posts()[0]["body"])
+    assert "tools" not in sent and "tool_choice" not in sent
 
 
 def test_mcp_parallel_calls_and_result_kinds(mcp_env):
