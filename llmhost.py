@@ -2193,6 +2193,7 @@ class _MCPConn:
         self.tools = None  # cached list[mcp Tool]; None = not listed yet or invalidated
         self.failures, self.retry_at = 0, 0.0
         self.from_request = False  # named by a request's server_url: literal, never ${VAR}
+        self.users = 0  # requests using it now (from_request only): it is not replaced meanwhile
         self.retired = False  # removed from the hub: must not be (re)started
 
     def note_failure(self, error):
@@ -2218,18 +2219,37 @@ class MCPHub:
         return {name: c.spec for name, c in self._conns.items() if not c.from_request}
 
     async def add_from_request(self, name, spec):
-        """A server a request names by an allowed server_url. Kept (and reused) only by
-        requests that give the same URL and headers; at most MCP_REQUEST_SERVERS are kept."""
+        """A server a request names by an allowed server_url, held for that request until
+        release(). Kept (and reused) only by requests that give the same URL and headers; at
+        most MCP_REQUEST_SERVERS are kept, and one in use is never replaced under its users."""
         c = self._conns.get(name)
         if c is not None and c.spec == spec and c.from_request:
+            c.users += 1
             return
+        if c is not None and c.users:
+            raise BadRequest(f"MCP server_label {name!r} is in use by another request with "
+                             "another server_url or headers; use another label.", status=409,
+                             code="mcp_label_in_use", param="tools")
         if c is not None:
             await self._retire([c])
         dynamic = [c for c in self._conns.values() if c.from_request]
         if len(dynamic) >= MCP_REQUEST_SERVERS:
-            await self._retire(dynamic[:1])  # the oldest
+            idle = [c for c in dynamic if not c.users]
+            if not idle:
+                raise RateLimited(f"{len(dynamic)} MCP servers named by server_url are in "
+                                  "use; retry shortly.", code="mcp_servers_busy",
+                                  headers=[("Retry-After", "1")])
+            await self._retire(idle[:1])  # the oldest not in use
         c = self._conns[name] = _MCPConn(name, dict(spec))
         c.from_request = True
+        c.users = 1
+
+    def release(self, names):
+        """The request that add_from_request() held these for is over."""
+        for name in names:
+            c = self._conns.get(name)
+            if c is not None and c.users:
+                c.users -= 1
 
     async def _retire(self, conns):
         import asyncio
@@ -3377,8 +3397,16 @@ class Application:
         """The tool loop: ask the model; run the MCP tools it calls; give it the results; ask
         again, up to mcp_max_rounds. Client tools in a round end the loop (see README)."""
         pool = self.router.pool(body["model"])  # an unknown model: 404 before MCP servers start
-        for label, spec in request_servers:
-            await self.mcp.add_from_request(label, spec)
+        held = []
+        try:
+            for label, spec in request_servers:
+                await self.mcp.add_from_request(label, spec)
+                held.append(label)
+            return await self.mcp_rounds(request, body, servers, allowed, pool)
+        finally:
+            self.mcp.release(held)
+
+    async def mcp_rounds(self, request, body, servers, allowed, pool):
         bindings = {b["name"]: b for b in await self.mcp.tools(servers, allowed or None)}
         tools = [t for t in body.get("tools") or () if not (isinstance(t, dict) and
                                                             t.get("type") == "mcp")]

@@ -1615,6 +1615,36 @@ def test_mcp_server_url_allowed_by_prefix(mcp_http_server, fake, tmp_path):
         running.stop()
 
 
+def test_mcp_server_url_in_use_is_not_replaced(mcp_http_server, fake, tmp_path):
+    """Another request naming the same label with another URL or headers is refused (409)
+    while the first uses it, instead of closing the server under the first one's tool call."""
+    path = write_registry(tmp_path / "s.json",
+                          [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    running = Running(path, mcp_allow_urls=["http://127.0.0.1:"])
+    tool = {"type": "mcp", "server_label": "web", "server_url": mcp_http_server}
+    other = dict(tool, headers={"X-Other": "1"})
+    try:
+        fake.script({"calls": [("web__slow", {"seconds": 1.5})]}, {})
+        first = {}
+        thread = threading.Thread(target=lambda: first.update(doc=jpost(
+            running.port, "/v1/chat/completions", dict(CHAT, tools=[tool]))))
+        thread.start()
+        deadline = time.monotonic() + TIMEOUT
+        while len(fake.posts()) < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # the slow call is under way
+        status, doc = jpost(running.port, "/v1/chat/completions", dict(CHAT, tools=[other]))
+        assert status == 409 and doc["error"]["code"] == "mcp_label_in_use", doc
+        thread.join(TIMEOUT)
+        status, doc = first["doc"]
+        assert status == 200 and doc["mcp_calls"][0]["ok"], doc
+        assert doc["choices"][0]["message"]["content"] == "tool result: slept 1.5"
+        status, doc = jpost(running.port, "/v1/chat/completions", dict(CHAT, tools=[other]))
+        assert status == 200, doc  # no longer in use: replaced
+    finally:
+        running.stop()
+
+
 def test_mcp_cli(tmp_path, mcp_http_server):
     registry = str(tmp_path / "servers.json")
     cli = [sys.executable, os.path.join(HERE, "llmhost.py"), "--registry", registry, "mcp"]
