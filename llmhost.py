@@ -2444,7 +2444,7 @@ class MCPHub:
                 c.note_failure("connection lost")
             wait = c.retry_at - time.monotonic()
             if wait > 0:
-                raise MCPError(server, f"unavailable, next retry in {wait:.0f} s (last error: {c.last_error})")
+                raise MCPError(server, f"unavailable, next retry in {wait:.1f} s (last error: {c.last_error})")
             c.state, c.stop = "connecting", asyncio.Event()
             ready = asyncio.get_running_loop().create_future()
             t0 = time.monotonic()
@@ -4694,6 +4694,9 @@ def cmd_mcp_import(args, environ):
     except (OSError, ValueError) as exc:
         raise CLIError(f"cannot read {args.file}: {exc}") from None
     imported, skipped = import_mcp_json(source)
+    if not imported and skipped and skipped[0][0] == "*":  # not an mcp.json at all
+        raise CLIError(f"{args.file}: {skipped[0][1]}; expected an mcp.json with 'mcpServers' "
+                       "(Claude Desktop, Cursor, LM Studio) or 'servers' (VS Code)")
     added = []
 
     def change(doc):
@@ -4741,18 +4744,26 @@ def cmd_mcp_tools(args, environ):
     else:
         name, entry, _ = mcp_target(args, environ, args.words)
         targets = [(name, entry)]
-    everything = []
+    everything, failed = [], []
     for name, entry in targets:
-        tools = run_mcp(with_mcp_server(name, entry, environ,
-                                        lambda hub, name=name: hub.describe_tools(name)))
+        try:
+            tools = run_mcp(with_mcp_server(name, entry, environ,
+                                            lambda hub, name=name: hub.describe_tools(name)))
+        except CLIError as exc:
+            if len(targets) == 1:
+                raise
+            failed.append(exc)  # the others are still listed
+            continue
         everything += [dict(tool, server=name) for tool in tools]
     if args.json:
         print(json.dumps(everything, indent=2))
-        return 0
-    rows = [[t["openai_name"], (t.get("description") or "").split("\n")[0][:70]]
-            for t in everything]
-    print_table(rows, ["TOOL (as models see it)", "DESCRIPTION"])
-    return 0
+    else:
+        rows = [[t["openai_name"], (t.get("description") or "").split("\n")[0][:70]]
+                for t in everything]
+        print_table(rows, ["TOOL (as models see it)", "DESCRIPTION"])
+    for exc in failed:
+        print(f"llmhost: error: {exc}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_mcp_call(args, environ):

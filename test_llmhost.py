@@ -1672,6 +1672,10 @@ def test_mcp_cli(tmp_path, mcp_http_server):
     assert result.returncode == 1 and "boom" in result.stdout
     assert "test://hello" in run("resources", "t").stdout
     assert "greet" in run("prompts", "--url", mcp_http_server).stdout
+    assert run("add", "dead", "--url", "http://127.0.0.1:1/mcp", "--no-check").returncode == 0
+    result = run("tools")  # every server's tools: one down does not hide the others
+    assert result.returncode == 1 and "'dead'" in result.stderr
+    assert "t__echo" in result.stdout and "w__echo" in result.stdout
     assert run("remove", "w").returncode == 0
     assert run("remove", "w").returncode == 1
 
@@ -1694,6 +1698,12 @@ def test_mcp_import_mcp_json(tmp_path):
     code, out, err = run_cli(registry, "mcp", "import", str(vscode))
     assert code == 0 and llmhost.load_registry(registry)["mcpServers"]["fs"] == \
         {"command": "npx"}
+    before = open(registry, "rb").read()
+    for wrong in ([], {"servers": []}, {"unrelated": {}}):
+        vscode.write_text(json.dumps(wrong))
+        code, out, err = run_cli(registry, "mcp", "import", str(vscode))
+        assert code == 1 and "expected an mcp.json" in err, (wrong, out, err)
+    assert open(registry, "rb").read() == before
 
 
 def test_mcp_tool_names_sanitised_and_bounded():
