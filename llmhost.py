@@ -42,7 +42,7 @@ MAX_HEADER_COUNT = 100  # fields; http.client's _MAXHEADERS -> 431
 MAX_BODY_BYTES = 32 * 1024 * 1024  # bytes; llama-swap 32 MiB, fits base64 images -> 413
 MAX_UPSTREAM_BODY = 64 * 1024 * 1024  # bytes of a non-streamed upstream answer we buffer
 HEADER_TIMEOUT = 10.0  # s to receive a whole request head; slowloris guard
-BODY_TIMEOUT = 60.0  # s for a Content-Length body; for a chunked body, per chunk
+BODY_TIMEOUT = 60.0  # s of silence while a body arrives; nginx client_body_timeout
 KEEPALIVE_IDLE = 5.0  # s an idle client connection is kept; uvicorn 5 s
 MAX_CONNECTIONS = 1024  # open client connections per process; past it new ones are closed
 CONNECT_TIMEOUT = 5.0  # s to open an upstream connection
@@ -499,7 +499,7 @@ class ClientConnection:
         self.phase = "body"
         self.deadline = time.monotonic() + BODY_TIMEOUT
         if kind == "length":
-            request.body = await reader.readexactly(length)
+            request.body = await self.read_length_body(length)
         else:
             request.body = await self.read_chunked_body()
         self.phase = "app"
@@ -517,6 +517,24 @@ class ClientConnection:
         if version == "1.1" and "host" not in headers:
             raise ProtocolError("missing Host header")  # RFC 9112 §3.2
         return Request(method, target, version, headers)
+
+    async def read_length_body(self, length):
+        """`length` bytes; each arrival renews the deadline (a slow upload is not a dead one).
+        A body already at hand is one read."""
+        import asyncio
+        data = await self.reader.read(length)
+        if len(data) == length:
+            return data
+        parts = [data]
+        remaining = length - len(data)
+        while data and remaining:
+            self.deadline = time.monotonic() + BODY_TIMEOUT
+            data = await self.reader.read(remaining)
+            parts.append(data)
+            remaining -= len(data)
+        if remaining:
+            raise asyncio.IncompleteReadError(b"".join(parts), length)
+        return b"".join(parts)
 
     async def read_chunked_body(self):
         reader = self.reader

@@ -2686,6 +2686,27 @@ def test_slow_clients_time_out(gateway, monkeypatch):
         assert s.recv(10) == b""  # idle keep-alive closed (silently)
 
 
+def test_body_timeout_is_for_silence_not_for_the_whole_upload(gateway, monkeypatch):
+    """A slow upload that keeps sending is read to its end (nginx's client_body_timeout); a
+    body that stops arriving gets a 408."""
+    monkeypatch.setattr(llmhost, "BODY_TIMEOUT", 0.6)
+    body = json.dumps(CHAT).encode()
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=TIMEOUT) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body))
+        for i in range(0, len(body), len(body) // 4 + 1):  # 1.2 s in all, 0.3 s gaps
+            time.sleep(0.3)
+            s.sendall(body[i:i + len(body) // 4 + 1])
+        status, _, data, _ = parse_response(s.recv(65536))
+        assert status == 200 and json.loads(data)["choices"][0]["message"]["content"] == \
+            "echo: hello there"
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body[:10]))  # then silence
+        started = time.monotonic()
+        assert s.recv(65536).startswith(b"HTTP/1.1 408 ")
+        assert time.monotonic() - started < 3
+
+
 def test_two_hundred_slowloris_connections_do_not_block_service(gateway):
     sockets = []
     try:
