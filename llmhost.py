@@ -327,7 +327,10 @@ LAST_CHUNK = b"0\r\n\r\n"
 
 
 def json_bytes(obj):
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate (half an emoji) has no UTF-8: keep its escape
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 def list_models(doc):
     """The model ids in an OpenAI `GET /models` answer, or None if it is not one."""

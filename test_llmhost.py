@@ -1006,6 +1006,10 @@ def test_alias_and_pinned_server(fake, tmp_path):
             for _ in range(3):
                 jpost(running.port, "/v1/chat/completions", dict(CHAT, model="b/fake-model"))
             assert len(other.posts()) == 3 and len(fake.posts()) == 1
+            # half an emoji (a lone surrogate escape) survives the model name's rewrite
+            status, doc = jpost(running.port, "/v1/chat/completions", dict(
+                CHAT, model="public", messages=[{"role": "user", "content": "hi \ud83d"}]))
+            assert status == 200 and b"hi \\ud83d" in fake.posts()[-1]["body"], doc
         finally:
             running.stop()
     finally:
