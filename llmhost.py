@@ -2832,6 +2832,10 @@ class AccessLog:
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "::1", "ip6-localhost"})
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Api-Key, X-Request-Id, OpenAI-Organization"
+# what browser code may read of an answer besides the CORS-safelisted fields
+CORS_EXPOSE = ("Access-Control-Expose-Headers",
+               "X-Request-Id, X-Llmhost-Server, X-Llmhost-Overhead-Ms, Retry-After")
+_FIELD_NAMES = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
 
 
 def is_loopback_host(host):
@@ -2951,10 +2955,11 @@ class Application:
         origin = request.headers.get("origin")
         if origin is not None and self.cors_origins:
             if "*" in self.cors_origins:
-                request.extra = [("Access-Control-Allow-Origin", "*")]
+                request.extra = [("Access-Control-Allow-Origin", "*"), CORS_EXPOSE]
             elif origin in self.cors_origins:
                 # a parsed header value: no CR, LF or NUL can be in it
-                request.extra = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+                request.extra = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
+                                 CORS_EXPOSE]
             if request.method == "OPTIONS" and request.extra:
                 return self.preflight(request)
         path = request.path
@@ -2981,9 +2986,13 @@ class Application:
     def preflight(self, request):
         """Answer a CORS preflight (the Fetch standard's OPTIONS with Access-Control-*)."""
         request.status = 204
+        # The fields the page asks to send (the openai JS client adds X-Stainless-* ones); the
+        # origin is already one we serve, so any well-formed list is granted.
+        asked = request.headers.get("access-control-request-headers", "").strip()
         return request.conn.respond(request, 204, [
             ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
-            ("Access-Control-Allow-Headers", CORS_ALLOW_HEADERS),
+            ("Access-Control-Allow-Headers",
+             asked if _FIELD_NAMES.fullmatch(asked) else CORS_ALLOW_HEADERS),
             ("Access-Control-Max-Age", "600")])
 
     def reply_json(self, request, doc, status=200):

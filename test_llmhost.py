@@ -2775,9 +2775,16 @@ def test_cors_off_by_default_and_on_when_asked(fake, tmp_path, gateway):
         assert status == 204 and headers["access-control-allow-origin"] == "http://app.example"
         assert "content-length" not in headers  # RFC 9110 §8.6: never with a 204
         assert "Authorization" in headers["access-control-allow-headers"]
+        asked = "authorization,content-type,x-stainless-os,x-stainless-retry-count"
+        status, headers, _ = request(running.port, "OPTIONS", "/v1/chat/completions",
+                                     headers={"Origin": "http://app.example",
+                                              "Access-Control-Request-Method": "POST",
+                                              "Access-Control-Request-Headers": asked})
+        assert status == 204 and headers["access-control-allow-headers"] == asked  # openai-node
         status, headers, _ = post(running.port, "/v1/chat/completions", CHAT, headers={
             "Origin": "http://app.example", "Authorization": "Bearer k"})
         assert status == 200 and headers["access-control-allow-origin"] == "http://app.example"
+        assert "X-Request-Id" in headers["access-control-expose-headers"]
         status, headers, _ = post(running.port, "/v1/chat/completions", CHAT, headers={
             "Origin": "http://other.example", "Authorization": "Bearer k"})
         assert "access-control-allow-origin" not in headers
