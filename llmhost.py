@@ -225,7 +225,10 @@ def parse_request_line(line):
     if method not in KNOWN_METHODS:
         raise ProtocolError("method not implemented", status=501, code="not_implemented")
     if not (target.startswith(b"/") or target == b"*"):
-        raise ProtocolError("request target must be a path (origin-form)")
+        if not target[:8].lower().startswith((b"http://", b"https://")):
+            raise ProtocolError("request target must be a path or an absolute URL")
+        path = target.find(b"/", target.find(b"//") + 2)  # absolute-form: servers MUST take
+        target = target[path:] if path >= 0 else b"/"    # it (RFC 9112 §3.2.2)
     return method.decode(), target.decode("latin-1"), "1." + minor.decode()
 
 
@@ -2980,7 +2983,8 @@ class Application:
             check_api_key(request.headers, self.api_keys)
         if request.method != method and not (method == "GET" and request.method == "HEAD"):
             raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}; "
-                                   f"use {method}.", headers=[("Allow", method)])
+                                   f"use {method}.", headers=[
+                                       ("Allow", "GET, HEAD" if method == "GET" else method)])
         return await handler(request)
 
     def preflight(self, request):

@@ -427,6 +427,9 @@ CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hello t
     (b"GET / HTTP/1.1\r\n", ("GET", "/", "1.1")),
     (b"POST /v1/chat/completions?x=1 HTTP/1.0\r\n", ("POST", "/v1/chat/completions?x=1", "1.0")),
     (b"OPTIONS * HTTP/1.1\r\n", ("OPTIONS", "*", "1.1")),
+    # absolute-form (RFC 9112 §3.2.2: a server MUST accept it); only the path is routed
+    (b"GET http://127.0.0.1:4000/v1/models?a=1 HTTP/1.1\r\n", ("GET", "/v1/models?a=1", "1.1")),
+    (b"GET HTTPS://x HTTP/1.1\r\n", ("GET", "/", "1.1")),
 ])
 def test_request_line_ok(line, expected):
     assert llmhost.parse_request_line(line) == expected
@@ -440,7 +443,7 @@ def test_request_line_ok(line, expected):
     (b"GET / HTTP/1.1 extra\r\n", 400),
     (b"BREW / HTTP/1.1\r\n", 501),
     (b"G@T / HTTP/1.1\r\n", 400),
-    (b"GET http://x/ HTTP/1.1\r\n", 400),  # absolute-form: we are not a forward proxy
+    (b"GET ftp://x/ HTTP/1.1\r\n", 400),  # neither a path nor an http(s) URL
     (b"GET /\x00 HTTP/1.1\r\n", 400),
     (b"GET /" + b"a" * llmhost.MAX_REQUEST_LINE + b" HTTP/1.1\r\n", 414),
 ])
@@ -935,6 +938,8 @@ def test_wrong_method_is_405(gateway):
     status, headers, raw = request(gateway.port, "GET", "/v1/chat/completions")
     assert status == 405 and headers["allow"] == "POST"
     assert json.loads(raw)["error"]["code"] == "method_not_allowed"
+    status, headers, raw = request(gateway.port, "POST", "/v1/models")
+    assert status == 405 and headers["allow"] == "GET, HEAD"
 
 
 @pytest.mark.parametrize("step, status, fragment", [
@@ -2521,7 +2526,7 @@ MALFORMED = [
     ("HTTP/0.9 line", b"GET /health\r\n\r\n", 400),
     ("extra token in line", b"GET /health HTTP/1.1 x\r\nHost: x\r\n\r\n", 400),
     ("double space in line", b"GET  /health HTTP/1.1\r\nHost: x\r\n\r\n", 400),
-    ("absolute-form target", b"GET http://evil/ HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("authority-form target", b"GET evil:80 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     ("bad version text", b"GET /health HTTP/1.1.1\r\nHost: x\r\n\r\n", 400),
     ("HTTP/2.0", b"GET /health HTTP/2.0\r\nHost: x\r\n\r\n", 505),
     ("h2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),
