@@ -1141,6 +1141,9 @@ def valid_url(url):
         return "there is no host"
     if parts.query or parts.fragment:
         return "a base URL has no query or fragment"
+    if parts.username is not None or parts.password is not None:
+        return "credentials in a URL are not used (they would be shown by list); give the key " \
+            "with --api-key-env or --api-key"
     if any(c.isspace() for c in url):
         return "it contains whitespace"
     if not url.isascii():
@@ -1322,8 +1325,16 @@ def validate_registry(doc, path):
 
 
 def parse_registry(text, path):
+    def unique(pairs):  # a hand edit that repeats a key would lose the first copy on save
+        doc = dict(pairs)
+        if len(doc) < len(pairs):
+            seen = set()
+            repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
+            raise RegistryError(f"{path}: the key {repeated!r} appears twice in one object")
+        return doc
+
     try:
-        doc = json.loads(text)
+        doc = json.loads(text, object_pairs_hook=unique)
     except json.JSONDecodeError as exc:
         raise RegistryError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
     return validate_registry(doc, path)
@@ -1346,10 +1357,12 @@ def registry_text(doc):
 
 
 def save_registry(path, doc):
-    """Atomic replace: readers see the old file or the new one, never half of either."""
+    """Atomic replace: readers see the old file or the new one, never half of either. A
+    symlinked registry stays a link: its target is what gets replaced."""
     import tempfile
     validate_registry(doc, path)
-    folder = os.path.dirname(os.path.abspath(path))
+    path = os.path.realpath(path)
+    folder = os.path.dirname(path)
     # literal secrets (an api_key, or env/header values that are not just ${VAR}): owner-only
     maps = [e.get("env", {}) for e in doc["servers"]] + [
         m for e in doc["mcpServers"].values() for m in (e.get("env", {}), e.get("headers", {}))]
@@ -1391,7 +1404,7 @@ class RegistryLock:
     """An exclusive lock on `<registry>.lock`, so two `add`s in two shells cannot lose an entry."""
 
     def __init__(self, path):
-        self.path = os.path.abspath(path) + ".lock"
+        self.path = os.path.realpath(path) + ".lock"  # one lock for a link and its target
         self.fd = None
 
     def __enter__(self):
@@ -3803,6 +3816,11 @@ def cmd_add(args, environ):
         raise CLIError("use either --api-key-env or --api-key, not both")
     if args.api_key_env and not ENV_NAME_RE.fullmatch(args.api_key_env):
         raise CLIError(f"invalid environment variable name {args.api_key_env!r}")
+    for field in ("timeout", "max_concurrency", "ttl", "start_timeout", "ready_path"):
+        value = getattr(args, field)
+        check, what = SERVER_FIELDS[field]
+        if value is not None and not check(value):  # said now, by its flag, before any probe
+            raise CLIError(f"--{field.replace('_', '-')} must be {what.replace('null or ', '')}")
     if args.command:
         return add_managed(args, environ, path)
     if not args.url:
@@ -3836,7 +3854,7 @@ def cmd_add(args, environ):
     if not args.no_check:
         base, listed = probe_server(url, api_key)
         if base != url:
-            print(f"note: {url}/models did not answer; using {base}", file=sys.stderr)
+            print(f"note: {url}/models lists no models; using {base}", file=sys.stderr)
             url = base
         missing = [m for m in models if m not in listed]
         if missing:
@@ -3976,7 +3994,10 @@ def env_api_keys(environ):
 
 
 def parse_api_keys(args, environ):
-    return list(args.api_key or ()) + env_api_keys(environ)
+    keys = [k.strip() for k in args.api_key or ()]
+    if "" in keys:
+        raise CLIError("--api-key needs a value (an empty key could never be sent)")
+    return keys + env_api_keys(environ)
 
 
 async def discover_models(client, upstreams):
@@ -4010,8 +4031,10 @@ class Gateway:
     def __init__(self, registry, *, environ=None, api_keys=(), max_concurrency=MAX_CONCURRENCY,
                  queue_size=QUEUE_SIZE, queue_timeout=QUEUE_TIMEOUT, access_log=None,
                  allowed_hosts=None, cors_origins=(), mcp_max_rounds=MCP_MAX_ROUNDS,
-                 mcp_allow_urls=(), mcp_roots=(), max_running=None, clock=time.monotonic):
+                 mcp_allow_urls=(), mcp_roots=(), max_running=None, parent=None,
+                 clock=time.monotonic):
         self.registry = registry
+        self.parent = parent  # pid of the `serve --workers N` that started this worker
         self.environ = dict(os.environ if environ is None else environ)
         self.sweeper = Sweeper()
         self.router = Router(clock)
@@ -4055,7 +4078,13 @@ class Gateway:
         """Re-read the registry; a broken file keeps the last good one (and says why)."""
         self.registry_stamp = self.stamp()
         try:
+            if not quiet and not os.path.exists(self.registry):
+                raise RegistryError(f"{self.registry} is gone (restore it, or write an empty "
+                                    "one to remove every server)")
             doc = load_registry(self.registry)
+            if self.parent is not None and any("command" in e for e in doc["servers"]):
+                raise RegistryError("managed servers (entries with --command) need --workers "
+                                    "1: each worker would start its own copy of every model")
             keys = {e["name"]: entry_api_key(e, self.environ) for e in doc["servers"]}
         except RegistryError as exc:
             if quiet:
@@ -4105,6 +4134,11 @@ class Gateway:
             self.next_watch = now + WATCH_INTERVAL
             if self.stamp() != self.registry_stamp:
                 self.spawn(self.reload())
+            if self.parent is not None and os.getppid() != self.parent:
+                import signal  # our serve was killed: no worker serves on unsupervised
+                logger().error("the serve process that started this worker is gone; stopping")
+                self.parent = None
+                os.kill(os.getpid(), signal.SIGTERM)
         self.processes.idle_check(now, self.spawn)
         for up in self.router.cooling():
             if up.managed:
@@ -4175,6 +4209,9 @@ def cmd_serve(args, environ):
         workers = 0
     if workers < 1:
         raise CLIError("--workers must be at least 1 (or auto)")
+    if workers > args.max_concurrency:
+        raise CLIError(f"--max-concurrency {args.max_concurrency} cannot be split across "
+                       f"{workers} workers (each needs at least 1): raise it or use fewer workers")
     if workers > 1 and any("command" in e for e in servers):
         raise CLIError("managed servers (entries with --command) need --workers 1: each worker "
                        "would start its own copy of every model")
@@ -4248,10 +4285,17 @@ def run_workers(args, path, keys, options, workers):
     spreads connections). Limits are split so the global --max-concurrency still holds."""
     import signal
     import socket
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    try:  # a socket without SO_REUSEPORT binds only if nothing else holds the port: so
+        with socket.socket(family, socket.SOCK_STREAM) as probe:  # another serve's workers
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # are not joined
+            probe.bind((args.host, args.port))
+    except OSError as exc:
+        raise CLIError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") \
+            from None
     socks = []
     try:
         for _ in range(workers):
-            family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -4268,12 +4312,13 @@ def run_workers(args, path, keys, options, workers):
         queue = args.queue_size // workers + (i < args.queue_size % workers)
         pid = os.fork()
         if pid == 0:
+            options = dict(options, parent=os.getppid())
             for other in socks:
                 if other is not sock:
                     other.close()
             code = 1
             try:
-                code = run_worker(args, path, keys, options, max(1, share), queue, sock=sock,
+                code = run_worker(args, path, keys, options, share, queue, sock=sock,
                                   label=f" worker {i + 1}/{workers}")
             except (CLIError, RegistryError) as exc:
                 print(f"llmhost: error: {exc}", file=sys.stderr)
@@ -4297,16 +4342,24 @@ def run_workers(args, path, keys, options, workers):
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     status = 0
-    for pid in children:
-        _, code = os.waitpid(pid, 0)
-        status = status or os.waitstatus_to_exitcode(code)
+    for _ in children:
+        pid, code = os.wait()
+        code = os.waitstatus_to_exitcode(code)
+        if code and not status:  # one worker down halves the capacity: stop, loudly
+            logger().error("worker %d exited with %s; stopping the others", pid, code)
+            forward(signal.SIGTERM, None)
+        status = status or code
     return status
 
 
 def serve_api(args, environ, path, method="GET"):
     """Call a running serve's API (for status, ps, load, unload) -> the JSON answer."""
     key = args.api_key or next(iter(env_api_keys(environ)), None)
-    url = args.url.rstrip("/") + path
+    reason = valid_url(args.url)
+    if reason:
+        raise CLIError(f"invalid --url {args.url!r}: {reason} (example: http://127.0.0.1:4000)")
+    base = args.url.rstrip("/")
+    url = (base[:-3] if base.endswith("/v1") else base) + path  # the base URL clients use
     status, doc, text = http_json(url, key, None if method == "GET"
                                   else MANAGED_START_TIMEOUT + 10, method)  # load waits
     if status != 200 or not isinstance(doc, dict):
@@ -4344,8 +4397,8 @@ def cmd_logs(args, environ):
         raise CLIError(f"no log for {args.name!r} yet ({path}); it is written when serve starts it")
     with open(path, "rb") as f:
         data = f.read()
-        sys.stdout.write(b"\n".join(data.splitlines()[-args.lines:]).decode("utf-8", "replace")
-                         + "\n")
+        lines = data.splitlines()[-args.lines:] if args.lines > 0 else []
+        sys.stdout.write(b"\n".join(lines).decode("utf-8", "replace") + "\n" if lines else "")
         sys.stdout.flush()
         while args.follow:
             chunk = f.read()
@@ -4383,7 +4436,9 @@ def cmd_discover(args, environ):
         try:
             ports = {int(p): f"local{int(p)}" for p in args.ports.split(",")}
         except ValueError:
-            raise CLIError("--ports takes numbers separated by commas") from None
+            ports = {}
+        if not ports or not all(0 < p < 65536 for p in ports):
+            raise CLIError("--ports takes port numbers (1-65535) separated by commas")
     found = discover_servers(ports)
     if not found:
         print("found no OpenAI-compatible server on the usual local ports "
@@ -4561,8 +4616,12 @@ async def bench_run(args, api_key, progress=sys.stderr):
 
 def cmd_bench(args, environ):
     import asyncio
-    if args.concurrency < 1 or (args.requests or 0) < 0:
+    if args.concurrency < 1:
         raise CLIError("--concurrency must be at least 1")
+    if args.requests is not None and args.requests < 1:
+        raise CLIError("--requests must be at least 1")
+    if args.duration is not None and args.duration <= 0:
+        raise CLIError("--duration must be more than 0")
     if not args.duration and not args.requests:
         args.requests = 100
     reason = valid_url(args.url)
@@ -4758,6 +4817,8 @@ def cmd_mcp_attach(args, environ):
         if args.name not in doc["mcpServers"]:
             raise RegistryError(f"no MCP server named {args.name!r}")
         names = [n for n in entry.get("mcp", ()) if n != args.name]
+        if not args.attach and len(names) == len(entry.get("mcp", ())):
+            raise RegistryError(f"{args.name} is not attached to {args.server}")
         if args.attach:
             names.append(args.name)
         if names:
@@ -5068,6 +5129,10 @@ def main(argv=None, environ=None):
         return args.func(args, environ)
     except (CLIError, RegistryError) as exc:
         print(f"llmhost: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a registry folder that is missing or not writable, a full disk
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"llmhost: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -692,7 +692,14 @@ def test_add_sends_upstream_key_from_env(fake, registry):
      "--ready-path, --start-timeout: only for --command entries"),
     (["add", "x", "--command", "srv --port ${PORT}", "--model", "m", "--api-key", "k",
       "--api-key-env", "K"], "either --api-key-env or --api-key"),
+    (["add", "x", "http://user:pw@127.0.0.1:1/v1"], "credentials in a URL are not used"),
+    (["add", "x", "http://127.0.0.1:1/v1", "--timeout", "-1"], "--timeout must be seconds > 0"),
     (["serve", "--mcp-max-rounds", "0"], "--mcp-max-rounds must be at least 1"),
+    (["serve", "--api-key", ""], "--api-key needs a value"),
+    (["serve", "--workers", "2", "--max-concurrency", "1"], "cannot be split across 2 workers"),
+    (["status", "--url", "127.0.0.1:4000"], "invalid --url"),
+    (["discover", "--ports", "99999"], "port numbers (1-65535)"),
+    (["bench", "http://127.0.0.1:1/v1", "--model", "m", "-n", "0"], "--requests must be at least 1"),
     (["serve", "--max-concurrency", "0"], "--max-concurrency must be at least 1"),
     (["serve", "--queue-timeout", "-1"], "--queue-timeout must be at least 0"),
     (["remove", "ghost"], "no server named 'ghost'"),
@@ -2284,6 +2291,28 @@ def test_client_disconnect_reaches_upstream_within_a_second(gateway, fake):
     assert gateway.gateway.router.upstreams["local"].in_flight == 0
 
 
+def test_registry_through_a_symlink_stays_a_link(fake, tmp_path):
+    real = tmp_path / "real" / "servers.json"
+    real.parent.mkdir()
+    write_registry(real, [])
+    link = tmp_path / "servers.json"
+    link.symlink_to(real)
+    assert run_cli(str(link), "add", "local", fake.url)[0] == 0
+    assert link.is_symlink()
+    assert [e["name"] for e in llmhost.load_registry(str(real))["servers"]] == ["local"]
+
+
+def test_registry_file_problems_are_messages(tmp_path):
+    path = tmp_path / "servers.json"
+    path.write_text('{"version": 1, "servers": [{"name": "a", "url": "http://h/v1", '
+                    '"models": ["m"]}], "servers": [], "mcpServers": {}}')
+    code, _, err = run_cli(str(path), "list")
+    assert code == 1 and "'servers' appears twice" in err  # saving would drop server a
+    code, _, err = run_cli(str(tmp_path / "missing" / "s.json"), "add", "x",
+                           "http://127.0.0.1:1/v1", "--no-check")
+    assert code == 1 and "No such file or directory" in err and "Traceback" not in err
+
+
 def test_live_registry_add_and_remove(fake, tmp_path):
     path = write_registry(tmp_path / "s.json", [])
     running = Running(path)
@@ -2304,6 +2333,9 @@ def test_live_registry_add_and_remove(fake, tmp_path):
         assert post(running.port, "/v1/chat/completions", CHAT)[0] == 200
         with open(path, "w") as f:
             f.write("{ broken")  # a broken edit keeps the last good registry
+        time.sleep(1.5)
+        assert model_ids() == ["fake-model"]
+        os.unlink(path)  # so does a deleted file
         time.sleep(1.5)
         assert model_ids() == ["fake-model"]
         write_registry(path, [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
@@ -2931,6 +2963,34 @@ def test_workers_share_one_port(fake, tmp_path):
     for pid in pids:  # no worker outlives serve
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_workers_neither_share_their_port_nor_outlive_serve(fake, tmp_path):
+    """SO_REUSEPORT would let a second serve (other keys, other registry) join the port; and a
+    serve killed with SIGKILL must not leave its workers serving unsupervised."""
+    registry = write_registry(tmp_path / "s.json",
+                              [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    proc, port = start_serve(registry, "--workers", "2")
+    try:
+        second = subprocess.run([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
+                                 registry, "serve", "--port", str(port), "--workers", "2"],
+                                capture_output=True, text=True, timeout=TIMEOUT)
+        assert second.returncode == 1 and "Address already in use" in second.stderr
+        assert request(port, "GET", "/health")[0] == 200
+        proc.kill()
+        proc.wait(TIMEOUT)
+        deadline = time.monotonic() + TIMEOUT
+        serving = True
+        while serving and time.monotonic() < deadline:
+            try:  # (a worker's exit is seen at the port: reaping it is not ours to wait for)
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    time.sleep(0.1)
+            except OSError:
+                serving = False
+        assert not serving  # both workers stopped once their serve was gone
+    finally:
+        proc.kill()
+        proc.communicate()
 
 
 def test_bench_direct_and_through_llmhost(gateway, fake):
