@@ -1127,8 +1127,9 @@ def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
-def valid_url(url):
-    """None if `url` is a usable upstream base URL, else the reason it is not."""
+def valid_url(url, credentials=False):
+    """None if `url` is a usable upstream base URL, else the reason it is not. `user:pw@` is
+    refused unless `credentials` (MCP's HTTP client sends them; ours would only show them)."""
     from urllib.parse import urlsplit
     try:
         parts = urlsplit(url)
@@ -1141,7 +1142,7 @@ def valid_url(url):
         return "there is no host"
     if parts.query or parts.fragment:
         return "a base URL has no query or fragment"
-    if parts.username is not None or parts.password is not None:
+    if not credentials and (parts.username is not None or parts.password is not None):
         return "credentials in a URL are not used (they would be shown by list); give the key " \
             "with --api-key-env or --api-key"
     if any(c.isspace() for c in url):
@@ -1183,7 +1184,7 @@ def validate_mcp_entry(name, entry):
         errors += [f"{name}: {k!r} is for URL servers" for k in ("headers",) if k in entry]
     else:
         url = entry["url"]
-        if not isinstance(url, str) or valid_url(url) is not None:
+        if not isinstance(url, str) or valid_url(url, credentials=True) is not None:
             errors.append(f"{name}: 'url' must be an http:// or https:// URL")
         if not _is_str_map(entry.get("headers", {})):
             errors.append(f"{name}: 'headers' must map names to strings")
@@ -1235,7 +1236,8 @@ def import_mcp_json(doc):
 # field -> (check, what it must be). Unknown fields are refused so a typo cannot go unnoticed.
 SERVER_FIELDS = {
     "name": (lambda v: isinstance(v, str) and NAME_RE.fullmatch(v), "a name of 1-64 [A-Za-z0-9._-]"),
-    "url": (lambda v: isinstance(v, str) and valid_url(v) is None, "an http(s) URL with a host"),
+    "url": (lambda v: isinstance(v, str) and valid_url(v) is None,
+            "an http(s) URL with a host (and no user:password@: use api_key_env)"),
     "models": (_is_str_list, "a list of model ids"),
     "discover": (lambda v: isinstance(v, bool), "true or false"),
     "alias": (lambda v: v is None or (isinstance(v, str) and v and "/" not in v),
@@ -3334,7 +3336,7 @@ class Application:
                                  "be 'never'.", param="tools")
             url = tool.get("server_url")
             if url is not None:
-                if not isinstance(url, str) or valid_url(url) or not any(
+                if not isinstance(url, str) or valid_url(url, credentials=True) or not any(
                         url.startswith(prefix) for prefix in self.mcp_allow_urls):
                     raise BadRequest(f"server_url {url!r} is not allowed: start serve with "
                                      "--mcp-allow-url PREFIX to allow it.", param="tools",

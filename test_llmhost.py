@@ -2291,6 +2291,12 @@ def test_client_disconnect_reaches_upstream_within_a_second(gateway, fake):
     assert gateway.gateway.router.upstreams["local"].in_flight == 0
 
 
+def test_url_credentials_refused_for_llm_servers_kept_for_mcp():
+    assert "credentials in a URL" in llmhost.valid_url("http://u:pw@127.0.0.1:8080/v1")
+    assert llmhost.valid_url("http://u:pw@127.0.0.1:3001/mcp", credentials=True) is None
+    assert llmhost.validate_mcp_entry("docs", {"url": "http://u:pw@127.0.0.1:3001/mcp"}) == []
+
+
 def test_registry_through_a_symlink_stays_a_link(fake, tmp_path):
     real = tmp_path / "real" / "servers.json"
     real.parent.mkdir()
