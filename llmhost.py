@@ -227,8 +227,12 @@ def parse_request_line(line):
     if not (target.startswith(b"/") or target == b"*"):
         if not target[:8].lower().startswith((b"http://", b"https://")):
             raise ProtocolError("request target must be a path or an absolute URL")
-        path = target.find(b"/", target.find(b"//") + 2)  # absolute-form: servers MUST take
-        target = target[path:] if path >= 0 else b"/"    # it (RFC 9112 §3.2.2)
+        # absolute-form: servers MUST take it (RFC 9112 §3.2.2); the path (and query) is routed
+        authority = target.find(b"//") + 2
+        ends = [i for i in (target.find(b"/", authority), target.find(b"?", authority)) if i >= 0]
+        target = target[min(ends):] if ends else b""
+        if not target.startswith(b"/"):
+            target = b"/" + target
     return method.decode(), target.decode("latin-1"), "1." + minor.decode()
 
 
@@ -2250,6 +2254,7 @@ class MCPHub:
         self._environ, self._sampler, self._roots = environ, sampler, [os.path.abspath(r) for r in roots]
         self._call_timeout, self._connect_timeout = call_timeout, connect_timeout
         self._closing = False
+        self._adding = None  # asyncio.Lock: one add_from_request at a time (it awaits _retire)
 
     # ---- connection lifecycle (owner task per server) ----
 
@@ -2258,13 +2263,21 @@ class MCPHub:
         return {name: c.spec for name, c in self._conns.items() if not c.from_request}
 
     async def add_from_request(self, name, spec):
-        """A server a request names by an allowed server_url, held for that request until
-        release(). Kept (and reused) only by requests that give the same URL and headers; at
-        most MCP_REQUEST_SERVERS are kept, and one in use is never replaced under its users."""
+        """A server a request names by an allowed server_url, held for that request until it
+        gives the returned conn to release(). Kept (and reused) only by requests that give the
+        same URL and headers; at most MCP_REQUEST_SERVERS are kept, and one in use is never
+        replaced under its users."""
+        import asyncio
+        if self._adding is None:
+            self._adding = asyncio.Lock()
+        async with self._adding:  # the checks below must still hold after _retire's awaits
+            return await self._add_from_request(name, spec)
+
+    async def _add_from_request(self, name, spec):
         c = self._conns.get(name)
         if c is not None and c.spec == spec and c.from_request:
             c.users += 1
-            return
+            return c
         if c is not None and c.users:
             raise BadRequest(f"MCP server_label {name!r} is in use by another request with "
                              "another server_url or headers; use another label.", status=409,
@@ -2282,13 +2295,13 @@ class MCPHub:
         c = self._conns[name] = _MCPConn(name, dict(spec))
         c.from_request = True
         c.users = 1
+        return c
 
-    def release(self, names):
+    @staticmethod
+    def release(conns):
         """The request that add_from_request() held these for is over."""
-        for name in names:
-            c = self._conns.get(name)
-            if c is not None and c.users:
-                c.users -= 1
+        for c in conns:
+            c.users -= 1
 
     async def _retire(self, conns):
         import asyncio
@@ -2735,6 +2748,10 @@ def completion_as_chunk(doc, message):
     if isinstance(calls, list) and calls:
         delta["tool_calls"] = [dict(call, index=i) for i, call in enumerate(calls)
                                if isinstance(call, dict)]
+        for call in delta["tool_calls"]:  # some servers send the arguments as an object
+            fn = call.get("function")
+            if isinstance(fn, dict) and not isinstance(fn.get("arguments", ""), str):
+                call["function"] = dict(fn, arguments=json.dumps(fn["arguments"]))
     return dict(doc, object="chat.completion.chunk", choices=[{
         "index": 0, "delta": delta, "finish_reason": doc["choices"][0].get("finish_reason")}])
 
@@ -3348,6 +3365,9 @@ class Application:
                 if label in known:
                     raise BadRequest(f"server_label {label!r} is a registered MCP server; give "
                                      "another label for a server_url.", param="tools")
+                if any(label == named for named, _ in request_servers):
+                    raise BadRequest(f"server_label {label!r} names two servers in this "
+                                     "request; give each its own label.", param="tools")
                 request_servers.append((label, spec))
             elif label not in known:
                 raise BadRequest(f"No MCP server named {label!r}; registered: "
@@ -3449,8 +3469,7 @@ class Application:
         held = []
         try:
             for label, spec in request_servers:
-                await self.mcp.add_from_request(label, spec)
-                held.append(label)
+                held.append(await self.mcp.add_from_request(label, spec))
             return await self.mcp_rounds(request, body, servers, allowed, pool)
         finally:
             self.mcp.release(held)
@@ -4206,7 +4225,8 @@ def cmd_serve(args, environ):
                        "reach this machine could use your models. Pass --api-key KEY (or set "
                        "LLMHOST_API_KEY), or --no-auth to serve openly on purpose.")
     try:
-        workers = (os.cpu_count() or 1) if args.workers == "auto" else int(args.workers)
+        workers = min(os.cpu_count() or 1, args.max_concurrency) if args.workers == "auto" \
+            else int(args.workers)
     except ValueError:
         workers = 0
     if workers < 1:
@@ -4334,7 +4354,11 @@ def run_workers(args, path, keys, options, workers):
     for sock in socks:
         sock.close()
 
+    stopping = False
+
     def forward(signum, _frame):
+        nonlocal stopping
+        stopping = stopping or signum != signal.SIGHUP
         for pid in children:
             try:
                 os.kill(pid, signum)
@@ -4347,9 +4371,10 @@ def run_workers(args, path, keys, options, workers):
     for _ in children:
         pid, code = os.wait()
         code = os.waitstatus_to_exitcode(code)
-        if code and not status:  # one worker down halves the capacity: stop, loudly
-            logger().error("worker %d exited with %s; stopping the others", pid, code)
+        if not stopping:  # a worker gone unasked: serving on at part capacity hides it
+            logger().error("worker %d exited (%s) on its own; stopping the others", pid, code)
             forward(signal.SIGTERM, None)
+            code = code or 1
         status = status or code
     return status
 

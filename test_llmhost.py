@@ -15,6 +15,7 @@ import http.client
 import http.server
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -430,6 +431,7 @@ CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hello t
     # absolute-form (RFC 9112 §3.2.2: a server MUST accept it); only the path is routed
     (b"GET http://127.0.0.1:4000/v1/models?a=1 HTTP/1.1\r\n", ("GET", "/v1/models?a=1", "1.1")),
     (b"GET HTTPS://x HTTP/1.1\r\n", ("GET", "/", "1.1")),
+    (b"GET http://x?a=/v1/models HTTP/1.1\r\n", ("GET", "/?a=/v1/models", "1.1")),
 ])
 def test_request_line_ok(line, expected):
     assert llmhost.parse_request_line(line) == expected
@@ -1283,15 +1285,17 @@ def test_mcp_stream_is_a_valid_chunk_stream(mcp_env):
     assert {c["id"] for c in chunks} == {chunks[0]["id"]}  # one completion across the rounds
 
 
-def test_mcp_stream_from_a_server_that_ignores_stream(mcp_env):
-    """A server that answers a stream request with a whole JSON completion: its tool calls
-    still run and the client still gets a stream."""
+@pytest.mark.parametrize("arguments", ['{"text": "hey"}', {"text": "hey"}])
+def test_mcp_stream_from_a_server_that_ignores_stream(mcp_env, arguments):
+    """A server that answers a stream request with a whole JSON completion (its tool call
+    arguments a string, or an object as some servers send): its tool calls still run and the
+    client still gets a stream."""
     running, fake = mcp_env
     calls = {"status": 200, "body": {"id": "c1", "object": "chat.completion", "choices": [
         {"index": 0, "finish_reason": "tool_calls", "message": {
             "role": "assistant", "content": None, "tool_calls": [{
                 "id": "k1", "type": "function",
-                "function": {"name": "t__echo", "arguments": '{"text": "hey"}'}}]}}]}}
+                "function": {"name": "t__echo", "arguments": arguments}}]}}]}}
     answer = {"status": 200, "body": {"id": "c2", "object": "chat.completion", "choices": [
         {"index": 0, "finish_reason": "stop", "message": {"role": "assistant",
                                                           "content": "done"}}]}}
@@ -1629,6 +1633,24 @@ def test_mcp_server_url_allowed_by_prefix(mcp_http_server, fake, tmp_path):
             running.port, "GET", "/v1/mcp/servers")[2])["data"]] == ["web"]
     finally:
         running.stop()
+
+
+def test_mcp_request_servers_added_at_once_keep_their_own_spec():
+    """Two requests naming one label with different URLs at the same moment: one gets the
+    server, the other a 409 - never the first one's URL and headers."""
+    hub = llmhost.MCPHub({}, environ={})
+    spec = {"url": "http://127.0.0.1:1/mcp", "headers": {}}
+
+    async def race():
+        hub.release([await hub.add_from_request("x", spec)])  # known, idle
+        return await asyncio.gather(
+            hub.add_from_request("x", dict(spec, headers={"A": "1"})),
+            hub.add_from_request("x", dict(spec, headers={"B": "2"})), return_exceptions=True)
+
+    first, second = asyncio.run(race())
+    assert first.spec["headers"] == {"A": "1"} and first.users == 1
+    assert isinstance(second, llmhost.HTTPError) and second.status == 409
+    assert hub.specs() == {} and hub._conns["x"] is first
 
 
 def test_mcp_server_url_in_use_is_not_replaced(mcp_http_server, fake, tmp_path):
@@ -2969,6 +2991,20 @@ def test_workers_share_one_port(fake, tmp_path):
     for pid in pids:  # no worker outlives serve
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_a_worker_that_exits_stops_serve(fake, tmp_path):
+    registry = write_registry(tmp_path / "s.json",
+                              [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    proc, port = start_serve(registry, "--workers", "2")
+    try:
+        worker = json.loads(request(port, "GET", "/v1/status")[2])["pid"]
+        os.kill(worker, signal.SIGTERM)  # a clean exit, but nobody asked serve to stop
+        assert proc.wait(TIMEOUT) != 0
+    finally:
+        proc.kill()
+        _, err = proc.communicate()
+    assert "on its own; stopping the others" in err
 
 
 def test_workers_neither_share_their_port_nor_outlive_serve(fake, tmp_path):
