@@ -63,6 +63,7 @@ SHUTDOWN_TIMEOUT = 30.0  # s in-flight requests get to finish after SIGTERM
 MANAGED_TTL = 900.0  # s a managed server may idle before it is stopped; LM Studio's JIT TTL
 MANAGED_START_TIMEOUT = 120.0  # s for a managed server to become ready (model loading)
 MANAGED_STOP_GRACE = 5.0  # s between SIGTERM and SIGKILL of a managed server's process group
+MANAGED_MODEL_GRACE = 5.0  # s a started server may list other models before its start fails
 MANAGED_LOG_BYTES = 1024 * 1024  # bytes of output kept per managed server (halved when full)
 MANAGED_BACKOFF_MAX = 60.0  # s between start attempts of a server that keeps failing
 TICK = 0.25  # s between sweeps of deadlines (timeouts are enforced to this precision)
@@ -1619,8 +1620,8 @@ def expand_command(command, port, model, environ):
             return environ[key[4:]]
         raise ValueError(f"${{{key}}} is not set")
 
-    return [os.path.expanduser(arg) for arg in shlex.split(re.sub(r"\$\{([A-Za-z_.]+)\}", sub,
-                                                                    command))]
+    return [os.path.expanduser(arg) for arg in shlex.split(re.sub(r"\$\{([A-Za-z0-9_.]+)\}",
+                                                                    sub, command))]
 
 
 def check_command(command, environ):
@@ -1794,6 +1795,7 @@ class ProcessManager:
         logger().info("managed server %s: started pid %d on port %d", server.name, proc.pid, port)
         start_timeout = entry.get("start_timeout", MANAGED_START_TIMEOUT)
         deadline = time.monotonic() + start_timeout
+        answered_since = None  # when it first listed models without ours
         while True:
             if proc.returncode is not None:
                 await self.stop(server, "exited while starting")  # what it left in its group
@@ -1801,8 +1803,16 @@ class ProcessManager:
             if time.monotonic() > deadline:
                 await self.stop(server, "did not become ready")
                 raise self.fail(server, f"not ready after {start_timeout:g}s")
-            if await self.ready(up):
+            ok, ids = await self.ready(up)
+            if ok:
                 break
+            if ids is not None:  # up, but another model: a wrong --model, not a slow start
+                answered_since = answered_since or time.monotonic()
+                if time.monotonic() - answered_since > MANAGED_MODEL_GRACE:
+                    await self.stop(server, "does not serve its model")
+                    raise self.fail(server, f"it serves {', '.join(ids[:5]) or 'no model'}, "
+                                    f"not {', '.join(up.models)}: fix --model (llama.cpp lists "
+                                    "the .gguf path; `add --check` finds the names)")
             await asyncio.sleep(0.1)
         server.state = "running"
         server.started_at = server.last_used = time.monotonic()
@@ -1811,27 +1821,32 @@ class ProcessManager:
         logger().info("managed server %s: ready", server.name)
 
     async def ready(self, up):
-        """The ready path answers 200 and /models lists the model (llama.cpp answers 503
-        while it loads the model)."""
+        """-> (ready, the model ids it lists or None): the ready path answers 200 and /models
+        lists the model (llama.cpp answers 503 while it loads the model)."""
         try:
             status, _ = await fetch_json(self.client, up, up.entry.get("ready_path", "/health"),
                                          2.0)
             if status != 200:
-                return False
+                return False, None
             status, doc = await fetch_models(self.client, up, 2.0)
         except UpstreamError:
-            return False
+            return False, None
         ids = list_models(doc) if status == 200 else None
         return ids is not None and (not up.models or up.entry.get("discover") or
-                                    any(m in ids for m in up.models))
+                                    any(m in ids for m in up.models)), ids
 
     async def watch(self, server, proc):
+        import signal
         await proc.wait()
         if server.proc is proc and server.state == "running":
             server.state = "failed"
             server.last_error = f"exited with code {proc.returncode}"
             logger().warning("managed server %s exited with code %s", server.name,
                              proc.returncode)
+            try:  # what the crashed server started (a wrapper's llama-server) goes with it
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         self.write_pids()
 
     async def make_room(self, server):

@@ -1873,6 +1873,31 @@ def test_managed_start_failures_are_503_with_output(tmp_path, command, extra, ne
         running.stop()
 
 
+def test_managed_server_that_serves_another_model_fails_fast(tmp_path, monkeypatch):
+    """Up, but its /models lacks --model (llama.cpp lists the .gguf path): a clear 503 after a
+    short grace, not a wait for the whole start timeout."""
+    monkeypatch.setattr(llmhost, "MANAGED_MODEL_GRACE", 0.3)
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "m", "command": f"{FAKE_CMD} other-model", "models": ["wanted-model"]}])
+    running = Running(path)
+    try:
+        started = time.monotonic()
+        status, doc = jpost(running.port, "/v1/chat/completions", {
+            "model": "wanted-model", "messages": [{"role": "user", "content": "x"}]})
+        assert status == 503 and time.monotonic() - started < TIMEOUT
+        assert "it serves other-model, not wanted-model" in doc["error"]["message"]
+    finally:
+        running.stop()
+
+
+def test_managed_command_expansion():
+    argv = llmhost.expand_command("srv --port ${PORT} -m ${MODEL} ${env.VAR1}", 8080, "m1",
+                                  {"VAR1": "v1"})
+    assert argv == ["srv", "--port", "8080", "-m", "m1", "v1"]
+    with pytest.raises(ValueError, match=r"\$\{env.VAR2\} is not set"):
+        llmhost.expand_command("srv ${env.VAR2}", 1, "m", {})
+
+
 def test_killed_serve_leaves_no_child_on_next_start(tmp_path):
     registry = write_registry(tmp_path / "s.json", [managed_entry("m", "managed-model", ttl=0)])
     proc, port = start_serve(registry)
