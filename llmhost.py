@@ -1798,6 +1798,10 @@ class ProcessManager:
         answered_since = None  # when it first listed models without ours
         while True:
             if proc.returncode is not None:
+                if server.state in ("stopping", "stopped"):  # unloaded or removed meanwhile:
+                    raise ServiceUnavailable(  # not a failure of the server, no backoff
+                        f"managed server {server.name} was stopped while it started",
+                        code="server_stopped")
                 await self.stop(server, "exited while starting")  # what it left in its group
                 raise self.fail(server, f"exited with code {proc.returncode} while starting")
             if time.monotonic() > deadline:

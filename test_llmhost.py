@@ -1916,6 +1916,28 @@ def test_killed_serve_leaves_no_child_on_next_start(tmp_path):
     assert "left by a previous serve" in err
 
 
+def test_managed_unload_while_starting_is_no_failure(tmp_path):
+    fake = FAKE_CMD[len(sys.executable) + 1:]  # the fake upstream, after 1.5 s
+    slow = (f'{sys.executable} -c "import os, sys, time; time.sleep(1.5); '
+            f'os.execv(sys.executable, [sys.executable] + sys.argv[1:])" {fake} slow-model')
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "m", "command": slow, "models": ["slow-model"]}])
+    running = Running(path)
+    server = running.gateway.processes.servers["m"]
+    body = {"model": "slow-model", "messages": [{"role": "user", "content": "x"}]}
+    try:
+        threads, results = held_requests(running.port, 1, body)
+        assert wait_until(lambda: server.state == "starting" and server.proc is not None)
+        status, _, _ = request(running.port, "POST", "/v1/processes/m/unload")
+        assert status == 200
+        threads[0].join(TIMEOUT)
+        assert results[0][0] == 503 and b"stopped while it started" in results[0][2]
+        assert server.state == "stopped" and server.failures == 0  # no backoff to wait out
+        assert jpost(running.port, "/v1/chat/completions", body)[0] == 200
+    finally:
+        running.stop()
+
+
 def test_managed_cli(tmp_path):
     registry = str(tmp_path / "servers.json")
     code, out, err = run_cli(registry, "add", "m", "--command", FAKE_CMD + " model-x", "--check",
