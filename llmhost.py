@@ -1620,8 +1620,9 @@ def expand_command(command, port, model, environ):
             return environ[key[4:]]
         raise ValueError(f"${{{key}}} is not set")
 
-    return [os.path.expanduser(arg) for arg in shlex.split(re.sub(r"\$\{([A-Za-z0-9_.]+)\}",
-                                                                    sub, command))]
+    # split first, then expand: a value with spaces or quotes stays one argument
+    return [os.path.expanduser(re.sub(r"\$\{([A-Za-z0-9_.]+)\}", sub, arg))
+            for arg in shlex.split(command)]
 
 
 def check_command(command, environ):

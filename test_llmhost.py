@@ -1894,6 +1894,8 @@ def test_managed_command_expansion():
     argv = llmhost.expand_command("srv --port ${PORT} -m ${MODEL} ${env.VAR1}", 8080, "m1",
                                   {"VAR1": "v1"})
     assert argv == ["srv", "--port", "8080", "-m", "m1", "v1"]
+    assert llmhost.expand_command("srv -m ${env.M}", 1, "m", {"M": "/my models/it's.gguf"}) == \
+        ["srv", "-m", "/my models/it's.gguf"]  # one argument, as given
     with pytest.raises(ValueError, match=r"\$\{env.VAR2\} is not set"):
         llmhost.expand_command("srv ${env.VAR2}", 1, "m", {})
 
