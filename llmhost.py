@@ -1203,12 +1203,13 @@ def validate_mcp_entry(name, entry):
 def import_mcp_json(doc):
     """Entries from a Claude Desktop / Cursor / LM Studio `mcp.json` (`mcpServers`) or VS Code
     (`servers`, also nested under `mcp` in settings.json). Returns (imported, skipped) with
-    skipped = [(name, reason)]. Client-specific keys (autoApprove, disabled...) are dropped."""
+    skipped = [(name, reason)]; raises ValueError for a document that is not such a file.
+    Client-specific keys (autoApprove, disabled...) are dropped."""
     if not isinstance(doc, dict):
-        return {}, [("*", "not a JSON object")]
+        raise ValueError("not a JSON object")
     servers = doc.get("mcpServers", doc.get("servers", (doc.get("mcp") or {}).get("servers")))
     if not isinstance(servers, dict):
-        return {}, [("*", "no 'mcpServers' or 'servers' object")]
+        raise ValueError("no 'mcpServers' or 'servers' object")
     imported, skipped = {}, []
     for raw_name, raw in servers.items():
         name = re.sub(r"[^A-Za-z0-9_.-]", "-", str(raw_name)).strip("-.")[:64] or "server"
@@ -1436,6 +1437,12 @@ def update_registry(path, change):
         result = change(doc)
         save_registry(path, doc)
         return result
+
+
+def refuse_managed_under_workers(servers):
+    if any("command" in e for e in servers):
+        raise RegistryError("managed servers (entries with --command) need --workers 1: each "
+                            "worker would start its own copy of every model")
 
 
 def find_server(doc, name):
@@ -2890,7 +2897,7 @@ CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Api-Key, X-Request-Id, Open
 # what browser code may read of an answer besides the CORS-safelisted fields
 CORS_EXPOSE = ("Access-Control-Expose-Headers",
                "X-Request-Id, X-Llmhost-Server, X-Llmhost-Overhead-Ms, Retry-After")
-_FIELD_NAMES = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
+_FIELD_NAMES = re.compile(r"%s(?:[ \t]*,[ \t]*%s)*" % (_TOKEN.decode(), _TOKEN.decode()))
 
 
 def is_loopback_host(host):
@@ -3548,6 +3555,16 @@ class Application:
                 {"type": "text", "text": "Images and audio returned by the tool calls above:"}]
                 + media})
 
+    def answer_as_is(self, request, status, data):
+        """An upstream answer that ends the tool loop before any byte went out: an error (in
+        OpenAI's envelope), or a 200 that is not a chat completion, passed on as it came."""
+        request.status = status
+        if status != 200:
+            return request.conn.respond(request, status, JSON_TYPE,
+                                        error_envelope_bytes(status, data))
+        return request.conn.respond(request, 200, JSON_TYPE + [
+            ("X-Llmhost-Server", request.server or "-")], data)
+
     async def mcp_loop(self, request, base, bindings, state):
         rounds = self.mcp_max_rounds
         for number in range(rounds + 1):
@@ -3555,15 +3572,9 @@ class Application:
             status, data = await self.complete(  # each round ordered anew (health, load)
                 request, self.mcp_round_body(base, state, last, False),
                 self.router.resolve(base["model"]))
-            if status != 200:
-                request.status = status
-                return request.conn.respond(request, status, JSON_TYPE,
-                                            error_envelope_bytes(status, data))
-            doc, message = completion_message(data)
-            if message is None:  # not a chat completion: the client gets it as it came
-                request.status = 200
-                return request.conn.respond(request, 200, JSON_TYPE + [
-                    ("X-Llmhost-Server", request.server or "-")], data)
+            doc, message = completion_message(data) if status == 200 else (None, None)
+            if message is None:
+                return self.answer_as_is(request, status, data)
             self.add_usage(state["usage"], doc.get("usage"))
             mine, theirs = self.split_calls(message.get("tool_calls") or [], bindings)
             if not mine or last:
@@ -3670,11 +3681,7 @@ class Application:
                         status if status != 200 else 502, data))))
                     conn.end_stream()
                     return keep_alive
-                request.status = status
-                if status == 200:  # not a chat completion: the client gets it as it came
-                    return conn.respond(request, 200, JSON_TYPE + [
-                        ("X-Llmhost-Server", request.server or "-")], data)
-                return conn.respond(request, status, JSON_TYPE, error_envelope_bytes(status, data))
+                return self.answer_as_is(request, status, data)
             calls = [collected["calls"][i] for i in sorted(collected["calls"])]
             mine, theirs = self.split_calls(calls, bindings)
             if not mine or last:
@@ -4123,9 +4130,8 @@ class Gateway:
                 raise RegistryError(f"{self.registry} is gone (restore it, or write an empty "
                                     "one to remove every server)")
             doc = load_registry(self.registry)
-            if self.parent is not None and any("command" in e for e in doc["servers"]):
-                raise RegistryError("managed servers (entries with --command) need --workers "
-                                    "1: each worker would start its own copy of every model")
+            if self.parent is not None:
+                refuse_managed_under_workers(doc["servers"])
             keys = {e["name"]: entry_api_key(e, self.environ) for e in doc["servers"]}
         except RegistryError as exc:
             if quiet:
@@ -4254,9 +4260,8 @@ def cmd_serve(args, environ):
     if workers > args.max_concurrency:
         raise CLIError(f"--max-concurrency {args.max_concurrency} cannot be split across "
                        f"{workers} workers (each needs at least 1): raise it or use fewer workers")
-    if workers > 1 and any("command" in e for e in servers):
-        raise CLIError("managed servers (entries with --command) need --workers 1: each worker "
-                       "would start its own copy of every model")
+    if workers > 1:
+        refuse_managed_under_workers(servers)
     options = dict(environ=environ, api_keys=keys, queue_timeout=args.queue_timeout,
                    allowed_hosts=args.allowed_host or () if loopback else None,
                    cors_origins=args.cors_origin or (), mcp_max_rounds=args.mcp_max_rounds,
@@ -4833,10 +4838,11 @@ def cmd_mcp_import(args, environ):
             source = json.load(f)
     except (OSError, ValueError) as exc:
         raise CLIError(f"cannot read {args.file}: {exc}") from None
-    imported, skipped = import_mcp_json(source)
-    if not imported and skipped and skipped[0][0] == "*":  # not an mcp.json at all
-        raise CLIError(f"{args.file}: {skipped[0][1]}; expected an mcp.json with 'mcpServers' "
-                       "(Claude Desktop, Cursor, LM Studio) or 'servers' (VS Code)")
+    try:
+        imported, skipped = import_mcp_json(source)
+    except ValueError as exc:
+        raise CLIError(f"{args.file}: {exc}; expected an mcp.json with 'mcpServers' (Claude "
+                       "Desktop, Cursor, LM Studio) or 'servers' (VS Code)") from None
     added = []
 
     def change(doc):
