@@ -4542,86 +4542,131 @@ def cmd_status(args, environ):
 
 def percentile(values, p):
     """Nearest-rank percentile of a non-empty list (what wrk and most load tools report)."""
-    ordered = sorted(values)
     import math
+    ordered = sorted(values)
     return ordered[max(0, min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1))]
 
 
+def error_message(raw, limit=300):
+    """The message of an OpenAI error body (or the body itself), cut to one short line."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    try:
+        doc = json.loads(text)
+        error = doc.get("error") if isinstance(doc, dict) else None
+        text = str(error.get("message", error) if isinstance(error, dict) else error or text)
+    except ValueError:
+        pass
+    text = " ".join(text.split())
+    return text[:limit] + ("…" if len(text) > limit else "") or "(empty body)"
+
+
 async def bench_run(args, api_key, progress=sys.stderr):
-    """Load one OpenAI-compatible endpoint; -> a dict of results (see cmd_bench)."""
+    """Load one OpenAI-compatible endpoint; -> a dict of results (see cmd_bench).
+
+    Each request's prompt starts with its number, so no server answers it from a prompt cache.
+    The run ends after --requests answers, at --duration (requests still open then are cut and
+    counted as unfinished, not as errors) or at Ctrl-C, and reports what finished."""
     import asyncio
+    import signal
     from collections import Counter
+    loop = asyncio.get_running_loop()
     sweeper = Sweeper()
     client = UpstreamClient(sweeper)
-    ticker = asyncio.get_running_loop().create_task(sweeper.run())
+    ticker = loop.create_task(sweeper.run())
     origin = Origin(args.url.rstrip("/"))
     prompt = args.prompt or " ".join(["hello"] * args.prompt_tokens)
-    body = {"model": args.model, "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": args.max_tokens}
-    if args.stream:
-        body.update(stream=True, stream_options={"include_usage": True})
-    payload = json_bytes(body)
     auth = f"Authorization: Bearer {check_header_value(api_key)}\r\n" if api_key else ""
-    head = (f"POST {origin.base_path}/chat/completions HTTP/1.1\r\nHost: {origin.host_header}"
-            f"\r\n{auth}Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
-            f"User-Agent: llmhost-bench/{__version__}\r\n\r\n").encode("latin-1")
+    head_fixed = (f"Host: {origin.host_header}\r\n{auth}Content-Type: application/json\r\n"
+                  f"User-Agent: llmhost-bench/{__version__}\r\n")
     latency, ttft, itl, tokens = [], [], [], []
-    errors = Counter()
+    errors, messages = Counter(), {}
+    unfinished = 0
     started = time.monotonic()
     end = started + args.duration if args.duration else None
     issued = 0
 
-    async def one():
+    def fail(kind, message):
+        errors[kind] += 1
+        messages.setdefault(kind, message)
+        return kind
+
+    async def one(n):
+        """One request; -> the kind of error, or None."""
+        nonlocal unfinished
+        body = {"model": args.model, "max_tokens": args.max_tokens,
+                "messages": [{"role": "user", "content": f"{n}: {prompt}"}]}
+        if args.stream:
+            body.update(stream=True, stream_options={"include_usage": True})
+        payload = json_bytes(body)
+        head = (f"POST {origin.base_path}/chat/completions HTTP/1.1\r\n{head_fixed}"
+                f"Content-Length: {len(payload)}\r\n\r\n").encode("latin-1")
         t0 = time.monotonic()
         resp = None
         try:
             resp = await client.request(origin, head, payload, timeout=args.timeout)
             if resp.status != 200:
-                await resp.read_all()
-                errors[f"HTTP {resp.status}"] += 1
-                return
-            first = last = None
+                return fail(f"HTTP {resp.status}", error_message(await resp.read_all()))
             count = 0
-            if args.stream:
-                decoder = SSEDecoder()
-                while True:
-                    data = await resp.read_some()
-                    if not data:
-                        break
-                    for event in decoder.feed(data):
-                        if event == "[DONE]":
-                            continue
-                        doc = json.loads(event)
-                        if doc.get("error"):
-                            errors["error event"] += 1
-                            return
-                        if doc.get("usage"):
-                            count = doc["usage"].get("completion_tokens") or count
-                        choices = doc.get("choices") or [{}]
-                        delta = choices[0].get("delta") or {}
-                        if delta.get("content") or delta.get("reasoning_content") or \
-                                delta.get("tool_calls"):
-                            now = time.monotonic()
-                            if first is None:
-                                first = now
-                            else:
-                                itl.append(now - last)
-                            last = now
-                            count += 0 if doc.get("usage") else 1
-            else:
-                doc = json.loads(await resp.read_all())
+            if not args.stream:
+                raw = await resp.read_all()
+                doc = json.loads(raw)
+                if not isinstance(doc, dict) or not isinstance(doc.get("choices"), list):
+                    return fail("bad answer", "not a chat completion: " + error_message(raw))
                 count = (doc.get("usage") or {}).get("completion_tokens") or 0
+                latency.append(time.monotonic() - t0)
+                tokens.append(count)
+                return None
+            kind = resp.headers.get("content-type", "")
+            if "text/event-stream" not in kind.lower():
+                return fail("bad answer", f"asked for a stream, got {kind or 'no Content-Type'}: "
+                            + error_message(await resp.read_all()))
+            decoder = SSEDecoder()
+            first = last = None
+            gaps = []
+            finished = False
+            while True:
+                data = await resp.read_some()
+                if not data:
+                    break
+                for event in decoder.feed(data):
+                    if event == "[DONE]":
+                        finished = True
+                    if finished:
+                        continue
+                    doc = json.loads(event)
+                    if doc.get("error"):
+                        return fail("error event", error_message(event))
+                    if doc.get("usage"):
+                        count = doc["usage"].get("completion_tokens") or count
+                    delta = ((doc.get("choices") or [{}])[0] or {}).get("delta") or {}
+                    if delta.get("content") or delta.get("reasoning_content") or \
+                            delta.get("tool_calls"):
+                        now = time.monotonic()
+                        if first is None:
+                            first = now
+                        else:
+                            gaps.append(now - last)
+                        last = now
+                        count += 0 if doc.get("usage") else 1
+            if not finished:
+                return fail("broken", "the stream ended without data: [DONE]")
             done = time.monotonic()
             latency.append(done - t0)
             ttft.append((first or done) - t0)
+            itl.extend(gaps)
             tokens.append(count)
-        except UpstreamTimeout:
-            errors["timeout"] += 1
+            return None
+        except UpstreamTimeout as exc:
+            return fail("connect" if exc.code == "upstream_connect_timeout" else "timeout",
+                        exc.message)
         except UpstreamError as exc:
-            errors["connect" if exc.code in ("upstream_unreachable",
-                                             "upstream_connect_timeout") else "broken"] += 1
-        except (ValueError, AttributeError, TypeError, IndexError):
-            errors["bad answer"] += 1
+            return fail("connect" if exc.code == "upstream_unreachable" else "broken",
+                        exc.message)
+        except (ValueError, AttributeError, TypeError, IndexError) as exc:
+            return fail("bad answer", f"{type(exc).__name__}: {exc}")
+        except asyncio.CancelledError:
+            unfinished += 1  # cut at the deadline or by Ctrl-C
+            raise
         finally:
             if resp is not None and not resp.done:
                 resp.close()  # an answer not read to its end: its connection is not reused
@@ -4631,7 +4676,8 @@ async def bench_run(args, api_key, progress=sys.stderr):
         await asyncio.sleep(delay)  # --ramp: clients join one by one, as real ones do
         while (issued < args.requests) if end is None else (time.monotonic() < end):
             issued += 1
-            await one()
+            if await one(issued) == "connect":
+                await asyncio.sleep(0.1)  # a server that is down: do not spin on it
 
     async def show_progress():
         while True:
@@ -4641,15 +4687,38 @@ async def bench_run(args, api_key, progress=sys.stderr):
                            f"{len(latency) / elapsed:.1f} req/s, {elapsed:.0f}s ")
             progress.flush()
 
-    shower = asyncio.get_running_loop().create_task(show_progress())
+    interrupted = False
+    workers = [loop.create_task(worker(i * args.ramp / args.concurrency))
+               for i in range(args.concurrency)]
+
+    def interrupt():
+        nonlocal interrupted
+        interrupted = True
+        for task in workers:
+            task.cancel()
+
     try:
-        await asyncio.gather(*(worker(i * args.ramp / args.concurrency)
-                               for i in range(args.concurrency)))
+        loop.add_signal_handler(signal.SIGINT, interrupt)
+    except (NotImplementedError, RuntimeError, ValueError):
+        pass  # not the main thread (tests) or no signals here: Ctrl-C ends without a summary
+    shower = loop.create_task(show_progress()) if progress.isatty() else None
+    try:
+        await asyncio.wait(workers, timeout=None if end is None else end - time.monotonic())
+        for task in workers:
+            task.cancel()  # still in a request at the deadline
+        for outcome in await asyncio.gather(*workers, return_exceptions=True):
+            if isinstance(outcome, Exception):
+                raise outcome
     finally:
-        shower.cancel()
+        try:
+            loop.remove_signal_handler(signal.SIGINT)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+        if shower:
+            shower.cancel()
+            progress.write("\n")
         ticker.cancel()
         client.close_all()
-        progress.write("\n")
     elapsed = time.monotonic() - started
 
     def stats(values):
@@ -4659,35 +4728,52 @@ async def bench_run(args, api_key, progress=sys.stderr):
             f"p{p}": percentile(values, p) * 1000 for p in (50, 90, 99)}}
 
     return {"url": args.url, "model": args.model, "stream": args.stream,
-            "concurrency": args.concurrency, "seconds": round(elapsed, 3),
-            "requests": len(latency), "errors": dict(errors),
-            "requests_per_second": len(latency) / elapsed,
+            "concurrency": min(args.concurrency, args.requests or args.concurrency),
+            "seconds": round(elapsed, 3), "requests": len(latency),
+            "errors": dict(errors), "error_messages": messages, "unfinished": unfinished,
+            "interrupted": interrupted, "requests_per_second": len(latency) / elapsed,
             "output_tokens_per_second": sum(tokens) / elapsed,
             "latency_ms": stats(latency), "ttft_ms": stats(ttft), "itl_ms": stats(itl)}
 
 
 def cmd_bench(args, environ):
+    """Exit 0 when every request succeeded, 1 when any failed (or none finished), 130 when
+    Ctrl-C cut the run short (after printing what finished)."""
     import asyncio
-    if args.concurrency < 1:
-        raise CLIError("--concurrency must be at least 1")
-    if args.requests is not None and args.requests < 1:
-        raise CLIError("--requests must be at least 1")
-    if args.duration is not None and args.duration <= 0:
-        raise CLIError("--duration must be more than 0")
+    import math
+    for flag, value, least in (("--concurrency", args.concurrency, 1),
+                               ("--requests", args.requests, 1),
+                               ("--prompt-tokens", args.prompt_tokens, 1),
+                               ("--max-tokens", args.max_tokens, 1)):
+        if value is not None and value < least:
+            raise CLIError(f"{flag} must be at least {least}")
+    for flag, value in (("--duration", args.duration), ("--timeout", args.timeout),
+                        ("--ramp", args.ramp)):
+        if value is not None and not (math.isfinite(value) and (value > 0 or (
+                flag == "--ramp" and value == 0))):
+            raise CLIError(f"{flag} must be seconds > 0" + (" (or 0)" if flag == "--ramp" else ""))
     if not args.duration and not args.requests:
         args.requests = 100
     reason = valid_url(args.url)
     if reason:
         raise CLIError(f"invalid URL {args.url!r}: {reason}")
-    key = args.api_key or (environ.get(args.api_key_env) if args.api_key_env else None)
+    key = args.api_key
+    if args.api_key_env:
+        key = environ.get(args.api_key_env)
+        if not key:
+            raise CLIError(f"--api-key-env: ${args.api_key_env} is not set")
     result = asyncio.run(bench_run(args, key))
+    code = 130 if result["interrupted"] else 1 if result["errors"] or not result["requests"] \
+        else 0
     if args.json:
         print(json.dumps(result, indent=2))
-        return 0 if result["requests"] else 1
-    print(f"{result['requests']} requests in {result['seconds']:.2f}s at concurrency "
-          f"{args.concurrency}{' (stream)' if args.stream else ''}: "
+        return code
+    n = result["requests"]
+    print(f"{n} request{'' if n == 1 else 's'} in {result['seconds']:.2f}s at concurrency "
+          f"{result['concurrency']}{' (stream)' if args.stream else ''}: "
           f"{result['requests_per_second']:.1f} req/s, "
-          f"{result['output_tokens_per_second']:.1f} output tokens/s")
+          f"{result['output_tokens_per_second']:.1f} output tokens/s"
+          + (" (interrupted)" if result["interrupted"] else ""))
     rows = []
     for label, key_ in (("latency", "latency_ms"), ("time to first token", "ttft_ms"),
                         ("inter-token", "itl_ms")):
@@ -4696,9 +4782,11 @@ def cmd_bench(args, environ):
             rows.append([label] + [f"{st[k]:.2f}" for k in ("mean", "p50", "p90", "p99")])
     if rows:
         print_table(rows, ["ms", "mean", "p50", "p90", "p99"])
-    if result["errors"]:
-        print("errors: " + ", ".join(f"{k}: {v}" for k, v in sorted(result["errors"].items())))
-    return 0 if result["requests"] else 1
+    if result["unfinished"]:
+        print(f"unfinished: {result['unfinished']} (still open when the run ended; not counted)")
+    for kind, count in sorted(result["errors"].items()):
+        print(f"errors: {kind}: {count} (first: {result['error_messages'][kind]})")
+    return code
 
 
 def parse_pairs(items, sep, what):
@@ -5115,13 +5203,18 @@ def build_parser():
                        description="Measure req/s, latency, time to first token, inter-token "
                        "latency and output tokens/s of URL (a base URL such as "
                        "http://127.0.0.1:4000/v1). Run it against a model directly and through "
-                       "llmhost to see the gateway's cost on your hardware.")
+                       "llmhost to see the gateway's cost on your hardware. Each prompt starts "
+                       "with its request's number, so no prompt cache answers it. Exit 0 when "
+                       "every request succeeded, 1 when any failed, 130 after Ctrl-C (which "
+                       "prints what finished).")
     p.add_argument("url")
     p.add_argument("--model", required=True)
-    p.add_argument("--concurrency", "-c", type=int, default=1, metavar="N")
+    p.add_argument("--concurrency", "-c", type=int, default=1, metavar="N",
+                   help="clients sending at once (default 1)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--requests", "-n", type=int, metavar="N", help="total (default 100)")
-    group.add_argument("--duration", "-d", type=float, metavar="S", help="run for S seconds")
+    group.add_argument("--duration", "-d", type=float, metavar="S",
+                       help="run for S seconds; requests still open then are cut, not counted")
     p.add_argument("--stream", action="store_true", help="stream (measures TTFT and ITL)")
     p.add_argument("--ramp", type=float, default=0.0, metavar="S",
                    help="spread the clients' first requests over S seconds (default 0)")
@@ -5129,11 +5222,12 @@ def build_parser():
     group.add_argument("--prompt", metavar="TEXT")
     group.add_argument("--prompt-tokens", type=int, default=16, metavar="N",
                        help="a prompt of about N tokens (default 16)")
-    p.add_argument("--max-tokens", type=int, default=64, metavar="N")
+    p.add_argument("--max-tokens", type=int, default=64, metavar="N", help="(default 64)")
     p.add_argument("--api-key", metavar="KEY")
-    p.add_argument("--api-key-env", metavar="VAR")
-    p.add_argument("--timeout", type=float, default=UPSTREAM_TIMEOUT, metavar="S")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--api-key-env", metavar="VAR", help="read the key from $VAR")
+    p.add_argument("--timeout", type=float, default=UPSTREAM_TIMEOUT, metavar="S",
+                   help=f"to first byte and between bytes (default {UPSTREAM_TIMEOUT:g})")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_bench)
 
     add_mcp_parsers(sub)

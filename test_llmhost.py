@@ -702,6 +702,12 @@ def test_add_sends_upstream_key_from_env(fake, registry):
     (["status", "--url", "127.0.0.1:4000"], "invalid --url"),
     (["discover", "--ports", "99999"], "port numbers (1-65535)"),
     (["bench", "http://127.0.0.1:1/v1", "--model", "m", "-n", "0"], "--requests must be at least 1"),
+    (["bench", "http://127.0.0.1:1/v1", "--model", "m", "-d", "nan"], "--duration must be seconds"),
+    (["bench", "http://127.0.0.1:1/v1", "--model", "m", "--timeout", "0"], "--timeout must be"),
+    (["bench", "http://127.0.0.1:1/v1", "--model", "m", "--prompt-tokens", "0"],
+     "--prompt-tokens must be at least 1"),
+    (["bench", "http://127.0.0.1:1/v1", "--model", "m", "--api-key-env", "UNSET_VAR"],
+     "$UNSET_VAR is not set"),
     (["serve", "--max-concurrency", "0"], "--max-concurrency must be at least 1"),
     (["serve", "--queue-timeout", "-1"], "--queue-timeout must be at least 0"),
     (["remove", "ghost"], "no server named 'ghost'"),
@@ -3092,12 +3098,72 @@ def test_bench_direct_and_through_llmhost(gateway, fake):
             result = json.loads(out)
             assert code == 0 and result["requests"] == 12 and result["errors"] == {}
             assert result["output_tokens_per_second"] > 0
-            assert 0 < result["ttft_ms"]["p50"] <= result["latency_ms"]["p50"]
             if extra:
+                assert 0 < result["ttft_ms"]["p50"] <= result["latency_ms"]["p50"]
                 assert result["itl_ms"]["p50"] >= 0
+            else:  # no first token to time without a stream
+                assert result["ttft_ms"] is None and result["latency_ms"]["p50"] > 0
     code, out, err = run_cli("unused", "bench", f"http://127.0.0.1:{gateway.port}/v1",
                              "--model", "nope-model", "-n", "3", "--json")
-    assert code == 1 and json.loads(out)["errors"] == {"HTTP 404": 3}
+    result = json.loads(out)
+    assert code == 1 and result["errors"] == {"HTTP 404": 3}
+    assert "'nope-model'" in result["error_messages"]["HTTP 404"]  # the server's own words
+
+
+def test_bench_sends_each_prompt_once_and_says_why_requests_failed(fake):
+    fake.script({}, {"status": 400, "body": {"error": {"message": "request (40009 tokens) "
+                                                       "exceeds the context size"}}})
+    code, out, err = run_cli("unused", "bench", fake.url, "--model", "fake-model", "-n", "3",
+                             "--prompt", "same words")
+    assert code == 1  # one request failed
+    prompts = [json.loads(r["body"])["messages"][0]["content"] for r in fake.posts()]
+    assert len(set(prompts)) == 3 and all(p.endswith("same words") for p in prompts)
+    assert "2 requests in" in out
+    assert "errors: HTTP 400: 1 (first: request (40009 tokens) exceeds the context size)" in out
+
+
+@pytest.mark.parametrize("step, stream, kind, words", [
+    ({"status": 200, "raw": b"plain words"}, True, "bad answer", "asked for a stream, got text"),
+    ({"status": 200, "body": {"error": "busy"}}, False, "bad answer", "not a chat completion: busy"),
+    ({"drop_after": 1}, True, "broken", "broke mid-answer"),
+])
+def test_bench_counts_broken_answers_as_errors(fake, step, stream, kind, words):
+    fake.script(step)
+    code, out, err = run_cli("unused", "bench", fake.url, "--model", "fake-model", "-n", "1",
+                             "--json", *(["--stream"] if stream else []))
+    result = json.loads(out)
+    assert code == 1 and result["requests"] == 0 and result["errors"] == {kind: 1}
+    assert words in result["error_messages"][kind]
+    assert result["itl_ms"] is None  # a broken stream's token gaps are not counted
+
+
+def test_bench_duration_ends_the_run_on_time(fake):
+    release = threading.Event()
+    fake.script({"hold": release})  # a request that would never end
+    try:
+        started = time.monotonic()
+        code, out, err = run_cli("unused", "bench", fake.url, "--model", "fake-model", "-d", "1",
+                                 "--json")
+        took = time.monotonic() - started
+    finally:
+        release.set()
+    result = json.loads(out)
+    assert took < 3 and result["unfinished"] == 1 and result["requests"] == 0 and code == 1
+
+
+def test_bench_ctrl_c_prints_what_finished(fake):
+    fake.script(*[{"delay": 0.2}] * 40)
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llmhost.py"), "bench", fake.url,
+                             "--model", "fake-model", "-c", "2", "-n", "40", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + TIMEOUT
+    while len(fake.posts()) < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=TIMEOUT)
+    result = json.loads(out)
+    assert proc.returncode == 130 and result["interrupted"] is True, err
+    assert result["requests"] >= 2 and result["unfinished"] == 2 and result["errors"] == {}
 
 
 def test_sse_decoder_incremental():
