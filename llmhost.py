@@ -188,7 +188,8 @@ KNOWN_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTION
 class Request:
     """One parsed request. `headers` maps lower-cased names to values (repeats joined by ', ')."""
     __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "keep_alive",
-                 "conn", "started", "request_id", "model", "server", "status", "extra")
+                 "conn", "started", "request_id", "model", "server", "status", "extra",
+                 "unread")
 
     def __init__(self, method, target, version, headers):
         self.method = method
@@ -209,6 +210,7 @@ class Request:
         self.extra = ()  # headers every response to this request carries (CORS)
         self.model = self.server = None  # for the access log
         self.status = 0
+        self.unread = False  # a body left unread (the request is refused whatever it says)
 
 
 def parse_request_line(line):
@@ -500,7 +502,10 @@ class ClientConnection:
         request.started = started
         request.conn = self
         kind, length = body_framing(request.headers)
-        if kind == "length" and length == 0:
+        if kind == "length" and length == 0 or self.server.app.refuses_unread(request):
+            if length != 0:  # refused whatever the body says (no API key): it is never read,
+                request.unread = True  # so no client without a key makes us buffer 32 MiB
+                request.keep_alive = False
             self.phase = "app"
             self.deadline = None
             return request
@@ -673,7 +678,8 @@ def _client_protocol_class():
 
 
 class HTTPServer:
-    """Accepts connections and runs the request loop; `app.handle(request)` answers each one."""
+    """Accepts connections and runs the request loop; `app.handle(request)` answers each one,
+    and `app.refuses_unread(request)` says when a body need not be read at all."""
 
     def __init__(self, app, sweeper, *, max_connections=MAX_CONNECTIONS):
         self.app = app
@@ -755,6 +761,8 @@ class HTTPServer:
                     if not self.in_flight:
                         self.idle.set()
                 if not keep_alive or conn.gone:
+                    if request.unread and not conn.gone:
+                        await self.linger(conn)  # the answer first, then drop the body
                     break
                 if writer.transport.get_write_buffer_size() > RELAY_CHUNK:
                     await writer.drain()
@@ -3045,6 +3053,17 @@ class Application:
                                    f"use {method}.", headers=[
                                        ("Allow", "GET, HEAD" if method == "GET" else method)])
         return await handler(request)
+
+    def refuses_unread(self, request):
+        """Whether a request with a body will be refused whatever the body holds (a missing or
+        wrong API key), so the HTTP layer need not read it. dispatch() gives the answer."""
+        if not self.api_keys or request.method == "OPTIONS" or request.path in self.open_routes:
+            return False
+        try:
+            check_api_key(request.headers, self.api_keys)
+        except Unauthorized:
+            return True
+        return False
 
     def preflight(self, request):
         """Answer a CORS preflight (the Fetch standard's OPTIONS with Access-Control-*)."""

@@ -985,6 +985,31 @@ def test_upstream_unreachable_is_502_and_timeout_504(tmp_path, fake):
         running.stop()
 
 
+def test_a_request_without_a_key_is_refused_before_its_body_is_read(fake, tmp_path):
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    running = Running(path, api_keys=["k1"])
+    try:
+        for expect in (b"", b"Expect: 100-continue\r\n"):
+            with socket.create_connection(("127.0.0.1", running.port), timeout=3) as s:
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + expect +
+                          b"Content-Length: 30000000\r\n\r\n" + b"{" * 65536)
+                answer = b""
+                while b"\r\n\r\n" not in answer:
+                    answer += s.recv(65536)  # before the fix: nothing until 30 MB had come
+            assert answer.startswith(b"HTTP/1.1 401 ") and b"100 Continue" not in answer
+            assert b"\r\nConnection: close\r\n" in answer
+        with socket.create_connection(("127.0.0.1", running.port), timeout=3) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: "
+                      b"chunked\r\n\r\n10000\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 401 ")
+        status, _, _ = post(running.port, "/v1/chat/completions", CHAT,
+                            headers={"Authorization": "Bearer k1"})
+        assert status == 200  # a keyed request with a body is read and answered as before
+    finally:
+        running.stop()
+
+
 def test_api_keys(fake, tmp_path):
     path = write_registry(tmp_path / "s.json", [
         {"name": "local", "url": fake.url, "models": ["fake-model"], "api_key_env": "UPKEY"}])
