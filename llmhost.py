@@ -1558,6 +1558,10 @@ class Router:
                            param="model")
         return pool
 
+    def all_full(self, model):
+        """Whether every server of `model` is at its max_concurrency."""
+        return all(up.full() for up, _ in self.pool(model))
+
     def resolve(self, model):
         """-> the candidates for `model` in the order to try them."""
         pool = self.pool(model)
@@ -1998,6 +2002,23 @@ class ProcessManager:
 # Raises: RateLimited (429 + Retry-After) when the queue is full or the wait too long.
 
 
+async def wait_unless_gone(fut, timeout, conn):
+    """asyncio.wait_for(fut, timeout), but a client on `conn` that leaves meanwhile cancels
+    `fut` and raises ClientGone (a queue does not keep places for clients that are gone)."""
+    import asyncio
+    if conn is None:
+        return await asyncio.wait_for(fut, timeout)
+    conn.on_gone = fut.cancel
+    try:
+        return await asyncio.wait_for(fut, timeout)
+    except asyncio.CancelledError:
+        if conn.gone and fut.cancelled():
+            raise ClientGone("client closed the request while it waited") from None
+        raise
+    finally:
+        conn.on_gone = None
+
+
 class Admission:
     def __init__(self, limit=MAX_CONCURRENCY, queue_size=QUEUE_SIZE, queue_timeout=QUEUE_TIMEOUT):
         from collections import deque
@@ -2011,7 +2032,9 @@ class Admission:
     def queued(self):
         return sum(1 for fut in self.waiters if not fut.done())
 
-    async def acquire(self):
+    async def acquire(self, conn=None):
+        """A slot, at once or after a wait in line. If the client on `conn` leaves while it
+        waits, its place is given up at once (ClientGone), not when its turn comes."""
         import asyncio
         if self.active < self.limit and not self.waiters:
             self.active += 1
@@ -2024,14 +2047,14 @@ class Admission:
         fut = asyncio.get_running_loop().create_future()
         self.waiters.append(fut)
         try:
-            await asyncio.wait_for(fut, self.queue_timeout)
+            await wait_unless_gone(fut, self.queue_timeout, conn)
         except asyncio.TimeoutError:
             if fut.done() and not fut.cancelled():
                 return  # handed the slot as the wait ran out (wait_for on 3.12+): keep it
             self.rejected += 1
             raise RateLimited(f"waited {self.queue_timeout:g}s for one of {self.limit} request "
                               "slots; retry shortly", headers=[("Retry-After", "1")]) from None
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ClientGone):
             if fut.done() and not fut.cancelled():
                 self.release()  # the slot was handed to us as we were cancelled: pass it on
             raise
@@ -3168,21 +3191,30 @@ class Application:
 
     async def forward(self, request, body, suffix, transform=None, raw=None):
         """Route `body` (sent as `raw` when that is its unchanged encoding) and relay the answer."""
-        self.router.pool(body["model"])  # an unknown model is a 404 before any wait
+        model = body["model"]
+        self.router.pool(model)  # an unknown model is a 404 before any wait
+        conn = request.conn
 
         def deliver(up, resp, data, overhead):
             return self.relay(request, up, resp, data, transform, overhead)
 
-        await self.admission.acquire()
+        while True:  # a model whose servers are all at their max_concurrency waits for them
+            if self.router.all_full(model):  # first, holding no global slot: requests for
+                await self.wait_for_capacity(model, conn)  # other models are not held up
+            await self.admission.acquire(conn)
+            if not self.router.all_full(model):
+                break
+            self.admission.release()  # taken again while we waited for the slot
         try:  # ordered now, after the wait: health and load may have changed meanwhile
-            return await self.try_candidates(request, body, self.router.resolve(body["model"]),
+            return await self.try_candidates(request, body, self.router.resolve(model),
                                              suffix, raw, deliver)
         finally:
             self.admission.release()
 
-    async def wait_for_capacity(self, model):
+    async def wait_for_capacity(self, model, conn=None):
         """Every server of `model` is at its max_concurrency: wait (FIFO-ish, bounded by the
-        queue timeout) until one has a free slot, like llama.cpp's own slot queue would."""
+        queue timeout) until one has a free slot, like llama.cpp's own slot queue would. These
+        waits count toward --queue-size, as the global queue's do."""
         import asyncio
         deadline = time.monotonic() + self.admission.queue_timeout
         loop = asyncio.get_running_loop()
@@ -3191,14 +3223,16 @@ class Application:
             if not candidates[0][0].full():
                 return candidates
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            waiting = sum(1 for fut in self.capacity_waiters if not fut.done())
+            if remaining <= 0 or waiting + self.admission.queued() >= self.admission.queue_size:
                 self.admission.rejected += 1
-                raise RateLimited(f"every server for '{model}' is at its max_concurrency; "
+                raise RateLimited(f"every server for '{model}' is at its max_concurrency"
+                                  f"{'' if remaining <= 0 else ' and the queue is full'}; "
                                   "retry shortly", headers=[("Retry-After", "1")])
             fut = loop.create_future()
             self.capacity_waiters.append(fut)
             try:
-                await asyncio.wait_for(fut, remaining)
+                await wait_unless_gone(fut, remaining, conn)
             except asyncio.TimeoutError:
                 pass
 
@@ -3213,9 +3247,9 @@ class Application:
         None for a stream, overhead ms)` then owns the answer (the point of no return). A client
         that leaves meanwhile ends it with ClientGone, so no caller has to check for that."""
         model = body["model"]
-        if candidates[0][0].full():
-            candidates = await self.wait_for_capacity(model)
         conn = request.conn
+        if candidates[0][0].full():
+            candidates = await self.wait_for_capacity(model, conn)
         attempts = candidates[:MAX_ATTEMPTS]
         last_error = None
 
@@ -3532,7 +3566,7 @@ class Application:
             base["tools"] = tools
         else:  # OpenAI refuses "tools": [] (and a tool_choice without tools)
             base.pop("tool_choice", None)
-        await self.admission.acquire()
+        await self.admission.acquire(request.conn)
         try:
             if body.get("stream") is True:
                 include_usage = bool((body.get("stream_options") or {}).get("include_usage"))

@@ -2340,6 +2340,66 @@ def test_queue_timeout_gives_429(fake, tmp_path):
         running.stop()
 
 
+def test_a_client_that_leaves_the_queue_gives_up_its_place(fake, tmp_path):
+    path = write_registry(tmp_path / "s.json",
+                          [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    running = Running(path, max_concurrency=1, queue_size=2)
+    release = threading.Event()
+    fake.script({"hold": release})
+    body = json.dumps(CHAT).encode()
+    raw = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+           % (len(body), body))
+    try:
+        threads, results = held_requests(running.port, 1)
+        assert fake.holding.acquire(timeout=TIMEOUT)  # the one slot is taken
+        quitters = [socket.create_connection(("127.0.0.1", running.port)) for _ in range(2)]
+        for s in quitters:
+            s.sendall(raw)
+        admission = running.gateway.admission
+        assert wait_until(lambda: admission.queued() == 2)
+        for s in quitters:
+            s.close()  # they give up, as a client with a short timeout does
+        assert wait_until(lambda: admission.queued() == 0, 2)  # before: their places stayed taken
+        threads2, results2 = held_requests(running.port, 2)  # so these queue, not 429
+        assert wait_until(lambda: admission.queued() == 2)
+        release.set()
+        for t in threads + threads2:
+            t.join(TIMEOUT)
+        assert [r[0] for r in results + results2] == [200, 200, 200]
+        assert len(fake.posts()) == 3  # the requests of clients that left never went upstream
+    finally:
+        release.set()
+        running.stop()
+
+
+def test_a_model_at_its_servers_limit_does_not_hold_up_other_models(tmp_path):
+    local, other = FakeUpstream(), FakeUpstream(models=("other-model",))
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "local", "url": local.url, "models": ["fake-model"], "max_concurrency": 1},
+        {"name": "other", "url": other.url, "models": ["other-model"]}])
+    running = Running(path, max_concurrency=2, queue_size=10)
+    release = threading.Event()
+    local.script({"hold": release})
+    try:
+        threads, results = held_requests(running.port, 1)
+        assert local.holding.acquire(timeout=TIMEOUT)  # local is at its max_concurrency
+        threads2, results2 = held_requests(running.port, 3)  # these wait for local
+        time.sleep(0.2)
+        # before: two of them held both global slots, so other-model waited behind them
+        status, doc = jpost(running.port, "/v1/chat/completions",
+                            dict(CHAT, model="other-model"), timeout=2)
+        assert status == 200 and results2 == []
+        release.set()
+        for t in threads + threads2:
+            t.join(TIMEOUT)
+        assert [r[0] for r in results + results2] == [200] * 4
+    finally:
+        release.set()
+        running.stop()
+        local.close()
+        other.close()
+
+
 def test_server_max_concurrency_queues_then_uses_fallback(tmp_path):
     local, remote = FakeUpstream(), FakeUpstream()
     path = write_registry(tmp_path / "s.json", [
