@@ -895,12 +895,21 @@ class UpstreamResponse:
         self.timeout = timeout
         self.done = framing == "length" and length == 0
         self.reusable = framing != "close" and "close" not in headers.get("connection", "").lower()
+        self.early = b""  # body bytes peek() read ahead; read_some() gives them first
         if self.done:
             self.release()
+
+    async def peek(self):
+        """Wait for the first body bytes without taking them (read_some gives them next)."""
+        if not self.done and not self.buffered():
+            self.early = await self.read_some()
 
     async def read_some(self):
         """The next piece of the body as it arrives; b"" at its end."""
         import asyncio
+        if self.early:
+            data, self.early = self.early, b""
+            return data
         if self.done:
             return b""
         conn = self.conn
@@ -948,7 +957,7 @@ class UpstreamResponse:
 
     def buffered(self):
         """Whether body bytes have already arrived (read_some would not wait)."""
-        return bool(getattr(self.conn.reader, "_buffer", None))  # StreamReader's own buffer
+        return bool(self.early or getattr(self.conn.reader, "_buffer", None))  # or the reader's
 
     async def read_all(self, limit=MAX_UPSTREAM_BODY):
         parts = []
@@ -3297,16 +3306,18 @@ class Application:
                         self.router.failed(up, f"HTTP {status}")
                     continue
                 data = None
-                if not (status < 300 and resp.headers.get("content-type", "").startswith(
-                        "text/event-stream")):
-                    try:  # a whole answer is read before any byte goes out: still retryable
-                        data = await resp.read_all()
-                    except UpstreamError as exc:
-                        if conn.gone:
-                            raise ClientGone("client closed the request") from None
-                        self.router.failed(up, exc.message)
-                        last_error = exc
-                        continue
+                try:  # nothing has gone out yet, so a failure here is still retried
+                    if status < 300 and resp.headers.get("content-type", "").startswith(
+                            "text/event-stream"):
+                        await resp.peek()  # a stream's first event: llama.cpp sends its head
+                    else:  # before the prompt is read, and can die while it reads a long one
+                        data = await resp.read_all()  # a whole answer before any byte goes out
+                except UpstreamError as exc:
+                    if conn.gone:
+                        raise ClientGone("client closed the request") from None
+                    self.router.failed(up, exc.message)
+                    last_error = exc
+                    continue
                 if status >= 500:
                     self.router.failed(up, f"HTTP {status}")
                 else:

@@ -172,6 +172,10 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
                     "index": 0, "message": message,
                     "finish_reason": "tool_calls" if call else "stop"}]})
         self.start_sse()
+        if step.get("drop_at_head"):  # dies after its head, before the first event
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
                 "model": body["model"]}
 
@@ -2338,6 +2342,26 @@ def test_queue_timeout_gives_429(fake, tmp_path):
     finally:
         release.set()
         running.stop()
+
+
+def test_a_stream_whose_upstream_dies_before_its_first_event_is_retried(tmp_path):
+    first, second = FakeUpstream(), FakeUpstream()
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "first", "url": first.url, "models": ["fake-model"]},
+        {"name": "second", "url": second.url, "models": ["fake-model"], "priority": 10}])
+    running = Running(path)
+    first.script({"drop_at_head": True})  # as llama.cpp killed while it reads a long prompt
+    try:
+        status, headers, raw = post(running.port, "/v1/chat/completions",
+                                    dict(CHAT, stream=True))
+        assert status == 200 and headers["x-llmhost-server"] == "second"
+        events = sse_events(raw)
+        assert events[-1] == "[DONE]" and not any('"error"' in e for e in events)
+        assert len(first.posts()) == 1 and len(second.posts()) == 1
+    finally:
+        running.stop()
+        first.close()
+        second.close()
 
 
 def test_a_client_that_leaves_the_queue_gives_up_its_place(fake, tmp_path):
