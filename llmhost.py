@@ -947,7 +947,9 @@ class UpstreamResponse:
             self.close()
             if conn.expired:
                 raise UpstreamTimeout("upstream stopped sending (idle timeout)") from None
-            raise UpstreamError(f"upstream connection broke mid-answer: {exc!r}") from None
+            why = "it closed early" if isinstance(exc, EOFError) else \
+                getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            raise UpstreamError(f"upstream connection broke mid-answer ({why})") from None
         if not data:
             self.done = True
             self.release()
@@ -3312,6 +3314,12 @@ class Application:
                         await resp.peek()  # a stream's first event: llama.cpp sends its head
                     else:  # before the prompt is read, and can die while it reads a long one
                         data = await resp.read_all()  # a whole answer before any byte goes out
+                        if resp.framing == "close" and status == 200:  # the end is the close:
+                            try:  # a death looks like an end, unless the JSON is cut short
+                                json.loads(data)
+                            except ValueError:
+                                raise UpstreamError("upstream closed the connection mid-answer",
+                                                    code="upstream_closed") from None
                 except UpstreamError as exc:
                     if conn.gone:
                         raise ClientGone("client closed the request") from None
@@ -3377,7 +3385,7 @@ class Application:
             if resp.done:  # the whole stream was at hand: head, events and end in one write
                 return conn.start_stream(request, resp.status, headers, pending, end=True)
             keep_alive = conn.start_stream(request, resp.status, headers, pending)
-            pending = b""
+            last, pending = pending, b""
             while True:
                 data = await resp.read_some()
                 if not data:
@@ -3395,9 +3403,16 @@ class Application:
                     pending = data  # the last piece: written with the end of the stream
                     break
                 conn.write_chunk(data)
+                last = data
                 if transport.get_write_buffer_size() > RELAY_CHUNK:
                     await writer.drain()
-            pending += tail
+            if resp.framing == "close" and b"[DONE]" not in last[-32:] + pending + tail:
+                # its end is the close, so a death looks like an end: unless [DONE] came, say so
+                error = UpstreamError("upstream closed the stream before data: [DONE]")
+                self.router.failed(up, error.message)
+                pending += sse_event(error.envelope())  # (a half event in `tail` is dropped)
+            else:
+                pending += tail
         except UpstreamError as exc:
             if conn.gone:
                 return False

@@ -2364,6 +2364,63 @@ def test_a_stream_whose_upstream_dies_before_its_first_event_is_retried(tmp_path
         second.close()
 
 
+class CloseFramedUpstream:
+    """An upstream that ends each answer by closing (no Content-Length, not chunked), as some
+    HTTP/1.0-style servers do; `answers` are the bodies of its next POST answers."""
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            with client:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += client.recv(65536)
+                if head.startswith(b"POST"):
+                    ctype, body = self.answers.pop(0)
+                    client.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nConnection: close"
+                                   b"\r\n\r\n%s" % (ctype, body))
+                else:
+                    models = b'{"object":"list","data":[{"id":"fake-model"}]}'
+                    client.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close"
+                                   b"\r\n\r\n%s" % (len(models), models))
+
+    def close(self):
+        self.sock.close()
+
+
+def test_an_answer_framed_by_the_close_is_checked_for_its_end(tmp_path):
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"Hello"}}]}\n\n'
+    upstream = CloseFramedUpstream([
+        (b"text/event-stream", event),  # died after one event
+        (b"text/event-stream", event + b"data: [DONE]\n\n"),  # ended as it should
+        (b"application/json", b'{"id": "chatcmpl-1", "cho'),  # died mid-JSON
+    ])
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "old", "url": upstream.url, "models": ["fake-model"]}])
+    running = Running(path)
+    try:
+        status, _, raw = post(running.port, "/v1/chat/completions", dict(CHAT, stream=True))
+        events = sse_events(raw)
+        assert status == 200 and "Hello" in events[0] and len(events) == 2
+        assert "closed the stream before data: [DONE]" in json.loads(events[1])["error"]["message"]
+        status, _, raw = post(running.port, "/v1/chat/completions", dict(CHAT, stream=True))
+        assert sse_events(raw)[-1] == "[DONE]" and b'"error"' not in raw
+        status, doc = jpost(running.port, "/v1/chat/completions", CHAT)
+        assert status == 502 and doc["error"]["code"] == "upstream_closed"
+    finally:
+        running.stop()
+        upstream.close()
+
+
 def test_a_client_that_leaves_the_queue_gives_up_its_place(fake, tmp_path):
     path = write_registry(tmp_path / "s.json",
                           [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
