@@ -1571,7 +1571,10 @@ class Router:
 
     def all_full(self, model):
         """Whether every server of `model` is at its max_concurrency."""
-        return all(up.full() for up, _ in self.pool(model))
+        for up, _ in self.pool(model):  # (a loop: this runs for every request)
+            if not up.full():
+                return False
+        return True
 
     def resolve(self, model):
         """-> the candidates for `model` in the order to try them."""
