@@ -809,6 +809,11 @@ class HTTPServer:
             await asyncio.wait_for(self.idle.wait(), timeout)
         except asyncio.TimeoutError:
             pass
+        self.abandon_in_flight()
+
+    def abandon_in_flight(self):
+        """Close every connection now, requests under way or not (the end of a shutdown)."""
+        self.idle.set()  # a shutdown still waiting for them stops waiting
         for conn in list(self.connections):
             conn.transport.abort()
         for conn in list(self.connections):
@@ -4397,8 +4402,15 @@ def run_worker(args, path, keys, options, max_concurrency, queue_size, sock=None
             logger().warning("no servers registered yet: add one with "
                              "`python3 llmhost.py add NAME URL` (serve picks it up live)")
         await stop.wait()
-        logger().info("shutting down%s: finishing in-flight requests (up to %gs)", label,
-                      args.shutdown_timeout)
+        logger().info("shutting down%s: finishing in-flight requests (up to %gs; Ctrl-C again "
+                      "to stop them now)", label, args.shutdown_timeout)
+
+        def hurry():
+            logger().warning("second signal%s: closing in-flight requests now", label)
+            gateway.http.abandon_in_flight()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, hurry)
         await gateway.stop(args.shutdown_timeout)
 
     try:
@@ -4441,7 +4453,8 @@ def run_workers(args, path, keys, options, workers):
         queue = args.queue_size // workers + (i < args.queue_size % workers)
         pid = os.fork()
         if pid == 0:
-            options = dict(options, parent=os.getppid())
+            os.setpgid(0, 0)  # Ctrl-C reaches serve alone, which passes it on once: a worker
+            options = dict(options, parent=os.getppid())  # takes a second one as "now"
             for other in socks:
                 if other is not sock:
                     other.close()

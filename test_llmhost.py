@@ -2682,6 +2682,66 @@ def test_sigterm_lets_a_stream_finish(fake, tmp_path):
         proc.communicate()
 
 
+def test_a_second_ctrl_c_stops_waiting_for_requests(fake, tmp_path):
+    registry = write_registry(tmp_path / "s.json",
+                              [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    proc, port = start_serve(registry, "--shutdown-timeout", "30")
+    release = threading.Event()
+    fake.script({"hold": release})
+    try:
+        threads, results = held_requests(port, 1)
+        assert fake.holding.acquire(timeout=TIMEOUT)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert proc.poll() is None  # the first one waits for the request (up to 30 s)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(5) == 0  # the second one does not
+        threads[0].join(TIMEOUT)
+        assert results and results[0] != 200
+        assert "second signal: closing in-flight requests now" in proc.communicate()[1]
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="needs SO_REUSEPORT (Linux)")
+def test_ctrl_c_in_a_terminal_lets_workers_finish_their_requests(fake, tmp_path):
+    registry = write_registry(tmp_path / "s.json",
+                              [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
+                             registry, "serve", "--port", str(port), "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as in a terminal
+    release = threading.Event()
+    fake.script({"hold": release})
+    try:
+        def up():
+            try:
+                return request(port, "GET", "/health", timeout=1)[0] == 200
+            except OSError:
+                return proc.poll() is not None  # not yet (or never: then say so below)
+
+        assert wait_until(up) and proc.poll() is None
+        threads, results = held_requests(port, 1)
+        assert fake.holding.acquire(timeout=TIMEOUT)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group
+        time.sleep(0.5)
+        release.set()  # one Ctrl-C: the request under way still finishes
+        threads[0].join(TIMEOUT)
+        assert [r[0] for r in results] == [200]
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        release.set()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
 def test_killing_one_of_three_loses_no_unstarted_request(pool):
     running, fakes = pool
     for f in fakes:
