@@ -3296,27 +3296,20 @@ class Application:
                         "\r\n\r\n" % (up.origin.base_path, suffix, up.head_fixed, len(payload),
                                         request.request_id)).encode("latin-1")
                 sent = time.monotonic()
-                try:
+                data = None
+                try:  # nothing has gone out yet, so a failure here is still retried
                     resp = await self.client.request(up.origin, head, payload, timeout=up.timeout,
                                                      connect_timeout=up.connect_timeout,
                                                      on_connection=attach)
-                except UpstreamError as exc:
-                    if conn.gone:
-                        raise ClientGone("client closed the request") from None
-                    self.router.failed(up, exc.message)
-                    last_error = exc
-                    continue
-                status = resp.status
-                if status in RETRY_STATUSES and not final:
-                    resp.close()
-                    if status == 429:
-                        self.router.rate_limited(up, parse_retry_after(
-                            resp.headers.get("retry-after")))
-                    else:
-                        self.router.failed(up, f"HTTP {status}")
-                    continue
-                data = None
-                try:  # nothing has gone out yet, so a failure here is still retried
+                    status = resp.status
+                    if status in RETRY_STATUSES and not final:
+                        resp.close()
+                        if status == 429:
+                            self.router.rate_limited(up, parse_retry_after(
+                                resp.headers.get("retry-after")))
+                        else:
+                            self.router.failed(up, f"HTTP {status}")
+                        continue
                     if status < 300 and resp.headers.get("content-type", "").startswith(
                             "text/event-stream"):
                         await resp.peek()  # a stream's first event: llama.cpp sends its head
