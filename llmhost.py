@@ -1181,6 +1181,23 @@ def valid_url(url, credentials=False):
     return None
 
 
+def url_under(url, prefix):
+    """Whether `url` is `prefix` or below it: the same scheme, host and port (any port for a
+    prefix such as http://host:), and its path the prefix's or under it. Compared parsed, not as text, so neither 'http://a:1@b/' nor
+    'http://a:1\\@b/' passes for http://a:1; a URL with a user part never passes."""
+    from urllib.parse import urlsplit
+    if valid_url(url) or "\\" in url or "@" in url:
+        return False
+    u, p = urlsplit(url), urlsplit(prefix)
+    default = {"http": 80, "https": 443}
+    port = u.port or default[u.scheme]
+    if (u.scheme, u.hostname) != (p.scheme, p.hostname) or port != (
+            port if p.netloc.endswith(":") else p.port or default.get(p.scheme)):
+        return False  # ("http://host:" allows every port of host)
+    path, base = u.path or "/", p.path or "/"
+    return path == base or path.startswith(base if base.endswith("/") else base + "/")
+
+
 # mcpServers entries: the shape Claude Desktop, Cursor, LM Studio and VS Code use.
 MCP_HTTP_TYPES = {"http": "http", "streamable-http": "http", "streamableHttp": "http", "sse": "sse"}
 MCP_ENTRY_KEYS = {"command", "args", "env", "cwd", "url", "headers", "type", "timeout", "sampling_model"}
@@ -3460,8 +3477,8 @@ class Application:
                                  "be 'never'.", param="tools")
             url = tool.get("server_url")
             if url is not None:
-                if not isinstance(url, str) or valid_url(url, credentials=True) or not any(
-                        url.startswith(prefix) for prefix in self.mcp_allow_urls):
+                if not isinstance(url, str) or not any(
+                        url_under(url, prefix) for prefix in self.mcp_allow_urls):
                     raise BadRequest(f"server_url {url!r} is not allowed: start serve with "
                                      "--mcp-allow-url PREFIX to allow it.", param="tools",
                                      code="mcp_url_not_allowed")
@@ -4319,6 +4336,11 @@ def cmd_serve(args, environ):
             raise CLIError(f"{flag} must be at least {least}")
     if args.port > 65535:
         raise CLIError("--port must be at most 65535")
+    for prefix in args.mcp_allow_url or ():
+        reason = valid_url(prefix) or ("@" in prefix or "\\" in prefix) and "it has '@' or '\\'"
+        if reason:
+            raise CLIError(f"--mcp-allow-url {prefix!r}: {reason} (example: "
+                           "http://127.0.0.1:8931/mcp)")
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%Y-%m-%d %H:%M:%S")

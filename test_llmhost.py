@@ -701,6 +701,7 @@ def test_add_sends_upstream_key_from_env(fake, registry):
     (["add", "x", "http://user:pw@127.0.0.1:1/v1"], "credentials in a URL are not used"),
     (["add", "x", "http://127.0.0.1:1/v1", "--timeout", "-1"], "--timeout must be seconds > 0"),
     (["serve", "--mcp-max-rounds", "0"], "--mcp-max-rounds must be at least 1"),
+    (["serve", "--mcp-allow-url", "127.0.0.1:8931"], "--mcp-allow-url '127.0.0.1:8931'"),
     (["serve", "--api-key", ""], "--api-key needs a value"),
     (["serve", "--workers", "2", "--max-concurrency", "1"], "cannot be split across 2 workers"),
     (["status", "--url", "127.0.0.1:4000"], "invalid --url"),
@@ -1493,6 +1494,20 @@ def test_mcp_per_request_selection_and_refusals(mcp_env):
         status, doc = jpost(running.port, "/v1/chat/completions",
                             dict(CHAT, tools=[tool]))
         assert status == 400 and doc["error"]["code"] == code, doc
+
+
+@pytest.mark.parametrize("url, prefix, allowed", [
+    ("http://127.0.0.1:8931/mcp", "http://127.0.0.1:8931", True),
+    ("http://127.0.0.1:8931/mcp/x", "http://127.0.0.1:8931/mcp", True),
+    ("http://127.0.0.1:5555/mcp", "http://127.0.0.1:", True),  # every port of that host
+    ("http://127.0.0.1:8931@evil.example:80/mcp", "http://127.0.0.1:8931", False),  # a user part
+    ("http://127.0.0.1:8931\\@evil.example/mcp", "http://127.0.0.1:8931", False),
+    ("http://127.0.0.1.evil.example/mcp", "http://127.0.0.1:", False),
+    ("http://127.0.0.1:8931/mcpx", "http://127.0.0.1:8931/mcp", False),
+    ("https://127.0.0.1:8931/mcp", "http://127.0.0.1:8931", False),
+])
+def test_mcp_allow_url_compares_parsed_urls_not_text(url, prefix, allowed):
+    assert llmhost.url_under(url, prefix) is allowed
 
 
 def test_mcp_unstartable_server_is_a_clear_error(mcp_env):
