@@ -2158,6 +2158,7 @@ MCP_CONNECT_TIMEOUT = 30.0  # s, spawn + handshake; `npx -y pkg` may download on
 MCP_CLOSE_TIMEOUT = 10.0  # s per server at shutdown; the SDK's stdio exit is stdin-close, TERM, KILL (~2 s each)
 MCP_BACKOFF_MAX = 30.0  # s between restarts of a server that keeps dying
 MCP_LIST_PAGES_MAX = 100  # pages per list walk, so a paginator that never ends cannot hang us
+MCP_RESULT_MAX = 100_000  # characters of one tool result's text given to a model (then cut, said so)
 MCP_NAME_MAX = 64  # OpenAI function names: ^[a-zA-Z0-9_-]{1,64}$
 MCP_LOG_LEVEL = "info"  # 2026 servers send logs only to requests that opt in at a level
 
@@ -2232,6 +2233,23 @@ def _describe_exc(exc):
     if type(exc).__name__ == "ValidationError":  # pydantic's: a line per failed alternative
         msg = "the server's answer is malformed (%s)" % msg.split("\n", 1)[0]
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+def _session_refused(exc):
+    """Whether an SDK error says an HTTP server refused our session (it restarted and forgot
+    it: a 404 "Session terminated"/"Session not found", or a bare 4xx/5xx status before the
+    request was handled). The spec's answer is a new session and one more try."""
+    message = getattr(exc, "message", None)
+    return type(exc).__module__.startswith("mcp.") and isinstance(message, str) and (
+        "session" in message.lower() or message == "Server returned an error response")
+
+
+def _cut_result(text):
+    """A tool result's text, cut to MCP_RESULT_MAX characters with a note saying so."""
+    if not isinstance(text, str) or len(text) <= MCP_RESULT_MAX:
+        return text
+    return (f"{text[:MCP_RESULT_MAX]}\n[llmhost: the result was cut to {MCP_RESULT_MAX} of "
+            f"{len(text)} characters]")
 
 
 def _dump(model):
@@ -2619,7 +2637,8 @@ class MCPHub:
         lives on. Only the SDK's own "Connection closed" and transport failures mean it is gone."""
         from mcp.shared.exceptions import MCPError as SDKError
         if isinstance(exc, SDKError):
-            lost = exc.code == -32000 and exc.message == "Connection closed" or not self._alive(c)
+            lost = exc.code == -32000 and exc.message == "Connection closed" or \
+                _session_refused(exc) or not self._alive(c)
         else:
             lost = not isinstance(exc, ValueError) or not self._alive(c)
         if lost and c.stop is not None:
@@ -2628,11 +2647,13 @@ class MCPHub:
         return lost
 
     async def _walk(self, server, method, attr):
-        """Every page of a paginated list call."""
+        """Every page of a paginated list call (each page within the connect timeout)."""
+        import asyncio
         client = await self._ensure(server)
         items, cursor = [], None
         for _ in range(MCP_LIST_PAGES_MAX):
-            page = await getattr(client, method)(cursor=cursor)
+            page = await asyncio.wait_for(getattr(client, method)(cursor=cursor),
+                                          self._connect_timeout)
             items += getattr(page, attr)
             cursor = page.next_cursor
             if not cursor:
@@ -2640,15 +2661,21 @@ class MCPHub:
         return items
 
     async def _tools_of(self, server):
+        import asyncio
         c = self._conn(server)
         for attempt in (1, 2):  # a session found dead while listing: once more, restarted
             if c.tools is not None:
                 break
             try:
-                c.tools = await self._walk(server, "list_tools", "tools")
-            except MCPError:
-                raise
+                c.tools = [t for t in await self._walk(server, "list_tools", "tools")
+                           if getattr(t.execution, "task_support", None) != "required"]
+            except MCPError:  # (tools that can only run as MCP tasks are not offered: the
+                raise  # SDK's call_tool does not run tasks)
             except Exception as e:
+                if isinstance(e, (asyncio.TimeoutError, TimeoutError)):
+                    self._lost(c, e)  # a server that hangs is restarted on next use
+                    raise MCPError(server, "listing tools timed out after "
+                                           f"{self._connect_timeout:g}s") from None
                 if not self._lost(c, e) or attempt == 2:
                     raise MCPError(server, f"listing tools failed: {_describe_exc(e)}") \
                         from None
@@ -2666,20 +2693,27 @@ class MCPHub:
 
     # ---- what the application uses ----
 
-    async def tools(self, server_names, allowed=None):
+    async def tools(self, server_names, allowed=None, optional=()):
         """OpenAI tool bindings for these servers, in order. `allowed` filters by MCP or OpenAI
-        tool name: one iterable for all servers, or a mapping server -> iterable (absent = all).
-        Raises MCPError if a server cannot be reached."""
+        tool name: one iterable for all servers, or a mapping server -> iterable (absent = all);
+        names are given before filtering, so a filter never changes them. Raises MCPError if a
+        server cannot be reached, unless it is `optional` (then it is logged and left out)."""
         import asyncio
-        lists = await asyncio.gather(*(self._tools_of(s) for s in server_names))
+        lists = await asyncio.gather(*(self._tools_of(s) for s in server_names),
+                                     return_exceptions=True)
         taken, out = set(), []
         for server, tools in zip(server_names, lists):
+            if isinstance(tools, BaseException):
+                if not (isinstance(tools, MCPError) and server in optional):
+                    raise tools
+                mcp_log().warning("MCP server %s left out of this request: %s", server,
+                                  tools.message)
+                continue
             allow = allowed.get(server) if isinstance(allowed, dict) else allowed
             allow = None if allow is None else set(allow)
             for t in tools:
                 name = mcp_tool_name(server, t.name, taken)
                 if allow is not None and t.name not in allow and name not in allow:
-                    taken.discard(name)
                     continue
                 params = t.input_schema or {"type": "object", "properties": {}}
                 out.append({"name": name, "server": server, "tool": t.name, "openai": {
@@ -2706,9 +2740,18 @@ class MCPHub:
                     "duration_ms": round((time.monotonic() - t0) * 1000, 1), "error": error}
 
         try:
-            r = await asyncio.wait_for(client.call_tool(
-                tool, arguments or {}, read_timeout_seconds=timeout, progress_callback=progress),
-                timeout)
+            try:
+                r = await asyncio.wait_for(client.call_tool(
+                    tool, arguments or {}, read_timeout_seconds=timeout,
+                    progress_callback=progress), timeout)
+            except Exception as e:
+                if not _session_refused(e):
+                    raise
+                self._lost(c, e)  # the server forgot our session (it restarted): the call was
+                client = await self._ensure(server)  # refused, not run, so once more on a new one
+                r = await asyncio.wait_for(client.call_tool(
+                    tool, arguments or {}, read_timeout_seconds=timeout,
+                    progress_callback=progress), timeout)
         except (asyncio.TimeoutError, TimeoutError):
             return result(False, f"Error: tool {tool} timed out after {timeout:g} s", error="timeout")
         except asyncio.CancelledError:
@@ -2720,6 +2763,9 @@ class MCPHub:
             return result(False, f"Error: {msg}", error=msg)
         c.failures = 0
         text, parts = mcp_result_to_openai(r)
+        text = _cut_result(text)
+        parts = [dict(p, text=_cut_result(p["text"])) if p.get("type") == "text" else p
+                 for p in parts]
         if r.is_error:
             return result(False, text or "Error: the tool reported an error", parts, error=text or "tool error")
         return result(True, text, parts)
@@ -3599,9 +3645,18 @@ class Application:
             self.mcp.release(held)
 
     async def mcp_rounds(self, request, body, servers, allowed, pool):
-        bindings = {b["name"]: b for b in await self.mcp.tools(servers, allowed or None)}
         tools = [t for t in body.get("tools") or () if not (isinstance(t, dict) and
                                                             t.get("type") == "mcp")]
+        named = {t.get("server_label") for t in body.get("tools") or ()
+                 if isinstance(t, dict) and t.get("type") == "mcp"}
+        bindings = {b["name"]: b for b in await self.mcp.tools(  # a server attached to the
+            servers, allowed or None, optional=set(servers) - named)}  # model, not named by
+        clash = [f["name"] for t in tools if isinstance(f := t.get("function"), dict)  # the
+                 and f.get("name") in bindings]  # request, that fails is left out, not fatal
+        if clash:
+            raise BadRequest(f"The function name {clash[0]!r} is also the name of an MCP tool "
+                             "given to this model; rename the function.", param="tools",
+                             code="tool_name_conflict")
         tools += [b["openai"] for b in bindings.values()]
         state = {"messages": list(body["messages"]), "report": [], "usage": {},
                  "vision": any(up.entry.get("vision") for up, _ in pool)}
@@ -3676,10 +3731,10 @@ class Application:
             mine, theirs = self.split_calls(message.get("tool_calls") or [], bindings)
             if not mine or last:
                 break
-            results = await self.run_mcp_calls(request, mine, bindings, state["report"])
-            if theirs:  # the client's own tools: back to the client with just those
-                doc["choices"][0]["message"] = dict(message, tool_calls=theirs)
+            if theirs:  # the client's own tools: back to the client with just those (see
+                doc["choices"][0]["message"] = dict(message, tool_calls=theirs)  # README)
                 break
+            results = await self.run_mcp_calls(request, mine, bindings, state["report"])
             self.extend_conversation(state, message, mine, results)
         if last:  # out of rounds: the answer is what the model has, and we say so
             message["content"] = ((message.get("content") or "") + self.exhausted_note()).strip()
@@ -3781,11 +3836,9 @@ class Application:
                 return self.answer_as_is(request, status, data)
             calls = [collected["calls"][i] for i in sorted(collected["calls"])]
             mine, theirs = self.split_calls(calls, bindings)
-            if not mine or last:
+            if not mine or last or theirs:
                 break
             results = await self.run_mcp_calls(request, mine, bindings, state["report"])
-            if theirs:
-                break
             self.extend_conversation(state, {"role": "assistant", "content": "".join(
                 collected["content"]) or None}, mine, results)
         finish = collected["finish"] or "stop"

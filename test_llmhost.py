@@ -1242,11 +1242,48 @@ def run_mcp_test_server(argv):
         return
     import uvicorn
     sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", int(argv[1]) if argv[1:] else 0))
     print(f"PORT {sock.getsockname()[1]}", flush=True)
     app = srv.sse_app() if argv[0] == "sse" else srv.streamable_http_app()
+    if argv[0] == "http-legacy":
+        app = legacy_only(app)
     config = uvicorn.Config(app, log_level="warning", lifespan="on")
     anyio.run(uvicorn.Server(config).serve, [sock])
+
+
+def legacy_only(app):
+    """An ASGI wrapper that makes a streamable-HTTP server speak only the session era (before
+    2026-07-28): `server/discover` is "method not found", so clients use `initialize`."""
+    async def legacy(scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict) and doc.get("method") == "server/discover":
+            out = json.dumps({"jsonrpc": "2.0", "id": doc.get("id"), "error": {
+                "code": -32601, "message": "Method not found"}}).encode()
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(out)).encode())]})
+            return await send({"type": "http.response.body", "body": out})
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await app(scope, replay, send)
+    return legacy
 
 
 MCP_STDIO = {"command": sys.executable, "args": [os.path.abspath(__file__), "mcp-server", "stdio"]}
@@ -1262,7 +1299,9 @@ def mcp_env(tmp_path_factory):
         {"name": "agent", "url": fake.url, "models": ["fake-model"], "alias": "agent",
          "mcp": ["t"]},
         {"name": "eyes", "url": fake.url, "models": ["fake-model"], "alias": "eyes",
-         "mcp": ["t"], "vision": True}],
+         "mcp": ["t"], "vision": True},
+        {"name": "shaky", "url": fake.url, "models": ["fake-model"], "alias": "shaky",
+         "mcp": ["t", "broken"]}],
         mcp={"t": MCP_STDIO, "broken": {"command": "/nonexistent/mcp-server"}})
     running = Running(path)
     yield running, fake
@@ -1439,7 +1478,7 @@ def test_mcp_client_tools_go_back_to_the_client(mcp_env):
                      c["choices"][0]["delta"].get("tool_calls") or ()]
             finish = [c["choices"][0]["finish_reason"] for c in chunks
                       if c["choices"] and c["choices"][0]["finish_reason"]]
-            report = [c for c in chunks if c.get("mcp_calls")][0]["mcp_calls"]
+            report = [c for c in chunks if "mcp_calls" in c][0]["mcp_calls"]
         else:
             doc = json.loads(raw)
             calls = doc["choices"][0]["message"]["tool_calls"]
@@ -1448,9 +1487,34 @@ def test_mcp_client_tools_go_back_to_the_client(mcp_env):
         assert [c["function"]["name"] for c in calls] == ["lookup"]
         assert json.loads(calls[0]["function"]["arguments"]) == {"q": 1}
         assert finish == ["tool_calls"]
-        assert [r["tool"] for r in report] == ["echo"]  # executed before returning
+        # not run: the conversation the client sends back holds only its own call, so the
+        assert report == []  # model asks for echo again then, and nothing runs twice
+        assert len(fake.posts()) == 1
         tools = [t["function"]["name"] for t in json.loads(fake.posts()[0]["body"])["tools"]]
         assert tools[0] == "lookup" and "t__echo" in tools  # the client's own kept beside
+    status, doc = jpost(running.port, "/v1/chat/completions", {
+        "model": "agent", "messages": [{"role": "user", "content": "go"}],
+        "tools": [{"type": "function", "function": {"name": "t__echo", "parameters": {}}}]})
+    assert status == 400 and doc["error"]["code"] == "tool_name_conflict"
+
+
+def test_mcp_an_attached_server_that_fails_is_left_out(mcp_env, caplog):
+    running, fake = mcp_env
+    status, _, raw = agent_chat(running.port, [{"calls": [("t__echo", {"text": "still"})]}],
+                                fake, model="shaky")  # its "broken" server cannot start
+    doc = json.loads(raw)
+    assert status == 200 and doc["choices"][0]["message"]["content"] == "tool result: still"
+    assert any("MCP server broken left out of this request" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_mcp_a_huge_tool_result_is_cut_and_the_model_told(mcp_env):
+    running, fake = mcp_env
+    status, _, raw = agent_chat(running.port, [{"calls": [("t__echo", {"text": "x" * 150_000})]}],
+                                fake)
+    content = json.loads(raw)["choices"][0]["message"]["content"]
+    assert content.endswith("x\n[llmhost: the result was cut to 100000 of 150000 characters]")
+    assert len(content) < 100_200
 
 
 def test_mcp_sampling_served_by_our_model(mcp_env):
@@ -1605,8 +1669,9 @@ def test_mcp_client_leaving_mid_round_is_no_internal_error(mcp_env, caplog):
         release.set()
 
 
-def start_mcp_http(kind):
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "mcp-server", kind],
+def start_mcp_http(kind, *extra):
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "mcp-server", kind,
+                             *extra],
                             stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     assert line.startswith("PORT "), line
@@ -1619,6 +1684,36 @@ def mcp_http_server():
     yield f"http://127.0.0.1:{port}/mcp"
     proc.terminate()
     proc.wait(TIMEOUT)
+
+
+def test_mcp_http_server_that_restarted_gets_a_new_session(fake, tmp_path):
+    proc, port = start_mcp_http("http-legacy")  # sessions: a restart forgets ours
+    registry = write_registry(tmp_path / "s.json", [
+        {"name": "local", "url": fake.url, "models": ["fake-model"], "mcp": ["old"]}],
+        mcp={"old": {"url": f"http://127.0.0.1:{port}/mcp"}})
+    running = Running(registry)
+    try:
+        for word in ("before", "after"):
+            fake.script({"calls": [("old__echo", {"text": word})]})
+            status, doc = jpost(running.port, "/v1/chat/completions", CHAT)
+            assert doc["choices"][0]["message"]["content"] == f"tool result: {word}", doc
+            if word == "before":
+                proc.terminate()
+                proc.wait(TIMEOUT)
+                proc, _ = start_mcp_http("http-legacy", str(port))  # same port, new process
+
+                def listening():
+                    try:
+                        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                        return True
+                    except OSError:
+                        return False
+                assert wait_until(listening)
+                time.sleep(0.5)  # whatever the old session's streams make of the restart
+    finally:
+        running.stop()
+        proc.terminate()
+        proc.wait(TIMEOUT)
 
 
 def test_mcp_legacy_sse_transport(fake, tmp_path):
