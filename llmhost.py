@@ -1077,6 +1077,9 @@ class UpstreamClient:
                     continue
                 raise UpstreamError(f"{origin.host_header} closed the connection without an "
                                     "answer", code="upstream_closed") from None
+            except asyncio.CancelledError:  # (bench's deadline, a shutdown): the upstream
+                self.release(conn, False)  # sees its socket close and stops generating
+                raise
             try:
                 return self.parse_response_head(conn, raw, timeout)
             except ValueError as exc:
@@ -1277,6 +1280,9 @@ def import_mcp_json(doc):
             skipped.append((raw_name, "; ".join(errors)))
         else:
             imported[name] = entry
+            if name != raw_name:
+                entry = imported[name] = dict(entry)
+                entry["__renamed_from"] = raw_name  # said by the CLI, never saved
     return imported, skipped
 
 
@@ -1592,11 +1598,14 @@ class Router:
         return pool
 
     def all_full(self, model):
-        """Whether every server of `model` is at its max_concurrency."""
-        for up, _ in self.pool(model):  # (a loop: this runs for every request)
-            if not up.full():
-                return False
-        return True
+        """Whether resolve()'s first candidate would be at its max_concurrency: every server
+        of `model` not cooling down is (or every server, when all are cooling down)."""
+        pool = self.pool(model)
+        if len(pool) == 1:  # the usual case, and this runs for every request
+            return pool[0][0].full()
+        now = self.clock()
+        warm = [up for up, _ in pool if up.cooldown_until <= now] or [up for up, _ in pool]
+        return all(up.full() for up in warm)
 
     def resolve(self, model):
         """-> the candidates for `model` in the order to try them."""
@@ -2045,6 +2054,8 @@ async def wait_unless_gone(fut, timeout, conn):
     if conn is None:
         return await asyncio.wait_for(fut, timeout)
     conn.on_gone = fut.cancel
+    if conn.gone:  # it left before it queued (while MCP servers started, say)
+        fut.cancel()
     try:
         return await asyncio.wait_for(fut, timeout)
     except asyncio.CancelledError:
@@ -2064,9 +2075,10 @@ class Admission:
         self.active = 0
         self.waiters = deque()
         self.rejected = 0
+        self.others = lambda: 0  # requests queued elsewhere that count toward queue_size
 
     def queued(self):
-        return sum(1 for fut in self.waiters if not fut.done())
+        return sum(1 for fut in self.waiters if not fut.done()) + self.others()
 
     async def acquire(self, conn=None):
         """A slot, at once or after a wait in line. If the client on `conn` leaves while it
@@ -3063,6 +3075,7 @@ class Application:
         self.host_verdicts = {}  # Host header -> allowed? (parsing addresses per request is slow)
         self.cors_origins = frozenset(cors_origins)
         self.capacity_waiters = []  # futures of requests waiting for a server's max_concurrency
+        admission.others = lambda: sum(1 for fut in self.capacity_waiters if not fut.done())
         self.started = time.time()
         self.ids = "%x" % (int(time.time() * 1000) & 0xFFFFFFFFFF)
         self.counter = 0
@@ -3284,7 +3297,12 @@ class Application:
             if self.router.all_full(model):  # first, holding no global slot: requests for
                 await self.wait_for_capacity(model, conn)  # other models are not held up
             await self.admission.acquire(conn)
-            if not self.router.all_full(model):
+            try:
+                full = self.router.all_full(model)  # (NotFound: a reload removed the model)
+            except BaseException:
+                self.admission.release()
+                raise
+            if not full:
                 break
             self.admission.release()  # taken again while we waited for the slot
         try:  # ordered now, after the wait: health and load may have changed meanwhile
@@ -3305,8 +3323,7 @@ class Application:
             if not candidates[0][0].full():
                 return candidates
             remaining = deadline - time.monotonic()
-            waiting = sum(1 for fut in self.capacity_waiters if not fut.done())
-            if remaining <= 0 or waiting + self.admission.queued() >= self.admission.queue_size:
+            if remaining <= 0 or self.admission.queued() >= self.admission.queue_size:
                 self.admission.rejected += 1
                 raise RateLimited(f"every server for '{model}' is at its max_concurrency"
                                   f"{'' if remaining <= 0 else ' and the queue is full'}; "
@@ -3330,7 +3347,7 @@ class Application:
         that leaves meanwhile ends it with ClientGone, so no caller has to check for that."""
         model = body["model"]
         conn = request.conn
-        if candidates[0][0].full():
+        if candidates[0][0].full():  # (the MCP rounds come here holding a global slot)
             candidates = await self.wait_for_capacity(model, conn)
         attempts = candidates[:MAX_ATTEMPTS]
         last_error = None
@@ -3376,6 +3393,9 @@ class Application:
                     if status < 300 and resp.headers.get("content-type", "").startswith(
                             "text/event-stream"):
                         await resp.peek()  # a stream's first event: llama.cpp sends its head
+                        if resp.done and not resp.early:
+                            raise UpstreamError("upstream ended the stream before its first "
+                                                "event", code="upstream_closed")
                     else:  # before the prompt is read, and can die while it reads a long one
                         data = await resp.read_all()  # a whole answer before any byte goes out
                         if resp.framing == "close" and status == 200:  # the end is the close:
@@ -3449,7 +3469,9 @@ class Application:
             if resp.done:  # the whole stream was at hand: head, events and end in one write
                 return conn.start_stream(request, resp.status, headers, pending, end=True)
             keep_alive = conn.start_stream(request, resp.status, headers, pending)
-            last, pending = pending, b""
+            close_framed = resp.framing == "close"  # its end is the close, so a death looks
+            done_seen = close_framed and b"[DONE]" in pending  # like an end: was [DONE] sent?
+            pending = b""
             while True:
                 data = await resp.read_some()
                 if not data:
@@ -3467,11 +3489,12 @@ class Application:
                     pending = data  # the last piece: written with the end of the stream
                     break
                 conn.write_chunk(data)
-                last = data
+                if close_framed and not done_seen:
+                    done_seen = b"[DONE]" in data
                 if transport.get_write_buffer_size() > RELAY_CHUNK:
                     await writer.drain()
-            if resp.framing == "close" and b"[DONE]" not in last[-32:] + pending + tail:
-                # its end is the close, so a death looks like an end: unless [DONE] came, say so
+            if close_framed and not done_seen and b"[DONE]" not in pending + tail and \
+                    not conn.gone:  # (a client that left closed it: not the upstream's fault)
                 error = UpstreamError("upstream closed the stream before data: [DONE]")
                 self.router.failed(up, error.message)
                 pending += sse_event(error.envelope())  # (a half event in `tail` is dropped)
@@ -4454,6 +4477,8 @@ def run_worker(args, path, keys, options, max_concurrency, queue_size, sock=None
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: gateway.spawn(gateway.reload()))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM,
+                                                    signal.SIGHUP))  # (run_workers blocks them)
         addresses = await gateway.start(args.host, args.port, sock=sock)
         import gc
         gc.freeze()  # what start-up built lives for good: later collections need not scan it
@@ -4516,6 +4541,10 @@ def run_workers(args, path, keys, options, workers):
         raise CLIError(f"cannot listen on {args.host}:{args.port} with {workers} workers: "
                        f"{getattr(exc, 'strerror', None) or exc}") from None
     children = []
+    # Signals wait (blocked) until each process has its handlers: one that came between a fork
+    # and them would kill serve with a traceback, or run serve's handler in a worker.
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     for i, sock in enumerate(socks):
         share = args.max_concurrency // workers + (i < args.max_concurrency % workers)
         queue = args.queue_size // workers + (i < args.queue_size % workers)
@@ -4553,8 +4582,9 @@ def run_workers(args, path, keys, options, workers):
             except ProcessLookupError:
                 pass
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in signals:
         signal.signal(sig, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
     status = 0
     for _ in children:
         pid, code = os.wait()
@@ -4966,6 +4996,14 @@ def mcp_entry_from_args(args):
     """The mcpServers entry `mcp add` (or an ad-hoc --url / -- COMMAND) describes."""
     if args.url and args.cmd:
         raise CLIError("give either --url URL or -- COMMAND ARGS, not both")
+    misplaced = [flag for flag, given in (
+        ("--header", getattr(args, "header", None) and args.cmd),
+        ("--transport", getattr(args, "transport", None) and args.cmd),
+        ("--env", getattr(args, "env", None) and args.url),
+        ("--cwd", getattr(args, "cwd", None) and args.url)) if given]
+    if misplaced:
+        raise CLIError(f"{', '.join(misplaced)}: "
+                       f"{'only with --url' if args.cmd else 'only for a -- COMMAND (stdio)'}")
     if args.url:
         entry = {"url": args.url}
         headers = parse_pairs(getattr(args, "header", None), ":", "--header")
@@ -5098,11 +5136,12 @@ def cmd_mcp_import(args, environ):
 
     def change(doc):
         for name, entry in imported.items():
+            raw_name = entry.pop("__renamed_from", None)
             if name in doc["mcpServers"]:
                 skipped.append((name, "already registered"))
             else:
                 doc["mcpServers"][name] = entry
-                added.append(name)
+                added.append(name if raw_name is None else f"{name} (was {raw_name!r})")
 
     update_registry(path, change)
     print(f"imported {len(added)} MCP server(s) from {args.file}: {', '.join(added) or '-'}")
@@ -5214,7 +5253,7 @@ def add_mcp_parsers(sub):
             p.add_argument("words", nargs="*", help=argparse.SUPPRESS)
         p.add_argument("--url", help="an ad-hoc streamable HTTP (or SSE) server")
         p.add_argument("--header", action="append", metavar="'K: V'", help="with --url")
-        p.add_argument("--transport", choices=["http", "sse"], default="http")
+        p.add_argument("--transport", choices=["http", "sse"], help="with --url (default http)")
         p.add_argument("--env", action="append", metavar="K=V", help="for a stdio command")
         p.add_argument("--cwd", metavar="DIR", help="for a stdio command")
 

@@ -702,6 +702,9 @@ def test_add_sends_upstream_key_from_env(fake, registry):
     (["add", "x", "http://127.0.0.1:1/v1", "--timeout", "-1"], "--timeout must be seconds > 0"),
     (["serve", "--mcp-max-rounds", "0"], "--mcp-max-rounds must be at least 1"),
     (["serve", "--mcp-allow-url", "127.0.0.1:8931"], "--mcp-allow-url '127.0.0.1:8931'"),
+    (["mcp", "add", "x", "--transport", "sse", "--", "srv"], "--transport: only with --url"),
+    (["mcp", "add", "x", "--url", "http://127.0.0.1:1/mcp", "--env", "A=1"],
+     "--env: only for a -- COMMAND (stdio)"),
     (["serve", "--api-key", ""], "--api-key needs a value"),
     (["serve", "--workers", "2", "--max-concurrency", "1"], "cannot be split across 2 workers"),
     (["status", "--url", "127.0.0.1:4000"], "invalid --url"),
@@ -1870,9 +1873,11 @@ def test_mcp_import_mcp_json(tmp_path):
         "time": {"command": "uvx", "args": ["mcp-server-time"]},
         "docs": {"url": "http://127.0.0.1:3001/mcp", "headers": {"Authorization": "Bearer x"}},
         "off": {"command": "x", "disabled": True},
+        "my clock!": {"command": "clock"},
         "bad": {"args": ["no command"]}}}))
     code, out, err = run_cli(registry, "mcp", "import", str(source))
-    assert code == 0 and "imported 2" in out
+    assert code == 0 and "imported 3" in out and "my-clock (was 'my clock!')" in out
+    assert llmhost.load_registry(registry)["mcpServers"]["my-clock"] == {"command": "clock"}
     assert "skipped off" in out and "skipped bad" in out
     doc = llmhost.load_registry(registry)
     assert doc["mcpServers"]["time"] == {"command": "uvx", "args": ["mcp-server-time"]}
@@ -2496,8 +2501,15 @@ class CloseFramedUpstream:
                     head += client.recv(65536)
                 if head.startswith(b"POST"):
                     ctype, body = self.answers.pop(0)
-                    client.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nConnection: close"
-                                   b"\r\n\r\n%s" % (ctype, body))
+                    pieces = body if isinstance(body, list) else [body]  # a list: 0.2 s apart
+                    try:
+                        client.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nConnection: "
+                                       b"close\r\n\r\n%s" % (ctype, pieces[0]))
+                        for piece in pieces[1:]:
+                            time.sleep(0.2)
+                            client.sendall(piece)
+                    except OSError:
+                        pass  # the reader left
                 else:
                     models = b'{"object":"list","data":[{"id":"fake-model"}]}'
                     client.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close"
@@ -2529,6 +2541,90 @@ def test_an_answer_framed_by_the_close_is_checked_for_its_end(tmp_path):
     finally:
         running.stop()
         upstream.close()
+
+
+def test_close_framed_streams_failover_and_client_departures(fake, tmp_path):
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"Hello"}}]}\n\n'
+    upstream = CloseFramedUpstream([
+        (b"text/event-stream", b""),  # closed before its first event: the next server answers
+        (b"text/event-stream", [event] * 20),  # a slow stream the client walks away from
+    ])
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "old", "url": upstream.url, "models": ["fake-model"]},
+        {"name": "spare", "url": fake.url, "models": ["fake-model"], "priority": 10}])
+    running = Running(path)
+    try:
+        status, headers, raw = post(running.port, "/v1/chat/completions", dict(CHAT, stream=True))
+        assert status == 200 and headers["x-llmhost-server"] == "spare"
+        assert sse_events(raw)[-1] == "[DONE]"
+        old = running.gateway.router.upstreams["old"]
+        assert old.failures == 1, (old.failures, old.errors, old.last_error)
+        body = json.dumps(dict(CHAT, stream=True)).encode()
+        with socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d"
+                      b"\r\n\r\n%s" % (len(body), body))
+            assert b"Hello" in s.recv(65536)
+        assert wait_until(lambda: running.gateway.http.in_flight == 0)
+        time.sleep(0.1)
+        assert old.errors == 1 and old.failures == 0  # a client that left is not a failure
+    finally:
+        running.stop()
+        upstream.close()
+
+
+def test_a_client_gone_before_it_queues_takes_no_place():
+    async def trial():
+        admission = llmhost.Admission(limit=1, queue_size=1, queue_timeout=5)
+        await admission.acquire()
+        conn = llmhost.Detached()
+        conn.gone = True  # it left while its request waited for something else (MCP start-up)
+        with pytest.raises(llmhost.ClientGone):
+            await asyncio.wait_for(admission.acquire(conn), 1)
+        return admission.queued()
+    assert asyncio.run(trial()) == 0
+
+
+def test_a_request_whose_model_goes_while_it_queues_gives_its_slot_back(tmp_path):
+    first, second = FakeUpstream(), FakeUpstream(models=("other-model",))
+    entries = [{"name": "first", "url": first.url, "models": ["fake-model"]},
+               {"name": "second", "url": second.url, "models": ["other-model"]}]
+    path = write_registry(tmp_path / "s.json", entries)
+    running = Running(path, max_concurrency=1, queue_size=5)
+    release = threading.Event()
+    first.script({"hold": release})
+    try:
+        threads, results = held_requests(running.port, 1)
+        assert first.holding.acquire(timeout=TIMEOUT)
+        threads2, results2 = held_requests(running.port, 1, dict(CHAT, model="other-model"))
+        admission = running.gateway.admission
+        assert wait_until(lambda: admission.queued() == 1)
+        write_registry(path, entries[:1])  # `remove second` while its request queues
+        assert wait_until(lambda: "other-model" not in running.gateway.router.table)
+        release.set()
+        for t in threads + threads2:
+            t.join(TIMEOUT)
+        assert [r[0] for r in results + results2] == [200, 404]
+        assert wait_until(lambda: admission.active == 0)  # before: the slot was never given back
+        assert post(running.port, "/v1/chat/completions", CHAT)[0] == 200
+    finally:
+        release.set()
+        running.stop()
+        first.close()
+        second.close()
+
+
+def test_bench_cut_requests_close_their_connections(fake):
+    release = threading.Event()
+    fake.script(*[{"hold": release}] * 3)
+    fds = len(os.listdir("/proc/self/fd"))
+    try:
+        code, out, err = run_cli("unused", "bench", fake.url, "--model", "fake-model", "-c", "3",
+                                 "-d", "0.5", "--json")
+        assert json.loads(out)["unfinished"] == 3
+        release.set()  # the fake answers; sockets bench closed are closed at its end too
+        assert wait_until(lambda: len(os.listdir("/proc/self/fd")) <= fds, 3)  # before: 3 left
+    finally:                                                # open on each side
+        release.set()
 
 
 def test_a_client_that_leaves_the_queue_gives_up_its_place(fake, tmp_path):
@@ -2844,7 +2940,7 @@ def test_ctrl_c_in_a_terminal_lets_workers_finish_their_requests(fake, tmp_path)
         release.set()  # one Ctrl-C: the request under way still finishes
         threads[0].join(TIMEOUT)
         assert [r[0] for r in results] == [200]
-        assert proc.wait(TIMEOUT) == 0
+        assert proc.wait(TIMEOUT) == 0, proc.communicate()[1]
     finally:
         release.set()
         if proc.poll() is None:
