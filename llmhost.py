@@ -2247,13 +2247,19 @@ def _describe_exc(exc):
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
 
-def _session_refused(exc):
+# What a streamable-HTTP server answers for a session it does not know (it restarted): the
+# SDK's stand-in for a bare 404, the Python SDK's and the TypeScript SDK's own bodies. Each is
+# a refusal before the request is handled, so it is safe to send the request once more.
+MCP_SESSION_REFUSALS = {"Session terminated", "Session not found",
+                        "Bad Request: No valid session ID provided"}
+
+
+def _session_refused(exc, transport):
     """Whether an SDK error says an HTTP server refused our session (it restarted and forgot
-    it: a 404 "Session terminated"/"Session not found", or a bare 4xx/5xx status before the
-    request was handled). The spec's answer is a new session and one more try."""
-    message = getattr(exc, "message", None)
-    return type(exc).__module__.startswith("mcp.") and isinstance(message, str) and (
-        "session" in message.lower() or message == "Server returned an error response")
+    it). The spec's answer is a new session and one more try. Nothing broader: an error after
+    a tool ran must not make it run twice."""
+    return transport == "http" and type(exc).__module__.startswith("mcp.") and \
+        getattr(exc, "message", None) in MCP_SESSION_REFUSALS
 
 
 def _cut_result(text):
@@ -2650,7 +2656,7 @@ class MCPHub:
         from mcp.shared.exceptions import MCPError as SDKError
         if isinstance(exc, SDKError):
             lost = exc.code == -32000 and exc.message == "Connection closed" or \
-                _session_refused(exc) or not self._alive(c)
+                _session_refused(exc, c.transport) or not self._alive(c)
         else:
             lost = not isinstance(exc, ValueError) or not self._alive(c)
         if lost and c.stop is not None:
@@ -2757,10 +2763,11 @@ class MCPHub:
                     tool, arguments or {}, read_timeout_seconds=timeout,
                     progress_callback=progress), timeout)
             except Exception as e:
-                if not _session_refused(e):
+                if not _session_refused(e, c.transport):
                     raise
-                self._lost(c, e)  # the server forgot our session (it restarted): the call was
-                client = await self._ensure(server)  # refused, not run, so once more on a new one
+                if c.client is client:  # (another call may have renewed it already)
+                    self._lost(c, e)  # the server forgot our session (it restarted): the call
+                client = await self._ensure(server)  # was refused, not run: once more, anew
                 r = await asyncio.wait_for(client.call_tool(
                     tool, arguments or {}, read_timeout_seconds=timeout,
                     progress_callback=progress), timeout)
@@ -3577,7 +3584,12 @@ class Application:
             for name in up.entry.get("mcp", ()):
                 if name not in servers:
                     servers.append(name)
-        return (servers, allowed, request_servers) if servers else None
+        if not servers:
+            return None
+        if any(not isinstance(t, dict) for t in tools or ()):  # (we read them: MCP tools join)
+            raise BadRequest("Each entry of 'tools' must be an object.", param="tools",
+                             code="invalid_type")
+        return servers, allowed, request_servers
 
     async def sample(self, server, params):
         """An MCP server's sampling request, answered by one of our models: the server's
@@ -3672,10 +3684,11 @@ class Application:
                                                             t.get("type") == "mcp")]
         named = {t.get("server_label") for t in body.get("tools") or ()
                  if isinstance(t, dict) and t.get("type") == "mcp"}
-        bindings = {b["name"]: b for b in await self.mcp.tools(  # a server attached to the
-            servers, allowed or None, optional=set(servers) - named)}  # model, not named by
-        clash = [f["name"] for t in tools if isinstance(f := t.get("function"), dict)  # the
-                 and f.get("name") in bindings]  # request, that fails is left out, not fatal
+        # a server attached to the model (not named by the request) that fails is left out
+        bindings = {b["name"]: b for b in await self.mcp.tools(
+            servers, allowed or None, optional=set(servers) - named)}
+        clash = [f["name"] for t in tools if isinstance(t, dict) and isinstance(
+            f := t.get("function"), dict) and f.get("name") in bindings]
         if clash:
             raise BadRequest(f"The function name {clash[0]!r} is also the name of an MCP tool "
                              "given to this model; rename the function.", param="tools",

@@ -1205,6 +1205,13 @@ def run_mcp_test_server(argv):
         from mcp.shared.exceptions import MCPError
         raise MCPError(-32000, "quota exceeded")
 
+    @srv.tool(description="Notes the call in a file, then fails with a JSON-RPC error.")
+    def tally(path: str) -> str:
+        from mcp.shared.exceptions import MCPError
+        with open(path, "a") as f:
+            f.write("ran\n")
+        raise MCPError(-32603, "the tool ran, but saving the session log failed")
+
     @srv.tool(description="Returns one HTTP request header (empty on stdio).")
     def header(name: str, ctx: Context) -> str:
         return (ctx.headers or {}).get(name.lower(), "")
@@ -1629,6 +1636,18 @@ def test_mcp_error_reply_keeps_the_session(mcp_env):
     assert doc["mcp_calls"][0]["ok"] is False
     assert doc["mcp_calls"][0]["error"] == "MCPError: quota exceeded"  # no "connection lost"
     assert call("t__pid")["choices"][0]["message"]["content"] == before
+
+
+def test_mcp_an_error_after_a_tool_ran_does_not_run_it_again(mcp_env, tmp_path):
+    running, fake = mcp_env
+    path = str(tmp_path / "runs")
+    status, _, raw = agent_chat(running.port, [{"calls": [("t__tally", {"path": path})]}], fake)
+    doc = json.loads(raw)
+    assert doc["mcp_calls"][0]["ok"] is False and "session log" in doc["mcp_calls"][0]["error"]
+    assert open(path).read() == "ran\n"  # before: a second run (the word "session")
+    status, doc = jpost(running.port, "/v1/chat/completions", {
+        "model": "agent", "messages": [{"role": "user", "content": "go"}], "tools": ["x"]})
+    assert status == 400 and doc["error"]["code"] == "invalid_type"  # before: a 500
 
 
 def test_mcp_client_disconnect_cancels_calls(mcp_env):
