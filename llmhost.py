@@ -1184,6 +1184,15 @@ def valid_url(url, credentials=False):
     return None
 
 
+def hide_password(url):
+    """`url` with the password of a user:password@ part replaced by ***, for printing."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.partition("@")
+    if not at or ":" not in userinfo or "/" in userinfo:
+        return url
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}"
+
+
 def url_under(url, prefix):
     """Whether `url` is `prefix` or below it: the same scheme, host and port (any port for a
     prefix such as http://host:), and its path the prefix's or under it. Compared parsed, not as text, so neither 'http://a:1@b/' nor
@@ -5117,18 +5126,20 @@ def cmd_mcp_list(args, environ):
     for entry in doc["servers"]:
         for name in entry.get("mcp", ()):
             users.setdefault(name, []).append(entry["name"])
-    if args.json:
+    shown = {n: dict(e, url=hide_password(e["url"])) if "url" in e else e
+             for n, e in doc["mcpServers"].items()}  # secrets are never printed: nor are values
+    if args.json:  # of env and headers (only their names)
         print(json.dumps([dict(name=n, transport=mcp_transport(e), attached_to=users.get(n, []),
                                **{k: v for k, v in e.items() if k not in ("env", "headers")},
                                **{k: sorted(e[k]) for k in ("env", "headers") if k in e})
-                          for n, e in doc["mcpServers"].items()], indent=2))
+                          for n, e in shown.items()], indent=2))
         return 0
     if not doc["mcpServers"]:
         print("no MCP servers registered; add one with: llmhost.py mcp add NAME -- COMMAND",
               file=sys.stderr)
         return 0
     rows = [[n, mcp_transport(e), e.get("url") or " ".join([e["command"]] + e.get("args", [])),
-             ", ".join(users.get(n, [])) or "-"] for n, e in doc["mcpServers"].items()]
+             ", ".join(users.get(n, [])) or "-"] for n, e in shown.items()]
     print_table(rows, ["NAME", "TRANSPORT", "TARGET", "ATTACHED TO"])
     return 0
 

@@ -1850,6 +1850,17 @@ def test_mcp_server_url_in_use_is_not_replaced(mcp_http_server, fake, tmp_path):
         running.stop()
 
 
+def test_mcp_list_never_prints_a_url_password(tmp_path):
+    registry = str(tmp_path / "servers.json")
+    code, out, err = run_cli(registry, "mcp", "add", "docs", "--no-check", "--url",
+                             "http://reader:s3cret@127.0.0.1:3001/mcp")
+    assert code == 0, err
+    for extra in ([], ["--json"]):
+        code, out, err = run_cli(registry, "mcp", "list", *extra)
+        assert code == 0 and "reader:***@127.0.0.1:3001" in out and "s3cret" not in out
+    assert "s3cret" in open(registry).read()  # kept: the SDK sends it
+
+
 def test_mcp_cli(tmp_path, mcp_http_server):
     registry = str(tmp_path / "servers.json")
     cli = [sys.executable, os.path.join(HERE, "llmhost.py"), "--registry", registry, "mcp"]
