@@ -3426,9 +3426,9 @@ class Application:
                     self.router.failed(up, exc.message)
                     last_error = exc
                     continue
-                if status >= 500:
-                    self.router.failed(up, f"HTTP {status}")
-                else:
+                if status >= 500 and status != 501:  # 501: it does not do this (llama.cpp's
+                    self.router.failed(up, f"HTTP {status}")  # embeddings without --embeddings),
+                else:  # which is no sign of ill health: cooling it would stop its chats too
                     self.router.succeeded(up)
                 try:
                     return await deliver(up, resp, data, (sent - request.started) * 1000)

@@ -2222,6 +2222,16 @@ def test_router_priority_fallback_only_when_down_or_full():
     assert names(router.resolve("m")) == ["remote", "local"]
 
 
+def test_a_501_does_not_cool_a_server_down(gateway, fake):
+    fake.script(*[{"status": 501}] * llmhost.FAILURES_BEFORE_COOLDOWN)
+    for _ in range(llmhost.FAILURES_BEFORE_COOLDOWN):  # llama.cpp without --embeddings
+        status, doc = jpost(gateway.port, "/v1/embeddings", {"model": "fake-model", "input": "x"})
+        assert status == 501
+    local = gateway.gateway.router.upstreams["local"]
+    assert local.failures == 0 and local.cooldown_until == 0
+    assert jpost(gateway.port, "/v1/chat/completions", CHAT)[0] == 200
+
+
 def test_router_cooldown_exponential_and_recovery():
     clock = Clock()
     router = make_router({"name": "a"}, {"name": "b"}, clock=clock)
