@@ -2377,6 +2377,7 @@ class _MCPConn:
         self.from_request = False  # named by a request's server_url: literal, never ${VAR}
         self.users = 0  # requests using it now (from_request only): it is not replaced meanwhile
         self.retired = False  # removed from the hub: must not be (re)started
+        self.warming = None  # a background (re)connect while requests go on without it
 
     def note_failure(self, error):
         self.last_error, self.failures = error, self.failures + 1
@@ -2606,6 +2607,8 @@ class MCPHub:
         if c.owner is None:
             return
         c.stop.set()
+        if c.client is None:  # still in its handshake, so not waiting for `stop`: no polite
+            c.owner.cancel()  # close to wait for (it waited MCP_CLOSE_TIMEOUT for nothing)
         try:
             await asyncio.wait_for(asyncio.shield(c.owner), MCP_CLOSE_TIMEOUT)
         except (asyncio.TimeoutError, asyncio.CancelledError):
@@ -2714,6 +2717,9 @@ class MCPHub:
         """Stop every server (stdio children exit: stdin closed, then TERM, then KILL)."""
         import asyncio
         self._closing = True
+        for c in self._conns.values():
+            if c.warming is not None:
+                c.warming.cancel()
         await asyncio.gather(*(self._stop(c) for c in self._conns.values()), return_exceptions=True)
         for c in self._conns.values():
             c.state = "closed"
@@ -2726,8 +2732,19 @@ class MCPHub:
         names are given before filtering, so a filter never changes them. Raises MCPError if a
         server cannot be reached, unless it is `optional` (then it is logged and left out)."""
         import asyncio
-        lists = await asyncio.gather(*(self._tools_of(s) for s in server_names),
-                                     return_exceptions=True)
+
+        async def listed(server):
+            c = self._conn(server)
+            if server in optional and c.failures and c.tools is None and not self._alive(c):
+                # it failed before: this request does not wait (up to the connect timeout)
+                if c.warming is None or c.warming.done():  # for it again; it is tried anew
+                    c.warming = asyncio.ensure_future(self._tools_of(server))  # meanwhile
+                    c.warming.add_done_callback(lambda t: t.cancelled() or t.exception())
+                raise MCPError(server, f"not connected (last error: {c.last_error}); "
+                                       "reconnecting in the background")
+            return await self._tools_of(server)
+
+        lists = await asyncio.gather(*(listed(s) for s in server_names), return_exceptions=True)
         taken, out = set(), []
         for server, tools in zip(server_names, lists):
             if isinstance(tools, BaseException):

@@ -1518,6 +1518,26 @@ def test_mcp_an_attached_server_that_fails_is_left_out(mcp_env, caplog):
                for r in caplog.records)
 
 
+def test_mcp_an_attached_server_that_hangs_delays_one_request_not_each(fake, tmp_path):
+    registry = write_registry(tmp_path / "s.json", [
+        {"name": "local", "url": fake.url, "models": ["fake-model"], "mcp": ["t", "stuck"]}],
+        mcp={"t": MCP_STDIO, "stuck": {"command": "sleep", "args": ["60"]}})  # never answers
+    running = Running(registry)
+    running.gateway.app.mcp._connect_timeout = 4.0  # (30 s in serve; `t` starts within it)
+    took = []
+    try:
+        for _ in range(3):
+            fake.script({"calls": [("t__echo", {"text": "x"})]})
+            started = time.monotonic()
+            status, doc = jpost(running.port, "/v1/chat/completions", CHAT, timeout=30)
+            took.append(time.monotonic() - started)
+            assert doc["choices"][0]["message"]["content"] == "tool result: x", doc
+        # the first waits out the connect timeout (and no close timeout after it); the next
+        assert 4.0 <= took[0] < 8 and max(took[1:]) < 3, took  # do not: it is retried aside
+    finally:
+        running.stop(timeout=5)
+
+
 def test_mcp_a_huge_tool_result_is_cut_and_the_model_told(mcp_env):
     running, fake = mcp_env
     status, _, raw = agent_chat(running.port, [{"calls": [("t__echo", {"text": "x" * 150_000})]}],
