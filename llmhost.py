@@ -1195,8 +1195,9 @@ def hide_password(url):
 
 def url_under(url, prefix):
     """Whether `url` is `prefix` or below it: the same scheme, host and port (any port for a
-    prefix such as http://host:), and its path the prefix's or under it. Compared parsed, not as text, so neither 'http://a:1@b/' nor
-    'http://a:1\\@b/' passes for http://a:1; a URL with a user part never passes."""
+    prefix such as http://host:), and its path the prefix's or under it. Compared parsed, not
+    as text, so neither 'http://a:1@b/' nor 'http://a:1\\@b/' passes for http://a:1; a URL
+    with an '@' anywhere never passes."""
     from urllib.parse import urlsplit
     if valid_url(url) or "\\" in url or "@" in url:
         return False
