@@ -1256,15 +1256,16 @@ def validate_mcp_entry(name, entry):
     return errors
 def import_mcp_json(doc):
     """Entries from a Claude Desktop / Cursor / LM Studio `mcp.json` (`mcpServers`) or VS Code
-    (`servers`, also nested under `mcp` in settings.json). Returns (imported, skipped) with
-    skipped = [(name, reason)]; raises ValueError for a document that is not such a file.
+    (`servers`, also nested under `mcp` in settings.json). Returns (imported, skipped, renamed)
+    with skipped = [(name, reason)] and renamed = {name: name in the file} for names it had to
+    change; raises ValueError for a document that is not such a file.
     Client-specific keys (autoApprove, disabled...) are dropped."""
     if not isinstance(doc, dict):
         raise ValueError("not a JSON object")
     servers = doc.get("mcpServers", doc.get("servers", (doc.get("mcp") or {}).get("servers")))
     if not isinstance(servers, dict):
         raise ValueError("no 'mcpServers' or 'servers' object")
-    imported, skipped = {}, []
+    imported, skipped, renamed = {}, [], {}
     for raw_name, raw in servers.items():
         name = re.sub(r"[^A-Za-z0-9_.-]", "-", str(raw_name)).strip("-.")[:64] or "server"
         if not isinstance(raw, dict):
@@ -1291,9 +1292,8 @@ def import_mcp_json(doc):
         else:
             imported[name] = entry
             if name != raw_name:
-                entry = imported[name] = dict(entry)
-                entry["__renamed_from"] = raw_name  # said by the CLI, never saved
-    return imported, skipped
+                renamed[name] = raw_name
+    return imported, skipped, renamed
 
 
 # field -> (check, what it must be). Unknown fields are refused so a typo cannot go unnoticed.
@@ -2942,20 +2942,28 @@ def completion_as_chunk(doc, message):
         "index": 0, "delta": delta, "finish_reason": doc["choices"][0].get("finish_reason")}])
 
 
-def error_envelope_bytes(status, body):
-    """An upstream's error body, wrapped in OpenAI's envelope unless it already is one."""
+def upstream_error_message(status, body):
+    """-> (the message of an upstream's error body, whether the body is OpenAI's envelope)."""
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         doc = None
-    if isinstance(doc, dict) and isinstance(doc.get("error"), dict) and "message" in doc["error"]:
+    if isinstance(doc, dict):
+        error = doc.get("error")
+        if isinstance(error, dict) and "message" in error:
+            return str(error["message"]), True
+        if isinstance(error, str):
+            return error, False  # Ollama, TGI: {"error": "..."}
+        if isinstance(doc.get("detail"), (str, list)):
+            return str(doc["detail"]), False  # FastAPI-based servers
+    return body.decode("utf-8", "replace").strip()[:2000] or REASONS.get(status, "error"), False
+
+
+def error_envelope_bytes(status, body):
+    """An upstream's error body, wrapped in OpenAI's envelope unless it already is one."""
+    message, envelope = upstream_error_message(status, body)
+    if envelope:
         return body
-    if isinstance(doc, dict) and isinstance(doc.get("error"), str):
-        message = doc["error"]  # Ollama, TGI: {"error": "..."}
-    elif isinstance(doc, dict) and isinstance(doc.get("detail"), (str, list)):
-        message = str(doc["detail"])  # FastAPI-based servers
-    else:
-        message = body.decode("utf-8", "replace").strip()[:2000] or REASONS.get(status, "error")
     kind = "invalid_request_error" if status < 500 else "server_error"
     return json_bytes({"error": {"message": f"upstream: {message}", "type": kind, "param": None,
                                  "code": f"upstream_{status}"}})
@@ -4781,16 +4789,13 @@ def percentile(values, p):
 
 
 def error_message(raw, limit=300):
-    """The message of an OpenAI error body (or the body itself), cut to one short line."""
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-    try:
-        doc = json.loads(text)
-        error = doc.get("error") if isinstance(doc, dict) else None
-        text = str(error.get("message", error) if isinstance(error, dict) else error or text)
-    except ValueError:
-        pass
-    text = " ".join(text.split())
-    return text[:limit] + ("…" if len(text) > limit else "") or "(empty body)"
+    """The message of an error body or event (as upstream_error_message finds it), cut to one
+    short line."""
+    raw = raw if isinstance(raw, bytes) else raw.encode()
+    if not raw.strip():
+        return "(empty body)"
+    text = " ".join(upstream_error_message(0, raw)[0].split())
+    return text[:limit] + ("…" if len(text) > limit else "")
 
 
 async def bench_run(args, api_key, progress=sys.stderr):
@@ -5170,7 +5175,7 @@ def cmd_mcp_import(args, environ):
     except (OSError, ValueError) as exc:
         raise CLIError(f"cannot read {args.file}: {exc}") from None
     try:
-        imported, skipped = import_mcp_json(source)
+        imported, skipped, renamed = import_mcp_json(source)
     except ValueError as exc:
         raise CLIError(f"{args.file}: {exc}; expected an mcp.json with 'mcpServers' (Claude "
                        "Desktop, Cursor, LM Studio) or 'servers' (VS Code)") from None
@@ -5178,12 +5183,11 @@ def cmd_mcp_import(args, environ):
 
     def change(doc):
         for name, entry in imported.items():
-            raw_name = entry.pop("__renamed_from", None)
             if name in doc["mcpServers"]:
                 skipped.append((name, "already registered"))
             else:
                 doc["mcpServers"][name] = entry
-                added.append(name if raw_name is None else f"{name} (was {raw_name!r})")
+                added.append(f"{name} (was {renamed[name]!r})" if name in renamed else name)
 
     update_registry(path, change)
     print(f"imported {len(added)} MCP server(s) from {args.file}: {', '.join(added) or '-'}")
