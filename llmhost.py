@@ -213,10 +213,22 @@ class Request:
         self.unread = False  # a body left unread (the request is refused whatever it says)
 
 
+_FAST_METHODS = {m: m.decode() for m in KNOWN_METHODS}
+_FAST_VERSIONS = {b"HTTP/1.1\r\n": "1.1", b"HTTP/1.0\r\n": "1.0"}
+
+
 def parse_request_line(line):
     """b"POST /v1/x HTTP/1.1\\r\\n" -> (method, target, version). RFC 9112 §3."""
     if len(line) > MAX_REQUEST_LINE:
         raise ProtocolError("request line too long", status=414, code="uri_too_long")
+    # The usual line (a known method, a path of visible ASCII, HTTP/1.x) without the regex;
+    # anything else takes the full check below, which also says what is wrong.
+    method, _, rest = line.partition(b" ")
+    target, _, version = rest.partition(b" ")
+    if method in _FAST_METHODS and version in _FAST_VERSIONS:
+        text = target.decode("latin-1")
+        if text[:1] == "/" and text.isascii() and text.isprintable():
+            return _FAST_METHODS[method], text, _FAST_VERSIONS[version]
     if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
         raise ProtocolError("request line must end with CRLF (bare CR or LF)")
     m = _REQUEST_LINE.fullmatch(line)
@@ -253,9 +265,12 @@ def parse_header_block(block):
     text = block.decode("latin-1")
     if _HEADER_BLOCK.fullmatch(text) is None:
         _header_block_fault(block)
+    fields = [line.partition(":") for line in text.split("\r\n")[:-1]]
+    headers = {name.lower(): value.strip(" \t") for name, _, value in fields}
+    if len(headers) == len(fields):  # no name repeated (the usual case): done
+        return headers
     headers = {}
-    for line in text.split("\r\n")[:-1]:
-        name, _, value = line.partition(":")
+    for name, _, value in fields:
         name = name.lower()
         value = value.strip(" \t")
         old = headers.get(name)
@@ -1005,8 +1020,13 @@ def fetch_models(client, up, timeout=PROBE_TIMEOUT):
     return fetch_json(client, up, up.origin.base_path + "/models", timeout)
 
 
-RESPONSE_FIELDS = tuple((b"\r\n" + name.encode() + b":", name) for name in (
-    "content-type", "content-length", "transfer-encoding", "connection", "retry-after"))
+# The fields of an upstream's head that llmhost reads (it forwards none of them), found in one
+# pass: lower-cased name -> its key in UpstreamResponse.headers.
+_RESPONSE_FIELD = re.compile(
+    rb"\r\n(content-type|content-length|transfer-encoding|connection|retry-after):([^\r\n]*)",
+    re.IGNORECASE)
+_RESPONSE_NAMES = {name.encode(): name for name in (
+    "content-type", "content-length", "transfer-encoding", "connection", "retry-after")}
 
 
 class UpstreamClient:
@@ -1089,21 +1109,18 @@ class UpstreamClient:
 
     def parse_response_head(self, conn, raw, timeout):
         """Status and the few fields we use. An upstream's other fields are never forwarded,
-        so they are not parsed: finding five names in the lower-cased head is much cheaper."""
-        lower = raw.lower()
-        if not lower.startswith(b"http/1.") or raw[8:9] != b" " or not raw[9:12].isdigit():
+        so they are not parsed: one regex finds the five names."""
+        if raw[:7].lower() != b"http/1." or raw[8:9] != b" " or not raw[9:12].isdigit():
             raise ValueError(f"status line {raw[:60]!r}")
         status = int(raw[9:12])
         headers = {}
-        for field, name in RESPONSE_FIELDS:
-            at = lower.find(field)
-            if at >= 0:
-                if field == b"\r\ncontent-length:" and lower.find(field, at + 1) >= 0:
-                    raise ValueError("repeated Content-Length")
-                start = at + len(field)
-                headers[name] = raw[start:raw.index(b"\r\n", start)].strip().decode("latin-1")
-        if lower.startswith(b"http/1.0") and "keep-alive" not in headers.get("connection",
-                                                                            "").lower():
+        for name, value in _RESPONSE_FIELD.findall(raw):
+            name = _RESPONSE_NAMES[name.lower()]
+            if name not in headers:  # the first of a repeated field counts
+                headers[name] = value.strip().decode("latin-1")
+            elif name == "content-length":
+                raise ValueError("repeated Content-Length")
+        if raw[7:8] == b"0" and "keep-alive" not in headers.get("connection", "").lower():
             headers["connection"] = "close"
         if status in (204, 304):
             return UpstreamResponse(self, conn, status, headers, "length", 0, timeout)
