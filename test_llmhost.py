@@ -13,6 +13,7 @@ import asyncio
 import base64
 import http.client
 import http.server
+import io
 import json
 import os
 import signal
@@ -2894,6 +2895,22 @@ def start_serve(registry, *extra, env=None):
             time.sleep(0.02)
     proc.kill()
     raise AssertionError("serve did not start: " + proc.communicate()[1])
+
+
+def test_access_log_lines_are_written_at_flush_and_cannot_be_forged():
+    out = io.StringIO()
+    log = llmhost.AccessLog(out)
+    request = llmhost.Request("POST", "/v1/chat/completions", "1.1", {})
+    request.started, request.request_id = 10.0, "r-1"
+    log.add(request, 200, "m", "s", 10.25)
+    assert out.getvalue() == ""  # nothing is formatted or written per request
+    log.add(request, 404, "x\n2026-01-01 00:00:00 INFO forged\r", None, 10.5)
+    log.flush()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[0].endswith(" INFO POST /v1/chat/completions model=m server=s status=200 "
+                             "250.0ms id=r-1")
+    assert "model=x\\n2026-01-01 00:00:00 INFO forged\\r server=- status=404 500.0ms" in lines[1]
 
 
 def test_user_session_subprocess(fake, tmp_path):
