@@ -2860,12 +2860,19 @@ class MCPHub:
                 for c in self._conns.values()]
 
 
-async def with_mcp_server(name, entry, environ, action, sampler=None):
+async def no_model_to_sample(server, request):
+    """The CLI's sampler. The CLI declares sampling as serve does, so a server offers it the
+    same tools it offers models (some list their sampling tools only to clients that can)."""
+    raise RuntimeError("the CLI has no model to answer sampling; under `serve` the "
+                       "model of the chat request answers it")
+
+
+async def with_mcp_server(name, entry, environ, action):
     """Connect to one server (registered or not yet), run `action(hub)`, shut it down."""
     errors = validate_mcp_entry(name, entry)
     if errors:
         raise MCPError(name, "; ".join(errors))
-    hub = MCPHub({name: entry}, environ=environ, sampler=sampler)
+    hub = MCPHub({name: entry}, environ=environ, sampler=no_model_to_sample)
     try:
         return await action(hub)
     finally:

@@ -1907,6 +1907,10 @@ def test_mcp_cli(tmp_path, mcp_http_server):
     assert json.loads(json.loads(result.stdout)["text"])["city"] == "Rome"
     result = run("call", "t", "boom")
     assert result.returncode == 1 and "boom" in result.stdout
+    # sampling is declared as serve declares it (servers that list sampling tools only to
+    # clients able to sample show the CLI what models see), then answered with why not
+    result = run("call", "t", "summarize", '{"topic": "cats"}')
+    assert result.returncode == 1 and "the CLI has no model to answer sampling" in result.stdout
     assert "test://hello" in run("resources", "t").stdout
     assert "greet" in run("prompts", "--url", mcp_http_server).stdout
     assert run("add", "dead", "--url", "http://127.0.0.1:1/mcp", "--no-check").returncode == 0
