@@ -60,6 +60,8 @@ PROBE_TIMEOUT = 5.0  # s for `add` (and health probes) to get GET {url}/models
 PROBE_INTERVAL = 1.0  # s between health probes of a cooling server
 WATCH_INTERVAL = 1.0  # s between registry file checks while serving
 SHUTDOWN_TIMEOUT = 30.0  # s in-flight requests get to finish after SIGTERM
+WORKER_MIN_UPTIME = 2.0  # s; a worker gone sooner failed to start: serve stops, not respawns
+WORKER_DEATHS = (5, 60.0)  # a worker slot dying this often in this many s stops serve too
 MANAGED_TTL = 900.0  # s a managed server may idle before it is stopped; LM Studio's JIT TTL
 MANAGED_START_TIMEOUT = 120.0  # s for a managed server to become ready (model loading)
 MANAGED_STOP_GRACE = 5.0  # s between SIGTERM and SIGKILL of a managed server's process group
@@ -4618,24 +4620,27 @@ def run_workers(args, path, keys, options, workers):
     except (OSError, AttributeError) as exc:
         raise CLIError(f"cannot listen on {args.host}:{args.port} with {workers} workers: "
                        f"{getattr(exc, 'strerror', None) or exc}") from None
-    children = []
+    children = {}  # pid -> index of its socket
+    started = [0.0] * workers  # when each slot's worker was forked
+    deaths = [[] for _ in socks]  # when each slot's workers died unasked
     # Signals wait (blocked) until each process has its handlers: one that came between a fork
     # and them would kill serve with a traceback, or run serve's handler in a worker.
     signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    for i, sock in enumerate(socks):
+
+    def spawn(i):
         share = args.max_concurrency // workers + (i < args.max_concurrency % workers)
         queue = args.queue_size // workers + (i < args.queue_size % workers)
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
         pid = os.fork()
         if pid == 0:
             os.setpgid(0, 0)  # Ctrl-C reaches serve alone, which passes it on once: a worker
-            options = dict(options, parent=os.getppid())  # takes a second one as "now"
+            worker_options = dict(options, parent=os.getppid())  # takes a second one as "now"
             for other in socks:
-                if other is not sock:
+                if other is not socks[i]:
                     other.close()
             code = 1
             try:
-                code = run_worker(args, path, keys, options, share, queue, sock=sock,
+                code = run_worker(args, path, keys, worker_options, share, queue, sock=socks[i],
                                   label=f" worker {i + 1}/{workers}")
             except (CLIError, RegistryError) as exc:
                 print(f"llmhost: error: {exc}", file=sys.stderr)
@@ -4645,33 +4650,61 @@ def run_workers(args, path, keys, options, workers):
             finally:
                 sys.stderr.flush()
                 os._exit(code)
-        children.append(pid)
-    for sock in socks:
-        sock.close()
+        children[pid] = i
+        started[i] = time.monotonic()
 
     stopping = False
 
     def forward(signum, _frame):
         nonlocal stopping
-        stopping = stopping or signum != signal.SIGHUP
+        if signum != signal.SIGHUP and not stopping:
+            stopping = True
+            for sock in socks:  # serve holds the sockets to respawn workers on them; held
+                sock.close()  # while workers stop, they would queue connections nobody takes
         for pid in children:
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass
 
+    for i in range(workers):
+        spawn(i)
     for sig in signals:
         signal.signal(sig, forward)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
     status = 0
-    for _ in children:
+    while children:
         pid, code = os.wait()
+        i = children.pop(pid, None)
+        if i is None:
+            continue
         code = os.waitstatus_to_exitcode(code)
-        if not stopping:  # a worker gone unasked: serving on at part capacity hides it
-            logger().error("worker %d exited (%s) on its own; stopping the others", pid, code)
+        if stopping:
+            status = status or code
+            continue
+        # A worker gone unasked (killed, crashed, out of memory): its socket is still open
+        # here, so connections the kernel gives it wait in its backlog for a new worker, as
+        # nginx's master replaces a worker. One that failed at start, or keeps dying, stops
+        # serve instead: respawning it would hide the fault in a loop.
+        how = f"code {code}"
+        if code < 0:
+            how = next((s.name for s in signal.Signals if s == -code), f"signal {-code}")
+        now = time.monotonic()
+        deaths[i] = [t for t in deaths[i] if now - t < WORKER_DEATHS[1]] + [now]
+        at_start = now - started[i] < WORKER_MIN_UPTIME
+        if at_start or len(deaths[i]) >= WORKER_DEATHS[0]:
+            logger().error("worker %d/%d (pid %d) exited (%s) %s; stopping the others", i + 1,
+                           workers, pid, how, "at start" if at_start else
+                           f"for the {len(deaths[i])}th time in {WORKER_DEATHS[1]:g}s")
             forward(signal.SIGTERM, None)
-            code = code or 1
-        status = status or code
+            status = code or 1
+            continue
+        logger().error("worker %d/%d (pid %d) exited (%s) on its own; starting a new one",
+                       i + 1, workers, pid, how)
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+        if not stopping:  # (a signal just now closed the sockets)
+            spawn(i)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
     return status
 
 

@@ -3561,18 +3561,48 @@ def test_workers_share_one_port(fake, tmp_path):
             os.kill(pid, 0)
 
 
-def test_a_worker_that_exits_stops_serve(fake, tmp_path):
+def test_a_worker_that_exits_at_start_stops_serve(fake, tmp_path):
     registry = write_registry(tmp_path / "s.json",
                               [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
     proc, port = start_serve(registry, "--workers", "2")
     try:
         worker = json.loads(request(port, "GET", "/v1/status")[2])["pid"]
-        os.kill(worker, signal.SIGTERM)  # a clean exit, but nobody asked serve to stop
-        assert proc.wait(TIMEOUT) != 0
+        os.kill(worker, signal.SIGTERM)  # well within WORKER_MIN_UPTIME: it failed to start
+        assert proc.wait(TIMEOUT) != 0  # so serve says so, instead of respawning it in a loop
     finally:
         proc.kill()
         _, err = proc.communicate()
-    assert "on its own; stopping the others" in err
+    assert "exited (code 0) at start; stopping the others" in err
+
+
+def test_a_worker_that_dies_is_replaced_and_no_request_is_lost(fake, tmp_path):
+    """As nginx's master replaces a worker: the dead one's socket stays open in serve, so the
+    connections the kernel hands it wait for the new worker instead of being refused."""
+    registry = write_registry(tmp_path / "s.json",
+                              [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    proc, port = start_serve(registry, "--workers", "2", "--max-concurrency", "7")
+    try:
+        pids = set()
+        deadline = time.monotonic() + TIMEOUT
+        while len(pids) < 2 and time.monotonic() < deadline:
+            pids.add(json.loads(request(port, "GET", "/v1/status")[2])["pid"])
+        time.sleep(llmhost.WORKER_MIN_UPTIME)
+        victim = pids.pop()
+        os.kill(victim, signal.SIGKILL)  # the OOM killer's way
+        statuses = [jpost(port, "/v1/chat/completions", CHAT)[0] for _ in range(30)]
+        assert statuses == [200] * 30
+        seen = {}
+        while len(seen) < 2 and time.monotonic() < deadline:
+            doc = json.loads(request(port, "GET", "/v1/status")[2])
+            seen[doc["pid"]] = doc["max_concurrency"]
+        assert len(seen) == 2 and victim not in seen and pids <= set(seen)
+        assert sorted(seen.values()) == [3, 4]  # the new worker took the dead one's share
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0 and err.count("serving on") == 3
+    assert f"(pid {victim}) exited (SIGKILL) on its own; starting a new one" in err
 
 
 def test_workers_neither_share_their_port_nor_outlive_serve(fake, tmp_path):
