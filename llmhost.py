@@ -2109,9 +2109,10 @@ class Admission:
     def queued(self):
         return sum(1 for fut in self.waiters if not fut.done()) + self.others()
 
-    async def acquire(self, conn=None):
-        """A slot, at once or after a wait in line. If the client on `conn` leaves while it
-        waits, its place is given up at once (ClientGone), not when its turn comes."""
+    async def acquire(self, conn=None, deadline=None):
+        """A slot, at once or after a wait in line (until `deadline`, by default the queue
+        timeout from now). If the client on `conn` leaves while it waits, its place is given up
+        at once (ClientGone), not when its turn comes."""
         import asyncio
         if self.active < self.limit and not self.waiters:
             self.active += 1
@@ -2121,20 +2122,26 @@ class Admission:
             raise RateLimited(f"llmhost is at its limit of {self.limit} concurrent requests and "
                               f"{self.queue_size} queued; retry shortly",
                               headers=[("Retry-After", "1")])
+        timeout = self.queue_timeout if deadline is None else deadline - time.monotonic()
+        if timeout <= 0:  # it already waited its time elsewhere (for its model's servers)
+            raise self.waited_too_long()
         fut = asyncio.get_running_loop().create_future()
         self.waiters.append(fut)
         try:
-            await wait_unless_gone(fut, self.queue_timeout, conn)
+            await wait_unless_gone(fut, timeout, conn)
         except asyncio.TimeoutError:
             if fut.done() and not fut.cancelled():
                 return  # handed the slot as the wait ran out (wait_for on 3.12+): keep it
-            self.rejected += 1
-            raise RateLimited(f"waited {self.queue_timeout:g}s for one of {self.limit} request "
-                              "slots; retry shortly", headers=[("Retry-After", "1")]) from None
+            raise self.waited_too_long() from None
         except (asyncio.CancelledError, ClientGone):
             if fut.done() and not fut.cancelled():
                 self.release()  # the slot was handed to us as we were cancelled: pass it on
             raise
+
+    def waited_too_long(self):
+        self.rejected += 1
+        return RateLimited(f"waited {self.queue_timeout:g}s for one of {self.limit} request "
+                           "slots; retry shortly", headers=[("Retry-After", "1")])
 
     def release(self):
         waiters = self.waiters
@@ -3367,10 +3374,11 @@ class Application:
         def deliver(up, resp, data, overhead):
             return self.relay(request, up, resp, data, transform, overhead)
 
+        deadline = time.monotonic() + self.admission.queue_timeout  # for all its waits
         while True:  # a model whose servers are all at their max_concurrency waits for them
             if self.router.all_full(model):  # first, holding no global slot: requests for
-                await self.wait_for_capacity(model, conn)  # other models are not held up
-            await self.admission.acquire(conn)
+                await self.wait_for_capacity(model, conn, deadline)  # other models wait not
+            await self.admission.acquire(conn, deadline)
             try:
                 full = self.router.all_full(model)  # (NotFound: a reload removed the model)
             except BaseException:
@@ -3385,12 +3393,13 @@ class Application:
         finally:
             self.admission.release()
 
-    async def wait_for_capacity(self, model, conn=None):
-        """Every server of `model` is at its max_concurrency: wait (FIFO-ish, bounded by the
-        queue timeout) until one has a free slot, like llama.cpp's own slot queue would. These
-        waits count toward --queue-size, as the global queue's do."""
+    async def wait_for_capacity(self, model, conn=None, deadline=None):
+        """Every server of `model` is at its max_concurrency: wait (FIFO-ish, until `deadline`,
+        by default the queue timeout from now) until one has a free slot, like llama.cpp's own
+        slot queue would. These waits count toward --queue-size, as the global queue's do."""
         import asyncio
-        deadline = time.monotonic() + self.admission.queue_timeout
+        if deadline is None:
+            deadline = time.monotonic() + self.admission.queue_timeout
         loop = asyncio.get_running_loop()
         while True:
             candidates = self.router.resolve(model)

@@ -2752,6 +2752,44 @@ def test_a_model_at_its_servers_limit_does_not_hold_up_other_models(tmp_path):
         other.close()
 
 
+def test_queue_timeout_bounds_the_whole_wait_not_each_queue(tmp_path):
+    """A request that waits for its model's server, then (the global slot it was freed for
+    having gone to another request) for a global slot, is refused when --queue-timeout has
+    passed since it arrived: the two waits do not each get the whole timeout."""
+    local, other = FakeUpstream(), FakeUpstream(models=("other-model",))
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "local", "url": local.url, "models": ["fake-model"], "max_concurrency": 1},
+        {"name": "other", "url": other.url, "models": ["other-model"]}])
+    running = Running(path, max_concurrency=2, queue_size=10, queue_timeout=1.0)
+    first, others = threading.Event(), threading.Event()
+    local.script({"hold": first})
+    other.script({"hold": others}, {"hold": others})
+    try:
+        threads, results = held_requests(running.port, 1)  # holds local (and a global slot)
+        assert local.holding.acquire(timeout=TIMEOUT)
+        threads += held_requests(running.port, 1, dict(CHAT, model="other-model"))[0]
+        assert other.holding.acquire(timeout=TIMEOUT)  # both global slots are taken now
+        started = time.monotonic()
+        waiting, result = held_requests(running.port, 1)  # waits for local's capacity
+        time.sleep(0.2)
+        queued = held_requests(running.port, 1, dict(CHAT, model="other-model"))[0]
+        time.sleep(0.4)  # ... which queues for a global slot
+        first.set()  # local is free, but its global slot passes to the queued request
+        for t in waiting:
+            t.join(TIMEOUT)
+        waited = time.monotonic() - started
+        assert result[0][0] == 429
+        assert waited < 1.35  # before: 0.6 s for local, then a whole 1.0 s more in the queue
+    finally:
+        first.set()
+        others.set()
+        for t in threads + queued:
+            t.join(TIMEOUT)
+        running.stop()
+        local.close()
+        other.close()
+
+
 def test_server_max_concurrency_queues_then_uses_fallback(tmp_path):
     local, remote = FakeUpstream(), FakeUpstream()
     path = write_registry(tmp_path / "s.json", [
