@@ -2405,6 +2405,8 @@ class _MCPConn:
         self.users = 0  # requests using it now (from_request only): it is not replaced meanwhile
         self.retired = False  # removed from the hub: must not be (re)started
         self.warming = None  # a background (re)connect while requests go on without it
+        self.calls = 0  # tool calls running now: a registry edit lets them finish first
+        self.drained = None  # asyncio.Event set when a retired server's last call ends
 
     def note_failure(self, error):
         self.last_error, self.failures = error, self.failures + 1
@@ -2422,6 +2424,7 @@ class MCPHub:
         self._call_timeout, self._connect_timeout = call_timeout, connect_timeout
         self._closing = False
         self._adding = None  # asyncio.Lock: one add_from_request at a time (it awaits _retire)
+        self._draining = {}  # retired servers finishing their calls -> the task that stops them
 
     # ---- connection lifecycle (owner task per server) ----
 
@@ -2478,13 +2481,32 @@ class MCPHub:
         await asyncio.gather(*(self._stop(c) for c in conns), return_exceptions=True)
 
     async def update(self, specs):
-        """The registry changed: stop servers that went away or changed, know the new ones."""
+        """The registry changed: stop servers that went away or changed, know the new ones.
+        New calls go to the new entry at once; calls running on an old one finish first (as
+        requests to an edited upstream do), up to their call timeout, and then it stops."""
+        import asyncio
         stale = [c for name, c in self._conns.items() if name in specs and c.from_request or
                  not c.from_request and specs.get(name) != c.spec]
-        await self._retire(stale)
+        busy = [c for c in stale if c.calls]
+        await self._retire([c for c in stale if not c.calls])
+        for c in busy:
+            c.retired = True
+            self._conns.pop(c.name, None)
+            c.drained = asyncio.Event()
+            self._draining[c] = asyncio.create_task(self._stop_when_drained(c))
         for name, spec in specs.items():
             if name not in self._conns:
                 self._conns[name] = _MCPConn(name, dict(spec))
+
+    async def _stop_when_drained(self, c):
+        import asyncio
+        try:
+            await asyncio.wait_for(c.drained.wait(), c.spec.get("timeout") or self._call_timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self._draining.pop(c, None)
+            await self._stop(c)
 
     def _conn(self, server):
         if server not in self._conns:
@@ -2747,7 +2769,10 @@ class MCPHub:
         for c in self._conns.values():
             if c.warming is not None:
                 c.warming.cancel()
-        await asyncio.gather(*(self._stop(c) for c in self._conns.values()), return_exceptions=True)
+        for c in list(self._draining):
+            c.drained.set()  # their calls are cut now: shutdown does not wait for them
+        await asyncio.gather(*(self._stop(c) for c in self._conns.values()),
+                             *self._draining.values(), return_exceptions=True)
         for c in self._conns.values():
             c.state = "closed"
 
@@ -2795,8 +2820,17 @@ class MCPHub:
     async def call(self, server, tool, arguments, timeout=None):
         """Run one tool. Returns {ok, content, text, parts, duration_ms, error}; raises MCPError
         only when the server cannot be started or reached."""
-        import asyncio
         c = self._conn(server)
+        c.calls += 1
+        try:
+            return await self._call(c, server, tool, arguments, timeout)
+        finally:
+            c.calls -= 1
+            if not c.calls and c.drained is not None:
+                c.drained.set()
+
+    async def _call(self, c, server, tool, arguments, timeout):
+        import asyncio
         timeout = timeout or c.spec.get("timeout") or self._call_timeout
         t0 = time.monotonic()
         client = await self._ensure(server)

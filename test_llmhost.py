@@ -1539,6 +1539,32 @@ def test_mcp_an_attached_server_that_hangs_delays_one_request_not_each(fake, tmp
         running.stop(timeout=5)
 
 
+def test_mcp_editing_a_server_lets_its_running_calls_finish(fake, tmp_path):
+    servers = [{"name": "local", "url": fake.url, "models": ["fake-model"], "mcp": ["t"]}]
+    registry = write_registry(tmp_path / "s.json", servers, mcp={"t": MCP_STDIO})
+    running = Running(registry)
+    try:
+        fake.script({"calls": [("t__pid", {})]})  # started, and its pid noted
+        before = jpost(running.port, "/v1/chat/completions", CHAT)[1]["choices"][0]
+        fake.script({"calls": [("t__slow", {"seconds": 1.5})]})
+        threads, results = held_requests(running.port, 1)
+        time.sleep(0.5)  # the call is running
+        write_registry(registry, servers, mcp={"t": dict(MCP_STDIO, timeout=90)})
+        running.call(running.gateway.reload())
+        fake.script({"calls": [("t__pid", {})]})  # a new call goes to the edited entry at once
+        after = jpost(running.port, "/v1/chat/completions", CHAT)[1]["choices"][0]
+        assert after["message"]["content"] != before["message"]["content"]  # a new process
+        assert results == []
+        threads[0].join(TIMEOUT)
+        status, raw = results[0][0], results[0][2]
+        assert status == 200  # the old process finished the call it had: nothing was cut
+        assert json.loads(raw)["choices"][0]["message"]["content"] == "tool result: slept 1.5"
+        old_pid = int(before["message"]["content"].split(": ")[1])
+        assert wait_until(lambda: not pid_alive(old_pid))  # ... and then it was stopped
+    finally:
+        running.stop(timeout=5)
+
+
 def test_mcp_a_huge_tool_result_is_cut_and_the_model_told(mcp_env):
     running, fake = mcp_env
     status, _, raw = agent_chat(running.port, [{"calls": [("t__echo", {"text": "x" * 150_000})]}],
