@@ -2487,16 +2487,18 @@ class MCPHub:
         import asyncio
         stale = [c for name, c in self._conns.items() if name in specs and c.from_request or
                  not c.from_request and specs.get(name) != c.spec]
-        busy = [c for c in stale if c.calls]
-        await self._retire([c for c in stale if not c.calls])
-        for c in busy:
+        for c in stale:  # before any await: new calls go to the new entries at once
             c.retired = True
-            self._conns.pop(c.name, None)
-            c.drained = asyncio.Event()
-            self._draining[c] = asyncio.create_task(self._stop_when_drained(c))
+            if self._conns.get(c.name) is c:
+                del self._conns[c.name]
+            if c.calls:
+                c.drained = asyncio.Event()
+                self._draining[c] = asyncio.create_task(self._stop_when_drained(c))
         for name, spec in specs.items():
             if name not in self._conns:
                 self._conns[name] = _MCPConn(name, dict(spec))
+        await asyncio.gather(*(self._stop(c) for c in stale if not c.calls),
+                             return_exceptions=True)
 
     async def _stop_when_drained(self, c):
         import asyncio
