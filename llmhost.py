@@ -2473,12 +2473,24 @@ class MCPHub:
         for c in conns:
             c.users -= 1
 
-    async def _retire(self, conns):
+    def _take_out(self, conns):
+        """Remove these servers from the hub now, so new calls go to what replaces them; one
+        with calls running is stopped when they end (up to its call timeout). -> the others,
+        which the caller stops."""
         import asyncio
         for c in conns:
             c.retired = True
-            self._conns.pop(c.name, None)
-        await asyncio.gather(*(self._stop(c) for c in conns), return_exceptions=True)
+            if self._conns.get(c.name) is c:
+                del self._conns[c.name]
+            if c.calls:
+                c.drained = asyncio.Event()
+                self._draining[c] = asyncio.create_task(self._stop_when_drained(c))
+        return [c for c in conns if not c.calls]
+
+    async def _retire(self, conns):
+        import asyncio
+        await asyncio.gather(*(self._stop(c) for c in self._take_out(conns)),
+                             return_exceptions=True)
 
     async def update(self, specs):
         """The registry changed: stop servers that went away or changed, know the new ones.
@@ -2487,18 +2499,11 @@ class MCPHub:
         import asyncio
         stale = [c for name, c in self._conns.items() if name in specs and c.from_request or
                  not c.from_request and specs.get(name) != c.spec]
-        for c in stale:  # before any await: new calls go to the new entries at once
-            c.retired = True
-            if self._conns.get(c.name) is c:
-                del self._conns[c.name]
-            if c.calls:
-                c.drained = asyncio.Event()
-                self._draining[c] = asyncio.create_task(self._stop_when_drained(c))
+        idle = self._take_out(stale)  # before any await
         for name, spec in specs.items():
             if name not in self._conns:
                 self._conns[name] = _MCPConn(name, dict(spec))
-        await asyncio.gather(*(self._stop(c) for c in stale if not c.calls),
-                             return_exceptions=True)
+        await asyncio.gather(*(self._stop(c) for c in idle), return_exceptions=True)
 
     async def _stop_when_drained(self, c):
         import asyncio
