@@ -1546,7 +1546,8 @@ def test_mcp_editing_a_server_lets_its_running_calls_finish(fake, tmp_path):
     try:
         fake.script({"calls": [("t__pid", {})]})  # started, and its pid noted
         before = jpost(running.port, "/v1/chat/completions", CHAT)[1]["choices"][0]
-        fake.script({"calls": [("t__slow", {"seconds": 1.5})]})
+        # long enough for the edited entry's new process to start (over a second on a slow CI box)
+        fake.script({"calls": [("t__slow", {"seconds": 5.0})]})
         threads, results = held_requests(running.port, 1)
         time.sleep(0.5)  # the call is running
         write_registry(registry, servers, mcp={"t": dict(MCP_STDIO, timeout=90)})
@@ -1558,7 +1559,7 @@ def test_mcp_editing_a_server_lets_its_running_calls_finish(fake, tmp_path):
         threads[0].join(TIMEOUT)
         status, raw = results[0][0], results[0][2]
         assert status == 200  # the old process finished the call it had: nothing was cut
-        assert json.loads(raw)["choices"][0]["message"]["content"] == "tool result: slept 1.5"
+        assert json.loads(raw)["choices"][0]["message"]["content"] == "tool result: slept 5.0"
         old_pid = int(before["message"]["content"].split(": ")[1])
         assert wait_until(lambda: not pid_alive(old_pid))  # ... and then it was stopped
     finally:
