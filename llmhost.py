@@ -3114,6 +3114,7 @@ class AccessLog:
         self.enabled = enabled
         self.lines = []  # the fields of each line, in LINE's order
         self.stamp = time.strftime("%Y-%m-%d %H:%M:%S")  # refreshed each sweep, not per line
+        self.shown = {}  # model name (the client's text) -> None, or as escaped for the log
 
     def add(self, request, status, model, server, now):
         if self.enabled:
@@ -3127,16 +3128,30 @@ class AccessLog:
         self.stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         if self.lines:
             lines, self.lines = self.lines, []
-            line = self.LINE
-            text = "".join([line % fields for fields in lines])
-            if text.count("\n") != len(lines) or "\r" in text:
-                # a line break in a model name (the client's text) would forge a log line
-                text = "".join([line % (*f[:3], ascii(f[3])[1:-1], *f[4:]) for f in lines])
+            line, shown = self.LINE, self.shown
+            if any(f[3] not in shown for f in lines):  # (once per new model name)
+                if len(shown) > 1024 - len(lines):  # a client sending a new name each time
+                    shown.clear()
+                for f in lines:
+                    if f[3] not in shown:
+                        shown[f[3]] = self.escaped(f[3])
+            if all(shown[f[3]] is None for f in lines):  # as usual: no name needs escapes
+                text = "".join([line % fields for fields in lines])
+            else:
+                text = "".join([line % (*f[:3], shown[f[3]] or f[3], *f[4:]) for f in lines])
             try:
                 self.stream.write(text)
                 self.stream.flush()
             except (OSError, ValueError):
                 pass
+
+    @staticmethod
+    def escaped(model):
+        """A model name (the client's text) that could forge a line or a field (a line break or
+        other control character, a space, a quote) quoted, with Python's escapes; else None."""
+        if model.isprintable() and not any(c in model for c in ' "\\'):
+            return None
+        return '"%s"' % ascii(model)[1:-1].replace('"', '\\"')
 
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "::1", "ip6-localhost"})

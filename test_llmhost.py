@@ -2974,12 +2974,19 @@ def test_access_log_lines_are_written_at_flush_and_cannot_be_forged():
     log.add(request, 200, "m", "s", 10.25)
     assert out.getvalue() == ""  # nothing is formatted or written per request
     log.add(request, 404, "x\n2026-01-01 00:00:00 INFO forged\r", None, 10.5)
+    for forged in ("a\u2028b", "a\x0bb", "\x1b[2Kc", "d server=x", 'e"f\\'):
+        log.add(request, 404, forged, None, 10.5)  # other line breaks, escapes, a fake field
     log.flush()
-    lines = out.getvalue().splitlines()
-    assert len(lines) == 2
+    text = out.getvalue()
+    assert text.count("\n") == 7 and "\r" not in text
+    lines = text.splitlines()
+    assert len(lines) == 7
     assert lines[0].endswith(" INFO POST /v1/chat/completions model=m server=s status=200 "
-                             "250.0ms id=r-1")
-    assert "model=x\\n2026-01-01 00:00:00 INFO forged\\r server=- status=404 500.0ms" in lines[1]
+                             "250.0ms id=r-1")  # (a batch that needed escapes: the rest as is)
+    assert ' model="x\\n2026-01-01 00:00:00 INFO forged\\r" server=- status=404 500.0ms' \
+        in lines[1]
+    assert [line.split(" model=")[1].split(" server=-")[0] for line in lines[2:]] == [
+        '"a\\u2028b"', '"a\\x0bb"', '"\\x1b[2Kc"', '"d server=x"', '"e\\"f\\\\"']
 
 
 def test_user_session_subprocess(fake, tmp_path):
