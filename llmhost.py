@@ -3430,6 +3430,16 @@ class Application:
         def deliver(up, resp, data, overhead):
             return self.relay(request, up, resp, data, transform, overhead)
 
+        await self.admit(model, conn)
+        try:  # ordered now, after the wait: health and load may have changed meanwhile
+            return await self.try_candidates(request, body, self.router.resolve(model),
+                                             suffix, raw, deliver)
+        finally:
+            self.admission.release()
+
+    async def admit(self, model, conn):
+        """Wait (in all, up to the queue timeout) for a global slot and a server of `model`
+        with room; the caller releases the slot."""
         deadline = time.monotonic() + self.admission.queue_timeout  # for all its waits
         while True:  # a model whose servers are all at their max_concurrency waits for them
             if self.router.all_full(model):  # first, holding no global slot: requests for
@@ -3441,13 +3451,8 @@ class Application:
                 self.admission.release()
                 raise
             if not full:
-                break
+                return
             self.admission.release()  # taken again while we waited for the slot
-        try:  # ordered now, after the wait: health and load may have changed meanwhile
-            return await self.try_candidates(request, body, self.router.resolve(model),
-                                             suffix, raw, deliver)
-        finally:
-            self.admission.release()
 
     async def wait_for_capacity(self, model, conn=None, deadline=None):
         """Every server of `model` is at its max_concurrency: wait (FIFO-ish, until `deadline`,
@@ -3486,8 +3491,8 @@ class Application:
         that leaves meanwhile ends it with ClientGone, so no caller has to check for that."""
         model = body["model"]
         conn = request.conn
-        if candidates[0][0].full():  # (the MCP rounds come here holding a global slot)
-            candidates = await self.wait_for_capacity(model, conn)
+        if candidates[0][0].full():  # (an MCP tool loop's later rounds: a request taken in
+            candidates = await self.wait_for_capacity(model, conn)  # waits for its model anew)
         attempts = candidates[:MAX_ATTEMPTS]
         last_error = None
 
@@ -3833,7 +3838,7 @@ class Application:
             base["tools"] = tools
         else:  # OpenAI refuses "tools": [] (and a tool_choice without tools)
             base.pop("tool_choice", None)
-        await self.admission.acquire(request.conn)
+        await self.admit(base["model"], request.conn)  # later rounds hold their slot
         try:
             if body.get("stream") is True:
                 include_usage = bool((body.get("stream_options") or {}).get("include_usage"))

@@ -2817,6 +2817,45 @@ def test_queue_timeout_bounds_the_whole_wait_not_each_queue(tmp_path):
         other.close()
 
 
+def test_queue_timeout_bounds_an_mcp_chats_wait_too(tmp_path):
+    """A chat with MCP tools waits as a plain one does: for its model's server first (holding
+    no global slot), and --queue-timeout in all; before, it took a global slot as one came
+    free (within the timeout), then waited a whole timeout more for its server, holding it."""
+    local, other = FakeUpstream(), FakeUpstream(models=("other-model",))
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "local", "url": local.url, "models": ["fake-model"], "max_concurrency": 1,
+         "mcp": ["t"]},
+        {"name": "other", "url": other.url, "models": ["other-model"]}],
+        mcp={"t": MCP_STDIO})
+    running = Running(path, max_concurrency=2, queue_size=10, queue_timeout=1.0)
+    first, others = threading.Event(), threading.Event()
+    local.script({"hold": first})
+    other.script({"hold": others})
+    try:
+        threads, results = held_requests(running.port, 1)  # an MCP chat holding local
+        assert local.holding.acquire(timeout=TIMEOUT)  # (its MCP server is up by now)
+        threads += held_requests(running.port, 1, dict(CHAT, model="other-model"))[0]
+        assert other.holding.acquire(timeout=TIMEOUT)  # both global slots are taken now
+        started = time.monotonic()
+        waiting, result = held_requests(running.port, 1)
+        time.sleep(0.6)
+        others.set()  # a global slot is free; local is still busy
+        for t in waiting:
+            t.join(TIMEOUT)
+        waited = time.monotonic() - started
+        assert result[0][0] == 429, result
+        assert b"every server for 'fake-model' is at its max_concurrency" in result[0][2]
+        assert waited < 1.35  # before: 1.6 s
+    finally:
+        first.set()
+        others.set()
+        for t in threads:
+            t.join(TIMEOUT)
+        running.stop(timeout=5)
+        local.close()
+        other.close()
+
+
 def test_server_max_concurrency_queues_then_uses_fallback(tmp_path):
     local, remote = FakeUpstream(), FakeUpstream()
     path = write_registry(tmp_path / "s.json", [
