@@ -4158,6 +4158,15 @@ def entry_api_key(entry, environ):
     return key or None
 
 
+def serving_registry(path, environ, workers):
+    """The registry as `serve` uses it -> (doc, upstream keys by server name); RegistryError
+    if broken, or if it holds managed entries and `serve` runs several workers."""
+    doc = load_registry(path)
+    if workers:
+        refuse_managed_under_workers(doc["servers"])
+    return doc, {e["name"]: entry_api_key(e, environ) for e in doc["servers"]}
+
+
 # `add` options copied into an entry as given (both kinds of entry)
 SERVER_OPTIONS = ("alias", "api_key_env", "api_key", "timeout", "max_concurrency", "priority",
                   "vision", "mcp")
@@ -4403,9 +4412,10 @@ class Gateway:
                  queue_size=QUEUE_SIZE, queue_timeout=QUEUE_TIMEOUT, access_log=None,
                  allowed_hosts=None, cors_origins=(), mcp_max_rounds=MCP_MAX_ROUNDS,
                  mcp_allow_urls=(), mcp_roots=(), max_running=None, parent=None,
-                 clock=time.monotonic):
+                 last_good=None, clock=time.monotonic):
         self.registry = registry
         self.parent = parent  # pid of the `serve --workers N` that started this worker
+        self.last_good = last_good  # serve's last good (doc, keys), for a worker it respawns
         self.environ = dict(os.environ if environ is None else environ)
         self.sweeper = Sweeper()
         self.router = Router(clock)
@@ -4452,15 +4462,17 @@ class Gateway:
             if not quiet and not os.path.exists(self.registry):
                 raise RegistryError(f"{self.registry} is gone (restore it, or write an empty "
                                     "one to remove every server)")
-            doc = load_registry(self.registry)
-            if self.parent is not None:
-                refuse_managed_under_workers(doc["servers"])
-            keys = {e["name"]: entry_api_key(e, self.environ) for e in doc["servers"]}
+            doc, keys = serving_registry(self.registry, self.environ, self.parent is not None)
         except RegistryError as exc:
-            if quiet:
+            if not quiet:
+                logger().error("registry not reloaded, keeping the last good one: %s", exc)
+                return
+            if self.last_good is None:
                 raise
-            logger().error("registry not reloaded, keeping the last good one: %s", exc)
-            return
+            # a worker replacing a dead one: its peers serve their last good registry, so will it
+            logger().error("registry not loaded, starting with the last good one: %s", exc)
+            doc, keys = self.last_good
+        self.last_good = None
         before = set(self.router.upstreams)
         self.router.load(doc["servers"], keys)
         for server in self.processes.sync(self.router.upstreams):
@@ -4571,7 +4583,6 @@ def cmd_serve(args, environ):
                         format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%Y-%m-%d %H:%M:%S")
     path = registry_path(args, environ)
-    servers = load_registry(path)["servers"]  # a broken registry stops serve before it binds
     keys = parse_api_keys(args, environ)
     loopback = is_loopback_host(args.host)
     if not loopback and not keys and not args.no_auth:
@@ -4588,8 +4599,8 @@ def cmd_serve(args, environ):
     if workers > args.max_concurrency:
         raise CLIError(f"--max-concurrency {args.max_concurrency} cannot be split across "
                        f"{workers} workers (each needs at least 1): raise it or use fewer workers")
-    if workers > 1:
-        refuse_managed_under_workers(servers)
+    # a broken registry stops serve before it binds
+    last_good = serving_registry(path, environ, workers > 1)
     options = dict(environ=environ, api_keys=keys, queue_timeout=args.queue_timeout,
                    allowed_hosts=args.allowed_host or () if loopback else None,
                    cors_origins=args.cors_origin or (), mcp_max_rounds=args.mcp_max_rounds,
@@ -4601,7 +4612,7 @@ def cmd_serve(args, environ):
         handler.addFilter(one_line_sdk_errors)
     if workers == 1:
         return run_worker(args, path, keys, options, args.max_concurrency, args.queue_size)
-    return run_workers(args, path, keys, options, workers)
+    return run_workers(args, path, keys, options, workers, last_good)
 
 
 def one_line_sdk_errors(record):
@@ -4664,9 +4675,10 @@ def run_worker(args, path, keys, options, max_concurrency, queue_size, sock=None
     return 0
 
 
-def run_workers(args, path, keys, options, workers):
+def run_workers(args, path, keys, options, workers, last_good):
     """N processes, each a full gateway, sharing one port through SO_REUSEPORT (the kernel
-    spreads connections). Limits are split so the global --max-concurrency still holds."""
+    spreads connections). Limits are split so the global --max-concurrency still holds.
+    `last_good` is the registry serve read, as serving_registry gives it."""
     import signal
     import socket
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
@@ -4704,7 +4716,8 @@ def run_workers(args, path, keys, options, workers):
         pid = os.fork()
         if pid == 0:
             os.setpgid(0, 0)  # Ctrl-C reaches serve alone, which passes it on once: a worker
-            worker_options = dict(options, parent=os.getppid())  # takes a second one as "now"
+            worker_options = dict(options, parent=os.getppid(),  # takes a second one as "now"
+                                  last_good=last_good)
             for other in socks:
                 if other is not socks[i]:
                     other.close()
@@ -4771,6 +4784,10 @@ def run_workers(args, path, keys, options, workers):
             continue
         logger().error("worker %d/%d (pid %d) exited (%s) on its own; starting a new one",
                        i + 1, workers, pid, how)
+        try:  # the new worker reads the registry; if broken now, it starts with this one
+            last_good = serving_registry(path, options["environ"], True)
+        except RegistryError:
+            pass
         signal.pthread_sigmask(signal.SIG_BLOCK, signals)
         if not stopping:  # (a signal just now closed the sockets)
             spawn(i)

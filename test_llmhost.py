@@ -3716,6 +3716,38 @@ def test_a_worker_that_dies_is_replaced_and_no_request_is_lost(fake, tmp_path):
     assert f"(pid {victim}) exited (SIGKILL) on its own; starting a new one" in err
 
 
+def test_a_worker_replaced_while_the_registry_is_broken_serves_the_last_good_one(fake, tmp_path):
+    """Its peers keep their last good registry while the file is broken (or holds a managed
+    entry, which workers refuse): the new worker starts with the one serve last read."""
+    registry = write_registry(tmp_path / "s.json",
+                              [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    proc, port = start_serve(registry, "--workers", "2")
+    try:
+        pids = set()
+        deadline = time.monotonic() + TIMEOUT
+        while len(pids) < 2 and time.monotonic() < deadline:
+            pids.add(json.loads(request(port, "GET", "/v1/status")[2])["pid"])
+        time.sleep(llmhost.WORKER_MIN_UPTIME)
+        with open(registry, "w") as f:
+            f.write('{"servers": [')  # an editor's half-saved file
+        os.kill(pids.pop(), signal.SIGKILL)
+        statuses = [jpost(port, "/v1/chat/completions", CHAT)[0] for _ in range(30)]
+        assert statuses == [200] * 30  # both workers serve fake-model
+        assert proc.poll() is None
+        write_registry(registry, [{"name": "local", "url": fake.url, "models": ["fake-model"]},
+                                  {"name": "m", "command": "llama-server -m x.gguf --port {port}",
+                                   "models": ["m"]}])
+        os.kill(pids.pop(), signal.SIGKILL)
+        statuses = [jpost(port, "/v1/chat/completions", CHAT)[0] for _ in range(30)]
+        assert statuses == [200] * 30
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0 and err.count("serving on") == 4, err
+    assert err.count("registry not loaded, starting with the last good one") == 2
+
+
 def test_workers_neither_share_their_port_nor_outlive_serve(fake, tmp_path):
     """SO_REUSEPORT would let a second serve (other keys, other registry) join the port; and a
     serve killed with SIGKILL must not leave its workers serving unsupervised."""
