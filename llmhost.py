@@ -1114,6 +1114,9 @@ class UpstreamClient:
         so they are not parsed: one regex finds the five names."""
         if raw[:7].lower() != b"http/1." or raw[8:9] != b" " or not raw[9:12].isdigit():
             raise ValueError(f"status line {raw[:60]!r}")
+        lines = raw.count(b"\r\n")  # a line break of another kind would hide a field from
+        if raw.count(b"\r") != lines or raw.count(b"\n") != lines:  # one reader, not another
+            raise ValueError("a bare CR or LF in its head")
         status = int(raw[9:12])
         headers = {}
         for name, value in _RESPONSE_FIELD.findall(raw):

@@ -2573,7 +2573,8 @@ def test_a_stream_whose_upstream_dies_before_its_first_event_is_retried(tmp_path
 
 class CloseFramedUpstream:
     """An upstream that ends each answer by closing (no Content-Length, not chunked), as some
-    HTTP/1.0-style servers do; `answers` are the bodies of its next POST answers."""
+    HTTP/1.0-style servers do; `answers` are the bodies of its next POST answers (with a
+    content type of None: the whole answer, head and all, sent as it is)."""
 
     def __init__(self, answers):
         self.answers = list(answers)
@@ -2595,7 +2596,8 @@ class CloseFramedUpstream:
                     ctype, body = self.answers.pop(0)
                     pieces = body if isinstance(body, list) else [body]  # a list: 0.2 s apart
                     try:
-                        client.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nConnection: "
+                        client.sendall(pieces[0] if ctype is None else
+                                       b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nConnection: "
                                        b"close\r\n\r\n%s" % (ctype, pieces[0]))
                         for piece in pieces[1:]:
                             time.sleep(0.2)
@@ -2630,6 +2632,34 @@ def test_an_answer_framed_by_the_close_is_checked_for_its_end(tmp_path):
         assert sse_events(raw)[-1] == "[DONE]" and b'"error"' not in raw
         status, doc = jpost(running.port, "/v1/chat/completions", CHAT)
         assert status == 502 and doc["error"]["code"] == "upstream_closed"
+    finally:
+        running.stop()
+        upstream.close()
+
+
+def test_an_upstream_head_with_a_bare_cr_or_lf_is_refused(tmp_path):
+    """As nginx does ("upstream sent invalid header"): a line break other than CRLF inside a
+    head would hide a field from one parser and show it to another."""
+    upstream = CloseFramedUpstream([
+        (None, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-A: 1\n"
+               b"Content-Length: 2\r\n\r\n{}"),
+        (None, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\rContent-Length: 2\r\n"
+               b"\r\n{}"),
+        (b"application/json", json.dumps({  # (CRLF only: fine)
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "fake-model",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                         "finish_reason": "stop"}]}).encode()),
+    ])
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "odd", "url": upstream.url, "models": ["fake-model"]}])
+    running = Running(path)
+    try:
+        for _ in range(2):
+            status, doc = jpost(running.port, "/v1/chat/completions", CHAT)
+            assert status == 502 and doc["error"]["code"] == "upstream_protocol_error", doc
+            assert "a bare CR or LF in its head" in doc["error"]["message"]
+        status, doc = jpost(running.port, "/v1/chat/completions", CHAT)
+        assert status == 200 and doc["choices"][0]["message"]["content"] == "hi"
     finally:
         running.stop()
         upstream.close()
