@@ -4765,6 +4765,10 @@ def run_workers(args, path, keys, options, workers, last_good):
         if i is None:
             continue
         code = os.waitstatus_to_exitcode(code)
+        how = f"code {code}"
+        if code < 0:  # killed by a signal: reported as a shell would, 128 + its number
+            how = next((s.name for s in signal.Signals if s == -code), f"signal {-code}")
+            code = 128 - code
         if stopping:
             status = status or code
             continue
@@ -4772,9 +4776,6 @@ def run_workers(args, path, keys, options, workers, last_good):
         # here, so connections the kernel gives it wait in its backlog for a new worker, as
         # nginx's master replaces a worker. One that failed at start, or keeps dying, stops
         # serve instead: respawning it would hide the fault in a loop.
-        how = f"code {code}"
-        if code < 0:
-            how = next((s.name for s in signal.Signals if s == -code), f"signal {-code}")
         now = time.monotonic()
         deaths[i] = [t for t in deaths[i] if now - t < WORKER_DEATHS[1]] + [now]
         at_start = now - started[i] < WORKER_MIN_UPTIME

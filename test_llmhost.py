@@ -3702,18 +3702,20 @@ def test_workers_share_one_port(fake, tmp_path):
             os.kill(pid, 0)
 
 
-def test_a_worker_that_exits_at_start_stops_serve(fake, tmp_path):
+@pytest.mark.parametrize("sig, how, code", [(signal.SIGTERM, "code 0", 1),
+                                             (signal.SIGKILL, "SIGKILL", 128 + 9)])
+def test_a_worker_that_exits_at_start_stops_serve(fake, tmp_path, sig, how, code):
     registry = write_registry(tmp_path / "s.json",
                               [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
     proc, port = start_serve(registry, "--workers", "2")
     try:
         worker = json.loads(request(port, "GET", "/v1/status")[2])["pid"]
-        os.kill(worker, signal.SIGTERM)  # well within WORKER_MIN_UPTIME: it failed to start
-        assert proc.wait(TIMEOUT) != 0  # so serve says so, instead of respawning it in a loop
-    finally:
+        os.kill(worker, sig)  # well within WORKER_MIN_UPTIME: it failed to start
+        assert proc.wait(TIMEOUT) == code  # so serve says so, instead of respawning it in a
+    finally:  # loop (a signal's death as a shell reports it: 128 + its number)
         proc.kill()
         _, err = proc.communicate()
-    assert "exited (code 0) at start; stopping the others" in err
+    assert f"exited ({how}) at start; stopping the others" in err
 
 
 def test_a_worker_that_dies_is_replaced_and_no_request_is_lost(fake, tmp_path):
