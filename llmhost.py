@@ -1004,6 +1004,18 @@ class UpstreamResponse:
         self.client.release(self.conn, False)
 
 
+async def read_to_end(resp, timeout=1.0):
+    """Read and drop what is left of an answer the client already has in full; one that sends
+    more or takes longer is closed instead of pooled."""
+    import asyncio
+    try:
+        if await asyncio.wait_for(resp.read_all(limit=0), timeout) == b"":
+            return
+    except (UpstreamError, asyncio.TimeoutError):
+        pass
+    resp.close()
+
+
 async def fetch_json(client, up, path, timeout=PROBE_TIMEOUT):
     """GET `path` from the Upstream `up` (health checks, model lists) -> (status, parsed JSON
     or None). Raises UpstreamError."""
@@ -2952,6 +2964,7 @@ async def with_mcp_server(name, entry, environ, action):
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 SSE_HEADERS = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
+SSE_DONE = (b"data: [DONE]\n\n", b"data: [DONE]\r\n\r\n", b"data:[DONE]\n\n")  # a stream's end
 JSON_TYPE = [("Content-Type", "application/json")]
 
 # endpoint -> its required fields and their types
@@ -3632,9 +3645,9 @@ class Application:
                     data, tail = data[:cut], data[cut:]
                 else:
                     tail = b""  # whole events, or an "event" too big to hold: pass it on
-                if resp.done:
-                    pending = data  # the last piece: written with the end of the stream
-                    break
+                if resp.done or data.endswith(SSE_DONE):  # the last piece: written with the
+                    pending = data  # end of the stream (a client may close once it reads
+                    break  # [DONE], as the openai client does, before the upstream's end)
                 conn.write_chunk(data)
                 if close_framed and not done_seen:
                     done_seen = b"[DONE]" in data
@@ -3661,6 +3674,9 @@ class Application:
             resp.close()
             return False
         conn.end_stream(pending)
+        if not resp.done:  # [DONE] came before the upstream's end, which follows at once:
+            conn.upstream = None  # read it, so its connection goes back to the pool (the
+            await read_to_end(resp)  # client, which has its answer, may leave meanwhile)
         return keep_alive
 
     # -- MCP: tools executed by llmhost --------------------------------------------------

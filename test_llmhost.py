@@ -229,6 +229,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         if (body.get("stream_options") or {}).get("include_usage"):
             self.event(dict(base, choices=[], usage=usage))
         self.event(b"[DONE]")
+        if step.get("end_delay"):  # the chunked end comes later, in a write of its own
+            time.sleep(step["end_delay"])
         self.chunk(b"")
 
 
@@ -290,6 +292,7 @@ class FakeUpstream:
     def record(self, handler, raw):
         with self.lock:
             self.requests.append({"method": handler.command, "path": handler.path,
+                                  "peer": handler.client_address,
                                   "headers": {k.lower(): v for k, v in handler.headers.items()},
                                   "body": raw})
 
@@ -2917,6 +2920,21 @@ def test_server_max_concurrency_queues_then_uses_fallback(tmp_path):
 
 class StreamWatcher(FakeUpstream):
     """An upstream whose paced stream notes when its client (llmhost) went away."""
+
+
+def test_a_stream_ends_for_the_client_at_done_and_its_upstream_connection_is_kept(gateway, fake):
+    """The openai client closes its connection as soon as it reads data: [DONE]: the end of the
+    chunked body goes out with [DONE] (the client's connection stays reusable, the request is
+    not logged as 499), and the upstream's own end, read after it, keeps that one pooled."""
+    fake.script({"end_delay": 0.6})
+    started = time.monotonic()
+    status, _, raw = post(gateway.port, "/v1/chat/completions", dict(CHAT, stream=True))
+    assert time.monotonic() - started < 0.5  # the client's body ended before the upstream's
+    assert status == 200 and sse_events(raw)[-1] == "[DONE]"
+    assert wait_until(lambda: sum(len(v) for v in gateway.gateway.client.idle.values()) == 1)
+    assert post(gateway.port, "/v1/chat/completions", CHAT)[0] == 200
+    first, second = fake.posts()
+    assert first["peer"] == second["peer"]  # one upstream connection for both
 
 
 def test_client_disconnect_reaches_upstream_within_a_second(gateway, fake):
