@@ -1043,6 +1043,13 @@ _RESPONSE_NAMES = {name.encode(): name for name in (
     "content-type", "content-length", "transfer-encoding", "connection", "retry-after")}
 
 
+def bare_line_break(head):
+    """Whether a head holds a CR or LF outside CRLF: it would hide a field from a parser that
+    splits at CRLF (ours) and show it to one that takes a bare LF as a line end (nginx does)."""
+    lines = head.count(b"\r\n")
+    return head.count(b"\r") != lines or head.count(b"\n") != lines
+
+
 class UpstreamClient:
     def __init__(self, sweeper):
         self.sweeper = sweeper
@@ -1094,8 +1101,8 @@ class UpstreamClient:
                 if len(body) >= RELAY_CHUNK:
                     conn.writer.write(body)
                 raw = await conn.reader.readuntil(b"\r\n\r\n")
-                while raw[9:10] == b"1" and raw[:5] == b"HTTP/":  # skip 1xx interim answers
-                    raw = await conn.reader.readuntil(b"\r\n\r\n")
+                while raw[9:10] == b"1" and raw[:5] == b"HTTP/" and not bare_line_break(raw):
+                    raw = await conn.reader.readuntil(b"\r\n\r\n")  # skip 1xx interim answers
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
                 self.release(conn, False)
                 if conn.expired:
@@ -1126,8 +1133,7 @@ class UpstreamClient:
         so they are not parsed: one regex finds the five names."""
         if raw[:7].lower() != b"http/1." or raw[8:9] != b" " or not raw[9:12].isdigit():
             raise ValueError(f"status line {raw[:60]!r}")
-        lines = raw.count(b"\r\n")  # a line break of another kind would hide a field from
-        if raw.count(b"\r") != lines or raw.count(b"\n") != lines:  # one reader, not another
+        if bare_line_break(raw):
             raise ValueError("a bare CR or LF in its head")
         status = int(raw[9:12])
         headers = {}

@@ -2641,9 +2641,12 @@ def test_an_answer_framed_by_the_close_is_checked_for_its_end(tmp_path):
 
 
 def test_an_upstream_head_with_a_bare_cr_or_lf_is_refused(tmp_path):
-    """As nginx does ("upstream sent invalid header"): a line break other than CRLF inside a
-    head would hide a field from one parser and show it to another."""
+    """A line break other than CRLF inside a head would hide a field from one parser and show
+    it to another (nginx refuses a bare CR, and takes a bare LF as a line end); also in a 1xx
+    interim head, which would otherwise be skipped together with the real head after it."""
     upstream = CloseFramedUpstream([
+        (None, b"HTTP/1.1 100 Continue\n\nHTTP/1.1 200 OK\r\nContent-Type: application/json"
+               b"\r\nContent-Length: 2\r\n\r\n{}"),
         (None, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-A: 1\n"
                b"Content-Length: 2\r\n\r\n{}"),
         (None, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\rContent-Length: 2\r\n"
@@ -2657,7 +2660,7 @@ def test_an_upstream_head_with_a_bare_cr_or_lf_is_refused(tmp_path):
         {"name": "odd", "url": upstream.url, "models": ["fake-model"]}])
     running = Running(path)
     try:
-        for _ in range(2):
+        for _ in range(3):
             status, doc = jpost(running.port, "/v1/chat/completions", CHAT)
             assert status == 502 and doc["error"]["code"] == "upstream_protocol_error", doc
             assert "a bare CR or LF in its head" in doc["error"]["message"]
