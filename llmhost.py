@@ -3125,6 +3125,9 @@ def normalize_rerank(body, model, texts, top_n, return_documents):
     return json_bytes(out)
 
 
+LOG_MODEL_CHARS = 200  # a longer model name is cut in the access log
+
+
 class AccessLog:
     """One line per request, buffered and written once per sweep. A request only notes its
     fields; the lines are formatted together at the flush, off the requests' path (formatting
@@ -3161,6 +3164,9 @@ class AccessLog:
                 text = "".join([line % fields for fields in lines])
             else:
                 text = "".join([line % (*f[:3], shown[f[3]] or f[3], *f[4:]) for f in lines])
+                for f in lines:  # a long name is not kept: a client could fill memory with them
+                    if len(f[3]) > LOG_MODEL_CHARS:
+                        shown.pop(f[3], None)
             try:
                 self.stream.write(text)
                 self.stream.flush()
@@ -3170,10 +3176,13 @@ class AccessLog:
     @staticmethod
     def escaped(model):
         """A model name (the client's text) that could forge a line or a field (a line break or
-        other control character, a space, a quote) quoted, with Python's escapes; else None."""
-        if model.isprintable() and not any(c in model for c in ' "\\'):
-            return None
-        return '"%s"' % ascii(model)[1:-1].replace('"', '\\"')
+        other control character, a space, a quote) quoted, with Python's escapes; one over
+        LOG_MODEL_CHARS cut to that, quoted, then '...'; else None (written as it is)."""
+        if len(model) <= LOG_MODEL_CHARS:
+            if model.isprintable() and not any(c in model for c in ' "\\'):
+                return None
+            return '"%s"' % ascii(model)[1:-1].replace('"', '\\"')
+        return '"%s"...' % ascii(model[:LOG_MODEL_CHARS])[1:-1].replace('"', '\\"')
 
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "::1", "ip6-localhost"})

@@ -3077,6 +3077,11 @@ def test_access_log_lines_are_written_at_flush_and_cannot_be_forged():
         in lines[1]
     assert [line.split(" model=")[1].split(" server=-")[0] for line in lines[2:]] == [
         '"a\\u2028b"', '"a\\x0bb"', '"\\x1b[2Kc"', '"d server=x"', '"e\\"f\\\\"']
+    log.add(request, 404, "y" * 5_000_000, None, 10.5)  # a client's 5 MB "model"
+    log.flush()
+    assert out.getvalue().splitlines()[-1].split(" model=")[1].startswith(
+        '"%s"... server=-' % ("y" * llmhost.LOG_MODEL_CHARS))  # cut, and not kept after
+    assert max(map(len, log.shown), default=0) <= llmhost.LOG_MODEL_CHARS
 
 
 def test_user_session_subprocess(fake, tmp_path):
