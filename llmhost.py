@@ -4192,6 +4192,15 @@ def entry_api_key(entry, environ):
     return key or None
 
 
+def registry_stamp(path):
+    """What changes when the registry file is edited or replaced; None if there is none."""
+    try:
+        st = os.stat(path)
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+    except OSError:
+        return None
+
+
 def serving_registry(path, environ, workers):
     """The registry as `serve` uses it -> (doc, upstream keys by server name); RegistryError
     if broken, or if it holds managed entries and `serve` runs several workers."""
@@ -4491,9 +4500,9 @@ class Gateway:
 
     async def reload(self, quiet=False):
         """Re-read the registry; a broken file keeps the last good one (and says why)."""
-        self.registry_stamp = self.stamp()
+        self.registry_stamp = registry_stamp(self.registry)
         try:
-            if not quiet and not os.path.exists(self.registry):
+            if (not quiet or self.last_good) and not os.path.exists(self.registry):
                 raise RegistryError(f"{self.registry} is gone (restore it, or write an empty "
                                     "one to remove every server)")
             doc, keys = serving_registry(self.registry, self.environ, self.parent is not None)
@@ -4537,18 +4546,11 @@ class Gateway:
         await self.processes.stop(server, "removed from the registry")
         self.processes.retired.discard(server)
 
-    def stamp(self):
-        try:
-            st = os.stat(self.registry)
-            return (st.st_mtime_ns, st.st_size, st.st_ino)
-        except OSError:
-            return None
-
     def housekeeping(self, now):
         """Each sweep: notice registry edits (about once a second) and probe cooling servers."""
         if now >= self.next_watch:
             self.next_watch = now + WATCH_INTERVAL
-            if self.stamp() != self.registry_stamp:
+            if registry_stamp(self.registry) != self.registry_stamp:
                 self.spawn(self.reload())
             if self.parent is not None and os.getppid() != self.parent:
                 import signal  # our serve was killed: no worker serves on unsupervised
@@ -4743,12 +4745,13 @@ def run_workers(args, path, keys, options, workers, last_good):
     # and them would kill serve with a traceback, or run serve's handler in a worker.
     signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-    def spawn(i):
+    def spawn(i, last_good=None):
         share = args.max_concurrency // workers + (i < args.max_concurrency % workers)
         queue = args.queue_size // workers + (i < args.queue_size % workers)
         signal.pthread_sigmask(signal.SIG_BLOCK, signals)
         pid = os.fork()
         if pid == 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGCHLD,))  # (serve's alone)
             os.setpgid(0, 0)  # Ctrl-C reaches serve alone, which passes it on once: a worker
             worker_options = dict(options, parent=os.getppid(),  # takes a second one as "now"
                                   last_good=last_good)
@@ -4784,14 +4787,34 @@ def run_workers(args, path, keys, options, workers, last_good):
             except ProcessLookupError:
                 pass
 
+    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGCHLD,))  # for sigtimedwait below
     for i in range(workers):
         spawn(i)
     for sig in signals:
         signal.signal(sig, forward)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+    seen = registry_stamp(path)
+
+    def follow_registry():
+        """Serve follows registry edits as its workers do, so that one replacing a dead worker
+        while the file is broken can start with what its peers have (the last good one; also
+        when the file is deleted, which the workers refuse)."""
+        nonlocal seen, last_good
+        stamp = registry_stamp(path)
+        if stamp is not None and stamp != seen:
+            seen = stamp
+            try:
+                last_good = serving_registry(path, options["environ"], True)
+            except RegistryError:
+                pass
+
     status = 0
     while children:
-        pid, code = os.wait()
+        pid, code = os.waitpid(-1, os.WNOHANG)
+        if not pid:  # none has exited: wait for one, looking at the registry each second
+            signal.sigtimedwait((signal.SIGCHLD,), WATCH_INTERVAL)
+            follow_registry()
+            continue
         i = children.pop(pid, None)
         if i is None:
             continue
@@ -4819,13 +4842,10 @@ def run_workers(args, path, keys, options, workers, last_good):
             continue
         logger().error("worker %d/%d (pid %d) exited (%s) on its own; starting a new one",
                        i + 1, workers, pid, how)
-        try:  # the new worker reads the registry; if broken now, it starts with this one
-            last_good = serving_registry(path, options["environ"], True)
-        except RegistryError:
-            pass
+        follow_registry()
         signal.pthread_sigmask(signal.SIG_BLOCK, signals)
         if not stopping:  # (a signal just now closed the sockets)
-            spawn(i)
+            spawn(i, last_good)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
     return status
 

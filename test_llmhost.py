@@ -3775,28 +3775,29 @@ def test_a_worker_that_dies_is_replaced_and_no_request_is_lost(fake, tmp_path):
 
 
 def test_a_worker_replaced_while_the_registry_is_broken_serves_the_last_good_one(fake, tmp_path):
-    """Its peers keep their last good registry while the file is broken (or holds a managed
-    entry, which workers refuse): the new worker starts with the one serve last read."""
-    registry = write_registry(tmp_path / "s.json",
-                              [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    """Its peers keep their last good registry while the file is broken (or deleted): the new
+    worker starts with the same one, which serve follows as they do (not the one at start)."""
+    servers = [{"name": "local", "url": fake.url, "models": ["fake-model"]}]
+    registry = write_registry(tmp_path / "s.json", servers)
     proc, port = start_serve(registry, "--workers", "2")
     try:
         pids = set()
         deadline = time.monotonic() + TIMEOUT
         while len(pids) < 2 and time.monotonic() < deadline:
             pids.add(json.loads(request(port, "GET", "/v1/status")[2])["pid"])
-        time.sleep(llmhost.WORKER_MIN_UPTIME)
+        write_registry(registry, servers + [
+            {"name": "later", "url": fake.url, "models": ["later-model"]}])  # a good edit
+        time.sleep(max(llmhost.WORKER_MIN_UPTIME, 2 * llmhost.WATCH_INTERVAL) + 0.3)
+        later = dict(CHAT, model="later-model")
         with open(registry, "w") as f:
-            f.write('{"servers": [')  # an editor's half-saved file
+            f.write('{"servers": [')  # then an editor's half-saved file
         os.kill(pids.pop(), signal.SIGKILL)
-        statuses = [jpost(port, "/v1/chat/completions", CHAT)[0] for _ in range(30)]
-        assert statuses == [200] * 30  # both workers serve fake-model
-        assert proc.poll() is None
-        write_registry(registry, [{"name": "local", "url": fake.url, "models": ["fake-model"]},
-                                  {"name": "m", "command": "llama-server -m x.gguf --port {port}",
-                                   "models": ["m"]}])
+        statuses = [jpost(port, "/v1/chat/completions", later)[0] for _ in range(30)]
+        assert statuses == [200] * 30  # both workers serve the edit's model
+        os.remove(registry)  # workers refuse a registry that is gone: they keep theirs
+        time.sleep(2 * llmhost.WATCH_INTERVAL)
         os.kill(pids.pop(), signal.SIGKILL)
-        statuses = [jpost(port, "/v1/chat/completions", CHAT)[0] for _ in range(30)]
+        statuses = [jpost(port, "/v1/chat/completions", later)[0] for _ in range(30)]
         assert statuses == [200] * 30
         assert proc.poll() is None
     finally:
