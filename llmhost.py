@@ -4812,7 +4812,10 @@ def run_workers(args, path, keys, options, workers, last_good):
     while children:
         pid, code = os.waitpid(-1, os.WNOHANG)
         if not pid:  # none has exited: wait for one, looking at the registry each second
-            signal.sigtimedwait((signal.SIGCHLD,), WATCH_INTERVAL)
+            if hasattr(signal, "sigtimedwait"):
+                signal.sigtimedwait((signal.SIGCHLD,), WATCH_INTERVAL)
+            else:  # (not on macOS)
+                time.sleep(0.1)
             follow_registry()
             continue
         i = children.pop(pid, None)
