@@ -229,8 +229,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         if (body.get("stream_options") or {}).get("include_usage"):
             self.event(dict(base, choices=[], usage=usage))
         self.event(b"[DONE]")
-        if step.get("end_delay"):  # the chunked end comes later, in a write of its own
-            time.sleep(step["end_delay"])
+        if step.get("hold_end"):  # the chunked end comes later (when the test says), in a
+            step["hold_end"].wait(TIMEOUT)  # write of its own
         self.chunk(b"")
 
 
@@ -1523,13 +1523,19 @@ def test_mcp_an_attached_server_that_fails_is_left_out(mcp_env, caplog):
 
 
 def test_mcp_an_attached_server_that_hangs_delays_one_request_not_each(fake, tmp_path):
-    registry = write_registry(tmp_path / "s.json", [
-        {"name": "local", "url": fake.url, "models": ["fake-model"], "mcp": ["t", "stuck"]}],
-        mcp={"t": MCP_STDIO, "stuck": {"command": "sleep", "args": ["60"]}})  # never answers
+    mcp = {"t": MCP_STDIO, "stuck": {"command": "sleep", "args": ["60"]}}  # `stuck` never answers
+    servers = [{"name": "local", "url": fake.url, "models": ["fake-model"], "mcp": ["t"]}]
+    registry = write_registry(tmp_path / "s.json", servers, mcp=mcp)
     running = Running(registry)
-    running.gateway.app.mcp._connect_timeout = 4.0  # (30 s in serve; `t` starts within it)
     took = []
     try:
+        fake.script({"calls": [("t__echo", {"text": "x"})]})  # `t` is up first (its start can
+        status, doc = jpost(running.port, "/v1/chat/completions", CHAT, timeout=60)  # take
+        assert doc["choices"][0]["message"]["content"] == "tool result: x", doc  # seconds on a
+        running.gateway.app.mcp._connect_timeout = 4.0  # busy CPU): what is timed below is
+        servers[0]["mcp"].append("stuck")  # `stuck`'s connect, cut to 4 s (30 s in serve)
+        write_registry(registry, servers, mcp=mcp)
+        running.call(running.gateway.reload())
         for _ in range(3):
             fake.script({"calls": [("t__echo", {"text": "x"})]})
             started = time.monotonic()
@@ -1551,8 +1557,10 @@ def test_mcp_editing_a_server_lets_its_running_calls_finish(fake, tmp_path):
         before = jpost(running.port, "/v1/chat/completions", CHAT)[1]["choices"][0]
         # long enough for the edited entry's new process to start (over a second on a slow CI box)
         fake.script({"calls": [("t__slow", {"seconds": 5.0})]})
+        posts = len(fake.posts())
         threads, results = held_requests(running.port, 1)
-        time.sleep(0.5)  # the call is running
+        assert wait_until(lambda: len(fake.posts()) > posts)  # the model asked for the call
+        time.sleep(0.3)  # ... which is running
         write_registry(registry, servers, mcp={"t": dict(MCP_STDIO, timeout=90)})
         running.call(running.gateway.reload())
         fake.script({"calls": [("t__pid", {})]})  # a new call goes to the edited entry at once
@@ -2834,15 +2842,17 @@ def test_queue_timeout_bounds_the_whole_wait_not_each_queue(tmp_path):
         assert other.holding.acquire(timeout=TIMEOUT)  # both global slots are taken now
         started = time.monotonic()
         waiting, result = held_requests(running.port, 1)  # waits for local's capacity
-        time.sleep(0.2)
+        admission = running.gateway.admission
+        assert wait_until(lambda: admission.queued() == 1)
         queued = held_requests(running.port, 1, dict(CHAT, model="other-model"))[0]
-        time.sleep(0.4)  # ... which queues for a global slot
+        assert wait_until(lambda: admission.queued() == 2)  # ... which queues for a global slot
+        time.sleep(max(0.0, started + 0.6 - time.monotonic()))
         first.set()  # local is free, but its global slot passes to the queued request
         for t in waiting:
             t.join(TIMEOUT)
         waited = time.monotonic() - started
         assert result[0][0] == 429
-        assert waited < 1.35  # before: 0.6 s for local, then a whole 1.0 s more in the queue
+        assert waited < 1.45  # before: 0.6 s for local, then a whole 1.0 s more in the queue
     finally:
         first.set()
         others.set()
@@ -2929,10 +2939,13 @@ def test_a_stream_ends_for_the_client_at_done_and_its_upstream_connection_is_kep
     """The openai client closes its connection as soon as it reads data: [DONE]: the end of the
     chunked body goes out with [DONE] (the client's connection stays reusable, the request is
     not logged as 499), and the upstream's own end, read after it, keeps that one pooled."""
-    fake.script({"end_delay": 0.6})
-    started = time.monotonic()
-    status, _, raw = post(gateway.port, "/v1/chat/completions", dict(CHAT, stream=True))
-    assert time.monotonic() - started < 0.5  # the client's body ended before the upstream's
+    end = threading.Event()
+    fake.script({"hold_end": end})
+    try:  # the client's body ends while the upstream's is held (before: a timeout here)
+        status, _, raw = post(gateway.port, "/v1/chat/completions", dict(CHAT, stream=True),
+                              timeout=3)
+    finally:
+        end.set()
     assert status == 200 and sse_events(raw)[-1] == "[DONE]"
     assert wait_until(lambda: sum(len(v) for v in gateway.gateway.client.idle.values()) == 1)
     assert post(gateway.port, "/v1/chat/completions", CHAT)[0] == 200
@@ -3145,14 +3158,17 @@ def test_a_second_ctrl_c_stops_waiting_for_requests(fake, tmp_path):
     try:
         threads, results = held_requests(port, 1)
         assert fake.holding.acquire(timeout=TIMEOUT)
+        err = []
+        threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()
         proc.send_signal(signal.SIGINT)
-        time.sleep(0.5)
+        assert wait_until(lambda: any("shutting down" in line for line in err))
         assert proc.poll() is None  # the first one waits for the request (up to 30 s)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(5) == 0  # the second one does not
         threads[0].join(TIMEOUT)
         assert results and results[0] != 200
-        assert "second signal: closing in-flight requests now" in proc.communicate()[1]
+        assert wait_until(lambda: any("second signal: closing in-flight requests now" in line
+                                      for line in err))
     finally:
         release.set()
         if proc.poll() is None:
@@ -3290,7 +3306,9 @@ def test_fifty_slow_streams_take_as_long_as_one(tmp_path):
     try:
         alone = durations(1)[0]
         together = durations(50)
-        assert alone >= 1.0 and max(together) <= alone * 1.10, (alone, sorted(together)[-5:])
+        # 50 at once take as long as one, give or take what 50 client threads and 3 fakes
+        # sharing two cores with llmhost cost (about 10%, 15% on a busy one); queued: 50 s
+        assert alone >= 1.0 and max(together) <= alone * 1.3, (alone, sorted(together)[-5:])
     finally:
         proc.terminate()
         proc.communicate(timeout=TIMEOUT)
