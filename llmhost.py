@@ -191,7 +191,7 @@ class Request:
     """One parsed request. `headers` maps lower-cased names to values (repeats joined by ', ')."""
     __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "keep_alive",
                  "conn", "started", "request_id", "model", "server", "status", "extra",
-                 "unread")
+                 "unread", "complete")
 
     def __init__(self, method, target, version, headers):
         self.method = method
@@ -213,6 +213,7 @@ class Request:
         self.model = self.server = None  # for the access log
         self.status = 0
         self.unread = False  # a body left unread (the request is refused whatever it says)
+        self.complete = False  # its whole answer went out: a client that leaves now is no 499
 
 
 _FAST_METHODS = {m: m.decode() for m in KNOWN_METHODS}
@@ -3279,7 +3280,8 @@ class Application:
             log_exception(f"request {rid} failed")
             keep_alive = self.fail(request, HTTPError("internal error in llmhost; see its log"))
         if self.access_log is not None:
-            self.access_log.add(request, request.status if not conn.gone else 499,
+            self.access_log.add(request, 499 if conn.gone and not request.complete else
+                                request.status,
                                 request.model, request.server, time.monotonic())
         return keep_alive
 
@@ -3690,8 +3692,9 @@ class Application:
             return False
         conn.end_stream(pending)
         if not resp.done:  # [DONE] came before the upstream's end, which follows at once:
-            conn.upstream = None  # read it, so its connection goes back to the pool (the
-            await read_to_end(resp)  # client, which has its answer, may leave meanwhile)
+            request.complete = True  # read it, so its connection goes back to the pool (the
+            conn.upstream = None  # client, which has its answer, may leave meanwhile)
+            await read_to_end(resp)
         return keep_alive
 
     # -- MCP: tools executed by llmhost --------------------------------------------------

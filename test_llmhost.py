@@ -2935,22 +2935,32 @@ class StreamWatcher(FakeUpstream):
     """An upstream whose paced stream notes when its client (llmhost) went away."""
 
 
-def test_a_stream_ends_for_the_client_at_done_and_its_upstream_connection_is_kept(gateway, fake):
+def test_a_stream_ends_for_the_client_at_done_and_its_upstream_connection_is_kept(fake, tmp_path):
     """The openai client closes its connection as soon as it reads data: [DONE]: the end of the
-    chunked body goes out with [DONE] (the client's connection stays reusable, the request is
-    not logged as 499), and the upstream's own end, read after it, keeps that one pooled."""
+    chunked body goes out with [DONE], and the upstream's own end, read after it, keeps that
+    connection pooled; a client that leaves once it has it all is no 499 in the log."""
+    path = write_registry(tmp_path / "s.json",
+                          [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    log = io.StringIO()
+    running = Running(path, access_log=llmhost.AccessLog(log))
     end = threading.Event()
     fake.script({"hold_end": end})
-    try:  # the client's body ends while the upstream's is held (before: a timeout here)
-        status, _, raw = post(gateway.port, "/v1/chat/completions", dict(CHAT, stream=True),
-                              timeout=3)
+    try:
+        try:  # the client's body ends while the upstream's is held (before: a timeout here)
+            status, _, raw = post(running.port, "/v1/chat/completions", dict(CHAT, stream=True),
+                                  timeout=3)
+        finally:  # (and the client has closed its connection)
+            end.set()
+        assert status == 200 and sse_events(raw)[-1] == "[DONE]"
+        assert wait_until(lambda: sum(map(len, running.gateway.client.idle.values())) == 1)
+        assert post(running.port, "/v1/chat/completions", CHAT)[0] == 200
+        first, second = fake.posts()
+        assert first["peer"] == second["peer"]  # one upstream connection for both
+        assert wait_until(lambda: log.getvalue().count("\n") == 2)
+        assert [line.split(" status=")[1][:3] for line in log.getvalue().splitlines()] == \
+            ["200", "200"]
     finally:
-        end.set()
-    assert status == 200 and sse_events(raw)[-1] == "[DONE]"
-    assert wait_until(lambda: sum(len(v) for v in gateway.gateway.client.idle.values()) == 1)
-    assert post(gateway.port, "/v1/chat/completions", CHAT)[0] == 200
-    first, second = fake.posts()
-    assert first["peer"] == second["peer"]  # one upstream connection for both
+        running.stop()
 
 
 def test_client_disconnect_reaches_upstream_within_a_second(gateway, fake):
