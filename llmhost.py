@@ -1005,15 +1005,21 @@ class UpstreamResponse:
         self.client.release(self.conn, False)
 
 
-async def read_to_end(resp, timeout=1.0):
-    """Read and drop what is left of an answer the client already has in full; one that sends
-    more or takes longer is closed instead of pooled."""
+async def read_to_end(request, resp, timeout=1.0):
+    """The client has its whole answer (a stream ended at data: [DONE]): read what is left of
+    the upstream's, its end, so its connection goes back to the pool; one that sends more or
+    takes longer is closed instead. The client may leave meanwhile: that is no 499."""
     import asyncio
+    request.complete = True
+    request.conn.upstream = None  # (its leaving must not abort the upstream connection)
     try:
-        if await asyncio.wait_for(resp.read_all(limit=0), timeout) == b"":
-            return
-    except (UpstreamError, asyncio.TimeoutError):
-        pass
+        await asyncio.wait_for(resp.read_all(limit=0), timeout)  # b"" at its end
+        return
+    except asyncio.TimeoutError:
+        why = f"no end within {timeout:g}s"
+    except UpstreamError as exc:  # (bytes after [DONE] are over the limit of 0)
+        why = exc.message
+    logger().debug("after data: [DONE]: %s; the upstream connection is closed", why)
     resp.close()
 
 
@@ -3643,8 +3649,11 @@ class Application:
         try:
             if resp.buffered():
                 pending = await resp.read_some()
-            if resp.done:  # the whole stream was at hand: head, events and end in one write
-                return conn.start_stream(request, resp.status, headers, pending, end=True)
+            if resp.done or pending.endswith(SSE_DONE):  # the whole stream was at hand: head,
+                keep_alive = conn.start_stream(request, resp.status, headers, pending, end=True)
+                if not resp.done:  # events and end in one write
+                    await read_to_end(request, resp)
+                return keep_alive
             keep_alive = conn.start_stream(request, resp.status, headers, pending)
             close_framed = resp.framing == "close"  # its end is the close, so a death looks
             done_seen = close_framed and b"[DONE]" in pending  # like an end: was [DONE] sent?
@@ -3691,10 +3700,8 @@ class Application:
             resp.close()
             return False
         conn.end_stream(pending)
-        if not resp.done:  # [DONE] came before the upstream's end, which follows at once:
-            request.complete = True  # read it, so its connection goes back to the pool (the
-            conn.upstream = None  # client, which has its answer, may leave meanwhile)
-            await read_to_end(resp)
+        if not resp.done:  # [DONE] came before the upstream's end, which follows at once
+            await read_to_end(request, resp)
         return keep_alive
 
     # -- MCP: tools executed by llmhost --------------------------------------------------
@@ -4068,8 +4075,7 @@ class Application:
                                         **({"mcp_rounds_exhausted": True} if last else {}))))
         if include_usage:
             conn.write_chunk(sse_event(dict(tail, choices=[], usage=state["usage"])))
-        conn.write_chunk(sse_event(b"[DONE]"))
-        conn.end_stream()
+        conn.end_stream(sse_event(b"[DONE]"))  # with the end: a client may close on [DONE]
         return keep_alive
 
 

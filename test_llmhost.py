@@ -2679,6 +2679,25 @@ def test_an_upstream_head_with_a_bare_cr_or_lf_is_refused(tmp_path):
         upstream.close()
 
 
+def test_a_whole_stream_at_hand_at_once_ends_for_the_client_at_once(tmp_path):
+    """Events and data: [DONE] in the first piece read, the upstream's end (here its close)
+    later: the client's answer ends at once, head, events and end in one write."""
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"Hello"}}]}\n\n'
+    upstream = CloseFramedUpstream([
+        (b"text/event-stream", [event + b"data: [DONE]\n\n"] + [b""] * 15)])  # closes after 3 s
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "old", "url": upstream.url, "models": ["fake-model"]}])
+    running = Running(path)
+    try:
+        started = time.monotonic()
+        status, _, raw = post(running.port, "/v1/chat/completions", dict(CHAT, stream=True))
+        assert time.monotonic() - started < 2.0  # before: 3 s, the upstream's close
+        assert status == 200 and sse_events(raw) == [event[6:-2].decode(), "[DONE]"]
+    finally:
+        running.stop()
+        upstream.close()
+
+
 def test_close_framed_streams_failover_and_client_departures(fake, tmp_path):
     event = b'data: {"choices":[{"index":0,"delta":{"content":"Hello"}}]}\n\n'
     upstream = CloseFramedUpstream([
