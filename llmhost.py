@@ -4467,7 +4467,7 @@ class Gateway:
                  last_good=None, clock=time.monotonic):
         self.registry = registry
         self.parent = parent  # pid of the `serve --workers N` that started this worker
-        self.last_good = last_good  # serve's last good (doc, keys), for a worker it respawns
+        self.last_good = last_good  # (a worker of serve --workers) serve's last good (doc, keys)
         self.environ = dict(os.environ if environ is None else environ)
         self.sweeper = Sweeper()
         self.router = Router(clock)
@@ -4521,7 +4521,7 @@ class Gateway:
                 return
             if self.last_good is None:
                 raise
-            # a worker replacing a dead one: its peers serve their last good registry, so will it
+            # a worker of serve --workers: its peers keep their last good registry, so does it
             logger().error("registry not loaded, starting with the last good one: %s", exc)
             doc, keys = self.last_good
         self.last_good = None
@@ -4796,24 +4796,27 @@ def run_workers(args, path, keys, options, workers, last_good):
             except ProcessLookupError:
                 pass
 
+    # A worker that finds the file broken (or gone) as it starts takes the last good registry
+    # serve read, as its peers keep theirs; none without a file (a first run has none).
+    fallback = last_good if registry_stamp(path) is not None else None
     signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGCHLD,))  # for sigtimedwait below
     for i in range(workers):
-        spawn(i)
+        spawn(i, fallback)
     for sig in signals:
         signal.signal(sig, forward)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
-    seen = registry_stamp(path)
+    seen = None  # (so the first look reads the file: an edit made as the workers started counts)
 
     def follow_registry():
         """Serve follows registry edits as its workers do, so that one replacing a dead worker
         while the file is broken can start with what its peers have (the last good one; also
         when the file is deleted, which the workers refuse)."""
-        nonlocal seen, last_good
+        nonlocal seen, fallback
         stamp = registry_stamp(path)
         if stamp is not None and stamp != seen:
             seen = stamp
             try:
-                last_good = serving_registry(path, options["environ"], True)
+                fallback = serving_registry(path, options["environ"], True)
             except RegistryError:
                 pass
 
@@ -4857,7 +4860,7 @@ def run_workers(args, path, keys, options, workers, last_good):
         follow_registry()
         signal.pthread_sigmask(signal.SIG_BLOCK, signals)
         if not stopping:  # (a signal just now closed the sockets)
-            spawn(i, last_good)
+            spawn(i, fallback)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
     return status
 
