@@ -61,6 +61,7 @@ PROBE_INTERVAL = 1.0  # s between health probes of a cooling server
 WATCH_INTERVAL = 1.0  # s between registry file checks while serving
 SHUTDOWN_TIMEOUT = 30.0  # s in-flight requests get to finish after SIGTERM
 WORKER_MIN_UPTIME = 2.0  # s; a worker gone sooner failed to start: serve stops, not respawns
+WORKER_SIGNAL_ECHO = 0.5  # s in which a worker's second stop signal is the first one again
 WORKER_DEATHS = (5, 60.0)  # a worker slot dying this often in this many s stops serve too
 MANAGED_TTL = 900.0  # s a managed server may idle before it is stopped; LM Studio's JIT TTL
 MANAGED_START_TIMEOUT = 120.0  # s for a managed server to become ready (model loading)
@@ -4701,12 +4702,15 @@ def run_worker(args, path, keys, options, max_concurrency, queue_size, sock=None
             logger().warning("no servers registered yet: add one with "
                              "`python3 llmhost.py add NAME URL` (serve picks it up live)")
         await stop.wait()
+        stopped = time.monotonic()
         logger().info("shutting down%s: finishing in-flight requests (up to %gs; Ctrl-C again "
                       "to stop them now)", label, args.shutdown_timeout)
 
         def hurry():
-            logger().warning("second signal%s: closing in-flight requests now", label)
-            gateway.http.abandon_in_flight()
+            if sock is not None and time.monotonic() - stopped < WORKER_SIGNAL_ECHO:
+                return  # a worker's signal from serve, and the same one sent to every process
+            logger().warning("second signal%s: closing in-flight requests now", label)  # of a
+            gateway.http.abandon_in_flight()  # systemd unit (or by pkill): one, not two
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, hurry)

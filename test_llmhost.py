@@ -3205,7 +3205,11 @@ def test_a_second_ctrl_c_stops_waiting_for_requests(fake, tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="needs SO_REUSEPORT (Linux)")
-def test_ctrl_c_in_a_terminal_lets_workers_finish_their_requests(fake, tmp_path):
+@pytest.mark.parametrize("stop", ["ctrl-c", "systemd"])
+def test_ctrl_c_in_a_terminal_lets_workers_finish_their_requests(fake, tmp_path, stop):
+    """A terminal's Ctrl-C (SIGINT to the foreground group), or systemd's stop (SIGTERM to each
+    process of the unit): each worker gets the signal from serve too, and that is no second
+    signal ("stop now"), so the requests under way still finish."""
     registry = write_registry(tmp_path / "s.json",
                               [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
     sock = socket.socket()
@@ -3226,9 +3230,16 @@ def test_ctrl_c_in_a_terminal_lets_workers_finish_their_requests(fake, tmp_path)
                 return proc.poll() is not None  # not yet (or never: then say so below)
 
         assert wait_until(up) and proc.poll() is None
+        workers = set()
+        while len(workers) < 2:
+            workers.add(json.loads(request(port, "GET", "/v1/status")[2])["pid"])
         threads, results = held_requests(port, 1)
         assert fake.holding.acquire(timeout=TIMEOUT)
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group
+        if stop == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group
+        else:  # KillMode=control-group: each process at once
+            for pid in (proc.pid, *workers):
+                os.kill(pid, signal.SIGTERM)
         time.sleep(0.5)
         release.set()  # one Ctrl-C: the request under way still finishes
         threads[0].join(TIMEOUT)
