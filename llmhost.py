@@ -2218,7 +2218,8 @@ def check_api_key(headers, keys):
 # Raises: MCPError (server unknown, cannot start, cannot connect) only. A tool that fails,
 #   times out or loses its connection is a result with ok=False, never an exception.
 # Never: imports `mcp` at module import (~0.6-1 s, ~580 modules) - only inside functions, and
-#   only once an MCP server is used; reads os.environ except through the CLI helpers'
+#   only once an MCP server is used (or attached to a model: warm() connects those at start,
+#   importing in a thread); reads os.environ except through the CLI helpers'
 #   defaults; logs header values, env values, prompts or sampled text.
 
 
@@ -2444,7 +2445,8 @@ class _MCPConn:
 
 
 class MCPHub:
-    """The MCP servers the app knows, connected lazily; see the banner for the contract."""
+    """The MCP servers the app knows, connected by warm() (those attached to models) or on
+    first use; see the banner for the contract."""
 
     def __init__(self, specs, *, environ, sampler=None, roots=(), call_timeout=MCP_CALL_TIMEOUT,
                  connect_timeout=MCP_CONNECT_TIMEOUT):
@@ -2711,11 +2713,14 @@ class MCPHub:
             raise MCPError(server, "shutting down")
         if c.lock is None:
             c.lock = asyncio.Lock()
+        failures = c.failures
         async with c.lock:
             if c.retired:
                 raise MCPError(server, "removed from the registry")
             if self._alive(c):
                 return c.client
+            if c.failures > failures:  # the start this one waited for has failed: so does this
+                raise MCPError(server, f"could not start ({c.last_error})")  # one, not again
             if c.owner is not None:  # it died since last use: tear down, then restart
                 mcp_log().warning("MCP %s: connection lost; restarting", server)
                 await self._stop(c)
@@ -2852,6 +2857,29 @@ class MCPHub:
                     "type": "function",
                     "function": {"name": name, "description": t.description or t.title or t.name, "parameters": params}}})
         return out
+
+    async def warm(self, server_names):
+        """Connect these servers and list their tools in the background, as LM Studio and
+        Claude Desktop start theirs with the app, so the first request that uses them does not
+        wait for them; one that fails is not waited for either (it is retried aside). The SDK
+        (a second of imports) is loaded in a thread, so requests are served meanwhile."""
+        import asyncio
+        names = [n for n in server_names if n in self._conns and self._conns[n].tools is None
+                 and not self._conns[n].failures]
+        if not names:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, __import__, "mcp")
+        except ImportError:
+            return  # (a request that needs it says how to install it)
+        for server, result in zip(names, await asyncio.gather(
+                *(self._tools_of(n) for n in names), return_exceptions=True)):
+            if isinstance(result, MCPError):
+                mcp_log().warning("%s (retried when a request needs it, which does not wait "
+                                  "for it)", result.message)
+            elif isinstance(result, BaseException) and \
+                    not isinstance(result, asyncio.CancelledError):
+                mcp_log().warning("MCP server %s: %s", server, _describe_exc(result))
 
     async def call(self, server, tool, arguments, timeout=None):
         """Run one tool. Returns {ok, content, text, parts, duration_ms, error}; raises MCPError
@@ -4531,6 +4559,10 @@ class Gateway:
         for server in self.processes.sync(self.router.upstreams):
             self.spawn(self.retire(server))
         await self.app.mcp.update(doc["mcpServers"])
+        attached = {name for up in self.router.upstreams.values()
+                    for name in up.entry.get("mcp", ())}
+        if attached:  # connected now, not when the first request needs them
+            self.spawn(self.app.mcp.warm(sorted(attached)))
         if not quiet:
             logger().info("registry reloaded: %d servers, %d models (added: %s; removed: %s)",
                           len(self.router.upstreams), len(self.router.table),
