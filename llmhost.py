@@ -2739,12 +2739,13 @@ class MCPHub:
                 if not ready.done():
                     ready.cancel()  # nobody will read what the owner would have put there
                 await self._stop(c)
+                if isinstance(e, asyncio.CancelledError):  # its caller left (a client gone, a
+                    c.state = "idle"  # shutdown): no failure of the server's, and a request
+                    raise  # that waited for this start tries its own
                 err = e if isinstance(e, MCPError) else MCPError(server, f"no answer within {self._connect_timeout:.0f} s"
                                                                  if isinstance(e, asyncio.TimeoutError) else _describe_exc(e))
                 c.state = "failed"
                 c.note_failure(str(err))
-                if isinstance(e, asyncio.CancelledError):
-                    raise
                 raise err from None
             mcp_log().info("MCP %s: connected (%s, %s) in %.0f ms", server, c.transport, c.era,
                          (time.monotonic() - t0) * 1000)
@@ -2872,14 +2873,19 @@ class MCPHub:
             await asyncio.get_running_loop().run_in_executor(None, __import__, "mcp")
         except ImportError:
             return  # (a request that needs it says how to install it)
+        except Exception as e:  # a broken install: said once here, and by each request
+            mcp_log().warning("MCP servers not started: importing mcp failed: %s",
+                              _describe_exc(e))
+            return
         for server, result in zip(names, await asyncio.gather(
                 *(self._tools_of(n) for n in names), return_exceptions=True)):
-            if isinstance(result, MCPError):
-                mcp_log().warning("%s (retried when a request needs it, which does not wait "
-                                  "for it)", result.message)
-            elif isinstance(result, BaseException) and \
-                    not isinstance(result, asyncio.CancelledError):
-                mcp_log().warning("MCP server %s: %s", server, _describe_exc(result))
+            c = self._conns.get(server)
+            if c is None or c.retired or isinstance(result, asyncio.CancelledError) or \
+                    not isinstance(result, BaseException):
+                continue  # (a reload removed or replaced it meanwhile: nothing to say)
+            mcp_log().warning("%s (retried when a request needs it, which does not wait for it)",
+                              result.message if isinstance(result, MCPError) else
+                              f"MCP server {server!r}: {_describe_exc(result)}")
 
     async def call(self, server, tool, arguments, timeout=None):
         """Run one tool. Returns {ok, content, text, parts, duration_ms, error}; raises MCPError

@@ -1549,6 +1549,26 @@ def test_mcp_an_attached_server_that_hangs_delays_one_request_not_each(fake, tmp
         running.stop(timeout=5)
 
 
+def test_mcp_a_start_whose_caller_left_is_no_failure():
+    """Two requests need a server that is starting; the one that started it leaves (its
+    client went away): the other gets the server, not the first one's cancellation as an
+    error, and no failure is counted against the server."""
+    async def main():
+        hub = llmhost.MCPHub({"t": MCP_STDIO}, environ={})
+        try:
+            first = asyncio.ensure_future(hub.tools(["t"]))
+            await asyncio.sleep(0.05)
+            second = asyncio.ensure_future(hub.tools(["t"]))  # waits for the same start
+            await asyncio.sleep(0.1)
+            first.cancel()
+            names = [b["tool"] for b in await asyncio.wait_for(second, 60)]
+            return names, hub._conns["t"].failures
+        finally:
+            await hub.aclose()
+    names, failures = asyncio.run(main())
+    assert "echo" in names and failures == 0
+
+
 def test_mcp_editing_a_server_lets_its_running_calls_finish(fake, tmp_path):
     servers = [{"name": "local", "url": fake.url, "models": ["fake-model"], "mcp": ["t"]}]
     registry = write_registry(tmp_path / "s.json", servers, mcp={"t": MCP_STDIO})
