@@ -4709,6 +4709,13 @@ def one_line_sdk_errors(record):
     return True
 
 
+def worker_signals():
+    """What serve (and a worker) handles. Blocked from before a fork until the worker has its
+    handlers: one that came between them would kill it, or run serve's handler in it."""
+    import signal
+    return signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1
+
+
 def run_worker(args, path, keys, options, max_concurrency, queue_size, sock=None, label=""):
     import asyncio
     gateway = Gateway(path, max_concurrency=max_concurrency, queue_size=queue_size,
@@ -4718,12 +4725,13 @@ def run_worker(args, path, keys, options, max_concurrency, queue_size, sock=None
     async def run():
         import signal
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
+        stop, now = asyncio.Event(), asyncio.Event()  # stop; and stop now (in-flight too)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: gateway.spawn(gateway.reload()))
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM,
-                                                    signal.SIGHUP))  # (run_workers blocks them)
+        if sock is not None:  # a worker: serve passes on a second stop signal as SIGUSR1
+            loop.add_signal_handler(signal.SIGUSR1, lambda: (stop.set(), now.set()))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, worker_signals())  # (run_workers blocks them)
         addresses = await gateway.start(args.host, args.port, sock=sock)
         import gc
         gc.freeze()  # what start-up built lives for good: later collections need not scan it
@@ -4745,14 +4753,20 @@ def run_worker(args, path, keys, options, max_concurrency, queue_size, sock=None
                       "to stop them now)", label, args.shutdown_timeout)
 
         def hurry():
-            if sock is not None and time.monotonic() - stopped < WORKER_SIGNAL_ECHO:
-                return  # a worker's signal from serve, and the same one sent to every process
-            logger().warning("second signal%s: closing in-flight requests now", label)  # of a
-            gateway.http.abandon_in_flight()  # systemd unit (or by pkill): one, not two
+            if sock is None or time.monotonic() - stopped >= WORKER_SIGNAL_ECHO:
+                now.set()  # (a worker gets the signal from serve, and the same one again when
+                # it is sent to every process, as systemd and pkill do: one, not two)
+
+        async def abandon_when_told():
+            await now.wait()
+            logger().warning("second signal%s: closing in-flight requests now", label)
+            gateway.http.abandon_in_flight()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, hurry)
+        told = loop.create_task(abandon_when_told())
         await gateway.stop(args.shutdown_timeout)
+        told.cancel()
 
     try:
         asyncio.run(run())
@@ -4799,7 +4813,7 @@ def run_workers(args, path, keys, options, workers, last_good):
     def spawn(i, last_good=None):
         share = args.max_concurrency // workers + (i < args.max_concurrency % workers)
         queue = args.queue_size // workers + (i < args.queue_size % workers)
-        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+        signal.pthread_sigmask(signal.SIG_BLOCK, worker_signals())
         pid = os.fork()
         if pid == 0:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGCHLD,))  # (serve's alone)
@@ -4828,7 +4842,9 @@ def run_workers(args, path, keys, options, workers, last_good):
 
     def forward(signum, _frame):
         nonlocal stopping
-        if signum != signal.SIGHUP and not stopping:
+        if signum != signal.SIGHUP and stopping:  # a second stop signal: "now". Sent as its
+            signum = signal.SIGUSR1  # own signal, for a worker takes a repeat of the first as
+        elif signum != signal.SIGHUP:  # its echo (systemd and pkill signal every process)
             stopping = True
             for sock in socks:  # serve holds the sockets to respawn workers on them; held
                 sock.close()  # while workers stop, they would queue connections nobody takes

@@ -3250,11 +3250,12 @@ def test_a_second_ctrl_c_stops_waiting_for_requests(fake, tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="needs SO_REUSEPORT (Linux)")
-@pytest.mark.parametrize("stop", ["ctrl-c", "systemd"])
+@pytest.mark.parametrize("stop", ["ctrl-c", "systemd", "ctrl-c twice"])
 def test_ctrl_c_in_a_terminal_lets_workers_finish_their_requests(fake, tmp_path, stop):
     """A terminal's Ctrl-C (SIGINT to the foreground group), or systemd's stop (SIGTERM to each
     process of the unit): each worker gets the signal from serve too, and that is no second
-    signal ("stop now"), so the requests under way still finish."""
+    signal ("stop now"), so the requests under way still finish. A second Ctrl-C, however
+    soon, is one: they are cut."""
     registry = write_registry(tmp_path / "s.json",
                               [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
     sock = socket.socket()
@@ -3280,11 +3281,18 @@ def test_ctrl_c_in_a_terminal_lets_workers_finish_their_requests(fake, tmp_path,
             workers.add(json.loads(request(port, "GET", "/v1/status")[2])["pid"])
         threads, results = held_requests(port, 1)
         assert fake.holding.acquire(timeout=TIMEOUT)
-        if stop == "ctrl-c":
+        if stop.startswith("ctrl-c"):
             os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group
         else:  # KillMode=control-group: each process at once
             for pid in (proc.pid, *workers):
                 os.kill(pid, signal.SIGTERM)
+        if stop == "ctrl-c twice":
+            time.sleep(0.2)
+            os.killpg(proc.pid, signal.SIGINT)
+            assert proc.wait(TIMEOUT) == 0  # at once, not when the request ends
+            threads[0].join(TIMEOUT)
+            assert not isinstance(results[0], tuple) or results[0][0] != 200, results
+            return
         time.sleep(0.5)
         release.set()  # one Ctrl-C: the request under way still finishes
         threads[0].join(TIMEOUT)
