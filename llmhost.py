@@ -4710,8 +4710,9 @@ def one_line_sdk_errors(record):
 
 
 def worker_signals():
-    """What serve (and a worker) handles. Blocked from before a fork until the worker has its
-    handlers: one that came between them would kill it, or run serve's handler in it."""
+    """The signals a worker handles (serve: all but SIGUSR1, its "stop now" to the workers).
+    Blocked from before a fork until the worker has its handlers: one that came between them
+    would kill it, or run serve's handler in it."""
     import signal
     return signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1
 
