@@ -4711,8 +4711,8 @@ def one_line_sdk_errors(record):
 
 def worker_signals():
     """The signals a worker handles (serve: all but SIGUSR1, its "stop now" to the workers).
-    Blocked from before a fork until the worker has its handlers: one that came between them
-    would kill it, or run serve's handler in it."""
+    Blocked from before a fork until each process has its handlers: one that came between
+    them would kill serve with a traceback, or run serve's handler in a worker."""
     import signal
     return signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1
 
@@ -4807,11 +4807,9 @@ def run_workers(args, path, keys, options, workers, last_good):
     children = {}  # pid -> index of its socket
     started = [0.0] * workers  # when each slot's worker was forked
     deaths = [[] for _ in socks]  # when each slot's workers died unasked
-    # Signals wait (blocked) until each process has its handlers: one that came between a fork
-    # and them would kill serve with a traceback, or run serve's handler in a worker.
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # serve's (see worker_signals)
 
-    def spawn(i, last_good=None):
+    def spawn(i, fallback):
         share = args.max_concurrency // workers + (i < args.max_concurrency % workers)
         queue = args.queue_size // workers + (i < args.queue_size % workers)
         signal.pthread_sigmask(signal.SIG_BLOCK, worker_signals())
@@ -4820,7 +4818,7 @@ def run_workers(args, path, keys, options, workers, last_good):
             signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGCHLD,))  # (serve's alone)
             os.setpgid(0, 0)  # Ctrl-C reaches serve alone, which passes it on once: a worker
             worker_options = dict(options, parent=os.getppid(),  # takes a second one as "now"
-                                  last_good=last_good)
+                                  last_good=fallback)
             for other in socks:
                 if other is not socks[i]:
                     other.close()
