@@ -49,6 +49,7 @@ CONNECT_TIMEOUT = 5.0  # s to open an upstream connection
 UPSTREAM_TIMEOUT = 600.0  # s to the first byte and between bytes; model loading is slow
 POOL_MAX_IDLE = 64  # idle keep-alive connections per upstream origin (> default concurrency)
 POOL_IDLE_TIMEOUT = 30.0  # s an idle upstream connection is kept; httpcore
+DRAIN_TIMEOUT = 1.0  # s for an upstream's end after data: [DONE] before its connection is closed
 MAX_ATTEMPTS = 3  # upstream servers tried for one request before giving up
 FAILURES_BEFORE_COOLDOWN = 3  # consecutive failures; LiteLLM allowed_fails 3
 COOLDOWN_BASE = 5.0  # s, doubled per further failure; LiteLLM cooldown_time 5 s
@@ -920,6 +921,7 @@ class UpstreamResponse:
         self.done = framing == "length" and length == 0
         self.reusable = framing != "close" and "close" not in headers.get("connection", "").lower()
         self.early = b""  # body bytes peek() read ahead; read_some() gives them first
+        self.draining = False  # UpstreamClient.drain() reads its end: not ours to close
         if self.done:
             self.release()
 
@@ -1006,22 +1008,14 @@ class UpstreamResponse:
         self.client.release(self.conn, False)
 
 
-async def read_to_end(request, resp, timeout=1.0):
-    """The client has its whole answer (a stream ended at data: [DONE]): read what is left of
-    the upstream's, its end, so its connection goes back to the pool; one that sends more or
-    takes longer is closed instead. The client may leave meanwhile: that is no 499."""
-    import asyncio
+def stream_delivered(request, resp):
+    """The client has its whole answer (a stream ended at data: [DONE]): what is left of the
+    upstream's, its end, is read in the background (UpstreamClient.drain), so the client's next
+    request on this connection does not wait for it. The client may leave now: that is no 499."""
     request.complete = True
     request.conn.upstream = None  # (its leaving must not abort the upstream connection)
-    try:
-        await asyncio.wait_for(resp.read_all(limit=0), timeout)  # b"" at its end
-        return
-    except asyncio.TimeoutError:
-        why = f"no end within {timeout:g}s"
-    except UpstreamError as exc:  # (bytes after [DONE] are over the limit of 0)
-        why = exc.message
-    logger().debug("after data: [DONE]: %s; the upstream connection is closed", why)
-    resp.close()
+    if not resp.done:
+        resp.client.drain(resp)
 
 
 async def fetch_json(client, up, path, timeout=PROBE_TIMEOUT):
@@ -1062,6 +1056,7 @@ class UpstreamClient:
     def __init__(self, sweeper):
         self.sweeper = sweeper
         self.idle = {}  # origin key -> list of idle UpstreamConnection (last in, first out)
+        self.draining = {}  # task of drain() -> the UpstreamResponse it reads
         sweeper.callbacks.append(self.expire_idle)
 
     async def connect(self, origin, timeout):
@@ -1180,7 +1175,31 @@ class UpstreamClient:
             while idle and now - idle[0].idle_since > POOL_IDLE_TIMEOUT:
                 idle.pop(0).discard()
 
+    def drain(self, resp, timeout=DRAIN_TIMEOUT):
+        """Read the rest of `resp`, its end, in a task of its own, so its connection goes back
+        to the pool; one that sends more (bytes after data: [DONE]) or takes longer is closed."""
+        import asyncio
+
+        async def read_end():
+            try:
+                await asyncio.wait_for(resp.read_all(limit=0), timeout)  # b"" at its end
+                return
+            except asyncio.TimeoutError:
+                why = f"no end within {timeout:g}s"
+            except UpstreamError as exc:  # (bytes after [DONE] are over the limit of 0)
+                why = exc.message
+            logger().debug("after data: [DONE]: %s; the upstream connection is closed", why)
+            resp.close()
+
+        resp.draining = True
+        task = asyncio.get_running_loop().create_task(read_end())
+        self.draining[task] = resp
+        task.add_done_callback(self.draining.pop)
+
     def close_all(self):
+        for task, resp in list(self.draining.items()):
+            task.cancel()
+            resp.close()
         for idle in self.idle.values():
             for conn in idle:
                 conn.discard()
@@ -3635,7 +3654,7 @@ class Application:
                 try:
                     return await deliver(up, resp, data, (sent - request.started) * 1000)
                 finally:
-                    if not resp.done:
+                    if not resp.done and not resp.draining:
                         resp.close()  # not read to its end: the connection cannot be reused
             finally:
                 up.in_flight -= 1
@@ -3686,8 +3705,7 @@ class Application:
                 pending = await resp.read_some()
             if resp.done or pending.endswith(SSE_DONE):  # the whole stream was at hand: head,
                 keep_alive = conn.start_stream(request, resp.status, headers, pending, end=True)
-                if not resp.done:  # events and end in one write
-                    await read_to_end(request, resp)
+                stream_delivered(request, resp)  # events and end in one write
                 return keep_alive
             keep_alive = conn.start_stream(request, resp.status, headers, pending)
             close_framed = resp.framing == "close"  # its end is the close, so a death looks
@@ -3735,8 +3753,7 @@ class Application:
             resp.close()
             return False
         conn.end_stream(pending)
-        if not resp.done:  # [DONE] came before the upstream's end, which follows at once
-            await read_to_end(request, resp)
+        stream_delivered(request, resp)  # [DONE] may come before the upstream's end
         return keep_alive
 
     # -- MCP: tools executed by llmhost --------------------------------------------------

@@ -3027,6 +3027,40 @@ def test_a_stream_ends_for_the_client_at_done_and_its_upstream_connection_is_kep
         running.stop()
 
 
+def test_the_next_request_on_a_connection_does_not_wait_for_an_upstream_end(fake, tmp_path):
+    """A client that reads a stream to its end and sends its next request on the same
+    connection is answered at once, while the upstream's end after data: [DONE] is still
+    awaited in the background (before: the handler waited for it, up to a second)."""
+    path = write_registry(tmp_path / "s.json",
+                          [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    running = Running(path)
+    end = threading.Event()
+    fake.script({"hold_end": end})
+    try:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT) as s:
+            def ask(body):
+                data = json.dumps(body).encode()
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+            ask(dict(CHAT, stream=True))
+            received = b""
+            while not received.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"):
+                received += s.recv(65536)
+            started = time.monotonic()
+            ask(CHAT)
+            received = b""
+            while b'"choices"' not in received:
+                received += s.recv(65536)
+            assert time.monotonic() - started < 0.5 and received.startswith(b"HTTP/1.1 200")
+            assert not end.is_set()
+        end.set()  # the held end arrives: that upstream connection goes back to the pool
+        assert wait_until(lambda: sum(map(len, running.gateway.client.idle.values())) == 2)
+        assert not running.gateway.client.draining
+    finally:
+        end.set()
+        running.stop()
+
+
 def test_client_disconnect_reaches_upstream_within_a_second(gateway, fake):
     long_text = " ".join(["word"] * 200)
     fake.script({"pace": 0.02})
