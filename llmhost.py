@@ -43,6 +43,7 @@ MAX_BODY_BYTES = 32 * 1024 * 1024  # bytes; llama-swap 32 MiB, fits base64 image
 MAX_UPSTREAM_BODY = 64 * 1024 * 1024  # bytes of a non-streamed upstream answer we buffer
 HEADER_TIMEOUT = 10.0  # s to receive a whole request head; slowloris guard
 BODY_TIMEOUT = 60.0  # s of silence while a body arrives; nginx client_body_timeout
+SEND_TIMEOUT = 60.0  # s a client may take none of our answer, then it is closed; nginx send_timeout
 KEEPALIVE_IDLE = 5.0  # s an idle client connection is kept; uvicorn 5 s
 MAX_CONNECTIONS = 1024  # open client connections per process; past it new ones are closed
 CONNECT_TIMEOUT = 5.0  # s to open an upstream connection
@@ -485,6 +486,9 @@ class ClientConnection:
             # RFC 9110 §15.5.9: 408 for a request that did not arrive in time; then close.
             self.write_error(HTTPError("request not received in time", status=408,
                                        code="request_timeout"), close=True)
+        elif self.transport.get_write_buffer_size():  # (drain: the client takes nothing;
+            self.transport.abort()  # close() would wait to send what is left, for good)
+            return
         self.transport.close()
 
     def peer_gone(self):
@@ -605,6 +609,16 @@ class ClientConnection:
         return b"".join(parts)
 
     # -- writing ---------------------------------------------------------------------------
+    async def drain(self):
+        """Wait while the client takes what we wrote. One that takes none of it for
+        SEND_TIMEOUT is closed (nginx's send_timeout), so a client that stopped reading (or a
+        host gone without a reset) does not hold its slot, and a model's, for good."""
+        self.deadline = time.monotonic() + SEND_TIMEOUT
+        try:
+            await self.writer.drain()
+        finally:
+            self.deadline = None
+
     def common_headers(self, request, keep_alive):
         headers = [("Date", self.server.sweeper.date)]
         if not keep_alive:
@@ -785,7 +799,7 @@ class HTTPServer:
                         await self.linger(conn)  # the answer first, then drop the body
                     break
                 if writer.transport.get_write_buffer_size() > RELAY_CHUNK:
-                    await writer.drain()
+                    await conn.drain()
         except (ConnectionError, OSError):
             pass  # the client went away; nothing is owed to it
         except Exception:
@@ -3695,7 +3709,6 @@ class Application:
         an event; upstreams send whole events per write, so this holds nothing back. Bytes that
         are already at hand share a write with the head or the end (fewer syscalls)."""
         conn = request.conn
-        writer = conn.writer
         transport = conn.transport
         keep_alive = None
         tail = b""
@@ -3731,7 +3744,7 @@ class Application:
                 if close_framed and not done_seen:
                     done_seen = b"[DONE]" in data
                 if transport.get_write_buffer_size() > RELAY_CHUNK:
-                    await writer.drain()
+                    await conn.drain()
             if close_framed and not done_seen and b"[DONE]" not in pending + tail and \
                     not conn.gone:  # (a client that left closed it: not the upstream's fault)
                 error = UpstreamError("upstream closed the stream before data: [DONE]")

@@ -3656,6 +3656,28 @@ def test_body_timeout_is_for_silence_not_for_the_whole_upload(gateway, monkeypat
         assert time.monotonic() - started < 3
 
 
+def test_a_client_that_stops_reading_is_closed_and_frees_its_slot(gateway, fake, monkeypatch):
+    """A client that takes none of a long answer for SEND_TIMEOUT (nginx's send_timeout) is
+    closed, so it holds neither its slot nor the model's for good; one that reads is served."""
+    monkeypatch.setattr(llmhost, "SEND_TIMEOUT", 0.5)
+    for stream, words in ((True, 100_000), (False, 4_000_000)):  # more than every buffer on
+        body = json.dumps(dict(CHAT, stream=stream, messages=[  # the way holds (8 MB echoed)
+            {"role": "user", "content": "x " * words}])).encode()
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.settimeout(TIMEOUT)
+            s.connect(("127.0.0.1", gateway.port))
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # never read
+            assert wait_until(lambda: any(  # every buffer on the way is full
+                c.transport.get_write_buffer_size() for c in gateway.gateway.http.connections))
+            assert wait_until(lambda: gateway.gateway.http.in_flight == 0, 10)
+            assert wait_until(lambda: not gateway.gateway.http.connections)  # closed
+            assert gateway.gateway.router.upstreams["local"].in_flight == 0
+    status, doc = jpost(gateway.port, "/v1/chat/completions", CHAT)
+    assert status == 200
+
+
 def test_two_hundred_slowloris_connections_do_not_block_service(gateway):
     sockets = []
     try:
