@@ -50,6 +50,8 @@ CONNECT_TIMEOUT = 5.0  # s to open an upstream connection
 UPSTREAM_TIMEOUT = 600.0  # s to the first byte and between bytes; model loading is slow
 POOL_MAX_IDLE = 64  # idle keep-alive connections per upstream origin (> default concurrency)
 POOL_IDLE_TIMEOUT = 30.0  # s an idle upstream connection is kept; httpcore
+STALE_RETRY_WINDOW = 0.5  # s: a pooled connection failing later than this after the request
+# went out was no stale one (the upstream took the request): a POST is not sent twice
 DRAIN_TIMEOUT = 1.0  # s for an upstream's end after data: [DONE] before its connection is closed
 MAX_ATTEMPTS = 3  # upstream servers tried for one request before giving up
 FAILURES_BEFORE_COOLDOWN = 3  # consecutive failures; LiteLLM allowed_fails 3
@@ -1095,8 +1097,9 @@ class UpstreamClient:
                       connect_timeout=CONNECT_TIMEOUT, on_connection=None):
         """Send one request; return its UpstreamResponse once the head has arrived.
 
-        A pooled connection that fails before any response byte is retried once on a fresh one:
-        the server may have closed it while it idled (RFC 9112 §9.3.1 allows the retry).
+        A pooled connection that fails at once, before any response byte, is retried once on a
+        fresh one: the server closed it while it idled (RFC 9112 §9.3.1). One that fails later
+        had taken the request, which is not sent twice (RFC 9110 §9.2.2; nginx neither).
         """
         import asyncio
         idle = self.idle.get(origin.key)
@@ -1112,7 +1115,8 @@ class UpstreamClient:
             if on_connection is not None:
                 on_connection(conn)
             self.sweeper.tracked.add(conn)
-            conn.deadline = time.monotonic() + timeout
+            sent = time.monotonic()
+            conn.deadline = sent + timeout
             try:
                 conn.writer.write(head + body if len(body) < RELAY_CHUNK else head)
                 if len(body) >= RELAY_CHUNK:
@@ -1130,7 +1134,8 @@ class UpstreamClient:
                                         f"{MAX_HEADER_BYTES} bytes",
                                         code="upstream_protocol_error") from None
                 if conn.reused and not conn.aborted and not (
-                        isinstance(exc, asyncio.IncompleteReadError) and exc.partial):
+                        isinstance(exc, asyncio.IncompleteReadError) and exc.partial) and \
+                        time.monotonic() - sent < STALE_RETRY_WINDOW:
                     idle = None  # stale pooled connection: once more, on a fresh one
                     continue
                 raise UpstreamError(f"{origin.host_header} closed the connection without an "

@@ -2503,6 +2503,16 @@ def test_pooled_connection_closed_without_answer_is_retried_once(gateway, fake):
     assert gateway.gateway.router.upstreams["local"].errors == 0
 
 
+def test_a_pooled_connection_that_took_the_request_is_not_retried(gateway, fake):
+    """One that closes without an answer a while after the request went out had taken it (the
+    model may have run it): a POST is not sent twice (RFC 9110 §9.2.2; nginx neither)."""
+    assert post(gateway.port, "/v1/chat/completions", CHAT)[0] == 200  # now pooled
+    fake.script({"delay": 1.0, "close": True})
+    status, doc = jpost(gateway.port, "/v1/chat/completions", CHAT)
+    assert status == 502 and doc["error"]["code"] == "upstream_closed"
+    assert len(fake.posts()) == 2
+
+
 def test_cooling_server_comes_back_through_probe(pool):
     running, fakes = pool
     router = running.gateway.router
