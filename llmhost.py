@@ -359,6 +359,15 @@ def encode_chunk(data):
 LAST_CHUNK = b"0\r\n\r\n"
 
 
+def json_loads(data, **options):
+    """json.loads, with a document nested too deeply to parse a ValueError like any other bad
+    JSON (a RecursionError would make a client's request, or an upstream's answer, a 500)."""
+    try:
+        return json.loads(data, **options)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def json_bytes(obj):
     try:
         return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
@@ -1042,7 +1051,7 @@ async def fetch_json(client, up, path, timeout=PROBE_TIMEOUT):
                                 connect_timeout=min(CONNECT_TIMEOUT, timeout))
     body = await resp.read_all()
     try:
-        return resp.status, json.loads(body)
+        return resp.status, json_loads(body)
     except ValueError:
         return resp.status, None
 
@@ -1485,9 +1494,11 @@ def parse_registry(text, path):
         return doc
 
     try:
-        doc = json.loads(text, object_pairs_hook=unique)
-    except json.JSONDecodeError as exc:
-        raise RegistryError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
+        doc = json_loads(text, object_pairs_hook=unique)
+    except ValueError as exc:
+        where = f":{exc.lineno}:{exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise RegistryError(f"{path}{where}: not valid JSON: {getattr(exc, 'msg', exc)}") \
+            from None
     return validate_registry(doc, path)
 
 
@@ -3069,7 +3080,7 @@ def parse_json_body(request, required):
     if not request.body:
         raise BadRequest("The request body is empty; send a JSON object.", code="invalid_json")
     try:
-        body = json.loads(request.body)
+        body = json_loads(request.body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
@@ -3096,7 +3107,7 @@ def completion_message(data):
     """-> (document, first choice's message) of a chat completion body, or (None, None) when
     the body is not one (some servers answer 200 with an error object or nothing usable)."""
     try:
-        doc = json.loads(data)
+        doc = json_loads(data)
         message = doc["choices"][0]["message"]
     except (ValueError, UnicodeDecodeError, KeyError, IndexError, TypeError):
         return None, None
@@ -3121,7 +3132,7 @@ def completion_as_chunk(doc, message):
 def upstream_error_message(status, body):
     """-> (the message of an upstream's error body, whether the body is OpenAI's envelope)."""
     try:
-        doc = json.loads(body)
+        doc = json_loads(body)
     except (ValueError, UnicodeDecodeError):
         doc = None
     if isinstance(doc, dict):
@@ -3150,7 +3161,7 @@ def embeddings_as_base64(body):
     for upstreams that ignore `encoding_format`."""
     import array
     import base64
-    doc = json.loads(body)
+    doc = json_loads(body)
     changed = False
     for item in doc.get("data") or ():
         vector = item.get("embedding") if isinstance(item, dict) else None
@@ -3179,7 +3190,7 @@ def rerank_documents(documents):
 def normalize_rerank(body, model, texts, top_n, return_documents):
     """llama.cpp, vLLM, Jina, Cohere and TEI answers -> {model, results: [{index,
     relevance_score, document?}]}, best first."""
-    doc = json.loads(body)
+    doc = json_loads(body)
     items = doc.get("results", doc.get("data")) if isinstance(doc, dict) else doc
     if not isinstance(items, list):
         raise UpstreamError("upstream rerank answer has no results list", code="upstream_format")
@@ -3656,7 +3667,7 @@ class Application:
                         data = await resp.read_all()  # a whole answer before any byte goes out
                         if resp.framing == "close" and status == 200:  # the end is the close:
                             try:  # a death looks like an end, unless the JSON is cut short
-                                json.loads(data)
+                                json_loads(data)
                             except ValueError:
                                 raise UpstreamError("upstream closed the connection mid-answer",
                                                     code="upstream_closed") from None
@@ -3857,7 +3868,7 @@ class Application:
         status, data = await self.complete(request, body, self.router.resolve(model))
         if status != 200:
             raise RuntimeError(f"model {model} answered HTTP {status}")
-        doc = json.loads(data)
+        doc = json_loads(data)
         choice = doc["choices"][0]
         return {"text": choice["message"].get("content") or "", "model": doc.get("model", model),
                 "stop_reason": {"length": "maxTokens", "stop": "endTurn"}.get(
@@ -3879,7 +3890,7 @@ class Application:
             binding = bindings[call["function"]["name"]]
             try:
                 args = call["function"].get("arguments") or "{}"
-                args = json.loads(args) if isinstance(args, str) else args  # some send objects
+                args = json_loads(args) if isinstance(args, str) else args  # some send objects
                 if not isinstance(args, dict):
                     raise ValueError("not a JSON object")
             except ValueError as exc:
@@ -4105,7 +4116,7 @@ class Application:
                         if event == "[DONE]":
                             continue
                         try:
-                            doc = json.loads(event)
+                            doc = json_loads(event)
                         except ValueError:
                             raise UpstreamError("upstream sent an event that is not JSON: "
                                                 f"{event[:200]!r}") from None
@@ -4116,7 +4127,7 @@ class Application:
                 self.router.resolve(base["model"]), "/chat/completions", None, deliver)
             if status != 200 or data is not None:
                 if conn.streaming:  # a later round failed: an error event ends the stream
-                    conn.write_chunk(sse_event(json.loads(error_envelope_bytes(
+                    conn.write_chunk(sse_event(json_loads(error_envelope_bytes(
                         status if status != 200 else 502, data))))
                     conn.end_stream()
                     return keep_alive
@@ -4206,7 +4217,7 @@ def http_json(url, api_key=None, timeout=None, method="GET"):
         conn.close()
     text = raw.decode("utf-8", "replace")
     try:
-        doc = json.loads(text)
+        doc = json_loads(text)
     except ValueError:
         doc = None
     return resp.status, doc, text
@@ -5159,7 +5170,7 @@ async def bench_run(args, api_key, progress=sys.stderr):
             count = 0
             if not args.stream:
                 raw = await resp.read_all()
-                doc = json.loads(raw)
+                doc = json_loads(raw)
                 if not isinstance(doc, dict) or not isinstance(doc.get("choices"), list):
                     return fail("bad answer", "not a chat completion: " + error_message(raw))
                 count = (doc.get("usage") or {}).get("completion_tokens") or 0
@@ -5183,7 +5194,7 @@ async def bench_run(args, api_key, progress=sys.stderr):
                         finished = True
                     if finished:
                         continue
-                    doc = json.loads(event)
+                    doc = json_loads(event)
                     if doc.get("error"):
                         return fail("error event", error_message(event))
                     if doc.get("usage"):
@@ -5568,7 +5579,7 @@ def cmd_mcp_call(args, environ):
         raise CLIError("name the tool to call")
     tool, rest = words[0], words[1:]
     try:
-        arguments = json.loads(rest[0]) if rest else {}
+        arguments = json_loads(rest[0]) if rest else {}
     except ValueError as exc:
         raise CLIError(f"arguments are not valid JSON: {exc}") from None
     if not isinstance(arguments, dict):

@@ -589,6 +589,7 @@ def test_shipped_servers_json_is_a_valid_empty_registry():
      '"alias": "p"}]}', "alias needs exactly one model"),
     ('{"version": 1, "servers": [{"name": "a", "url": "http://x", "mcp": ["t"]}]}',
      'no MCP server named "t"'),
+    ('{"version": 1, "servers": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
 ])
 def test_registry_errors_name_file_and_field(tmp_path, text, needle):
     path = tmp_path / "servers.json"
@@ -935,6 +936,9 @@ def test_rerank_normalised_best_first(gateway, fake):
     ("/v1/chat/completions", b"{not json", 400, "invalid_json"),
     ("/v1/chat/completions", b"[1, 2]", 400, "invalid_json"),
     ("/v1/chat/completions", b"", 400, "invalid_json"),
+    ("/v1/chat/completions",  # nested deeper than the parser goes (before: a 500, a traceback)
+     b'{"model": "fake-model", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400,
+     "invalid_json"),
     ("/v1/chat/completions", {"model": "fake-model"}, 400, "missing_required_parameter"),
     ("/v1/chat/completions", {"messages": []}, 400, "missing_required_parameter"),
     ("/v1/chat/completions", {"model": 3, "messages": [{}]}, 400, "invalid_type"),
