@@ -968,6 +968,8 @@ class UpstreamResponse:
         try:
             if self.framing == "chunked":
                 size = parse_chunk_size(await reader.readuntil(b"\r\n"))
+                if size > MAX_UPSTREAM_BODY:  # (read whole: it would be held in memory)
+                    raise ProtocolError(f"a chunk of {size} bytes")
                 if size == 0:
                     while await reader.readuntil(b"\r\n") != b"\r\n":
                         pass  # trailers

@@ -2683,6 +2683,25 @@ class CloseFramedUpstream:
         self.sock.close()
 
 
+def test_an_upstream_chunk_over_the_body_limit_is_refused_at_its_size_line(tmp_path):
+    """A chunk is read whole, so one larger than an answer may be is refused when its size
+    arrives (before: read into memory until the upstream stopped: 411 MB for 150 MB sent)."""
+    upstream = CloseFramedUpstream([(None, [
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked"
+        b"\r\n\r\n7fffffff\r\n"] + [b"x" * 1000] * 10)])  # 2 s of data, then the close
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "old", "url": upstream.url, "models": ["fake-model"]}])
+    running = Running(path)
+    try:
+        started = time.monotonic()
+        status, doc = jpost(running.port, "/v1/chat/completions", CHAT)
+        assert status == 502 and "a chunk of 2147483647 bytes" in doc["error"]["message"]
+        assert time.monotonic() - started < 1.5
+    finally:
+        running.stop()
+        upstream.close()
+
+
 def test_an_answer_framed_by_the_close_is_checked_for_its_end(tmp_path):
     event = b'data: {"choices":[{"index":0,"delta":{"content":"Hello"}}]}\n\n'
     upstream = CloseFramedUpstream([
