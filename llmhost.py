@@ -675,10 +675,10 @@ class ClientConnection:
         all_headers.extend(headers)
         if self.chunked:
             all_headers.append(("Transfer-Encoding", "chunked"))
+        head = response_head(status, all_headers, request.version if request.version == "1.0"
+                             else "1.1")  # (first: one that fails has sent nothing)
         self.phase = "stream"
         self.streaming = True
-        head = response_head(status, all_headers, request.version if request.version == "1.0"
-                             else "1.1")
         if first and self.chunked:
             first = encode_chunk(first)
         if end:
@@ -1070,6 +1070,7 @@ _RESPONSE_FIELD = re.compile(
     re.IGNORECASE)
 _RESPONSE_NAMES = {name.encode(): name for name in (
     "content-type", "content-length", "transfer-encoding", "connection", "retry-after")}
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # in a field value: no valid HTTP
 
 
 def bare_line_break(head):
@@ -1172,6 +1173,8 @@ class UpstreamClient:
         headers = {}
         for name, value in _RESPONSE_FIELD.findall(raw):
             name = _RESPONSE_NAMES[name.lower()]
+            if _CONTROL.search(value):  # (a NUL in Content-Type, which is passed on)
+                raise ValueError(f"a control character in its {name}")
             if name not in headers:  # the first of a repeated field counts
                 headers[name] = value.strip().decode("latin-1")
             elif name == "content-length":

@@ -2757,6 +2757,26 @@ def test_an_upstream_head_with_a_bare_cr_or_lf_is_refused(tmp_path):
         upstream.close()
 
 
+def test_an_upstream_field_we_pass_on_with_a_control_character_is_refused(tmp_path):
+    """Content-Type is passed on: a NUL in it is a 502, before any byte goes to the client
+    (before: a 500, or for a stream an error chunk with no status line before it)."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\x00\r\n"
+    upstream = CloseFramedUpstream([
+        (None, head + b"\r\ndata: [DONE]\n\n"),
+        (None, head + b"Content-Length: 2\r\n\r\n{}")])
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "odd", "url": upstream.url, "models": ["fake-model"]}])
+    running = Running(path)
+    try:
+        for stream in (True, False):
+            status, doc = jpost(running.port, "/v1/chat/completions", dict(CHAT, stream=stream))
+            assert status == 502 and doc["error"]["code"] == "upstream_protocol_error", doc
+            assert "a control character in its content-type" in doc["error"]["message"]
+    finally:
+        running.stop()
+        upstream.close()
+
+
 def test_a_whole_stream_at_hand_at_once_ends_for_the_client_at_once(tmp_path):
     """Events and data: [DONE] in the first piece read, the upstream's end (here its close)
     later: the client's answer ends at once, head, events and end in one write."""
