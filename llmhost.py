@@ -604,7 +604,7 @@ class ClientConnection:
             if total > MAX_BODY_BYTES:
                 raise ProtocolError(f"request body over {MAX_BODY_BYTES} bytes", status=413,
                                     code="body_too_large")
-            data = await reader.readexactly(size + 2)
+            data = await self.read_length_body(size + 2)  # (each arrival renews the deadline)
             if data[-2:] != b"\r\n":
                 raise ProtocolError("chunk data not followed by CRLF")
             parts.append(data[:-2])

@@ -3707,6 +3707,14 @@ def test_body_timeout_is_for_silence_not_for_the_whole_upload(gateway, monkeypat
         started = time.monotonic()
         assert s.recv(65536).startswith(b"HTTP/1.1 408 ")
         assert time.monotonic() - started < 3
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=TIMEOUT) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"  # the same in one
+                  b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(body))  # chunk
+        for i in range(0, len(body), len(body) // 5 + 1):
+            time.sleep(0.3)
+            s.sendall(body[i:i + len(body) // 5 + 1])
+        s.sendall(b"\r\n0\r\n\r\n")
+        assert parse_response(s.recv(65536))[0] == 200
 
 
 def test_a_client_that_stops_reading_is_closed_and_frees_its_slot(gateway, fake, monkeypatch):
