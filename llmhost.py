@@ -493,7 +493,11 @@ class ClientConnection:
 
     # -- deadlines -------------------------------------------------------------------------
     def expire(self):
-        if self.phase in ("head", "body"):
+        if self.phase == "head" and b"\n\n" in getattr(self.reader, "_buffer", b""):
+            # a head whose lines end in a bare LF (typed into nc): its CRLF end never comes
+            self.write_error(ProtocolError("the request's lines must end with CRLF, not a bare "
+                                           "LF"), close=True)
+        elif self.phase in ("head", "body"):
             # RFC 9110 §15.5.9: 408 for a request that did not arrive in time; then close.
             self.write_error(HTTPError("request not received in time", status=408,
                                        code="request_timeout"), close=True)

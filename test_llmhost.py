@@ -3683,6 +3683,10 @@ def test_slow_clients_time_out(gateway, monkeypatch):
         assert raw.startswith(b"HTTP/1.1 408 ") and s.recv(10) == b""
         assert time.monotonic() - started < 2
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=TIMEOUT) as s:
+        s.sendall(b"GET /health HTTP/1.1\nHost: x\n\n")  # bare LFs: its CRLF end never comes
+        status, _, data, _ = parse_response(s.recv(65536))
+        assert status == 400 and b"must end with CRLF" in data
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=TIMEOUT) as s:
         s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # one request, then idle
         assert parse_response(s.recv(65536))[0] == 200
         assert s.recv(10) == b""  # idle keep-alive closed (silently)
