@@ -1070,10 +1070,11 @@ def fetch_models(client, up, timeout=PROBE_TIMEOUT):
 # The fields of an upstream's head that llmhost reads (it forwards none of them), found in one
 # pass: lower-cased name -> its key in UpstreamResponse.headers.
 _RESPONSE_FIELD = re.compile(
-    rb"\r\n(content-type|content-length|transfer-encoding|connection|retry-after):([^\r\n]*)",
-    re.IGNORECASE)
+    rb"\r\n(content-type|content-length|transfer-encoding|connection|retry-after|location):"
+    rb"([^\r\n]*)", re.IGNORECASE)
 _RESPONSE_NAMES = {name.encode(): name for name in (
-    "content-type", "content-length", "transfer-encoding", "connection", "retry-after")}
+    "content-type", "content-length", "transfer-encoding", "connection", "retry-after",
+    "location")}
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # in a field value: no valid HTTP
 
 
@@ -1160,16 +1161,25 @@ class UpstreamClient:
                 self.release(conn, False)  # sees its socket close and stops generating
                 raise
             try:
-                return self.parse_response_head(conn, raw, timeout)
+                resp = self.parse_response_head(conn, raw, timeout)
             except ValueError as exc:
                 self.release(conn, False)
                 raise UpstreamError(f"{origin.host_header} sent a malformed answer: {exc}",
                                     code="upstream_protocol_error") from None
+            if 200 <= resp.status < 300 or resp.status >= 400:
+                return resp
+            resp.close()  # (its fields are not passed on: a 3xx without Location is no use)
+            location = resp.headers.get("location")
+            raise UpstreamError(f"{origin.host_header} answered HTTP {resp.status}" + (
+                f", a redirect to {location[:200]}; llmhost does not follow redirects: "
+                "register the URL it points to" if location else ""),
+                code="upstream_protocol_error")
 
     def parse_response_head(self, conn, raw, timeout):
         """Status and the few fields we use. An upstream's other fields are never forwarded,
         so they are not parsed: one regex finds the five names."""
-        if raw[:7].lower() != b"http/1." or raw[8:9] != b" " or not raw[9:12].isdigit():
+        if raw[:7].lower() != b"http/1." or raw[8:9] != b" " or not raw[9:12].isdigit() or \
+                raw[9:10] == b"0" or raw[12:13] not in (b" ", b"\r"):
             raise ValueError(f"status line {raw[:60]!r}")
         if bare_line_break(raw):
             raise ValueError("a bare CR or LF in its head")

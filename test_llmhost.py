@@ -2777,6 +2777,28 @@ def test_an_upstream_field_we_pass_on_with_a_control_character_is_refused(tmp_pa
         upstream.close()
 
 
+def test_an_upstream_redirect_or_a_status_out_of_range_is_a_502(tmp_path):
+    """Upstream fields are not passed on, so a redirect relayed would lack its Location: it
+    is a 502 that names where it points; a status under 100 is no HTTP (nginx: 502 too)."""
+    upstream = CloseFramedUpstream([
+        (None, b"HTTP/1.1 302 Found\r\nLocation: https://models.example/v1/chat/completions"
+               b"\r\nContent-Length: 0\r\n\r\n"),
+        (None, b"HTTP/1.1 099 Weird\r\nContent-Length: 2\r\n\r\n{}")])
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "odd", "url": upstream.url, "models": ["fake-model"]}])
+    running = Running(path)
+    try:
+        status, doc = jpost(running.port, "/v1/chat/completions", CHAT)
+        assert status == 502 and doc["error"]["code"] == "upstream_protocol_error", doc
+        assert "HTTP 302, a redirect to https://models.example/v1/chat/completions" in \
+            doc["error"]["message"]
+        status, doc = jpost(running.port, "/v1/chat/completions", CHAT)
+        assert status == 502 and "status line b'HTTP/1.1 099" in doc["error"]["message"]
+    finally:
+        running.stop()
+        upstream.close()
+
+
 def test_a_whole_stream_at_hand_at_once_ends_for_the_client_at_once(tmp_path):
     """Events and data: [DONE] in the first piece read, the upstream's end (here its close)
     later: the client's answer ends at once, head, events and end in one write."""
