@@ -541,6 +541,8 @@ class ClientConnection:
         request.started = started
         request.conn = self
         kind, length = body_framing(request.headers)
+        if kind == "chunked" and request.version == "1.0":  # RFC 9112 §6.1: faulty framing
+            request.keep_alive = False  # (a proxy before us may frame it otherwise): close
         if kind == "length" and length == 0 or self.server.app.refuses_unread(request):
             if length != 0:  # refused whatever the body says (no API key): it is never read,
                 request.unread = True  # so no client without a key makes us buffer 32 MiB

@@ -1133,6 +1133,12 @@ def test_http10_keep_alive_and_no_100_continue(gateway):
                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         raw = s.recv(65536)
         assert raw.startswith(b"HTTP/1.0 200 ")  # no interim 100 for an HTTP/1.0 client
+    # chunked is no HTTP/1.0 framing (RFC 9112 §6.1): answered, then the connection is closed
+    raw = raw_exchange(gateway.port, b"POST /v1/chat/completions HTTP/1.0\r\nConnection: "
+                       b"keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                       b"GET /health HTTP/1.0\r\n\r\n" % (len(body), body), half_close=False)
+    status, headers, _, rest = parse_response(raw)
+    assert status == 200 and headers.get("connection") == "close" and rest == b""
 
 
 def test_http10_client_gets_close_delimited_stream(gateway):
