@@ -195,8 +195,8 @@ KNOWN_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTION
 class Request:
     """One parsed request. `headers` maps lower-cased names to values (repeats joined by ', ')."""
     __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "keep_alive",
-                 "conn", "started", "request_id", "model", "server", "status", "extra",
-                 "unread", "complete")
+                 "conn", "started", "received", "request_id", "model", "server", "status",
+                 "extra", "unread", "complete")
 
     def __init__(self, method, target, version, headers):
         self.method = method
@@ -212,7 +212,8 @@ class Request:
         else:
             self.keep_alive = "keep-alive" in conn
         self.conn = None
-        self.started = 0.0
+        self.started = 0.0  # when its head was read
+        self.received = 0.0  # when its body was read (X-Llmhost-Overhead-Ms counts from here)
         self.request_id = ""
         self.extra = ()  # headers every response to this request carries (CORS)
         self.model = self.server = None  # for the access log
@@ -538,7 +539,7 @@ class ClientConnection:
                                 code="headers_too_large")
         started = time.monotonic()
         request = self.parse_head(head)
-        request.started = started
+        request.started = request.received = started
         request.conn = self
         kind, length = body_framing(request.headers)
         if kind == "chunked" and request.version == "1.0":  # RFC 9112 §6.1: faulty framing
@@ -559,6 +560,7 @@ class ClientConnection:
             request.body = await self.read_length_body(length)
         else:
             request.body = await self.read_chunked_body()
+        request.received = time.monotonic()
         self.phase = "app"
         self.deadline = None
         return request
@@ -3703,7 +3705,7 @@ class Application:
                 else:  # which is no sign of ill health: cooling it would stop its chats too
                     self.router.succeeded(up)
                 try:
-                    return await deliver(up, resp, data, (sent - request.started) * 1000)
+                    return await deliver(up, resp, data, (sent - request.received) * 1000)
                 finally:
                     if not resp.done and not resp.draining:
                         resp.close()  # not read to its end: the connection cannot be reused
@@ -3884,7 +3886,7 @@ class Application:
         body = dict(params, model=model, stream=False)
         request = Request("POST", "/v1/chat/completions", "1.1", {})
         request.conn = Detached()
-        request.started = time.monotonic()
+        request.started = request.received = time.monotonic()
         request.request_id = f"sampling-{server}"
         status, data = await self.complete(request, body, self.router.resolve(model))
         if status != 200:

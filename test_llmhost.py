@@ -3731,9 +3731,10 @@ def test_body_timeout_is_for_silence_not_for_the_whole_upload(gateway, monkeypat
         for i in range(0, len(body), len(body) // 5 + 1):  # 1.5 s in all, 0.3 s gaps
             time.sleep(0.3)
             s.sendall(body[i:i + len(body) // 5 + 1])
-        status, _, data, _ = parse_response(s.recv(65536))
+        status, headers, data, _ = parse_response(s.recv(65536))
         assert status == 200 and json.loads(data)["choices"][0]["message"]["content"] == \
             "echo: hello there"
+        assert float(headers["x-llmhost-overhead-ms"]) < 500  # the upload's 1.5 s: not ours
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body[:10]))  # then silence
         started = time.monotonic()
