@@ -500,8 +500,8 @@ class ClientConnection:
                                            "LF"), close=True)
         elif self.phase in ("head", "body"):
             # RFC 9110 §15.5.9: 408 for a request that did not arrive in time; then close.
-            self.write_error(HTTPError("request not received in time", status=408,
-                                       code="request_timeout"), close=True)
+            self.write_error(BadRequest("request not received in time", status=408,
+                                        code="request_timeout"), close=True)
         elif self.transport.get_write_buffer_size():  # (drain: the client takes nothing;
             self.transport.abort()  # close() would wait to send what is left, for good)
             return
@@ -2269,6 +2269,10 @@ def check_api_key(headers, keys):
         supplied = auth[7:].strip()
     elif "x-api-key" in headers:
         supplied = headers["x-api-key"].strip()
+    elif auth.strip():
+        raise Unauthorized(f"Authorization scheme {auth.split()[0][:20]!r} is not supported: send "
+                           "'Authorization: Bearer <key>' or 'x-api-key'.",
+                           headers=[("WWW-Authenticate", 'Bearer realm="llmhost"')])
     if not supplied:
         raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key'.",
                            headers=[("WWW-Authenticate", 'Bearer realm="llmhost"')])
@@ -3410,8 +3414,8 @@ class Application:
         return conn.write_error(exc, request)
 
     async def dispatch(self, request):
-        if self.allowed_hosts is not None:
-            header = request.headers.get("host", "")
+        if self.allowed_hosts is not None and "host" in request.headers:  # (none: HTTP/1.0,
+            header = request.headers["host"]  # a health check; never a browser's request)
             allowed = self.host_verdicts.get(header)
             if allowed is None:
                 allowed = is_loopback_host(host_name(header)) or \

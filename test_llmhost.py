@@ -1037,6 +1037,9 @@ def test_api_keys(fake, tmp_path):
         status, _, raw = post(running.port, "/v1/chat/completions", CHAT,
                               headers={"Authorization": "Bearer wrong"})
         assert status == 401 and "wrong" not in raw.decode()
+        status, _, raw = post(running.port, "/v1/chat/completions", CHAT,
+                              headers={"Authorization": "Basic azE6"})
+        assert status == 401 and "scheme 'Basic' is not supported" in raw.decode()
         for hdrs in ({"Authorization": "Bearer k2"}, {"x-api-key": "k1"}):
             status, _, _ = post(running.port, "/v1/chat/completions", CHAT, headers=hdrs)
             assert status == 200
@@ -3709,6 +3712,7 @@ def test_slow_clients_time_out(gateway, monkeypatch):
         started = time.monotonic()
         raw = s.recv(65536)
         assert raw.startswith(b"HTTP/1.1 408 ") and s.recv(10) == b""
+        assert parse_response(raw)[2].find(b'"type":"invalid_request_error"') > 0
         assert time.monotonic() - started < 2
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=TIMEOUT) as s:
         s.sendall(b"GET /health HTTP/1.1\nHost: x\n\n")  # bare LFs: its CRLF end never comes
@@ -3817,6 +3821,9 @@ def test_dns_rebinding_guard(fake, tmp_path):
             assert status == expected, host
             if expected == 403:
                 assert json.loads(raw)["error"]["code"] == "host_not_allowed"
+        # no Host at all (HTTP/1.0, as HAProxy's health checks send): no browser sends that
+        raw = raw_exchange(running.port, b"GET /health HTTP/1.0\r\n\r\n")
+        assert parse_response(raw)[0] == 200
     finally:
         running.stop()
 
