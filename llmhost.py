@@ -3914,7 +3914,15 @@ class Application:
         import asyncio
 
         async def one(call):
-            binding = bindings[call["function"]["name"]]
+            name = call["function"].get("name")
+            binding = bindings.get(name)
+            if binding is None:  # a name the model made up (small models do)
+                text = (f"Error: there is no tool named {str(name)[:100]!r}. The tools you can "
+                        f"call: {', '.join(sorted(bindings)[:50]) or 'none'}.")
+                return ({"ok": False, "text": text, "duration_ms": 0.0, "error": "unknown tool"},
+                        {"id": call.get("id"), "server": None, "tool": name,
+                         "arguments": call["function"].get("arguments"), "ok": False,
+                         "error": "unknown tool", "duration_ms": 0.0})
             try:
                 args = call["function"].get("arguments") or "{}"
                 args = json_loads(args) if isinstance(args, str) else args  # some send objects
@@ -3936,7 +3944,8 @@ class Application:
                             "error": result["error"], "duration_ms": result["duration_ms"]}
 
         for call in calls:
-            self.mcp_models[bindings[call["function"]["name"]]["server"]] = request.model
+            if call["function"].get("name") in bindings:
+                self.mcp_models[bindings[call["function"]["name"]]["server"]] = request.model
         conn = request.conn
         task = asyncio.ensure_future(asyncio.gather(*(one(c) for c in calls)))
         conn.on_gone = task.cancel
@@ -3982,9 +3991,12 @@ class Application:
             raise BadRequest(f"The function name {clash[0]!r} is also the name of an MCP tool "
                              "given to this model; rename the function.", param="tools",
                              code="tool_name_conflict")
+        client_names = {f["name"] for t in tools if isinstance(t, dict) and isinstance(
+            f := t.get("function"), dict) and isinstance(f.get("name"), str)}
         tools += [b["openai"] for b in bindings.values()]
         state = {"messages": list(body["messages"]), "report": [], "usage": {},
-                 "vision": any(up.entry.get("vision") for up, _ in pool)}
+                 "vision": any(up.entry.get("vision") for up, _ in pool),
+                 "client_names": client_names}
         base = {k: v for k, v in body.items() if k not in ("tools", "stream", "stream_options")}
         if tools:
             base["tools"] = tools
@@ -3999,10 +4011,13 @@ class Application:
         finally:
             self.admission.release()
 
-    def mcp_round_body(self, base, state, last, stream):
+    def mcp_round_body(self, base, state, number, last, stream):
         body = dict(base, messages=state["messages"])
         if last and "tools" in body:
             body["tool_choice"] = "none"  # out of rounds: the model must answer now
+        elif number and body.get("tool_choice") not in (None, "auto", "none"):
+            body["tool_choice"] = "auto"  # forced for the first round only, else a model that
+            # obeys it calls a tool again every round (the OpenAI Agents SDK resets it too)
         if stream:
             body.update(stream=True, stream_options={"include_usage": True})
         return body
@@ -4017,10 +4032,24 @@ class Application:
         return f"\n\n[llmhost: stopped after {self.mcp_max_rounds} rounds of MCP tool calls]"
 
     @staticmethod
-    def split_calls(calls, bindings):
-        """-> (the MCP calls llmhost runs, the client's own calls) of one model answer."""
-        mine = [c for c in calls if c.get("function", {}).get("name") in bindings]
-        return mine, [c for c in calls if c not in mine]
+    def split_calls(calls, bindings, state, number):
+        """-> (the calls llmhost answers: its MCP tools' and those of names nobody gave the
+        model, which get an error; the client's own calls) of one model answer. Calls without
+        an id (some servers omit it) get one: the tool messages must name them."""
+        mine, theirs = [], []
+        for i, call in enumerate(calls):
+            if not isinstance(call, dict):
+                continue  # (no call at all: nothing to answer)
+            if not isinstance(call.get("function"), dict):
+                call["function"] = {"name": None, "arguments": ""}
+            name = call["function"].get("name")
+            if name in state["client_names"] and name not in bindings:
+                theirs.append(call)
+            else:
+                if not call.get("id"):
+                    call["id"] = f"call_llmhost_{number}_{i}"
+                mine.append(call)
+        return mine, theirs
 
     def extend_conversation(self, state, message, mine, results):
         state["messages"].append(dict(message, tool_calls=mine))
@@ -4047,18 +4076,19 @@ class Application:
         for number in range(rounds + 1):
             last = number == rounds
             status, data = await self.complete(  # each round ordered anew (health, load)
-                request, self.mcp_round_body(base, state, last, False),
+                request, self.mcp_round_body(base, state, number, last, False),
                 self.router.resolve(base["model"]))
             doc, message = completion_message(data) if status == 200 else (None, None)
             if message is None:
                 return self.answer_as_is(request, status, data)
             self.add_usage(state["usage"], doc.get("usage"))
-            mine, theirs = self.split_calls(message.get("tool_calls") or [], bindings)
+            mine, theirs = self.split_calls(message.get("tool_calls") or [], bindings, state,
+                                            number)
             if not mine or last:
                 break
             if theirs:  # the client's own tools: back to the client with just those (see
-                doc["choices"][0]["message"] = dict(message, tool_calls=theirs)  # README)
-                break
+                doc["choices"][0]["message"] = message = dict(message, tool_calls=theirs)
+                break  # README)
             results = await self.run_mcp_calls(request, mine, bindings, state["report"])
             self.extend_conversation(state, message, mine, results)
         if last:  # out of rounds: the answer is what the model has, and we say so
@@ -4150,7 +4180,7 @@ class Application:
                         absorb(doc)
 
             status, data = await self.try_candidates(
-                request, self.mcp_round_body(base, state, last, True),
+                request, self.mcp_round_body(base, state, number, last, True),
                 self.router.resolve(base["model"]), "/chat/completions", None, deliver)
             if status != 200 or data is not None:
                 if conn.streaming:  # a later round failed: an error event ends the stream
@@ -4160,7 +4190,7 @@ class Application:
                     return keep_alive
                 return self.answer_as_is(request, status, data)
             calls = [collected["calls"][i] for i in sorted(collected["calls"])]
-            mine, theirs = self.split_calls(calls, bindings)
+            mine, theirs = self.split_calls(calls, bindings, state, number)
             if not mine or last or theirs:
                 break
             results = await self.run_mcp_calls(request, mine, bindings, state["report"])

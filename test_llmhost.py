@@ -138,7 +138,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
                                                   "total_tokens": 6},
                 "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
                     "role": "assistant", "content": None, "tool_calls": [
-                        {"id": f"call_{i}", "type": "function", "function": {
+                        {"id": None if step.get("no_ids") else f"call_{i}", "type": "function",
+                         "function": {
                             "name": name, "arguments": json.dumps(args)}}
                         for i, (name, args) in enumerate(calls)]}}]}) \
                 if not body.get("stream") else self.stream_calls(body, calls)
@@ -1523,6 +1524,50 @@ def test_mcp_client_tools_go_back_to_the_client(mcp_env):
         "model": "agent", "messages": [{"role": "user", "content": "go"}],
         "tools": [{"type": "function", "function": {"name": "t__echo", "parameters": {}}}]})
     assert status == 400 and doc["error"]["code"] == "tool_name_conflict"
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function",
+                                                   "function": {"name": "t__echo"}}])
+def test_mcp_a_forced_tool_choice_holds_for_the_first_round_only(mcp_env, choice):
+    """Else a model that obeys it calls a tool again every round, up to the limit."""
+    running, fake = mcp_env
+    status, _, raw = agent_chat(running.port, [{"calls": [("t__echo", {"text": "x"})]}], fake,
+                                tool_choice=choice)
+    assert status == 200 and json.loads(raw)["choices"][0]["message"]["content"] == \
+        "tool result: x"
+    first, second = [json.loads(r["body"]) for r in fake.posts()]
+    assert first["tool_choice"] == choice and second["tool_choice"] == "auto"
+
+
+def test_mcp_a_tool_name_nobody_gave_goes_back_to_the_model_as_an_error(mcp_env):
+    """Small models make names up: the model is told (as for bad arguments), the real calls
+    of the round run, and the client, which offered no tools, gets no tool call; calls
+    without an id (some servers omit it) get one, as their tool messages must name it."""
+    running, fake = mcp_env
+    for stream in (False, True):
+        status, _, raw = agent_chat(running.port, [{"calls": [
+            ("t__nosuch", {}), ("t__echo", {"text": "x"})], "no_ids": not stream}], fake,
+            stream=stream)
+        assert status == 200
+        if stream:
+            chunks = [json.loads(e) for e in sse_events(raw)[:-1]]
+            text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
+                           if c["choices"])
+            assert not any(c["choices"][0]["delta"].get("tool_calls") for c in chunks
+                           if c["choices"])
+            report = [c for c in chunks if "mcp_calls" in c][0]["mcp_calls"]
+        else:
+            message = json.loads(raw)["choices"][0]["message"]
+            text, report = message["content"], json.loads(raw)["mcp_calls"]
+            assert "tool_calls" not in message
+        assert text.startswith("tool result: Error: there is no tool named 't__nosuch'")
+        assert text.endswith(" | x")
+        assert [(r["tool"], r["ok"], r["error"]) for r in report] == \
+            [("t__nosuch", False, "unknown tool"), ("echo", True, None)]
+        second = json.loads(fake.posts()[1]["body"])["messages"]
+        ids = [m["tool_call_id"] for m in second if m["role"] == "tool"]
+        assert len(ids) == 2 and all(isinstance(i, str) and i for i in ids)
+        assert [c["id"] for c in second[-3]["tool_calls"]] == ids
 
 
 def test_mcp_an_attached_server_that_fails_is_left_out(mcp_env, caplog):
