@@ -2309,6 +2309,7 @@ MCP_MAX_ROUNDS = 8  # model -> tools -> model rounds per request before we stop 
 MCP_KEEPALIVE = 10.0  # s between SSE comments that keep a stream alive while tools run
 MCP_CALL_TIMEOUT = 60.0  # s, one tool call incl. sampling rounds; Claude Desktop uses 60 s too
 MCP_CONNECT_TIMEOUT = 30.0  # s, spawn + handshake; `npx -y pkg` may download on first start
+MCP_ATTACHED_WAIT = 5.0  # s a request waits for an attached server still starting, then goes on
 MCP_CLOSE_TIMEOUT = 10.0  # s per server at shutdown; the SDK's stdio exit is stdin-close, TERM, KILL (~2 s each)
 MCP_BACKOFF_MAX = 30.0  # s between restarts of a server that keeps dying
 MCP_LIST_PAGES_MAX = 100  # pages per list walk, so a paginator that never ends cannot hang us
@@ -2511,6 +2512,7 @@ class _MCPConn:
         self.users = 0  # requests using it now (from_request only): it is not replaced meanwhile
         self.retired = False  # removed from the hub: must not be (re)started
         self.warming = None  # a background (re)connect while requests go on without it
+        self.connecting_since = 0.0  # when its current start began (state "connecting")
         self.calls = 0  # tool calls running now: a registry edit lets them finish first
         self.drained = None  # asyncio.Event set when a retired server's last call ends
 
@@ -2807,7 +2809,7 @@ class MCPHub:
                 raise MCPError(server, f"unavailable, next retry in {wait:.1f} s (last error: {c.last_error})")
             c.state, c.stop = "connecting", asyncio.Event()
             ready = asyncio.get_running_loop().create_future()
-            t0 = time.monotonic()
+            t0 = c.connecting_since = time.monotonic()
             c.owner = asyncio.create_task(self._owner(c, ready), name=f"mcp-owner-{server}")
             try:
                 client = await asyncio.wait_for(asyncio.shield(ready), self._connect_timeout)
@@ -2905,14 +2907,31 @@ class MCPHub:
 
         async def listed(server):
             c = self._conn(server)
-            if server in optional and c.failures and c.tools is None and not self._alive(c):
-                # it failed before: this request does not wait (up to the connect timeout)
-                if c.warming is None or c.warming.done():  # for it again; it is tried anew
-                    c.warming = asyncio.ensure_future(self._tools_of(server))  # meanwhile
-                    c.warming.add_done_callback(lambda t: t.cancelled() or t.exception())
+            if server not in optional or c.tools is not None:
+                return await self._tools_of(server)
+            # An attached server is started (or listed) in a task of its own, which a request
+            # waits for a while: one that failed before, not at all (it is tried anew aside),
+            # and one still starting (a slow `npx -y`, a hung one) until MCP_ATTACHED_WAIT
+            # after its start began: requests that come later do not wait for it.
+            if c.warming is None or c.warming.done():
+                c.warming = asyncio.ensure_future(self._tools_of(server))
+                c.warming.add_done_callback(lambda t: t.cancelled() or t.exception())
+            task = c.warming
+            if c.failures and not self._alive(c):
                 raise MCPError(server, f"not connected (last error: {c.last_error}); "
                                        "reconnecting in the background")
-            return await self._tools_of(server)
+            wait = MCP_ATTACHED_WAIT
+            if c.state == "connecting":
+                wait = max(0.0, c.connecting_since + MCP_ATTACHED_WAIT - time.monotonic())
+            try:
+                return await asyncio.wait_for(asyncio.shield(task), wait)
+            except asyncio.TimeoutError:
+                raise MCPError(server, f"still starting after {MCP_ATTACHED_WAIT:g} s; its "
+                                       "start goes on in the background") from None
+            except asyncio.CancelledError:
+                if task.cancelled():  # (its start was stopped: a shutdown), not this request
+                    raise MCPError(server, "its start was stopped") from None
+                raise
 
         lists = await asyncio.gather(*(listed(s) for s in server_names), return_exceptions=True)
         taken, out = set(), []
