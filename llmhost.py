@@ -1274,7 +1274,9 @@ def _is_str_list(value):
 
 
 def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    """A positive, finite number (inf would be written as Infinity: no JSON)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        0 < value < float("inf")
 
 
 def valid_url(url, credentials=False):
@@ -1435,8 +1437,7 @@ SERVER_FIELDS = {
     "vision": (lambda v: isinstance(v, bool), "true or false (its models read images)"),
     # managed entries: llmhost starts the server itself (instead of "url")
     "command": (lambda v: isinstance(v, str) and v.strip(), "a command line"),
-    "ttl": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
-            "seconds >= 0 (0: never stop)"),
+    "ttl": (lambda v: v == 0 or _is_number(v), "seconds >= 0 (0: never stop)"),
     "ready_path": (lambda v: isinstance(v, str) and v.startswith("/"), "a path such as /health"),
     "start_timeout": (_is_number, "seconds > 0"),
     "env": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),

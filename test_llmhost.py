@@ -706,6 +706,11 @@ def test_add_sends_upstream_key_from_env(fake, registry):
       "--api-key-env", "K"], "either --api-key-env or --api-key"),
     (["add", "x", "http://user:pw@127.0.0.1:1/v1"], "credentials in a URL are not used"),
     (["add", "x", "http://127.0.0.1:1/v1", "--timeout", "-1"], "--timeout must be seconds > 0"),
+    (["add", "x", "http://127.0.0.1:1/v1", "--no-check", "--timeout", "inf"],  # (no JSON:
+     "--timeout must be seconds > 0"),  # it would be written as Infinity)
+    (["add", "x", "--command", "srv ${PORT}", "--model", "m", "--ttl", "inf"], "--ttl must be"),
+    (["mcp", "add", "x", "--no-check", "--timeout", "1e400", "--", "srv"],
+     "'timeout' must be a positive number"),
     (["serve", "--mcp-max-rounds", "0"], "--mcp-max-rounds must be at least 1"),
     (["serve", "--mcp-allow-url", "127.0.0.1:8931"], "--mcp-allow-url '127.0.0.1:8931'"),
     (["mcp", "add", "x", "--transport", "sse", "--", "srv"], "--transport: only with --url"),
