@@ -5639,6 +5639,9 @@ def cmd_mcp_tools(args, environ):
             failed.append(exc)  # the others are still listed
             continue
         everything += [dict(tool, server=name) for tool in tools]
+    taken = set()  # names unique across servers, as serve makes them for a model that has
+    for tool in everything:  # all of these attached (in this order)
+        tool["openai_name"] = mcp_tool_name(tool["server"], tool["name"], taken)
     if args.json:
         print(json.dumps(everything, indent=2))
     else:

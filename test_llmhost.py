@@ -16,6 +16,7 @@ import http.server
 import io
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -2041,6 +2042,15 @@ def test_mcp_cli(tmp_path, mcp_http_server):
     assert "t__echo" in result.stdout and "w__echo" in result.stdout
     assert run("remove", "w").returncode == 0
     assert run("remove", "w").returncode == 1
+    # names that clash once sanitised get serve's hash suffix in the listing too
+    stdio = [MCP_STDIO["command"]] + MCP_STDIO["args"]
+    assert run("remove", "dead").returncode == 0
+    assert run("add", "a.b", "--", *stdio).returncode == 0
+    assert run("add", "a_b", "--", *stdio).returncode == 0
+    names = [t["openai_name"] for t in json.loads(run("tools", "--json").stdout)
+             if t["name"] == "echo"]
+    assert names[:2] == ["t__echo", "a_b__echo"] and re.fullmatch(r"a_b__echo_[0-9a-f]{8}",
+                                                                   names[2]), names
 
 
 def test_mcp_import_mcp_json(tmp_path):
