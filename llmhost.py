@@ -1343,7 +1343,8 @@ def _is_str_map(v):
 def validate_mcp_entry(name, entry):
     """Errors (strings) for one `mcpServers` entry; [] when it is usable."""
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
-        return [f"name {name!r}: use 1-64 letters, digits, '_', '-', '.'"]
+        return [f"name {name!r}: use 1-64 letters, digits, '_', '-', '.', starting with a "
+                "letter or digit"]
     if not isinstance(entry, dict):
         return [f"{name}: entry must be an object"]
     errors = [f"{name}: unknown key {k!r}" for k in sorted(set(entry) - MCP_ENTRY_KEYS)]
@@ -1598,6 +1599,10 @@ class RegistryLock:
             import fcntl
         except ImportError:  # not POSIX: atomic replace still protects the file itself
             return self
+        folder = os.path.dirname(self.path)
+        if not os.path.isdir(folder):  # (else the error would name the lock file)
+            raise RegistryError(f"cannot write {os.path.abspath(self.path[:-5])}: the folder "
+                                f"{folder} does not exist")
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
@@ -3039,8 +3044,12 @@ class MCPHub:
         parts = [dict(p, text=_cut_result(p["text"])) if p.get("type") == "text" else p
                  for p in parts]
         if r.is_error:
-            return result(False, text or "Error: the tool reported an error", parts, error=text or "tool error")
-        return result(True, text, parts)
+            out = result(False, text or "Error: the tool reported an error", parts,
+                         error=text or "tool error")
+        else:
+            out = result(True, text, parts)
+        out["structured"] = r.structured_content  # (for `mcp call --json`)
+        return out
 
     async def describe_tools(self, server):
         """The server's tools as MCP JSON, each with the name models see (`openai_name`)."""
@@ -4670,8 +4679,8 @@ class Gateway:
         self.registry_stamp = registry_stamp(self.registry)
         try:
             if (not quiet or self.last_good) and not os.path.exists(self.registry):
-                raise RegistryError(f"{self.registry} is gone (restore it, or write an empty "
-                                    "one to remove every server)")
+                raise RegistryError(f"{self.registry} is gone (restore it; to remove every "
+                                    "server, `remove` them or write {\"version\": 1})")
             doc, keys = serving_registry(self.registry, self.environ, self.parent is not None)
         except RegistryError as exc:
             if not quiet:
@@ -5087,7 +5096,8 @@ def cmd_load(args, environ):
 def cmd_logs(args, environ):
     path = os.path.join(logs_folder(registry_path(args, environ)), f"{args.name}.log")
     if not os.path.exists(path):
-        raise CLIError(f"no log for {args.name!r} yet ({path}); it is written when serve starts it")
+        raise CLIError(f"no log for {args.name!r} yet ({path}); serve writes one for each server "
+                       "it starts itself (--command entries)")
     with open(path, "rb") as f:
         data = f.read()
         lines = data.splitlines()[-args.lines:] if args.lines > 0 else []
@@ -5518,7 +5528,8 @@ def cmd_mcp_add(args, environ):
         doc["mcpServers"][args.name] = entry
 
     update_registry(path, change)
-    listed = f": {len(tools)} tools ({', '.join(t['name'] for t in tools[:8])})" if tools else ""
+    shown = ", ".join(t["name"] for t in tools[:8]) + (", ..." if len(tools) > 8 else "")
+    listed = f": {len(tools)} tool{'s' if len(tools) != 1 else ''} ({shown})" if tools else ""
     print(f"added MCP server {args.name}{listed}{' [not checked]' if args.no_check else ''}")
     return 0
 
@@ -5674,8 +5685,8 @@ def cmd_mcp_call(args, environ):
 
     result = run_mcp(with_mcp_server(name, entry, environ, call))
     if args.json:
-        print(json.dumps({k: result[k] for k in ("ok", "text", "parts", "duration_ms",
-                                                 "error")}, indent=2))
+        print(json.dumps({k: result.get(k) for k in ("ok", "text", "parts", "structured",
+                                                     "duration_ms", "error")}, indent=2))
     else:
         print(result["text"])
     return 0 if result["ok"] else 1

@@ -742,6 +742,12 @@ def test_cli_refusals_leave_file_untouched(registry, argv, needle):
     assert open(registry, "rb").read() == before
 
 
+def test_a_registry_in_a_missing_folder_is_named_not_its_lock(tmp_path):
+    path = str(tmp_path / "nodir" / "servers.json")
+    code, _, err = run_cli(path, "add", "x", "http://127.0.0.1:1/v1", "--no-check")
+    assert code == 1 and f"cannot write {path}: the folder" in err and ".lock" not in err
+
+
 def test_add_refuses_unknown_model_and_duplicate(fake, registry):
     assert run_cli(registry, "add", "local", fake.url)[0] == 0
     before = open(registry, "rb").read()
@@ -2028,6 +2034,7 @@ def test_mcp_cli(tmp_path, mcp_http_server):
     assert result.returncode == 0 and result.stdout.strip() == "cli"
     result = run("call", "--url", mcp_http_server, "weather", '{"city": "Rome"}', "--json")
     assert json.loads(json.loads(result.stdout)["text"])["city"] == "Rome"
+    assert json.loads(result.stdout)["structured"]["city"] == "Rome"
     result = run("call", "t", "boom")
     assert result.returncode == 1 and "boom" in result.stdout
     # sampling is declared as serve declares it (servers that list sampling tools only to
