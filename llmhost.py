@@ -5498,13 +5498,27 @@ def mcp_target(args, environ, words):
 
 
 def run_mcp(coro):
+    """Run an MCP command's coroutine. SIGTERM ends it as Ctrl-C does, through its cleanup,
+    so a stdio server it started (one that ignores its closed stdin too) is stopped."""
     import asyncio
     import logging
+    import signal
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+
+    async def run():
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM,
+                                                          asyncio.current_task().cancel)
+        except (NotImplementedError, RuntimeError, ValueError):  # (not POSIX, not main thread)
+            pass
+        return await coro
+
     try:
-        return asyncio.run(coro)
+        return asyncio.run(run())
     except MCPError as exc:
         raise CLIError(exc.message) from None
+    except asyncio.CancelledError:  # SIGTERM: exit as the signal would have
+        raise SystemExit(128 + signal.SIGTERM) from None
 
 
 def cmd_mcp_add(args, environ):

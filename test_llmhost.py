@@ -2060,6 +2060,35 @@ def test_mcp_cli(tmp_path, mcp_http_server):
                                                                    names[2]), names
 
 
+def test_mcp_cli_stopped_by_sigterm_stops_its_stdio_server(tmp_path):
+    """As Ctrl-C does (timeout(1) and systemd send SIGTERM): a server that hangs at start and
+    ignores its closed stdin is not left running."""
+    marker = f"{time.time() % 1000:.6f}"  # a `sleep` of our own, found by its argument
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
+                             str(tmp_path / "s.json"), "mcp", "tools", "--", "sleep", marker],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def sleeping():
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if f.read() == b"sleep\0" + marker.encode() + b"\0":
+                        found.append(pid)
+            except OSError:
+                pass  # (gone meanwhile)
+        return found
+    try:
+        assert wait_until(lambda: sleeping() != [])
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 128 + signal.SIGTERM
+        assert wait_until(lambda: sleeping() == [], 5)
+    finally:
+        proc.kill()
+        for pid in sleeping():
+            os.kill(int(pid), signal.SIGKILL)
+
+
 def test_mcp_import_mcp_json(tmp_path):
     registry = str(tmp_path / "servers.json")
     source = tmp_path / "claude_desktop_config.json"
