@@ -5526,6 +5526,13 @@ def cmd_mcp_add(args, environ):
     entry = mcp_entry_from_args(args)
     if entry is None:
         raise CLIError("give --url URL, or -- COMMAND ARGS for a stdio server")
+    relative = [a for a in [entry.get("command", "")] + entry.get("args", [])
+                if "cwd" not in entry and not a.startswith("-") and not os.path.isabs(a)
+                and os.path.isfile(a)]
+    if relative:  # found from here now; serve (systemd, another shell) may start elsewhere
+        entry["cwd"] = os.getcwd()
+        print(f"note: {relative[0]!r} is a path from this folder: saved with cwd {entry['cwd']}"
+              " (--cwd DIR to choose)", file=sys.stderr)
     errors = validate_mcp_entry(args.name, entry)
     if errors:
         raise CLIError("; ".join(errors))

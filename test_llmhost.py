@@ -2089,6 +2089,18 @@ def test_mcp_cli_stopped_by_sigterm_stops_its_stdio_server(tmp_path):
             os.kill(int(pid), signal.SIGKILL)
 
 
+def test_mcp_add_with_a_relative_path_saves_the_folder_it_is_from(tmp_path):
+    """serve (systemd, another shell) may start elsewhere: the path found now must be found
+    then."""
+    registry = str(tmp_path / "s.json")
+    result = subprocess.run([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
+                             registry, "mcp", "add", "rel", "--no-check", "--", sys.executable,
+                             "test_llmhost.py", "mcp-server", "stdio"], cwd=HERE,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "saved with cwd" in result.stderr, result.stderr
+    assert llmhost.load_registry(registry)["mcpServers"]["rel"]["cwd"] == HERE
+
+
 def test_mcp_import_mcp_json(tmp_path):
     registry = str(tmp_path / "servers.json")
     source = tmp_path / "claude_desktop_config.json"
