@@ -491,6 +491,7 @@ class ClientConnection:
         self.task = None
         self.streaming = False  # response head sent as a chunked stream
         self.chunked = True
+        self.send_mark = None  # our bytes the client had still to take when last looked at
 
     # -- deadlines -------------------------------------------------------------------------
     def expire(self):
@@ -502,9 +503,14 @@ class ClientConnection:
             # RFC 9110 §15.5.9: 408 for a request that did not arrive in time; then close.
             self.write_error(BadRequest("request not received in time", status=408,
                                         code="request_timeout"), close=True)
-        elif self.transport.get_write_buffer_size():  # (drain: the client takes nothing;
-            self.transport.abort()  # close() would wait to send what is left, for good)
-            return
+        elif self.transport.get_write_buffer_size():  # some of our answer is still to go:
+            pending = self.transport.get_write_buffer_size()
+            if self.send_mark is None or pending < self.send_mark:  # it took some since
+                self.send_mark = pending  # (or this is the keep-alive deadline): it gets
+                self.deadline = time.monotonic() + SEND_TIMEOUT  # SEND_TIMEOUT for more
+                return
+            self.transport.abort()  # it took none for SEND_TIMEOUT (close() would wait for
+            return  # it to, for good)
         self.transport.close()
 
     def peer_gone(self):
@@ -523,6 +529,7 @@ class ClientConnection:
         reader = self.reader
         self.phase = "head" if first else "idle"
         self.deadline = time.monotonic() + (HEADER_TIMEOUT if first else KEEPALIVE_IDLE)
+        self.send_mark = None
         try:
             head = await reader.readuntil(b"\r\n\r\n")
         except asyncio.IncompleteReadError as exc:
@@ -628,15 +635,20 @@ class ClientConnection:
         return b"".join(parts)
 
     # -- writing ---------------------------------------------------------------------------
-    async def drain(self):
-        """Wait while the client takes what we wrote. One that takes none of it for
-        SEND_TIMEOUT is closed (nginx's send_timeout), so a client that stopped reading (or a
-        host gone without a reset) does not hold its slot, and a model's, for good."""
+    async def drain(self, everything=False):
+        """Wait while the client takes what we wrote (down to asyncio's low-water mark, or
+        `everything`). One that takes none of it for SEND_TIMEOUT is closed (nginx's
+        send_timeout: the time between two successful writes), so a client that stopped
+        reading (or a host gone without a reset) does not hold its slot, and a model's, or
+        our memory, for good; a slow one that keeps reading is served."""
+        if everything:
+            self.transport.set_write_buffer_limits(0)
+        self.send_mark = self.transport.get_write_buffer_size()
         self.deadline = time.monotonic() + SEND_TIMEOUT
         try:
             await self.writer.drain()
         finally:
-            self.deadline = None
+            self.deadline = self.send_mark = None
 
     def common_headers(self, request, keep_alive):
         headers = [("Date", self.server.sweeper.date)]
@@ -816,7 +828,9 @@ class HTTPServer:
                 if not keep_alive or conn.gone:
                     if request.unread and not conn.gone:
                         await self.linger(conn)  # the answer first, then drop the body
-                    break
+                    elif not conn.gone and writer.transport.get_write_buffer_size():
+                        await conn.drain(everything=True)  # (the close would hold the rest
+                    break  # for as long as the client pleases, the connection untracked)
                 if writer.transport.get_write_buffer_size() > RELAY_CHUNK:
                     await conn.drain()
         except (ConnectionError, OSError):

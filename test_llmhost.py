@@ -3861,15 +3861,17 @@ def test_a_client_that_stops_reading_is_closed_and_frees_its_slot(gateway, fake,
     """A client that takes none of a long answer for SEND_TIMEOUT (nginx's send_timeout) is
     closed, so it holds neither its slot nor the model's for good; one that reads is served."""
     monkeypatch.setattr(llmhost, "SEND_TIMEOUT", 0.5)
-    for stream, words in ((True, 100_000), (False, 4_000_000)):  # more than every buffer on
-        body = json.dumps(dict(CHAT, stream=stream, messages=[  # the way holds (8 MB echoed)
+    for stream, words, close in ((True, 100_000, False), (False, 4_000_000, False),
+                                 (False, 4_000_000, True)):  # more than every buffer on the
+        body = json.dumps(dict(CHAT, stream=stream, messages=[  # way holds (8 MB echoed)
             {"role": "user", "content": "x " * words}])).encode()
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             s.settimeout(TIMEOUT)
             s.connect(("127.0.0.1", gateway.port))
-            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # never read
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n%s"
+                      b"Content-Length: %d\r\n\r\n%s" % (
+                          b"Connection: close\r\n" if close else b"", len(body), body))
             assert wait_until(lambda: any(  # every buffer on the way is full
                 c.transport.get_write_buffer_size() for c in gateway.gateway.http.connections))
             assert wait_until(lambda: gateway.gateway.http.in_flight == 0, 10)
@@ -3877,6 +3879,45 @@ def test_a_client_that_stops_reading_is_closed_and_frees_its_slot(gateway, fake,
             assert gateway.gateway.router.upstreams["local"].in_flight == 0
     status, doc = jpost(gateway.port, "/v1/chat/completions", CHAT)
     assert status == 200
+
+
+def test_a_slow_client_that_keeps_reading_gets_all_of_a_big_answer(gateway, fake, monkeypatch):
+    """SEND_TIMEOUT is for a client that takes nothing, not for the whole answer (nginx's
+    send_timeout is between two writes): one reading 4 MB slowly for longer, or pausing past
+    the keep-alive timeout once it has most of it, gets every byte."""
+    monkeypatch.setattr(llmhost, "SEND_TIMEOUT", 1.0)
+    monkeypatch.setattr(llmhost, "KEEPALIVE_IDLE", 0.5)
+    body = json.dumps(dict(CHAT, messages=[{"role": "user", "content": "x " * 2_000_000}]))
+    for pause in (0.0, 0.8):
+        fake.script({"delay": 0.5})
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            s.settimeout(TIMEOUT)
+            s.connect(("127.0.0.1", gateway.port))
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body.encode()))
+            assert wait_until(lambda: gateway.gateway.http.in_flight == 1)
+            for conn in gateway.gateway.http.connections:  # (while the upstream thinks) so
+                conn.transport.get_extra_info("socket").setsockopt(  # the answer waits in
+                    socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)  # llmhost, not the kernel
+            received = b""
+            started = time.monotonic()
+            total = None  # head and body, once the head is in
+            while total is None or len(received) < total:
+                if total is None and b"\r\n\r\n" in received:
+                    head = received.split(b"\r\n\r\n")[0].decode("latin-1").lower()
+                    total = len(head) + 4 + int(head.split("content-length: ")[1].split()[0])
+                if pause and total and len(received) > total - 30_000:
+                    time.sleep(pause)  # past the keep-alive timeout, with the end of the
+                    pause = 0.0  # answer still to come (its drain is over: idle)
+                data = s.recv(16384)
+                assert data, f"cut after {len(received)} bytes"
+                received += data
+                time.sleep(0.005)  # about 2 MB/s: 2 s in all, twice SEND_TIMEOUT
+            assert time.monotonic() - started > 1.0
+            status, _, data, _ = parse_response(received)
+            assert status == 200 and json.loads(data)["choices"][0]["message"]["content"] \
+                .startswith("echo: x x")
 
 
 def test_two_hundred_slowloris_connections_do_not_block_service(gateway):
