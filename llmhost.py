@@ -1186,7 +1186,8 @@ class UpstreamClient:
                                     code="upstream_protocol_error") from None
             if 200 <= resp.status < 300 or resp.status >= 400:
                 return resp
-            resp.close()  # (its fields are not passed on: a 3xx without Location is no use)
+            if not resp.done:  # (its fields are not passed on: a 3xx without Location is
+                resp.close()  # no use)
             location = resp.headers.get("location")
             raise UpstreamError(f"{origin.host_header} answered HTTP {resp.status}" + (
                 f", a redirect to {location[:200]}; llmhost does not follow redirects: "
@@ -1452,7 +1453,8 @@ SERVER_FIELDS = {
     "vision": (lambda v: isinstance(v, bool), "true or false (its models read images)"),
     # managed entries: llmhost starts the server itself (instead of "url")
     "command": (lambda v: isinstance(v, str) and v.strip(), "a command line"),
-    "ttl": (lambda v: v == 0 or _is_number(v), "seconds >= 0 (0: never stop)"),
+    "ttl": (lambda v: (v == 0 and not isinstance(v, bool)) or _is_number(v),
+            "seconds >= 0 (0: never stop)"),
     "ready_path": (lambda v: isinstance(v, str) and v.startswith("/"), "a path such as /health"),
     "start_timeout": (_is_number, "seconds > 0"),
     "env": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
@@ -2289,9 +2291,13 @@ def check_api_key(headers, keys):
         supplied = auth[7:].strip()
     elif "x-api-key" in headers:
         supplied = headers["x-api-key"].strip()
-    elif auth.strip():
+    elif len(auth.split()) > 1:  # (one word may be a key sent without "Bearer ": not echoed)
         raise Unauthorized(f"Authorization scheme {auth.split()[0][:20]!r} is not supported: send "
                            "'Authorization: Bearer <key>' or 'x-api-key'.",
+                           headers=[("WWW-Authenticate", 'Bearer realm="llmhost"')])
+    elif auth and auth.lower() != "bearer":
+        raise Unauthorized("Authorization needs the scheme: send 'Authorization: Bearer <key>' "
+                           "or 'x-api-key'.",
                            headers=[("WWW-Authenticate", 'Bearer realm="llmhost"')])
     if not supplied:
         raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key'.",

@@ -592,6 +592,8 @@ def test_shipped_servers_json_is_a_valid_empty_registry():
     ('{"version": 1, "servers": [{"name": "a", "url": "http://x", "mcp": ["t"]}]}',
      'no MCP server named "t"'),
     ('{"version": 1, "servers": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+    ('{"version": 1, "servers": [{"name": "a", "command": "srv ${PORT}", "models": ["m"], '
+     '"ttl": false}]}', "servers[0] (a).ttl"),
 ])
 def test_registry_errors_name_file_and_field(tmp_path, text, needle):
     path = tmp_path / "servers.json"
@@ -1047,6 +1049,10 @@ def test_api_keys(fake, tmp_path):
         status, _, raw = post(running.port, "/v1/chat/completions", CHAT,
                               headers={"Authorization": "Basic azE6"})
         assert status == 401 and "scheme 'Basic' is not supported" in raw.decode()
+        for auth, said in (("sk-secret-key", "needs the scheme"), ("Bearer ", "Missing API key")):
+            status, _, raw = post(running.port, "/v1/chat/completions", CHAT,
+                                  headers={"Authorization": auth})  # (a key is never echoed)
+            assert status == 401 and said in raw.decode() and "secret" not in raw.decode()
         for hdrs in ({"Authorization": "Bearer k2"}, {"x-api-key": "k1"}):
             status, _, _ = post(running.port, "/v1/chat/completions", CHAT, headers=hdrs)
             assert status == 200
