@@ -991,7 +991,10 @@ class UpstreamResponse:
             if self.framing == "chunked":
                 size = parse_chunk_size(await reader.readuntil(b"\r\n"))
                 if size > MAX_UPSTREAM_BODY:  # (read whole: it would be held in memory)
-                    raise ProtocolError(f"a chunk of {size} bytes")
+                    self.close()
+                    raise UpstreamError(f"upstream sent a chunk of {size} bytes, over the "
+                                        f"{MAX_UPSTREAM_BODY}-byte limit",
+                                        code="upstream_protocol_error")
                 if size == 0:
                     while await reader.readuntil(b"\r\n") != b"\r\n":
                         pass  # trailers
@@ -2539,6 +2542,7 @@ class _MCPConn:
         self.retired = False  # removed from the hub: must not be (re)started
         self.warming = None  # a background (re)connect while requests go on without it
         self.connecting_since = 0.0  # when its current start began (state "connecting")
+        self.warming_since = 0.0  # when `warming` began
         self.calls = 0  # tool calls running now: a registry edit lets them finish first
         self.drained = None  # asyncio.Event set when a retired server's last call ends
 
@@ -2937,23 +2941,24 @@ class MCPHub:
                 return await self._tools_of(server)
             # An attached server is started (or listed) in a task of its own, which a request
             # waits for a while: one that failed before, not at all (it is tried anew aside),
-            # and one still starting (a slow `npx -y`, a hung one) until MCP_ATTACHED_WAIT
-            # after its start began: requests that come later do not wait for it.
+            # and one still starting (a slow `npx -y`, a hung one, or one listing its tools)
+            # until MCP_ATTACHED_WAIT after that began: requests that come later do not wait.
             if c.warming is None or c.warming.done():
                 c.warming = asyncio.ensure_future(self._tools_of(server))
                 c.warming.add_done_callback(lambda t: t.cancelled() or t.exception())
+                c.warming_since = time.monotonic()
             task = c.warming
             if c.failures and not self._alive(c):
                 raise MCPError(server, f"not connected (last error: {c.last_error}); "
                                        "reconnecting in the background")
-            wait = MCP_ATTACHED_WAIT
-            if c.state == "connecting":
-                wait = max(0.0, c.connecting_since + MCP_ATTACHED_WAIT - time.monotonic())
+            began = min(c.warming_since, c.connecting_since) if c.state == "connecting" \
+                else c.warming_since  # (a start, or a listing that hangs once connected)
+            wait = max(0.0, began + MCP_ATTACHED_WAIT - time.monotonic())
             try:
                 return await asyncio.wait_for(asyncio.shield(task), wait)
             except asyncio.TimeoutError:
-                raise MCPError(server, f"still starting after {MCP_ATTACHED_WAIT:g} s; its "
-                                       "start goes on in the background") from None
+                raise MCPError(server, f"not ready within {MCP_ATTACHED_WAIT:g} s of its start; "
+                                       "that goes on in the background") from None
             except asyncio.CancelledError:
                 if task.cancelled():  # (its start was stopped: a shutdown), not this request
                     raise MCPError(server, "its start was stopped") from None
@@ -3177,6 +3182,23 @@ def check_fields(body, required):
             raise BadRequest(f"Invalid type for '{field}': expected {TYPE_NAMES[kind]}"
                              f"{' (not empty)' if isinstance(value, list) else ''}.",
                              param=field, code="invalid_type")
+
+
+def unforced(choice):
+    """A tool_choice for a tool loop's later rounds: one that forces a call ("required", a
+    named function or custom tool) becomes "auto", else a model that obeys it calls a tool
+    again every round (the OpenAI Agents SDK resets it too); an allowed_tools list is kept,
+    its mode "required" made "auto"; anything else is left as it is."""
+    if choice == "required":
+        return "auto"
+    if isinstance(choice, dict):
+        if choice.get("type") in ("function", "custom"):
+            return "auto"
+        allowed = choice.get("allowed_tools")
+        if choice.get("type") == "allowed_tools" and isinstance(allowed, dict) and \
+                allowed.get("mode") == "required":
+            return dict(choice, allowed_tools=dict(allowed, mode="auto"))
+    return choice
 
 
 def completion_message(data):
@@ -3957,7 +3979,7 @@ class Application:
         return await self.try_candidates(request, body, candidates, "/chat/completions", None,
                                          deliver)
 
-    async def run_mcp_calls(self, request, calls, bindings, report):
+    async def run_mcp_calls(self, request, calls, bindings, report, client_names=()):
         """Run this round's MCP tool calls concurrently -> one result dict per call. A client
         that leaves cancels them (the SDK tells each server)."""
         import asyncio
@@ -3966,8 +3988,9 @@ class Application:
             name = call["function"].get("name")
             binding = bindings.get(name)
             if binding is None:  # a name the model made up (small models do)
+                known = sorted(set(bindings) | set(client_names))
                 text = (f"Error: there is no tool named {str(name)[:100]!r}. The tools you can "
-                        f"call: {', '.join(sorted(bindings)[:50]) or 'none'}.")
+                        f"call: {', '.join(known[:50]) or 'none'}.")
                 return ({"ok": False, "text": text, "duration_ms": 0.0, "error": "unknown tool"},
                         {"id": call.get("id"), "server": None, "tool": name,
                          "arguments": call["function"].get("arguments"), "ok": False,
@@ -4041,7 +4064,7 @@ class Application:
                              "given to this model; rename the function.", param="tools",
                              code="tool_name_conflict")
         client_names = {f["name"] for t in tools if isinstance(t, dict) and isinstance(
-            f := t.get("function"), dict) and isinstance(f.get("name"), str)}
+            f := t.get(t.get("type") or "function"), dict) and isinstance(f.get("name"), str)}
         tools += [b["openai"] for b in bindings.values()]
         state = {"messages": list(body["messages"]), "report": [], "usage": {},
                  "vision": any(up.entry.get("vision") for up, _ in pool),
@@ -4064,9 +4087,8 @@ class Application:
         body = dict(base, messages=state["messages"])
         if last and "tools" in body:
             body["tool_choice"] = "none"  # out of rounds: the model must answer now
-        elif number and body.get("tool_choice") not in (None, "auto", "none"):
-            body["tool_choice"] = "auto"  # forced for the first round only, else a model that
-            # obeys it calls a tool again every round (the OpenAI Agents SDK resets it too)
+        elif number and body.get("tool_choice") is not None:
+            body["tool_choice"] = unforced(body["tool_choice"])
         if stream:
             body.update(stream=True, stream_options={"include_usage": True})
         return body
@@ -4089,14 +4111,15 @@ class Application:
         for i, call in enumerate(calls):
             if not isinstance(call, dict):
                 continue  # (no call at all: nothing to answer)
-            if not isinstance(call.get("function"), dict):
-                call["function"] = {"name": None, "arguments": ""}
-            name = call["function"].get("name")
-            if name in state["client_names"] and name not in bindings:
+            if not call.get("id"):
+                call["id"] = f"call_llmhost_{number}_{i}"
+            function = call.get("function")
+            if not isinstance(function, dict):  # another kind (OpenAI's "custom" calls):
+                theirs.append(call)  # the client's
+            elif function.get("name") in state["client_names"] and \
+                    function.get("name") not in bindings:
                 theirs.append(call)
             else:
-                if not call.get("id"):
-                    call["id"] = f"call_llmhost_{number}_{i}"
                 mine.append(call)
         return mine, theirs
 
@@ -4138,7 +4161,8 @@ class Application:
             if theirs:  # the client's own tools: back to the client with just those (see
                 doc["choices"][0]["message"] = message = dict(message, tool_calls=theirs)
                 break  # README)
-            results = await self.run_mcp_calls(request, mine, bindings, state["report"])
+            results = await self.run_mcp_calls(request, mine, bindings, state["report"],
+                                               state["client_names"])
             self.extend_conversation(state, message, mine, results)
         if last:  # out of rounds: the answer is what the model has, and we say so
             message["content"] = ((message.get("content") or "") + self.exhausted_note()).strip()
@@ -4242,7 +4266,8 @@ class Application:
             mine, theirs = self.split_calls(calls, bindings, state, number)
             if not mine or last or theirs:
                 break
-            results = await self.run_mcp_calls(request, mine, bindings, state["report"])
+            results = await self.run_mcp_calls(request, mine, bindings, state["report"],
+                                               state["client_names"])
             self.extend_conversation(state, {"role": "assistant", "content": "".join(
                 collected["content"]) or None}, mine, results)
         finish = collected["finish"] or "stop"

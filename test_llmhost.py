@@ -138,7 +138,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
                 "model": body["model"], "usage": {"prompt_tokens": 5, "completion_tokens": 1,
                                                   "total_tokens": 6},
                 "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
-                    "role": "assistant", "content": None, "tool_calls": [
+                    "role": "assistant", "content": None, "tool_calls": step.get(
+                        "raw_calls") or [  # (raw_calls: given as they are)
                         {"id": None if step.get("no_ids") else f"call_{i}", "type": "function",
                          "function": {
                             "name": name, "arguments": json.dumps(args)}}
@@ -1538,17 +1539,26 @@ def test_mcp_client_tools_go_back_to_the_client(mcp_env):
     assert status == 400 and doc["error"]["code"] == "tool_name_conflict"
 
 
-@pytest.mark.parametrize("choice", ["required", {"type": "function",
-                                                   "function": {"name": "t__echo"}}])
-def test_mcp_a_forced_tool_choice_holds_for_the_first_round_only(mcp_env, choice):
-    """Else a model that obeys it calls a tool again every round, up to the limit."""
+ALLOWED = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+    {"type": "function", "function": {"name": "t__echo"}}]}}
+
+
+@pytest.mark.parametrize("choice, later", [
+    ("required", "auto"),
+    ({"type": "function", "function": {"name": "t__echo"}}, "auto"),
+    (ALLOWED, dict(ALLOWED, allowed_tools=dict(ALLOWED["allowed_tools"], mode="auto"))),
+    (dict(ALLOWED, allowed_tools=dict(ALLOWED["allowed_tools"], mode="auto")), None),  # kept
+])
+def test_mcp_a_forced_tool_choice_holds_for_the_first_round_only(mcp_env, choice, later):
+    """Else a model that obeys it calls a tool again every round, up to the limit; a list of
+    allowed tools stays a limit."""
     running, fake = mcp_env
     status, _, raw = agent_chat(running.port, [{"calls": [("t__echo", {"text": "x"})]}], fake,
                                 tool_choice=choice)
     assert status == 200 and json.loads(raw)["choices"][0]["message"]["content"] == \
         "tool result: x"
     first, second = [json.loads(r["body"]) for r in fake.posts()]
-    assert first["tool_choice"] == choice and second["tool_choice"] == "auto"
+    assert first["tool_choice"] == choice and second["tool_choice"] == (later or choice)
 
 
 def test_mcp_a_tool_name_nobody_gave_goes_back_to_the_model_as_an_error(mcp_env):
@@ -1580,6 +1590,25 @@ def test_mcp_a_tool_name_nobody_gave_goes_back_to_the_model_as_an_error(mcp_env)
         ids = [m["tool_call_id"] for m in second if m["role"] == "tool"]
         assert len(ids) == 2 and all(isinstance(i, str) and i for i in ids)
         assert [c["id"] for c in second[-3]["tool_calls"]] == ids
+
+
+def test_mcp_the_clients_calls_of_other_kinds_and_without_ids_go_back_to_it(mcp_env):
+    """A custom tool call (no "function") is the client's, passed on as it came but for the
+    id it lacked; a model told of a made-up name hears of the client's tools too."""
+    running, fake = mcp_env
+    custom = {"type": "custom", "custom": {"name": "grammar", "input": "x + 1"}}
+    status, _, raw = agent_chat(running.port, [{"calls": [("-", {})], "raw_calls": [
+        custom, {"type": "function", "function": {"name": "lookup", "arguments": "{}"}}]}],
+        fake, tools=[{"type": "custom", "custom": {"name": "grammar"}},
+                     {"type": "function", "function": {"name": "lookup", "parameters": {}}}])
+    calls = json.loads(raw)["choices"][0]["message"]["tool_calls"]
+    assert status == 200 and [c.get("type") for c in calls] == ["custom", "function"]
+    assert calls[0]["custom"] == custom["custom"] and all(c["id"] for c in calls)
+    status, _, raw = agent_chat(running.port, [{"calls": [("t__nosuch", {})]}], fake,
+                                tools=[{"type": "function", "function": {"name": "lookup"}}])
+    told = json.loads(fake.posts()[1]["body"])["messages"][-1]["content"]
+    assert status == 200 and told.startswith("Error: there is no tool named 't__nosuch'")
+    assert "lookup" in told and "t__echo" in told
 
 
 def test_mcp_an_attached_server_that_fails_is_left_out(mcp_env, caplog):
@@ -2813,6 +2842,7 @@ def test_an_upstream_chunk_over_the_body_limit_is_refused_at_its_size_line(tmp_p
         started = time.monotonic()
         status, doc = jpost(running.port, "/v1/chat/completions", CHAT)
         assert status == 502 and "a chunk of 2147483647 bytes" in doc["error"]["message"]
+        assert doc["error"]["code"] == "upstream_protocol_error"
         assert time.monotonic() - started < 1.5
     finally:
         running.stop()
