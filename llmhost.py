@@ -1155,12 +1155,15 @@ class UpstreamClient:
             self.sweeper.tracked.add(conn)
             sent = time.monotonic()
             conn.deadline = sent + timeout
+            interim = False  # (an upstream that sent a 1xx answer has taken the request)
             try:
                 conn.writer.write(head + body if len(body) < RELAY_CHUNK else head)
                 if len(body) >= RELAY_CHUNK:
                     conn.writer.write(body)
                 raw = await conn.reader.readuntil(b"\r\n\r\n")
-                while raw[9:10] == b"1" and raw[:5] == b"HTTP/" and not bare_line_break(raw):
+                while raw[9:10] == b"1" and raw[:5] == b"HTTP/" and raw[12:13] in (b" ", b"\r") \
+                        and not bare_line_break(raw):
+                    interim = True
                     raw = await conn.reader.readuntil(b"\r\n\r\n")  # skip 1xx interim answers
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
                 self.release(conn, False)
@@ -1171,7 +1174,7 @@ class UpstreamClient:
                     raise UpstreamError(f"{origin.host_header} sent a response head over "
                                         f"{MAX_HEADER_BYTES} bytes",
                                         code="upstream_protocol_error") from None
-                if conn.reused and not conn.aborted and not (
+                if conn.reused and not conn.aborted and not interim and not (
                         isinstance(exc, asyncio.IncompleteReadError) and exc.partial) and \
                         time.monotonic() - sent < STALE_RETRY_WINDOW:
                     idle = None  # stale pooled connection: once more, on a fresh one
@@ -1202,7 +1205,8 @@ class UpstreamClient:
         so they are not parsed: one regex finds the five names."""
         if raw[:7].lower() != b"http/1." or raw[8:9] != b" " or not raw[9:12].isdigit() or \
                 raw[9:10] == b"0" or raw[12:13] not in (b" ", b"\r"):
-            raise ValueError(f"status line {raw[:60]!r}")
+            line = raw[:raw.find(b"\r")]  # (not the fields after it)
+            raise ValueError(f"status line {line[:60]!r}")
         if bare_line_break(raw):
             raise ValueError("a bare CR or LF in its head")
         status = int(raw[9:12])
@@ -3840,8 +3844,8 @@ class Application:
             pending = b""
             while True:
                 data = await resp.read_some()
-                if not data:
-                    break
+                if not data or conn.gone:  # (gone: cut by SEND_TIMEOUT, say, with upstream
+                    break  # bytes still at hand: nothing more is written)
                 if tail:
                     data = tail + data
                 # cut after the last blank line (an event's end, LF or CRLF style)
@@ -5551,9 +5555,13 @@ def run_mcp(coro):
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
 
     async def run():
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+
+        def stop():  # once: a second SIGTERM during the cleanup ends us at once
+            loop.remove_signal_handler(signal.SIGTERM)
+            task.cancel()
         try:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM,
-                                                          asyncio.current_task().cancel)
+            loop.add_signal_handler(signal.SIGTERM, stop)
         except (NotImplementedError, RuntimeError, ValueError):  # (not POSIX, not main thread)
             pass
         return await coro

@@ -93,6 +93,10 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
             step["hold"].wait(TIMEOUT)
         if step.get("delay"):
             time.sleep(step["delay"])
+        if step.get("interim_close"):  # takes the request (100 Continue), then dies
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.wfile.flush()
+            step["close"] = True
         if step.get("close") or fake.dead:  # drop the connection without answering
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
@@ -2112,6 +2116,12 @@ def test_mcp_cli_stopped_by_sigterm_stops_its_stdio_server(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(TIMEOUT) == 128 + signal.SIGTERM
         assert wait_until(lambda: sleeping() == [], 5)
+        proc = subprocess.Popen(proc.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert wait_until(lambda: sleeping() != [])
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)  # a second one during the cleanup: gone at once
+        assert proc.wait(2) == -signal.SIGTERM
     finally:
         proc.kill()
         for pid in sleeping():
@@ -2661,6 +2671,10 @@ def test_a_pooled_connection_that_took_the_request_is_not_retried(gateway, fake)
     status, doc = jpost(gateway.port, "/v1/chat/completions", CHAT)
     assert status == 502 and doc["error"]["code"] == "upstream_closed"
     assert len(fake.posts()) == 2
+    assert post(gateway.port, "/v1/chat/completions", CHAT)[0] == 200  # pooled again
+    fake.script({"interim_close": True})  # at once, but after an interim answer: taken too
+    status, doc = jpost(gateway.port, "/v1/chat/completions", CHAT)
+    assert status == 502 and len(fake.posts()) == 4
 
 
 def test_cooling_server_comes_back_through_probe(pool):
@@ -2930,7 +2944,8 @@ def test_an_upstream_redirect_or_a_status_out_of_range_is_a_502(tmp_path):
     upstream = CloseFramedUpstream([
         (None, b"HTTP/1.1 302 Found\r\nLocation: https://models.example/v1/chat/completions"
                b"\r\nContent-Length: 0\r\n\r\n"),
-        (None, b"HTTP/1.1 099 Weird\r\nContent-Length: 2\r\n\r\n{}")])
+        (None, b"HTTP/1.1 099 Weird\r\nContent-Length: 2\r\n\r\n{}"),
+        (None, b"HTTP/1.1 1000 Big\r\nContent-Length: 2\r\n\r\n{}")])  # (no 1xx answer)
     path = write_registry(tmp_path / "s.json", [
         {"name": "odd", "url": upstream.url, "models": ["fake-model"]}])
     running = Running(path)
@@ -2940,7 +2955,9 @@ def test_an_upstream_redirect_or_a_status_out_of_range_is_a_502(tmp_path):
         assert "HTTP 302, a redirect to https://models.example/v1/chat/completions" in \
             doc["error"]["message"]
         status, doc = jpost(running.port, "/v1/chat/completions", CHAT)
-        assert status == 502 and "status line b'HTTP/1.1 099" in doc["error"]["message"]
+        assert status == 502 and "status line b'HTTP/1.1 099 Weird'" in doc["error"]["message"]
+        status, doc = jpost(running.port, "/v1/chat/completions", CHAT)
+        assert status == 502 and "status line b'HTTP/1.1 1000 Big'" in doc["error"]["message"]
     finally:
         running.stop()
         upstream.close()
@@ -3893,7 +3910,8 @@ def test_body_timeout_is_for_silence_not_for_the_whole_upload(gateway, monkeypat
         assert parse_response(s.recv(65536))[0] == 200
 
 
-def test_a_client_that_stops_reading_is_closed_and_frees_its_slot(gateway, fake, monkeypatch):
+def test_a_client_that_stops_reading_is_closed_and_frees_its_slot(gateway, fake, monkeypatch,
+                                                                    caplog):
     """A client that takes none of a long answer for SEND_TIMEOUT (nginx's send_timeout) is
     closed, so it holds neither its slot nor the model's for good; one that reads is served."""
     monkeypatch.setattr(llmhost, "SEND_TIMEOUT", 0.5)
@@ -3915,6 +3933,9 @@ def test_a_client_that_stops_reading_is_closed_and_frees_its_slot(gateway, fake,
             assert gateway.gateway.router.upstreams["local"].in_flight == 0
     status, doc = jpost(gateway.port, "/v1/chat/completions", CHAT)
     assert status == 200
+    # what the upstream had sent meanwhile is not written to the closed connection (asyncio
+    # logs each such write: hundreds of lines per client)
+    assert not [r for r in caplog.records if "socket.send() raised" in r.getMessage()]
 
 
 def test_a_slow_client_that_keeps_reading_gets_all_of_a_big_answer(gateway, fake, monkeypatch):
