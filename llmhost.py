@@ -118,7 +118,11 @@ class ProtocolError(BadRequest):
 
 
 class Unauthorized(HTTPError):
+    """RFC 9110 §11.6.1: a 401 names the scheme it takes."""
     status, type, code = 401, "invalid_request_error", "invalid_api_key"
+
+    def __init__(self, message):
+        super().__init__(message, headers=[("WWW-Authenticate", 'Bearer realm="llmhost"')])
 
 
 class Forbidden(HTTPError):
@@ -495,6 +499,7 @@ class ClientConnection:
 
     # -- deadlines -------------------------------------------------------------------------
     def expire(self):
+        pending = self.transport.get_write_buffer_size()  # our answer still to go
         if self.phase == "head" and b"\n\n" in getattr(self.reader, "_buffer", b""):
             # a head whose lines end in a bare LF (typed into nc): its CRLF end never comes
             self.write_error(ProtocolError("the request's lines must end with CRLF, not a bare "
@@ -503,14 +508,13 @@ class ClientConnection:
             # RFC 9110 §15.5.9: 408 for a request that did not arrive in time; then close.
             self.write_error(BadRequest("request not received in time", status=408,
                                         code="request_timeout"), close=True)
-        elif self.transport.get_write_buffer_size():  # some of our answer is still to go:
-            pending = self.transport.get_write_buffer_size()
-            if self.send_mark is None or pending < self.send_mark:  # it took some since
-                self.send_mark = pending  # (or this is the keep-alive deadline): it gets
-                self.deadline = time.monotonic() + SEND_TIMEOUT  # SEND_TIMEOUT for more
-                return
-            self.transport.abort()  # it took none for SEND_TIMEOUT (close() would wait for
-            return  # it to, for good)
+        elif pending and (self.send_mark is None or pending < self.send_mark):
+            self.send_mark = pending  # it took some since (or this is the keep-alive
+            self.deadline = time.monotonic() + SEND_TIMEOUT  # deadline): SEND_TIMEOUT more
+            return
+        elif pending:  # it took none for SEND_TIMEOUT (close() would wait for it to, for good)
+            self.transport.abort()
+            return
         self.transport.close()
 
     def peer_gone(self):
@@ -2292,30 +2296,27 @@ class Admission:
 
 def check_api_key(headers, keys):
     import hmac
-    supplied = ""
+    send = "send 'Authorization: Bearer <key>' or 'x-api-key'."
     auth = headers.get("authorization", "")
     if auth[:7].lower() == "bearer ":
         supplied = auth[7:].strip()
     elif "x-api-key" in headers:
         supplied = headers["x-api-key"].strip()
     elif len(auth.split()) > 1:  # (one word may be a key sent without "Bearer ": not echoed)
-        raise Unauthorized(f"Authorization scheme {auth.split()[0][:20]!r} is not supported: send "
-                           "'Authorization: Bearer <key>' or 'x-api-key'.",
-                           headers=[("WWW-Authenticate", 'Bearer realm="llmhost"')])
+        raise Unauthorized(f"Authorization scheme {auth.split()[0][:20]!r} is not supported: "
+                           + send)
     elif auth and auth.lower() != "bearer":
-        raise Unauthorized("Authorization needs the scheme: send 'Authorization: Bearer <key>' "
-                           "or 'x-api-key'.",
-                           headers=[("WWW-Authenticate", 'Bearer realm="llmhost"')])
+        raise Unauthorized("Authorization needs the scheme: " + send)
+    else:
+        supplied = ""
     if not supplied:
-        raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key'.",
-                           headers=[("WWW-Authenticate", 'Bearer realm="llmhost"')])
+        raise Unauthorized("Missing API key: " + send)
     given = supplied.encode("utf-8", "replace")
     ok = False
     for key in keys:  # compare against every key: the time does not say which one was close
         ok |= hmac.compare_digest(given, key.encode())
     if not ok:
-        raise Unauthorized("Incorrect API key provided.",
-                           headers=[("WWW-Authenticate", 'Bearer realm="llmhost"')])
+        raise Unauthorized("Incorrect API key provided.")
 
 # =============================================================================
 # MCP bridge
@@ -3811,7 +3812,7 @@ class Application:
             body = error_envelope_bytes(status, body)
             headers[0] = JSON_TYPE[0]
             retry_after = resp.headers.get("retry-after")
-            if retry_after and check_header_value(retry_after):
+            if retry_after:  # (parse_response_head refused control characters in it)
                 headers.append(("Retry-After", retry_after))
         elif transform is not None:
             try:
@@ -4107,7 +4108,7 @@ class Application:
         return f"\n\n[llmhost: stopped after {self.mcp_max_rounds} rounds of MCP tool calls]"
 
     @staticmethod
-    def split_calls(calls, bindings, state, number):
+    def split_calls(calls, bindings, client_names, number):
         """-> (the calls llmhost answers: its MCP tools' and those of names nobody gave the
         model, which get an error; the client's own calls) of one model answer. Calls without
         an id (some servers omit it) get one: the tool messages must name them."""
@@ -4120,7 +4121,7 @@ class Application:
             function = call.get("function")
             if not isinstance(function, dict):  # another kind (OpenAI's "custom" calls):
                 theirs.append(call)  # the client's
-            elif function.get("name") in state["client_names"] and \
+            elif function.get("name") in client_names and \
                     function.get("name") not in bindings:
                 theirs.append(call)
             else:
@@ -4158,8 +4159,8 @@ class Application:
             if message is None:
                 return self.answer_as_is(request, status, data)
             self.add_usage(state["usage"], doc.get("usage"))
-            mine, theirs = self.split_calls(message.get("tool_calls") or [], bindings, state,
-                                            number)
+            mine, theirs = self.split_calls(message.get("tool_calls") or [], bindings,
+                                            state["client_names"], number)
             if not mine or last:
                 break
             if theirs:  # the client's own tools: back to the client with just those (see
@@ -4267,7 +4268,7 @@ class Application:
                     return keep_alive
                 return self.answer_as_is(request, status, data)
             calls = [collected["calls"][i] for i in sorted(collected["calls"])]
-            mine, theirs = self.split_calls(calls, bindings, state, number)
+            mine, theirs = self.split_calls(calls, bindings, state["client_names"], number)
             if not mine or last or theirs:
                 break
             results = await self.run_mcp_calls(request, mine, bindings, state["report"],
