@@ -4995,7 +4995,10 @@ def run_workers(args, path, keys, options, workers, last_good):
         share = args.max_concurrency // workers + (i < args.max_concurrency % workers)
         queue = args.queue_size // workers + (i < args.queue_size % workers)
         signal.pthread_sigmask(signal.SIG_BLOCK, worker_signals())
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # out of processes or memory: the caller stops serve
+            return f"cannot start worker {i + 1}/{workers}: {exc.strerror or exc}"
         if pid == 0:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGCHLD,))  # (serve's alone)
             os.setpgid(0, 0)  # Ctrl-C reaches serve alone, which passes it on once: a worker
@@ -5018,6 +5021,7 @@ def run_workers(args, path, keys, options, workers, last_good):
                 os._exit(code)
         children[pid] = i
         started[i] = time.monotonic()
+        return None
 
     stopping = False
 
@@ -5040,7 +5044,12 @@ def run_workers(args, path, keys, options, workers, last_good):
     fallback = last_good if registry_stamp(path) is not None else None
     signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGCHLD,))  # for sigtimedwait below
     for i in range(workers):
-        spawn(i, fallback)
+        failed = spawn(i, fallback)
+        if failed:  # the ones started stop as at Ctrl-C (their signals are theirs by now)
+            forward(signal.SIGTERM, None)
+            for pid in children:
+                os.waitpid(pid, 0)
+            raise CLIError(failed)
     for sig in signals:
         signal.signal(sig, forward)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
@@ -5098,9 +5107,12 @@ def run_workers(args, path, keys, options, workers, last_good):
                        i + 1, workers, pid, how)
         follow_registry()
         signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-        if not stopping:  # (a signal just now closed the sockets)
-            spawn(i, fallback)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+        failed = None if stopping else spawn(i, fallback)  # (a signal just now closed the
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)  # sockets: none to respawn)
+        if failed:  # as nginx, which does not retry a failed fork either; a supervisor can
+            logger().error("%s; stopping the others", failed)  # (systemd's Restart=)
+            forward(signal.SIGTERM, None)
+            status = 1
     return status
 
 

@@ -3394,14 +3394,14 @@ def test_status_endpoint_and_command(pool):
     assert code == 0 and "u0" in out and "cannot connect" in out
 
 
-def start_serve(registry, *extra, env=None):
+def start_serve(registry, *extra, env=None, python=()):
     """`python3 llmhost.py serve` as a user runs it; -> (process, port)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
-                             registry, "serve", "--port", str(port), *extra],
+    proc = subprocess.Popen([sys.executable, *python, os.path.join(HERE, "llmhost.py"),
+                             "--registry", registry, "serve", "--port", str(port), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, **(env or {})))
     deadline = time.monotonic() + TIMEOUT
@@ -4241,6 +4241,61 @@ def test_a_worker_that_dies_is_replaced_and_no_request_is_lost(fake, tmp_path):
         _, err = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 0 and err.count("serving on") == 3
     assert f"(pid {victim}) exited (SIGKILL) on its own; starting a new one" in err
+
+
+# llmhost.py run as a script whose os.fork fails (as out of processes) from fork number N on;
+# every worker forked is written to the file PIDS names
+FAILING_FORK = ("-c", """
+import errno, os, runpy, sys
+real_fork, forks = os.fork, []
+def fork():
+    if len(forks) == int(os.environ["FORK_FAILS_AT"]):
+        raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+    pid = real_fork()
+    if pid:
+        forks.append(pid)
+        with open(os.environ["PIDS"], "a") as f:
+            f.write(f"{pid}\\n")
+    return pid
+os.fork = fork
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+
+
+def test_a_worker_that_cannot_be_forked_stops_serve_with_a_clear_message(fake, tmp_path):
+    registry = write_registry(tmp_path / "s.json",
+                              [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    pids = tmp_path / "pids"
+    proc = subprocess.run([sys.executable, *FAILING_FORK, os.path.join(HERE, "llmhost.py"),
+                           "--registry", registry, "serve", "--port", "0", "--workers", "2"],
+                          capture_output=True, text=True, timeout=TIMEOUT,
+                          env=dict(os.environ, FORK_FAILS_AT="1", PIDS=str(pids)))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().endswith(
+        "llmhost: error: cannot start worker 2/2: Resource temporarily unavailable")
+    (first,) = map(int, pids.read_text().split())
+    with pytest.raises(ProcessLookupError):  # the worker started first is stopped, not left
+        os.kill(first, 0)
+    # and one that cannot replace a dead worker later stops serve too, the other worker first
+    proc, port = start_serve(registry, "--workers", "2", python=FAILING_FORK,
+                             env={"FORK_FAILS_AT": "2", "PIDS": str(tmp_path / "pids2")})
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while len((tmp_path / "pids2").read_text().split()) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(llmhost.WORKER_MIN_UPTIME)
+        victim, other = map(int, (tmp_path / "pids2").read_text().split())
+        os.kill(victim, signal.SIGKILL)
+        assert proc.wait(TIMEOUT) == 1
+    finally:
+        proc.kill()
+        _, err = proc.communicate()
+    assert "cannot start worker" in err and \
+        "/2: Resource temporarily unavailable; stopping the others" in err
+    with pytest.raises(ProcessLookupError):
+        os.kill(other, 0)
 
 
 def test_a_worker_replaced_while_the_registry_is_broken_serves_the_last_good_one(fake, tmp_path):
