@@ -1343,8 +1343,9 @@ def url_under(url, prefix):
     """Whether `url` is `prefix` or below it: the same scheme, host and port (any port for a
     prefix such as http://host:), and its path the prefix's or under it. Compared parsed, not
     as text, so neither 'http://a:1@b/' nor 'http://a:1\\@b/' passes for http://a:1; a URL
-    with an '@' anywhere never passes."""
-    from urllib.parse import urlsplit
+    with an '@' anywhere never passes, nor one with a '.' or '..' path segment: the path sent
+    is the resolved one (RFC 3986 §5.2.4), so /allowed/../x would reach /x."""
+    from urllib.parse import unquote, urlsplit
     if valid_url(url) or "\\" in url or "@" in url:
         return False
     u, p = urlsplit(url), urlsplit(prefix)
@@ -1354,6 +1355,8 @@ def url_under(url, prefix):
             port if p.netloc.endswith(":") else p.port or default.get(p.scheme)):
         return False  # ("http://host:" allows every port of host)
     path, base = u.path or "/", p.path or "/"
+    if any(segment in (".", "..") for segment in unquote(path).split("/")):
+        return False  # (also %2e%2e, which some servers decode before they route)
     return path == base or path.startswith(base if base.endswith("/") else base + "/")
 
 

@@ -1762,6 +1762,10 @@ def test_mcp_per_request_selection_and_refusals(mcp_env):
     ("http://127.0.0.1.evil.example/mcp", "http://127.0.0.1:", False),
     ("http://127.0.0.1:8931/mcpx", "http://127.0.0.1:8931/mcp", False),
     ("https://127.0.0.1:8931/mcp", "http://127.0.0.1:8931", False),
+    ("http://127.0.0.1:8931/allowed/../mcp", "http://127.0.0.1:8931/allowed/", False),  # sent
+    ("http://127.0.0.1:8931/allowed/%2E%2e/mcp", "http://127.0.0.1:8931/allowed", False),  # as
+    ("http://127.0.0.1:8931/allowed/./mcp", "http://127.0.0.1:8931/allowed", False),  # /mcp
+    ("http://127.0.0.1:8931/allowed/..mcp", "http://127.0.0.1:8931/allowed", True),
 ])
 def test_mcp_allow_url_compares_parsed_urls_not_text(url, prefix, allowed):
     assert llmhost.url_under(url, prefix) is allowed
