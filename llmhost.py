@@ -3428,7 +3428,7 @@ class Application:
         self.mcp = MCPHub({}, environ=mcp_environ or {}, sampler=self.sample, roots=mcp_roots)
         self.mcp_max_rounds = mcp_max_rounds
         self.mcp_allow_urls = tuple(mcp_allow_urls)
-        self.mcp_models = {}  # MCP server -> model of the request that last called it (sampling)
+        self.mcp_callers = {}  # MCP server -> {model: its requests' calls running} (sampling)
         self.client = client
         self.admission = admission
         self.api_keys = tuple(api_keys)
@@ -3961,9 +3961,16 @@ class Application:
 
     async def sample(self, server, params):
         """An MCP server's sampling request, answered by one of our models: the server's
-        `sampling_model`, else the model of the request that last called its tools."""
-        model = self.mcp.specs().get(server, {}).get("sampling_model") or \
-            self.mcp_models.get(server)
+        `sampling_model`, else the model of the requests whose calls it is running (sampling
+        requests do not say which call they belong to: with calls for two models running, the
+        prompt, which may hold one client's data, goes to neither)."""
+        model = self.mcp.specs().get(server, {}).get("sampling_model")
+        if not model:
+            models = self.mcp_callers.get(server, ())
+            if len(models) > 1:
+                raise RuntimeError(f"requests for {len(models)} models are calling its tools; "
+                                   "set sampling_model on the MCP server to choose one")
+            model = next(iter(models), None)
         if not model:
             raise RuntimeError("no model to sample with: set sampling_model on the MCP server")
         body = dict(params, model=model, stream=False)
@@ -4023,9 +4030,11 @@ class Application:
                             "tool": binding["tool"], "arguments": args, "ok": result["ok"],
                             "error": result["error"], "duration_ms": result["duration_ms"]}
 
-        for call in calls:
-            if call["function"].get("name") in bindings:
-                self.mcp_models[bindings[call["function"]["name"]]["server"]] = request.model
+        servers = [bindings[c["function"]["name"]]["server"] for c in calls
+                   if c["function"].get("name") in bindings]
+        for server in servers:
+            callers = self.mcp_callers.setdefault(server, {})
+            callers[request.model] = callers.get(request.model, 0) + 1
         conn = request.conn
         task = asyncio.ensure_future(asyncio.gather(*(one(c) for c in calls)))
         conn.on_gone = task.cancel
@@ -4044,6 +4053,11 @@ class Application:
             raise
         finally:
             conn.on_gone = None
+            for server in servers:
+                callers = self.mcp_callers[server]
+                callers[request.model] -= 1
+                if not callers[request.model]:
+                    del callers[request.model]
 
     async def chat_with_mcp(self, request, body, servers, allowed, request_servers):
         """The tool loop: ask the model; run the MCP tools it calls; give it the results; ask

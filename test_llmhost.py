@@ -1260,6 +1260,15 @@ def run_mcp_test_server(argv):
     def summarize(topic: str, answer: Annotated[CreateMessageResult, Resolve(ask_model)]) -> str:
         return f"model={answer.model} text={answer.content.text}"
 
+    async def ask_model_later(topic: str, seconds: float) -> Sample:
+        await anyio.sleep(seconds)
+        return ask_model(topic)
+
+    @srv.tool(description="Waits, then asks the client's model (sampling).")
+    def summarize_later(topic: str, seconds: float,
+                        answer: Annotated[CreateMessageResult, Resolve(ask_model_later)]) -> str:
+        return f"model={answer.model} text={answer.content.text}"
+
     @srv.tool(description="Elicits a form where every field has a default.")
     def prefs(p: Annotated[Prefs, Resolve(lambda: Elicit("Preferences?", Prefs))]) -> str:
         return f"colour={p.colour} count={p.count}"
@@ -1722,6 +1731,54 @@ def test_mcp_sampling_served_by_our_model(mcp_env):
     assert sampling["model"] == "fake-model" and sampling["max_tokens"] == 42
     assert sampling["stop"] == ["END"]
     assert sampling["messages"][0] == {"role": "system", "content": "Be brief."}
+
+
+def test_mcp_sampling_goes_to_the_model_of_the_calling_request_not_the_last_caller(tmp_path):
+    """A sampling request does not say which tool call it is for: the model is that of the
+    requests whose calls run on the server then; with two models' calls running, neither gets
+    the prompt (it may hold one client's data)."""
+    fake = FakeUpstream()
+    running = Running(write_registry(tmp_path / "s.json", [
+        {"name": "a", "url": fake.url, "models": ["model-a"], "mcp": ["t"]},
+        {"name": "b", "url": fake.url, "models": ["model-b"], "mcp": ["t"]}], mcp={"t": MCP_STDIO}))
+    try:
+        def chat(model, results):
+            body = {"model": model, "messages": [{"role": "user", "content": "go"}]}
+            results[model] = post(running.port, "/v1/chat/completions", body, timeout=TIMEOUT * 3)
+
+        for b_call, expected in [(("t__echo", {"text": "b"}), "model-a"),  # b's done by then
+                                 (("t__slow", {"seconds": 3}), None)]:  # b's still running
+            fake.steps.clear()
+            fake.requests.clear()
+            fake.script({"calls": [("t__summarize_later", {"topic": "cats", "seconds": 1.5})]},
+                        {"calls": [b_call]}, {}, {}, {})
+            results = {}
+            a = threading.Thread(target=chat, args=("model-a", results))
+            a.start()
+            deadline = time.monotonic() + TIMEOUT
+            while not fake.posts():  # a has taken the first step
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            chat("model-b", results) if expected else \
+                threading.Thread(target=chat, args=("model-b", results)).start()
+            a.join(TIMEOUT * 3)
+            content = json.loads(results["model-a"][2])["choices"][0]["message"]["content"]
+            sampled = [json.loads(r["body"])["model"] for r in fake.posts()
+                       if b"Be brief." in r["body"]]  # the sampling request
+            if expected:
+                assert sampled == [expected]
+                assert content == "tool result: model=model-a text=echo: Write about cats"
+            else:
+                assert sampled == [], fake.posts()
+                assert "requests for 2 models are calling its tools; set sampling_model" in \
+                    content, content
+                deadline = time.monotonic() + TIMEOUT
+                while "model-b" not in results:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+    finally:
+        running.stop(timeout=5)
+        fake.close()
 
 
 def test_mcp_elicitation_defaults_or_decline(mcp_env):
