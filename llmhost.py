@@ -2344,6 +2344,7 @@ def mcp_log():
 MCP_REQUEST_SERVERS = 16  # servers named by requests' server_url kept connected at once
 MCP_MAX_ROUNDS = 8  # model -> tools -> model rounds per request before we stop calling tools
 MCP_KEEPALIVE = 10.0  # s between SSE comments that keep a stream alive while tools run
+ROUND_SEPARATOR = "\n\n"  # between the texts of a tool loop's rounds, in the one answer
 MCP_CALL_TIMEOUT = 60.0  # s, one tool call incl. sampling rounds; Claude Desktop uses 60 s too
 MCP_CONNECT_TIMEOUT = 30.0  # s, spawn + handshake; `npx -y pkg` may download on first start
 MCP_ATTACHED_WAIT = 5.0  # s a request waits for an attached server still starting, then goes on
@@ -4167,6 +4168,7 @@ class Application:
 
     async def mcp_loop(self, request, base, bindings, state):
         rounds = self.mcp_max_rounds
+        said = []  # the text of rounds before this one (what the stream shows as it comes)
         for number in range(rounds + 1):
             last = number == rounds
             status, data = await self.complete(  # each round ordered anew (health, load)
@@ -4186,6 +4188,10 @@ class Application:
             results = await self.run_mcp_calls(request, mine, bindings, state["report"],
                                                state["client_names"])
             self.extend_conversation(state, message, mine, results)
+            said.append(message.get("content"))
+        texts = [text for text in said + [message.get("content")] if isinstance(text, str) and text]
+        if said and texts:  # each round's text, as the stream gives it ("Let me check.")
+            message["content"] = ROUND_SEPARATOR.join(texts)
         if last:  # out of rounds: the answer is what the model has, and we say so
             message["content"] = ((message.get("content") or "") + self.exhausted_note()).strip()
             message.pop("tool_calls", None)
@@ -4203,6 +4209,7 @@ class Application:
         keep_alive = True
         template = None
         stream_id = None  # every round's chunks carry the first round's id, as one completion
+        said = False  # whether an earlier round's text was shown (the next one is set apart)
         for number in range(rounds + 1):
             last = number == rounds
             collected = {"calls": {}, "finish": None, "content": []}
@@ -4237,6 +4244,9 @@ class Application:
                         collected["finish"] = choice["finish_reason"]
                     if delta.get("content"):
                         collected["content"].append(delta["content"])
+                        if said and len(collected["content"]) == 1 and \
+                                isinstance(delta["content"], str):  # (as mcp_loop joins them)
+                            delta["content"] = ROUND_SEPARATOR + delta["content"]
                     shown = any(v for k, v in delta.items() if k != "role")
                     if not shown and not (number == 0 and "role" in delta):
                         continue  # nothing a client would show
@@ -4292,6 +4302,7 @@ class Application:
                                                state["client_names"])
             self.extend_conversation(state, {"role": "assistant", "content": "".join(
                 collected["content"]) or None}, mine, results)
+            said = said or bool(collected["content"])
         finish = collected["finish"] or "stop"
         tail = dict(template or {"object": "chat.completion.chunk"})
         tail.pop("usage", None)

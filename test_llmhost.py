@@ -142,13 +142,13 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
                 "model": body["model"], "usage": {"prompt_tokens": 5, "completion_tokens": 1,
                                                   "total_tokens": 6},
                 "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
-                    "role": "assistant", "content": None, "tool_calls": step.get(
+                    "role": "assistant", "content": step.get("say"), "tool_calls": step.get(
                         "raw_calls") or [  # (raw_calls: given as they are)
                         {"id": None if step.get("no_ids") else f"call_{i}", "type": "function",
                          "function": {
                             "name": name, "arguments": json.dumps(args)}}
                         for i, (name, args) in enumerate(calls)]}}]}) \
-                if not body.get("stream") else self.stream_calls(body, calls)
+                if not body.get("stream") else self.stream_calls(body, calls, step.get("say"))
         if str(last.get("content")).startswith("delay:"):  # for fakes run as a subprocess
             time.sleep(float(str(last["content"])[6:]))
         if last.get("role") == "tool":
@@ -250,13 +250,17 @@ class QuietServer(http.server.ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-def _stream_calls(self, body, calls):
-    """A streamed answer that calls these tools, arguments split over several deltas."""
+def _stream_calls(self, body, calls, say=None):
+    """A streamed answer that calls these tools, arguments split over several deltas; `say`
+    is text before the calls, as models write ("Let me check.")."""
     self.start_sse()
     base = {"id": "chatcmpl-2", "object": "chat.completion.chunk", "created": 1,
             "model": body["model"]}
     self.event(dict(base, choices=[{"index": 0, "delta": {"role": "assistant"},
                                     "finish_reason": None}]))
+    if say:
+        self.event(dict(base, choices=[{"index": 0, "delta": {"content": say},
+                                        "finish_reason": None}]))
     for i, (name, args) in enumerate(calls):
         text = json.dumps(args)
         self.event(dict(base, choices=[{"index": 0, "finish_reason": None, "delta": {
@@ -1717,6 +1721,25 @@ def test_mcp_a_huge_tool_result_is_cut_and_the_model_told(mcp_env):
     content = json.loads(raw)["choices"][0]["message"]["content"]
     assert content.endswith("x\n[llmhost: the result was cut to 100000 of 150000 characters]")
     assert len(content) < 100_200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_mcp_text_written_beside_tool_calls_is_in_the_answer_both_ways(mcp_env, stream):
+    """The stream passes each round's text as it comes (it cannot know which round is the last
+    one); the whole answer holds the same, rounds set apart by a blank line."""
+    running, fake = mcp_env
+    status, _, raw = agent_chat(running.port, [
+        {"calls": [("t__echo", {"text": "hi"})], "say": "Let me check."},
+        {"calls": [("t__echo", {"text": "again"})]}, {}], fake, stream=stream)
+    assert status == 200
+    events = [json.loads(e) for e in sse_events(raw) if e != "[DONE]"]
+    content = "".join(e["choices"][0]["delta"].get("content") or "" for e in
+                      events if e.get("choices")) if stream else \
+        json.loads(raw)["choices"][0]["message"]["content"]
+    assert content == "Let me check.\n\ntool result: again"
+    second, third = [json.loads(r["body"])["messages"][-2:] for r in fake.posts()[1:]]
+    assert second[0]["content"] == "Let me check."  # the model's own words, as it wrote them
+    assert third[0]["content"] is None
 
 
 def test_mcp_sampling_served_by_our_model(mcp_env):
