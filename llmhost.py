@@ -2343,6 +2343,7 @@ def mcp_log():
 
 MCP_REQUEST_SERVERS = 16  # servers named by requests' server_url kept connected at once
 MCP_MAX_ROUNDS = 8  # model -> tools -> model rounds per request before we stop calling tools
+MCP_TOOLS_TTL_MIN = 1.0  # s a 2026 server's tool list is used at least, whatever its ttlMs
 MCP_KEEPALIVE = 10.0  # s between SSE comments that keep a stream alive while tools run
 ROUND_SEPARATOR = "\n\n"  # between the texts of a tool loop's rounds, in the one answer
 MCP_CALL_TIMEOUT = 60.0  # s, one tool call incl. sampling rounds; Claude Desktop uses 60 s too
@@ -2545,6 +2546,7 @@ class _MCPConn:
         self.client = self.owner = self.stop = self.lock = None
         self.state, self.era, self.server_info, self.last_error = "idle", None, None, None
         self.tools = None  # cached list[mcp Tool]; None = not listed yet or invalidated
+        self.tools_until = 0.0  # when it goes stale (a 2026 server's ttlMs; legacy: never)
         self.failures, self.retry_at = 0, 0.0
         self.from_request = False  # named by a request's server_url: literal, never ${VAR}
         self.users = 0  # requests using it now (from_request only): it is not replaced meanwhile
@@ -2554,6 +2556,12 @@ class _MCPConn:
         self.warming_since = 0.0  # when `warming` began
         self.calls = 0  # tool calls running now: a registry edit lets them finish first
         self.drained = None  # asyncio.Event set when a retired server's last call ends
+
+    def fresh_tools(self):
+        """The cached tool list while it is fresh, else None (list again)."""
+        if self.tools is not None and time.monotonic() >= self.tools_until:
+            self.tools = None
+        return self.tools
 
     def note_failure(self, error):
         self.last_error, self.failures = error, self.failures + 1
@@ -2884,8 +2892,9 @@ class MCPHub:
             c.last_error = _describe_exc(exc)
         return lost
 
-    async def _walk(self, server, method, attr):
-        """Every page of a paginated list call (each page within the connect timeout)."""
+    async def _walk(self, server, method, attr, pages=None):
+        """Every page of a paginated list call (each page within the connect timeout); the
+        pages themselves are added to `pages` if given."""
         import asyncio
         client = await self._ensure(server)
         items, cursor = [], None
@@ -2893,20 +2902,37 @@ class MCPHub:
             page = await asyncio.wait_for(getattr(client, method)(cursor=cursor),
                                           self._connect_timeout)
             items += getattr(page, attr)
+            if pages is not None:
+                pages.append(page)
             cursor = page.next_cursor
             if not cursor:
                 break
         return items
 
+    @staticmethod
+    def _tools_ttl(c, pages):
+        """How long a tool list may be used: a 2026 server says it in each page's ttlMs (the
+        SDK's servers say 0, "stale at once"); it is held at least MCP_TOOLS_TTL_MIN, so busy
+        requests list it at most once a second. Such a server has no session whose loss would
+        show it restarted with other tools; a legacy one has, and announces changes."""
+        from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+        ttls = [page.ttl_ms for page in pages if "ttl_ms" in page.model_fields_set]
+        if c.era not in MODERN_PROTOCOL_VERSIONS or not ttls:
+            return float("inf")
+        return max(MCP_TOOLS_TTL_MIN, min(ttls) / 1000)
+
     async def _tools_of(self, server):
         import asyncio
         c = self._conn(server)
         for attempt in (1, 2):  # a session found dead while listing: once more, restarted
-            if c.tools is not None:
+            if c.fresh_tools() is not None:
                 break
             try:
-                c.tools = [t for t in await self._walk(server, "list_tools", "tools")
-                           if getattr(t.execution, "task_support", None) != "required"]
+                pages = []
+                tools = [t for t in await self._walk(server, "list_tools", "tools", pages)
+                         if getattr(t.execution, "task_support", None) != "required"]
+                c.tools_until = time.monotonic() + self._tools_ttl(c, pages)
+                c.tools = tools
             except MCPError:  # (tools that can only run as MCP tasks are not offered: the
                 raise  # SDK's call_tool does not run tasks)
             except Exception as e:
@@ -2946,7 +2972,7 @@ class MCPHub:
 
         async def listed(server):
             c = self._conn(server)
-            if server not in optional or c.tools is not None:
+            if server not in optional or c.fresh_tools() is not None:
                 return await self._tools_of(server)
             # An attached server is started (or listed) in a task of its own, which a request
             # waits for a while: one that failed before, not at all (it is tried anew aside),

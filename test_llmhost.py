@@ -1287,6 +1287,11 @@ def run_mcp_test_server(argv):
         await ctx.notify_tools_changed()
         return "grown"
 
+    if os.environ.get("LLMHOST_TEST_MCP_LATER"):  # a later version of this server
+        @srv.tool(description="Only in the later version.")
+        def later() -> str:
+            return "later ok"
+
     @srv.resource("test://hello", description="A greeting.")
     def hello() -> str:
         return "hello resource"
@@ -1958,10 +1963,10 @@ def test_mcp_client_leaving_mid_round_is_no_internal_error(mcp_env, caplog):
         release.set()
 
 
-def start_mcp_http(kind, *extra):
+def start_mcp_http(kind, *extra, env=None):
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "mcp-server", kind,
                              *extra],
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True, env=dict(os.environ, **(env or {})))
     line = proc.stdout.readline()
     assert line.startswith("PORT "), line
     return proc, int(line.split()[1])
@@ -2003,6 +2008,45 @@ def test_mcp_http_server_that_restarted_gets_a_new_session(fake, tmp_path):
         running.stop()
         proc.terminate()
         proc.wait(TIMEOUT)
+
+
+def test_mcp_2026_server_restarted_with_other_tools_is_listed_anew(fake, tmp_path):
+    """A 2026 server keeps no session, so nothing shows that it restarted: its tool list is
+    used as long as its ttlMs says (the SDK's servers say 0), and at least MCP_TOOLS_TTL_MIN."""
+    proc, port = start_mcp_http("http")
+    registry = write_registry(tmp_path / "s.json", [
+        {"name": "local", "url": fake.url, "models": ["fake-model"], "mcp": ["h"]}],
+        mcp={"h": {"url": f"http://127.0.0.1:{port}/mcp"}})
+    running = Running(registry)
+    old = None
+
+    def names():
+        doc = json.loads(request(running.port, "GET", "/v1/mcp/tools")[2])
+        return [t["function"]["name"] for t in doc.get("data", ())]
+    try:
+        assert wait_until(lambda: "h__echo" in names())
+        assert "h__later" not in names()
+        old = proc  # a polite stop: uvicorn closes its port, then waits for open streams,
+        old.terminate()  # such as our listen stream, which so never ends
+
+        def closed():
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return False
+            except OSError:
+                return True
+        assert wait_until(closed)
+        proc, _ = start_mcp_http("http", str(port), env={"LLMHOST_TEST_MCP_LATER": "1"})
+        assert wait_until(lambda: "h__later" in names())
+        fake.script({"calls": [("h__later", {})]})
+        status, doc = jpost(running.port, "/v1/chat/completions", CHAT)
+        assert doc["choices"][0]["message"]["content"] == "tool result: later ok", doc
+    finally:
+        running.stop()
+        for p in (proc, old):
+            if p is not None:
+                p.kill()
+                p.wait(TIMEOUT)
 
 
 def test_mcp_legacy_sse_transport(fake, tmp_path):
