@@ -2521,16 +2521,20 @@ def _elicit_defaults(schema):
 
 # ---- the hub --------------------------------------------------------------------------------
 
-def _streamable_http(url, headers):
-    """The v2 streamable HTTP transport has no headers=; it takes an httpx2 client we must close."""
+def _streamable_http(url, headers, c):
+    """The v2 streamable HTTP transport has no headers=; it takes an httpx2 client we must close.
+    The HTTP status of its last refusal is kept in `c.http_status`: the SDK's error leaves it out."""
     import contextlib
+
+    async def note(response):
+        c.http_status = response.status_code if response.status_code >= 400 else None
 
     @contextlib.asynccontextmanager
     async def transport():
         import httpx2
         from mcp.client.streamable_http import streamable_http_client
         # the SDK's defaults (create_mcp_http_client): 30 s to connect, 300 s between reads
-        async with httpx2.AsyncClient(headers=headers,
+        async with httpx2.AsyncClient(headers=headers, event_hooks={"response": [note]},
                                       timeout=httpx2.Timeout(30.0, read=300.0)) as http:
             async with streamable_http_client(url, http_client=http) as streams:
                 yield streams
@@ -2547,6 +2551,7 @@ class _MCPConn:
         self.state, self.era, self.server_info, self.last_error = "idle", None, None, None
         self.tools = None  # cached list[mcp Tool]; None = not listed yet or invalidated
         self.tools_until = 0.0  # when it goes stale (a 2026 server's ttlMs; legacy: never)
+        self.http_status = None  # of the last answer over streamable HTTP, if a refusal
         self.failures, self.retry_at = 0, 0.0
         self.from_request = False  # named by a request's server_url: literal, never ${VAR}
         self.users = 0  # requests using it now (from_request only): it is not replaced meanwhile
@@ -2556,6 +2561,16 @@ class _MCPConn:
         self.warming_since = 0.0  # when `warming` began
         self.calls = 0  # tool calls running now: a registry edit lets them finish first
         self.drained = None  # asyncio.Event set when a retired server's last call ends
+
+    def why(self, exc):
+        """_describe_exc, with the HTTP status the SDK leaves out of "Server returned an error
+        response" (a 401 says more than that: the server wants a token)."""
+        msg = _describe_exc(exc)
+        if self.http_status and "Server returned an error response" in msg:
+            msg += f" (HTTP {self.http_status}" + (
+                ": the server wants credentials, e.g. --header 'Authorization: Bearer TOKEN'"
+                if self.http_status in (401, 403) else "") + ")"
+        return msg
 
     def fresh_tools(self):
         """The cached tool list while it is fresh, else None (list again)."""
@@ -2696,7 +2711,7 @@ class MCPHub:
         if c.transport == "sse":
             from mcp.client.sse import sse_client
             return sse_client(spec["url"], headers=headers or None)
-        return _streamable_http(spec["url"], headers)
+        return _streamable_http(spec["url"], headers, c)
 
     def _callbacks(self, c):
         import mcp_types as T
@@ -2773,7 +2788,7 @@ class MCPHub:
                 await c.stop.wait()
         except BaseException as e:
             if not ready.done():
-                ready.set_exception(e if isinstance(e, MCPError) else MCPError(c.name, _describe_exc(e)))
+                ready.set_exception(e if isinstance(e, MCPError) else MCPError(c.name, c.why(e)))
             elif not isinstance(e, asyncio.CancelledError):
                 mcp_log().warning("MCP %s: session ended: %s", c.name, _describe_exc(e))
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
@@ -2941,7 +2956,7 @@ class MCPHub:
                     raise MCPError(server, "listing tools timed out after "
                                            f"{self._connect_timeout:g}s") from None
                 if not self._lost(c, e) or attempt == 2:
-                    raise MCPError(server, f"listing tools failed: {_describe_exc(e)}") \
+                    raise MCPError(server, f"listing tools failed: {c.why(e)}") \
                         from None
             else:
                 c.failures = 0
@@ -3096,7 +3111,7 @@ class MCPHub:
         except Exception as e:
             if getattr(e, "code", None) == -32001:  # the SDK's own REQUEST_TIMEOUT
                 return result(False, f"Error: tool {tool} timed out after {timeout:g} s", error="timeout")
-            msg = ("connection lost: " if self._lost(c, e) else "") + _describe_exc(e)
+            msg = ("connection lost: " if self._lost(c, e) else "") + c.why(e)
             return result(False, f"Error: {msg}", error=msg)
         c.failures = 0
         text, parts = mcp_result_to_openai(r)

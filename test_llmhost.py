@@ -2049,6 +2049,33 @@ def test_mcp_2026_server_restarted_with_other_tools_is_listed_anew(fake, tmp_pat
                 p.wait(TIMEOUT)
 
 
+def test_mcp_add_says_when_an_http_server_wants_credentials(tmp_path):
+    class Refuses(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Bearer realm="mcp"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        do_GET = do_POST
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuses)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        registry = write_registry(tmp_path / "s.json", [])
+        before = open(registry).read()
+        code, out, err = run_cli(registry, "mcp", "add", "locked", "--url",
+                                 f"http://127.0.0.1:{server.server_port}/mcp")
+        assert code == 1 and "HTTP 401: the server wants credentials, e.g. --header " \
+            "'Authorization: Bearer TOKEN'" in err, err
+        assert open(registry).read() == before
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_mcp_legacy_sse_transport(fake, tmp_path):
     proc, port = start_mcp_http("sse")
     try:
