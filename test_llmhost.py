@@ -1972,6 +1972,15 @@ def start_mcp_http(kind, *extra, env=None):
     return proc, int(line.split()[1])
 
 
+def accepts(port):
+    """Whether something listens on 127.0.0.1:port."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 @pytest.fixture(scope="module")
 def mcp_http_server():
     proc, port = start_mcp_http("http")
@@ -1995,14 +2004,7 @@ def test_mcp_http_server_that_restarted_gets_a_new_session(fake, tmp_path):
                 proc.terminate()
                 proc.wait(TIMEOUT)
                 proc, _ = start_mcp_http("http-legacy", str(port))  # same port, new process
-
-                def listening():
-                    try:
-                        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                        return True
-                    except OSError:
-                        return False
-                assert wait_until(listening)
+                assert wait_until(lambda: accepts(port))
                 time.sleep(0.5)  # whatever the old session's streams make of the restart
     finally:
         running.stop()
@@ -2028,14 +2030,7 @@ def test_mcp_2026_server_restarted_with_other_tools_is_listed_anew(fake, tmp_pat
         assert "h__later" not in names()
         old = proc  # a polite stop: uvicorn closes its port, then waits for open streams,
         old.terminate()  # such as our listen stream, which so never ends
-
-        def closed():
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return False
-            except OSError:
-                return True
-        assert wait_until(closed)
+        assert wait_until(lambda: not accepts(port))
         proc, _ = start_mcp_http("http", str(port), env={"LLMHOST_TEST_MCP_LATER": "1"})
         assert wait_until(lambda: "h__later" in names())
         fake.script({"calls": [("h__later", {})]})
