@@ -3563,11 +3563,12 @@ class Application:
         if route is None and not path.startswith("/v1/"):
             path = "/v1" + path  # clients configured without /v1 still work
             route = self.routes.get(path)
+        rest = None  # what follows a prefix route's prefix (a model id, a process's action)
         if route is None:
             if path.startswith("/v1/models/"):
-                route = ("GET", self.model_detail)
+                route, rest = ("GET", self.model_detail), path[len("/v1/models/"):]
             elif path.startswith("/v1/processes/"):
-                route = ("POST", self.process_action)
+                route, rest = ("POST", self.process_action), path[len("/v1/processes/"):]
             else:
                 raise NotFound(f"Unknown path {request.path!r}; see /v1/models, "
                                "/v1/chat/completions, /v1/embeddings, /v1/rerank.")
@@ -3578,7 +3579,7 @@ class Application:
             raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}; "
                                    f"use {method}.", headers=[
                                        ("Allow", "GET, HEAD" if method == "GET" else method)])
-        return await handler(request)
+        return await (handler(request) if rest is None else handler(request, rest))
 
     def refuses_unread(self, request):
         """Whether a request with a body will be refused whatever the body holds (a missing or
@@ -3624,9 +3625,9 @@ class Application:
         data = [self.model_object(name, servers) for name, servers in self.router.public_models()]
         return self.reply_json(request, {"object": "list", "data": data})
 
-    async def model_detail(self, request):
+    async def model_detail(self, request, rest):
         from urllib.parse import unquote
-        name = unquote(request.path.split("/v1/models/", 1)[1])
+        name = unquote(rest)
         pool = self.router.resolve(name)
         return self.reply_json(request, self.model_object(name, [up.name for up, _ in pool]))
 
@@ -3648,9 +3649,8 @@ class Application:
             "in_flight": adm.active, "queued": adm.queued(), "max_concurrency": adm.limit,
             "rejected": adm.rejected, "servers": servers})
 
-    async def process_action(self, request):
+    async def process_action(self, request, rest):
         """POST /v1/processes/NAME/load or /unload: start or stop a managed server now."""
-        _, _, rest = request.path.partition("/v1/processes/")
         name, _, action = rest.partition("/")
         server = self.processes.servers.get(name)
         if server is None or action not in ("load", "unload"):

@@ -850,6 +850,8 @@ def test_health_and_models(gateway):
     assert status == 200 and json.loads(raw)["id"] == "fake-model"
     status, _, raw = request(gateway.port, "GET", "/models")  # without the /v1 prefix
     assert status == 200 and json.loads(raw)["data"][0]["id"] == "fake-model"
+    status, _, raw = request(gateway.port, "GET", "/models/fake-model")  # (was a 500)
+    assert status == 200 and json.loads(raw)["id"] == "fake-model"
 
 
 def test_chat_forwards_body_bytes_untouched(gateway, fake):
@@ -2528,7 +2530,7 @@ def test_managed_unload_while_starting_is_no_failure(tmp_path):
     try:
         threads, results = held_requests(running.port, 1, body)
         assert wait_until(lambda: server.state == "starting" and server.proc is not None)
-        status, _, _ = request(running.port, "POST", "/v1/processes/m/unload")
+        status, _, _ = request(running.port, "POST", "/processes/m/unload")  # (without /v1)
         assert status == 200
         threads[0].join(TIMEOUT)
         assert results[0][0] == 503 and b"stopped while it started" in results[0][2]
