@@ -4311,12 +4311,16 @@ class Application:
                     absorb(completion_as_chunk(doc, message))
                     return 200, None
                 decoder = SSEDecoder()
+                done = False
                 while True:
                     chunk = await resp.read_some()
-                    if not chunk:
+                    if not chunk:  # (a death looks like the end of a close-framed stream)
+                        if resp.framing == "close" and not done:
+                            raise UpstreamError("upstream closed the stream before data: [DONE]")
                         return 200, None
                     for event in decoder.feed(chunk):
                         if event == "[DONE]":
+                            done = True
                             continue
                         try:
                             doc = json_loads(event)

@@ -3039,6 +3039,27 @@ def test_an_answer_framed_by_the_close_is_checked_for_its_end(tmp_path):
         upstream.close()
 
 
+def test_a_stream_framed_by_the_close_is_checked_for_its_end_in_the_mcp_loop_too(tmp_path):
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"Hello"}}]}\n\n'
+    upstream = CloseFramedUpstream([
+        (b"text/event-stream", event),  # died after one event
+        (b"text/event-stream", event + b"data: [DONE]\n\n")])  # ended as it should
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "old", "url": upstream.url, "models": ["fake-model"], "mcp": ["t"]}],
+        mcp={"t": MCP_STDIO})
+    running = Running(path)
+    try:
+        status, _, raw = post(running.port, "/v1/chat/completions", dict(CHAT, stream=True))
+        events = sse_events(raw)  # (before: a normal end, finish_reason "stop" and [DONE])
+        assert status == 200 and "Hello" in events[0] and len(events) == 2, events
+        assert "closed the stream before data: [DONE]" in json.loads(events[1])["error"]["message"]
+        status, _, raw = post(running.port, "/v1/chat/completions", dict(CHAT, stream=True))
+        assert sse_events(raw)[-1] == "[DONE]" and b'"error"' not in raw
+    finally:
+        running.stop()
+        upstream.close()
+
+
 def test_an_upstream_head_with_a_bare_cr_or_lf_is_refused(tmp_path):
     """A line break other than CRLF inside a head would hide a field from one parser and show
     it to another (nginx refuses a bare CR, and takes a bare LF as a line end); also in a 1xx
