@@ -4020,7 +4020,7 @@ class Application:
         request.conn = Detached()
         request.started = request.received = time.monotonic()
         request.request_id = f"sampling-{server}"
-        status, data = await self.complete(request, body, self.router.resolve(model))
+        status, data, _ = await self.complete(request, body, self.router.resolve(model))
         if status != 200:
             raise RuntimeError(f"model {model} answered HTTP {status}")
         doc = json_loads(data)
@@ -4030,9 +4030,11 @@ class Application:
                     choice.get("finish_reason"), "endTurn")}
 
     async def complete(self, request, body, candidates):
-        """One non-streamed chat completion through the router -> (status, body bytes)."""
+        """One non-streamed chat completion through the router -> (status, body bytes, the
+        Retry-After of a refusal or None)."""
         async def deliver(up, resp, data, overhead):
-            return resp.status, data if data is not None else await resp.read_all()
+            return (resp.status, data if data is not None else await resp.read_all(),
+                    resp.headers.get("retry-after"))
         return await self.try_candidates(request, body, candidates, "/chat/completions", None,
                                          deliver)
 
@@ -4197,13 +4199,15 @@ class Application:
                 {"type": "text", "text": "Images and audio returned by the tool calls above:"}]
                 + media})
 
-    def answer_as_is(self, request, status, data):
+    def answer_as_is(self, request, status, data, retry_after):
         """An upstream answer that ends the tool loop before any byte went out: an error (in
-        OpenAI's envelope), or a 200 that is not a chat completion, passed on as it came."""
+        OpenAI's envelope, with the upstream's Retry-After), or a 200 that is not a chat
+        completion, passed on as it came."""
         request.status = status
         if status != 200:
-            return request.conn.respond(request, status, JSON_TYPE,
-                                        error_envelope_bytes(status, data))
+            return request.conn.respond(request, status, JSON_TYPE + (
+                [("Retry-After", retry_after)] if retry_after else []),
+                error_envelope_bytes(status, data))
         return request.conn.respond(request, 200, JSON_TYPE + [
             ("X-Llmhost-Server", request.server or "-")], data)
 
@@ -4212,12 +4216,12 @@ class Application:
         said = []  # the text of rounds before this one (what the stream shows as it comes)
         for number in range(rounds + 1):
             last = number == rounds
-            status, data = await self.complete(  # each round ordered anew (health, load)
+            status, data, retry_after = await self.complete(
                 request, self.mcp_round_body(base, state, number, last, False),
-                self.router.resolve(base["model"]))
+                self.router.resolve(base["model"]))  # each round ordered anew (health, load)
             doc, message = completion_message(data) if status == 200 else (None, None)
             if message is None:
-                return self.answer_as_is(request, status, data)
+                return self.answer_as_is(request, status, data, retry_after)
             self.add_usage(state["usage"], doc.get("usage"))
             mine, theirs = self.split_calls(message.get("tool_calls") or [], bindings,
                                             state["client_names"], number)
@@ -4301,7 +4305,7 @@ class Application:
                     doc, message = completion_message(data) if resp.status == 200 else (None,
                                                                                         None)
                     if message is None:
-                        return resp.status, data
+                        return resp.status, data, resp.headers.get("retry-after")
                 if not conn.streaming:
                     keep_alive = conn.start_stream(request, 200, [
                         ("Content-Type", "text/event-stream"), ("X-Llmhost-Server", up.name)]
@@ -4309,7 +4313,7 @@ class Application:
                     request.status = 200
                 if data is not None:  # some servers ignore "stream": one chunk of it all
                     absorb(completion_as_chunk(doc, message))
-                    return 200, None
+                    return 200, None, None
                 decoder = SSEDecoder()
                 done = False
                 while True:
@@ -4317,7 +4321,7 @@ class Application:
                     if not chunk:  # (a death looks like the end of a close-framed stream)
                         if resp.framing == "close" and not done:
                             raise UpstreamError("upstream closed the stream before data: [DONE]")
-                        return 200, None
+                        return 200, None, None
                     for event in decoder.feed(chunk):
                         if event == "[DONE]":
                             done = True
@@ -4329,7 +4333,7 @@ class Application:
                                                 f"{event[:200]!r}") from None
                         absorb(doc)
 
-            status, data = await self.try_candidates(
+            status, data, retry_after = await self.try_candidates(
                 request, self.mcp_round_body(base, state, number, last, True),
                 self.router.resolve(base["model"]), "/chat/completions", None, deliver)
             if status != 200 or data is not None:
@@ -4338,7 +4342,7 @@ class Application:
                         status if status != 200 else 502, data))))
                     conn.end_stream()
                     return keep_alive
-                return self.answer_as_is(request, status, data)
+                return self.answer_as_is(request, status, data, retry_after)
             calls = [collected["calls"][i] for i in sorted(collected["calls"])]
             mine, theirs = self.split_calls(calls, bindings, state["client_names"], number)
             if not mine or last or theirs:

@@ -1749,6 +1749,14 @@ def test_mcp_text_written_beside_tool_calls_is_in_the_answer_both_ways(mcp_env, 
     assert third[0]["content"] is None
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_mcp_loop_passes_on_an_upstream_refusal_with_its_retry_after(mcp_env, stream):
+    running, fake = mcp_env  # (the openai client waits as long as Retry-After says)
+    status, headers, raw = agent_chat(running.port, [
+        {"status": 429, "headers": [("Retry-After", "7")]}], fake, stream=stream)
+    assert status == 429 and headers.get("retry-after") == "7", headers
+
+
 def test_mcp_sampling_served_by_our_model(mcp_env):
     running, fake = mcp_env
     status, _, raw = agent_chat(running.port, [
