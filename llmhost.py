@@ -4834,7 +4834,7 @@ class Gateway:
                           ", ".join(sorted(set(self.router.upstreams) - before)) or "-",
                           ", ".join(sorted(before - set(self.router.upstreams))) or "-")
         fresh = [up for up in self.router.upstreams.values() if not up.managed and
-                 up.entry.get("discover") and (quiet or up.name not in before)]
+                 up.entry.get("discover")]  # all of them: a model pulled into Ollama meanwhile
         if fresh:
             found = await discover_models(self.client, fresh)
             for up in fresh:  # the router may have been reloaded meanwhile: update in place

@@ -1112,6 +1112,10 @@ def test_discover_rereads_models_at_start(fake, tmp_path):
     try:
         ids = [m["id"] for m in json.loads(request(running.port, "GET", "/v1/models")[2])["data"]]
         assert ids == ["new-1", "new-2"]
+        fake.models = ["new-1", "new-2", "pulled-later"]  # (ollama pull) then SIGHUP, or any
+        running.call(running.gateway.reload())  # edit of servers.json: both reload
+        ids = [m["id"] for m in json.loads(request(running.port, "GET", "/v1/models")[2])["data"]]
+        assert ids == ["new-1", "new-2", "pulled-later"]
     finally:
         running.stop()
 
