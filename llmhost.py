@@ -4821,6 +4821,10 @@ class Gateway:
         self.last_good = None
         before = set(self.router.upstreams)
         self.router.load(doc["servers"], keys)
+        for entry in doc["servers"]:  # (the upstream's 401 would tell the client its own
+            if entry.get("api_key_env") and not keys.get(entry["name"]):  # key is missing)
+                logger().warning("server %s: environment variable %s is not set: its requests "
+                                 "go without an API key", entry["name"], entry["api_key_env"])
         for server in self.processes.sync(self.router.upstreams):
             self.spawn(self.retire(server))
         await self.app.mcp.update(doc["mcpServers"])

@@ -1104,6 +1104,19 @@ def test_alias_and_pinned_server(fake, tmp_path):
         other.close()
 
 
+def test_serve_warns_of_an_upstream_key_variable_that_is_not_set(fake, tmp_path, caplog):
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "keyed", "url": fake.url, "models": ["fake-model"],
+         "api_key_env": "KEYED_API_KEY"}])
+    running = Running(path, environ={})
+    try:
+        assert "server keyed: environment variable KEYED_API_KEY is not set: its requests go " \
+            "without an API key" in caplog.text
+        assert jpost(running.port, "/v1/chat/completions", CHAT)[0] == 200  # served anyway
+    finally:
+        running.stop()
+
+
 def test_discover_rereads_models_at_start(fake, tmp_path):
     path = write_registry(tmp_path / "s.json", [
         {"name": "local", "url": fake.url, "models": ["old"], "discover": True}])
