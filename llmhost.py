@@ -3951,6 +3951,12 @@ class Application:
         requested = [t for t in tools or () if isinstance(t, dict) and t.get("type") == "mcp"]
         if not requested and not self.router.mcp_attached:
             return None
+        n = body.get("n")
+        if isinstance(n, int) and not isinstance(n, bool) and n > 1:  # the loop runs the calls
+            if requested:  # of one answer: a request that asks for several gets no MCP tools
+                raise BadRequest("MCP tools are run for one answer: with tools of type 'mcp', "
+                                 "'n' must be 1.", param="n", code="unsupported_value")
+            return None  # (its model's attached servers are left out)
         servers, allowed, request_servers = [], {}, []
         known = self.mcp.specs()
         for tool in requested:

@@ -1766,6 +1766,17 @@ def test_mcp_text_written_beside_tool_calls_is_in_the_answer_both_ways(mcp_env, 
     assert third[0]["content"] is None
 
 
+def test_mcp_tools_are_for_one_answer_so_n_above_1_goes_without_them(mcp_env):
+    """The loop runs the calls of one answer (before: with n=2 the stream ended choice 1
+    without a finish_reason, and choice 1's MCP calls went to the client)."""
+    running, fake = mcp_env
+    status, _, raw = agent_chat(running.port, [{}], fake, n=2)
+    assert status == 200 and "tools" not in json.loads(fake.posts()[0]["body"])
+    tool = {"type": "mcp", "server_label": "t", "require_approval": "never"}
+    status, doc = jpost(running.port, "/v1/chat/completions", dict(CHAT, n=2, tools=[tool]))
+    assert status == 400 and doc["error"]["param"] == "n", doc
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_mcp_loop_passes_on_an_upstream_refusal_with_its_retry_after(mcp_env, stream):
     running, fake = mcp_env  # (the openai client waits as long as Retry-After says)
