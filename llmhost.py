@@ -4570,7 +4570,7 @@ def cmd_add(args, environ):
         if url.endswith(suffix):
             raise CLIError(f"{url} looks like an endpoint, not a base URL: use "
                            f"{url[:-len(suffix)]}")
-    if args.alias and len(args.model or ()) != 1:
+    if args.alias and len(args.model or ()) > 1:
         raise CLIError("--alias needs exactly one --model")
     existing = load_registry(path)  # fail early (and on a broken file) before probing
     if find_server(existing, args.name):
@@ -4597,8 +4597,11 @@ def cmd_add(args, environ):
                            f"{shown or '(no models)'}")
         if not models:
             models = listed
+    if args.alias and len(models) != 1:  # (an upstream that serves one model names it)
+        raise CLIError("--alias needs exactly one model: " + (
+            f"{url} lists {len(models)}; pick one with --model" if models else "give it with --model"))
     entry = {"name": args.name, "url": url, "models": models}
-    if not args.model:
+    if not args.model and not args.alias:  # (an alias names its one model for good)
         entry["discover"] = True  # serve re-reads the upstream's model list when it starts
     copy_options(args, entry, SERVER_OPTIONS)
     append_server(path, entry)

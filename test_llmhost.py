@@ -686,6 +686,17 @@ def test_add_with_alias_saves_and_says_it(fake, registry):
     assert entry == {"name": "local", "url": fake.url, "models": ["fake-model"], "alias": "public"}
 
 
+def test_add_with_alias_takes_the_one_model_an_upstream_serves(fake, registry):
+    code, out, err = run_cli(registry, "add", "local", fake.url, "--alias", "public")
+    assert code == 0 and "(1 model: public -> fake-model)" in out, err
+    entry = llmhost.load_registry(registry)["servers"][0]  # (no "discover": the alias names
+    assert entry["models"] == ["fake-model"] and "discover" not in entry  # that one for good)
+    fake.models = ["a", "b"]
+    code, out, err = run_cli(registry, "add", "two", fake.url, "--alias", "p")
+    assert code == 1 and f"--alias needs exactly one model: {fake.url} lists 2; pick one " \
+        "with --model" in err, err
+
+
 def test_add_corrects_missing_v1(fake, registry):
     base = fake.url[:-3]
     code, out, err = run_cli(registry, "add", "local", base, "--model", "fake-model")
@@ -711,7 +722,8 @@ def test_add_sends_upstream_key_from_env(fake, registry):
     (["add", "bad name", "http://127.0.0.1:1/v1"], "invalid name"),
     (["add", "x", "http://127.0.0.1:1/v1"], "connection refused"),
     (["add", "x", "http://127.0.0.1:1/v1/chat/completions"], "not a base URL"),
-    (["add", "x", "http://127.0.0.1:1/v1", "--alias", "p"], "--alias needs exactly one"),
+    (["add", "x", "http://127.0.0.1:1/v1", "--no-check", "--alias", "p"],
+     "--alias needs exactly one model: give it with --model"),
     (["add", "x", "http://127.0.0.1:1/v1", "--ready-path", "/up", "--start-timeout", "9"],
      "--ready-path, --start-timeout: only for --command entries"),
     (["add", "x", "--command", "srv --port ${PORT}", "--model", "m", "--api-key", "k",
