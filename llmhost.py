@@ -3535,6 +3535,21 @@ class Application:
         return conn.write_error(exc, request)
 
     async def dispatch(self, request):
+        self.check_host(request)
+        origin = request.headers.get("origin")
+        if origin is not None and self.cors_origins:
+            if "*" in self.cors_origins:
+                request.extra = [("Access-Control-Allow-Origin", "*"), CORS_EXPOSE]
+            elif origin in self.cors_origins:
+                # a parsed header value: no CR, LF or NUL can be in it
+                request.extra = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
+                                 CORS_EXPOSE]
+            if request.method == "OPTIONS" and request.extra:
+                return self.preflight(request)
+        handler, rest = self.route(request)
+        return await (handler(request) if rest is None else handler(request, rest))
+
+    def check_host(self, request):
         if self.allowed_hosts is not None and "host" in request.headers:  # (none: HTTP/1.0,
             header = request.headers["host"]  # a health check; never a browser's request)
             allowed = self.host_verdicts.get(header)
@@ -3548,22 +3563,16 @@ class Application:
                 raise Forbidden(f"Host {host!r} is not allowed (DNS rebinding protection); "
                                 "start serve with --allowed-host NAME to allow it.",
                                 code="host_not_allowed")
-        origin = request.headers.get("origin")
-        if origin is not None and self.cors_origins:
-            if "*" in self.cors_origins:
-                request.extra = [("Access-Control-Allow-Origin", "*"), CORS_EXPOSE]
-            elif origin in self.cors_origins:
-                # a parsed header value: no CR, LF or NUL can be in it
-                request.extra = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
-                                 CORS_EXPOSE]
-            if request.method == "OPTIONS" and request.extra:
-                return self.preflight(request)
+
+    def route(self, request):
+        """-> (handler, what follows a prefix route's prefix or None), or the error the request
+        is refused with (its path, API key or method): all known from its head."""
         path = request.path
         route = self.routes.get(path)
         if route is None and not path.startswith("/v1/"):
             path = "/v1" + path  # clients configured without /v1 still work
             route = self.routes.get(path)
-        rest = None  # what follows a prefix route's prefix (a model id, a process's action)
+        rest = None  # (a model id, a process's action)
         if route is None:
             if path.startswith("/v1/models/"):
                 route, rest = ("GET", self.model_detail), path[len("/v1/models/"):]
@@ -3579,16 +3588,18 @@ class Application:
             raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}; "
                                    f"use {method}.", headers=[
                                        ("Allow", "GET, HEAD" if method == "GET" else method)])
-        return await (handler(request) if rest is None else handler(request, rest))
+        return handler, rest
 
     def refuses_unread(self, request):
-        """Whether a request with a body will be refused whatever the body holds (a missing or
-        wrong API key), so the HTTP layer need not read it. dispatch() gives the answer."""
-        if not self.api_keys or request.method == "OPTIONS" or request.path in self.open_routes:
+        """Whether a request with a body will be refused whatever the body holds (a Host not
+        allowed, an unknown path, a missing or wrong API key, another method), so the HTTP
+        layer need not read it, nor send 100 Continue for it. dispatch() gives the answer."""
+        if request.method == "OPTIONS":
             return False
         try:
-            check_api_key(request.headers, self.api_keys)
-        except Unauthorized:
+            self.check_host(request)
+            self.route(request)
+        except HTTPError:
             return True
         return False
 

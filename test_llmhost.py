@@ -1058,6 +1058,28 @@ def test_a_request_without_a_key_is_refused_before_its_body_is_read(fake, tmp_pa
         running.stop()
 
 
+@pytest.mark.parametrize("head, status", [
+    (b"POST /v1/nope HTTP/1.1\r\nHost: 127.0.0.1\r\n", b"404"),
+    (b"PUT /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n", b"405"),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: rebound.example\r\n", b"403")])
+def test_a_request_refused_by_its_head_gets_no_100_continue_and_its_body_is_not_read(
+        fake, tmp_path, head, status):
+    """As nginx, which sends 100 Continue only once it reads the body: a client that waits
+    for it sends nothing of a body that would be thrown away."""
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    running = Running(path, allowed_hosts=())  # (serve on loopback: the rebinding guard)
+    try:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=3) as s:
+            s.sendall(head + b"Expect: 100-continue\r\nContent-Length: 30000000\r\n\r\n")
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += s.recv(65536)  # (before: 100 Continue, then a wait for 30 MB)
+        assert answer.startswith(b"HTTP/1.1 " + status + b" ") and b"100 Continue" not in answer
+    finally:
+        running.stop()
+
+
 def test_api_keys(fake, tmp_path):
     path = write_registry(tmp_path / "s.json", [
         {"name": "local", "url": fake.url, "models": ["fake-model"], "api_key_env": "UPKEY"}])
