@@ -4740,10 +4740,18 @@ def env_api_keys(environ):
 
 
 def parse_api_keys(args, environ):
+    """--api-key (repeatable), else $LLMHOST_API_KEY: the flag wins, as every flag wins over
+    its variable, so a key replaced on the command line is not still taken from the old one."""
     keys = [k.strip() for k in args.api_key or ()]
     if "" in keys:
         raise CLIError("--api-key needs a value (an empty key could never be sent)")
-    return keys + env_api_keys(environ)
+    if keys:
+        return keys
+    keys = env_api_keys(environ)
+    if not keys and environ.get("LLMHOST_API_KEY", "").strip():
+        raise CLIError("LLMHOST_API_KEY holds no key, only commas and blanks: set a key, or "
+                       "unset it to serve without one")
+    return keys
 
 
 async def discover_models(client, upstreams):

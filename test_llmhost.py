@@ -4315,6 +4315,25 @@ def test_non_loopback_without_key_refuses_to_start(tmp_path):
     assert "--no-auth" in result.stderr
 
 
+def test_api_key_flag_wins_over_the_variable_and_a_variable_without_a_key_is_refused(
+        fake, tmp_path):
+    registry = write_registry(tmp_path / "s.json", [
+        {"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    proc, port = start_serve(registry, "--api-key", "new-key",
+                             env={"LLMHOST_API_KEY": "old-key"})
+    try:  # (before: both keys taken, so a key replaced on the command line still worked)
+        for key, status in (("old-key", 401), ("new-key", 200)):
+            assert post(port, "/v1/chat/completions", CHAT,
+                        headers={"Authorization": "Bearer " + key})[0] == status
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=TIMEOUT)
+    result = subprocess.run([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
+                             registry, "serve", "--port", "0"], capture_output=True, text=True,
+                            timeout=TIMEOUT, env=dict(os.environ, LLMHOST_API_KEY=" , "))
+    assert result.returncode == 1 and "LLMHOST_API_KEY holds no key" in result.stderr
+
+
 def test_no_key_appears_in_any_output(fake, tmp_path):
     secrets = ["sk-client-key-123", "sk-upstream-env-456", "sk-upstream-literal-789",
                "sk-wrong-guess-000"]
