@@ -1793,17 +1793,26 @@ class Router:
         up.failures = 0
 
     def failed(self, up, reason):
+        """A failure of `up` (logged, as nginx's error log says "upstream prematurely closed")."""
         up.failures += 1
         up.errors += 1
         up.last_error = reason
         if up.failures >= FAILURES_BEFORE_COOLDOWN:
             extra = up.failures - FAILURES_BEFORE_COOLDOWN
-            up.cooldown_until = self.clock() + min(COOLDOWN_MAX, COOLDOWN_BASE * 2 ** min(extra, 16))
+            cooldown = min(COOLDOWN_MAX, COOLDOWN_BASE * 2 ** min(extra, 16))
+            up.cooldown_until = self.clock() + cooldown
+            logger().warning("server %s: %s (%d failures in a row); cooling down for %gs",
+                             up.name, reason, up.failures, cooldown)
+        else:
+            logger().warning("server %s: %s", up.name, reason)
 
     def rate_limited(self, up, retry_after):
         up.errors += 1
         up.last_error = "HTTP 429"
-        up.cooldown_until = self.clock() + min(COOLDOWN_MAX, max(1.0, retry_after))
+        cooldown = min(COOLDOWN_MAX, max(1.0, retry_after))
+        up.cooldown_until = self.clock() + cooldown
+        logger().warning("server %s: HTTP 429 (rate limited); cooling down for %gs", up.name,
+                         cooldown)
 
     def recovered(self, up):
         up.failures = 0

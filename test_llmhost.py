@@ -1138,6 +1138,23 @@ def test_alias_and_pinned_server(fake, tmp_path):
         other.close()
 
 
+def test_upstream_failures_and_cooldowns_are_logged(tmp_path, caplog):
+    """As nginx's error log ("connect() failed", "upstream server temporarily disabled"): the
+    access log says only 502, and a stream that dies mid-answer was sent as a 200."""
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "dead", "url": "http://127.0.0.1:1/v1", "models": ["m"]}])
+    running = Running(path)
+    try:
+        for _ in range(llmhost.FAILURES_BEFORE_COOLDOWN):
+            assert jpost(running.port, "/v1/chat/completions", dict(CHAT, model="m"))[0] == 502
+    finally:
+        running.stop()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("server dead")]
+    assert len(lines) == llmhost.FAILURES_BEFORE_COOLDOWN and "cannot connect" in lines[0], lines
+    assert lines[-1].endswith(f"({llmhost.FAILURES_BEFORE_COOLDOWN} failures in a row); "
+                              f"cooling down for {llmhost.COOLDOWN_BASE:g}s")
+
+
 def test_serve_warns_of_an_upstream_key_variable_that_is_not_set(fake, tmp_path, caplog):
     path = write_registry(tmp_path / "s.json", [
         {"name": "keyed", "url": fake.url, "models": ["fake-model"],
