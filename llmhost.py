@@ -1585,8 +1585,10 @@ def save_registry(path, doc):
         m for e in doc["mcpServers"].values() for m in (e.get("env", {}), e.get("headers", {}))]
     has_literal_key = any(entry.get("api_key") for entry in doc["servers"]) or any(
         re.fullmatch(r"(\$\{[^}]+\}|\s)*", str(v)) is None for m in maps for v in m.values())
+    owner = None
     try:
-        mode = os.stat(path).st_mode & 0o777
+        st = os.stat(path)
+        mode, owner = st.st_mode & 0o777, (st.st_uid, st.st_gid)
     except FileNotFoundError:
         umask = os.umask(0)
         os.umask(umask)
@@ -1598,6 +1600,11 @@ def save_registry(path, doc):
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(registry_text(doc))
             f.flush()
+            if owner is not None and owner != (os.geteuid(), os.getegid()):
+                try:  # root editing a service user's file: it stays theirs (as sed -i and
+                    os.fchown(f.fileno(), *owner)  # vim keep it), or their serve could not
+                except OSError:  # read a 0600 file; anyone else cannot give a file away
+                    pass
             os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)

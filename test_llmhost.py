@@ -623,6 +623,20 @@ def test_literal_key_makes_file_private(registry):
     assert os.stat(registry).st_mode & 0o777 == 0o644  # the mode it had is kept
 
 
+def test_root_editing_a_service_users_registry_leaves_it_theirs(tmp_path):
+    """`sudo llmhost.py add ...` on the file of a serve that runs as another user: the replaced
+    file keeps its owner (before: root's, mode 0600, so that serve could no longer read it)."""
+    if os.geteuid() != 0:
+        pytest.skip("only root can give a file to another user")
+    registry = write_registry(tmp_path / "s.json", [])
+    os.chown(registry, 65534, 65534)  # nobody
+    code, out, err = run_cli(registry, "add", "remote", "http://127.0.0.1:1/v1", "--no-check",
+                             "--model", "m", "--api-key", "sk-literal")
+    assert code == 0, err
+    st = os.stat(registry)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (65534, 65534, 0o600)
+
+
 def test_failed_update_leaves_file_byte_identical(registry):
     llmhost.save_registry(registry, llmhost.empty_registry())
     before = open(registry, "rb").read()
