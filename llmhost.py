@@ -1641,6 +1641,12 @@ class RegistryLock:
             raise RegistryError(f"cannot write {os.path.abspath(self.path[:-5])}: the folder "
                                 f"{folder} does not exist")
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        if os.geteuid() == 0:  # root locking a service user's registry: the lock is theirs
+            try:  # too, or their next `add` could not open it (see save_registry)
+                st = os.stat(self.path[:-5])
+                os.fchown(self.fd, st.st_uid, st.st_gid)
+            except OSError:
+                pass
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
 

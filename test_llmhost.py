@@ -635,6 +635,8 @@ def test_root_editing_a_service_users_registry_leaves_it_theirs(tmp_path):
     assert code == 0, err
     st = os.stat(registry)
     assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (65534, 65534, 0o600)
+    st = os.stat(registry + ".lock")  # (their next add must be able to take the lock)
+    assert (st.st_uid, st.st_gid) == (65534, 65534)
 
 
 def test_failed_update_leaves_file_byte_identical(registry):
