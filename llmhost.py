@@ -364,13 +364,21 @@ def encode_chunk(data):
 LAST_CHUNK = b"0\r\n\r\n"
 
 
-def json_loads(data, **options):
-    """json.loads, with a document nested too deeply to parse a ValueError like any other bad
-    JSON (a RecursionError would make a client's request, or an upstream's answer, a 500)."""
+def json_loads(data, decoder=None, **options):
+    """json.loads (or `decoder`'s decode of a str), with a document nested too deeply to parse
+    a ValueError like any other bad JSON (a RecursionError would make a client's request, or an
+    upstream's answer, a 500)."""
     try:
-        return json.loads(data, **options)
+        return json.loads(data, **options) if decoder is None else decoder.decode(data)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not JSON")  # (Python's json module takes it; OpenAI does not)
+
+
+REQUEST_JSON = json.JSONDecoder(parse_constant=_no_constant)  # for clients' request bodies
 
 
 def json_bytes(obj):
@@ -3232,13 +3240,16 @@ def parse_json_body(request, required):
     the access log (so a request refused later, say for an unknown model, still names it)."""
     if not request.body:
         raise BadRequest("The request body is empty; send a JSON object.", code="invalid_json")
-    try:
-        body = json_loads(request.body)
+    try:  # (JSON is UTF-8, RFC 8259 §8.1; a byte order mark is ignored, as json.loads does)
+        body = json_loads(request.body.decode("utf-8-sig"), REQUEST_JSON)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_json")
     check_fields(body, required)
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):  # ("yes")
+        raise BadRequest("Invalid type for 'stream': expected a boolean.", param="stream",
+                         code="invalid_type")
     request.model = body["model"]
     return body
 
@@ -3661,7 +3672,7 @@ class Application:
     async def model_detail(self, request, rest):
         from urllib.parse import unquote
         name = unquote(rest)
-        pool = self.router.resolve(name)
+        pool = self.router.pool(name)  # (not resolve(): a GET must not turn the round-robin)
         return self.reply_json(request, self.model_object(name, [up.name for up, _ in pool]))
 
     async def status(self, request):

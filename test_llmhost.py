@@ -880,6 +880,8 @@ def test_health_and_models(gateway):
     assert status == 200 and json.loads(raw)["data"][0]["id"] == "fake-model"
     status, _, raw = request(gateway.port, "GET", "/models/fake-model")  # (was a 500)
     assert status == 200 and json.loads(raw)["id"] == "fake-model"
+    body = b'\xef\xbb\xbf{"model": "fake-model", "messages": [{}], "stream": null}'
+    assert post(gateway.port, "/v1/chat/completions", body)[0] == 200  # a BOM, a null: fine
 
 
 def test_chat_forwards_body_bytes_untouched(gateway, fake):
@@ -991,6 +993,10 @@ def test_rerank_normalised_best_first(gateway, fake):
     ("/v1/chat/completions", {"messages": []}, 400, "missing_required_parameter"),
     ("/v1/chat/completions", {"model": 3, "messages": [{}]}, 400, "invalid_type"),
     ("/v1/chat/completions", {"model": "fake-model", "messages": "hi"}, 400, "invalid_type"),
+    ("/v1/chat/completions", {"model": "fake-model", "messages": [{}], "stream": "yes"}, 400,
+     "invalid_type"),  # (before: taken for a stream)
+    ("/v1/chat/completions", b'{"model": "fake-model", "messages": [{}], "temperature": NaN}',
+     400, "invalid_json"),  # (before: passed on; Python reads NaN, JSON has none)
     ("/v1/chat/completions", {"model": "nope", "messages": [{}]}, 404, "model_not_found"),
     ("/v1/embeddings", {"model": "fake-model"}, 400, "missing_required_parameter"),
     ("/v1/rerank", {"model": "fake-model", "query": "q"}, 400, "missing_required_parameter"),
