@@ -2272,6 +2272,7 @@ class Admission:
         self.waiters = deque()
         self.rejected = 0
         self.others = lambda: 0  # requests queued elsewhere that count toward queue_size
+        self.whose = ""  # under --workers: whose limits these are (a worker's share)
 
     def queued(self):
         return sum(1 for fut in self.waiters if not fut.done()) + self.others()
@@ -2287,7 +2288,7 @@ class Admission:
         if self.queued() >= self.queue_size:
             self.rejected += 1
             raise RateLimited(f"llmhost is at its limit of {self.limit} concurrent requests and "
-                              f"{self.queue_size} queued; retry shortly",
+                              f"{self.queue_size} queued{self.shared()}; retry shortly",
                               headers=[("Retry-After", "1")])
         timeout = self.queue_timeout if deadline is None else deadline - time.monotonic()
         if timeout <= 0:  # it already waited its time elsewhere (for its model's servers)
@@ -2308,7 +2309,10 @@ class Admission:
     def waited_too_long(self):
         self.rejected += 1
         return RateLimited(f"waited {self.queue_timeout:g}s for one of {self.limit} request "
-                           "slots; retry shortly", headers=[("Retry-After", "1")])
+                           f"slots{self.shared()}; retry shortly", headers=[("Retry-After", "1")])
+
+    def shared(self):
+        return f" ({self.whose})" if self.whose else ""
 
     def release(self):
         waiters = self.waiters
@@ -5046,6 +5050,10 @@ def run_worker(args, path, keys, options, max_concurrency, queue_size, sock=None
     gateway = Gateway(path, max_concurrency=max_concurrency, queue_size=queue_size,
                       access_log=AccessLog(sys.stderr, enabled=not args.no_access_log),
                       **options)
+    if sock is not None:  # a 429 says whose limit it met: the kernel spreads connections over
+        gateway.admission.whose = (  # workers unevenly, so one may refuse while another has room
+            f"this worker's share of --max-concurrency {args.max_concurrency} and --queue-size "
+            f"{args.queue_size}")
 
     async def run():
         import signal

@@ -4599,6 +4599,27 @@ def test_a_worker_that_cannot_be_forked_stops_serve_with_a_clear_message(fake, t
         os.kill(other, 0)
 
 
+def test_a_worker_at_its_share_of_the_limits_says_so(fake, tmp_path):
+    """The kernel spreads connections over workers unevenly, so a worker can refuse while
+    another has room: its 429 says the numbers are its share, not the totals."""
+    registry = write_registry(tmp_path / "s.json",
+                              [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    proc, port = start_serve(registry, "--workers", "2", "--max-concurrency", "2",
+                             "--queue-size", "2")
+    try:
+        fake.script(*[{"delay": 1}] * 10)
+        threads, results = held_requests(port, 10)  # room for 4 in all
+        for t in threads:
+            t.join(TIMEOUT)
+        refused = [json.loads(r[2])["error"]["message"] for r in results if r[0] == 429]
+        assert len(refused) >= 6, results
+        assert all("(this worker's share of --max-concurrency 2 and --queue-size 2)" in m
+                   for m in refused), refused
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=TIMEOUT)
+
+
 def test_a_worker_replaced_while_the_registry_is_broken_serves_the_last_good_one(fake, tmp_path):
     """Its peers keep their last good registry while the file is broken (or deleted): the new
     worker starts with the same one, which serve follows as they do (not the one at start)."""
