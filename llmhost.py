@@ -893,6 +893,9 @@ class HTTPServer:
     def abandon_in_flight(self):
         """Close every connection now, requests under way or not (the end of a shutdown)."""
         self.idle.set()  # a shutdown still waiting for them stops waiting
+        if self.in_flight:
+            logger().warning("stopping now: %d request%s still in flight cut", self.in_flight,
+                             "" if self.in_flight == 1 else "s")
         for conn in list(self.connections):
             conn.transport.abort()
         for conn in list(self.connections):
@@ -3554,6 +3557,11 @@ class Application:
         except Exception:
             log_exception(f"request {rid} failed")
             keep_alive = self.fail(request, HTTPError("internal error in llmhost; see its log"))
+        except BaseException:  # cancelled: cut by a shutdown that stopped waiting for it
+            if self.access_log is not None:  # (503 if nothing went out)
+                self.access_log.add(request, request.status or 503, request.model,
+                                    request.server, time.monotonic())
+            raise
         if self.access_log is not None:
             self.access_log.add(request, 499 if conn.gone and not request.complete else
                                 request.status,

@@ -3799,6 +3799,10 @@ def test_a_second_ctrl_c_stops_waiting_for_requests(fake, tmp_path):
         assert results and results[0] != 200
         assert wait_until(lambda: any("second signal: closing in-flight requests now" in line
                                       for line in err))
+        assert wait_until(lambda: any("stopping now: 1 request still in flight cut" in line
+                                      for line in err))  # (before: no trace of it at all)
+        assert wait_until(lambda: any("POST /v1/chat/completions model=fake-model server=local "
+                                      "status=503" in line for line in err)), err
     finally:
         release.set()
         if proc.poll() is None:
