@@ -2999,6 +2999,12 @@ class MCPHub:
                 c.failures = 0
         return c.tools
 
+    def relist_due(self, servers):
+        """Whether a connected one of these servers has had its tool list dropped since it was
+        listed (tools/list_changed, or a new session)."""
+        return any(c.tools is None and c.client is not None
+                   for c in (self._conns.get(s) for s in servers) if c is not None)
+
     async def aclose(self):
         """Stop every server (stdio children exit: stdin closed, then TERM, then KILL)."""
         import asyncio
@@ -4193,10 +4199,11 @@ class Application:
                              code="tool_name_conflict")
         client_names = {f["name"] for t in tools if isinstance(t, dict) and isinstance(
             f := t.get(t.get("type") or "function"), dict) and isinstance(f.get("name"), str)}
-        tools += [b["openai"] for b in bindings.values()]
         state = {"messages": list(body["messages"]), "report": [], "usage": {},
                  "vision": any(up.entry.get("vision") for up, _ in pool),
-                 "client_names": client_names}
+                 "client_names": client_names, "client_tools": list(tools),
+                 "servers": servers, "allowed": allowed or None}
+        tools += [b["openai"] for b in bindings.values()]
         base = {k: v for k, v in body.items() if k not in ("tools", "stream", "stream_options")}
         if tools:
             base["tools"] = tools
@@ -4210,6 +4217,20 @@ class Application:
             return await self.mcp_loop(request, base, bindings, state)
         finally:
             self.admission.release()
+
+    async def rebind(self, state, base, bindings):
+        """After a round whose calls changed a server's tool list (it sent tools/list_changed,
+        as a tool that unlocks others does), the next round is offered the new list; a new
+        tool named like one of the client's functions is left out."""
+        if not self.mcp.relist_due(state["servers"]):
+            return
+        servers = state["servers"]
+        fresh = {b["name"]: b for b in await self.mcp.tools(
+            servers, state["allowed"], optional=set(servers))}  # (one failing now: left out)
+        bindings.clear()
+        bindings.update((name, b) for name, b in fresh.items()
+                        if name not in state["client_names"])
+        base["tools"] = state["client_tools"] + [b["openai"] for b in bindings.values()]
 
     def mcp_round_body(self, base, state, number, last, stream):
         body = dict(base, messages=state["messages"])
@@ -4296,6 +4317,7 @@ class Application:
                                                state["client_names"])
             self.extend_conversation(state, message, mine, results)
             said.append(message.get("content"))
+            await self.rebind(state, base, bindings)
         texts = [text for text in said + [message.get("content")] if isinstance(text, str) and text]
         if said and texts:  # each round's text, as the stream gives it ("Let me check.")
             message["content"] = ROUND_SEPARATOR.join(texts)
@@ -4414,6 +4436,7 @@ class Application:
             self.extend_conversation(state, {"role": "assistant", "content": "".join(
                 collected["content"]) or None}, mine, results)
             said = said or bool(collected["content"])
+            await self.rebind(state, base, bindings)
         finish = collected["finish"] or "stop"
         tail = dict(template or {"object": "chat.completion.chunk"})
         tail.pop("usage", None)

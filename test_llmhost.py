@@ -1839,6 +1839,28 @@ def test_mcp_text_written_beside_tool_calls_is_in_the_answer_both_ways(mcp_env, 
     assert third[0]["content"] is None
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_mcp_a_tool_list_changed_by_a_call_is_offered_in_the_next_round(fake, tmp_path, stream):
+    """A tool that unlocks others (tools/list_changed): the request's next round may call
+    them (before: only the next request was offered them)."""
+    running = Running(write_registry(tmp_path / "s.json", [
+        {"name": "local", "url": fake.url, "models": ["fake-model"], "mcp": ["g"]}],
+        mcp={"g": MCP_STDIO}))
+    try:
+        fake.script({"calls": [("g__grow", {})]}, {"calls": [("g__extra", {})]}, {})
+        body = dict(CHAT, stream=stream)
+        status, _, raw = post(running.port, "/v1/chat/completions", body, timeout=TIMEOUT * 3)
+        first, second = [[t["function"]["name"] for t in json.loads(r["body"])["tools"]]
+                         for r in fake.posts()[:2]]
+        assert "g__extra" not in first and "g__extra" in second
+        docs = [json.loads(e) for e in sse_events(raw) if e != "[DONE]"] if stream else \
+            [json.loads(raw)]
+        calls = next(d["mcp_calls"] for d in docs if "mcp_calls" in d)
+        assert [(c["tool"], c["ok"]) for c in calls] == [("grow", True), ("extra", True)]
+    finally:
+        running.stop(timeout=5)
+
+
 def test_mcp_tools_are_for_one_answer_so_n_above_1_goes_without_them(mcp_env):
     """The loop runs the calls of one answer (before: with n=2 the stream ended choice 1
     without a finish_reason, and choice 1's MCP calls went to the client)."""
