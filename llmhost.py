@@ -378,7 +378,15 @@ def _no_constant(name):
     raise ValueError(f"{name} is not JSON")  # (Python's json module takes it; OpenAI does not)
 
 
-REQUEST_JSON = json.JSONDecoder(parse_constant=_no_constant)  # for clients' request bodies
+def _finite(text):
+    value = float(text)
+    if abs(value) == float("inf"):  # 1e999: sent on re-encoded as Infinity, which is no JSON
+        raise ValueError(f"the number {text[:30]} is out of range")
+    return value
+
+
+# for clients' request bodies: what json.loads takes that is no JSON is refused
+REQUEST_JSON = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite)
 
 
 def json_bytes(obj):
@@ -888,7 +896,10 @@ class HTTPServer:
             await asyncio.wait_for(self.idle.wait(), timeout)
         except asyncio.TimeoutError:
             pass
+        tasks = [conn.task for conn in self.connections if conn.task is not None]
         self.abandon_in_flight()
+        if tasks:  # their handlers log them as they unwind: before the access log's last flush
+            await asyncio.wait(tasks, timeout=1.0)
 
     def abandon_in_flight(self):
         """Close every connection now, requests under way or not (the end of a shutdown)."""
@@ -1651,13 +1662,23 @@ class RegistryLock:
         if not os.path.isdir(folder):  # (else the error would name the lock file)
             raise RegistryError(f"cannot write {os.path.abspath(self.path[:-5])}: the folder "
                                 f"{folder} does not exist")
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        if os.geteuid() == 0:  # root locking a service user's registry: the lock is theirs
-            try:  # too, or their next `add` could not open it (see save_registry)
-                st = os.stat(self.path[:-5])
-                os.fchown(self.fd, st.st_uid, st.st_gid)
-            except OSError:
-                pass
+        nofollow = getattr(os, "O_NOFOLLOW", 0)  # never a link: root would open its target
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | nofollow, 0o600)
+        except FileExistsError:
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | nofollow)
+            except OSError as exc:
+                raise RegistryError(f"cannot lock {self.path}: " + (
+                    "it is a symbolic link; remove it" if os.path.islink(self.path)
+                    else exc.strerror or str(exc))) from None
+        else:
+            if os.geteuid() == 0:  # root, locking a service user's registry: the lock it just
+                try:  # made is theirs too, or their next `add` could not open it
+                    st = os.stat(self.path[:-5])
+                    os.fchown(self.fd, st.st_uid, st.st_gid)
+                except OSError:
+                    pass
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
 
@@ -2563,8 +2584,10 @@ def _streamable_http(url, headers, c):
     The HTTP status of its last refusal is kept in `c.http_status`: the SDK's error leaves it out."""
     import contextlib
 
-    async def note(response):
-        c.http_status = response.status_code if response.status_code >= 400 else None
+    async def note(response):  # (only what says "credentials"; calls run concurrently, so
+        status = response.status_code  # another one's 405 or 404 must not take its place)
+        if status in (401, 403) or status < 400:
+            c.http_status = status if status >= 400 else None
 
     @contextlib.asynccontextmanager
     async def transport():
@@ -2588,7 +2611,7 @@ class _MCPConn:
         self.state, self.era, self.server_info, self.last_error = "idle", None, None, None
         self.tools = None  # cached list[mcp Tool]; None = not listed yet or invalidated
         self.tools_until = 0.0  # when it goes stale (a 2026 server's ttlMs; legacy: never)
-        self.http_status = None  # of the last answer over streamable HTTP, if a refusal
+        self.http_status = None  # 401 or 403, when streamable HTTP's last answer was one
         self.failures, self.retry_at = 0, 0.0
         self.from_request = False  # named by a request's server_url: literal, never ${VAR}
         self.users = 0  # requests using it now (from_request only): it is not replaced meanwhile
@@ -2604,9 +2627,8 @@ class _MCPConn:
         response" (a 401 says more than that: the server wants a token)."""
         msg = _describe_exc(exc)
         if self.http_status and "Server returned an error response" in msg:
-            msg += f" (HTTP {self.http_status}" + (
-                ": the server wants credentials, e.g. --header 'Authorization: Bearer TOKEN'"
-                if self.http_status in (401, 403) else "") + ")"
+            msg += (f" (HTTP {self.http_status}: the server wants credentials, e.g. --header "
+                    "'Authorization: Bearer TOKEN')")
         return msg
 
     def fresh_tools(self):
@@ -4231,6 +4253,9 @@ class Application:
         bindings.update((name, b) for name, b in fresh.items()
                         if name not in state["client_names"])
         base["tools"] = state["client_tools"] + [b["openai"] for b in bindings.values()]
+        if not base["tools"]:  # (as mcp_rounds: OpenAI refuses "tools": [])
+            del base["tools"]
+            base.pop("tool_choice", None)
 
     def mcp_round_body(self, base, state, number, last, stream):
         body = dict(base, messages=state["messages"])
@@ -4404,7 +4429,10 @@ class Application:
                     chunk = await resp.read_some()
                     if not chunk:  # (a death looks like the end of a close-framed stream)
                         if resp.framing == "close" and not done:
-                            raise UpstreamError("upstream closed the stream before data: [DONE]")
+                            error = UpstreamError("upstream closed the stream before data: "
+                                                  "[DONE]")
+                            self.router.failed(up, error.message)  # (as relay_stream)
+                            raise error
                         return 200, None, None
                     for event in decoder.feed(chunk):
                         if event == "[DONE]":
@@ -4842,8 +4870,8 @@ async def discover_models(client, upstreams):
         if ids is not None:
             found[name] = ids
         else:
-            logger().warning("server %s: could not list its models (%s); using the registry's "
-                             "list", name, error)
+            logger().warning("server %s: could not list its models (%s); keeping the list it "
+                             "has (at start, the registry's)", name, error)
     return found
 
 

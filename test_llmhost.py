@@ -639,6 +639,19 @@ def test_root_editing_a_service_users_registry_leaves_it_theirs(tmp_path):
     assert (st.st_uid, st.st_gid) == (65534, 65534)
 
 
+def test_a_lock_file_that_is_a_link_is_refused_not_followed(tmp_path):
+    """Whoever can write the registry's folder could link the lock to a file of root's, which
+    root's next `add` would create, or (when root gives the lock to the registry's owner)
+    give away."""
+    registry = write_registry(tmp_path / "s.json", [])
+    target = tmp_path / "not-a-lock"
+    os.symlink(target, registry + ".lock")
+    code, out, err = run_cli(registry, "add", "x", "http://127.0.0.1:1/v1", "--no-check",
+                             "--model", "m")
+    assert code == 1 and "s.json.lock: it is a symbolic link; remove it" in err, err
+    assert not target.exists() and llmhost.load_registry(registry)["servers"] == []
+
+
 def test_failed_update_leaves_file_byte_identical(registry):
     llmhost.save_registry(registry, llmhost.empty_registry())
     before = open(registry, "rb").read()
@@ -997,6 +1010,8 @@ def test_rerank_normalised_best_first(gateway, fake):
      "invalid_type"),  # (before: taken for a stream)
     ("/v1/chat/completions", b'{"model": "fake-model", "messages": [{}], "temperature": NaN}',
      400, "invalid_json"),  # (before: passed on; Python reads NaN, JSON has none)
+    ("/v1/chat/completions", b'{"model": "fake-model", "messages": [{}], "top_p": 1e999}',
+     400, "invalid_json"),  # (an alias re-encodes the body: it would send Infinity)
     ("/v1/chat/completions", {"model": "nope", "messages": [{}]}, 404, "model_not_found"),
     ("/v1/embeddings", {"model": "fake-model"}, 400, "missing_required_parameter"),
     ("/v1/rerank", {"model": "fake-model", "query": "q"}, 400, "missing_required_parameter"),
@@ -1383,6 +1398,13 @@ def run_mcp_test_server(argv):
         @srv.tool(description="Only in the later version.")
         def later() -> str:
             return "later ok"
+
+    @srv.tool(description="Removes every tool and announces it.")
+    async def shrink(ctx: Context) -> str:
+        for tool in await srv.list_tools():
+            srv.remove_tool(tool.name)
+        await ctx.notify_tools_changed()
+        return "shrunk"
 
     @srv.resource("test://hello", description="A greeting.")
     def hello() -> str:
@@ -1842,21 +1864,25 @@ def test_mcp_text_written_beside_tool_calls_is_in_the_answer_both_ways(mcp_env, 
 @pytest.mark.parametrize("stream", [False, True])
 def test_mcp_a_tool_list_changed_by_a_call_is_offered_in_the_next_round(fake, tmp_path, stream):
     """A tool that unlocks others (tools/list_changed): the request's next round may call
-    them (before: only the next request was offered them)."""
+    them (before: only the next request was offered them); a list that became empty is no
+    "tools": [] (which OpenAI refuses), nor a tool_choice without tools."""
     running = Running(write_registry(tmp_path / "s.json", [
         {"name": "local", "url": fake.url, "models": ["fake-model"], "mcp": ["g"]}],
         mcp={"g": MCP_STDIO}))
     try:
-        fake.script({"calls": [("g__grow", {})]}, {"calls": [("g__extra", {})]}, {})
-        body = dict(CHAT, stream=stream)
+        fake.script({"calls": [("g__grow", {})]}, {"calls": [("g__extra", {})]},
+                    {"calls": [("g__shrink", {})]}, {})
+        body = dict(CHAT, stream=stream, tool_choice="auto")
         status, _, raw = post(running.port, "/v1/chat/completions", body, timeout=TIMEOUT * 3)
-        first, second = [[t["function"]["name"] for t in json.loads(r["body"])["tools"]]
-                         for r in fake.posts()[:2]]
+        sent = [json.loads(r["body"]) for r in fake.posts()]
+        first, second = [[t["function"]["name"] for t in b["tools"]] for b in sent[:2]]
         assert "g__extra" not in first and "g__extra" in second
+        assert "tools" not in sent[3] and "tool_choice" not in sent[3]
         docs = [json.loads(e) for e in sse_events(raw) if e != "[DONE]"] if stream else \
             [json.loads(raw)]
         calls = next(d["mcp_calls"] for d in docs if "mcp_calls" in d)
-        assert [(c["tool"], c["ok"]) for c in calls] == [("grow", True), ("extra", True)]
+        assert [(c["tool"], c["ok"]) for c in calls] == \
+            [("grow", True), ("extra", True), ("shrink", True)]
     finally:
         running.stop(timeout=5)
 
@@ -3170,7 +3196,8 @@ def test_an_answer_framed_by_the_close_is_checked_for_its_end(tmp_path):
         upstream.close()
 
 
-def test_a_stream_framed_by_the_close_is_checked_for_its_end_in_the_mcp_loop_too(tmp_path):
+def test_a_stream_framed_by_the_close_is_checked_for_its_end_in_the_mcp_loop_too(tmp_path,
+                                                                                   caplog):
     event = b'data: {"choices":[{"index":0,"delta":{"content":"Hello"}}]}\n\n'
     upstream = CloseFramedUpstream([
         (b"text/event-stream", event),  # died after one event
@@ -3184,6 +3211,8 @@ def test_a_stream_framed_by_the_close_is_checked_for_its_end_in_the_mcp_loop_too
         events = sse_events(raw)  # (before: a normal end, finish_reason "stop" and [DONE])
         assert status == 200 and "Hello" in events[0] and len(events) == 2, events
         assert "closed the stream before data: [DONE]" in json.loads(events[1])["error"]["message"]
+        assert "server old: upstream closed the stream before data: [DONE]" in caplog.text
+        assert running.gateway.router.upstreams["old"].failures == 1  # counted, as elsewhere
         status, _, raw = post(running.port, "/v1/chat/completions", dict(CHAT, stream=True))
         assert sse_events(raw)[-1] == "[DONE]" and b'"error"' not in raw
     finally:
@@ -3826,6 +3855,26 @@ def test_a_second_ctrl_c_stops_waiting_for_requests(fake, tmp_path):
         assert wait_until(lambda: any("POST /v1/chat/completions model=fake-model server=local "
                                       "status=503" in line for line in err)), err
     finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_requests_cut_when_the_shutdown_timeout_ends_are_logged(fake, tmp_path):
+    registry = write_registry(tmp_path / "s.json",
+                              [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    proc, port = start_serve(registry, "--shutdown-timeout", "0.5")
+    release = threading.Event()
+    fake.script({"hold": release})
+    try:
+        threads, results = held_requests(port, 1)
+        assert fake.holding.acquire(timeout=TIMEOUT)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0
+        _, err = proc.communicate()
+        assert "stopping now: 1 request still in flight cut" in err
+        assert "POST /v1/chat/completions model=fake-model server=local status=503" in err, err
+    finally:  # (before: the cut request's line came after the log's last flush, so never)
         release.set()
         if proc.poll() is None:
             proc.kill()
