@@ -380,7 +380,7 @@ def _no_constant(name):
 
 def _finite(text):
     value = float(text)
-    if abs(value) == float("inf"):  # 1e999: sent on re-encoded as Infinity, which is no JSON
+    if abs(value) == float("inf"):  # 1e999: a body we re-encode would say Infinity: no JSON
         raise ValueError(f"the number {text[:30]} is out of range")
     return value
 
