@@ -983,6 +983,8 @@ class UpstreamConnection:
 class UpstreamResponse:
     """Status and headers of an upstream answer; the body is read with read_some()/read_all()."""
 
+    passed = ()  # (name, value) of the fields passed on to the client (parse_response_head)
+
     def __init__(self, client, conn, status, headers, framing, length, timeout):
         self.client = client
         self.conn = conn
@@ -1114,10 +1116,13 @@ def fetch_models(client, up, timeout=PROBE_TIMEOUT):
     return fetch_json(client, up, up.origin.base_path + "/models", timeout)
 
 
-# The fields of an upstream's head that llmhost reads (it forwards none of them), found in one
-# pass: lower-cased name -> its key in UpstreamResponse.headers.
+# The fields of an upstream's head that llmhost reads, found in one pass: lower-cased name ->
+# its key in UpstreamResponse.headers; and those it passes on to the client as they came, as a
+# remote API's clients read them (x-ratelimit-*; the openai client waits retry-after-ms and
+# obeys x-should-retry). No other field is forwarded.
 _RESPONSE_FIELD = re.compile(
-    rb"\r\n(content-type|content-length|transfer-encoding|connection|retry-after|location):"
+    rb"\r\n(content-type|content-length|transfer-encoding|connection|retry-after|location|"
+    rb"x-ratelimit-[a-z0-9-]+|retry-after-ms|x-should-retry|openai-processing-ms):"
     rb"([^\r\n]*)", re.IGNORECASE)
 _RESPONSE_NAMES = {name.encode(): name for name in (
     "content-type", "content-length", "transfer-encoding", "connection", "retry-after",
@@ -1227,8 +1232,8 @@ class UpstreamClient:
                 code="upstream_protocol_error")
 
     def parse_response_head(self, conn, raw, timeout):
-        """Status and the few fields we use. An upstream's other fields are never forwarded,
-        so they are not parsed: one regex finds the five names."""
+        """Status, the few fields we use and those we pass on (see _RESPONSE_FIELD). An
+        upstream's other fields are never forwarded, so they are not parsed."""
         if raw[:7].lower() != b"http/1." or raw[8:9] != b" " or not raw[9:12].isdigit() or \
                 raw[9:10] == b"0" or raw[12:13] not in (b" ", b"\r"):
             line = raw[:raw.find(b"\r")]  # (not the fields after it)
@@ -1236,27 +1241,34 @@ class UpstreamClient:
         if bare_line_break(raw):
             raise ValueError("a bare CR or LF in its head")
         status = int(raw[9:12])
-        headers = {}
+        headers, passed = {}, []
         for name, value in _RESPONSE_FIELD.findall(raw):
-            name = _RESPONSE_NAMES[name.lower()]
+            key = name.lower()
             if _CONTROL.search(value):  # (a NUL in Content-Type, which is passed on)
-                raise ValueError(f"a control character in its {name}")
-            if name not in headers:  # the first of a repeated field counts
+                raise ValueError(f"a control character in its {key.decode()}")
+            name = _RESPONSE_NAMES.get(key)
+            if name is None:  # one to pass on
+                passed.append((key.decode(), value.strip().decode("latin-1")))
+            elif name not in headers:  # the first of a repeated field counts
                 headers[name] = value.strip().decode("latin-1")
             elif name == "content-length":
                 raise ValueError("repeated Content-Length")
         if raw[7:8] == b"0" and "keep-alive" not in headers.get("connection", "").lower():
             headers["connection"] = "close"
-        if status in (204, 304):
-            return UpstreamResponse(self, conn, status, headers, "length", 0, timeout)
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            return UpstreamResponse(self, conn, status, headers, "chunked", None, timeout)
         length = headers.get("content-length")
-        if length is not None:
+        if status in (204, 304):
+            framing, length = "length", 0
+        elif "chunked" in headers.get("transfer-encoding", "").lower():
+            framing, length = "chunked", None
+        elif length is not None:
             if not length.isdigit():
                 raise ValueError(f"Content-Length {length[:30]!r}")
-            return UpstreamResponse(self, conn, status, headers, "length", int(length), timeout)
-        return UpstreamResponse(self, conn, status, headers, "close", None, timeout)
+            framing, length = "length", int(length)
+        else:
+            framing = "close"
+        resp = UpstreamResponse(self, conn, status, headers, framing, length, timeout)
+        resp.passed = passed
+        return resp
 
     def release(self, conn, reusable):
         self.sweeper.tracked.discard(conn)
@@ -3933,7 +3945,7 @@ class Application:
         status = resp.status
         ctype = resp.headers.get("content-type", "application/json")
         headers = [("Content-Type", ctype), ("X-Llmhost-Server", up.name),
-                   ("X-Llmhost-Overhead-Ms", "%.2f" % overhead)]
+                   ("X-Llmhost-Overhead-Ms", "%.2f" % overhead), *resp.passed]
         request.status = status
         if body is None:
             return await self.relay_stream(request, up, resp, headers + SSE_HEADERS)

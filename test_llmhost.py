@@ -1028,6 +1028,26 @@ def test_bad_requests_get_openai_envelopes(gateway, fake, path, body, status, co
     assert fake.posts() == []  # nothing reached the upstream
 
 
+def test_rate_limit_fields_of_a_remote_api_reach_the_client(gateway, fake):
+    """x-ratelimit-* (OpenAI, Groq, Together...), retry-after-ms and x-should-retry (the openai
+    client's retry policy reads both) and openai-processing-ms are passed on; nothing else."""
+    fields = [("x-ratelimit-remaining-requests", "99"), ("X-RateLimit-Reset-Tokens", "6m0s"),
+              ("openai-processing-ms", "12"), ("x-secret-upstream-thing", "no")]
+    answer = {"id": "c1", "object": "chat.completion", "created": 1, "model": "fake-model",
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                           "finish_reason": "stop"}]}
+    fake.script({"status": 200, "body": answer, "headers": fields},
+                {"status": 429, "headers": [("retry-after-ms", "1500"),
+                                            ("x-should-retry", "true")]})
+    status, headers, _ = post(gateway.port, "/v1/chat/completions", CHAT)
+    assert status == 200 and headers["x-ratelimit-remaining-requests"] == "99"
+    assert headers["x-ratelimit-reset-tokens"] == "6m0s" and headers["openai-processing-ms"] == "12"
+    assert "x-secret-upstream-thing" not in headers
+    status, headers, _ = post(gateway.port, "/v1/chat/completions", CHAT)
+    assert status == 429 and headers["retry-after-ms"] == "1500"
+    assert headers["x-should-retry"] == "true"
+
+
 def test_unknown_model_lists_known_ones(gateway):
     status, doc = jpost(gateway.port, "/v1/chat/completions", dict(CHAT, model="gpt-9"))
     assert status == 404 and "fake-model" in doc["error"]["message"]
