@@ -200,7 +200,7 @@ class Request:
     """One parsed request. `headers` maps lower-cased names to values (repeats joined by ', ')."""
     __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "keep_alive",
                  "conn", "started", "received", "request_id", "model", "server", "status",
-                 "extra", "unread", "complete")
+                 "extra", "unread", "complete", "route")
 
     def __init__(self, method, target, version, headers):
         self.method = method
@@ -224,6 +224,7 @@ class Request:
         self.status = 0
         self.unread = False  # a body left unread (the request is refused whatever it says)
         self.complete = False  # its whole answer went out: a client that leaves now is no 499
+        self.route = None  # (handler, rest), when refuses_unread() has found it already
 
 
 _FAST_METHODS = {m: m.decode() for m in KNOWN_METHODS}
@@ -2593,13 +2594,14 @@ def _elicit_defaults(schema):
 
 def _streamable_http(url, headers, c):
     """The v2 streamable HTTP transport has no headers=; it takes an httpx2 client we must close.
-    The HTTP status of its last refusal is kept in `c.http_status`: the SDK's error leaves it out."""
+    A 401 or 403 it gets is kept in `c.http_status` until a success: the SDK's error leaves it out."""
     import contextlib
 
-    async def note(response):  # (only what says "credentials"; calls run concurrently, so
-        status = response.status_code  # another one's 405 or 404 must not take its place)
-        if status in (401, 403) or status < 400:
-            c.http_status = status if status >= 400 else None
+    async def note(response):  # (only what says "credentials": calls run concurrently, so
+        if response.status_code in (401, 403):  # another one's 405 or 404 must not replace it)
+            c.http_status = response.status_code
+        elif response.status_code < 400:
+            c.http_status = None
 
     @contextlib.asynccontextmanager
     async def transport():
@@ -3620,7 +3622,9 @@ class Application:
         return conn.write_error(exc, request)
 
     async def dispatch(self, request):
-        self.check_host(request)
+        route = request.route  # (found, and its Host checked, before a body was read)
+        if route is None:
+            self.check_host(request)
         origin = request.headers.get("origin")
         if origin is not None and self.cors_origins:
             if "*" in self.cors_origins:
@@ -3631,7 +3635,7 @@ class Application:
                                  CORS_EXPOSE]
             if request.method == "OPTIONS" and request.extra:
                 return self.preflight(request)
-        handler, rest = self.route(request)
+        handler, rest = route or self.route(request)
         return await (handler(request) if rest is None else handler(request, rest))
 
     def check_host(self, request):
@@ -3683,7 +3687,7 @@ class Application:
             return False
         try:
             self.check_host(request)
-            self.route(request)
+            request.route = self.route(request)  # (so dispatch need not find it again)
         except HTTPError:
             return True
         return False
@@ -4256,9 +4260,9 @@ class Application:
         """After a round whose calls changed a server's tool list (it sent tools/list_changed,
         as a tool that unlocks others does), the next round is offered the new list; a new
         tool named like one of the client's functions is left out."""
-        if not self.mcp.relist_due(state["servers"]):
-            return
         servers = state["servers"]
+        if not self.mcp.relist_due(servers):
+            return
         fresh = {b["name"]: b for b in await self.mcp.tools(
             servers, state["allowed"], optional=set(servers))}  # (one failing now: left out)
         bindings.clear()
