@@ -43,6 +43,7 @@ MAX_BODY_BYTES = 32 * 1024 * 1024  # bytes; llama-swap 32 MiB, fits base64 image
 MAX_UPSTREAM_BODY = 64 * 1024 * 1024  # bytes of a non-streamed upstream answer we buffer
 HEADER_TIMEOUT = 10.0  # s to receive a whole request head; slowloris guard
 BODY_TIMEOUT = 60.0  # s of silence while a body arrives; nginx client_body_timeout
+BODY_MIN_RATE = 500  # bytes/s a body must average past BODY_TIMEOUT; Apache mod_reqtimeout
 SEND_TIMEOUT = 60.0  # s a client may take none of our answer, then it is closed; nginx send_timeout
 KEEPALIVE_IDLE = 5.0  # s an idle client connection is kept; uvicorn 5 s
 MAX_CONNECTIONS = 1024  # open client connections per process; past it new ones are closed
@@ -365,6 +366,154 @@ def encode_chunk(data):
 LAST_CHUNK = b"0\r\n\r\n"
 
 
+# -- readers: bytes in, an event or "need more" (None) out ---------------------------------
+# As h11's _readers.py: each takes the connection's buffer (a bytearray it consumes from the
+# front) and never waits; the asyncio part (Wire, below) only feeds the buffer and waits when
+# a reader says None. Seeing the buffer is what lets a connection notice bytes past an answer.
+
+END = type("END", (), {"__repr__": lambda self: "END"})()  # a reader's "message ended"
+_TOKEN_BYTES = frozenset(b"!#$%&'*+.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnop"
+                         b"qrstuvwxyz-")
+MAX_CHUNK_LINE = 4 * 1024  # bytes of a chunk-size line with its extensions; h11 reads 4 KiB too
+
+
+def take_request_head(buf):
+    """A client's request head (through its empty line) taken from the front of `buf`, or
+    None while it is incomplete. Bytes that can never become a request are refused at once
+    rather than when the head timeout runs out: a bare LF line end (RFC 9112 §2.2 lets a
+    server refuse it, and a proxy before us might end the line elsewhere), a first byte that
+    starts no method (a TLS handshake sent to the plain-HTTP port), a head over the limits."""
+    end = buf.find(b"\r\n\r\n")
+    if end >= 0:
+        head = bytes(buf[:end + 4])
+        del buf[:end + 4]
+        return head
+    start = 0
+    while buf[start:start + 2] == b"\r\n":  # empty lines before a request are ignored (§2.2)
+        start += 2
+    if len(buf) > start and buf[start] not in _TOKEN_BYTES and buf[start:] != b"\r":
+        if buf[start] == 0x16:  # a TLS record's first byte: ContentType handshake
+            raise ProtocolError("a TLS handshake was sent to a plain-HTTP port; use http://")
+        raise ProtocolError("malformed request line")
+    if buf.count(b"\n") != buf.count(b"\r\n"):
+        raise ProtocolError("the request's lines must end with CRLF, not a bare LF")
+    line_end = buf.find(b"\n", 0, MAX_REQUEST_LINE + 1)
+    if line_end < 0 and len(buf) > MAX_REQUEST_LINE:
+        raise ProtocolError("request line too long", status=414, code="uri_too_long")
+    if len(buf) > MAX_REQUEST_LINE + MAX_HEADER_BYTES:
+        raise ProtocolError("request headers too large", status=431, code="headers_too_large")
+    return None
+
+
+def take_response_head(buf):
+    """An upstream's response head taken from the front of `buf`, its lines ending in CRLF,
+    or None while it is incomplete. Lines ending in a bare LF are taken, as nginx takes them
+    from upstreams (RFC 9112 §2.2 allows it): the head is rewritten with CRLF, so no field
+    can hide behind one. A bare CR, or a head over MAX_HEADER_BYTES, is a ValueError."""
+    end = buf.find(b"\r\n\r\n")
+    if end >= 0:
+        lines = buf.count(b"\r\n", 0, end)
+        if buf.count(b"\n", 0, end) != lines or buf.count(b"\r", 0, end) != lines:
+            end = -1  # (a bare LF or CR before it: the slow path below reads or refuses it)
+    if end >= 0:
+        head = bytes(buf[:end + 4])
+        del buf[:end + 4]
+        return head
+    ends = [i for i in (buf.find(b"\n\n"), buf.find(b"\n\r\n")) if i >= 0]
+    if not ends:
+        if len(buf) > MAX_HEADER_BYTES:
+            raise ValueError(f"a response head over {MAX_HEADER_BYTES} bytes")
+        return None
+    end = min(ends)
+    size = end + (2 if buf[end + 1:end + 2] == b"\n" else 3)
+    if size > MAX_HEADER_BYTES:
+        raise ValueError(f"a response head over {MAX_HEADER_BYTES} bytes")
+    head = bytes(buf[:size]).replace(b"\r\n", b"\n")
+    del buf[:size]
+    if b"\r" in head:
+        raise ValueError("a bare CR in its head")
+    return head.replace(b"\n", b"\r\n")
+
+
+class ChunkedReader:
+    """RFC 9112 §7.1 chunked framing: next(buf) -> body bytes (a chunk, or the part of one
+    that has arrived), None when it needs more bytes, or END once the last chunk and the
+    trailer fields (read and dropped, §7.1.2) are taken. `strict` (a client's request) refuses
+    a bare LF at once; upstreams get nginx's leniency. Data not followed by CRLF is refused
+    either way (h11 0.16's fix against smuggling)."""
+    __slots__ = ("strict", "limit", "state", "left", "total", "trailer")
+
+    def __init__(self, strict, limit=None):
+        self.strict = strict
+        self.limit = limit  # bytes the whole body may have (413 past it, at the size line)
+        self.state = "size"
+        self.left = 0  # bytes of the current chunk still to come
+        self.total = 0  # bytes of all chunks so far, as their size lines say
+        self.trailer = 0  # bytes of trailer fields so far
+
+    def line(self, buf, what):
+        """The next line of `buf` ending in CRLF, taken; None if it is not all here."""
+        cut = buf.find(b"\n", 0, MAX_CHUNK_LINE)
+        if cut < 0:
+            if len(buf) >= MAX_CHUNK_LINE:
+                raise ProtocolError(f"{what} line too long")
+            return None
+        line = bytes(buf[:cut + 1])
+        del buf[:cut + 1]
+        if line[-2:-1] != b"\r":
+            if self.strict:
+                raise ProtocolError(f"the {what} line must end with CRLF, not a bare LF")
+            line = line[:-1] + b"\r\n"
+        return line
+
+    def next(self, buf):
+        while True:
+            state = self.state
+            if state == "data":
+                if not buf:
+                    return None
+                n = min(self.left, len(buf))
+                data = bytes(buf[:n])
+                del buf[:n]
+                self.left -= n
+                if not self.left:
+                    self.state = "crlf"
+                return data
+            if state == "size":
+                line = self.line(buf, "chunk size")
+                if line is None:
+                    return None
+                self.left = size = parse_chunk_size(line)
+                self.total += size
+                if self.limit is not None and self.total > self.limit:
+                    raise ProtocolError(f"request body over {self.limit} bytes", status=413,
+                                        code="body_too_large")
+                if size > MAX_UPSTREAM_BODY:  # (no sane sender declares one as big)
+                    raise ProtocolError(f"a chunk of {size} bytes, over the "
+                                        f"{MAX_UPSTREAM_BODY}-byte limit")
+                self.state = "data" if size else "trailer"
+            elif state == "crlf":
+                if buf[:2] == b"\r\n" or not self.strict and buf[:1] == b"\n":
+                    del buf[:2 if buf[:1] == b"\r" else 1]
+                    self.state = "size"
+                elif len(buf) < 2 and buf in (b"", b"\r"):
+                    return None
+                else:
+                    raise ProtocolError("chunk data not followed by CRLF")
+            elif state == "trailer":
+                line = self.line(buf, "trailer")
+                if line is None:
+                    return None
+                if line == b"\r\n":
+                    self.state = "done"
+                    return END
+                self.trailer += len(line)
+                if self.trailer > MAX_HEADER_BYTES or not _HEADER_LINE.fullmatch(line[:-2]):
+                    raise ProtocolError("malformed chunked trailer")
+            else:
+                return END
+
+
 def json_loads(data, decoder=None, **options):
     """json.loads (or `decoder`'s decode of a str), with a document nested too deeply to parse
     a ValueError like any other bad JSON (a RecursionError would make a client's request, or an
@@ -444,6 +593,142 @@ class SSEDecoder:
                                                                                     "replace"))
 
 # =============================================================================
+# Connections
+# =============================================================================
+# Owns: the asyncio side of a TCP connection, client's or upstream's: one buffer it fills
+# (the Wire format readers take from it), waiting for bytes, pausing a peer that sends faster
+# than we read, and write flow control.
+# Raises: nothing; the end of the peer's bytes is `eof` (and `error`, for a reset).
+# Never: parses a byte (the readers do) nor knows whose connection it is (`owner` does).
+
+WIRE_HIGH_WATER = 256 * 1024  # bytes buffered before a peer nobody reads is paused; asyncio's
+# StreamReader pauses at twice its limit
+
+
+class Wire:
+    """An asyncio protocol (the loop calls its connection_made, data_received, eof_received,
+    connection_lost, pause_writing and resume_writing) around a bytearray it owns.
+
+    `owner` is told of the connection's events: `connected(wire)` once, and `peer_gone()` on
+    EOF or a reset. `idle` (an upstream connection resting in the pool) turns any byte or EOF
+    into a close: bytes no request asked for can only be a misframed answer."""
+    __slots__ = ("owner", "transport", "loop", "buf", "eof", "lost", "error", "waiter", "want",
+                 "paused", "write_waiter", "write_paused", "idle", "last_arrival", "received")
+
+    def __init__(self, owner):
+        self.owner = owner
+        self.transport = self.loop = None
+        self.buf = bytearray()
+        self.eof = False  # the peer sent its last byte (or the connection is lost)
+        self.lost = False  # the connection is closed: nothing more can be written either
+        self.error = None  # the OSError that ended the connection, if one did
+        self.waiter = None  # future of a reader waiting for bytes
+        self.want = 0  # ... for this many buffered bytes
+        self.paused = False
+        self.write_waiter = None
+        self.write_paused = False
+        self.idle = False
+        self.last_arrival = 0.0  # monotonic s of the last bytes received (deadline renewal)
+        self.received = 0  # bytes received in all
+
+    # -- called by the event loop ----------------------------------------------------------
+    def connection_made(self, transport):
+        import asyncio
+        self.transport = transport
+        self.loop = asyncio.get_running_loop()
+        connected = getattr(self.owner, "connected", None)
+        if connected is not None:
+            connected(self)
+
+    def data_received(self, data):
+        if self.idle:
+            logger().debug("an idle upstream connection sent %d bytes no request asked for; "
+                           "it is closed", len(data))
+            self.transport.abort()
+            return
+        self.buf += data
+        self.received += len(data)
+        self.last_arrival = time.monotonic()
+        waiter = self.waiter
+        if waiter is not None and len(self.buf) >= self.want and not waiter.done():
+            waiter.set_result(None)
+        elif waiter is None and len(self.buf) > WIRE_HIGH_WATER and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self):
+        self.eof = True
+        self.wake()
+        if self.idle:
+            self.transport.abort()
+            return False
+        self.owner.peer_gone()
+        return True  # (half-closed: our answer can still be written)
+
+    def connection_lost(self, exc):
+        self.eof = self.lost = True
+        self.error = exc
+        self.wake()
+        waiter = self.write_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        self.owner.peer_gone()
+
+    def pause_writing(self):
+        self.write_paused = True
+
+    def resume_writing(self):
+        self.write_paused = False
+        waiter = self.write_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- called by readers -----------------------------------------------------------------
+    def wake(self):
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, want=0):
+        """Until more bytes arrive (or `want` bytes in all are buffered), or the peer's end."""
+        if self.eof:
+            return
+        if self.paused:
+            self.paused = False
+            self.transport.resume_reading()
+        self.want = want
+        self.waiter = waiter = self.loop.create_future()
+        try:
+            await waiter
+        finally:
+            self.waiter = None
+
+    async def drain(self):
+        """Until the transport's write buffer is below its high-water mark again; raises
+        ConnectionResetError if the connection is lost (as StreamWriter.drain does)."""
+        while not self.lost:
+            if not self.write_paused:
+                return
+            self.write_waiter = waiter = self.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self.write_waiter = None
+        raise ConnectionResetError("connection lost")
+
+    def readable_now(self):
+        """Whether the kernel holds bytes or an EOF for this socket that the loop has not
+        delivered yet (the last look at a pooled connection before it is reused, as httpcore
+        looks): poll(), which unlike select() takes any descriptor number."""
+        import select
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+
+# =============================================================================
 # HTTP server
 # =============================================================================
 # Owns: client connections: reading requests (keep-alive, Content-Length and chunked bodies,
@@ -499,11 +784,10 @@ class Sweeper:
 class ClientConnection:
     """One client socket. `phase` is what we wait for: idle, head, body, app, stream."""
 
-    def __init__(self, server, reader, writer):
+    def __init__(self, server, wire):
         self.server = server
-        self.reader = reader
-        self.writer = writer
-        self.transport = writer.transport
+        self.wire = wire
+        self.transport = wire.transport
         self.deadline = None
         self.phase = "head"
         self.gone = False  # the client closed or reset its side
@@ -513,15 +797,17 @@ class ClientConnection:
         self.streaming = False  # response head sent as a chunked stream
         self.chunked = True
         self.send_mark = None  # our bytes the client had still to take when last looked at
+        self.opened = time.monotonic()
+        self.body_started = 0.0  # when the current request's body began (its minimum rate)
+        self.body_mark = 0  # wire.received then
 
     # -- deadlines -------------------------------------------------------------------------
     def expire(self):
         pending = self.transport.get_write_buffer_size()  # our answer still to go
-        if self.phase == "head" and b"\n\n" in getattr(self.reader, "_buffer", b""):
-            # a head whose lines end in a bare LF (typed into nc): its CRLF end never comes
-            self.write_error(ProtocolError("the request's lines must end with CRLF, not a bare "
-                                           "LF"), close=True)
-        elif self.phase in ("head", "body"):
+        if self.phase == "body" and self.body_deadline() > time.monotonic():
+            self.deadline = self.body_deadline()  # it is still sending, fast enough
+            return
+        if self.phase in ("head", "body"):
             # RFC 9110 §15.5.9: 408 for a request that did not arrive in time; then close.
             self.write_error(BadRequest("request not received in time", status=408,
                                         code="request_timeout"), close=True)
@@ -534,8 +820,20 @@ class ClientConnection:
             return
         self.transport.close()
 
+    def body_deadline(self):
+        """When the body being read is late: BODY_TIMEOUT after its last bytes, and never later
+        than BODY_TIMEOUT plus a second per BODY_MIN_RATE bytes received since it began
+        (Apache's mod_reqtimeout: body=20,MinRate=500), so a byte now and then, which renews
+        an idle timeout for ever, cannot hold a connection."""
+        wire = self.wire
+        return min(wire.last_arrival + BODY_TIMEOUT, self.body_started + BODY_TIMEOUT +
+                   (wire.received - self.body_mark) / BODY_MIN_RATE)
+
+    def connected(self, wire):
+        pass  # (HTTPServer made this connection for a wire that was already connected)
+
     def peer_gone(self):
-        """Called by the protocol on EOF or reset from the client."""
+        """Called by the Wire on EOF or reset from the client."""
         if self.phase in ("app", "stream"):
             self.gone = True
             upstream = self.upstream
@@ -546,25 +844,21 @@ class ClientConnection:
 
     # -- reading ---------------------------------------------------------------------------
     async def read_request(self, first):
-        import asyncio
-        reader = self.reader
+        wire = self.wire
         self.phase = "head" if first else "idle"
         self.deadline = time.monotonic() + (HEADER_TIMEOUT if first else KEEPALIVE_IDLE)
         self.send_mark = None
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError as exc:
-            if not exc.partial.strip():
-                return None  # clean close between requests
-            head = exc.partial  # the peer half-closed mid-head: say what was wrong with it
-            self.parse_head(head + b"\r\n" if head.endswith(b"\r\n") else head)
-            raise ProtocolError("incomplete request head")
-        except asyncio.LimitOverrunError:
-            buffered = await reader.read(MAX_REQUEST_LINE + MAX_HEADER_BYTES)
-            if buffered.find(b"\n", 0, MAX_REQUEST_LINE + 1) == -1:
-                raise ProtocolError("request line too long", status=414, code="uri_too_long")
-            raise ProtocolError("request headers too large", status=431,
-                                code="headers_too_large")
+        while True:
+            head = take_request_head(wire.buf)
+            if head is not None:
+                break
+            if wire.eof:
+                if not wire.buf.strip():
+                    return None  # clean close between requests
+                head = bytes(wire.buf)  # the peer half-closed mid-head: say what was wrong
+                self.parse_head(head + b"\r\n" if head.endswith(b"\r\n") else head)
+                raise ProtocolError("incomplete request head")
+            await wire.wait()
         started = time.monotonic()
         request = self.parse_head(head)
         request.started = request.received = started
@@ -581,9 +875,11 @@ class ClientConnection:
             return request
         if request.headers.get("expect", "").lower() == "100-continue" and \
                 request.version == "1.1":  # RFC 9110 §10.1.1: not for HTTP/1.0 clients
-            self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.phase = "body"
-        self.deadline = time.monotonic() + BODY_TIMEOUT
+        self.body_started = started
+        self.body_mark = wire.received - len(wire.buf)
+        self.deadline = self.body_deadline()
         if kind == "length":
             request.body = await self.read_length_body(length)
         else:
@@ -606,54 +902,31 @@ class ClientConnection:
         return Request(method, target, version, headers)
 
     async def read_length_body(self, length):
-        """`length` bytes; each arrival renews the deadline (a slow upload is not a dead one).
-        A body already at hand is one read."""
-        import asyncio
-        data = await self.reader.read(length)
-        if len(data) == length:
-            return data
-        parts = [data]
-        remaining = length - len(data)
-        while data and remaining:
-            self.deadline = time.monotonic() + BODY_TIMEOUT
-            data = await self.reader.read(remaining)
-            parts.append(data)
-            remaining -= len(data)
-        if remaining:
-            raise asyncio.IncompleteReadError(b"".join(parts), length)
-        return b"".join(parts)
+        """`length` bytes, taken in one piece once they are all here."""
+        wire = self.wire
+        buf = wire.buf
+        while len(buf) < length:
+            if wire.eof:
+                raise ProtocolError("incomplete request body")
+            await wire.wait(length)
+        body = bytes(buf[:length])
+        del buf[:length]
+        return body
 
     async def read_chunked_body(self):
-        reader = self.reader
+        wire = self.wire
+        reader = ChunkedReader(strict=True, limit=MAX_BODY_BYTES)
         parts = []
-        total = 0
         while True:
-            try:
-                size = parse_chunk_size(await reader.readuntil(b"\r\n"))
-            except Exception as exc:
-                if isinstance(exc, ProtocolError):
-                    raise
-                raise ProtocolError("malformed chunk size line") from None
-            if size == 0:
-                break
-            total += size
-            if total > MAX_BODY_BYTES:
-                raise ProtocolError(f"request body over {MAX_BODY_BYTES} bytes", status=413,
-                                    code="body_too_large")
-            data = await self.read_length_body(size + 2)  # (each arrival renews the deadline)
-            if data[-2:] != b"\r\n":
-                raise ProtocolError("chunk data not followed by CRLF")
-            parts.append(data[:-2])
-            self.deadline = time.monotonic() + BODY_TIMEOUT
-        trailer_bytes = 0
-        while True:  # trailer fields are read and dropped (RFC 9112 §7.1.2)
-            line = await reader.readuntil(b"\r\n")
-            if line == b"\r\n":
-                break
-            trailer_bytes += len(line)
-            if trailer_bytes > MAX_HEADER_BYTES or not _HEADER_LINE.fullmatch(line[:-2]):
-                raise ProtocolError("malformed chunked trailer")
-        return b"".join(parts)
+            piece = reader.next(wire.buf)
+            if piece is END:
+                return b"".join(parts)
+            if piece is None:
+                if wire.eof:
+                    raise ProtocolError("incomplete request body")
+                await wire.wait()
+                continue
+            parts.append(piece)
 
     # -- writing ---------------------------------------------------------------------------
     async def drain(self, everything=False):
@@ -667,7 +940,7 @@ class ClientConnection:
         self.send_mark = self.transport.get_write_buffer_size()
         self.deadline = time.monotonic() + SEND_TIMEOUT
         try:
-            await self.writer.drain()
+            await self.wire.drain()
         finally:
             self.deadline = self.send_mark = None
 
@@ -695,7 +968,7 @@ class ClientConnection:
         version = "1.0" if request is not None and request.version == "1.0" else "1.1"
         if request is not None and request.method == "HEAD":
             body = b""
-        self.writer.write(response_head(status, all_headers, version) + body)
+        self.transport.write(response_head(status, all_headers, version) + body)
         return keep_alive
 
     def write_error(self, error, request=None, close=False):
@@ -726,41 +999,20 @@ class ClientConnection:
             self.streaming = False
             if self.chunked:
                 first += LAST_CHUNK
-        self.writer.write(head + first)
+        self.transport.write(head + first)
         return keep_alive
 
     def write_chunk(self, data):
         if data:
-            self.writer.write(encode_chunk(data) if self.chunked else data)
+            self.transport.write(encode_chunk(data) if self.chunked else data)
 
     def end_stream(self, last=b""):
         """End the stream, with a last piece of body in the same write."""
         if self.chunked:
-            self.writer.write(encode_chunk(last) + LAST_CHUNK if last else LAST_CHUNK)
+            self.transport.write(encode_chunk(last) + LAST_CHUNK if last else LAST_CHUNK)
         elif last:
-            self.writer.write(last)
+            self.transport.write(last)
         self.streaming = False
-
-
-def _client_protocol_class():
-    """A StreamReaderProtocol that tells its ClientConnection when the client goes away, so a
-    generation can be stopped at once instead of when the next token fails to write."""
-    import asyncio
-
-    class ClientProtocol(asyncio.StreamReaderProtocol):
-        connection = None
-
-        def eof_received(self):
-            if self.connection is not None:
-                self.connection.peer_gone()
-            return super().eof_received()
-
-        def connection_lost(self, exc):
-            if self.connection is not None:
-                self.connection.peer_gone()
-            super().connection_lost(exc)
-
-    return ClientProtocol
 
 
 class HTTPServer:
@@ -776,16 +1028,15 @@ class HTTPServer:
         self.servers = []
         self.in_flight = 0
         self.idle = None  # asyncio.Event set when no request is in flight (for shutdown)
+        self.evicted = 0  # connections closed to make room (see connected())
 
     async def listen(self, host, port, *, sock=None):
         import asyncio
         import socket
         loop = asyncio.get_running_loop()
-        protocol_class = _client_protocol_class()
 
         def factory():
-            reader = asyncio.StreamReader(limit=MAX_REQUEST_LINE + MAX_HEADER_BYTES, loop=loop)
-            return protocol_class(reader, self._accepted, loop=loop)
+            return Wire(self)  # (connected() gives the wire its ClientConnection)
 
         if sock is not None:
             server = await loop.create_server(factory, sock=sock, backlog=1024)
@@ -797,11 +1048,16 @@ class HTTPServer:
         self.servers.append(server)
         return [s.getsockname()[:2] for s in server.sockets]
 
-    def _accepted(self, reader, writer):
-        import asyncio
+    def peer_gone(self):
+        pass  # (a wire refused in connected() loses its connection)
+
+    def connected(self, wire):
         import socket
-        transport = writer.transport
-        if self.closing or len(self.connections) >= self.max_connections:
+        transport = wire.transport
+        if self.closing:
+            transport.abort()
+            return
+        if len(self.connections) >= self.max_connections and not self.make_room():
             transport.abort()
             return
         sock = transport.get_extra_info("socket")
@@ -810,16 +1066,33 @@ class HTTPServer:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass  # the client is already gone; the read loop will see it
-        conn = ClientConnection(self, reader, writer)
-        transport.get_protocol().connection = conn
+        conn = ClientConnection(self, wire)
+        wire.owner = conn
         # The connection set keeps the task alive (the loop holds only weak references).
-        conn.task = asyncio.get_running_loop().create_task(self._serve(conn))
+        conn.task = wire.loop.create_task(self._serve(conn))
         self.connections.add(conn)
 
+    def make_room(self):
+        """At MAX_CONNECTIONS, close the connection that has waited longest without a whole
+        request (a head still trickling in, an idle keep-alive, a linger) so that a new client
+        gets in: otherwise a flood of slow or idle connections, no key needed, keeps every
+        client out. A connection whose request is being read or answered is never chosen."""
+        waiting = [c for c in self.connections if c.phase in ("head", "idle", "linger")]
+        if not waiting:
+            return False
+        victim = min(waiting, key=lambda c: c.opened)
+        self.evicted += 1
+        if self.evicted in (1, 10, 100) or not self.evicted % 1000:
+            logger().warning("%d connections open (the limit): the oldest waiting ones are "
+                             "closed to make room (%d so far)", self.max_connections,
+                             self.evicted)
+        self.connections.discard(victim)
+        victim.transport.abort()
+        return True
+
     async def _serve(self, conn):
-        import asyncio
         self.sweeper.tracked.add(conn)
-        writer = conn.writer
+        transport = conn.transport
         first = True
         try:
             while not self.closing:
@@ -827,10 +1100,6 @@ class HTTPServer:
                     request = await conn.read_request(first)
                 except ProtocolError as exc:
                     conn.write_error(exc, close=True)
-                    await self.linger(conn)
-                    break
-                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-                    conn.write_error(ProtocolError("incomplete request"), close=True)
                     await self.linger(conn)
                     break
                 if request is None:
@@ -849,10 +1118,10 @@ class HTTPServer:
                 if not keep_alive or conn.gone:
                     if request.unread and not conn.gone:
                         await self.linger(conn)  # the answer first, then drop the body
-                    elif not conn.gone and writer.transport.get_write_buffer_size():
+                    elif not conn.gone and transport.get_write_buffer_size():
                         await conn.drain(everything=True)  # (the close would hold the rest
                     break  # for as long as the client pleases, the connection untracked)
-                if writer.transport.get_write_buffer_size() > RELAY_CHUNK:
+                if transport.get_write_buffer_size() > RELAY_CHUNK:
                     await conn.drain()
         except (ConnectionError, OSError):
             pass  # the client went away; nothing is owed to it
@@ -862,25 +1131,27 @@ class HTTPServer:
             self.sweeper.tracked.discard(conn)
             self.connections.discard(conn)
             conn.deadline = None
-            writer.close()
+            transport.close()
 
     async def linger(self, conn):
         """Half-close and drop what the client still sends, so our error answer is read before
         the close: closing with unread input sends a reset that can destroy the answer."""
-        writer = conn.writer
-        if conn.transport.is_closing():
+        transport = conn.transport
+        wire = conn.wire
+        if transport.is_closing():
             return
         try:
-            if writer.can_write_eof():
-                writer.write_eof()
+            if transport.can_write_eof():
+                transport.write_eof()
             conn.phase = "linger"
             conn.deadline = time.monotonic() + LINGER_TIMEOUT
             dropped = 0
             while dropped < LINGER_BYTES:
-                data = await conn.reader.read(RELAY_CHUNK)
-                if not data:
+                dropped += len(wire.buf)
+                wire.buf.clear()
+                if wire.eof:
                     break
-                dropped += len(data)
+                await wire.wait()
         except (OSError, RuntimeError):
             pass
 
@@ -957,28 +1228,63 @@ class Origin:
 
 
 class UpstreamConnection:
-    def __init__(self, origin, reader, writer):
+    def __init__(self, origin, wire):
         self.origin = origin
-        self.reader = reader
-        self.writer = writer
+        self.wire = wire
+        self.transport = None if wire is None else wire.transport
         self.deadline = None
+        self.timeout = None  # s between bytes once a request is out (the deadline's renewal)
         self.expired = False  # a deadline passed: errors that follow are timeouts
         self.aborted = False  # we closed it on purpose (the client left)
         self.reused = False
         self.idle_since = 0.0
 
+    def connected(self, wire):
+        pass
+
+    def peer_gone(self):
+        pass  # (a reader waiting on the wire sees its eof)
+
     def expire(self):
+        wire = self.wire
+        if self.timeout is not None and wire.last_arrival + self.timeout > time.monotonic():
+            self.deadline = wire.last_arrival + self.timeout  # bytes came since: not idle
+            return
         self.expired = True
-        self.writer.transport.abort()
+        self.transport.abort()
 
     def abort(self):
         """Close it because the client left (a failure that follows is not retried)."""
         self.aborted = True
-        self.writer.transport.abort()
+        self.transport.abort()
 
     def discard(self):
         """Close it because the pool will not keep it."""
-        self.writer.transport.abort()
+        self.transport.abort()
+
+    def usable(self):
+        """Whether a pooled connection may carry another request: the server has not closed
+        it, and no byte has come that no request asked for (a misframed answer's rest)."""
+        wire = self.wire
+        return not (wire.eof or wire.buf or self.transport.is_closing() or wire.readable_now())
+
+    def closed_why(self):
+        error = self.wire.error
+        return getattr(error, "strerror", None) or (str(error) if error else "it closed early")
+
+    async def read_head(self):
+        """The next response head (CRLF lines). Raises ValueError for a malformed one, EOFError
+        (with `partial`: whether some of it had come) if the connection ends first."""
+        wire = self.wire
+        while True:
+            head = take_response_head(wire.buf)
+            if head is not None:
+                return head
+            if wire.eof:
+                exc = EOFError(self.closed_why())
+                exc.partial = bool(wire.buf)
+                raise exc
+            await wire.wait()
 
 
 class UpstreamResponse:
@@ -993,6 +1299,7 @@ class UpstreamResponse:
         self.headers = headers
         self.framing = framing  # "length", "chunked" or "close"
         self.remaining = length
+        self.chunks = ChunkedReader(strict=False) if framing == "chunked" else None
         self.timeout = timeout
         self.done = framing == "length" and length == 0
         self.reusable = framing != "close" and "close" not in headers.get("connection", "").lower()
@@ -1006,75 +1313,84 @@ class UpstreamResponse:
         if not self.done and not self.buffered():
             self.early = await self.read_some()
 
+    def take(self):
+        """The body bytes already at hand (b"" if none), without waiting; at the body's end,
+        `done` is set and the connection released. Raises ProtocolError for bad framing."""
+        buf = self.conn.wire.buf
+        if self.framing == "length":
+            n = min(self.remaining, len(buf))
+            if not n:
+                return b""
+            data = bytes(buf[:n])
+            del buf[:n]
+            self.remaining -= n
+            if not self.remaining:
+                self.done = True
+                self.release()
+            return data
+        if self.framing == "chunked":
+            parts = []
+            while True:
+                piece = self.chunks.next(buf)
+                if piece is None:
+                    break
+                if piece is END:  # (all chunks at hand are taken: the end is seen at once)
+                    self.done = True
+                    self.release()
+                    break
+                parts.append(piece)
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        data = bytes(buf)
+        buf.clear()
+        return data
+
     async def read_some(self):
         """The next piece of the body as it arrives; b"" at its end."""
-        import asyncio
         if self.early:
             data, self.early = self.early, b""
             return data
-        if self.done:
-            return b""
         conn = self.conn
-        reader = conn.reader
-        try:
-            if self.framing == "chunked":
-                size = parse_chunk_size(await reader.readuntil(b"\r\n"))
-                if size > MAX_UPSTREAM_BODY:  # (read whole: it would be held in memory)
-                    self.close()
-                    raise UpstreamError(f"upstream sent a chunk of {size} bytes, over the "
-                                        f"{MAX_UPSTREAM_BODY}-byte limit",
-                                        code="upstream_protocol_error")
-                if size == 0:
-                    while await reader.readuntil(b"\r\n") != b"\r\n":
-                        pass  # trailers
-                    data = b""
-                else:
-                    data = await reader.readexactly(size + 2)
-                    if data[-2:] != b"\r\n":
-                        raise ProtocolError("chunk not followed by CRLF")
-                    data = data[:-2]
-                    if getattr(reader, "_buffer", b"")[:5] == b"0\r\n\r\n":
-                        await reader.readexactly(5)  # the end is here too: say so now
-                        self.done = True
-                        self.release()
-                        return data
-            elif self.framing == "length":
-                data = await reader.read(min(self.remaining, RELAY_CHUNK))
-                if not data:
-                    raise ConnectionError("closed before Content-Length bytes")
-                self.remaining -= len(data)
-                if self.remaining == 0:
-                    self.done = True
+        wire = conn.wire
+        while not self.done:
+            try:
+                data = self.take()
+            except ProtocolError as exc:
+                self.close()
+                raise UpstreamError(f"upstream connection broke mid-answer ({exc.message})",
+                                    code="upstream_protocol_error") from None
+            if data or self.done:
+                return data
+            if wire.eof:
+                if self.framing == "close" and wire.error is None:
+                    self.done = True  # the close is the end
                     self.release()
-                    return data
-            else:
-                data = await reader.read(RELAY_CHUNK)
-        except (OSError, EOFError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                ProtocolError, ValueError) as exc:
-            self.close()
-            if conn.expired:
-                raise UpstreamTimeout("upstream stopped sending (idle timeout)") from None
-            why = "it closed early" if isinstance(exc, EOFError) else \
-                getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-            raise UpstreamError(f"upstream connection broke mid-answer ({why})") from None
-        if not data:
-            self.done = True
-            self.release()
-            return b""
-        conn.deadline = time.monotonic() + self.timeout
-        return data
+                    return b""
+                self.close()
+                if conn.expired:
+                    raise UpstreamTimeout("upstream stopped sending (idle timeout)")
+                raise UpstreamError("upstream connection broke mid-answer "
+                                    f"({conn.closed_why()})")
+            await wire.wait()
+        return b""
 
     def buffered(self):
         """Whether body bytes have already arrived (read_some would not wait)."""
-        return bool(self.early or getattr(self.conn.reader, "_buffer", None))  # or the reader's
+        return bool(self.early or self.conn.wire.buf)
 
     async def read_all(self, limit=MAX_UPSTREAM_BODY):
+        if self.framing == "length" and not self.done:
+            if self.remaining > limit:
+                self.close()
+                raise UpstreamError(f"upstream answer larger than {limit} bytes")
+            wire = self.conn.wire
+            while len(wire.buf) < self.remaining and not wire.eof:
+                await wire.wait(self.remaining)  # (one wake-up, one copy)
         parts = []
         total = 0
         while True:
             data = await self.read_some()
             if not data:
-                return b"".join(parts)
+                return parts[0] if len(parts) == 1 else b"".join(parts)
             total += len(data)
             if total > limit:
                 self.close()
@@ -1087,6 +1403,16 @@ class UpstreamResponse:
     def close(self):
         self.done = True
         self.client.release(self.conn, False)
+
+
+def whole_events(data):
+    """SSE bytes -> (the whole events, the start of the next): cut after the last blank line
+    (an event's end, LF or CRLF style). An "event" too big to hold is passed on whole."""
+    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\n\r\n")
+    cut = max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
+    if cut < len(data) and len(data) - cut < MAX_UPSTREAM_BODY:
+        return data[:cut], data[cut:]
+    return data, b""
 
 
 def stream_delivered(request, resp):
@@ -1131,13 +1457,6 @@ _RESPONSE_NAMES = {name.encode(): name for name in (
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # in a field value: no valid HTTP
 
 
-def bare_line_break(head):
-    """Whether a head holds a CR or LF outside CRLF: it would hide a field from a parser that
-    splits at CRLF (ours) and show it to one that takes a bare LF as a line end (nginx does)."""
-    lines = head.count(b"\r\n")
-    return head.count(b"\r") != lines or head.count(b"\n") != lines
-
-
 class UpstreamClient:
     def __init__(self, sweeper):
         self.sweeper = sweeper
@@ -1147,12 +1466,12 @@ class UpstreamClient:
 
     async def connect(self, origin, timeout):
         import asyncio
+        conn = UpstreamConnection(origin, None)
+        wire = Wire(conn)
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(origin.host, origin.port, ssl=origin.ssl,
-                                        limit=MAX_HEADER_BYTES,
-                                        server_hostname=origin.host if origin.ssl else None),
-                timeout)
+            await asyncio.wait_for(asyncio.get_running_loop().create_connection(
+                lambda: wire, origin.host, origin.port, ssl=origin.ssl,
+                server_hostname=origin.host if origin.ssl else None), timeout)
         except asyncio.TimeoutError:
             raise UpstreamTimeout(f"connect to {origin.host_header} timed out after {timeout:g}s",
                                   code="upstream_connect_timeout") from None
@@ -1160,8 +1479,10 @@ class UpstreamClient:
             raise UpstreamError(f"cannot connect to {origin.host_header}: "
                                 f"{exc.strerror or exc}" if isinstance(exc, OSError) else str(exc),
                                 code="upstream_unreachable") from None
-        # asyncio sets TCP_NODELAY itself on sockets it creates for open_connection
-        return UpstreamConnection(origin, reader, writer)
+        # (asyncio sets TCP_NODELAY itself on the TCP sockets it connects)
+        conn.wire = wire
+        conn.transport = wire.transport
+        return conn
 
     async def request(self, origin, head, body, *, timeout=UPSTREAM_TIMEOUT,
                       connect_timeout=CONNECT_TIMEOUT, on_connection=None):
@@ -1176,10 +1497,11 @@ class UpstreamClient:
         while True:
             if idle:
                 conn = idle.pop()
-                conn.reused = True
-                if conn.reader.at_eof() or conn.writer.transport.is_closing():
+                if not conn.usable():
                     conn.discard()
                     continue
+                conn.wire.idle = False
+                conn.reused = True
             else:
                 conn = await self.connect(origin, connect_timeout)
             if on_connection is not None:
@@ -1187,35 +1509,35 @@ class UpstreamClient:
             self.sweeper.tracked.add(conn)
             sent = time.monotonic()
             conn.deadline = sent + timeout
+            conn.timeout = None  # (no renewal until the head is here: the first-byte limit)
             interim = False  # (an upstream that sent a 1xx answer has taken the request)
             try:
-                conn.writer.write(head + body if len(body) < RELAY_CHUNK else head)
+                conn.transport.write(head + body if len(body) < RELAY_CHUNK else head)
                 if len(body) >= RELAY_CHUNK:
-                    conn.writer.write(body)
-                raw = await conn.reader.readuntil(b"\r\n\r\n")
-                while raw[9:10] == b"1" and raw[:5] == b"HTTP/" and raw[12:13] in (b" ", b"\r") \
-                        and not bare_line_break(raw):
+                    conn.transport.write(body)
+                raw = await conn.read_head()
+                while raw[9:10] == b"1" and raw[:5] == b"HTTP/" and raw[12:13] in (b" ", b"\r"):
                     interim = True
-                    raw = await conn.reader.readuntil(b"\r\n\r\n")  # skip 1xx interim answers
-            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+                    raw = await conn.read_head()  # skip 1xx interim answers
+            except (OSError, EOFError) as exc:
                 self.release(conn, False)
                 if conn.expired:
                     raise UpstreamTimeout(f"{origin.host_header} sent no answer within "
                                           f"{timeout:g}s") from None
-                if isinstance(exc, asyncio.LimitOverrunError):
-                    raise UpstreamError(f"{origin.host_header} sent a response head over "
-                                        f"{MAX_HEADER_BYTES} bytes",
-                                        code="upstream_protocol_error") from None
-                if conn.reused and not conn.aborted and not interim and not (
-                        isinstance(exc, asyncio.IncompleteReadError) and exc.partial) and \
-                        time.monotonic() - sent < STALE_RETRY_WINDOW:
+                if conn.reused and not conn.aborted and not interim and not getattr(
+                        exc, "partial", False) and time.monotonic() - sent < STALE_RETRY_WINDOW:
                     idle = None  # stale pooled connection: once more, on a fresh one
                     continue
                 raise UpstreamError(f"{origin.host_header} closed the connection without an "
                                     "answer", code="upstream_closed") from None
+            except ValueError as exc:
+                self.release(conn, False)
+                raise UpstreamError(f"{origin.host_header} sent a malformed answer: {exc}",
+                                    code="upstream_protocol_error") from None
             except asyncio.CancelledError:  # (bench's deadline, a shutdown): the upstream
                 self.release(conn, False)  # sees its socket close and stops generating
                 raise
+            conn.timeout = timeout  # from here, the limit is between bytes
             try:
                 resp = self.parse_response_head(conn, raw, timeout)
             except ValueError as exc:
@@ -1239,8 +1561,6 @@ class UpstreamClient:
                 raw[9:10] == b"0" or raw[12:13] not in (b" ", b"\r"):
             line = raw[:raw.find(b"\r")]  # (not the fields after it)
             raise ValueError(f"status line {line[:60]!r}")
-        if bare_line_break(raw):
-            raise ValueError("a bare CR or LF in its head")
         status = int(raw[9:12])
         headers, passed = {}, []
         for name, value in _RESPONSE_FIELD.findall(raw):
@@ -1274,10 +1594,15 @@ class UpstreamClient:
     def release(self, conn, reusable):
         self.sweeper.tracked.discard(conn)
         conn.deadline = None
+        if reusable and conn.wire.buf:  # bytes past the answer's end: the two sides no longer
+            logger().debug("upstream %s sent %d bytes past its answer; its connection is "
+                           "closed", conn.origin.host_header, len(conn.wire.buf))
+            reusable = False  # agree where answers end, so no later answer can be trusted
         if reusable and not conn.expired:
             idle = self.idle.setdefault(conn.origin.key, [])
             if len(idle) < POOL_MAX_IDLE:
                 conn.idle_since = time.monotonic()
+                conn.wire.idle = True
                 idle.append(conn)
                 return
         conn.discard()
@@ -3980,6 +4305,8 @@ class Application:
         try:
             if resp.buffered():
                 pending = await resp.read_some()
+                if not resp.done:
+                    pending, tail = whole_events(pending)
             if resp.done or pending.endswith(SSE_DONE):  # the whole stream was at hand: head,
                 keep_alive = conn.start_stream(request, resp.status, headers, pending, end=True)
                 stream_delivered(request, resp)  # events and end in one write
@@ -3994,13 +4321,7 @@ class Application:
                     break  # bytes still at hand: nothing more is written)
                 if tail:
                     data = tail + data
-                # cut after the last blank line (an event's end, LF or CRLF style)
-                lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\n\r\n")
-                cut = max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
-                if cut < len(data) and len(data) - cut < MAX_UPSTREAM_BODY:
-                    data, tail = data[:cut], data[cut:]
-                else:
-                    tail = b""  # whole events, or an "event" too big to hold: pass it on
+                data, tail = whole_events(data)
                 if resp.done or data.endswith(SSE_DONE):  # the last piece: written with the
                     pending = data  # end of the stream (a client may close once it reads
                     break  # [DONE], as the openai client does, before the upstream's end)
