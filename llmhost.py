@@ -201,7 +201,7 @@ class Request:
     """One parsed request. `headers` maps lower-cased names to values (repeats joined by ', ')."""
     __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "keep_alive",
                  "conn", "started", "received", "request_id", "model", "server", "status",
-                 "extra", "unread", "complete", "route")
+                 "extra", "unread", "complete", "route", "has_body")
 
     def __init__(self, method, target, version, headers):
         self.method = method
@@ -226,6 +226,7 @@ class Request:
         self.unread = False  # a body left unread (the request is refused whatever it says)
         self.complete = False  # its whole answer went out: a client that leaves now is no 499
         self.route = None  # (handler, rest), when refuses_unread() has found it already
+        self.has_body = False  # its head announces a body (read or not)
 
 
 _FAST_METHODS = {m: m.decode() for m in KNOWN_METHODS}
@@ -866,7 +867,8 @@ class ClientConnection:
         kind, length = body_framing(request.headers)
         if kind == "chunked" and request.version == "1.0":  # RFC 9112 §6.1: faulty framing
             request.keep_alive = False  # (a proxy before us may frame it otherwise): close
-        if kind == "length" and length == 0 or self.server.app.refuses_unread(request):
+        request.has_body = kind == "chunked" or length != 0
+        if not request.has_body or self.server.app.refuses_unread(request):
             if length != 0:  # refused whatever the body says (no API key): it is never read,
                 request.unread = True  # so no client without a key makes us buffer 32 MiB
                 request.keep_alive = False
@@ -4002,14 +4004,17 @@ class Application:
             raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}; "
                                    f"use {method}.", headers=[
                                        ("Allow", "GET, HEAD" if method == "GET" else method)])
+        if request.has_body and method != "POST":  # (it is refused unread: see read_request)
+            raise BadRequest(f"{request.method} {request.path} takes no request body.",
+                             code="unexpected_body")
         return handler, rest
 
     def refuses_unread(self, request):
         """Whether a request with a body will be refused whatever the body holds (a Host not
         allowed, an unknown path, a missing or wrong API key, another method), so the HTTP
         layer need not read it, nor send 100 Continue for it. dispatch() gives the answer."""
-        if request.method == "OPTIONS":
-            return False
+        if request.method == "OPTIONS":  # (a preflight has no body; another is no request
+            return request.has_body  # of ours: either way, the body is never read)
         try:
             self.check_host(request)
             request.route = self.route(request)  # (so dispatch need not find it again)
