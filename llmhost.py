@@ -3534,6 +3534,17 @@ def host_name(value):
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
+def same_origin(origin, host):
+    """Whether a browser's Origin ('http://127.0.0.1:4000') names the server the request was
+    sent to (its Host, '127.0.0.1:4000'): the page is of our own origin, not another site's."""
+    scheme, sep, authority = origin.lower().partition("://")
+    if not sep or scheme not in ("http", "https") or not host:
+        return False
+    # An origin is scheme, host and port (RFC 6454 §4); both forms leave out the default port.
+    default = ":443" if scheme == "https" else ":80"
+    return authority.removesuffix(default) == host.lower().removesuffix(default)
+
+
 class Detached:
     """The `conn` of a request llmhost makes itself (MCP sampling): no client to write to."""
 
@@ -3622,9 +3633,10 @@ class Application:
         return conn.write_error(exc, request)
 
     async def dispatch(self, request):
-        route = request.route  # (found, and its Host checked, before a body was read)
+        route = request.route  # (found, its Host and Origin checked, before a body was read)
         if route is None:
             self.check_host(request)
+            self.check_origin(request)
         origin = request.headers.get("origin")
         if origin is not None and self.cors_origins:
             if "*" in self.cors_origins:
@@ -3653,6 +3665,34 @@ class Application:
                                 "start serve with --allowed-host NAME to allow it.",
                                 code="host_not_allowed")
 
+    def check_origin(self, request):
+        """Refuse a request that a web page of another site made (cross-site request forgery).
+        Its body need not be JSON-typed to be read as JSON, so a "simple" request (text/plain,
+        no preflight) would run; and a browser on this machine reaches loopback. A browser
+        names the page's origin in Origin on every cross-origin POST (the Fetch standard) and
+        says where the request comes from in Sec-Fetch-Site (a field no page can set); curl and
+        the SDKs send neither and pass. A page may use llmhost from an --cors-origin ('*': any)
+        and from llmhost's own origin (the Origin names the Host, or the browser says
+        same-origin: a page served beside us by the same reverse proxy)."""
+        headers = request.headers
+        origin = headers.get("origin")
+        site = headers.get("sec-fetch-site")
+        if origin is None and site not in ("cross-site", "same-site"):
+            return
+        if site == "same-origin" or origin is not None and (
+                origin in self.cors_origins or "*" in self.cors_origins or
+                same_origin(origin, headers.get("host", ""))):
+            return
+        # Ollama answers a foreign Origin the same way (403 unless OLLAMA_ORIGINS lists it).
+        if origin is None:
+            raise Forbidden(f"A request from a web page of another site (Sec-Fetch-Site: {site}) "
+                            "is not allowed without an Origin; start serve with --cors-origin "
+                            "ORIGIN to let a web app at ORIGIN use llmhost.",
+                            code="origin_not_allowed")
+        raise Forbidden(f"Origin {origin[:100]!r} is not allowed: web pages of other sites may "
+                        f"not use llmhost; start serve with --cors-origin {origin[:100]} to "
+                        "allow it.", code="origin_not_allowed")
+
     def route(self, request):
         """-> (handler, what follows a prefix route's prefix or None), or the error the request
         is refused with (its path, API key or method): all known from its head."""
@@ -3680,13 +3720,15 @@ class Application:
         return handler, rest
 
     def refuses_unread(self, request):
-        """Whether a request with a body will be refused whatever the body holds (a Host not
-        allowed, an unknown path, a missing or wrong API key, another method), so the HTTP
-        layer need not read it, nor send 100 Continue for it. dispatch() gives the answer."""
-        if request.method == "OPTIONS":
-            return False
+        """Whether a request with a body will be refused whatever the body holds (a Host or
+        Origin not allowed, an unknown path, a missing or wrong API key, another method), so
+        the HTTP layer need not read it, nor send 100 Continue for it. dispatch() gives the
+        answer."""
         try:
             self.check_host(request)
+            self.check_origin(request)
+            if request.method == "OPTIONS":
+                return False  # (a CORS preflight: dispatch() answers it)
             request.route = self.route(request)  # (so dispatch need not find it again)
         except HTTPError:
             return True
@@ -6160,7 +6202,8 @@ def build_parser():
     p.add_argument("--allowed-host", action="append", metavar="NAME",
                    help="a Host name accepted besides loopback ones (DNS-rebinding guard)")
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
-                   help="answer CORS for this browser origin (repeatable, or '*')")
+                   help="a browser origin that may use llmhost, with CORS (repeatable, or "
+                        "'*'); pages of other origins get 403")
     p.add_argument("--max-running", type=int, metavar="N",
                    help="managed servers running at once (per --group); idle ones make room")
     p.add_argument("--mcp-max-rounds", type=int, default=MCP_MAX_ROUNDS, metavar="N",

@@ -1118,7 +1118,9 @@ def test_a_request_without_a_key_is_refused_before_its_body_is_read(fake, tmp_pa
 @pytest.mark.parametrize("head, status", [
     (b"POST /v1/nope HTTP/1.1\r\nHost: 127.0.0.1\r\n", b"404"),
     (b"PUT /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n", b"405"),
-    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: rebound.example\r\n", b"403")])
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: rebound.example\r\n", b"403"),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: https://evil.example\r\n",
+     b"403")])
 def test_a_request_refused_by_its_head_gets_no_100_continue_and_its_body_is_not_read(
         fake, tmp_path, head, status):
     """As nginx, which sends 100 Continue only once it reads the body: a client that waits
@@ -4398,7 +4400,7 @@ def test_cors_off_by_default_and_on_when_asked(fake, tmp_path, gateway):
     status, headers, _ = request(gateway.port, "OPTIONS", "/v1/chat/completions",
                                  headers={"Origin": "http://app.example",
                                           "Access-Control-Request-Method": "POST"})
-    assert status == 405 and "access-control-allow-origin" not in headers
+    assert status == 403 and "access-control-allow-origin" not in headers
     path = write_registry(tmp_path / "c.json",
                           [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
     running = Running(path, cors_origins=["http://app.example"], api_keys=["k"])
@@ -4421,7 +4423,112 @@ def test_cors_off_by_default_and_on_when_asked(fake, tmp_path, gateway):
         assert "X-Request-Id" in headers["access-control-expose-headers"]
         status, headers, _ = post(running.port, "/v1/chat/completions", CHAT, headers={
             "Origin": "http://other.example", "Authorization": "Bearer k"})
-        assert "access-control-allow-origin" not in headers
+        assert status == 403 and "access-control-allow-origin" not in headers
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize("origin, host, same", [
+    ("http://127.0.0.1:4000", "127.0.0.1:4000", True),
+    ("HTTP://LocalHost:4000", "localhost:4000", True),
+    ("http://[::1]:4000", "[::1]:4000", True),
+    ("https://llm.example", "llm.example", True),  # (behind a TLS proxy that keeps the Host)
+    ("https://llm.example", "llm.example:443", True),
+    ("http://llm.example:80", "llm.example", True),
+    ("http://127.0.0.1:4001", "127.0.0.1:4000", False),
+    ("https://127.0.0.1:4000", "127.0.0.1", False),
+    ("http://evil.example", "127.0.0.1:4000", False),
+    ("null", "127.0.0.1:4000", False),
+    ("http://127.0.0.1:4000", "", False),  # (no Host: HTTP/1.0)
+    ("file://127.0.0.1:4000", "127.0.0.1:4000", False),
+])
+def test_same_origin_compares_scheme_default_ports(origin, host, same):
+    assert llmhost.same_origin(origin, host) is same
+
+
+# What browsers send (the Fetch standard): Origin on every cross-origin POST, Sec-Fetch-Site
+# since Chrome 76, Firefox 90, Safari 16.4.
+CROSS_SITE = [
+    b"Origin: https://evil.example\r\nSec-Fetch-Site: cross-site\r\nSec-Fetch-Mode: no-cors\r\n",
+    b"Origin: https://evil.example\r\nSec-Fetch-Site: cross-site\r\nSec-Fetch-Mode: navigate\r\n",
+    b"Origin: https://evil.example\r\n",  # (a browser without Sec-Fetch-*)
+    b"Origin: null\r\nSec-Fetch-Site: cross-site\r\n",  # a sandboxed frame, a file:// page
+    b"Sec-Fetch-Site: cross-site\r\n",
+    b"Origin: http://127.0.0.1:1\r\nSec-Fetch-Site: same-site\r\n",  # another local port
+]
+SAME_SITE = [
+    b"",  # curl, the SDKs: no Origin, whatever the Content-Type
+    b"Origin: http://127.0.0.1:%(port)d\r\nSec-Fetch-Site: same-origin\r\n",
+    b"Origin: http://127.0.0.1:%(port)d\r\n",
+    # a page served beside llmhost by one reverse proxy, which set Host to llmhost's address
+    b"Origin: https://ai.example\r\nSec-Fetch-Site: same-origin\r\n",
+    b"Sec-Fetch-Site: none\r\n",
+]
+
+
+def test_a_cross_site_request_never_reaches_an_upstream_or_a_tool(mcp_env, tmp_path):
+    """A web page's "simple" POST (text/plain: no preflight) naming a model with an MCP tool
+    attached: neither the upstream nor the tool sees it; the same request from curl or from
+    llmhost's own origin runs the tool."""
+    running, fake = mcp_env
+    for i, fields in enumerate(CROSS_SITE + SAME_SITE):
+        ran = tmp_path / f"ran-{i}"
+        fake.steps.clear()
+        fake.requests.clear()
+        fake.script({"calls": [("t__tally", {"path": str(ran)})]})
+        body = json.dumps({"model": "agent", "messages": [{"role": "user", "content": "go"}]})
+        raw = raw_exchange(running.port, b"POST /v1/chat/completions HTTP/1.1\r\n"
+                           b"Host: 127.0.0.1:%d\r\n" % running.port +
+                           fields % {b"port": running.port} +
+                           b"Content-Type: text/plain;charset=UTF-8\r\nConnection: close\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body.encode()),
+                           timeout=TIMEOUT * 3, half_close=False)
+        status, headers, payload, _ = parse_response(raw)
+        if fields in CROSS_SITE:
+            error = json.loads(payload)["error"]
+            assert status == 403 and error["code"] == "origin_not_allowed", (fields, payload)
+            assert "--cors-origin" in error["message"]
+            assert "access-control-allow-origin" not in headers
+            assert fake.requests == [] and not ran.exists(), fields  # (before: both ran)
+        else:
+            assert status == 200, (fields, payload)
+            assert len(fake.posts()) == 2 and ran.read_text() == "ran\n", fields
+    fake.steps.clear()
+
+
+def test_cors_origin_lets_its_origin_through_preflight_included(fake, tmp_path):
+    path = write_registry(tmp_path / "c.json",
+                          [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    running = Running(path, cors_origins=["https://app.example"])
+    try:
+        for origin, expected in (("https://app.example", 204), ("https://evil.example", 403)):
+            status, headers, raw = request(running.port, "OPTIONS", "/v1/chat/completions",
+                                           headers={"Origin": origin,
+                                                    "Sec-Fetch-Site": "cross-site",
+                                                    "Access-Control-Request-Method": "POST"})
+            assert status == expected, origin  # (before: 405 for evil.example)
+            assert ("access-control-allow-origin" in headers) is (expected == 204)
+        status, headers, _ = post(running.port, "/v1/chat/completions", CHAT, headers={
+            "Origin": "https://app.example", "Sec-Fetch-Site": "cross-site",
+            "Content-Type": "text/plain"})
+        assert status == 200 and headers["access-control-allow-origin"] == "https://app.example"
+        status, headers, raw = post(running.port, "/v1/chat/completions", CHAT, headers={
+            "Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site",
+            "Content-Type": "text/plain"})
+        assert status == 403 and "--cors-origin https://evil.example" in raw.decode()
+        assert len(fake.posts()) == 1
+        # a GET too: /v1/mcp/tools starts MCP servers (a <script src> sends no Origin)
+        status, _, _ = request(running.port, "GET", "/v1/mcp/tools",
+                               headers={"Sec-Fetch-Site": "cross-site"})
+        assert status == 403
+    finally:
+        running.stop()
+    running = Running(path, cors_origins=["*"])
+    try:
+        status, headers, _ = request(running.port, "OPTIONS", "/v1/chat/completions",
+                                     headers={"Origin": "https://any.example",
+                                              "Access-Control-Request-Method": "POST"})
+        assert status == 204 and headers["access-control-allow-origin"] == "*"
     finally:
         running.stop()
 
