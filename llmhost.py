@@ -204,6 +204,10 @@ class Request:
 
     def __init__(self, method, target, version, headers):
         self.method = method
+        if target[:1] != "/" and target != "*":
+            # absolute-form: its authority is the request's Host, whatever the Host field says
+            # (RFC 9112 §3.2.2); the path and query are routed.
+            headers["host"], target = absolute_form(target)
         self.target = target
         path, _, self.query = target.partition("?")
         self.path = path
@@ -232,7 +236,9 @@ _FAST_VERSIONS = {b"HTTP/1.1\r\n": "1.1", b"HTTP/1.0\r\n": "1.0"}
 
 
 def parse_request_line(line):
-    """b"POST /v1/x HTTP/1.1\\r\\n" -> (method, target, version). RFC 9112 §3."""
+    """b"POST /v1/x HTTP/1.1\\r\\n" -> (method, target, version). RFC 9112 §3. The target is
+    origin-form ("/v1/x?q"), "*", or absolute-form ("http://host:port/v1/x"), which Request
+    splits."""
     if len(line) > MAX_REQUEST_LINE:
         raise ProtocolError("request line too long", status=414, code="uri_too_long")
     # The usual line (a known method, a path of visible ASCII, HTTP/1.x) without the regex;
@@ -256,13 +262,22 @@ def parse_request_line(line):
     if not (target.startswith(b"/") or target == b"*"):
         if not target[:8].lower().startswith((b"http://", b"https://")):
             raise ProtocolError("request target must be a path or an absolute URL")
-        # absolute-form: servers MUST take it (RFC 9112 §3.2.2); the path (and query) is routed
-        authority = target.find(b"//") + 2
-        ends = [i for i in (target.find(b"/", authority), target.find(b"?", authority)) if i >= 0]
-        target = target[min(ends):] if ends else b""
-        if not target.startswith(b"/"):
-            target = b"/" + target
+        # absolute-form: servers MUST take it (RFC 9112 §3.2.2).
+        # Its host must not be empty (RFC 9110 §4.2.1), and userinfo is an error (§4.2.4).
+        authority = absolute_form(target.decode("latin-1"))[0]
+        if not authority or "@" in authority:
+            raise ProtocolError("the request target's authority must be host[:port]")
     return method.decode(), target.decode("latin-1"), "1." + minor.decode()
+
+
+def absolute_form(target):
+    """'http://h:4000/v1/x?q' -> ('h:4000', '/v1/x?q'): an absolute-form target's authority,
+    and the origin-form target that is routed."""
+    start = target.find("//") + 2
+    ends = [i for i in (target.find("/", start), target.find("?", start)) if i >= 0]
+    end = min(ends) if ends else len(target)
+    rest = target[end:]
+    return target[start:end], rest if rest.startswith("/") else "/" + rest
 
 
 def parse_header_block(block):

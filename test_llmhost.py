@@ -447,13 +447,27 @@ CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hello t
     (b"GET / HTTP/1.1\r\n", ("GET", "/", "1.1")),
     (b"POST /v1/chat/completions?x=1 HTTP/1.0\r\n", ("POST", "/v1/chat/completions?x=1", "1.0")),
     (b"OPTIONS * HTTP/1.1\r\n", ("OPTIONS", "*", "1.1")),
-    # absolute-form (RFC 9112 §3.2.2: a server MUST accept it); only the path is routed
-    (b"GET http://127.0.0.1:4000/v1/models?a=1 HTTP/1.1\r\n", ("GET", "/v1/models?a=1", "1.1")),
-    (b"GET HTTPS://x HTTP/1.1\r\n", ("GET", "/", "1.1")),
-    (b"GET http://x?a=/v1/models HTTP/1.1\r\n", ("GET", "/?a=/v1/models", "1.1")),
+    # absolute-form (RFC 9112 §3.2.2: a server MUST accept it); Request splits it
+    (b"GET http://127.0.0.1:4000/v1/models?a=1 HTTP/1.1\r\n",
+     ("GET", "http://127.0.0.1:4000/v1/models?a=1", "1.1")),
+    (b"GET HTTPS://x HTTP/1.1\r\n", ("GET", "HTTPS://x", "1.1")),
 ])
 def test_request_line_ok(line, expected):
     assert llmhost.parse_request_line(line) == expected
+
+
+@pytest.mark.parametrize("target, host, path, query", [
+    ("http://127.0.0.1:4000/v1/models?a=1", "127.0.0.1:4000", "/v1/models", "a=1"),
+    ("HTTPS://x", "x", "/", ""),
+    ("http://x?a=/v1/models", "x", "/", "a=/v1/models"),
+    ("http://[::1]:4000/health", "[::1]:4000", "/health", ""),
+])
+def test_an_absolute_form_target_is_routed_by_its_path_and_its_authority_is_the_host(
+        target, host, path, query):
+    """RFC 9112 §3.2.2: the target's authority wins over the Host field."""
+    request = llmhost.Request("GET", target, "1.1", {"host": "other.example"})
+    assert (request.headers["host"], request.path, request.query) == (host, path, query)
+    assert request.target == path + ("?" + query if query else "")
 
 
 @pytest.mark.parametrize("line, status", [
@@ -465,6 +479,8 @@ def test_request_line_ok(line, expected):
     (b"BREW / HTTP/1.1\r\n", 501),
     (b"G@T / HTTP/1.1\r\n", 400),
     (b"GET ftp://x/ HTTP/1.1\r\n", 400),  # neither a path nor an http(s) URL
+    (b"GET http:///v1/models HTTP/1.1\r\n", 400),  # no host (RFC 9110 §4.2.1)
+    (b"GET http://127.0.0.1@evil.example/ HTTP/1.1\r\n", 400),  # userinfo (RFC 9110 §4.2.4)
     (b"GET /\x00 HTTP/1.1\r\n", 400),
     (b"GET /" + b"a" * llmhost.MAX_REQUEST_LINE + b" HTTP/1.1\r\n", 414),
 ])
@@ -4392,6 +4408,17 @@ def test_dns_rebinding_guard(fake, tmp_path):
         # no Host at all (HTTP/1.0, as HAProxy's health checks send): no browser sends that
         raw = raw_exchange(running.port, b"GET /health HTTP/1.0\r\n\r\n")
         assert parse_response(raw)[0] == 200
+        # an absolute-form target: its authority is checked, not Host (RFC 9112 §3.2.2)
+        for line, host, expected in [
+                (b"GET http://attacker.example/v1/models HTTP/1.1", b"127.0.0.1", 403),
+                (b"GET http://attacker.example:4000/v1/models HTTP/1.0", b"", 403),
+                (b"GET http://127.0.0.1:4000/v1/models HTTP/1.1", b"attacker.example", 200)]:
+            raw = raw_exchange(running.port, line + b"\r\n" + (
+                b"Host: " + host + b"\r\n" if host else b"") + b"Connection: close\r\n\r\n")
+            status, _, body, _ = parse_response(raw)
+            assert status == expected, line  # (before: 200, 200, 403)
+            if expected == 403:
+                assert json.loads(body)["error"]["code"] == "host_not_allowed"
     finally:
         running.stop()
 
