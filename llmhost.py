@@ -2387,10 +2387,12 @@ def check_api_key(headers, keys):
     import hmac
     send = "send 'Authorization: Bearer <key>' or 'x-api-key'."
     auth = headers.get("authorization", "")
+    # Only SP and HTAB are blanks around a field value (RFC 9110 §5.6.3): str.strip() would
+    # also take \xa0 and \x85, bytes that end the UTF-8 of 'à' or 'Å'.
     if auth[:7].lower() == "bearer ":
-        supplied = auth[7:].strip()
+        supplied = auth[7:].strip(" \t")
     elif "x-api-key" in headers:
-        supplied = headers["x-api-key"].strip()
+        supplied = headers["x-api-key"].strip(" \t")
     elif len(auth.split()) > 1:  # (one word may be a key sent without "Bearer ": not echoed)
         raise Unauthorized(f"Authorization scheme {auth.split()[0][:20]!r} is not supported: "
                            + send)
@@ -2400,10 +2402,16 @@ def check_api_key(headers, keys):
         supplied = ""
     if not supplied:
         raise Unauthorized("Missing API key: " + send)
-    given = supplied.encode("utf-8", "replace")
+    # Field values were read as latin-1, so this gives back the bytes the client sent. A key
+    # matches as UTF-8 (curl sends it so) and, if it can be, as latin-1 (http.client, fetch
+    # and browsers send a key made of latin-1 characters so). surrogateescape: the bytes of a
+    # key from an environment or command line that was not UTF-8.
+    given = supplied.encode("latin-1")
     ok = False
     for key in keys:  # compare against every key: the time does not say which one was close
-        ok |= hmac.compare_digest(given, key.encode())
+        ok |= hmac.compare_digest(given, key.encode("utf-8", "surrogateescape"))
+        if not key.isascii() and max(key) <= "\xff":
+            ok |= hmac.compare_digest(given, key.encode("latin-1"))
     if not ok:
         raise Unauthorized("Incorrect API key provided.")
 
@@ -4596,7 +4604,8 @@ def http_json(url, api_key=None, timeout=None, method="GET"):
     conn = http_connection(parts, timeout)
     headers = {"Accept": "application/json", "User-Agent": f"llmhost/{__version__}"}
     if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
+        # UTF-8, as curl sends it (http.client would send latin-1, and fail on a key beyond it).
+        headers["Authorization"] = b"Bearer " + api_key.encode("utf-8", "surrogateescape")
     try:
         conn.request(method, (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
                      body=None if method == "GET" else b"", headers=headers)

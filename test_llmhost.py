@@ -1188,6 +1188,37 @@ def test_api_keys(fake, tmp_path):
         running.stop()
 
 
+def test_a_non_ascii_api_key_matches_sent_as_utf8_or_as_latin1(fake, tmp_path):
+    """Header bytes are read as latin-1: a key is compared as the bytes sent, so curl's UTF-8
+    matches (before: only latin-1 did), as does the latin-1 of http.client and browsers."""
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    # ('à' ends in \xa0 in UTF-8, a byte str.strip() takes for a blank)
+    running = Running(path, api_keys=["clé-à", "键-密钥"])
+    try:
+        def send(field, value):
+            raw = raw_exchange(running.port, b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                               + field + b": " + value + b"\r\nConnection: close\r\n\r\n")
+            return parse_response(raw)[0]
+
+        for field, prefix in ((b"Authorization", b"Bearer "), (b"X-Api-Key", b"")):
+            for value, expected in (("clé-à".encode(), 200), ("clé-à".encode("latin-1"), 200),
+                                    ("键-密钥".encode(), 200), ("clé-".encode(), 401),
+                                    ("cle-a".encode(), 401),
+                                    ("键-密钥".encode("gb18030"), 401)):
+                assert send(field, prefix + value) == expected, (field, value)
+        status, _, _ = request(running.port, "GET", "/v1/models",
+                               headers={"Authorization": "Bearer clé-à"})  # (as latin-1)
+        assert status == 200
+        for key in ("clé-à", "键-密钥"):  # the CLI sends the key as UTF-8, as curl does
+            code, out, err = run_cli("unused", "status", "--url",
+                                     f"http://127.0.0.1:{running.port}",
+                                     environ={"LLMHOST_API_KEY": key})
+            assert code == 0, err
+    finally:
+        running.stop()
+
+
 def test_alias_and_pinned_server(fake, tmp_path):
     other = FakeUpstream(models=["fake-model"])
     try:
