@@ -1380,13 +1380,16 @@ def valid_url(url, credentials=False):
     return None
 
 
-def hide_password(url):
-    """`url` with the password of a user:password@ part replaced by ***, for printing."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.partition("@")
-    if not at or ":" not in userinfo or "/" in userinfo:
-        return url
-    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}"
+# The password of a user:password@ in a URL, up to the authority's last '@' (as urlsplit
+# reads 'http://u:p@ss@host/'), in a URL alone or in a message that names one.
+_URL_PASSWORD = re.compile(r"(://[^/?#\s:@]*:)[^/?#\s]*@")
+
+
+def hide_password(text):
+    """`text` (a URL, or a message naming URLs) with the password of each user:password@
+    replaced by ***, for printing: what is shown of a URL anywhere (list, status, errors,
+    logs), as keys are never shown."""
+    return _URL_PASSWORD.sub(r"\1***@", text) if "@" in text else text
 
 
 def url_under(url, prefix):
@@ -1567,7 +1570,7 @@ def validate_registry(doc, path):
                 raise RegistryError(f"{label}: unknown field \"{field}\" "
                                     f"(known: {', '.join(SERVER_FIELDS)})")
             if not rule[0](value):
-                shown = "" if field in ("api_key", "env") else f", found {value!r}"
+                shown = "" if field in ("api_key", "env") else hide_password(f", found {value!r}")
                 raise RegistryError(f"{label}.{field}: must be {rule[1]}{shown}")
         if entry["name"] in seen:
             raise RegistryError(f"{label}: the name \"{entry['name']}\" is used twice")
@@ -2520,7 +2523,8 @@ def _describe_exc(exc):
     msg = getattr(exc, "message", None) or str(exc)
     if type(exc).__name__ == "ValidationError":  # pydantic's: a line per failed alternative
         msg = "the server's answer is malformed (%s)" % msg.split("\n", 1)[0]
-    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+    # httpx names the URL it was sent to, password included, in its errors.
+    return hide_password(f"{type(exc).__name__}: {msg}") if msg else type(exc).__name__
 
 
 # What a streamable-HTTP server answers for a session it does not know (it restarted): the
@@ -3799,7 +3803,7 @@ class Application:
     async def status(self, request):
         now = self.router.clock()
         servers = [{
-            "name": up.name, "url": up.entry.get("url") or up.origin.base_url,
+            "name": up.name, "url": hide_password(up.entry.get("url") or up.origin.base_url),
             "managed": up.managed, "models": up.public_names(),
             "healthy": up.cooldown_until <= now,
             "cooldown_seconds": round(max(0.0, up.cooldown_until - now), 1),
@@ -4664,6 +4668,8 @@ def auth_source(entry):
 def public_entry(entry):
     """An entry as shown to people: never the key itself."""
     out = {k: v for k, v in entry.items() if k != "api_key"}
+    if "url" in out:
+        out["url"] = hide_password(out["url"])
     if "env" in out:  # values may be secrets: only the names are shown
         out["env"] = sorted(out["env"])
     out.setdefault("models", [])
@@ -4753,7 +4759,8 @@ def cmd_add(args, environ):
     url = args.url.strip()
     reason = valid_url(url)
     if reason:
-        raise CLIError(f"invalid URL {args.url!r}: {reason} (example: http://127.0.0.1:8080/v1)")
+        raise CLIError(f"invalid URL {hide_password(repr(args.url))}: {reason} "
+                       "(example: http://127.0.0.1:8080/v1)")
     url = url.rstrip("/")
     for suffix in ("/chat/completions", "/completions", "/models", "/embeddings"):
         if url.endswith(suffix):
@@ -4893,8 +4900,8 @@ def cmd_list(args, environ):
         text = ", ".join(models[:4]) + (f" (+{len(models) - 4})" if len(models) > 4 else "")
         if e.get("discover"):
             text = (text + " " if text else "") + "[all listed]"
-        rows.append([e["name"], e.get("url") or f"(managed) {e['command']}"[:60], text or "-",
-                     auth_source(e)])
+        rows.append([e["name"], hide_password(e.get("url") or f"(managed) {e['command']}"[:60]),
+                     text or "-", auth_source(e)])
     print_table(rows, ["NAME", "URL", "MODELS", "AUTH"])
     return 0
 
@@ -5163,6 +5170,7 @@ def cmd_serve(args, environ):
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per MCP HTTP message
     for handler in logging.getLogger().handlers:
         handler.addFilter(one_line_sdk_errors)
+        handler.addFilter(no_url_passwords)
     if workers == 1:
         return run_worker(args, path, keys, options, args.max_concurrency, args.queue_size)
     return run_workers(args, path, keys, options, workers, last_good)
@@ -5175,6 +5183,14 @@ def one_line_sdk_errors(record):
         record.msg = "%s: %s" % (record.getMessage(), _describe_exc(record.exc_info[1]))
         record.args = ()
         record.exc_info = record.exc_text = None
+    return True
+
+
+def no_url_passwords(record):
+    """Logging filter: a URL's password never reaches the log, whoever logs it (the SDKs too)."""
+    message = record.getMessage()
+    if "@" in message:
+        record.msg, record.args = hide_password(message), ()
     return True
 
 
@@ -6315,8 +6331,8 @@ def main(argv=None, environ=None):
     args.cmd = command
     try:
         return args.func(args, environ)
-    except (CLIError, RegistryError) as exc:
-        print(f"llmhost: error: {exc}", file=sys.stderr)
+    except (CLIError, RegistryError) as exc:  # (a URL in one never shows its password)
+        print(f"llmhost: error: {hide_password(str(exc))}", file=sys.stderr)
         return 1
     except OSError as exc:  # a registry folder that is missing or not writable, a full disk
         where = f"{exc.filename}: " if exc.filename else ""

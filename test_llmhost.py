@@ -3728,6 +3728,19 @@ def test_url_credentials_refused_for_llm_servers_kept_for_mcp():
     assert llmhost.validate_mcp_entry("docs", {"url": "http://u:pw@127.0.0.1:3001/mcp"}) == []
 
 
+@pytest.mark.parametrize("text, shown", [
+    ("http://u:pw@127.0.0.1:3001/mcp", "http://u:***@127.0.0.1:3001/mcp"),
+    ("http://u:p@ss@h:1/v1", "http://u:***@h:1/v1"),  # (urlsplit reads the last '@')
+    ("https://u:pw@h?q=a@b", "https://u:***@h?q=a@b"),
+    ("for url 'http://u:pw@h/sse'\nsee https://x:y@z/",
+     "for url 'http://u:***@h/sse'\nsee https://x:***@z/"),
+    ("http://user@h/v1", "http://user@h/v1"),  # (a user name alone)
+    ("http://h/a@b:c", "http://h/a@b:c"),
+])
+def test_hide_password_in_urls_and_messages(text, shown):
+    assert llmhost.hide_password(text) == shown
+
+
 def test_registry_through_a_symlink_stays_a_link(fake, tmp_path):
     real = tmp_path / "real" / "servers.json"
     real.parent.mkdir()
@@ -4651,6 +4664,62 @@ def test_no_key_appears_in_any_output(fake, tmp_path):
     for blob in outputs:
         for secret in secrets:
             assert secret.encode() not in blob  # ... and no key appears anywhere
+
+
+def test_no_url_password_appears_in_any_output(fake, tmp_path):
+    """A password in a registry URL is never shown: an MCP server's (kept: its client sends
+    it) nor an LLM server's (refused, so it shows in errors): not by list, show, add, serve's
+    log, /v1/status, a reload's error, nor an error of the MCP client that names the URL."""
+    secret = "pw-s3cret-42"
+    # (the fake answers GET /sse with a 404, and the SSE client's error names the URL)
+    mcp = {"docs": {"url": f"http://reader:{secret}@127.0.0.1:{fake.port}/sse", "type": "sse"}}
+    good = [{"name": "a", "url": fake.url, "models": ["fake-model"], "mcp": ["docs"]}]
+    bad = [dict(good[0], url=fake.url.replace("http://", f"http://user:{secret}@"))]
+    registry = write_registry(tmp_path / "s.json", good, mcp)
+    outputs = []
+
+    def cli(*argv):
+        result = subprocess.run([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
+                                 registry, *argv], capture_output=True, text=True,
+                                timeout=TIMEOUT * 3)
+        outputs.extend([result.stdout, result.stderr])
+        return result
+
+    proc, port = start_serve(registry, "--log-level", "debug")
+    log, reloaded = [], threading.Event()
+
+    def read_log():
+        for line in proc.stderr:
+            log.append(line)
+            if "registry not reloaded" in line:
+                reloaded.set()
+
+    reader = threading.Thread(target=read_log, daemon=True)
+    reader.start()
+    try:
+        outputs.append(post(port, "/v1/chat/completions", CHAT)[2].decode())
+        for path in ("/v1/status", "/v1/mcp/servers"):
+            status, _, raw = request(port, "GET", path)
+            assert status == 200
+            outputs.append(raw.decode())
+        assert cli("list").returncode == 0 and "docs" in cli("mcp", "list", "--json").stdout
+        cli("list", "--json")
+        cli("show", "a")
+        assert "HTTPStatusError" in cli("mcp", "tools", "docs").stderr  # (it names the URL)
+        write_registry(registry, bad, mcp)
+        assert reloaded.wait(TIMEOUT)  # (the file is watched about once a second)
+        assert cli("list").returncode == 1 and "user:***@" in outputs[-1]
+        cli("show", "a")
+        cli("list", "--json")
+        assert cli("add", "b", bad[0]["url"], "--no-check").returncode == 1
+    finally:
+        proc.terminate()
+        proc.wait(TIMEOUT)
+        reader.join(TIMEOUT)
+    outputs += log
+    assert any("reader:***@" in text for text in outputs)
+    for text in outputs:
+        assert secret not in text, text
 
 
 def test_fuzzed_requests_never_break_the_server(gateway):
