@@ -3284,7 +3284,8 @@ async def with_mcp_server(name, entry, environ, action):
 # Owns: the routes table and the request path:
 #
 #   client bytes -> HTTPServer reads the request (protocol error -> 4xx + close)
-#     -> auth (401) -> parse JSON, find the model (400/404) -> admission (queue / 429)
+#     -> Host and Origin (403), path, auth (401), method: from the head, before the body
+#     -> parse JSON, find the model (400/404) -> admission (queue / 429)
 #     -> for each candidate upstream, in Router order (at most MAX_ATTEMPTS):
 #          connect error, timeout, 429/502/503/504 before any byte -> mark it, try the next
 #          got status + headers -> point of no return: relay to the client
