@@ -205,6 +205,10 @@ class Request:
 
     def __init__(self, method, target, version, headers):
         self.method = method
+        if target[:1] != "/" and target != "*":
+            # absolute-form: its authority is the request's Host, whatever the Host field says
+            # (RFC 9112 §3.2.2); the path and query are routed.
+            headers["host"], target = absolute_form(target)
         self.target = target
         path, _, self.query = target.partition("?")
         self.path = path
@@ -234,7 +238,9 @@ _FAST_VERSIONS = {b"HTTP/1.1\r\n": "1.1", b"HTTP/1.0\r\n": "1.0"}
 
 
 def parse_request_line(line):
-    """b"POST /v1/x HTTP/1.1\\r\\n" -> (method, target, version). RFC 9112 §3."""
+    """b"POST /v1/x HTTP/1.1\\r\\n" -> (method, target, version). RFC 9112 §3. The target is
+    origin-form ("/v1/x?q"), "*", or absolute-form ("http://host:port/v1/x"), which Request
+    splits."""
     if len(line) > MAX_REQUEST_LINE:
         raise ProtocolError("request line too long", status=414, code="uri_too_long")
     # The usual line (a known method, a path of visible ASCII, HTTP/1.x) without the regex;
@@ -258,13 +264,22 @@ def parse_request_line(line):
     if not (target.startswith(b"/") or target == b"*"):
         if not target[:8].lower().startswith((b"http://", b"https://")):
             raise ProtocolError("request target must be a path or an absolute URL")
-        # absolute-form: servers MUST take it (RFC 9112 §3.2.2); the path (and query) is routed
-        authority = target.find(b"//") + 2
-        ends = [i for i in (target.find(b"/", authority), target.find(b"?", authority)) if i >= 0]
-        target = target[min(ends):] if ends else b""
-        if not target.startswith(b"/"):
-            target = b"/" + target
+        # absolute-form: servers MUST take it (RFC 9112 §3.2.2).
+        # Its host must not be empty (RFC 9110 §4.2.1), and userinfo is an error (§4.2.4).
+        authority = absolute_form(target.decode("latin-1"))[0]
+        if not authority or "@" in authority:
+            raise ProtocolError("the request target's authority must be host[:port]")
     return method.decode(), target.decode("latin-1"), "1." + minor.decode()
+
+
+def absolute_form(target):
+    """'http://h:4000/v1/x?q' -> ('h:4000', '/v1/x?q'): an absolute-form target's authority,
+    and the origin-form target that is routed."""
+    start = target.find("//") + 2
+    ends = [i for i in (target.find("/", start), target.find("?", start)) if i >= 0]
+    end = min(ends) if ends else len(target)
+    rest = target[end:]
+    return target[start:end], rest if rest.startswith("/") else "/" + rest
 
 
 def parse_header_block(block):
@@ -1692,13 +1707,16 @@ def valid_url(url, credentials=False):
     return None
 
 
-def hide_password(url):
-    """`url` with the password of a user:password@ part replaced by ***, for printing."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.partition("@")
-    if not at or ":" not in userinfo or "/" in userinfo:
-        return url
-    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}"
+# The password of a user:password@ in a URL, up to the authority's last '@' (as urlsplit
+# reads 'http://u:p@ss@host/'), in a URL alone or in a message that names one.
+_URL_PASSWORD = re.compile(r"(://[^/?#\s:@]*:)[^/?#\s]*@")
+
+
+def hide_password(text):
+    """`text` (a URL, or a message naming URLs) with the password of each user:password@
+    replaced by ***, for printing: what is shown of a URL anywhere (list, status, errors,
+    logs), as keys are never shown."""
+    return _URL_PASSWORD.sub(r"\1***@", text) if "@" in text else text
 
 
 def url_under(url, prefix):
@@ -1879,7 +1897,7 @@ def validate_registry(doc, path):
                 raise RegistryError(f"{label}: unknown field \"{field}\" "
                                     f"(known: {', '.join(SERVER_FIELDS)})")
             if not rule[0](value):
-                shown = "" if field in ("api_key", "env") else f", found {value!r}"
+                shown = "" if field in ("api_key", "env") else hide_password(f", found {value!r}")
                 raise RegistryError(f"{label}.{field}: must be {rule[1]}{shown}")
         if entry["name"] in seen:
             raise RegistryError(f"{label}: the name \"{entry['name']}\" is used twice")
@@ -2699,10 +2717,12 @@ def check_api_key(headers, keys):
     import hmac
     send = "send 'Authorization: Bearer <key>' or 'x-api-key'."
     auth = headers.get("authorization", "")
+    # Only SP and HTAB are blanks around a field value (RFC 9110 §5.6.3): str.strip() would
+    # also take \xa0 and \x85, bytes that end the UTF-8 of 'à' or 'Å'.
     if auth[:7].lower() == "bearer ":
-        supplied = auth[7:].strip()
+        supplied = auth[7:].strip(" \t")
     elif "x-api-key" in headers:
-        supplied = headers["x-api-key"].strip()
+        supplied = headers["x-api-key"].strip(" \t")
     elif len(auth.split()) > 1:  # (one word may be a key sent without "Bearer ": not echoed)
         raise Unauthorized(f"Authorization scheme {auth.split()[0][:20]!r} is not supported: "
                            + send)
@@ -2712,10 +2732,16 @@ def check_api_key(headers, keys):
         supplied = ""
     if not supplied:
         raise Unauthorized("Missing API key: " + send)
-    given = supplied.encode("utf-8", "replace")
+    # Field values were read as latin-1, so this gives back the bytes the client sent. A key
+    # matches as UTF-8 (curl sends it so) and, if it can be, as latin-1 (http.client, fetch
+    # and browsers send a key made of latin-1 characters so). surrogateescape: the bytes of a
+    # key from an environment or command line that was not UTF-8.
+    given = supplied.encode("latin-1")
     ok = False
     for key in keys:  # compare against every key: the time does not say which one was close
-        ok |= hmac.compare_digest(given, key.encode())
+        ok |= hmac.compare_digest(given, key.encode("utf-8", "surrogateescape"))
+        if not key.isascii() and max(key) <= "\xff":
+            ok |= hmac.compare_digest(given, key.encode("latin-1"))
     if not ok:
         raise Unauthorized("Incorrect API key provided.")
 
@@ -2824,7 +2850,8 @@ def _describe_exc(exc):
     msg = getattr(exc, "message", None) or str(exc)
     if type(exc).__name__ == "ValidationError":  # pydantic's: a line per failed alternative
         msg = "the server's answer is malformed (%s)" % msg.split("\n", 1)[0]
-    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+    # httpx names the URL it was sent to, password included, in its errors.
+    return hide_password(f"{type(exc).__name__}: {msg}") if msg else type(exc).__name__
 
 
 # What a streamable-HTTP server answers for a session it does not know (it restarted): the
@@ -3584,7 +3611,8 @@ async def with_mcp_server(name, entry, environ, action):
 # Owns: the routes table and the request path:
 #
 #   client bytes -> HTTPServer reads the request (protocol error -> 4xx + close)
-#     -> auth (401) -> parse JSON, find the model (400/404) -> admission (queue / 429)
+#     -> Host and Origin (403), path, auth (401), method: from the head, before the body
+#     -> parse JSON, find the model (400/404) -> admission (queue / 429)
 #     -> for each candidate upstream, in Router order (at most MAX_ATTEMPTS):
 #          connect error, timeout, 429/502/503/504 before any byte -> mark it, try the next
 #          got status + headers -> point of no return: relay to the client
@@ -3861,6 +3889,17 @@ def host_name(value):
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
+def same_origin(origin, host):
+    """Whether a browser's Origin ('http://127.0.0.1:4000') names the server the request was
+    sent to (its Host, '127.0.0.1:4000'): the page is of our own origin, not another site's."""
+    scheme, sep, authority = origin.lower().partition("://")
+    if not sep or scheme not in ("http", "https") or not host:
+        return False
+    # An origin is scheme, host and port (RFC 6454 §4); both forms leave out the default port.
+    default = ":443" if scheme == "https" else ":80"
+    return authority.removesuffix(default) == host.lower().removesuffix(default)
+
+
 class Detached:
     """The `conn` of a request llmhost makes itself (MCP sampling): no client to write to."""
 
@@ -3949,9 +3988,10 @@ class Application:
         return conn.write_error(exc, request)
 
     async def dispatch(self, request):
-        route = request.route  # (found, and its Host checked, before a body was read)
+        route = request.route  # (found, its Host and Origin checked, before a body was read)
         if route is None:
             self.check_host(request)
+            self.check_origin(request)
         origin = request.headers.get("origin")
         if origin is not None and self.cors_origins:
             if "*" in self.cors_origins:
@@ -3979,6 +4019,34 @@ class Application:
                 raise Forbidden(f"Host {host!r} is not allowed (DNS rebinding protection); "
                                 "start serve with --allowed-host NAME to allow it.",
                                 code="host_not_allowed")
+
+    def check_origin(self, request):
+        """Refuse a request that a web page of another site made (cross-site request forgery).
+        Its body need not be JSON-typed to be read as JSON, so a "simple" request (text/plain,
+        no preflight) would run; and a browser on this machine reaches loopback. A browser
+        names the page's origin in Origin on every cross-origin POST (the Fetch standard) and
+        says where the request comes from in Sec-Fetch-Site (a field no page can set); curl and
+        the SDKs send neither and pass. A page may use llmhost from an --cors-origin ('*': any)
+        and from llmhost's own origin (the Origin names the Host, or the browser says
+        same-origin: a page served beside us by the same reverse proxy)."""
+        headers = request.headers
+        origin = headers.get("origin")
+        site = headers.get("sec-fetch-site")
+        if origin is None and site not in ("cross-site", "same-site"):
+            return
+        if site == "same-origin" or origin is not None and (
+                origin in self.cors_origins or "*" in self.cors_origins or
+                same_origin(origin, headers.get("host", ""))):
+            return
+        # Ollama answers a foreign Origin the same way (403 unless OLLAMA_ORIGINS lists it).
+        if origin is None:
+            raise Forbidden(f"A request from a web page of another site (Sec-Fetch-Site: {site}) "
+                            "is not allowed without an Origin; start serve with --cors-origin "
+                            "ORIGIN to let a web app at ORIGIN use llmhost.",
+                            code="origin_not_allowed")
+        raise Forbidden(f"Origin {origin[:100]!r} is not allowed: web pages of other sites may "
+                        f"not use llmhost; start serve with --cors-origin {origin[:100]} to "
+                        "allow it.", code="origin_not_allowed")
 
     def route(self, request):
         """-> (handler, what follows a prefix route's prefix or None), or the error the request
@@ -4010,13 +4078,15 @@ class Application:
         return handler, rest
 
     def refuses_unread(self, request):
-        """Whether a request with a body will be refused whatever the body holds (a Host not
-        allowed, an unknown path, a missing or wrong API key, another method), so the HTTP
-        layer need not read it, nor send 100 Continue for it. dispatch() gives the answer."""
-        if request.method == "OPTIONS":  # (a preflight has no body; another is no request
-            return request.has_body  # of ours: either way, the body is never read)
+        """Whether a request with a body will be refused whatever the body holds (a Host or
+        Origin not allowed, an unknown path, a missing or wrong API key, another method, a
+        route that takes no body), so the HTTP layer need not read it, nor send 100 Continue
+        for it. dispatch() gives the answer."""
         try:
             self.check_host(request)
+            self.check_origin(request)
+            if request.method == "OPTIONS":  # (a preflight has no body; another is no
+                return request.has_body  # request of ours: either way, its body is unread)
             request.route = self.route(request)  # (so dispatch need not find it again)
         except HTTPError:
             return True
@@ -4064,7 +4134,7 @@ class Application:
     async def status(self, request):
         now = self.router.clock()
         servers = [{
-            "name": up.name, "url": up.entry.get("url") or up.origin.base_url,
+            "name": up.name, "url": hide_password(up.entry.get("url") or up.origin.base_url),
             "managed": up.managed, "models": up.public_names(),
             "healthy": up.cooldown_until <= now,
             "cooldown_seconds": round(max(0.0, up.cooldown_until - now), 1),
@@ -4865,7 +4935,8 @@ def http_json(url, api_key=None, timeout=None, method="GET"):
     conn = http_connection(parts, timeout)
     headers = {"Accept": "application/json", "User-Agent": f"llmhost/{__version__}"}
     if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
+        # UTF-8, as curl sends it (http.client would send latin-1, and fail on a key beyond it).
+        headers["Authorization"] = b"Bearer " + api_key.encode("utf-8", "surrogateescape")
     try:
         conn.request(method, (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
                      body=None if method == "GET" else b"", headers=headers)
@@ -4924,6 +4995,8 @@ def auth_source(entry):
 def public_entry(entry):
     """An entry as shown to people: never the key itself."""
     out = {k: v for k, v in entry.items() if k != "api_key"}
+    if "url" in out:
+        out["url"] = hide_password(out["url"])
     if "env" in out:  # values may be secrets: only the names are shown
         out["env"] = sorted(out["env"])
     out.setdefault("models", [])
@@ -5013,7 +5086,8 @@ def cmd_add(args, environ):
     url = args.url.strip()
     reason = valid_url(url)
     if reason:
-        raise CLIError(f"invalid URL {args.url!r}: {reason} (example: http://127.0.0.1:8080/v1)")
+        raise CLIError(f"invalid URL {hide_password(repr(args.url))}: {reason} "
+                       "(example: http://127.0.0.1:8080/v1)")
     url = url.rstrip("/")
     for suffix in ("/chat/completions", "/completions", "/models", "/embeddings"):
         if url.endswith(suffix):
@@ -5153,8 +5227,8 @@ def cmd_list(args, environ):
         text = ", ".join(models[:4]) + (f" (+{len(models) - 4})" if len(models) > 4 else "")
         if e.get("discover"):
             text = (text + " " if text else "") + "[all listed]"
-        rows.append([e["name"], e.get("url") or f"(managed) {e['command']}"[:60], text or "-",
-                     auth_source(e)])
+        rows.append([e["name"], hide_password(e.get("url") or f"(managed) {e['command']}"[:60]),
+                     text or "-", auth_source(e)])
     print_table(rows, ["NAME", "URL", "MODELS", "AUTH"])
     return 0
 
@@ -5423,6 +5497,7 @@ def cmd_serve(args, environ):
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per MCP HTTP message
     for handler in logging.getLogger().handlers:
         handler.addFilter(one_line_sdk_errors)
+        handler.addFilter(no_url_passwords)
     if workers == 1:
         return run_worker(args, path, keys, options, args.max_concurrency, args.queue_size)
     return run_workers(args, path, keys, options, workers, last_good)
@@ -5435,6 +5510,14 @@ def one_line_sdk_errors(record):
         record.msg = "%s: %s" % (record.getMessage(), _describe_exc(record.exc_info[1]))
         record.args = ()
         record.exc_info = record.exc_text = None
+    return True
+
+
+def no_url_passwords(record):
+    """Logging filter: a URL's password never reaches the log, whoever logs it (the SDKs too)."""
+    message = record.getMessage()
+    if "@" in message:
+        record.msg, record.args = hide_password(message), ()
     return True
 
 
@@ -6486,7 +6569,8 @@ def build_parser():
     p.add_argument("--allowed-host", action="append", metavar="NAME",
                    help="a Host name accepted besides loopback ones (DNS-rebinding guard)")
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
-                   help="answer CORS for this browser origin (repeatable, or '*')")
+                   help="a browser origin that may use llmhost, with CORS (repeatable, or "
+                        "'*'); pages of other origins get 403")
     p.add_argument("--max-running", type=int, metavar="N",
                    help="managed servers running at once (per --group); idle ones make room")
     p.add_argument("--mcp-max-rounds", type=int, default=MCP_MAX_ROUNDS, metavar="N",
@@ -6574,8 +6658,8 @@ def main(argv=None, environ=None):
     args.cmd = command
     try:
         return args.func(args, environ)
-    except (CLIError, RegistryError) as exc:
-        print(f"llmhost: error: {exc}", file=sys.stderr)
+    except (CLIError, RegistryError) as exc:  # (a URL in one never shows its password)
+        print(f"llmhost: error: {hide_password(str(exc))}", file=sys.stderr)
         return 1
     except OSError as exc:  # a registry folder that is missing or not writable, a full disk
         where = f"{exc.filename}: " if exc.filename else ""

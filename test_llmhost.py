@@ -447,13 +447,27 @@ CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hello t
     (b"GET / HTTP/1.1\r\n", ("GET", "/", "1.1")),
     (b"POST /v1/chat/completions?x=1 HTTP/1.0\r\n", ("POST", "/v1/chat/completions?x=1", "1.0")),
     (b"OPTIONS * HTTP/1.1\r\n", ("OPTIONS", "*", "1.1")),
-    # absolute-form (RFC 9112 §3.2.2: a server MUST accept it); only the path is routed
-    (b"GET http://127.0.0.1:4000/v1/models?a=1 HTTP/1.1\r\n", ("GET", "/v1/models?a=1", "1.1")),
-    (b"GET HTTPS://x HTTP/1.1\r\n", ("GET", "/", "1.1")),
-    (b"GET http://x?a=/v1/models HTTP/1.1\r\n", ("GET", "/?a=/v1/models", "1.1")),
+    # absolute-form (RFC 9112 §3.2.2: a server MUST accept it); Request splits it
+    (b"GET http://127.0.0.1:4000/v1/models?a=1 HTTP/1.1\r\n",
+     ("GET", "http://127.0.0.1:4000/v1/models?a=1", "1.1")),
+    (b"GET HTTPS://x HTTP/1.1\r\n", ("GET", "HTTPS://x", "1.1")),
 ])
 def test_request_line_ok(line, expected):
     assert llmhost.parse_request_line(line) == expected
+
+
+@pytest.mark.parametrize("target, host, path, query", [
+    ("http://127.0.0.1:4000/v1/models?a=1", "127.0.0.1:4000", "/v1/models", "a=1"),
+    ("HTTPS://x", "x", "/", ""),
+    ("http://x?a=/v1/models", "x", "/", "a=/v1/models"),
+    ("http://[::1]:4000/health", "[::1]:4000", "/health", ""),
+])
+def test_an_absolute_form_target_is_routed_by_its_path_and_its_authority_is_the_host(
+        target, host, path, query):
+    """RFC 9112 §3.2.2: the target's authority wins over the Host field."""
+    request = llmhost.Request("GET", target, "1.1", {"host": "other.example"})
+    assert (request.headers["host"], request.path, request.query) == (host, path, query)
+    assert request.target == path + ("?" + query if query else "")
 
 
 @pytest.mark.parametrize("line, status", [
@@ -465,6 +479,8 @@ def test_request_line_ok(line, expected):
     (b"BREW / HTTP/1.1\r\n", 501),
     (b"G@T / HTTP/1.1\r\n", 400),
     (b"GET ftp://x/ HTTP/1.1\r\n", 400),  # neither a path nor an http(s) URL
+    (b"GET http:///v1/models HTTP/1.1\r\n", 400),  # no host (RFC 9110 §4.2.1)
+    (b"GET http://127.0.0.1@evil.example/ HTTP/1.1\r\n", 400),  # userinfo (RFC 9110 §4.2.4)
     (b"GET /\x00 HTTP/1.1\r\n", 400),
     (b"GET /" + b"a" * llmhost.MAX_REQUEST_LINE + b" HTTP/1.1\r\n", 414),
 ])
@@ -1118,7 +1134,9 @@ def test_a_request_without_a_key_is_refused_before_its_body_is_read(fake, tmp_pa
 @pytest.mark.parametrize("head, status", [
     (b"POST /v1/nope HTTP/1.1\r\nHost: 127.0.0.1\r\n", b"404"),
     (b"PUT /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n", b"405"),
-    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: rebound.example\r\n", b"403")])
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: rebound.example\r\n", b"403"),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: https://evil.example\r\n",
+     b"403")])
 def test_a_request_refused_by_its_head_gets_no_100_continue_and_its_body_is_not_read(
         fake, tmp_path, head, status):
     """As nginx, which sends 100 Continue only once it reads the body: a client that waits
@@ -1166,6 +1184,37 @@ def test_api_keys(fake, tmp_path):
         code, out, err = run_cli("unused", "status", "--url", f"http://127.0.0.1:{running.port}",
                                  environ={"LLMHOST_API_KEY": " , k2"})
         assert code == 0, err
+    finally:
+        running.stop()
+
+
+def test_a_non_ascii_api_key_matches_sent_as_utf8_or_as_latin1(fake, tmp_path):
+    """Header bytes are read as latin-1: a key is compared as the bytes sent, so curl's UTF-8
+    matches (before: only latin-1 did), as does the latin-1 of http.client and browsers."""
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    # ('à' ends in \xa0 in UTF-8, a byte str.strip() takes for a blank)
+    running = Running(path, api_keys=["clé-à", "键-密钥"])
+    try:
+        def send(field, value):
+            raw = raw_exchange(running.port, b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                               + field + b": " + value + b"\r\nConnection: close\r\n\r\n")
+            return parse_response(raw)[0]
+
+        for field, prefix in ((b"Authorization", b"Bearer "), (b"X-Api-Key", b"")):
+            for value, expected in (("clé-à".encode(), 200), ("clé-à".encode("latin-1"), 200),
+                                    ("键-密钥".encode(), 200), ("clé-".encode(), 401),
+                                    ("cle-a".encode(), 401),
+                                    ("键-密钥".encode("gb18030"), 401)):
+                assert send(field, prefix + value) == expected, (field, value)
+        status, _, _ = request(running.port, "GET", "/v1/models",
+                               headers={"Authorization": "Bearer clé-à"})  # (as latin-1)
+        assert status == 200
+        for key in ("clé-à", "键-密钥"):  # the CLI sends the key as UTF-8, as curl does
+            code, out, err = run_cli("unused", "status", "--url",
+                                     f"http://127.0.0.1:{running.port}",
+                                     environ={"LLMHOST_API_KEY": key})
+            assert code == 0, err
     finally:
         running.stop()
 
@@ -3682,6 +3731,19 @@ def test_url_credentials_refused_for_llm_servers_kept_for_mcp():
     assert llmhost.validate_mcp_entry("docs", {"url": "http://u:pw@127.0.0.1:3001/mcp"}) == []
 
 
+@pytest.mark.parametrize("text, shown", [
+    ("http://u:pw@127.0.0.1:3001/mcp", "http://u:***@127.0.0.1:3001/mcp"),
+    ("http://u:p@ss@h:1/v1", "http://u:***@h:1/v1"),  # (urlsplit reads the last '@')
+    ("https://u:pw@h?q=a@b", "https://u:***@h?q=a@b"),
+    ("for url 'http://u:pw@h/sse'\nsee https://x:y@z/",
+     "for url 'http://u:***@h/sse'\nsee https://x:***@z/"),
+    ("http://user@h/v1", "http://user@h/v1"),  # (a user name alone)
+    ("http://h/a@b:c", "http://h/a@b:c"),
+])
+def test_hide_password_in_urls_and_messages(text, shown):
+    assert llmhost.hide_password(text) == shown
+
+
 def test_registry_through_a_symlink_stays_a_link(fake, tmp_path):
     real = tmp_path / "real" / "servers.json"
     real.parent.mkdir()
@@ -4632,6 +4694,17 @@ def test_dns_rebinding_guard(fake, tmp_path):
         # no Host at all (HTTP/1.0, as HAProxy's health checks send): no browser sends that
         raw = raw_exchange(running.port, b"GET /health HTTP/1.0\r\n\r\n")
         assert parse_response(raw)[0] == 200
+        # an absolute-form target: its authority is checked, not Host (RFC 9112 §3.2.2)
+        for line, host, expected in [
+                (b"GET http://attacker.example/v1/models HTTP/1.1", b"127.0.0.1", 403),
+                (b"GET http://attacker.example:4000/v1/models HTTP/1.0", b"", 403),
+                (b"GET http://127.0.0.1:4000/v1/models HTTP/1.1", b"attacker.example", 200)]:
+            raw = raw_exchange(running.port, line + b"\r\n" + (
+                b"Host: " + host + b"\r\n" if host else b"") + b"Connection: close\r\n\r\n")
+            status, _, body, _ = parse_response(raw)
+            assert status == expected, line  # (before: 200, 200, 403)
+            if expected == 403:
+                assert json.loads(body)["error"]["code"] == "host_not_allowed"
     finally:
         running.stop()
 
@@ -4640,7 +4713,7 @@ def test_cors_off_by_default_and_on_when_asked(fake, tmp_path, gateway):
     status, headers, _ = request(gateway.port, "OPTIONS", "/v1/chat/completions",
                                  headers={"Origin": "http://app.example",
                                           "Access-Control-Request-Method": "POST"})
-    assert status == 405 and "access-control-allow-origin" not in headers
+    assert status == 403 and "access-control-allow-origin" not in headers
     path = write_registry(tmp_path / "c.json",
                           [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
     running = Running(path, cors_origins=["http://app.example"], api_keys=["k"])
@@ -4663,7 +4736,112 @@ def test_cors_off_by_default_and_on_when_asked(fake, tmp_path, gateway):
         assert "X-Request-Id" in headers["access-control-expose-headers"]
         status, headers, _ = post(running.port, "/v1/chat/completions", CHAT, headers={
             "Origin": "http://other.example", "Authorization": "Bearer k"})
-        assert "access-control-allow-origin" not in headers
+        assert status == 403 and "access-control-allow-origin" not in headers
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize("origin, host, same", [
+    ("http://127.0.0.1:4000", "127.0.0.1:4000", True),
+    ("HTTP://LocalHost:4000", "localhost:4000", True),
+    ("http://[::1]:4000", "[::1]:4000", True),
+    ("https://llm.example", "llm.example", True),  # (behind a TLS proxy that keeps the Host)
+    ("https://llm.example", "llm.example:443", True),
+    ("http://llm.example:80", "llm.example", True),
+    ("http://127.0.0.1:4001", "127.0.0.1:4000", False),
+    ("https://127.0.0.1:4000", "127.0.0.1", False),
+    ("http://evil.example", "127.0.0.1:4000", False),
+    ("null", "127.0.0.1:4000", False),
+    ("http://127.0.0.1:4000", "", False),  # (no Host: HTTP/1.0)
+    ("file://127.0.0.1:4000", "127.0.0.1:4000", False),
+])
+def test_same_origin_compares_scheme_default_ports(origin, host, same):
+    assert llmhost.same_origin(origin, host) is same
+
+
+# What browsers send (the Fetch standard): Origin on every cross-origin POST, Sec-Fetch-Site
+# since Chrome 76, Firefox 90, Safari 16.4.
+CROSS_SITE = [
+    b"Origin: https://evil.example\r\nSec-Fetch-Site: cross-site\r\nSec-Fetch-Mode: no-cors\r\n",
+    b"Origin: https://evil.example\r\nSec-Fetch-Site: cross-site\r\nSec-Fetch-Mode: navigate\r\n",
+    b"Origin: https://evil.example\r\n",  # (a browser without Sec-Fetch-*)
+    b"Origin: null\r\nSec-Fetch-Site: cross-site\r\n",  # a sandboxed frame, a file:// page
+    b"Sec-Fetch-Site: cross-site\r\n",
+    b"Origin: http://127.0.0.1:1\r\nSec-Fetch-Site: same-site\r\n",  # another local port
+]
+SAME_SITE = [
+    b"",  # curl, the SDKs: no Origin, whatever the Content-Type
+    b"Origin: http://127.0.0.1:%(port)d\r\nSec-Fetch-Site: same-origin\r\n",
+    b"Origin: http://127.0.0.1:%(port)d\r\n",
+    # a page served beside llmhost by one reverse proxy, which set Host to llmhost's address
+    b"Origin: https://ai.example\r\nSec-Fetch-Site: same-origin\r\n",
+    b"Sec-Fetch-Site: none\r\n",
+]
+
+
+def test_a_cross_site_request_never_reaches_an_upstream_or_a_tool(mcp_env, tmp_path):
+    """A web page's "simple" POST (text/plain: no preflight) naming a model with an MCP tool
+    attached: neither the upstream nor the tool sees it; the same request from curl or from
+    llmhost's own origin runs the tool."""
+    running, fake = mcp_env
+    for i, fields in enumerate(CROSS_SITE + SAME_SITE):
+        ran = tmp_path / f"ran-{i}"
+        fake.steps.clear()
+        fake.requests.clear()
+        fake.script({"calls": [("t__tally", {"path": str(ran)})]})
+        body = json.dumps({"model": "agent", "messages": [{"role": "user", "content": "go"}]})
+        raw = raw_exchange(running.port, b"POST /v1/chat/completions HTTP/1.1\r\n"
+                           b"Host: 127.0.0.1:%d\r\n" % running.port +
+                           fields % {b"port": running.port} +
+                           b"Content-Type: text/plain;charset=UTF-8\r\nConnection: close\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body.encode()),
+                           timeout=TIMEOUT * 3, half_close=False)
+        status, headers, payload, _ = parse_response(raw)
+        if fields in CROSS_SITE:
+            error = json.loads(payload)["error"]
+            assert status == 403 and error["code"] == "origin_not_allowed", (fields, payload)
+            assert "--cors-origin" in error["message"]
+            assert "access-control-allow-origin" not in headers
+            assert fake.requests == [] and not ran.exists(), fields  # (before: both ran)
+        else:
+            assert status == 200, (fields, payload)
+            assert len(fake.posts()) == 2 and ran.read_text() == "ran\n", fields
+    fake.steps.clear()
+
+
+def test_cors_origin_lets_its_origin_through_preflight_included(fake, tmp_path):
+    path = write_registry(tmp_path / "c.json",
+                          [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    running = Running(path, cors_origins=["https://app.example"])
+    try:
+        for origin, expected in (("https://app.example", 204), ("https://evil.example", 403)):
+            status, headers, raw = request(running.port, "OPTIONS", "/v1/chat/completions",
+                                           headers={"Origin": origin,
+                                                    "Sec-Fetch-Site": "cross-site",
+                                                    "Access-Control-Request-Method": "POST"})
+            assert status == expected, origin  # (before: 405 for evil.example)
+            assert ("access-control-allow-origin" in headers) is (expected == 204)
+        status, headers, _ = post(running.port, "/v1/chat/completions", CHAT, headers={
+            "Origin": "https://app.example", "Sec-Fetch-Site": "cross-site",
+            "Content-Type": "text/plain"})
+        assert status == 200 and headers["access-control-allow-origin"] == "https://app.example"
+        status, headers, raw = post(running.port, "/v1/chat/completions", CHAT, headers={
+            "Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site",
+            "Content-Type": "text/plain"})
+        assert status == 403 and "--cors-origin https://evil.example" in raw.decode()
+        assert len(fake.posts()) == 1
+        # a GET too: /v1/mcp/tools starts MCP servers (a <script src> sends no Origin)
+        status, _, _ = request(running.port, "GET", "/v1/mcp/tools",
+                               headers={"Sec-Fetch-Site": "cross-site"})
+        assert status == 403
+    finally:
+        running.stop()
+    running = Running(path, cors_origins=["*"])
+    try:
+        status, headers, _ = request(running.port, "OPTIONS", "/v1/chat/completions",
+                                     headers={"Origin": "https://any.example",
+                                              "Access-Control-Request-Method": "POST"})
+        assert status == 204 and headers["access-control-allow-origin"] == "*"
     finally:
         running.stop()
 
@@ -4728,6 +4906,62 @@ def test_no_key_appears_in_any_output(fake, tmp_path):
     for blob in outputs:
         for secret in secrets:
             assert secret.encode() not in blob  # ... and no key appears anywhere
+
+
+def test_no_url_password_appears_in_any_output(fake, tmp_path):
+    """A password in a registry URL is never shown: an MCP server's (kept: its client sends
+    it) nor an LLM server's (refused, so it shows in errors): not by list, show, add, serve's
+    log, /v1/status, a reload's error, nor an error of the MCP client that names the URL."""
+    secret = "pw-s3cret-42"
+    # (the fake answers GET /sse with a 404, and the SSE client's error names the URL)
+    mcp = {"docs": {"url": f"http://reader:{secret}@127.0.0.1:{fake.port}/sse", "type": "sse"}}
+    good = [{"name": "a", "url": fake.url, "models": ["fake-model"], "mcp": ["docs"]}]
+    bad = [dict(good[0], url=fake.url.replace("http://", f"http://user:{secret}@"))]
+    registry = write_registry(tmp_path / "s.json", good, mcp)
+    outputs = []
+
+    def cli(*argv):
+        result = subprocess.run([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
+                                 registry, *argv], capture_output=True, text=True,
+                                timeout=TIMEOUT * 3)
+        outputs.extend([result.stdout, result.stderr])
+        return result
+
+    proc, port = start_serve(registry, "--log-level", "debug")
+    log, reloaded = [], threading.Event()
+
+    def read_log():
+        for line in proc.stderr:
+            log.append(line)
+            if "registry not reloaded" in line:
+                reloaded.set()
+
+    reader = threading.Thread(target=read_log, daemon=True)
+    reader.start()
+    try:
+        outputs.append(post(port, "/v1/chat/completions", CHAT)[2].decode())
+        for path in ("/v1/status", "/v1/mcp/servers"):
+            status, _, raw = request(port, "GET", path)
+            assert status == 200
+            outputs.append(raw.decode())
+        assert cli("list").returncode == 0 and "docs" in cli("mcp", "list", "--json").stdout
+        cli("list", "--json")
+        cli("show", "a")
+        assert "HTTPStatusError" in cli("mcp", "tools", "docs").stderr  # (it names the URL)
+        write_registry(registry, bad, mcp)
+        assert reloaded.wait(TIMEOUT)  # (the file is watched about once a second)
+        assert cli("list").returncode == 1 and "user:***@" in outputs[-1]
+        cli("show", "a")
+        cli("list", "--json")
+        assert cli("add", "b", bad[0]["url"], "--no-check").returncode == 1
+    finally:
+        proc.terminate()
+        proc.wait(TIMEOUT)
+        reader.join(TIMEOUT)
+    outputs += log
+    assert any("reader:***@" in text for text in outputs)
+    for text in outputs:
+        assert secret not in text, text
 
 
 def test_fuzzed_requests_never_break_the_server(gateway):
