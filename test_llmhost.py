@@ -1028,6 +1028,49 @@ def test_bad_requests_get_openai_envelopes(gateway, fake, path, body, status, co
     assert fake.posts() == []  # nothing reached the upstream
 
 
+@pytest.mark.parametrize("path, body, param, code", [
+    # a repeated key: routed on its last value, which an upstream may not read (before: the
+    # body went on byte for byte; one keeping the first key would serve model "nope")
+    ("/v1/chat/completions", b'{"model": "nope", "messages": [{"role": "user", "content": "x"}],'
+     b' "model": "fake-model"}', "model", "duplicate_key"),
+    ("/v1/embeddings", b'{"model": "fake-model", "input": "a", "encoding_format": "float", '
+     b'"encoding_format": "base64"}', "encoding_format", "duplicate_key"),
+    ("/v1/chat/completions", b'{"model": "fake-model", "messages": [{"role": "user"}], '
+     b'"stream": false, "str\\u0065am": true}', "stream", "duplicate_key"),  # (spelt apart)
+    ("/v1/chat/completions", dict(CHAT, n=129), "n", "integer_above_max_value"),
+    ("/v1/completions", {"model": "fake-model", "prompt": "x", "n": 10**6}, "n",
+     "integer_above_max_value"),
+    ("/v1/chat/completions", dict(CHAT, n=0), "n", "integer_below_min_value"),
+    ("/v1/chat/completions", dict(CHAT, n="2"), "n", "invalid_type"),
+    ("/v1/chat/completions", {"model": "fake-model", "messages": [{"role": "user"}, "hi"]},
+     "messages[1]", "invalid_type"),
+    ("/v1/rerank", {"model": "fake-model", "query": "q", "documents": ["a"], "top_n": -1},
+     "top_n", "integer_below_min_value"),
+])
+def test_fields_an_upstream_could_read_otherwise_are_refused_as_openai_does(
+        gateway, fake, path, body, param, code):
+    status, doc = jpost(gateway.port, path, body)
+    assert status == 400 and doc["error"]["code"] == code, doc
+    assert doc["error"]["param"] == param and doc["error"]["type"] == "invalid_request_error"
+    assert f"'{param}'" in doc["error"]["message"]
+    assert fake.posts() == []  # nothing reached the upstream
+
+
+def test_a_key_repeated_is_refused_at_the_top_level_only(gateway, fake):
+    """The top level is what llmhost routes on; a repeat inside a field (a tool's schema)
+    changes nothing llmhost reads, so that body goes on untouched, as any other."""
+    status, doc = jpost(gateway.port, "/v1/chat/completions",
+                        b'{"model": "fake-model", "messages": [], "messages": [{"role": "user"}]}')
+    assert status == 400 and doc["error"]["code"] == "duplicate_key" and fake.posts() == []
+    assert doc["error"]["message"] == "The request body has the key 'messages' more than " \
+        "once; send each key once."
+    body = (b'{"model": "fake-model", "messages": [{"role": "user", "content": "a", '
+            b'"content": "b"}], "n": 128}')
+    status, doc = jpost(gateway.port, "/v1/chat/completions", body)
+    assert status == 200 and doc["choices"][0]["message"]["content"] == "echo: b"
+    assert fake.posts()[-1]["body"] == body
+
+
 def test_rate_limit_fields_of_a_remote_api_reach_the_client(gateway, fake):
     """x-ratelimit-* (OpenAI, Groq, Together...), retry-after-ms and x-should-retry (the openai
     client's retry policy reads both) and openai-processing-ms are passed on; nothing else."""
