@@ -3409,15 +3409,74 @@ def unforced(choice):
     return choice
 
 
+def upstream_json(body, what):
+    """An upstream answer llmhost must read, parsed; UpstreamError (502) if it is no JSON."""
+    try:
+        return json_loads(body)
+    except ValueError:  # (UnicodeDecodeError is one)
+        raise UpstreamError(f"upstream {what} answer is not JSON", code="upstream_format") \
+            from None
+
+
 def completion_message(data):
     """-> (document, first choice's message) of a chat completion body, or (None, None) when
-    the body is not one (some servers answer 200 with an error object or nothing usable)."""
+    the body is not one the tool loop can read (some servers answer 200 with an error object
+    or nothing usable): it is then passed on as it came."""
     try:
         doc = json_loads(data)
         message = doc["choices"][0]["message"]
     except (ValueError, UnicodeDecodeError, KeyError, IndexError, TypeError):
         return None, None
-    return (doc, message) if isinstance(message, dict) else (None, None)
+    if not isinstance(message, dict) or message_problem(message, "message"):
+        return None, None
+    return doc, message
+
+
+def message_problem(message, where, stream=False):
+    """Why the tool loop cannot read a chat message (or, `stream`, a chunk's delta), or None:
+    its content must be a string or null; its tool_calls a list of objects, each function an
+    object with a string name (streamed: a string piece of the arguments and an integer
+    index, as OpenAI's chat.completion.chunk has them)."""
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        return f"{where}.content is {json_kind(content)}, not a string"
+    calls = message.get("tool_calls")
+    if calls is None:
+        return None
+    if not isinstance(calls, list):
+        return f"{where}.tool_calls is {json_kind(calls)}, not a list"
+    for i, call in enumerate(calls):
+        if not isinstance(call, dict):
+            return f"{where}.tool_calls[{i}] is {json_kind(call)}, not an object"
+        fn = call.get("function")
+        if fn is None:
+            continue
+        if not isinstance(fn, dict) or not isinstance(fn.get("name", ""), (str, type(None))) \
+                or stream and (not isinstance(fn.get("arguments", ""), (str, type(None))) or
+                               not isinstance(call.get("index", 0), (int, type(None)))):
+            return f"{where}.tool_calls[{i}] is not a tool call (function name and arguments " \
+                "as strings)"
+    return None
+
+
+def chunk_problem(doc):
+    """Why the tool loop cannot read a streamed chat chunk (a JSON object), or None."""
+    choices = doc.get("choices")
+    if choices is None:
+        return None
+    if not isinstance(choices, list):
+        return f"choices is {json_kind(choices)}, not a list"
+    for i, choice in enumerate(choices):
+        if not isinstance(choice, dict):
+            return f"choices[{i}] is {json_kind(choice)}, not an object"
+        delta = choice.get("delta")
+        if delta is not None:
+            if not isinstance(delta, dict):
+                return f"choices[{i}].delta is {json_kind(delta)}, not an object"
+            problem = message_problem(delta, f"choices[{i}].delta", stream=True)
+            if problem:
+                return problem
+    return None
 
 
 def completion_as_chunk(doc, message):
@@ -3464,15 +3523,30 @@ def error_envelope_bytes(status, body):
 
 def embeddings_as_base64(body):
     """Encode float embeddings as base64 float32 (what the openai client asks for by default)
-    for upstreams that ignore `encoding_format`."""
+    for upstreams that ignore `encoding_format`. An answer of another shape (llama.cpp's own
+    /embeddings, at its root: a list of nested arrays) is a 502 that says what was expected."""
     import array
     import base64
-    doc = json_loads(body)
+    doc = upstream_json(body, "embeddings")
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, list):
+        got = json_kind(doc) if not isinstance(doc, dict) else 'an object without a "data" list'
+        raise UpstreamError('upstream embeddings answer is not an OpenAI embeddings object '
+                            f'(expected {{"data": [...]}}, got {got})', code="upstream_format")
     changed = False
-    for item in doc.get("data") or ():
-        vector = item.get("embedding") if isinstance(item, dict) else None
-        if isinstance(vector, list):
-            floats = array.array("f", vector)
+    for i, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise UpstreamError(f"upstream embeddings answer is not an OpenAI embeddings object "
+                                f"(data[{i}] is {json_kind(item)}, not an object)",
+                                code="upstream_format")
+        vector = item.get("embedding")
+        if isinstance(vector, list):  # (a string: base64 already, as was asked)
+            try:
+                floats = array.array("f", vector)
+            except (TypeError, OverflowError):
+                raise UpstreamError("upstream embeddings answer is not an OpenAI embeddings "
+                                    f"object (data[{i}].embedding is not a list of numbers)",
+                                    code="upstream_format") from None
             if sys.byteorder == "big":
                 floats.byteswap()  # the wire format is little-endian
             item["embedding"] = base64.b64encode(floats.tobytes()).decode()
@@ -3496,10 +3570,12 @@ def rerank_documents(documents):
 def normalize_rerank(body, model, texts, top_n, return_documents):
     """llama.cpp, vLLM, Jina, Cohere and TEI answers -> {model, results: [{index,
     relevance_score, document?}]}, best first."""
-    doc = json_loads(body)
+    doc = upstream_json(body, "rerank")
     items = doc.get("results", doc.get("data")) if isinstance(doc, dict) else doc
     if not isinstance(items, list):
-        raise UpstreamError("upstream rerank answer has no results list", code="upstream_format")
+        got = json_kind(doc) if not isinstance(doc, dict) else 'an object without a "results" list'
+        raise UpstreamError('upstream rerank answer has no results list (expected {"results": '
+                            f'[...]}}, got {got})', code="upstream_format")
     results = []
     for item in items:
         if not isinstance(item, dict) or not isinstance(item.get("index"), int) \
@@ -3507,6 +3583,9 @@ def normalize_rerank(body, model, texts, top_n, return_documents):
             raise UpstreamError("upstream rerank answer has a result without a valid index",
                                 code="upstream_format")
         score = item.get("relevance_score", item.get("score"))
+        if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+            raise UpstreamError("upstream rerank answer has a result whose relevance_score is "
+                                f"{json_kind(score)}, not a number", code="upstream_format")
         result = {"index": item["index"], "relevance_score": score}
         if return_documents:
             result["document"] = {"text": texts[item["index"]]}
@@ -4035,12 +4114,8 @@ class Application:
             retry_after = resp.headers.get("retry-after")
             if retry_after:  # (parse_response_head refused control characters in it)
                 headers.append(("Retry-After", retry_after))
-        elif transform is not None:
-            try:
-                body = transform(body)
-            except (ValueError, TypeError, AttributeError) as exc:
-                raise UpstreamError(f"upstream answer could not be read: {exc}",
-                                    code="upstream_format") from None
+        elif transform is not None:  # (UpstreamError, saying what was expected)
+            body = transform(body)
         return conn.respond(request, status, headers, body)
 
     async def relay_stream(self, request, up, resp, headers):
@@ -4361,7 +4436,9 @@ class Application:
 
     @staticmethod
     def add_usage(total, usage):
-        for key, value in (usage or {}).items():
+        if not isinstance(usage, dict):  # (an upstream's null, or a shape of its own)
+            return
+        for key, value in usage.items():
             if isinstance(value, int):
                 total[key] = total.get(key, 0) + value
 
@@ -4470,6 +4547,11 @@ class Application:
                     error = doc["error"]
                     raise UpstreamError("upstream: " + str(error.get("message", error)
                                                            if isinstance(error, dict) else error))
+                problem = chunk_problem(doc)
+                if problem:
+                    raise UpstreamError("upstream sent a chunk that is not an OpenAI "
+                                        f"chat.completion.chunk ({problem})",
+                                        code="upstream_format")
                 if stream_id is None:
                     stream_id = doc.get("id")
                 elif "id" in doc:
@@ -4642,11 +4724,15 @@ def http_json(url, api_key=None, timeout=None, method="GET"):
 
 
 def probe_server(url, api_key, timeout=None):
-    """-> (base URL that answered, model ids). Tries {url}/models, then {url}/v1/models."""
+    """-> (base URL that answered, model ids). Tries {url}/models, then {url}/v1/models; a URL
+    without a path tries {url}/v1 first: a server's root is not its OpenAI base URL, though
+    llama.cpp answers /models there too (and /embeddings, of another shape than OpenAI's)."""
     tried = []
     bases = [url]
     if not url.rstrip("/").endswith("/v1"):
         bases.append(url.rstrip("/") + "/v1")
+        if is_root_url(url):
+            bases.reverse()
     for base in bases:
         status, doc, text = http_json(base + "/models", api_key, timeout)
         tried.append(f"GET {base}/models -> {status}")
@@ -4661,6 +4747,12 @@ def probe_server(url, api_key, timeout=None):
     raise CLIError("no OpenAI-compatible model list found: " + "; ".join(tried) +
                    ". URL must be the base URL a client would use, e.g. http://127.0.0.1:8080/v1 "
                    "(use --no-check to add a server that is not up yet).")
+
+
+def is_root_url(url):
+    """Whether an http(s) URL has no path (or just "/"): a server's address, not an API's."""
+    from urllib.parse import urlsplit
+    return not urlsplit(url).path.strip("/")
 
 
 def auth_source(entry):
@@ -4785,7 +4877,10 @@ def cmd_add(args, environ):
     if not args.no_check:
         base, listed = probe_server(url, api_key)
         if base != url:
-            print(f"note: {url}/models lists no models; using {base}", file=sys.stderr)
+            print(f"note: using {base}, where the server's OpenAI API answers (at its root, "
+                  "llama.cpp serves an API of its own: /embeddings of another shape)" if
+                  is_root_url(url) else f"note: {url}/models lists no models; using {base}",
+                  file=sys.stderr)
             url = base
         missing = [m for m in models if m not in listed]
         if missing:
@@ -5043,6 +5138,10 @@ class Gateway:
                                  "go without an API key", entry["name"], entry["api_key_env"])
         for server in self.processes.sync(self.router.upstreams):
             self.spawn(self.retire(server))
+        roots = [up for up in self.router.upstreams.values() if not up.managed and
+                 not up.origin.base_path]
+        if roots:  # (in the background: a start does not wait for them)
+            self.spawn(self.warn_root_urls(roots))
         await self.app.mcp.update(doc["mcpServers"])
         attached = {name for up in self.router.upstreams.values()
                     for name in up.entry.get("mcp", ())}
@@ -5062,6 +5161,27 @@ class Gateway:
                         not up.alias:  # an alias names its one model, whatever the list says
                     up.models = found[up.name]
             self.router.rebuild()
+
+    async def warn_root_urls(self, ups):
+        """Entries whose URL is a server's root (saved by hand, or by an `add` older than its
+        /v1 check): a warning for each that answers GET /v1/models as an OpenAI API, since
+        their requests go to the root, where llama.cpp answers with shapes of its own."""
+        import asyncio
+
+        async def one(up):
+            try:
+                status, doc = await fetch_json(self.client, up, "/v1/models")
+            except UpstreamError:
+                return
+            if status == 200 and list_models(doc) is not None:
+                logger().warning(
+                    "server %s: its URL %s has no /v1 path, but %s/v1/models answers as an "
+                    "OpenAI API: requests go to the root, where some servers answer otherwise "
+                    "(llama.cpp's /embeddings); set its url to %s/v1 (or remove it and add it "
+                    "again)", up.name, up.origin.base_url, up.origin.base_url,
+                    up.origin.base_url)
+
+        await asyncio.gather(*(one(up) for up in ups))
 
     async def retire(self, server):
         """A managed entry was removed or changed: stop its process once its requests end."""

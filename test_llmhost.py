@@ -75,7 +75,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         fake.record(self, b"")
         if self.path == "/health":
             return self.send_json(200, {"status": "ok"})
-        if self.path.rstrip("/") == fake.prefix + "/models":
+        if self.path.rstrip("/") == fake.prefix + "/models" or \
+                fake.root_api and self.path == "/models":
             if fake.models_status != 200:
                 return self.send_json(fake.models_status, {"error": "nope"})
             return self.send_json(200, {"object": "list", "data": [
@@ -112,6 +113,10 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
             return self.send_json(step["status"], step.get("body", {"error": {
                 "message": f"fake error {step['status']}", "type": "server_error",
                 "code": None}}), step.get("headers", ()))
+        if fake.root_api and self.path == "/embeddings":  # llama.cpp's own, at its root: a
+            return self.send_json(200, [  # list, each embedding an array per pooled sequence
+                {"index": i, "embedding": [[0.5, -1.25, i + 0.0, 3.0]]}
+                for i in range(len(body["input"]) if isinstance(body["input"], list) else 1)])
         path = self.path[len(fake.prefix):]
         if path == "/chat/completions":
             return self.chat(body, step)
@@ -287,6 +292,7 @@ class FakeUpstream:
         self.models = list(models)
         self.prefix = prefix
         self.models_status = 200
+        self.root_api = False  # also answer /models and /embeddings at "/", as llama.cpp does
         self.requests = []
         self.steps = []
         self.lock = threading.Lock()
@@ -734,6 +740,21 @@ def test_add_corrects_missing_v1(fake, registry):
     assert llmhost.load_registry(registry)["servers"][0]["url"] == fake.url
 
 
+def test_add_of_a_servers_root_takes_its_v1_api(fake, registry):
+    """llama-server prints http://127.0.0.1:8080 and answers /models there too, but its root
+    /embeddings is its own shape: a URL without a path is taken with /v1 when /v1/models
+    answers as an OpenAI API, and `add` says so (before: kept as given)."""
+    fake.root_api = True
+    base = fake.url[:-3]
+    for url in (base, base + "/"):
+        code, out, err = run_cli(registry, "add", "minilm", url)
+        assert code == 0, err
+        assert f"using {fake.url}, where the server's OpenAI API answers" in err
+        assert f"added minilm: {fake.url} (1 model" in out
+        assert llmhost.load_registry(registry)["servers"][0]["url"] == fake.url
+        assert run_cli(registry, "remove", "minilm")[0] == 0
+
+
 def test_add_sends_upstream_key_from_env(fake, registry):
     code, _, err = run_cli(registry, "add", "local", fake.url, "--api-key-env", "UP_KEY",
                            environ={"UP_KEY": "sk-upstream"})
@@ -1089,6 +1110,52 @@ def test_rate_limit_fields_of_a_remote_api_reach_the_client(gateway, fake):
     status, headers, _ = post(gateway.port, "/v1/chat/completions", CHAT)
     assert status == 429 and headers["retry-after-ms"] == "1500"
     assert headers["x-should-retry"] == "true"
+
+
+def test_an_upstream_answer_of_another_shape_is_a_502_that_says_what_was_expected(
+        fake, tmp_path, caplog):
+    """An entry saved with a server's root as its URL (llama.cpp): embeddings come back as
+    llama.cpp's own list of nested arrays. A 502 says what was expected (before: "'list'
+    object has no attribute 'get'"), and serve warns of the URL once it listens."""
+    fake.root_api = True
+    root = fake.url[:-3]
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "minilm", "url": root, "models": ["fake-model"]}])
+    running = Running(path)
+    try:
+        status, doc = jpost(running.port, "/v1/embeddings", {
+            "model": "fake-model", "input": "a", "encoding_format": "base64"})
+        assert status == 502 and doc["error"]["code"] == "upstream_format", doc
+        assert doc["error"]["message"] == 'upstream embeddings answer is not an OpenAI ' \
+            'embeddings object (expected {"data": [...]}, got a list)'
+        assert wait_until(lambda: "server minilm: its URL" in caplog.text)
+        assert f"{root}/v1/models answers as an OpenAI API" in caplog.text
+        assert f"set its url to {root}/v1" in caplog.text
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize("path, answer, needle", [
+    ("/v1/embeddings", {"data": [{"embedding": [[0.5]]}]},
+     "not an OpenAI embeddings object (data[0].embedding is not a list of numbers)"),
+    ("/v1/embeddings", {"data": ["x"]},
+     "not an OpenAI embeddings object (data[0] is a string, not an object)"),
+    ("/v1/embeddings", {"object": "list"}, 'got an object without a "data" list'),
+    ("/v1/rerank", {"results": [{"index": 0, "relevance_score": "high"}]},
+     "relevance_score is a string, not a number"),
+    ("/v1/rerank", "ok", 'no results list (expected {"results": [...]}, got a string)'),
+])
+def test_read_answers_of_the_wrong_shape_are_502s_naming_it(gateway, fake, path, answer,
+                                                             needle):
+    """Where llmhost reads an answer (base64 embeddings, rerank), every shape it cannot use
+    is a 502 that says so, never a Python exception's words."""
+    fake.script({"status": 200, "body": answer})
+    body = {"model": "fake-model", "input": "a", "encoding_format": "base64"} \
+        if path == "/v1/embeddings" else {"model": "fake-model", "query": "q",
+                                          "documents": ["a"]}
+    status, doc = jpost(gateway.port, path, body)
+    assert status == 502 and needle in doc["error"]["message"], doc
+    assert doc["error"]["code"] == "upstream_format"
 
 
 def test_unknown_model_lists_known_ones(gateway):
@@ -3278,6 +3345,37 @@ def test_a_stream_framed_by_the_close_is_checked_for_its_end_in_the_mcp_loop_too
         assert running.gateway.router.upstreams["old"].failures == 1  # counted, as elsewhere
         status, _, raw = post(running.port, "/v1/chat/completions", dict(CHAT, stream=True))
         assert sse_events(raw)[-1] == "[DONE]" and b'"error"' not in raw
+    finally:
+        running.stop()
+        upstream.close()
+
+
+def test_the_mcp_loop_names_what_it_cannot_read_in_an_answer(tmp_path, caplog):
+    """A chunk of another shape ends the stream with an error event that says what was wrong;
+    a usage of another shape is left out (before: AttributeError, an internal error)."""
+    answer = {"id": "c1", "object": "chat.completion", "created": 1, "model": "fake-model",
+              "usage": [7], "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                  "role": "assistant", "content": "hi"}}]}
+    upstream = CloseFramedUpstream([
+        (b"text/event-stream", b'data: {"choices": ["x"]}\n\ndata: [DONE]\n\n'),
+        (b"text/event-stream", b'data: {"choices": [{"delta": {"tool_calls": [{"index": 0, '
+                               b'"function": {"arguments": {"a": 1}}}]}}]}\n\ndata: [DONE]\n\n'),
+        (b"application/json", json.dumps(answer).encode())])
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "odd", "url": upstream.url, "models": ["fake-model"], "mcp": ["t"]}],
+        mcp={"t": MCP_STDIO})
+    running = Running(path)
+    try:
+        for needle in ["(choices[0] is a string, not an object)",
+                       "(choices[0].delta.tool_calls[0] is not a tool call"]:
+            status, _, raw = post(running.port, "/v1/chat/completions", dict(CHAT, stream=True))
+            error = json.loads(sse_events(raw)[-1])["error"]
+            assert status == 200 and error["code"] == "upstream_format", error
+            assert "upstream sent a chunk that is not an OpenAI chat.completion.chunk " + \
+                needle in error["message"]
+        status, doc = jpost(running.port, "/v1/chat/completions", CHAT)
+        assert status == 200 and doc["choices"][0]["message"]["content"] == "hi", doc
+        assert "Traceback" not in caplog.text
     finally:
         running.stop()
         upstream.close()
