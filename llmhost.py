@@ -167,8 +167,10 @@ class RegistryError(Exception):
 # Wire format
 # =============================================================================
 # Owns: HTTP/1.1 message heads and bodies as bytes (RFC 9110/9112): parsing requests, writing
-# responses, chunked framing. Pure: callers hand in lines and bytes.
-# Raises: ProtocolError carrying the status the peer is owed (400, 413, 414, 431, 501, 505).
+# responses, chunked framing, decoding an upstream body's content coding. Pure: callers hand
+# in lines and bytes.
+# Raises: ProtocolError carrying the status the peer is owed (400, 413, 414, 431, 501, 505);
+# UpstreamError for an upstream body that cannot be decoded.
 
 REASONS = {
     100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
@@ -428,6 +430,88 @@ def list_models(doc):
         if all(isinstance(i, str) for i in ids):
             return ids
     return None
+
+
+# The content codings llmhost decodes where it must read an upstream's answer (RFC 9110 §8.4.1):
+# those zlib reads; x-gzip is gzip (RFC 9110 §8.4.1.3). Upstreams are asked for identity.
+# zlib's wbits: 31 is gzip; 15 is the zlib format HTTP's deflate names (-15: raw deflate, which
+# some servers send instead, as urllib3 and browsers also accept).
+_ZLIB_WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
+_IDENTITY = ("", "identity")
+
+
+class ContentDecoder:
+    """Decodes an upstream body sent with Content-Encoding gzip or deflate, whole or piece by
+    piece (a stream). Each feed() gives at most `limit` bytes, so a small body cannot fill
+    memory (a decompression bomb). Raises UpstreamError (502) for a corrupt or cut body."""
+
+    def __init__(self, encoding, limit=MAX_UPSTREAM_BODY):
+        import zlib
+        self.zlib = zlib
+        self.encoding = encoding
+        self.limit = limit
+        self.wbits = _ZLIB_WBITS[encoding]
+        self.decoder = zlib.decompressobj(self.wbits)
+        self.fed = b"" if self.wbits == 15 else None  # deflate's bytes until one decodes
+
+    def error(self, what):
+        return UpstreamError(f"upstream answer's {self.encoding} encoding {what}",
+                             code="upstream_content_encoding")
+
+    def feed(self, data):
+        out, size = [], 0
+        while data:
+            if self.decoder.eof:
+                if self.wbits != 31:
+                    raise self.error("has data after its end")
+                # gzip members may follow one another (RFC 1952 §2.2), as gzip.decompress reads
+                self.decoder = self.zlib.decompressobj(31)
+            try:
+                piece = self.decoder.decompress(data, self.limit + 1 - size)
+            except self.zlib.error as exc:
+                if self.fed is not None:
+                    # no zlib header: raw deflate, read again from its first byte
+                    self.wbits = -15
+                    self.decoder = self.zlib.decompressobj(-15)
+                    data, self.fed = self.fed + data, None
+                    continue
+                raise self.error(f"is corrupt ({exc})") from None
+            if self.fed is not None:
+                self.fed = None if piece or self.decoder.eof else self.fed + data
+            size += len(piece)
+            if size > self.limit:
+                raise self.error(f"decodes to more than {self.limit} bytes")
+            out.append(piece)
+            data = self.decoder.unused_data if self.decoder.eof else b""
+        return b"".join(out)
+
+    def end(self):
+        """Raise if the encoded body stopped before its end (a truncated answer)."""
+        if not self.decoder.eof:
+            raise self.error("is cut short")
+
+
+def content_decoder(encoding, limit=MAX_UPSTREAM_BODY):
+    """A ContentDecoder for a Content-Encoding value, None for identity; UpstreamError (502)
+    for a coding llmhost cannot decode (br, zstd, several codings...), saying which."""
+    if encoding in _IDENTITY:
+        return None
+    if encoding not in _ZLIB_WBITS:
+        raise UpstreamError(f"upstream answer is encoded as {encoding[:60]!r} (Content-Encoding),"
+                            " which llmhost cannot decode (only gzip and deflate); configure the "
+                            "upstream to answer uncompressed", code="upstream_content_encoding")
+    return ContentDecoder(encoding, limit)
+
+
+def decode_content(body, encoding, limit=MAX_UPSTREAM_BODY):
+    """A whole upstream body decoded from its Content-Encoding (`encoding`, lower-cased, ""
+    for none); UpstreamError if it cannot be (see content_decoder)."""
+    decoder = content_decoder(encoding, limit)
+    if decoder is None:
+        return body
+    data = decoder.feed(body)
+    decoder.end()
+    return data
 
 
 # =============================================================================
@@ -1124,13 +1208,33 @@ def stream_delivered(request, resp):
         resp.client.drain(resp)
 
 
+def content_encoding(resp):
+    """The Content-Encoding of an upstream answer, lower-cased, repeats joined as one list
+    (RFC 9110 §8.4, §5.3); "" for none. It is one of the fields passed on to the client."""
+    if not resp.passed:
+        return ""
+    return ", ".join([v for k, v in resp.passed if k == "content-encoding"]).lower()
+
+
+async def read_decoded(resp, decoder):
+    """resp.read_some() for a body llmhost reads as it comes (a stream) that an upstream
+    encoded: the next decoded piece, b"" at its end; a cut or corrupt body is UpstreamError."""
+    while True:
+        data = await resp.read_some()
+        text = decoder.feed(data) if data else b""
+        if not data or resp.done:
+            decoder.end()
+        if text or not data:
+            return text
+
+
 async def fetch_json(client, up, path, timeout=PROBE_TIMEOUT):
     """GET `path` from the Upstream `up` (health checks, model lists) -> (status, parsed JSON
     or None). Raises UpstreamError."""
     head = ("GET %s HTTP/1.1\r\n%s\r\n" % (path, up.head_fixed)).encode("latin-1")
     resp = await client.request(up.origin, head, b"", timeout=timeout,
                                 connect_timeout=min(CONNECT_TIMEOUT, timeout))
-    body = await resp.read_all()
+    body = decode_content(await resp.read_all(), content_encoding(resp))
     try:
         return resp.status, json_loads(body)
     except ValueError:
@@ -1145,10 +1249,13 @@ def fetch_models(client, up, timeout=PROBE_TIMEOUT):
 # The fields of an upstream's head that llmhost reads, found in one pass: lower-cased name ->
 # its key in UpstreamResponse.headers; and those it passes on to the client as they came, as a
 # remote API's clients read them (x-ratelimit-*; the openai client waits retry-after-ms and
-# obeys x-should-retry). No other field is forwarded.
+# obeys x-should-retry), and Content-Encoding, without which a relayed body that an upstream
+# compressed anyway (llmhost asks for identity) could not be read (content_encoding() finds it
+# there for the routes that decode). No other field is forwarded.
 _RESPONSE_FIELD = re.compile(
     rb"\r\n(content-type|content-length|transfer-encoding|connection|retry-after|location|"
-    rb"x-ratelimit-[a-z0-9-]+|retry-after-ms|x-should-retry|openai-processing-ms):"
+    rb"x-ratelimit-[a-z0-9-]+|retry-after-ms|x-should-retry|openai-processing-ms|"
+    rb"content-encoding):"
     rb"([^\r\n]*)", re.IGNORECASE)
 _RESPONSE_NAMES = {name.encode(): name for name in (
     "content-type", "content-length", "transfer-encoding", "connection", "retry-after",
@@ -1783,9 +1890,11 @@ class Upstream:
         auth = f"Authorization: Bearer {check_header_value(self.api_key)}\r\n" \
             if self.api_key else ""
         # Built once per origin: the part of every upstream request head that never changes.
+        # Accept-Encoding: identity, since without it any coding is acceptable (RFC 9110
+        # §12.5.3) and llmhost reads some answers (tool loop, base64 embeddings, errors).
         self.head_fixed = (f"Host: {self.origin.host_header}\r\n{auth}"
                            f"User-Agent: llmhost/{__version__}\r\n"
-                           "Content-Type: application/json\r\n")
+                           "Content-Type: application/json\r\nAccept-Encoding: identity\r\n")
 
     def public_names(self):
         return [self.alias] if self.alias else self.models
@@ -3291,7 +3400,9 @@ async def with_mcp_server(name, entry, environ, action):
 #
 # Errors become responses here (any HTTPError -> the OpenAI envelope) and in the HTTPServer
 # (protocol errors before the application ran). Response bytes are relayed untouched except
-# where a route must read them: base64 embeddings, rerank normalisation, error envelopes.
+# where a route must read them: base64 embeddings, rerank normalisation, error envelopes, and
+# the events of a stream; those an upstream compressed anyway are decoded first (gzip, deflate;
+# another coding is a 502), those only relayed keep their Content-Encoding.
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
@@ -4068,9 +4179,13 @@ class Application:
                                                 "event", code="upstream_closed")
                     else:  # before the prompt is read, and can die while it reads a long one
                         data = await resp.read_all()  # a whole answer before any byte goes out
-                        if resp.framing == "close" and status == 200:  # the end is the close:
-                            try:  # a death looks like an end, unless the JSON is cut short
-                                json_loads(data)
+                        encoding = content_encoding(resp)
+                        if resp.framing == "close" and status == 200 and (
+                                encoding in _IDENTITY or encoding in _ZLIB_WBITS):
+                            # The end is the close: a death looks like an end, unless the JSON
+                            # (or its gzip) is cut short. One llmhost cannot decode is relayed.
+                            try:
+                                json_loads(decode_content(data, encoding))
                             except ValueError:
                                 raise UpstreamError("upstream closed the connection mid-answer",
                                                     code="upstream_closed") from None
@@ -4103,11 +4218,21 @@ class Application:
         conn = request.conn
         status = resp.status
         ctype = resp.headers.get("content-type", "application/json")
+        passed = resp.passed
+        encoding = content_encoding(resp)
+        # A body llmhost reads (a stream's events, an error, a transform) is decoded, and goes
+        # out without the upstream's Content-Encoding; one it only relays keeps it.
+        reads = body is None or status >= 400 or transform is not None
+        if encoding and reads:
+            passed = [field for field in passed if field[0] != "content-encoding"]
         headers = [("Content-Type", ctype), ("X-Llmhost-Server", up.name),
-                   ("X-Llmhost-Overhead-Ms", "%.2f" % overhead), *resp.passed]
+                   ("X-Llmhost-Overhead-Ms", "%.2f" % overhead), *passed]
         request.status = status
         if body is None:
-            return await self.relay_stream(request, up, resp, headers + SSE_HEADERS)
+            return await self.relay_stream(request, up, resp, headers + SSE_HEADERS,
+                                           content_decoder(encoding))
+        if encoding and reads:
+            body = decode_content(body, encoding)
         if status >= 400:
             body = error_envelope_bytes(status, body)
             headers[0] = JSON_TYPE[0]
@@ -4118,19 +4243,21 @@ class Application:
             body = transform(body)
         return conn.respond(request, status, headers, body)
 
-    async def relay_stream(self, request, up, resp, headers):
+    async def relay_stream(self, request, up, resp, headers, decoder=None):
         """Relay SSE bytes as they arrive. Only whole events are passed on (the bytes up to the
         last blank line), so an error event after an upstream death is never glued to half of
         an event; upstreams send whole events per write, so this holds nothing back. Bytes that
-        are already at hand share a write with the head or the end (fewer syscalls)."""
+        are already at hand share a write with the head or the end (fewer syscalls). A stream
+        an upstream compressed anyway is decoded (`decoder`): events are found in plain text."""
         conn = request.conn
         transport = conn.transport
+        read = resp.read_some if decoder is None else lambda: read_decoded(resp, decoder)
         keep_alive = None
         tail = b""
         pending = b""  # whole events read but not written yet
         try:
             if resp.buffered():
-                pending = await resp.read_some()
+                pending = await read()
             if resp.done or pending.endswith(SSE_DONE):  # the whole stream was at hand: head,
                 keep_alive = conn.start_stream(request, resp.status, headers, pending, end=True)
                 stream_delivered(request, resp)  # events and end in one write
@@ -4140,7 +4267,7 @@ class Application:
             done_seen = close_framed and b"[DONE]" in pending  # like an end: was [DONE] sent?
             pending = b""
             while True:
-                data = await resp.read_some()
+                data = await read()
                 if not data or conn.gone:  # (gone: cut by SEND_TIMEOUT, say, with upstream
                     break  # bytes still at hand: nothing more is written)
                 if tail:
@@ -4290,7 +4417,8 @@ class Application:
         """One non-streamed chat completion through the router -> (status, body bytes, the
         Retry-After of a refusal or None)."""
         async def deliver(up, resp, data, overhead):
-            return (resp.status, data if data is not None else await resp.read_all(),
+            data = data if data is not None else await resp.read_all()
+            return (resp.status, decode_content(data, content_encoding(resp)),
                     resp.headers.get("retry-after"))
         return await self.try_candidates(request, body, candidates, "/chat/completions", None,
                                          deliver)
@@ -4584,11 +4712,16 @@ class Application:
 
             async def deliver(up, resp, data, overhead):
                 nonlocal keep_alive
+                encoding = content_encoding(resp)
+                content = None
                 if data is not None:  # a whole answer, though a stream was asked for
+                    data = decode_content(data, encoding)
                     doc, message = completion_message(data) if resp.status == 200 else (None,
                                                                                         None)
                     if message is None:
                         return resp.status, data, resp.headers.get("retry-after")
+                else:  # (one llmhost cannot decode fails before any byte of it goes out)
+                    content = content_decoder(encoding)
                 if not conn.streaming:
                     keep_alive = conn.start_stream(request, 200, [
                         ("Content-Type", "text/event-stream"), ("X-Llmhost-Server", up.name)]
@@ -4600,7 +4733,8 @@ class Application:
                 decoder = SSEDecoder()
                 done = False
                 while True:
-                    chunk = await resp.read_some()
+                    chunk = await (resp.read_some() if content is None else
+                                   read_decoded(resp, content))
                     if not chunk:  # (a death looks like the end of a close-framed stream)
                         if resp.framing == "close" and not done:
                             error = UpstreamError("upstream closed the stream before data: "
@@ -4699,10 +4833,16 @@ def http_json(url, api_key=None, timeout=None, method="GET"):
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     try:
+        # (http.client asks for Accept-Encoding: identity itself; one that encodes anyway is
+        # decoded below, as fetch_json does)
         conn.request(method, (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
                      body=None if method == "GET" else b"", headers=headers)
         resp = conn.getresponse()
         raw = resp.read(MAX_UPSTREAM_BODY)
+        raw = decode_content(raw, ", ".join(resp.headers.get_all("content-encoding") or ())
+                             .lower())
+    except UpstreamError as exc:
+        raise CLIError(f"{method} {url}: {exc.message}") from None
     except socket.timeout:
         raise CLIError(f"{method} {url}: no answer within {timeout:g}s") from None
     except ConnectionRefusedError:
@@ -5707,8 +5847,9 @@ async def bench_run(args, api_key, progress=sys.stderr):
     origin = Origin(args.url.rstrip("/"))
     prompt = args.prompt or " ".join(["hello"] * args.prompt_tokens)
     auth = f"Authorization: Bearer {check_header_value(api_key)}\r\n" if api_key else ""
+    # (identity: bench reads the answers; see Upstream.set_url)
     head_fixed = (f"Host: {origin.host_header}\r\n{auth}Content-Type: application/json\r\n"
-                  f"User-Agent: llmhost-bench/{__version__}\r\n")
+                  f"User-Agent: llmhost-bench/{__version__}\r\nAccept-Encoding: identity\r\n")
     latency, ttft, itl, tokens = [], [], [], []
     errors, messages = Counter(), {}
     unfinished = 0
