@@ -168,8 +168,10 @@ class RegistryError(Exception):
 # Wire format
 # =============================================================================
 # Owns: HTTP/1.1 message heads and bodies as bytes (RFC 9110/9112): parsing requests, writing
-# responses, chunked framing. Pure: callers hand in lines and bytes.
-# Raises: ProtocolError carrying the status the peer is owed (400, 413, 414, 431, 501, 505).
+# responses, chunked framing, decoding an upstream body's content coding. Pure: callers hand
+# in lines and bytes.
+# Raises: ProtocolError carrying the status the peer is owed (400, 413, 414, 431, 501, 505);
+# UpstreamError for an upstream body that cannot be decoded.
 
 REASONS = {
     100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
@@ -551,8 +553,33 @@ def _finite(text):
     return value
 
 
-# for clients' request bodies: what json.loads takes that is no JSON is refused
-REQUEST_JSON = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite)
+class DuplicateKeys(dict):
+    """A JSON object of a request that has a key more than once (the last value kept, as
+    json.loads does); `key` is the first repeated one. Marked, not refused, at every depth: a
+    hook cannot tell the top level, and only there does a repeat change what is routed."""
+    __slots__ = ("key",)
+
+
+def _object_pairs(pairs):
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            break
+        seen.add(key)
+    obj = DuplicateKeys(obj)
+    obj.key = key
+    return obj
+
+
+# for clients' request bodies: what json.loads takes that is no JSON is refused, and objects
+# with a key repeated are marked (parse_json_body). The hook costs about 0.5 us per object
+# (3-6 us on a 2 KB chat body that parses in 7-10 us); counting each top-level key in the raw
+# text cost more, and misses a key spelt with escapes ("mod\u0065l").
+REQUEST_JSON = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite,
+                                object_pairs_hook=_object_pairs)
 
 
 def json_bytes(obj):
@@ -568,6 +595,88 @@ def list_models(doc):
         if all(isinstance(i, str) for i in ids):
             return ids
     return None
+
+
+# The content codings llmhost decodes where it must read an upstream's answer (RFC 9110 §8.4.1):
+# those zlib reads; x-gzip is gzip (RFC 9110 §8.4.1.3). Upstreams are asked for identity.
+# zlib's wbits: 31 is gzip; 15 is the zlib format HTTP's deflate names (-15: raw deflate, which
+# some servers send instead, as urllib3 and browsers also accept).
+_ZLIB_WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
+_IDENTITY = ("", "identity")
+
+
+class ContentDecoder:
+    """Decodes an upstream body sent with Content-Encoding gzip or deflate, whole or piece by
+    piece (a stream). Each feed() gives at most `limit` bytes, so a small body cannot fill
+    memory (a decompression bomb). Raises UpstreamError (502) for a corrupt or cut body."""
+
+    def __init__(self, encoding, limit=MAX_UPSTREAM_BODY):
+        import zlib
+        self.zlib = zlib
+        self.encoding = encoding
+        self.limit = limit
+        self.wbits = _ZLIB_WBITS[encoding]
+        self.decoder = zlib.decompressobj(self.wbits)
+        self.fed = b"" if self.wbits == 15 else None  # deflate's bytes until one decodes
+
+    def error(self, what):
+        return UpstreamError(f"upstream answer's {self.encoding} encoding {what}",
+                             code="upstream_content_encoding")
+
+    def feed(self, data):
+        out, size = [], 0
+        while data:
+            if self.decoder.eof:
+                if self.wbits != 31:
+                    raise self.error("has data after its end")
+                # gzip members may follow one another (RFC 1952 §2.2), as gzip.decompress reads
+                self.decoder = self.zlib.decompressobj(31)
+            try:
+                piece = self.decoder.decompress(data, self.limit + 1 - size)
+            except self.zlib.error as exc:
+                if self.fed is not None:
+                    # no zlib header: raw deflate, read again from its first byte
+                    self.wbits = -15
+                    self.decoder = self.zlib.decompressobj(-15)
+                    data, self.fed = self.fed + data, None
+                    continue
+                raise self.error(f"is corrupt ({exc})") from None
+            if self.fed is not None:
+                self.fed = None if piece or self.decoder.eof else self.fed + data
+            size += len(piece)
+            if size > self.limit:
+                raise self.error(f"decodes to more than {self.limit} bytes")
+            out.append(piece)
+            data = self.decoder.unused_data if self.decoder.eof else b""
+        return b"".join(out)
+
+    def end(self):
+        """Raise if the encoded body stopped before its end (a truncated answer)."""
+        if not self.decoder.eof:
+            raise self.error("is cut short")
+
+
+def content_decoder(encoding, limit=MAX_UPSTREAM_BODY):
+    """A ContentDecoder for a Content-Encoding value, None for identity; UpstreamError (502)
+    for a coding llmhost cannot decode (br, zstd, several codings...), saying which."""
+    if encoding in _IDENTITY:
+        return None
+    if encoding not in _ZLIB_WBITS:
+        raise UpstreamError(f"upstream answer is encoded as {encoding[:60]!r} (Content-Encoding),"
+                            " which llmhost cannot decode (only gzip and deflate); configure the "
+                            "upstream to answer uncompressed", code="upstream_content_encoding")
+    return ContentDecoder(encoding, limit)
+
+
+def decode_content(body, encoding, limit=MAX_UPSTREAM_BODY):
+    """A whole upstream body decoded from its Content-Encoding (`encoding`, lower-cased, ""
+    for none); UpstreamError if it cannot be (see content_decoder)."""
+    decoder = content_decoder(encoding, limit)
+    if decoder is None:
+        return body
+    data = decoder.feed(body)
+    decoder.end()
+    return data
 
 
 # =============================================================================
@@ -1442,13 +1551,33 @@ def stream_delivered(request, resp):
         resp.client.drain(resp)
 
 
+def content_encoding(resp):
+    """The Content-Encoding of an upstream answer, lower-cased, repeats joined as one list
+    (RFC 9110 §8.4, §5.3); "" for none. It is one of the fields passed on to the client."""
+    if not resp.passed:
+        return ""
+    return ", ".join([v for k, v in resp.passed if k == "content-encoding"]).lower()
+
+
+async def read_decoded(resp, decoder):
+    """resp.read_some() for a body llmhost reads as it comes (a stream) that an upstream
+    encoded: the next decoded piece, b"" at its end; a cut or corrupt body is UpstreamError."""
+    while True:
+        data = await resp.read_some()
+        text = decoder.feed(data) if data else b""
+        if not data or resp.done:
+            decoder.end()
+        if text or not data:
+            return text
+
+
 async def fetch_json(client, up, path, timeout=PROBE_TIMEOUT):
     """GET `path` from the Upstream `up` (health checks, model lists) -> (status, parsed JSON
     or None). Raises UpstreamError."""
     head = ("GET %s HTTP/1.1\r\n%s\r\n" % (path, up.head_fixed)).encode("latin-1")
     resp = await client.request(up.origin, head, b"", timeout=timeout,
                                 connect_timeout=min(CONNECT_TIMEOUT, timeout))
-    body = await resp.read_all()
+    body = decode_content(await resp.read_all(), content_encoding(resp))
     try:
         return resp.status, json_loads(body)
     except ValueError:
@@ -1463,10 +1592,13 @@ def fetch_models(client, up, timeout=PROBE_TIMEOUT):
 # The fields of an upstream's head that llmhost reads, found in one pass: lower-cased name ->
 # its key in UpstreamResponse.headers; and those it passes on to the client as they came, as a
 # remote API's clients read them (x-ratelimit-*; the openai client waits retry-after-ms and
-# obeys x-should-retry). No other field is forwarded.
+# obeys x-should-retry), and Content-Encoding, without which a relayed body that an upstream
+# compressed anyway (llmhost asks for identity) could not be read (content_encoding() finds it
+# there for the routes that decode). No other field is forwarded.
 _RESPONSE_FIELD = re.compile(
     rb"\r\n(content-type|content-length|transfer-encoding|connection|retry-after|location|"
-    rb"x-ratelimit-[a-z0-9-]+|retry-after-ms|x-should-retry|openai-processing-ms):"
+    rb"x-ratelimit-[a-z0-9-]+|retry-after-ms|x-should-retry|openai-processing-ms|"
+    rb"content-encoding):"
     rb"([^\r\n]*)", re.IGNORECASE)
 _RESPONSE_NAMES = {name.encode(): name for name in (
     "content-type", "content-length", "transfer-encoding", "connection", "retry-after",
@@ -2103,9 +2235,11 @@ class Upstream:
         auth = f"Authorization: Bearer {check_header_value(self.api_key)}\r\n" \
             if self.api_key else ""
         # Built once per origin: the part of every upstream request head that never changes.
+        # Accept-Encoding: identity, since without it any coding is acceptable (RFC 9110
+        # §12.5.3) and llmhost reads some answers (tool loop, base64 embeddings, errors).
         self.head_fixed = (f"Host: {self.origin.host_header}\r\n{auth}"
                            f"User-Agent: llmhost/{__version__}\r\n"
-                           "Content-Type: application/json\r\n")
+                           "Content-Type: application/json\r\nAccept-Encoding: identity\r\n")
 
     def public_names(self):
         return [self.alias] if self.alias else self.models
@@ -3621,7 +3755,9 @@ async def with_mcp_server(name, entry, environ, action):
 #
 # Errors become responses here (any HTTPError -> the OpenAI envelope) and in the HTTPServer
 # (protocol errors before the application ran). Response bytes are relayed untouched except
-# where a route must read them: base64 embeddings, rerank normalisation, error envelopes.
+# where a route must read them: base64 embeddings, rerank normalisation, error envelopes, and
+# the events of a stream; those an upstream compressed anyway are decoded first (gzip, deflate;
+# another coding is a 502), those only relayed keep their Content-Encoding.
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
@@ -3629,19 +3765,40 @@ SSE_HEADERS = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
 SSE_DONE = (b"data: [DONE]\n\n", b"data: [DONE]\r\n\r\n", b"data:[DONE]\n\n")  # a stream's end
 JSON_TYPE = [("Content-Type", "application/json")]
 
-# endpoint -> its required fields and their types
+# endpoint -> its required fields, their types (and that of their items)
 REQUIRED = {
-    "chat": (("model", str), ("messages", list)),
+    "chat": (("model", str), ("messages", list, dict)),
     "completions": (("model", str), ("prompt", (str, list))),
     "embeddings": (("model", str), ("input", (str, list))),
     "rerank": (("model", str), ("query", str), ("documents", list)),
 }
-TYPE_NAMES = {str: "a string", list: "an array", (str, list): "a string or an array"}
+TYPE_NAMES = {str: "a string", list: "an array", (str, list): "a string or an array",
+              dict: "an object"}
+# endpoint -> integer fields and their (least, most) values, refused as OpenAI refuses them:
+# n is at most 128 (OpenAI's limit: each choice is a generation); top_n is no negative count.
+BOUNDS = {
+    "chat": (("n", 1, 128),),
+    "completions": (("n", 1, 128),),
+    "embeddings": (),
+    "rerank": (("top_n", 0, None),),
+}
 
 
-def parse_json_body(request, required):
-    """The request's JSON object, with its `required` fields checked; its model is noted for
-    the access log (so a request refused later, say for an unknown model, still names it)."""
+def json_kind(value):
+    """What a JSON value is, as an error message says it: "a list", "an object"..."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return "a string"
+    return "null" if value is None else "a boolean" if isinstance(value, bool) else "a number"
+
+
+def parse_json_body(request, kind):
+    """The request's JSON object for the endpoint `kind` (a key of REQUIRED), its fields
+    checked; its model is noted for the access log (so a request refused later, say for an
+    unknown model, still names it)."""
     if not request.body:
         raise BadRequest("The request body is empty; send a JSON object.", code="invalid_json")
     try:  # (JSON is UTF-8, RFC 8259 §8.1; a byte order mark is ignored, as json.loads does)
@@ -3650,7 +3807,13 @@ def parse_json_body(request, required):
         raise BadRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_json")
-    check_fields(body, required)
+    # The body is forwarded as it came: a key given twice, which we read as its last value, an
+    # upstream may read as its first (RFC 8259 §4 leaves it open), and be sent another model.
+    if type(body) is DuplicateKeys:
+        raise BadRequest(f"The request body has the key '{body.key[:100]}' more than once; "
+                         "send each key once.", param=body.key[:100], code="duplicate_key")
+    check_fields(body, REQUIRED[kind])
+    check_bounds(body, BOUNDS[kind])
     if body.get("stream") is not None and not isinstance(body["stream"], bool):  # ("yes")
         raise BadRequest("Invalid type for 'stream': expected a boolean.", param="stream",
                          code="invalid_type")
@@ -3659,7 +3822,7 @@ def parse_json_body(request, required):
 
 
 def check_fields(body, required):
-    for field, kind in required:
+    for field, kind, *items in required:
         value = body.get(field)
         if value is None:
             raise BadRequest(f"Missing required parameter: '{field}'.", param=field,
@@ -3669,6 +3832,30 @@ def check_fields(body, required):
             raise BadRequest(f"Invalid type for '{field}': expected {TYPE_NAMES[kind]}"
                              f"{' (not empty)' if isinstance(value, list) else ''}.",
                              param=field, code="invalid_type")
+        for i, item in enumerate(value if items else ()):
+            if not isinstance(item, items[0]):
+                raise BadRequest(f"Invalid type for '{field}[{i}]': expected "
+                                 f"{TYPE_NAMES[items[0]]}, but got {json_kind(item)} instead.",
+                                 param=f"{field}[{i}]", code="invalid_type")
+
+
+def check_bounds(body, bounds):
+    """Integer fields within their (least, most), in OpenAI's words; null is their default."""
+    for field, least, most in bounds:
+        value = body.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise BadRequest(f"Invalid type for '{field}': expected an integer, but got "
+                             f"{json_kind(value)} instead.", param=field, code="invalid_type")
+        if value < least:
+            raise BadRequest(f"Invalid '{field}': integer below minimum value. Expected a value "
+                             f">= {least}, but got {value} instead.", param=field,
+                             code="integer_below_min_value")
+        if most is not None and value > most:
+            raise BadRequest(f"Invalid '{field}': integer above maximum value. Expected a value "
+                             f"<= {most}, but got {value} instead.", param=field,
+                             code="integer_above_max_value")
 
 
 def unforced(choice):
@@ -3688,15 +3875,74 @@ def unforced(choice):
     return choice
 
 
+def upstream_json(body, what):
+    """An upstream answer llmhost must read, parsed; UpstreamError (502) if it is no JSON."""
+    try:
+        return json_loads(body)
+    except ValueError:  # (UnicodeDecodeError is one)
+        raise UpstreamError(f"upstream {what} answer is not JSON", code="upstream_format") \
+            from None
+
+
 def completion_message(data):
     """-> (document, first choice's message) of a chat completion body, or (None, None) when
-    the body is not one (some servers answer 200 with an error object or nothing usable)."""
+    the body is not one the tool loop can read (some servers answer 200 with an error object
+    or nothing usable): it is then passed on as it came."""
     try:
         doc = json_loads(data)
         message = doc["choices"][0]["message"]
     except (ValueError, UnicodeDecodeError, KeyError, IndexError, TypeError):
         return None, None
-    return (doc, message) if isinstance(message, dict) else (None, None)
+    if not isinstance(message, dict) or message_problem(message, "message"):
+        return None, None
+    return doc, message
+
+
+def message_problem(message, where, stream=False):
+    """Why the tool loop cannot read a chat message (or, `stream`, a chunk's delta), or None:
+    its content must be a string or null; its tool_calls a list of objects, each function an
+    object with a string name (streamed: a string piece of the arguments and an integer
+    index, as OpenAI's chat.completion.chunk has them)."""
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        return f"{where}.content is {json_kind(content)}, not a string"
+    calls = message.get("tool_calls")
+    if calls is None:
+        return None
+    if not isinstance(calls, list):
+        return f"{where}.tool_calls is {json_kind(calls)}, not a list"
+    for i, call in enumerate(calls):
+        if not isinstance(call, dict):
+            return f"{where}.tool_calls[{i}] is {json_kind(call)}, not an object"
+        fn = call.get("function")
+        if fn is None:
+            continue
+        if not isinstance(fn, dict) or not isinstance(fn.get("name", ""), (str, type(None))) \
+                or stream and (not isinstance(fn.get("arguments", ""), (str, type(None))) or
+                               not isinstance(call.get("index", 0), (int, type(None)))):
+            return f"{where}.tool_calls[{i}] is not a tool call (function name and arguments " \
+                "as strings)"
+    return None
+
+
+def chunk_problem(doc):
+    """Why the tool loop cannot read a streamed chat chunk (a JSON object), or None."""
+    choices = doc.get("choices")
+    if choices is None:
+        return None
+    if not isinstance(choices, list):
+        return f"choices is {json_kind(choices)}, not a list"
+    for i, choice in enumerate(choices):
+        if not isinstance(choice, dict):
+            return f"choices[{i}] is {json_kind(choice)}, not an object"
+        delta = choice.get("delta")
+        if delta is not None:
+            if not isinstance(delta, dict):
+                return f"choices[{i}].delta is {json_kind(delta)}, not an object"
+            problem = message_problem(delta, f"choices[{i}].delta", stream=True)
+            if problem:
+                return problem
+    return None
 
 
 def completion_as_chunk(doc, message):
@@ -3743,15 +3989,30 @@ def error_envelope_bytes(status, body):
 
 def embeddings_as_base64(body):
     """Encode float embeddings as base64 float32 (what the openai client asks for by default)
-    for upstreams that ignore `encoding_format`."""
+    for upstreams that ignore `encoding_format`. An answer of another shape (llama.cpp's own
+    /embeddings, at its root: a list of nested arrays) is a 502 that says what was expected."""
     import array
     import base64
-    doc = json_loads(body)
+    doc = upstream_json(body, "embeddings")
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, list):
+        got = json_kind(doc) if not isinstance(doc, dict) else 'an object without a "data" list'
+        raise UpstreamError('upstream embeddings answer is not an OpenAI embeddings object '
+                            f'(expected {{"data": [...]}}, got {got})', code="upstream_format")
     changed = False
-    for item in doc.get("data") or ():
-        vector = item.get("embedding") if isinstance(item, dict) else None
-        if isinstance(vector, list):
-            floats = array.array("f", vector)
+    for i, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise UpstreamError(f"upstream embeddings answer is not an OpenAI embeddings object "
+                                f"(data[{i}] is {json_kind(item)}, not an object)",
+                                code="upstream_format")
+        vector = item.get("embedding")
+        if isinstance(vector, list):  # (a string: base64 already, as was asked)
+            try:
+                floats = array.array("f", vector)
+            except (TypeError, OverflowError):
+                raise UpstreamError("upstream embeddings answer is not an OpenAI embeddings "
+                                    f"object (data[{i}].embedding is not a list of numbers)",
+                                    code="upstream_format") from None
             if sys.byteorder == "big":
                 floats.byteswap()  # the wire format is little-endian
             item["embedding"] = base64.b64encode(floats.tobytes()).decode()
@@ -3775,10 +4036,12 @@ def rerank_documents(documents):
 def normalize_rerank(body, model, texts, top_n, return_documents):
     """llama.cpp, vLLM, Jina, Cohere and TEI answers -> {model, results: [{index,
     relevance_score, document?}]}, best first."""
-    doc = json_loads(body)
+    doc = upstream_json(body, "rerank")
     items = doc.get("results", doc.get("data")) if isinstance(doc, dict) else doc
     if not isinstance(items, list):
-        raise UpstreamError("upstream rerank answer has no results list", code="upstream_format")
+        got = json_kind(doc) if not isinstance(doc, dict) else 'an object without a "results" list'
+        raise UpstreamError('upstream rerank answer has no results list (expected {"results": '
+                            f'[...]}}, got {got})', code="upstream_format")
     results = []
     for item in items:
         if not isinstance(item, dict) or not isinstance(item.get("index"), int) \
@@ -3786,6 +4049,9 @@ def normalize_rerank(body, model, texts, top_n, return_documents):
             raise UpstreamError("upstream rerank answer has a result without a valid index",
                                 code="upstream_format")
         score = item.get("relevance_score", item.get("score"))
+        if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+            raise UpstreamError("upstream rerank answer has a result whose relevance_score is "
+                                f"{json_kind(score)}, not a number", code="upstream_format")
         result = {"index": item["index"], "relevance_score": score}
         if return_documents:
             result["document"] = {"text": texts[item["index"]]}
@@ -4164,24 +4430,24 @@ class Application:
 
     # -- proxied routes --------------------------------------------------------------------
     async def chat(self, request):
-        body = parse_json_body(request, REQUIRED["chat"])
+        body = parse_json_body(request, "chat")
         selection = self.mcp_selection(body)
         if selection:
             return await self.chat_with_mcp(request, body, *selection)
         return await self.forward(request, body, "/chat/completions", raw=request.body)
 
     async def completions(self, request):
-        body = parse_json_body(request, REQUIRED["completions"])
+        body = parse_json_body(request, "completions")
         return await self.forward(request, body, "/completions", raw=request.body)
 
     async def embeddings(self, request):
-        body = parse_json_body(request, REQUIRED["embeddings"])
+        body = parse_json_body(request, "embeddings")
         transform = embeddings_as_base64 if body.get("encoding_format") == "base64" else None
         return await self.forward(request, body, "/embeddings", transform=transform,
                                   raw=request.body)
 
     async def rerank(self, request):
-        body = parse_json_body(request, REQUIRED["rerank"])
+        body = parse_json_body(request, "rerank")
         texts = rerank_documents(body["documents"])
         model = body["model"]
         return_documents = bool(body.get("return_documents"))
@@ -4313,9 +4579,13 @@ class Application:
                                                 "event", code="upstream_closed")
                     else:  # before the prompt is read, and can die while it reads a long one
                         data = await resp.read_all()  # a whole answer before any byte goes out
-                        if resp.framing == "close" and status == 200:  # the end is the close:
-                            try:  # a death looks like an end, unless the JSON is cut short
-                                json_loads(data)
+                        encoding = content_encoding(resp)
+                        if resp.framing == "close" and status == 200 and (
+                                encoding in _IDENTITY or encoding in _ZLIB_WBITS):
+                            # The end is the close: a death looks like an end, unless the JSON
+                            # (or its gzip) is cut short. One llmhost cannot decode is relayed.
+                            try:
+                                json_loads(decode_content(data, encoding))
                             except ValueError:
                                 raise UpstreamError("upstream closed the connection mid-answer",
                                                     code="upstream_closed") from None
@@ -4348,38 +4618,46 @@ class Application:
         conn = request.conn
         status = resp.status
         ctype = resp.headers.get("content-type", "application/json")
+        passed = resp.passed
+        encoding = content_encoding(resp)
+        # A body llmhost reads (a stream's events, an error, a transform) is decoded, and goes
+        # out without the upstream's Content-Encoding; one it only relays keeps it.
+        reads = body is None or status >= 400 or transform is not None
+        if encoding and reads:
+            passed = [field for field in passed if field[0] != "content-encoding"]
         headers = [("Content-Type", ctype), ("X-Llmhost-Server", up.name),
-                   ("X-Llmhost-Overhead-Ms", "%.2f" % overhead), *resp.passed]
+                   ("X-Llmhost-Overhead-Ms", "%.2f" % overhead), *passed]
         request.status = status
         if body is None:
-            return await self.relay_stream(request, up, resp, headers + SSE_HEADERS)
+            return await self.relay_stream(request, up, resp, headers + SSE_HEADERS,
+                                           content_decoder(encoding))
+        if encoding and reads:
+            body = decode_content(body, encoding)
         if status >= 400:
             body = error_envelope_bytes(status, body)
             headers[0] = JSON_TYPE[0]
             retry_after = resp.headers.get("retry-after")
             if retry_after:  # (parse_response_head refused control characters in it)
                 headers.append(("Retry-After", retry_after))
-        elif transform is not None:
-            try:
-                body = transform(body)
-            except (ValueError, TypeError, AttributeError) as exc:
-                raise UpstreamError(f"upstream answer could not be read: {exc}",
-                                    code="upstream_format") from None
+        elif transform is not None:  # (UpstreamError, saying what was expected)
+            body = transform(body)
         return conn.respond(request, status, headers, body)
 
-    async def relay_stream(self, request, up, resp, headers):
+    async def relay_stream(self, request, up, resp, headers, decoder=None):
         """Relay SSE bytes as they arrive. Only whole events are passed on (the bytes up to the
         last blank line), so an error event after an upstream death is never glued to half of
         an event; upstreams send whole events per write, so this holds nothing back. Bytes that
-        are already at hand share a write with the head or the end (fewer syscalls)."""
+        are already at hand share a write with the head or the end (fewer syscalls). A stream
+        an upstream compressed anyway is decoded (`decoder`): events are found in plain text."""
         conn = request.conn
         transport = conn.transport
+        read = resp.read_some if decoder is None else lambda: read_decoded(resp, decoder)
         keep_alive = None
         tail = b""
         pending = b""  # whole events read but not written yet
         try:
             if resp.buffered():
-                pending = await resp.read_some()
+                pending = await read()
                 if not resp.done:
                     pending, tail = whole_events(pending)
             if resp.done or pending.endswith(SSE_DONE):  # the whole stream was at hand: head,
@@ -4391,7 +4669,7 @@ class Application:
             done_seen = close_framed and b"[DONE]" in pending  # like an end: was [DONE] sent?
             pending = b""
             while True:
-                data = await resp.read_some()
+                data = await read()
                 if not data or conn.gone:  # (gone: cut by SEND_TIMEOUT, say, with upstream
                     break  # bytes still at hand: nothing more is written)
                 if tail:
@@ -4535,7 +4813,8 @@ class Application:
         """One non-streamed chat completion through the router -> (status, body bytes, the
         Retry-After of a refusal or None)."""
         async def deliver(up, resp, data, overhead):
-            return (resp.status, data if data is not None else await resp.read_all(),
+            data = data if data is not None else await resp.read_all()
+            return (resp.status, decode_content(data, content_encoding(resp)),
                     resp.headers.get("retry-after"))
         return await self.try_candidates(request, body, candidates, "/chat/completions", None,
                                          deliver)
@@ -4681,7 +4960,9 @@ class Application:
 
     @staticmethod
     def add_usage(total, usage):
-        for key, value in (usage or {}).items():
+        if not isinstance(usage, dict):  # (an upstream's null, or a shape of its own)
+            return
+        for key, value in usage.items():
             if isinstance(value, int):
                 total[key] = total.get(key, 0) + value
 
@@ -4790,6 +5071,11 @@ class Application:
                     error = doc["error"]
                     raise UpstreamError("upstream: " + str(error.get("message", error)
                                                            if isinstance(error, dict) else error))
+                problem = chunk_problem(doc)
+                if problem:
+                    raise UpstreamError("upstream sent a chunk that is not an OpenAI "
+                                        f"chat.completion.chunk ({problem})",
+                                        code="upstream_format")
                 if stream_id is None:
                     stream_id = doc.get("id")
                 elif "id" in doc:
@@ -4822,11 +5108,16 @@ class Application:
 
             async def deliver(up, resp, data, overhead):
                 nonlocal keep_alive
+                encoding = content_encoding(resp)
+                content = None
                 if data is not None:  # a whole answer, though a stream was asked for
+                    data = decode_content(data, encoding)
                     doc, message = completion_message(data) if resp.status == 200 else (None,
                                                                                         None)
                     if message is None:
                         return resp.status, data, resp.headers.get("retry-after")
+                else:  # (one llmhost cannot decode fails before any byte of it goes out)
+                    content = content_decoder(encoding)
                 if not conn.streaming:
                     keep_alive = conn.start_stream(request, 200, [
                         ("Content-Type", "text/event-stream"), ("X-Llmhost-Server", up.name)]
@@ -4838,7 +5129,8 @@ class Application:
                 decoder = SSEDecoder()
                 done = False
                 while True:
-                    chunk = await resp.read_some()
+                    chunk = await (resp.read_some() if content is None else
+                                   read_decoded(resp, content))
                     if not chunk:  # (a death looks like the end of a close-framed stream)
                         if resp.framing == "close" and not done:
                             error = UpstreamError("upstream closed the stream before data: "
@@ -4938,10 +5230,16 @@ def http_json(url, api_key=None, timeout=None, method="GET"):
         # UTF-8, as curl sends it (http.client would send latin-1, and fail on a key beyond it).
         headers["Authorization"] = b"Bearer " + api_key.encode("utf-8", "surrogateescape")
     try:
+        # (http.client asks for Accept-Encoding: identity itself; one that encodes anyway is
+        # decoded below, as fetch_json does)
         conn.request(method, (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
                      body=None if method == "GET" else b"", headers=headers)
         resp = conn.getresponse()
         raw = resp.read(MAX_UPSTREAM_BODY)
+        raw = decode_content(raw, ", ".join(resp.headers.get_all("content-encoding") or ())
+                             .lower())
+    except UpstreamError as exc:
+        raise CLIError(f"{method} {url}: {exc.message}") from None
     except socket.timeout:
         raise CLIError(f"{method} {url}: no answer within {timeout:g}s") from None
     except ConnectionRefusedError:
@@ -4963,11 +5261,15 @@ def http_json(url, api_key=None, timeout=None, method="GET"):
 
 
 def probe_server(url, api_key, timeout=None):
-    """-> (base URL that answered, model ids). Tries {url}/models, then {url}/v1/models."""
+    """-> (base URL that answered, model ids). Tries {url}/models, then {url}/v1/models; a URL
+    without a path tries {url}/v1 first: a server's root is not its OpenAI base URL, though
+    llama.cpp answers /models there too (and /embeddings, of another shape than OpenAI's)."""
     tried = []
     bases = [url]
     if not url.rstrip("/").endswith("/v1"):
         bases.append(url.rstrip("/") + "/v1")
+        if is_root_url(url):
+            bases.reverse()
     for base in bases:
         status, doc, text = http_json(base + "/models", api_key, timeout)
         tried.append(f"GET {base}/models -> {status}")
@@ -4982,6 +5284,12 @@ def probe_server(url, api_key, timeout=None):
     raise CLIError("no OpenAI-compatible model list found: " + "; ".join(tried) +
                    ". URL must be the base URL a client would use, e.g. http://127.0.0.1:8080/v1 "
                    "(use --no-check to add a server that is not up yet).")
+
+
+def is_root_url(url):
+    """Whether an http(s) URL has no path (or just "/"): a server's address, not an API's."""
+    from urllib.parse import urlsplit
+    return not urlsplit(url).path.strip("/")
 
 
 def auth_source(entry):
@@ -5109,7 +5417,10 @@ def cmd_add(args, environ):
     if not args.no_check:
         base, listed = probe_server(url, api_key)
         if base != url:
-            print(f"note: {url}/models lists no models; using {base}", file=sys.stderr)
+            print(f"note: using {base}, where the server's OpenAI API answers (at its root, "
+                  "llama.cpp serves an API of its own: /embeddings of another shape)" if
+                  is_root_url(url) else f"note: {url}/models lists no models; using {base}",
+                  file=sys.stderr)
             url = base
         missing = [m for m in models if m not in listed]
         if missing:
@@ -5367,6 +5678,10 @@ class Gateway:
                                  "go without an API key", entry["name"], entry["api_key_env"])
         for server in self.processes.sync(self.router.upstreams):
             self.spawn(self.retire(server))
+        roots = [up for up in self.router.upstreams.values() if not up.managed and
+                 not up.origin.base_path]
+        if roots:  # (in the background: a start does not wait for them)
+            self.spawn(self.warn_root_urls(roots))
         await self.app.mcp.update(doc["mcpServers"])
         attached = {name for up in self.router.upstreams.values()
                     for name in up.entry.get("mcp", ())}
@@ -5386,6 +5701,27 @@ class Gateway:
                         not up.alias:  # an alias names its one model, whatever the list says
                     up.models = found[up.name]
             self.router.rebuild()
+
+    async def warn_root_urls(self, ups):
+        """Entries whose URL is a server's root (saved by hand, or by an `add` older than its
+        /v1 check): a warning for each that answers GET /v1/models as an OpenAI API, since
+        their requests go to the root, where llama.cpp answers with shapes of its own."""
+        import asyncio
+
+        async def one(up):
+            try:
+                status, doc = await fetch_json(self.client, up, "/v1/models")
+            except UpstreamError:
+                return
+            if status == 200 and list_models(doc) is not None:
+                logger().warning(
+                    "server %s: its URL %s has no /v1 path, but %s/v1/models answers as an "
+                    "OpenAI API: requests go to the root, where some servers answer otherwise "
+                    "(llama.cpp's /embeddings); set its url to %s/v1 (or remove it and add it "
+                    "again)", up.name, up.origin.base_url, up.origin.base_url,
+                    up.origin.base_url)
+
+        await asyncio.gather(*(one(up) for up in ups))
 
     async def retire(self, server):
         """A managed entry was removed or changed: stop its process once its requests end."""
@@ -5920,8 +6256,9 @@ async def bench_run(args, api_key, progress=sys.stderr):
     origin = Origin(args.url.rstrip("/"))
     prompt = args.prompt or " ".join(["hello"] * args.prompt_tokens)
     auth = f"Authorization: Bearer {check_header_value(api_key)}\r\n" if api_key else ""
+    # (identity: bench reads the answers; see Upstream.set_url)
     head_fixed = (f"Host: {origin.host_header}\r\n{auth}Content-Type: application/json\r\n"
-                  f"User-Agent: llmhost-bench/{__version__}\r\n")
+                  f"User-Agent: llmhost-bench/{__version__}\r\nAccept-Encoding: identity\r\n")
     latency, ttft, itl, tokens = [], [], [], []
     errors, messages = Counter(), {}
     unfinished = 0

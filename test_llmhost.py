@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 
 import pytest
 
@@ -41,15 +42,32 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # else head and body meet delayed ACKs: 40 ms a request
 
+    coding = None  # this answer's Content-Encoding: a step's "encoding", else fake.encoding
+    packer = None  # its zlib compressor (gzip, deflate); "br" is sent as it is, only labelled
+
     def log_message(self, *args):
         pass
 
     # -- plumbing ----------------------------------------------------------------------
+    def begin_coding(self, coding):
+        self.coding = coding
+        self.packer = zlib.compressobj(wbits={"gzip": 31, "deflate": 15}[coding]) \
+            if coding in ("gzip", "deflate") else None
+
+    def pack(self, data, last=False):
+        """`data` in this answer's coding; a stream's pieces are flushed one by one."""
+        if self.packer is None:
+            return data
+        return self.packer.compress(data) + self.packer.flush(
+            zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+
     def send_json(self, status, doc, extra=()):
-        body = json.dumps(doc).encode()
+        body = self.pack(json.dumps(doc).encode(), last=True)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        if self.coding:
+            self.send_header("Content-Encoding", self.coding)
         for name, value in extra:
             self.send_header(name, value)
         self.end_headers()
@@ -59,9 +77,17 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
+        if self.coding:
+            self.send_header("Content-Encoding", self.coding)
         self.end_headers()
 
     def chunk(self, data):
+        if self.packer is not None:
+            if not data:  # the end of the stream: the coding's own end first
+                last = self.pack(b"", last=True)
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(last), last))
+            else:
+                data = self.pack(data)
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
@@ -73,9 +99,11 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         fake = self.server.fake
         fake.record(self, b"")
+        self.begin_coding(fake.encoding)
         if self.path == "/health":
             return self.send_json(200, {"status": "ok"})
-        if self.path.rstrip("/") == fake.prefix + "/models":
+        if self.path.rstrip("/") == fake.prefix + "/models" or \
+                fake.root_api and self.path == "/models":
             if fake.models_status != 200:
                 return self.send_json(fake.models_status, {"error": "nope"})
             return self.send_json(200, {"object": "list", "data": [
@@ -88,6 +116,7 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         fake.record(self, raw)
         body = json.loads(raw)
         step = fake.next_step()
+        self.begin_coding(step.get("encoding", fake.encoding))
         if step.get("hold") is not None:
             fake.holding.release()
             step["hold"].wait(TIMEOUT)
@@ -112,6 +141,10 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
             return self.send_json(step["status"], step.get("body", {"error": {
                 "message": f"fake error {step['status']}", "type": "server_error",
                 "code": None}}), step.get("headers", ()))
+        if fake.root_api and self.path == "/embeddings":  # llama.cpp's own, at its root: a
+            return self.send_json(200, [  # list, each embedding an array per pooled sequence
+                {"index": i, "embedding": [[0.5, -1.25, i + 0.0, 3.0]]}
+                for i in range(len(body["input"]) if isinstance(body["input"], list) else 1)])
         path = self.path[len(fake.prefix):]
         if path == "/chat/completions":
             return self.chat(body, step)
@@ -281,12 +314,15 @@ FakeHandler.stream_calls = _stream_calls
 
 class FakeUpstream:
     """A fake OpenAI server. `script(*steps)` queues per-request behaviours (status, delay,
-    hold, close, drop_after, stall_after, pace, meet); requests are recorded with their raw body."""
+    hold, close, drop_after, stall_after, pace, meet, encoding); requests are recorded with
+    their raw body."""
 
     def __init__(self, models=("fake-model",), prefix="/v1", port=0):
         self.models = list(models)
         self.prefix = prefix
         self.models_status = 200
+        self.encoding = None  # Content-Encoding of every answer (a step's "encoding" wins)
+        self.root_api = False  # also answer /models and /embeddings at "/", as llama.cpp does
         self.requests = []
         self.steps = []
         self.lock = threading.Lock()
@@ -750,6 +786,21 @@ def test_add_corrects_missing_v1(fake, registry):
     assert llmhost.load_registry(registry)["servers"][0]["url"] == fake.url
 
 
+def test_add_of_a_servers_root_takes_its_v1_api(fake, registry):
+    """llama-server prints http://127.0.0.1:8080 and answers /models there too, but its root
+    /embeddings is its own shape: a URL without a path is taken with /v1 when /v1/models
+    answers as an OpenAI API, and `add` says so (before: kept as given)."""
+    fake.root_api = True
+    base = fake.url[:-3]
+    for url in (base, base + "/"):
+        code, out, err = run_cli(registry, "add", "minilm", url)
+        assert code == 0, err
+        assert f"using {fake.url}, where the server's OpenAI API answers" in err
+        assert f"added minilm: {fake.url} (1 model" in out
+        assert llmhost.load_registry(registry)["servers"][0]["url"] == fake.url
+        assert run_cli(registry, "remove", "minilm")[0] == 0
+
+
 def test_add_sends_upstream_key_from_env(fake, registry):
     code, _, err = run_cli(registry, "add", "local", fake.url, "--api-key-env", "UP_KEY",
                            environ={"UP_KEY": "sk-upstream"})
@@ -1044,6 +1095,49 @@ def test_bad_requests_get_openai_envelopes(gateway, fake, path, body, status, co
     assert fake.posts() == []  # nothing reached the upstream
 
 
+@pytest.mark.parametrize("path, body, param, code", [
+    # a repeated key: routed on its last value, which an upstream may not read (before: the
+    # body went on byte for byte; one keeping the first key would serve model "nope")
+    ("/v1/chat/completions", b'{"model": "nope", "messages": [{"role": "user", "content": "x"}],'
+     b' "model": "fake-model"}', "model", "duplicate_key"),
+    ("/v1/embeddings", b'{"model": "fake-model", "input": "a", "encoding_format": "float", '
+     b'"encoding_format": "base64"}', "encoding_format", "duplicate_key"),
+    ("/v1/chat/completions", b'{"model": "fake-model", "messages": [{"role": "user"}], '
+     b'"stream": false, "str\\u0065am": true}', "stream", "duplicate_key"),  # (spelt apart)
+    ("/v1/chat/completions", dict(CHAT, n=129), "n", "integer_above_max_value"),
+    ("/v1/completions", {"model": "fake-model", "prompt": "x", "n": 10**6}, "n",
+     "integer_above_max_value"),
+    ("/v1/chat/completions", dict(CHAT, n=0), "n", "integer_below_min_value"),
+    ("/v1/chat/completions", dict(CHAT, n="2"), "n", "invalid_type"),
+    ("/v1/chat/completions", {"model": "fake-model", "messages": [{"role": "user"}, "hi"]},
+     "messages[1]", "invalid_type"),
+    ("/v1/rerank", {"model": "fake-model", "query": "q", "documents": ["a"], "top_n": -1},
+     "top_n", "integer_below_min_value"),
+])
+def test_fields_an_upstream_could_read_otherwise_are_refused_as_openai_does(
+        gateway, fake, path, body, param, code):
+    status, doc = jpost(gateway.port, path, body)
+    assert status == 400 and doc["error"]["code"] == code, doc
+    assert doc["error"]["param"] == param and doc["error"]["type"] == "invalid_request_error"
+    assert f"'{param}'" in doc["error"]["message"]
+    assert fake.posts() == []  # nothing reached the upstream
+
+
+def test_a_key_repeated_is_refused_at_the_top_level_only(gateway, fake):
+    """The top level is what llmhost routes on; a repeat inside a field (a tool's schema)
+    changes nothing llmhost reads, so that body goes on untouched, as any other."""
+    status, doc = jpost(gateway.port, "/v1/chat/completions",
+                        b'{"model": "fake-model", "messages": [], "messages": [{"role": "user"}]}')
+    assert status == 400 and doc["error"]["code"] == "duplicate_key" and fake.posts() == []
+    assert doc["error"]["message"] == "The request body has the key 'messages' more than " \
+        "once; send each key once."
+    body = (b'{"model": "fake-model", "messages": [{"role": "user", "content": "a", '
+            b'"content": "b"}], "n": 128}')
+    status, doc = jpost(gateway.port, "/v1/chat/completions", body)
+    assert status == 200 and doc["choices"][0]["message"]["content"] == "echo: b"
+    assert fake.posts()[-1]["body"] == body
+
+
 def test_rate_limit_fields_of_a_remote_api_reach_the_client(gateway, fake):
     """x-ratelimit-* (OpenAI, Groq, Together...), retry-after-ms and x-should-retry (the openai
     client's retry policy reads both) and openai-processing-ms are passed on; nothing else."""
@@ -1062,6 +1156,154 @@ def test_rate_limit_fields_of_a_remote_api_reach_the_client(gateway, fake):
     status, headers, _ = post(gateway.port, "/v1/chat/completions", CHAT)
     assert status == 429 and headers["retry-after-ms"] == "1500"
     assert headers["x-should-retry"] == "true"
+
+
+def unpack(raw, coding):
+    """A body as a client decodes it from its Content-Encoding ("br": sent as it is by the fake)."""
+    return {"gzip": lambda b: zlib.decompress(b, 31), "deflate": zlib.decompress}.get(
+        coding, lambda b: b)(raw)
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br"])
+def test_an_answer_an_upstream_compressed_anyway_is_relayed_with_its_content_encoding(
+        gateway, fake, coding):
+    """Upstreams are asked for identity (without Accept-Encoding any coding is acceptable,
+    RFC 9110 §12.5.3); one that compresses anyway has its answer relayed with the coding
+    named, so the client can decode it (before: the field was dropped, the bytes kept)."""
+    fake.script({"encoding": coding})
+    status, headers, raw = post(gateway.port, "/v1/chat/completions", CHAT)
+    assert status == 200 and headers.get("content-encoding") == coding, headers
+    doc = json.loads(unpack(raw, coding))
+    assert doc["choices"][0]["message"]["content"] == "echo: hello there"
+    assert fake.posts()[-1]["headers"]["accept-encoding"] == "identity"
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+def test_answers_llmhost_reads_are_decoded_from_gzip_and_deflate(gateway, fake, coding):
+    """Where llmhost reads an answer (base64 embeddings, an error to wrap in OpenAI's
+    envelope, an event stream it cuts into events), a compressed one is decoded and goes
+    out plain, without the field (before: garbage JSON, or a 502 that could not read it)."""
+    fake.script({"encoding": coding}, {"encoding": coding, "status": 400, "body": {
+        "error": "bad things"}}, {"encoding": coding})
+    status, headers, raw = post(gateway.port, "/v1/embeddings", {
+        "model": "fake-model", "input": "a", "encoding_format": "base64"})
+    assert status == 200 and "content-encoding" not in headers, raw
+    packed = base64.b64decode(json.loads(raw)["data"][0]["embedding"])
+    assert struct.unpack("<4f", packed) == (0.5, -1.25, 0.0, 3.0)
+    status, headers, raw = post(gateway.port, "/v1/chat/completions", CHAT)
+    assert status == 400 and "content-encoding" not in headers
+    assert json.loads(raw)["error"]["message"] == "upstream: bad things"
+    status, headers, raw = post(gateway.port, "/v1/chat/completions", dict(CHAT, stream=True))
+    assert status == 200 and "content-encoding" not in headers
+    events = sse_events(raw)
+    assert events[-1] == "[DONE]" and b'"error"' not in raw, raw[:300]
+    text = "".join(json.loads(e)["choices"][0]["delta"].get("content") or ""
+                   for e in events[:-1] if json.loads(e)["choices"])
+    assert text == "echo: hello there"
+    assert all(r["headers"].get("accept-encoding") == "identity" for r in fake.requests)
+
+
+def test_model_lists_compressed_anyway_are_read_by_serve_and_add(fake, tmp_path):
+    """The model lists serve (discover entries, health probes) and `add` read are decoded too
+    (before: taken for no OpenAI model list); both ask for identity."""
+    fake.encoding = "gzip"
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "local", "url": fake.url, "models": ["old"], "discover": True}])
+    running = Running(path)
+    try:
+        ids = [m["id"] for m in json.loads(request(running.port, "GET", "/v1/models")[2])["data"]]
+        assert ids == ["fake-model"]
+    finally:
+        running.stop()
+    code, out, err = run_cli(str(tmp_path / "t.json"), "add", "local", fake.url)
+    assert code == 0 and "(1 model: fake-model)" in out, err
+    assert {r["headers"].get("accept-encoding") for r in fake.requests} == {"identity"}
+
+
+def test_an_answer_in_a_coding_llmhost_cannot_decode_is_a_clear_502_where_it_must_read(
+        gateway, fake):
+    """br (or zstd...) where llmhost must read the answer is a 502 naming the coding (before:
+    a 502 "could not be read" with a JSON error, or compressed bytes relayed as events)."""
+    fake.script({"encoding": "br"}, {"encoding": "br"})
+    status, doc = jpost(gateway.port, "/v1/embeddings", {
+        "model": "fake-model", "input": "a", "encoding_format": "base64"})
+    assert status == 502 and doc["error"]["code"] == "upstream_content_encoding", doc
+    assert "encoded as 'br'" in doc["error"]["message"]
+    status, doc = jpost(gateway.port, "/v1/chat/completions", dict(CHAT, stream=True))
+    assert status == 502 and "encoded as 'br'" in doc["error"]["message"], doc
+
+
+def test_decode_content_limits_and_forms():
+    """Pure: gzip (several members too), deflate in the zlib format or raw (as some servers
+    send it), identity; a body that decodes past the limit (a decompression bomb), a cut or
+    corrupt one, or a coding zlib does not read, is an UpstreamError."""
+    text = b'{"a": 1}' * 100
+    raw_deflate = zlib.compressobj(wbits=-15)
+    raw_deflate = raw_deflate.compress(text) + raw_deflate.flush()
+    assert llmhost.decode_content(text, "") == text == llmhost.decode_content(text, "identity")
+    assert llmhost.decode_content(zlib.compress(text), "deflate") == text
+    assert llmhost.decode_content(raw_deflate, "deflate") == text
+    import gzip
+    assert llmhost.decode_content(gzip.compress(text) + gzip.compress(b"!"), "x-gzip") == \
+        text + b"!"
+    decoder = llmhost.content_decoder("deflate")  # fed byte by byte, raw deflate too
+    assert b"".join(decoder.feed(raw_deflate[i:i + 1]) for i in range(len(raw_deflate))) == text
+    bomb = gzip.compress(b"\0" * (1 << 20))
+    assert llmhost.decode_content(bomb, "gzip", limit=1 << 20) == b"\0" * (1 << 20)
+    for body, coding, needle in [
+            (bomb, "gzip", "decodes to more than 1048575 bytes"),
+            (gzip.compress(text)[:-5], "gzip", "is cut short"),
+            (b"not gzip at all", "gzip", "is corrupt"),
+            (text, "br", "encoded as 'br'"), (text, "gzip, br", "encoded as 'gzip, br'")]:
+        with pytest.raises(llmhost.UpstreamError) as info:
+            llmhost.decode_content(body, coding, limit=(1 << 20) - 1)
+        assert needle in info.value.message and info.value.status == 502
+
+
+def test_an_upstream_answer_of_another_shape_is_a_502_that_says_what_was_expected(
+        fake, tmp_path, caplog):
+    """An entry saved with a server's root as its URL (llama.cpp): embeddings come back as
+    llama.cpp's own list of nested arrays. A 502 says what was expected (before: "'list'
+    object has no attribute 'get'"), and serve warns of the URL once it listens."""
+    fake.root_api = True
+    root = fake.url[:-3]
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "minilm", "url": root, "models": ["fake-model"]}])
+    running = Running(path)
+    try:
+        status, doc = jpost(running.port, "/v1/embeddings", {
+            "model": "fake-model", "input": "a", "encoding_format": "base64"})
+        assert status == 502 and doc["error"]["code"] == "upstream_format", doc
+        assert doc["error"]["message"] == 'upstream embeddings answer is not an OpenAI ' \
+            'embeddings object (expected {"data": [...]}, got a list)'
+        assert wait_until(lambda: "server minilm: its URL" in caplog.text)
+        assert f"{root}/v1/models answers as an OpenAI API" in caplog.text
+        assert f"set its url to {root}/v1" in caplog.text
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize("path, answer, needle", [
+    ("/v1/embeddings", {"data": [{"embedding": [[0.5]]}]},
+     "not an OpenAI embeddings object (data[0].embedding is not a list of numbers)"),
+    ("/v1/embeddings", {"data": ["x"]},
+     "not an OpenAI embeddings object (data[0] is a string, not an object)"),
+    ("/v1/embeddings", {"object": "list"}, 'got an object without a "data" list'),
+    ("/v1/rerank", {"results": [{"index": 0, "relevance_score": "high"}]},
+     "relevance_score is a string, not a number"),
+    ("/v1/rerank", "ok", 'no results list (expected {"results": [...]}, got a string)'),
+])
+def test_read_answers_of_the_wrong_shape_are_502s_naming_it(gateway, fake, path, answer,
+                                                             needle):
+    """Where llmhost reads an answer (base64 embeddings, rerank), every shape it cannot use
+    is a 502 that says so, never a Python exception's words."""
+    fake.script({"status": 200, "body": answer})
+    body = {"model": "fake-model", "input": "a", "encoding_format": "base64"} \
+        if path == "/v1/embeddings" else {"model": "fake-model", "query": "q",
+                                          "documents": ["a"]}
+    status, doc = jpost(gateway.port, path, body)
+    assert status == 502 and needle in doc["error"]["message"], doc
+    assert doc["error"]["code"] == "upstream_format"
 
 
 def test_unknown_model_lists_known_ones(gateway):
@@ -1645,6 +1887,29 @@ def test_mcp_answer_that_is_no_completion_is_relayed(mcp_env, caplog, step, stre
     assert status == 200
     assert raw == (step["raw"] if "raw" in step else json.dumps(step["body"]).encode())
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_mcp_loop_reads_answers_an_upstream_compressed_anyway(mcp_env, stream):
+    """The tool loop reads each round: gzip and deflate are decoded, whole or as a stream
+    (before: a stream ended with an error, a whole answer was relayed compressed without
+    its field); br is a 502 that names it (before: relayed as garbage)."""
+    running, fake = mcp_env
+    status, headers, raw = agent_chat(running.port, [
+        {"calls": [("t__echo", {"text": "hi"})], "encoding": "gzip"}, {"encoding": "deflate"}],
+        fake, stream=stream)
+    assert status == 200 and "content-encoding" not in headers, raw[:300]
+    if stream:
+        events = sse_events(raw)
+        assert events[-1] == "[DONE]", raw[-300:]
+        assert not any("error" in json.loads(e) for e in events[:-1]), raw[-300:]
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in map(
+            json.loads, events[:-1]) if c.get("choices"))
+    else:
+        text = json.loads(raw)["choices"][0]["message"]["content"]
+    assert text == "tool result: hi"
+    status, _, raw = agent_chat(running.port, [{"encoding": "br"}], fake, stream=stream)
+    assert status == 502 and "encoded as 'br'" in json.loads(raw)["error"]["message"], raw
 
 
 def test_mcp_with_no_tools_sends_none_upstream(mcp_env):
@@ -3284,6 +3549,37 @@ def test_a_stream_framed_by_the_close_is_checked_for_its_end_in_the_mcp_loop_too
         assert running.gateway.router.upstreams["old"].failures == 1  # counted, as elsewhere
         status, _, raw = post(running.port, "/v1/chat/completions", dict(CHAT, stream=True))
         assert sse_events(raw)[-1] == "[DONE]" and b'"error"' not in raw
+    finally:
+        running.stop()
+        upstream.close()
+
+
+def test_the_mcp_loop_names_what_it_cannot_read_in_an_answer(tmp_path, caplog):
+    """A chunk of another shape ends the stream with an error event that says what was wrong;
+    a usage of another shape is left out (before: AttributeError, an internal error)."""
+    answer = {"id": "c1", "object": "chat.completion", "created": 1, "model": "fake-model",
+              "usage": [7], "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                  "role": "assistant", "content": "hi"}}]}
+    upstream = CloseFramedUpstream([
+        (b"text/event-stream", b'data: {"choices": ["x"]}\n\ndata: [DONE]\n\n'),
+        (b"text/event-stream", b'data: {"choices": [{"delta": {"tool_calls": [{"index": 0, '
+                               b'"function": {"arguments": {"a": 1}}}]}}]}\n\ndata: [DONE]\n\n'),
+        (b"application/json", json.dumps(answer).encode())])
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "odd", "url": upstream.url, "models": ["fake-model"], "mcp": ["t"]}],
+        mcp={"t": MCP_STDIO})
+    running = Running(path)
+    try:
+        for needle in ["(choices[0] is a string, not an object)",
+                       "(choices[0].delta.tool_calls[0] is not a tool call"]:
+            status, _, raw = post(running.port, "/v1/chat/completions", dict(CHAT, stream=True))
+            error = json.loads(sse_events(raw)[-1])["error"]
+            assert status == 200 and error["code"] == "upstream_format", error
+            assert "upstream sent a chunk that is not an OpenAI chat.completion.chunk " + \
+                needle in error["message"]
+        status, doc = jpost(running.port, "/v1/chat/completions", CHAT)
+        assert status == 200 and doc["choices"][0]["message"]["content"] == "hi", doc
+        assert "Traceback" not in caplog.text
     finally:
         running.stop()
         upstream.close()
