@@ -738,7 +738,8 @@ class Wire:
     EOF or a reset. `idle` (an upstream connection resting in the pool) turns any byte or EOF
     into a close: bytes no request asked for can only be a misframed answer."""
     __slots__ = ("owner", "transport", "loop", "buf", "eof", "lost", "error", "waiter", "want",
-                 "paused", "write_waiter", "write_paused", "idle", "last_arrival", "received")
+                 "paused", "write_waiter", "write_paused", "idle", "last_arrival", "received",
+                 "poller")
 
     def __init__(self, owner):
         self.owner = owner
@@ -755,6 +756,7 @@ class Wire:
         self.idle = False
         self.last_arrival = 0.0  # monotonic s of the last bytes received (deadline renewal)
         self.received = 0  # bytes received in all
+        self.poller = None  # select.poll of this socket, made on first use (readable_now)
 
     # -- called by the event loop ----------------------------------------------------------
     def connection_made(self, transport):
@@ -845,12 +847,14 @@ class Wire:
         """Whether the kernel holds bytes or an EOF for this socket that the loop has not
         delivered yet (the last look at a pooled connection before it is reused, as httpcore
         looks): poll(), which unlike select() takes any descriptor number."""
-        import select
-        sock = self.transport.get_extra_info("socket")
-        if sock is None:
-            return False
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
+        poller = self.poller
+        if poller is None:
+            import select
+            sock = self.transport.get_extra_info("socket")
+            if sock is None:
+                return False
+            self.poller = poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
         return bool(poller.poll(0))
 
 # =============================================================================
@@ -974,7 +978,7 @@ class ClientConnection:
         self.deadline = time.monotonic() + (HEADER_TIMEOUT if first else KEEPALIVE_IDLE)
         self.send_mark = None
         while True:
-            head = take_request_head(wire.buf)
+            head = take_request_head(wire.buf) if wire.buf else None
             if head is not None:
                 break
             if wire.eof:
@@ -1403,7 +1407,7 @@ class UpstreamConnection:
         (with `partial`: whether some of it had come) if the connection ends first."""
         wire = self.wire
         while True:
-            head = take_response_head(wire.buf)
+            head = take_response_head(wire.buf) if wire.buf else None
             if head is not None:
                 return head
             if wire.eof:
