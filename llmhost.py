@@ -1545,6 +1545,15 @@ def whole_events(data):
     return data, b""
 
 
+def cut_short(resp, done_seen):
+    """The UpstreamError of a stream that ended without data: [DONE] when its end is the close
+    (no length, not chunked): then a death looks like an end, and only [DONE] tells them
+    apart. None when the stream ended well, or its framing showed its end."""
+    if resp.framing == "close" and not done_seen:
+        return UpstreamError("upstream closed the stream before data: [DONE]")
+    return None
+
+
 def stream_delivered(request, resp):
     """The client has its whole answer (a stream ended at data: [DONE]): what is left of the
     upstream's, its end, is read in the background (UpstreamClient.drain), so the client's next
@@ -1578,8 +1587,7 @@ async def read_decoded(resp, decoder):
 async def fetch_json(client, up, path, timeout=PROBE_TIMEOUT):
     """GET `path` from the Upstream `up` (health checks, model lists) -> (status, parsed JSON
     or None). Raises UpstreamError."""
-    head = ("GET %s HTTP/1.1\r\n%s\r\n" % (path, up.head_fixed)).encode("latin-1")
-    resp = await client.request(up.origin, head, b"", timeout=timeout,
+    resp = await client.request(up.origin, up.head("GET", path), b"", timeout=timeout,
                                 connect_timeout=min(CONNECT_TIMEOUT, timeout))
     body = decode_content(await resp.read_all(), content_encoding(resp))
     try:
@@ -2244,6 +2252,16 @@ class Upstream:
         self.head_fixed = (f"Host: {self.origin.host_header}\r\n{auth}"
                            f"User-Agent: llmhost/{__version__}\r\n"
                            "Content-Type: application/json\r\nAccept-Encoding: identity\r\n")
+
+    def head(self, method, target, length=None, request_id=None):
+        """The head of a request to this server, the one place one is built: the fields every
+        request to it carries (head_fixed), the length of a body and the client request's id.
+        No field of the client's is ever copied."""
+        return ("%s %s HTTP/1.1\r\n%s%s%s\r\n" % (
+            method, target, self.head_fixed,
+            "" if length is None else "Content-Length: %d\r\n" % length,
+            "" if request_id is None else "X-Request-Id: %s\r\n" % request_id)
+        ).encode("latin-1")
 
     def public_names(self):
         return [self.alias] if self.alias else self.models
@@ -3744,26 +3762,14 @@ async def with_mcp_server(name, entry, environ, action):
 
 
 # =============================================================================
-# Application
+# Chat format
 # =============================================================================
-# Owns: the routes table and the request path:
-#
-#   client bytes -> HTTPServer reads the request (protocol error -> 4xx + close)
-#     -> Host and Origin (403), path, auth (401), method: from the head, before the body
-#     -> parse JSON, find the model (400/404) -> admission (queue / 429)
-#     -> for each candidate upstream, in Router order (at most MAX_ATTEMPTS):
-#          connect error, timeout, 429/502/503/504 before any byte -> mark it, try the next
-#          got status + headers -> point of no return: relay to the client
-#     -> client gone -> the upstream connection is aborted at once (generation stops)
-#     -> upstream dies mid-stream -> one OpenAI error event, end of stream; never [DONE]
-#
-# Errors become responses here (any HTTPError -> the OpenAI envelope) and in the HTTPServer
-# (protocol errors before the application ran). Response bytes are relayed untouched except
-# where a route must read them: base64 embeddings, rerank normalisation, error envelopes, and
-# the events of a stream; those an upstream compressed anyway are decoded first (gzip, deflate;
-# another coding is a 502), those only relayed keep their Content-Encoding.
+# Owns: the chat-completions shapes every route and the tool loop share: checking a client's
+# body (required fields, types, bounds, duplicate keys), reading an upstream's answer, chunk
+# and error body, and the few transformations a route makes (base64 embeddings, rerank).
+# Raises: BadRequest for a client's body, UpstreamError for an upstream's of another shape.
+# Never: does I/O.
 
-RETRY_STATUSES = frozenset({429, 502, 503, 504})
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 SSE_HEADERS = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
 SSE_DONE = (b"data: [DONE]\n\n", b"data: [DONE]\r\n\r\n", b"data:[DONE]\n\n")  # a stream's end
@@ -4071,6 +4077,494 @@ def normalize_rerank(body, model, texts, top_n, return_documents):
     return json_bytes(out)
 
 
+# =============================================================================
+# Send path
+# =============================================================================
+# Owns: getting one request's answer from the servers of its model: the waits for a global
+# slot and for a server with room, the attempts in Router order, what each answer means for
+# the server's health (after_answer).
+# Raises: HTTPError subclasses (UpstreamError when no server answered, RateLimited when the
+# wait was too long, ClientGone when the client left).
+# Never: reads an answer's body for the client (the caller's `deliver` does) nor knows which
+# API the client speaks.
+
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+
+
+def after_answer(status, final):
+    """What an upstream's answer status means -> (retry, health). `retry`: try the next server
+    (a refusal before any byte went out, while one is left: `final` says none is). `health`:
+    how the answer marks the server: "rate_limited" (a 429, which cools it at once for its
+    Retry-After, as LiteLLM does, whether or not another server is left), "failed" (a 5xx;
+    but 501, "not supported here", as llama.cpp answers embeddings without --embeddings,
+    which is no sign of ill health: cooling it would stop its chats too) or "ok"."""
+    if status == 429:
+        health = "rate_limited"
+    elif status >= 500 and status != 501:
+        health = "failed"
+    else:
+        health = "ok"
+    return status in RETRY_STATUSES and not final, health
+
+
+class Sender:
+    """The send path, shared by every route and the tool loop: admit(), send(), complete()."""
+
+    def __init__(self, router, client, admission, processes):
+        self.router = router
+        self.client = client
+        self.admission = admission
+        self.processes = processes  # ProcessManager for entries llmhost starts itself
+        self.capacity_waiters = []  # futures of requests waiting for a server's max_concurrency
+        admission.others = lambda: sum(1 for fut in self.capacity_waiters if not fut.done())
+
+    async def admit(self, model, conn):
+        """Wait (in all, up to the queue timeout) for a global slot and a server of `model`
+        with room; the caller releases the slot."""
+        deadline = time.monotonic() + self.admission.queue_timeout  # for all its waits
+        while True:  # a model whose servers are all at their max_concurrency waits for them
+            if self.router.all_full(model):  # first, holding no global slot: requests for
+                await self.wait_for_capacity(model, conn, deadline)  # other models wait not
+            await self.admission.acquire(conn, deadline)
+            try:
+                full = self.router.all_full(model)  # (NotFound: a reload removed the model)
+            except BaseException:
+                self.admission.release()
+                raise
+            if not full:
+                return
+            self.admission.release()  # taken again while we waited for the slot
+
+    async def wait_for_capacity(self, model, conn=None, deadline=None):
+        """Every server of `model` is at its max_concurrency: wait (FIFO-ish, until `deadline`,
+        by default the queue timeout from now) until one has a free slot, like llama.cpp's own
+        slot queue would. These waits count toward --queue-size, as the global queue's do."""
+        import asyncio
+        if deadline is None:
+            deadline = time.monotonic() + self.admission.queue_timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            candidates = self.router.resolve(model)
+            if not candidates[0][0].full():
+                return candidates
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.admission.queued() >= self.admission.queue_size:
+                self.admission.rejected += 1
+                raise RateLimited(f"every server for '{model}' is at its max_concurrency"
+                                  f"{'' if remaining <= 0 else ' and the queue is full'}; "
+                                  "retry shortly", headers=[("Retry-After", "1")])
+            fut = loop.create_future()
+            self.capacity_waiters.append(fut)
+            try:
+                await wait_unless_gone(fut, remaining, conn)
+            except asyncio.TimeoutError:
+                pass
+
+    def capacity_freed(self):
+        waiters, self.capacity_waiters = self.capacity_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def mark(self, up, health, reason, retry_after=None):
+        """Apply an answer's verdict (after_answer) to the server's health."""
+        if health == "rate_limited":
+            self.router.rate_limited(up, parse_retry_after(retry_after))
+        elif health == "failed":
+            self.router.failed(up, reason)
+        else:
+            self.router.succeeded(up)
+
+    async def send(self, request, body, candidates, suffix, raw, deliver):
+        """Send to each candidate in turn until one answers; `deliver(up, resp, body bytes or
+        None for a stream, overhead ms)` then owns the answer (the point of no return). A client
+        that leaves meanwhile ends it with ClientGone, so no caller has to check for that."""
+        model = body["model"]
+        conn = request.conn
+        if candidates[0][0].full():  # (an MCP tool loop's later rounds: a request taken in
+            candidates = await self.wait_for_capacity(model, conn)  # waits for its model anew)
+        attempts = candidates[:MAX_ATTEMPTS]
+        last_error = None
+
+        def attach(upstream_conn):
+            conn.upstream = upstream_conn
+            if conn.gone:
+                upstream_conn.abort()
+
+        for i, (up, upstream_model) in enumerate(attempts):
+            payload = raw
+            if upstream_model != model or not payload:
+                payload = json_bytes(dict(body, model=upstream_model))
+            request.server = up.name
+            up.in_flight += 1
+            up.requests += 1
+            try:
+                if up.managed:
+                    try:
+                        await self.processes.ensure(up)  # started on demand, shared by all
+                    except ServiceUnavailable as exc:
+                        last_error = exc
+                        continue
+                sent = time.monotonic()
+                try:  # nothing has gone out yet, so a failure here is still retried
+                    resp, data = await self.attempt(up, up.head(
+                        "POST", up.origin.base_path + suffix, len(payload), request.request_id),
+                        payload, attach, final=i == len(attempts) - 1)
+                except UpstreamError as exc:
+                    if conn.gone:
+                        raise ClientGone("client closed the request") from None
+                    self.router.failed(up, exc.message)
+                    last_error = exc
+                    continue
+                if resp is None:
+                    continue  # a refusal marked in attempt(): the next server
+                try:
+                    return await deliver(up, resp, data, (sent - request.received) * 1000)
+                finally:
+                    if not resp.done and not resp.draining:
+                        resp.close()  # not read to its end: the connection cannot be reused
+            finally:
+                up.in_flight -= 1
+                conn.upstream = None
+                if up.managed and up.name in self.processes.servers:
+                    self.processes.servers[up.name].last_used = time.monotonic()
+                if self.capacity_waiters and up.max_concurrency is not None:
+                    self.capacity_freed()
+        raise last_error
+
+    async def attempt(self, up, head, payload, attach, final):
+        """One server's answer -> (its response, its whole body or None for a stream), or
+        (None, None) when it refused and the next server is tried. Raises UpstreamError for a
+        failure before any byte of it could go to the client."""
+        resp = await self.client.request(up.origin, head, payload, timeout=up.timeout,
+                                         connect_timeout=up.connect_timeout,
+                                         on_connection=attach)
+        status = resp.status
+        retry, health = after_answer(status, final)
+        if retry:
+            resp.close()
+            self.mark(up, health, f"HTTP {status}", resp.headers.get("retry-after"))
+            return None, None
+        data = None
+        if status < 300 and resp.headers.get("content-type", "").startswith(
+                "text/event-stream"):
+            await resp.peek()  # a stream's first event: llama.cpp sends its head before the
+            if resp.done and not resp.early:  # prompt is read, and can die while it reads one
+                raise UpstreamError("upstream ended the stream before its first event",
+                                    code="upstream_closed")
+        else:
+            data = await resp.read_all()  # a whole answer before any byte goes out
+            encoding = content_encoding(resp)
+            if resp.framing == "close" and status == 200 and (
+                    encoding in _IDENTITY or encoding in _ZLIB_WBITS):
+                # The end is the close: a death looks like an end, unless the JSON (or its
+                # gzip) is cut short. One llmhost cannot decode is relayed.
+                try:
+                    json_loads(decode_content(data, encoding))
+                except ValueError:
+                    raise UpstreamError("upstream closed the connection mid-answer",
+                                        code="upstream_closed") from None
+        # (marked once it is at hand: one that dies on the way is a failure, not a success)
+        self.mark(up, health, f"HTTP {status}", resp.headers.get("retry-after"))
+        return resp, data
+
+    async def complete(self, request, body, candidates):
+        """One non-streamed chat completion through the router -> (status, body bytes, the
+        Retry-After of a refusal or None)."""
+        async def deliver(up, resp, data, overhead):
+            data = data if data is not None else await resp.read_all()
+            return (resp.status, decode_content(data, content_encoding(resp)),
+                    resp.headers.get("retry-after"))
+        return await self.send(request, body, candidates, "/chat/completions", None, deliver)
+
+
+# =============================================================================
+# Tool loop
+# =============================================================================
+# Owns: the MCP tool loop, once for every API: rounds against a chat-completions upstream
+# (streamed when the client streams, whole otherwise), the MCP calls each round asks for, one
+# stop rule and one round limit; what happens is told to a renderer as neutral events.
+# Raises: HTTPError subclasses (an upstream death mid-round is an UpstreamError: the face's
+# fail() ends a stream with its API's error event).
+# Never: writes to the client (the renderer does) nor knows which API the client speaks.
+#
+# The renderer's events, in order:
+#   tools(bindings)             the MCP tools offered (again after a round changed a list)
+#   opened(up)                  the first streamed round's upstream answered: a stream may begin
+#   delta(doc, text, reasoning) a chunk a client would show (the upstream's chat chunk, its
+#                               tool calls taken out, its id the first round's; and its text)
+#   calls(calls) / results(calls, results)   MCP calls about to run, and what they gave
+#   waiting()                   tools still running (a stream's keep-alive)
+#   refused(status, body, retry_after)       an answer that ends the loop: an error, or a 200
+#                               that is no chat completion (passed on as it came); -> keep-alive
+#   finished(end)               the loop's end (a LoopEnd); -> keep-alive
+
+
+class Render:
+    """The events of a tool loop, each ignored unless a face's renderer says otherwise."""
+
+    def tools(self, bindings):
+        pass
+
+    def opened(self, up):
+        pass
+
+    def delta(self, doc, text, reasoning):
+        pass
+
+    def calls(self, calls):
+        pass
+
+    def results(self, calls, results):
+        pass
+
+    def waiting(self):
+        pass
+
+    def refused(self, status, body, retry_after):
+        raise NotImplementedError
+
+    def finished(self, end):
+        raise NotImplementedError
+
+
+class LoopEnd:
+    """How a tool loop ended, for the renderer: the last round's answer (`doc`, `message` of a
+    whole one; `template`, its last chunk, of a stream), every round's text, the calls for the
+    client's own tools it ended on, whether the rounds ran out, usage and the MCP call report."""
+
+    def __init__(self, state, last_round, texts, client_calls, exhausted):
+        self.doc = last_round.doc
+        self.message = last_round.message
+        self.template = last_round.template
+        self.finish = last_round.finish
+        self.texts = texts
+        self.client_calls = client_calls
+        self.exhausted = exhausted
+        self.usage = state["usage"]
+        self.report = state["report"]
+
+    def text(self):
+        """The answer's text: every round's, set apart by a blank line ("Let me check.")."""
+        texts = [text for text in self.texts if isinstance(text, str) and text]
+        return ROUND_SEPARATOR.join(texts) if texts else None
+
+    def finish_reason(self):
+        if self.exhausted:
+            return "stop"  # out of rounds: the answer is what the model has, and we say so
+        return "tool_calls" if self.client_calls else self.finish or "stop"
+
+
+class Round:
+    """One round's answer as it comes: its chunks (absorb) or its whole answer (take)."""
+
+    def __init__(self, number, shown_before, usage, template):
+        self.number = number
+        self.shown_before = shown_before  # an earlier round's text was shown: set this apart
+        self.usage = usage
+        self.calls = {}  # index -> the call, assembled from its pieces
+        self.finish = None
+        self.content = []
+        self.doc = self.message = None
+        self.template = template  # the last chunk with choices (a stream's end is made of it)
+
+    def text(self):
+        if self.message is not None:
+            return self.message.get("content")
+        return "".join(self.content) or None
+
+    def tool_calls(self):
+        if self.message is not None:
+            return self.message.get("tool_calls") or []
+        return [self.calls[i] for i in sorted(self.calls)]
+
+    def take(self, doc, message, add_usage):
+        """A whole answer (a round not streamed)."""
+        self.doc, self.message = doc, message
+        self.finish = doc["choices"][0].get("finish_reason")
+        add_usage(self.usage, doc.get("usage"))
+
+    def absorb(self, doc, add_usage):
+        """Take in one chunk: note its tool calls and text -> the chunk as a client would see
+        it (tool calls out, no finish yet), or None if it shows nothing."""
+        if not isinstance(doc, dict):
+            raise UpstreamError("upstream sent an event that is not a JSON object")
+        if doc.get("error"):  # ends the stream with our one error event
+            error = doc["error"]
+            raise UpstreamError("upstream: " + str(error.get("message", error)
+                                                   if isinstance(error, dict) else error))
+        problem = chunk_problem(doc)
+        if problem:
+            raise UpstreamError("upstream sent a chunk that is not an OpenAI "
+                                f"chat.completion.chunk ({problem})", code="upstream_format")
+        add_usage(self.usage, doc.get("usage"))
+        shown = None
+        for choice in doc.get("choices") or ():
+            self.template = doc
+            delta = choice.get("delta") or {}
+            for part in delta.pop("tool_calls", None) or ():
+                call = self.calls.setdefault(part.get("index", 0), {
+                    "id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+                call["id"] = part.get("id") or call["id"]
+                fn = part.get("function") or {}
+                call["function"]["name"] += fn.get("name") or ""
+                call["function"]["arguments"] += fn.get("arguments") or ""
+            if choice.get("finish_reason"):
+                self.finish = choice["finish_reason"]
+            if delta.get("content"):
+                self.content.append(delta["content"])
+                if self.shown_before and len(self.content) == 1 and \
+                        isinstance(delta["content"], str):  # (as LoopEnd.text joins them)
+                    delta["content"] = ROUND_SEPARATOR + delta["content"]
+            if not any(v for k, v in delta.items() if k != "role") and \
+                    not (self.number == 0 and "role" in delta):
+                continue  # nothing a client would show
+            choice["finish_reason"] = None
+            doc.pop("usage", None)
+            shown = doc
+        return shown
+
+
+class ToolLoop:
+    """One request's tool loop: run(render) -> what the renderer's finished() or refused()
+    returns. `core` gives the send path (`sender`), the MCP hub (`mcp`), `run_mcp_calls` and
+    `rebind`; `state` is the conversation and what the request gave (see mcp_rounds)."""
+
+    def __init__(self, core, request, base, bindings, state, stream):
+        self.core = core
+        self.request = request
+        self.base = base  # the request's body, without messages, with the tools offered
+        self.bindings = bindings  # tool name -> MCP binding
+        self.state = state
+        self.stream = stream  # rounds are streamed (the client streams)
+        self.stream_id = None  # the first chunk's id, which every chunk then carries
+
+    def round_body(self, number, last):
+        body = dict(self.base, messages=self.state["messages"])
+        if last and "tools" in body:
+            body["tool_choice"] = "none"  # out of rounds: the model must answer now
+        elif number and body.get("tool_choice") is not None:
+            body["tool_choice"] = unforced(body["tool_choice"])
+        if self.stream:
+            body.update(stream=True, stream_options={"include_usage": True})
+        return body
+
+    async def run(self, render):
+        core, state = self.core, self.state
+        rounds = core.mcp_max_rounds
+        texts = []  # each round's text
+        template = None
+        render.tools(self.bindings)
+        for number in range(rounds + 1):
+            last = number == rounds
+            current = Round(number, any(texts), state["usage"], template)
+            refusal = await self.one_round(current, self.round_body(number, last), render)
+            if refusal is not None:
+                return render.refused(*refusal)
+            template = current.template
+            texts.append(current.text())
+            mine, theirs = core.split_calls(current.tool_calls(), self.bindings,
+                                            state["client_names"], number)
+            # The one stop rule: no MCP call to run, the rounds ran out, or the model also
+            # called a tool of the client's (the client's calls go back to it, llmhost's are
+            # not run: the model answers after both, in the client's next request).
+            if not mine or last or theirs:
+                return render.finished(LoopEnd(state, current, texts,
+                                               theirs if not last else None, last))
+            render.calls(mine)
+            results = await core.run_mcp_calls(self.request, mine, self.bindings,
+                                                state["report"], state["client_names"],
+                                                tick=render.waiting)
+            render.results(mine, results)
+            core.extend_conversation(state, current.message or {
+                "role": "assistant", "content": current.text()}, mine, results)
+            if await core.rebind(state, self.base, self.bindings):
+                render.tools(self.bindings)
+
+    async def one_round(self, current, body, render):
+        """Ask the model once -> None, or the (status, body, retry_after) that ends the loop."""
+        core = self.core
+        candidates = core.router.resolve(self.base["model"])  # each round ordered anew
+        if not self.stream:
+            status, data, retry_after = await core.sender.complete(self.request, body,
+                                                                   candidates)
+            doc, message = completion_message(data) if status == 200 else (None, None)
+            if message is None:
+                return status, data, retry_after
+            current.take(doc, message, core.add_usage)
+            return None
+
+        async def deliver(up, resp, data, overhead):
+            encoding = content_encoding(resp)
+            content = None
+            if data is not None:  # a whole answer, though a stream was asked for
+                data = decode_content(data, encoding)
+                doc, message = completion_message(data) if resp.status == 200 else (None, None)
+                if message is None:
+                    return resp.status, data, resp.headers.get("retry-after")
+            else:  # (one llmhost cannot decode fails before any byte of it goes out)
+                content = content_decoder(encoding)
+            render.opened(up)
+            if data is not None:  # some servers ignore "stream": one chunk of it all
+                self.show(current, completion_as_chunk(doc, message), render)
+                return None
+            decoder = SSEDecoder()
+            done = False
+            while True:
+                chunk = await (resp.read_some() if content is None else
+                               read_decoded(resp, content))
+                if not chunk:
+                    error = cut_short(resp, done)
+                    if error is not None:
+                        core.router.failed(up, error.message)  # (as relay_stream)
+                        raise error
+                    return None
+                for event in decoder.feed(chunk):
+                    if event == "[DONE]":
+                        done = True
+                        continue
+                    try:
+                        doc = json_loads(event)
+                    except ValueError:
+                        raise UpstreamError("upstream sent an event that is not JSON: "
+                                            f"{event[:200]!r}") from None
+                    self.show(current, doc, render)
+
+        return await core.sender.send(self.request, body, candidates, "/chat/completions",
+                                      None, deliver)
+
+    def show(self, current, doc, render):
+        if isinstance(doc, dict):  # every round's chunks carry the first's id: one completion
+            if self.stream_id is None:
+                self.stream_id = doc.get("id")
+            elif "id" in doc:
+                doc["id"] = self.stream_id
+        shown = current.absorb(doc, self.core.add_usage)
+        if shown is not None:
+            delta = shown["choices"][0].get("delta") or {}
+            render.delta(shown, delta.get("content"), delta.get("reasoning_content"))
+
+
+# =============================================================================
+# Application
+# =============================================================================
+# Owns: the routes table, the faces (the chat API's routes and renderers) and the request path:
+#
+#   client bytes -> HTTPServer reads the request (protocol error -> 4xx + close)
+#     -> Host and Origin (403), path, auth (401), method: from the head, before the body
+#     -> parse JSON, find the model (400/404) -> admission (queue / 429)
+#     -> for each candidate upstream, in Router order (at most MAX_ATTEMPTS):
+#          connect error, timeout, 429/502/503/504 before any byte -> mark it, try the next
+#          got status + headers -> point of no return: relay to the client
+#     -> client gone -> the upstream connection is aborted at once (generation stops)
+#     -> upstream dies mid-stream -> one OpenAI error event, end of stream; never [DONE]
+#
+# Errors become responses here (any HTTPError -> the OpenAI envelope) and in the HTTPServer
+# (protocol errors before the application ran). Response bytes are relayed untouched except
+# where a route must read them: base64 embeddings, rerank normalisation, error envelopes, and
+# the events of a stream; those an upstream compressed anyway are decoded first (gzip, deflate;
+# another coding is a 502), those only relayed keep their Content-Encoding.
+
 LOG_MODEL_CHARS = 200  # a longer model name is cut in the access log
 
 
@@ -4178,6 +4672,111 @@ class Detached:
         self.upstream = self.on_gone = None
 
 
+def answer_as_is(request, status, data, retry_after):
+    """An upstream answer that ends a tool loop before any byte went out: an error (in
+    OpenAI's envelope, with the upstream's Retry-After), or a 200 that is not a chat
+    completion, passed on as it came."""
+    request.status = status
+    if status != 200:
+        return request.conn.respond(request, status, JSON_TYPE + (
+            [("Retry-After", retry_after)] if retry_after else []),
+            error_envelope_bytes(status, data))
+    return request.conn.respond(request, 200, JSON_TYPE + [
+        ("X-Llmhost-Server", request.server or "-")], data)
+
+
+def exhausted_note(rounds):
+    return f"\n\n[llmhost: stopped after {rounds} rounds of MCP tool calls]"
+
+
+class ChatJSON(Render):
+    """A tool loop rendered as one chat.completion: the last round's answer, with every
+    round's text, the client's calls it ended on, the usage of all rounds and `mcp_calls`."""
+
+    def __init__(self, request, rounds):
+        self.request = request
+        self.rounds = rounds
+
+    def refused(self, status, body, retry_after):
+        return answer_as_is(self.request, status, body, retry_after)
+
+    def finished(self, end):
+        request = self.request
+        doc, message = end.doc, end.message
+        if len(end.texts) > 1 and end.text():
+            message["content"] = end.text()
+        if end.exhausted:
+            message["content"] = ((message.get("content") or "") +
+                                  exhausted_note(self.rounds)).strip()
+            message.pop("tool_calls", None)
+            doc["mcp_rounds_exhausted"] = True
+        elif end.client_calls:
+            doc["choices"][0]["message"] = dict(message, tool_calls=end.client_calls)
+        doc["choices"][0]["finish_reason"] = end.finish_reason()
+        doc["usage"] = end.usage or doc.get("usage")
+        doc["mcp_calls"] = end.report
+        request.status = 200
+        return request.conn.respond(request, 200, JSON_TYPE + [
+            ("X-Llmhost-Server", request.server or "-")], json_bytes(doc))
+
+
+class ChatSSE(Render):
+    """A tool loop rendered as a chat.completion.chunk stream: the upstream's chunks as they
+    come; at the end the client's calls (or the note that the rounds ran out), the finish with
+    `mcp_calls`, the usage when the client asked for it, and [DONE]."""
+
+    def __init__(self, request, rounds, include_usage):
+        self.request = request
+        self.conn = request.conn
+        self.rounds = rounds
+        self.include_usage = include_usage
+        self.keep_alive = True
+
+    def opened(self, up):
+        if not self.conn.streaming:
+            self.keep_alive = self.conn.start_stream(self.request, 200, [
+                ("Content-Type", "text/event-stream"), ("X-Llmhost-Server", up.name)]
+                + SSE_HEADERS)
+            self.request.status = 200
+
+    def delta(self, doc, text, reasoning):
+        self.conn.write_chunk(sse_event(doc))
+
+    def waiting(self):  # an SSE comment: clients ignore it, proxies see traffic
+        if self.conn.streaming:
+            self.conn.write_chunk(b": llmhost: running tools\n\n")
+
+    def refused(self, status, body, retry_after):
+        if not self.conn.streaming:
+            return answer_as_is(self.request, status, body, retry_after)
+        # a later round failed: an error event ends the stream
+        self.conn.write_chunk(sse_event(json_loads(error_envelope_bytes(
+            status if status != 200 else 502, body))))
+        self.conn.end_stream()
+        return self.keep_alive
+
+    def finished(self, end):
+        conn = self.conn
+        tail = dict(end.template or {"object": "chat.completion.chunk"})
+        tail.pop("usage", None)
+        if end.exhausted:
+            conn.write_chunk(sse_event(dict(tail, choices=[{"index": 0, "delta": {
+                "content": exhausted_note(self.rounds)}, "finish_reason": None}])))
+        elif end.client_calls:
+            conn.write_chunk(sse_event(dict(tail, choices=[{"index": 0, "delta": {"tool_calls": [
+                dict(call, index=i) for i, call in enumerate(end.client_calls)]},
+                "finish_reason": None}])))
+        conn.write_chunk(sse_event(dict(tail, choices=[{"index": 0, "delta": {},
+                                                        "finish_reason": end.finish_reason()}],
+                                        mcp_calls=end.report,
+                                        **({"mcp_rounds_exhausted": True} if end.exhausted
+                                           else {}))))
+        if self.include_usage:
+            conn.write_chunk(sse_event(dict(tail, choices=[], usage=end.usage)))
+        conn.end_stream(sse_event(b"[DONE]"))  # with the end: a client may close on [DONE]
+        return self.keep_alive
+
+
 class Application:
     def __init__(self, router, client, admission, *, api_keys=(), access_log=None,
                  allowed_hosts=None, cors_origins=(), mcp_environ=None, mcp_roots=(),
@@ -4199,8 +4798,7 @@ class Application:
             h.lower() for h in allowed_hosts}
         self.host_verdicts = {}  # Host header -> allowed? (parsing addresses per request is slow)
         self.cors_origins = frozenset(cors_origins)
-        self.capacity_waiters = []  # futures of requests waiting for a server's max_concurrency
-        admission.others = lambda: sum(1 for fut in self.capacity_waiters if not fut.done())
+        self.sender = Sender(router, client, admission, processes)
         self.started = time.time()
         self.ids = "%x" % (int(time.time() * 1000) & 0xFFFFFFFFFF)
         self.counter = 0
@@ -4471,151 +5069,12 @@ class Application:
         def deliver(up, resp, data, overhead):
             return self.relay(request, up, resp, data, transform, overhead)
 
-        await self.admit(model, conn)
+        await self.sender.admit(model, conn)
         try:  # ordered now, after the wait: health and load may have changed meanwhile
-            return await self.try_candidates(request, body, self.router.resolve(model),
-                                             suffix, raw, deliver)
+            return await self.sender.send(request, body, self.router.resolve(model), suffix,
+                                          raw, deliver)
         finally:
             self.admission.release()
-
-    async def admit(self, model, conn):
-        """Wait (in all, up to the queue timeout) for a global slot and a server of `model`
-        with room; the caller releases the slot."""
-        deadline = time.monotonic() + self.admission.queue_timeout  # for all its waits
-        while True:  # a model whose servers are all at their max_concurrency waits for them
-            if self.router.all_full(model):  # first, holding no global slot: requests for
-                await self.wait_for_capacity(model, conn, deadline)  # other models wait not
-            await self.admission.acquire(conn, deadline)
-            try:
-                full = self.router.all_full(model)  # (NotFound: a reload removed the model)
-            except BaseException:
-                self.admission.release()
-                raise
-            if not full:
-                return
-            self.admission.release()  # taken again while we waited for the slot
-
-    async def wait_for_capacity(self, model, conn=None, deadline=None):
-        """Every server of `model` is at its max_concurrency: wait (FIFO-ish, until `deadline`,
-        by default the queue timeout from now) until one has a free slot, like llama.cpp's own
-        slot queue would. These waits count toward --queue-size, as the global queue's do."""
-        import asyncio
-        if deadline is None:
-            deadline = time.monotonic() + self.admission.queue_timeout
-        loop = asyncio.get_running_loop()
-        while True:
-            candidates = self.router.resolve(model)
-            if not candidates[0][0].full():
-                return candidates
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self.admission.queued() >= self.admission.queue_size:
-                self.admission.rejected += 1
-                raise RateLimited(f"every server for '{model}' is at its max_concurrency"
-                                  f"{'' if remaining <= 0 else ' and the queue is full'}; "
-                                  "retry shortly", headers=[("Retry-After", "1")])
-            fut = loop.create_future()
-            self.capacity_waiters.append(fut)
-            try:
-                await wait_unless_gone(fut, remaining, conn)
-            except asyncio.TimeoutError:
-                pass
-
-    def capacity_freed(self):
-        waiters, self.capacity_waiters = self.capacity_waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
-
-    async def try_candidates(self, request, body, candidates, suffix, raw, deliver):
-        """Send to each candidate in turn until one answers; `deliver(up, resp, body bytes or
-        None for a stream, overhead ms)` then owns the answer (the point of no return). A client
-        that leaves meanwhile ends it with ClientGone, so no caller has to check for that."""
-        model = body["model"]
-        conn = request.conn
-        if candidates[0][0].full():  # (an MCP tool loop's later rounds: a request taken in
-            candidates = await self.wait_for_capacity(model, conn)  # waits for its model anew)
-        attempts = candidates[:MAX_ATTEMPTS]
-        last_error = None
-
-        def attach(upstream_conn):
-            conn.upstream = upstream_conn
-            if conn.gone:
-                upstream_conn.abort()
-
-        for i, (up, upstream_model) in enumerate(attempts):
-            final = i == len(attempts) - 1
-            payload = raw
-            if upstream_model != model or not payload:
-                payload = json_bytes(dict(body, model=upstream_model))
-            request.server = up.name
-            up.in_flight += 1
-            up.requests += 1
-            try:
-                if up.managed:
-                    try:
-                        await self.processes.ensure(up)  # started on demand, shared by all
-                    except ServiceUnavailable as exc:
-                        last_error = exc
-                        continue
-                head = ("POST %s%s HTTP/1.1\r\n%sContent-Length: %d\r\nX-Request-Id: %s"
-                        "\r\n\r\n" % (up.origin.base_path, suffix, up.head_fixed, len(payload),
-                                        request.request_id)).encode("latin-1")
-                sent = time.monotonic()
-                data = None
-                try:  # nothing has gone out yet, so a failure here is still retried
-                    resp = await self.client.request(up.origin, head, payload, timeout=up.timeout,
-                                                     connect_timeout=up.connect_timeout,
-                                                     on_connection=attach)
-                    status = resp.status
-                    if status in RETRY_STATUSES and not final:
-                        resp.close()
-                        if status == 429:
-                            self.router.rate_limited(up, parse_retry_after(
-                                resp.headers.get("retry-after")))
-                        else:
-                            self.router.failed(up, f"HTTP {status}")
-                        continue
-                    if status < 300 and resp.headers.get("content-type", "").startswith(
-                            "text/event-stream"):
-                        await resp.peek()  # a stream's first event: llama.cpp sends its head
-                        if resp.done and not resp.early:
-                            raise UpstreamError("upstream ended the stream before its first "
-                                                "event", code="upstream_closed")
-                    else:  # before the prompt is read, and can die while it reads a long one
-                        data = await resp.read_all()  # a whole answer before any byte goes out
-                        encoding = content_encoding(resp)
-                        if resp.framing == "close" and status == 200 and (
-                                encoding in _IDENTITY or encoding in _ZLIB_WBITS):
-                            # The end is the close: a death looks like an end, unless the JSON
-                            # (or its gzip) is cut short. One llmhost cannot decode is relayed.
-                            try:
-                                json_loads(decode_content(data, encoding))
-                            except ValueError:
-                                raise UpstreamError("upstream closed the connection mid-answer",
-                                                    code="upstream_closed") from None
-                except UpstreamError as exc:
-                    if conn.gone:
-                        raise ClientGone("client closed the request") from None
-                    self.router.failed(up, exc.message)
-                    last_error = exc
-                    continue
-                if status >= 500 and status != 501:  # 501: it does not do this (llama.cpp's
-                    self.router.failed(up, f"HTTP {status}")  # embeddings without --embeddings),
-                else:  # which is no sign of ill health: cooling it would stop its chats too
-                    self.router.succeeded(up)
-                try:
-                    return await deliver(up, resp, data, (sent - request.received) * 1000)
-                finally:
-                    if not resp.done and not resp.draining:
-                        resp.close()  # not read to its end: the connection cannot be reused
-            finally:
-                up.in_flight -= 1
-                conn.upstream = None
-                if up.managed and up.name in self.processes.servers:
-                    self.processes.servers[up.name].last_used = time.monotonic()
-                if self.capacity_waiters and up.max_concurrency is not None:
-                    self.capacity_freed()
-        raise last_error
 
     async def relay(self, request, up, resp, body, transform, overhead):
         """Answer the client with `resp`: its buffered `body`, or (None) its SSE stream."""
@@ -4687,10 +5146,9 @@ class Application:
                     done_seen = b"[DONE]" in data
                 if transport.get_write_buffer_size() > RELAY_CHUNK:
                     await conn.drain()
-            if close_framed and not done_seen and b"[DONE]" not in pending + tail and \
-                    not conn.gone:  # (a client that left closed it: not the upstream's fault)
-                error = UpstreamError("upstream closed the stream before data: [DONE]")
-                self.router.failed(up, error.message)
+            error = cut_short(resp, done_seen or b"[DONE]" in pending + tail)
+            if error is not None and not conn.gone:  # (a client that left closed it: not
+                self.router.failed(up, error.message)  # the upstream's fault)
                 pending += sse_event(error.envelope())  # (a half event in `tail` is dropped)
             else:
                 pending += tail
@@ -4804,7 +5262,7 @@ class Application:
         request.conn = Detached()
         request.started = request.received = time.monotonic()
         request.request_id = f"sampling-{server}"
-        status, data, _ = await self.complete(request, body, self.router.resolve(model))
+        status, data, _ = await self.sender.complete(request, body, self.router.resolve(model))
         if status != 200:
             raise RuntimeError(f"model {model} answered HTTP {status}")
         doc = json_loads(data)
@@ -4813,19 +5271,10 @@ class Application:
                 "stop_reason": {"length": "maxTokens", "stop": "endTurn"}.get(
                     choice.get("finish_reason"), "endTurn")}
 
-    async def complete(self, request, body, candidates):
-        """One non-streamed chat completion through the router -> (status, body bytes, the
-        Retry-After of a refusal or None)."""
-        async def deliver(up, resp, data, overhead):
-            data = data if data is not None else await resp.read_all()
-            return (resp.status, decode_content(data, content_encoding(resp)),
-                    resp.headers.get("retry-after"))
-        return await self.try_candidates(request, body, candidates, "/chat/completions", None,
-                                         deliver)
-
-    async def run_mcp_calls(self, request, calls, bindings, report, client_names=()):
-        """Run this round's MCP tool calls concurrently -> one result dict per call. A client
-        that leaves cancels them (the SDK tells each server)."""
+    async def run_mcp_calls(self, request, calls, bindings, report, client_names=(), tick=None):
+        """Run this round's MCP tool calls concurrently -> one result dict per call; `tick()`
+        every MCP_KEEPALIVE while they run. A client that leaves cancels them (the SDK tells
+        each server)."""
         import asyncio
 
         async def one(call):
@@ -4873,8 +5322,8 @@ class Application:
                 if done:
                     report.extend(entry for _, entry in task.result())  # in call order
                     return [result for result, _ in task.result()]
-                if conn.streaming:  # an SSE comment: clients ignore it, proxies see traffic
-                    conn.write_chunk(b": llmhost: running tools\n\n")
+                if tick is not None:
+                    tick()
         except asyncio.CancelledError:
             task.cancel()  # the calls end with us (client gone, or shutdown)
             if conn.gone:
@@ -4926,22 +5375,25 @@ class Application:
             base["tools"] = tools
         else:  # OpenAI refuses "tools": [] (and a tool_choice without tools)
             base.pop("tool_choice", None)
-        await self.admit(base["model"], request.conn)  # later rounds hold their slot
+        stream = body.get("stream") is True
+        if stream:
+            render = ChatSSE(request, self.mcp_max_rounds, bool(
+                (body.get("stream_options") or {}).get("include_usage")))
+        else:
+            render = ChatJSON(request, self.mcp_max_rounds)
+        await self.sender.admit(base["model"], request.conn)  # later rounds hold their slot
         try:
-            if body.get("stream") is True:
-                include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-                return await self.mcp_loop_stream(request, base, bindings, state, include_usage)
-            return await self.mcp_loop(request, base, bindings, state)
+            return await ToolLoop(self, request, base, bindings, state, stream).run(render)
         finally:
             self.admission.release()
 
     async def rebind(self, state, base, bindings):
         """After a round whose calls changed a server's tool list (it sent tools/list_changed,
         as a tool that unlocks others does), the next round is offered the new list; a new
-        tool named like one of the client's functions is left out."""
+        tool named like one of the client's functions is left out. -> whether it changed."""
         servers = state["servers"]
         if not self.mcp.relist_due(servers):
-            return
+            return False
         fresh = {b["name"]: b for b in await self.mcp.tools(
             servers, state["allowed"], optional=set(servers))}  # (one failing now: left out)
         bindings.clear()
@@ -4951,16 +5403,7 @@ class Application:
         if not base["tools"]:  # (as mcp_rounds: OpenAI refuses "tools": [])
             del base["tools"]
             base.pop("tool_choice", None)
-
-    def mcp_round_body(self, base, state, number, last, stream):
-        body = dict(base, messages=state["messages"])
-        if last and "tools" in body:
-            body["tool_choice"] = "none"  # out of rounds: the model must answer now
-        elif number and body.get("tool_choice") is not None:
-            body["tool_choice"] = unforced(body["tool_choice"])
-        if stream:
-            body.update(stream=True, stream_options={"include_usage": True})
-        return body
+        return True
 
     @staticmethod
     def add_usage(total, usage):
@@ -4969,9 +5412,6 @@ class Application:
         for key, value in usage.items():
             if isinstance(value, int):
                 total[key] = total.get(key, 0) + value
-
-    def exhausted_note(self):
-        return f"\n\n[llmhost: stopped after {self.mcp_max_rounds} rounds of MCP tool calls]"
 
     @staticmethod
     def split_calls(calls, bindings, client_names, number):
@@ -5003,195 +5443,6 @@ class Application:
             state["messages"].append({"role": "user", "content": [
                 {"type": "text", "text": "Images and audio returned by the tool calls above:"}]
                 + media})
-
-    def answer_as_is(self, request, status, data, retry_after):
-        """An upstream answer that ends the tool loop before any byte went out: an error (in
-        OpenAI's envelope, with the upstream's Retry-After), or a 200 that is not a chat
-        completion, passed on as it came."""
-        request.status = status
-        if status != 200:
-            return request.conn.respond(request, status, JSON_TYPE + (
-                [("Retry-After", retry_after)] if retry_after else []),
-                error_envelope_bytes(status, data))
-        return request.conn.respond(request, 200, JSON_TYPE + [
-            ("X-Llmhost-Server", request.server or "-")], data)
-
-    async def mcp_loop(self, request, base, bindings, state):
-        rounds = self.mcp_max_rounds
-        said = []  # the text of rounds before this one (what the stream shows as it comes)
-        for number in range(rounds + 1):
-            last = number == rounds
-            status, data, retry_after = await self.complete(
-                request, self.mcp_round_body(base, state, number, last, False),
-                self.router.resolve(base["model"]))  # each round ordered anew (health, load)
-            doc, message = completion_message(data) if status == 200 else (None, None)
-            if message is None:
-                return self.answer_as_is(request, status, data, retry_after)
-            self.add_usage(state["usage"], doc.get("usage"))
-            mine, theirs = self.split_calls(message.get("tool_calls") or [], bindings,
-                                            state["client_names"], number)
-            if not mine or last:
-                break
-            if theirs:  # the client's own tools: back to the client with just those (see
-                doc["choices"][0]["message"] = message = dict(message, tool_calls=theirs)
-                break  # README)
-            results = await self.run_mcp_calls(request, mine, bindings, state["report"],
-                                               state["client_names"])
-            self.extend_conversation(state, message, mine, results)
-            said.append(message.get("content"))
-            await self.rebind(state, base, bindings)
-        texts = [text for text in said + [message.get("content")] if isinstance(text, str) and text]
-        if said and texts:  # each round's text, as the stream gives it ("Let me check.")
-            message["content"] = ROUND_SEPARATOR.join(texts)
-        if last:  # out of rounds: the answer is what the model has, and we say so
-            message["content"] = ((message.get("content") or "") + self.exhausted_note()).strip()
-            message.pop("tool_calls", None)
-            doc["choices"][0]["finish_reason"] = "stop"
-            doc["mcp_rounds_exhausted"] = True
-        doc["usage"] = state["usage"] or doc.get("usage")
-        doc["mcp_calls"] = state["report"]
-        request.status = 200
-        return request.conn.respond(request, 200, JSON_TYPE + [
-            ("X-Llmhost-Server", request.server or "-")], json_bytes(doc))
-
-    async def mcp_loop_stream(self, request, base, bindings, state, include_usage):
-        conn = request.conn
-        rounds = self.mcp_max_rounds
-        keep_alive = True
-        template = None
-        stream_id = None  # every round's chunks carry the first round's id, as one completion
-        said = False  # whether an earlier round's text was shown (the next one is set apart)
-        for number in range(rounds + 1):
-            last = number == rounds
-            collected = {"calls": {}, "finish": None, "content": []}
-
-            def absorb(doc, number=number, collected=collected):
-                """Take in one chunk of this round: note its tool calls and text, and pass on
-                what a client would show."""
-                nonlocal template, stream_id
-                if not isinstance(doc, dict):
-                    raise UpstreamError("upstream sent an event that is not a JSON object")
-                if doc.get("error"):  # ends the stream with our one error event
-                    error = doc["error"]
-                    raise UpstreamError("upstream: " + str(error.get("message", error)
-                                                           if isinstance(error, dict) else error))
-                problem = chunk_problem(doc)
-                if problem:
-                    raise UpstreamError("upstream sent a chunk that is not an OpenAI "
-                                        f"chat.completion.chunk ({problem})",
-                                        code="upstream_format")
-                if stream_id is None:
-                    stream_id = doc.get("id")
-                elif "id" in doc:
-                    doc["id"] = stream_id
-                self.add_usage(state["usage"], doc.get("usage"))
-                for choice in doc.get("choices") or ():
-                    template = doc
-                    delta = choice.get("delta") or {}
-                    for part in delta.pop("tool_calls", None) or ():
-                        call = collected["calls"].setdefault(part.get("index", 0), {
-                            "id": None, "type": "function",
-                            "function": {"name": "", "arguments": ""}})
-                        call["id"] = part.get("id") or call["id"]
-                        fn = part.get("function") or {}
-                        call["function"]["name"] += fn.get("name") or ""
-                        call["function"]["arguments"] += fn.get("arguments") or ""
-                    if choice.get("finish_reason"):
-                        collected["finish"] = choice["finish_reason"]
-                    if delta.get("content"):
-                        collected["content"].append(delta["content"])
-                        if said and len(collected["content"]) == 1 and \
-                                isinstance(delta["content"], str):  # (as mcp_loop joins them)
-                            delta["content"] = ROUND_SEPARATOR + delta["content"]
-                    shown = any(v for k, v in delta.items() if k != "role")
-                    if not shown and not (number == 0 and "role" in delta):
-                        continue  # nothing a client would show
-                    choice["finish_reason"] = None
-                    doc.pop("usage", None)
-                    conn.write_chunk(sse_event(doc))
-
-            async def deliver(up, resp, data, overhead):
-                nonlocal keep_alive
-                encoding = content_encoding(resp)
-                content = None
-                if data is not None:  # a whole answer, though a stream was asked for
-                    data = decode_content(data, encoding)
-                    doc, message = completion_message(data) if resp.status == 200 else (None,
-                                                                                        None)
-                    if message is None:
-                        return resp.status, data, resp.headers.get("retry-after")
-                else:  # (one llmhost cannot decode fails before any byte of it goes out)
-                    content = content_decoder(encoding)
-                if not conn.streaming:
-                    keep_alive = conn.start_stream(request, 200, [
-                        ("Content-Type", "text/event-stream"), ("X-Llmhost-Server", up.name)]
-                        + SSE_HEADERS)
-                    request.status = 200
-                if data is not None:  # some servers ignore "stream": one chunk of it all
-                    absorb(completion_as_chunk(doc, message))
-                    return 200, None, None
-                decoder = SSEDecoder()
-                done = False
-                while True:
-                    chunk = await (resp.read_some() if content is None else
-                                   read_decoded(resp, content))
-                    if not chunk:  # (a death looks like the end of a close-framed stream)
-                        if resp.framing == "close" and not done:
-                            error = UpstreamError("upstream closed the stream before data: "
-                                                  "[DONE]")
-                            self.router.failed(up, error.message)  # (as relay_stream)
-                            raise error
-                        return 200, None, None
-                    for event in decoder.feed(chunk):
-                        if event == "[DONE]":
-                            done = True
-                            continue
-                        try:
-                            doc = json_loads(event)
-                        except ValueError:
-                            raise UpstreamError("upstream sent an event that is not JSON: "
-                                                f"{event[:200]!r}") from None
-                        absorb(doc)
-
-            status, data, retry_after = await self.try_candidates(
-                request, self.mcp_round_body(base, state, number, last, True),
-                self.router.resolve(base["model"]), "/chat/completions", None, deliver)
-            if status != 200 or data is not None:
-                if conn.streaming:  # a later round failed: an error event ends the stream
-                    conn.write_chunk(sse_event(json_loads(error_envelope_bytes(
-                        status if status != 200 else 502, data))))
-                    conn.end_stream()
-                    return keep_alive
-                return self.answer_as_is(request, status, data, retry_after)
-            calls = [collected["calls"][i] for i in sorted(collected["calls"])]
-            mine, theirs = self.split_calls(calls, bindings, state["client_names"], number)
-            if not mine or last or theirs:
-                break
-            results = await self.run_mcp_calls(request, mine, bindings, state["report"],
-                                               state["client_names"])
-            self.extend_conversation(state, {"role": "assistant", "content": "".join(
-                collected["content"]) or None}, mine, results)
-            said = said or bool(collected["content"])
-            await self.rebind(state, base, bindings)
-        finish = collected["finish"] or "stop"
-        tail = dict(template or {"object": "chat.completion.chunk"})
-        tail.pop("usage", None)
-        if theirs and not last:
-            finish = "tool_calls"
-            conn.write_chunk(sse_event(dict(tail, choices=[{"index": 0, "delta": {"tool_calls": [
-                dict(call, index=i) for i, call in enumerate(theirs)]}, "finish_reason": None}])))
-        elif last:
-            finish = "stop"
-            conn.write_chunk(sse_event(dict(tail, choices=[{"index": 0, "delta": {
-                "content": self.exhausted_note()}, "finish_reason": None}])))
-        conn.write_chunk(sse_event(dict(tail, choices=[{"index": 0, "delta": {},
-                                                        "finish_reason": finish}],
-                                        mcp_calls=state["report"],
-                                        **({"mcp_rounds_exhausted": True} if last else {}))))
-        if include_usage:
-            conn.write_chunk(sse_event(dict(tail, choices=[], usage=state["usage"])))
-        conn.end_stream(sse_event(b"[DONE]"))  # with the end: a client may close on [DONE]
-        return keep_alive
 
 
 # =============================================================================
@@ -6257,12 +6508,9 @@ async def bench_run(args, api_key, progress=sys.stderr):
     sweeper = Sweeper()
     client = UpstreamClient(sweeper)
     ticker = loop.create_task(sweeper.run())
-    origin = Origin(args.url.rstrip("/"))
+    up = Upstream({"name": "bench", "url": args.url.rstrip("/")}, api_key)
+    origin = up.origin
     prompt = args.prompt or " ".join(["hello"] * args.prompt_tokens)
-    auth = f"Authorization: Bearer {check_header_value(api_key)}\r\n" if api_key else ""
-    # (identity: bench reads the answers; see Upstream.set_url)
-    head_fixed = (f"Host: {origin.host_header}\r\n{auth}Content-Type: application/json\r\n"
-                  f"User-Agent: llmhost-bench/{__version__}\r\nAccept-Encoding: identity\r\n")
     latency, ttft, itl, tokens = [], [], [], []
     errors, messages = Counter(), {}
     unfinished = 0
@@ -6283,8 +6531,7 @@ async def bench_run(args, api_key, progress=sys.stderr):
         if args.stream:
             body.update(stream=True, stream_options={"include_usage": True})
         payload = json_bytes(body)
-        head = (f"POST {origin.base_path}/chat/completions HTTP/1.1\r\n{head_fixed}"
-                f"Content-Length: {len(payload)}\r\n\r\n").encode("latin-1")
+        head = up.head("POST", origin.base_path + "/chat/completions", len(payload))
         t0 = time.monotonic()
         resp = None
         try:

@@ -1732,6 +1732,7 @@ def run_mcp_test_server(argv):
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", int(argv[1]) if argv[1:] else 0))
+    sock.listen(128)  # before PORT is said: a client may connect while uvicorn starts
     print(f"PORT {sock.getsockname()[1]}", flush=True)
     app = srv.sse_app() if argv[0] == "sse" else srv.streamable_http_app()
     if argv[0] == "http-legacy":
