@@ -12,6 +12,7 @@ Usage::
     python3 llmhost.py add openai https://api.openai.com/v1 --api-key-env OPENAI_API_KEY --model gpt-4o-mini
     python3 llmhost.py list [--json] | show NAME | remove NAME
     python3 llmhost.py serve [--host 127.0.0.1] [--port 8000] [--api-key KEY]...
+    python3 llmhost.py serve            # an empty registry: serves what answers on local ports
 
 Deliberately not supported: clustering (run several copies behind any load balancer), HTTP/2
 toward clients or upstreams, request/response transformation beyond what a route needs (model
@@ -5298,7 +5299,7 @@ class Gateway:
                  queue_size=QUEUE_SIZE, queue_timeout=QUEUE_TIMEOUT, access_log=None,
                  allowed_hosts=None, cors_origins=(), mcp_max_rounds=MCP_MAX_ROUNDS,
                  mcp_allow_urls=(), mcp_roots=(), max_running=None, parent=None,
-                 last_good=None, clock=time.monotonic):
+                 last_good=None, discover_ports=None, clock=time.monotonic):
         self.registry = registry
         self.parent = parent  # pid of the `serve --workers N` that started this worker
         self.last_good = last_good  # (a worker of serve --workers) serve's last good (doc, keys)
@@ -5317,6 +5318,13 @@ class Gateway:
         self.registry_stamp = None
         self.next_watch = 0.0
         self.probing = set()  # names of cooling servers with a probe under way
+        # While the registry names no server, serve looks for local ones on these ports
+        # ({port: name}, as discover_servers takes them; None: never) and serves what it finds.
+        self.discover_ports = discover_ports
+        self.discovered = []  # entries found so, served while the registry stays empty
+        self.discovery = None  # the probe under way (asyncio.Task), if any
+        self.registry_empty = False  # whether the registry last loaded names no server
+        self.listening = False
         self.tasks = set()
         if access_log is not None:
             self.sweeper.callbacks.append(access_log.flush)
@@ -5339,7 +5347,11 @@ class Gateway:
                              len(reaped), ", ".join(map(str, reaped)))
         await self.reload(quiet=True)
         self.spawn(self.sweeper.run())
-        return await self.http.listen(host, port, sock=sock)
+        addresses = await self.http.listen(host, port, sock=sock)
+        # Probing never delays listening: it starts once clients can connect.
+        self.listening = True
+        self.discover_if_empty()
+        return addresses
 
     async def reload(self, quiet=False):
         """Re-read the registry; a broken file keeps the last good one (and says why)."""
@@ -5360,7 +5372,13 @@ class Gateway:
             doc, keys = self.last_good
         self.last_good = None
         before = set(self.router.upstreams)
-        self.router.load(doc["servers"], keys)
+        self.registry_empty = not doc["servers"]
+        if doc["servers"] and self.discovered:
+            # The registry wins: once it names servers, the discovered ones go.
+            logger().info("the registry names servers now: it replaces those discovered (%s)",
+                          ", ".join(e["name"] for e in self.discovered))
+            self.discovered = []
+        self.router.load(doc["servers"] or self.discovered, keys)
         for entry in doc["servers"]:  # (the upstream's 401 would tell the client its own
             if entry.get("api_key_env") and not keys.get(entry["name"]):  # key is missing)
                 logger().warning("server %s: environment variable %s is not set: its requests "
@@ -5372,6 +5390,7 @@ class Gateway:
                     for name in up.entry.get("mcp", ())}
         if attached:  # connected now, not when the first request needs them
             self.spawn(self.app.mcp.warm(sorted(attached)))
+        self.discover_if_empty()
         if not quiet:
             logger().info("registry reloaded: %d servers, %d models (added: %s; removed: %s)",
                           len(self.router.upstreams), len(self.router.table),
@@ -5386,6 +5405,41 @@ class Gateway:
                         not up.alias:  # an alias names its one model, whatever the list says
                     up.models = found[up.name]
             self.router.rebuild()
+
+    def discover_if_empty(self):
+        """The registry names no server (and nothing found is served yet): look for local
+        ones in the background, as `discover` does, once listening."""
+        if self.discover_ports and self.listening and self.registry_empty and \
+                not self.discovered and self.discovery is None:
+            self.discovery = self.spawn(self.discover())
+
+    async def discover(self):
+        """Probe the discovery ports; serve what answers, without writing the registry (the
+        user's file holds what the user chose), unless the registry named servers meanwhile."""
+        import asyncio
+        try:
+            found = await asyncio.get_running_loop().run_in_executor(
+                None, discover_servers, self.discover_ports)
+        finally:
+            self.discovery = None
+        if not self.registry_empty:
+            return
+        ports = ", ".join(map(str, self.discover_ports))
+        if not found:
+            logger().warning("no servers registered in %s, and none answered on local ports "
+                             "%s: add one with `python3 llmhost.py add NAME URL` (serve picks "
+                             "it up live)", self.registry, ports)
+            return
+        for name, url, ids in found:
+            logger().info("discovered %s at %s serving %s", name, url,
+                          ", ".join(ids[:10]) + (" …" if len(ids) > 10 else "") or "no models")
+        self.discovered = [{"name": name, "url": url, "models": ids, "discover": True}
+                           for name, url, ids in found]
+        self.router.load(self.discovered, {})
+        logger().info("registry %s is empty, so serving the %d server(s) found on this machine "
+                      "(ports %s), without saving them: make them permanent with `python3 "
+                      "llmhost.py discover --add` (servers the registry names replace them; "
+                      "--no-discover turns this off)", self.registry, len(found), ports)
 
     async def retire(self, server):
         """A managed entry was removed or changed: stop its process once its requests end."""
@@ -5486,9 +5540,13 @@ def cmd_serve(args, environ):
     if workers > args.max_concurrency:
         raise CLIError(f"--max-concurrency {args.max_concurrency} cannot be split across "
                        f"{workers} workers (each needs at least 1): raise it or use fewer workers")
+    discover_ports = None if args.no_discover else \
+        parse_ports(args.discover_ports, "--discover-ports") if args.discover_ports else \
+        DISCOVERY_PORTS
     # a broken registry stops serve before it binds
     last_good = serving_registry(path, environ, workers > 1)
     options = dict(environ=environ, api_keys=keys, queue_timeout=args.queue_timeout,
+                   discover_ports=discover_ports,
                    allowed_hosts=args.allowed_host or () if loopback else None,
                    cors_origins=args.cors_origin or (), mcp_max_rounds=args.mcp_max_rounds,
                    max_running=args.max_running,
@@ -5556,14 +5614,9 @@ def run_worker(args, path, keys, options, max_concurrency, queue_size, sock=None
         logger().info("llmhost %s%s serving on %s; %d servers, %d models; registry %s",
                       __version__, label, serve_addresses(addresses, keys),
                       len(gateway.router.upstreams), len(gateway.router.table), path)
-        if not gateway.router.upstreams:
-            found = await loop.run_in_executor(None, discover_servers, DISCOVERY_PORTS)
-            for name, url, ids in found:
-                logger().info("found %s at %s serving %s: add it with `python3 llmhost.py add "
-                              "%s %s` (or `discover --add`)", name, url,
-                              ", ".join(ids[:5]) or "no models", name, url)
-            logger().warning("no servers registered yet: add one with "
-                             "`python3 llmhost.py add NAME URL` (serve picks it up live)")
+        if not gateway.router.upstreams and not gateway.discover_ports:
+            logger().warning("no servers registered in %s, and --no-discover: add one with "
+                             "`python3 llmhost.py add NAME URL` (serve picks it up live)", path)
         await stop.wait()
         stopped = time.monotonic()
         logger().info("shutting down%s: finishing in-flight requests (up to %gs; Ctrl-C again "
@@ -5829,15 +5882,19 @@ def discover_servers(ports, timeout=0.5):
     return found
 
 
+def parse_ports(text, flag):
+    """"N,N" -> {port: name} as discover_servers takes it (a port given is named local<N>)."""
+    try:
+        ports = {int(p): f"local{int(p)}" for p in text.split(",")}
+    except ValueError:
+        ports = {}
+    if not ports or not all(0 < p < 65536 for p in ports):
+        raise CLIError(f"{flag} takes port numbers (1-65535) separated by commas")
+    return ports
+
+
 def cmd_discover(args, environ):
-    ports = DISCOVERY_PORTS
-    if args.ports:
-        try:
-            ports = {int(p): f"local{int(p)}" for p in args.ports.split(",")}
-        except ValueError:
-            ports = {}
-        if not ports or not all(0 < p < 65536 for p in ports):
-            raise CLIError("--ports takes port numbers (1-65535) separated by commas")
+    ports = parse_ports(args.ports, "--ports") if args.ports else DISCOVERY_PORTS
     found = discover_servers(ports)
     if not found:
         print("found no OpenAI-compatible server on the usual local ports "
@@ -6579,6 +6636,11 @@ def build_parser():
                    help="allow requests to name MCP servers by a server_url with this prefix")
     p.add_argument("--root", action="append", metavar="PATH",
                    help="a folder offered to MCP servers as a root (default: none)")
+    p.add_argument("--no-discover", action="store_true",
+                   help="with an empty registry, do not look for local servers")
+    p.add_argument("--discover-ports", metavar="N,N",
+                   help="with an empty registry, look on these ports (default: those of LM "
+                        "Studio, Ollama, llama.cpp, vLLM...)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--no-access-log", action="store_true", help="no line per request")
     p.set_defaults(func=cmd_serve)

@@ -2819,6 +2819,68 @@ def test_discover_finds_fake_servers(tmp_path):
         two.close()
 
 
+def served_models(port):
+    status, _, raw = request(port, "GET", "/v1/models")
+    assert status == 200
+    return [m["id"] for m in json.loads(raw)["data"]]
+
+
+def test_serve_with_an_empty_registry_serves_what_it_discovers_until_the_registry_names_some(
+        tmp_path):
+    found, mine = FakeUpstream(models=["alpha", "beta"]), FakeUpstream(models=["gamma"])
+    registry = str(tmp_path / "servers.json")  # missing: an empty registry
+    proc, port = start_serve(registry, "--discover-ports", f"{found.port},1", "--no-access-log")
+    try:
+        assert wait_until(lambda: served_models(port) == ["alpha", "beta"])
+        status, doc = jpost(port, "/v1/chat/completions", dict(CHAT, model="beta"))
+        assert status == 200 and found.posts()[-1]["path"] == "/v1/chat/completions"
+        assert not os.path.exists(registry)  # served, not saved
+        code, out, err = run_cli(registry, "add", "mine", mine.url)
+        assert code == 0, err
+        assert wait_until(lambda: served_models(port) == ["gamma"])  # the registry wins
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=TIMEOUT)
+        found.close()
+        mine.close()
+    assert f"INFO discovered local{found.port} at {found.url} serving alpha, beta\n" in err
+    assert f"registry {registry} is empty, so serving the 1 server(s) found" in err
+    assert "make them permanent with `python3 llmhost.py discover --add`" in err
+    assert "it replaces those discovered (local%d)" % found.port in err
+    assert llmhost.load_registry(registry)["servers"][0]["name"] == "mine"
+
+
+def test_serve_with_no_discover_probes_nothing(tmp_path):
+    fake = FakeUpstream(models=["alpha"])
+    registry = str(tmp_path / "servers.json")
+    proc, port = start_serve(registry, "--discover-ports", str(fake.port), "--no-discover")
+    try:
+        ready = wait_line(proc, "and --no-discover: add one with")
+        assert "serving on" in ready[0] and served_models(port) == []
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=TIMEOUT)
+        fake.close()
+    assert fake.requests == [] and "discovered" not in err
+
+
+def wait_line(proc, needle, timeout=TIMEOUT):
+    """Read serve's log until a line holds `needle` -> the lines read (a thread reads, so a
+    serve that never says it fails the test at `timeout` instead of hanging it)."""
+    lines, seen = [], threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if needle in line:
+                seen.set()
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    assert seen.wait(timeout), "".join(lines)
+    return lines
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["mcp-server"]:
     run_mcp_test_server(sys.argv[2:])
 
@@ -3885,7 +3947,6 @@ def test_user_session_subprocess(fake, tmp_path):
     assert "POST /v1/chat/completions model=nope server=- status=404" in err
     assert "serving on http://127.0.0.1:%d (auth off)" % port in err
     assert "POST /v1/chat/completions model=fake-model server=local status=200" in err
-
 
 def test_sigterm_lets_a_stream_finish(fake, tmp_path):
     registry = write_registry(tmp_path / "s.json",
