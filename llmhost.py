@@ -13,6 +13,7 @@ Usage::
     python3 llmhost.py list [--json] | show NAME | remove NAME
     python3 llmhost.py serve [--host 127.0.0.1] [--port 8000] [--api-key KEY]...
     python3 llmhost.py serve            # an empty registry: serves what answers on local ports
+    python3 llmhost.py status | ps      # reach the serve of this registry, on whatever port
 
 Deliberately not supported: clustering (run several copies behind any load balancer), HTTP/2
 toward clients or upstreams, request/response transformation beyond what a route needs (model
@@ -5502,6 +5503,94 @@ def serve_addresses(addresses, keys):
     return f"{shown} (auth {'on: ' + str(len(keys)) + ' key(s)' if keys else 'off'})"
 
 
+# Where the commands that talk to a running serve (status, ps, load, unload) look when it
+# has no record: serve's default --port.
+DEFAULT_SERVE_URL = "http://127.0.0.1:4000"
+
+
+def serve_record_path(registry):
+    """The file beside the registry where its serve says where it listens (as the .pids file
+    beside it says which managed servers it started)."""
+    return os.path.abspath(registry) + ".serve"
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        # Another user's process: alive (as kill(1) would say "Operation not permitted").
+        return True
+    return True
+
+
+def read_serve_record(registry):
+    """-> (the record of the serve of `registry`, None) if that serve is alive, else (None,
+    why not). A record whose pid has exited (serve was killed) is stale: ignored."""
+    path = serve_record_path(registry)
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json_loads(f.read())
+    except FileNotFoundError:
+        return None, f"no record at {path}"
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return None, f"cannot read its record {path}: {exc}"
+    pid = record.get("pid") if isinstance(record, dict) else None
+    if not isinstance(pid, int) or pid <= 0 or not isinstance(record.get("url"), str) or \
+            valid_url(record["url"]):
+        return None, f"{path} is not a serve record"
+    if not pid_alive(pid):
+        return None, f"its record {path} names pid {pid}, which has exited"
+    return record, None
+
+
+def write_serve_record(registry, address, host):
+    """Say where the serve of `registry` listens: pid, URL, started-at (never a key: the file
+    is for finding serve, not for reaching it). Atomic, as the registry is saved. A failure
+    is logged: serving goes on, and the commands then need --url."""
+    import tempfile
+    path = serve_record_path(registry)
+    bound, port = address[:2]
+    # A wildcard address is reached through loopback.
+    connect = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(bound, bound)
+    url = f"http://[{connect}]:{port}" if ":" in connect else f"http://{connect}:{port}"
+    other, _ = read_serve_record(registry)
+    if other is not None and other["pid"] != os.getpid():
+        logger().warning("another serve of %s (pid %d, %s) is running; status, ps, load and "
+                         "unload now reach this one", registry, other["pid"], other["url"])
+    record = {"pid": os.getpid(), "url": url, "host": host, "port": port,
+              "registry": os.path.abspath(registry), "version": __version__,
+              "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                                   dir=os.path.dirname(path))
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            # Nothing in it is secret: whoever may read the registry may find its serve.
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as exc:
+        logger().warning("cannot write %s (%s): status, ps, load and unload need --url %s",
+                         path, exc.strerror or exc, url)
+
+
+def remove_serve_record(registry):
+    """At serve's exit: remove the record if it is this process's (a serve of the same
+    registry started since has its own)."""
+    path = serve_record_path(registry)
+    record, _ = read_serve_record(registry)
+    if record is not None and record["pid"] == os.getpid():
+        try:
+            os.unlink(path)
+        except OSError as exc:
+            logger().warning("cannot remove %s: %s", path, exc.strerror or exc)
+
+
 def cmd_serve(args, environ):
     import logging
     for flag, value, least in (("--port", args.port, 0),
@@ -5556,9 +5645,13 @@ def cmd_serve(args, environ):
     for handler in logging.getLogger().handlers:
         handler.addFilter(one_line_sdk_errors)
         handler.addFilter(no_url_passwords)
-    if workers == 1:
-        return run_worker(args, path, keys, options, args.max_concurrency, args.queue_size)
-    return run_workers(args, path, keys, options, workers, last_good)
+    try:
+        if workers == 1:
+            return run_worker(args, path, keys, options, args.max_concurrency, args.queue_size)
+        return run_workers(args, path, keys, options, workers, last_good)
+    finally:
+        # (a worker never gets here: it leaves by os._exit, and never wrote a record)
+        remove_serve_record(path)
 
 
 def one_line_sdk_errors(record):
@@ -5614,6 +5707,8 @@ def run_worker(args, path, keys, options, max_concurrency, queue_size, sock=None
         logger().info("llmhost %s%s serving on %s; %d servers, %d models; registry %s",
                       __version__, label, serve_addresses(addresses, keys),
                       len(gateway.router.upstreams), len(gateway.router.table), path)
+        if sock is None:
+            write_serve_record(path, addresses[0], args.host)
         if not gateway.router.upstreams and not gateway.discover_ports:
             logger().warning("no servers registered in %s, and --no-discover: add one with "
                              "`python3 llmhost.py add NAME URL` (serve picks it up live)", path)
@@ -5673,6 +5768,7 @@ def run_workers(args, path, keys, options, workers, last_good):
     except (OSError, AttributeError) as exc:
         raise CLIError(f"cannot listen on {args.host}:{args.port} with {workers} workers: "
                        f"{getattr(exc, 'strerror', None) or exc}") from None
+    write_serve_record(path, socks[0].getsockname(), args.host)
     children = {}  # pid -> index of its socket
     started = [0.0] * workers  # when each slot's worker was forked
     deaths = [[] for _ in socks]  # when each slot's workers died unasked
@@ -5806,13 +5902,29 @@ def run_workers(args, path, keys, options, workers, last_good):
 def serve_api(args, environ, path, method="GET"):
     """Call a running serve's API (for status, ps, load, unload) -> the JSON answer."""
     key = args.api_key or next(iter(env_api_keys(environ)), None)
-    reason = valid_url(args.url)
+    base, whose = args.url, None
+    if base is None:
+        registry = registry_path(args, environ)
+        record, why = read_serve_record(registry)
+        if record is not None:
+            base = record["url"]
+            whose = (f"the serve of {registry} (pid {record['pid']}, per "
+                     f"{serve_record_path(registry)}) does not answer")
+        else:
+            base = DEFAULT_SERVE_URL
+            whose = f"no serve of {registry} is running ({why}); start one or pass --url"
+    reason = valid_url(base)
     if reason:
-        raise CLIError(f"invalid --url {args.url!r}: {reason} (example: http://127.0.0.1:4000)")
-    base = args.url.rstrip("/")
+        raise CLIError(f"invalid --url {base!r}: {reason} (example: http://127.0.0.1:4000)")
+    base = base.rstrip("/")
     url = (base[:-3] if base.endswith("/v1") else base) + path  # the base URL clients use
-    status, doc, text = http_json(url, key, None if method == "GET"
-                                  else MANAGED_START_TIMEOUT + 10, method)  # load waits
+    try:
+        status, doc, text = http_json(url, key, None if method == "GET"
+                                      else MANAGED_START_TIMEOUT + 10, method)  # load waits
+    except CLIError as exc:
+        if whose is None:
+            raise
+        raise CLIError(f"{whose} ({exc})") from None
     if status != 200 or not isinstance(doc, dict):
         message = (doc or {}).get("error", {}).get("message") if isinstance(doc, dict) else text
         raise CLIError(f"{method} {url} -> HTTP {status}: {message}")
@@ -6544,6 +6656,10 @@ def add_mcp_parsers(sub):
         p.set_defaults(func=cmd_mcp_resources, kind=kind)
 
 
+SERVE_URL_HELP = (f"where serve listens (default: where the serve of the registry says it "
+                  f"does, in REGISTRY.serve; else {DEFAULT_SERVE_URL})")
+
+
 def build_parser():
     import argparse
     parser = argparse.ArgumentParser(
@@ -6685,7 +6801,7 @@ def build_parser():
         p = sub.add_parser(name, help=help_text)
         if name != "ps":
             p.add_argument("name")
-        p.add_argument("--url", default="http://127.0.0.1:4000", help="where serve listens")
+        p.add_argument("--url", help=SERVE_URL_HELP)
         p.add_argument("--api-key", metavar="KEY", help="its API key (default $LLMHOST_API_KEY)")
         p.set_defaults(func=func, action=name)
 
@@ -6702,7 +6818,7 @@ def build_parser():
     p.set_defaults(func=cmd_discover)
 
     p = sub.add_parser("status", help="health and load of a running serve")
-    p.add_argument("--url", default="http://127.0.0.1:4000", help="where serve listens")
+    p.add_argument("--url", help=SERVE_URL_HELP)
     p.add_argument("--api-key", metavar="KEY", help="its API key (default $LLMHOST_API_KEY)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)

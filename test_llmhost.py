@@ -3948,6 +3948,40 @@ def test_user_session_subprocess(fake, tmp_path):
     assert "serving on http://127.0.0.1:%d (auth off)" % port in err
     assert "POST /v1/chat/completions model=fake-model server=local status=200" in err
 
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_status_finds_the_serve_of_its_registry_by_the_record_beside_it(fake, tmp_path,
+                                                                        workers):
+    registry = write_registry(tmp_path / "servers.json",
+                              [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    record = registry + ".serve"
+    cli = [sys.executable, os.path.join(HERE, "llmhost.py"), "--registry", registry, "status"]
+    env = {k: v for k, v in os.environ.items() if k != "LLMHOST_API_KEY"}
+    proc, port = start_serve(registry, "--workers", workers)  # a free port, not 4000
+    try:
+        assert wait_until(lambda: os.path.exists(record))
+        doc = json.load(open(record))
+        assert doc["pid"] == proc.pid and doc["port"] == port
+        assert doc["url"] == f"http://127.0.0.1:{port}" and doc["registry"] == registry
+        assert os.stat(record).st_mode & 0o777 == 0o644 and "started_at" in doc
+        result = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=TIMEOUT)
+        assert result.returncode == 0, result.stderr
+        assert re.search(r"^local +ok ", result.stdout, re.M), result.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0 and not os.path.exists(record)
+    result = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=TIMEOUT)
+    assert result.returncode == 1
+    assert f"no serve of {registry} is running (no record at {record}); start one or pass " \
+        "--url" in result.stderr
+    with open(record, "w") as f:  # left by a serve that was killed: its pid has exited
+        json.dump(dict(doc, pid=proc.pid), f)
+    result = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=TIMEOUT)
+    assert result.returncode == 1
+    assert f"its record {record} names pid {proc.pid}, which has exited" in result.stderr
+
+
 def test_sigterm_lets_a_stream_finish(fake, tmp_path):
     registry = write_registry(tmp_path / "s.json",
                               [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
