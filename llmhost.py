@@ -12,6 +12,8 @@ Usage::
     python3 llmhost.py add openai https://api.openai.com/v1 --api-key-env OPENAI_API_KEY --model gpt-4o-mini
     python3 llmhost.py list [--json] | show NAME | remove NAME
     python3 llmhost.py serve [--host 127.0.0.1] [--port 8000] [--api-key KEY]...
+    python3 llmhost.py serve            # an empty registry: serves what answers on local ports
+    python3 llmhost.py status | ps      # reach the serve of this registry, on whatever port
 
 Deliberately not supported: clustering (run several copies behind any load balancer), HTTP/2
 toward clients or upstreams, request/response transformation beyond what a route needs (model
@@ -5864,7 +5866,7 @@ class Gateway:
                  queue_size=QUEUE_SIZE, queue_timeout=QUEUE_TIMEOUT, access_log=None,
                  allowed_hosts=None, cors_origins=(), mcp_max_rounds=MCP_MAX_ROUNDS,
                  mcp_allow_urls=(), mcp_roots=(), max_running=None, parent=None,
-                 last_good=None, clock=time.monotonic):
+                 last_good=None, discover_ports=None, clock=time.monotonic):
         self.registry = registry
         self.parent = parent  # pid of the `serve --workers N` that started this worker
         self.last_good = last_good  # (a worker of serve --workers) serve's last good (doc, keys)
@@ -5883,6 +5885,13 @@ class Gateway:
         self.registry_stamp = None
         self.next_watch = 0.0
         self.probing = set()  # names of cooling servers with a probe under way
+        # While the registry names no server, serve looks for local ones on these ports
+        # ({port: name}, as discover_servers takes them; None: never) and serves what it finds.
+        self.discover_ports = discover_ports
+        self.discovered = []  # entries found so, served while the registry stays empty
+        self.discovery = None  # the probe under way (asyncio.Task), if any
+        self.registry_empty = False  # whether the registry last loaded names no server
+        self.listening = False
         self.tasks = set()
         if access_log is not None:
             self.sweeper.callbacks.append(access_log.flush)
@@ -5905,7 +5914,11 @@ class Gateway:
                              len(reaped), ", ".join(map(str, reaped)))
         await self.reload(quiet=True)
         self.spawn(self.sweeper.run())
-        return await self.http.listen(host, port, sock=sock)
+        addresses = await self.http.listen(host, port, sock=sock)
+        # Probing never delays listening: it starts once clients can connect.
+        self.listening = True
+        self.discover_if_empty()
+        return addresses
 
     async def reload(self, quiet=False):
         """Re-read the registry; a broken file keeps the last good one (and says why)."""
@@ -5926,7 +5939,13 @@ class Gateway:
             doc, keys = self.last_good
         self.last_good = None
         before = set(self.router.upstreams)
-        self.router.load(doc["servers"], keys)
+        self.registry_empty = not doc["servers"]
+        if doc["servers"] and self.discovered:
+            # The registry wins: once it names servers, the discovered ones go.
+            logger().info("the registry names servers now: it replaces those discovered (%s)",
+                          ", ".join(e["name"] for e in self.discovered))
+            self.discovered = []
+        self.router.load(doc["servers"] or self.discovered, keys)
         for entry in doc["servers"]:  # (the upstream's 401 would tell the client its own
             if entry.get("api_key_env") and not keys.get(entry["name"]):  # key is missing)
                 logger().warning("server %s: environment variable %s is not set: its requests "
@@ -5942,6 +5961,7 @@ class Gateway:
                     for name in up.entry.get("mcp", ())}
         if attached:  # connected now, not when the first request needs them
             self.spawn(self.app.mcp.warm(sorted(attached)))
+        self.discover_if_empty()
         if not quiet:
             logger().info("registry reloaded: %d servers, %d models (added: %s; removed: %s)",
                           len(self.router.upstreams), len(self.router.table),
@@ -5977,6 +5997,41 @@ class Gateway:
                     up.origin.base_url)
 
         await asyncio.gather(*(one(up) for up in ups))
+
+    def discover_if_empty(self):
+        """The registry names no server (and nothing found is served yet): look for local
+        ones in the background, as `discover` does, once listening."""
+        if self.discover_ports and self.listening and self.registry_empty and \
+                not self.discovered and self.discovery is None:
+            self.discovery = self.spawn(self.discover())
+
+    async def discover(self):
+        """Probe the discovery ports; serve what answers, without writing the registry (the
+        user's file holds what the user chose), unless the registry named servers meanwhile."""
+        import asyncio
+        try:
+            found = await asyncio.get_running_loop().run_in_executor(
+                None, discover_servers, self.discover_ports)
+        finally:
+            self.discovery = None
+        if not self.registry_empty:
+            return
+        ports = ", ".join(map(str, self.discover_ports))
+        if not found:
+            logger().warning("no servers registered in %s, and none answered on local ports "
+                             "%s: add one with `python3 llmhost.py add NAME URL` (serve picks "
+                             "it up live)", self.registry, ports)
+            return
+        for name, url, ids in found:
+            logger().info("discovered %s at %s serving %s", name, url,
+                          ", ".join(ids[:10]) + (" …" if len(ids) > 10 else "") or "no models")
+        self.discovered = [{"name": name, "url": url, "models": ids, "discover": True}
+                           for name, url, ids in found]
+        self.router.load(self.discovered, {})
+        logger().info("registry %s is empty, so serving the %d server(s) found on this machine "
+                      "(ports %s), without saving them: make them permanent with `python3 "
+                      "llmhost.py discover --add` (servers the registry names replace them; "
+                      "--no-discover turns this off)", self.registry, len(found), ports)
 
     async def retire(self, server):
         """A managed entry was removed or changed: stop its process once its requests end."""
@@ -6039,6 +6094,94 @@ def serve_addresses(addresses, keys):
     return f"{shown} (auth {'on: ' + str(len(keys)) + ' key(s)' if keys else 'off'})"
 
 
+# Where the commands that talk to a running serve (status, ps, load, unload) look when it
+# has no record: serve's default --port.
+DEFAULT_SERVE_URL = "http://127.0.0.1:4000"
+
+
+def serve_record_path(registry):
+    """The file beside the registry where its serve says where it listens (as the .pids file
+    beside it says which managed servers it started)."""
+    return os.path.abspath(registry) + ".serve"
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        # Another user's process: alive (as kill(1) would say "Operation not permitted").
+        return True
+    return True
+
+
+def read_serve_record(registry):
+    """-> (the record of the serve of `registry`, None) if that serve is alive, else (None,
+    why not). A record whose pid has exited (serve was killed) is stale: ignored."""
+    path = serve_record_path(registry)
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json_loads(f.read())
+    except FileNotFoundError:
+        return None, f"no record at {path}"
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return None, f"cannot read its record {path}: {exc}"
+    pid = record.get("pid") if isinstance(record, dict) else None
+    if not isinstance(pid, int) or pid <= 0 or not isinstance(record.get("url"), str) or \
+            valid_url(record["url"]):
+        return None, f"{path} is not a serve record"
+    if not pid_alive(pid):
+        return None, f"its record {path} names pid {pid}, which has exited"
+    return record, None
+
+
+def write_serve_record(registry, address, host):
+    """Say where the serve of `registry` listens: pid, URL, started-at (never a key: the file
+    is for finding serve, not for reaching it). Atomic, as the registry is saved. A failure
+    is logged: serving goes on, and the commands then need --url."""
+    import tempfile
+    path = serve_record_path(registry)
+    bound, port = address[:2]
+    # A wildcard address is reached through loopback.
+    connect = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(bound, bound)
+    url = f"http://[{connect}]:{port}" if ":" in connect else f"http://{connect}:{port}"
+    other, _ = read_serve_record(registry)
+    if other is not None and other["pid"] != os.getpid():
+        logger().warning("another serve of %s (pid %d, %s) is running; status, ps, load and "
+                         "unload now reach this one", registry, other["pid"], other["url"])
+    record = {"pid": os.getpid(), "url": url, "host": host, "port": port,
+              "registry": os.path.abspath(registry), "version": __version__,
+              "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                                   dir=os.path.dirname(path))
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            # Nothing in it is secret: whoever may read the registry may find its serve.
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as exc:
+        logger().warning("cannot write %s (%s): status, ps, load and unload need --url %s",
+                         path, exc.strerror or exc, url)
+
+
+def remove_serve_record(registry):
+    """At serve's exit: remove the record if it is this process's (a serve of the same
+    registry started since has its own)."""
+    path = serve_record_path(registry)
+    record, _ = read_serve_record(registry)
+    if record is not None and record["pid"] == os.getpid():
+        try:
+            os.unlink(path)
+        except OSError as exc:
+            logger().warning("cannot remove %s: %s", path, exc.strerror or exc)
+
+
 def cmd_serve(args, environ):
     import logging
     for flag, value, least in (("--port", args.port, 0),
@@ -6077,9 +6220,13 @@ def cmd_serve(args, environ):
     if workers > args.max_concurrency:
         raise CLIError(f"--max-concurrency {args.max_concurrency} cannot be split across "
                        f"{workers} workers (each needs at least 1): raise it or use fewer workers")
+    discover_ports = None if args.no_discover else \
+        parse_ports(args.discover_ports, "--discover-ports") if args.discover_ports else \
+        DISCOVERY_PORTS
     # a broken registry stops serve before it binds
     last_good = serving_registry(path, environ, workers > 1)
     options = dict(environ=environ, api_keys=keys, queue_timeout=args.queue_timeout,
+                   discover_ports=discover_ports,
                    allowed_hosts=args.allowed_host or () if loopback else None,
                    cors_origins=args.cors_origin or (), mcp_max_rounds=args.mcp_max_rounds,
                    max_running=args.max_running,
@@ -6089,9 +6236,13 @@ def cmd_serve(args, environ):
     for handler in logging.getLogger().handlers:
         handler.addFilter(one_line_sdk_errors)
         handler.addFilter(no_url_passwords)
-    if workers == 1:
-        return run_worker(args, path, keys, options, args.max_concurrency, args.queue_size)
-    return run_workers(args, path, keys, options, workers, last_good)
+    try:
+        if workers == 1:
+            return run_worker(args, path, keys, options, args.max_concurrency, args.queue_size)
+        return run_workers(args, path, keys, options, workers, last_good)
+    finally:
+        # (a worker never gets here: it leaves by os._exit, and never wrote a record)
+        remove_serve_record(path)
 
 
 def one_line_sdk_errors(record):
@@ -6147,14 +6298,11 @@ def run_worker(args, path, keys, options, max_concurrency, queue_size, sock=None
         logger().info("llmhost %s%s serving on %s; %d servers, %d models; registry %s",
                       __version__, label, serve_addresses(addresses, keys),
                       len(gateway.router.upstreams), len(gateway.router.table), path)
-        if not gateway.router.upstreams:
-            found = await loop.run_in_executor(None, discover_servers, DISCOVERY_PORTS)
-            for name, url, ids in found:
-                logger().info("found %s at %s serving %s: add it with `python3 llmhost.py add "
-                              "%s %s` (or `discover --add`)", name, url,
-                              ", ".join(ids[:5]) or "no models", name, url)
-            logger().warning("no servers registered yet: add one with "
-                             "`python3 llmhost.py add NAME URL` (serve picks it up live)")
+        if sock is None:
+            write_serve_record(path, addresses[0], args.host)
+        if not gateway.router.upstreams and not gateway.discover_ports:
+            logger().warning("no servers registered in %s, and --no-discover: add one with "
+                             "`python3 llmhost.py add NAME URL` (serve picks it up live)", path)
         await stop.wait()
         stopped = time.monotonic()
         logger().info("shutting down%s: finishing in-flight requests (up to %gs; Ctrl-C again "
@@ -6211,6 +6359,7 @@ def run_workers(args, path, keys, options, workers, last_good):
     except (OSError, AttributeError) as exc:
         raise CLIError(f"cannot listen on {args.host}:{args.port} with {workers} workers: "
                        f"{getattr(exc, 'strerror', None) or exc}") from None
+    write_serve_record(path, socks[0].getsockname(), args.host)
     children = {}  # pid -> index of its socket
     started = [0.0] * workers  # when each slot's worker was forked
     deaths = [[] for _ in socks]  # when each slot's workers died unasked
@@ -6344,13 +6493,29 @@ def run_workers(args, path, keys, options, workers, last_good):
 def serve_api(args, environ, path, method="GET"):
     """Call a running serve's API (for status, ps, load, unload) -> the JSON answer."""
     key = args.api_key or next(iter(env_api_keys(environ)), None)
-    reason = valid_url(args.url)
+    base, whose = args.url, None
+    if base is None:
+        registry = registry_path(args, environ)
+        record, why = read_serve_record(registry)
+        if record is not None:
+            base = record["url"]
+            whose = (f"the serve of {registry} (pid {record['pid']}, per "
+                     f"{serve_record_path(registry)}) does not answer")
+        else:
+            base = DEFAULT_SERVE_URL
+            whose = f"no serve of {registry} is running ({why}); start one or pass --url"
+    reason = valid_url(base)
     if reason:
-        raise CLIError(f"invalid --url {args.url!r}: {reason} (example: http://127.0.0.1:4000)")
-    base = args.url.rstrip("/")
+        raise CLIError(f"invalid --url {base!r}: {reason} (example: http://127.0.0.1:4000)")
+    base = base.rstrip("/")
     url = (base[:-3] if base.endswith("/v1") else base) + path  # the base URL clients use
-    status, doc, text = http_json(url, key, None if method == "GET"
-                                  else MANAGED_START_TIMEOUT + 10, method)  # load waits
+    try:
+        status, doc, text = http_json(url, key, None if method == "GET"
+                                      else MANAGED_START_TIMEOUT + 10, method)  # load waits
+    except CLIError as exc:
+        if whose is None:
+            raise
+        raise CLIError(f"{whose} ({exc})") from None
     if status != 200 or not isinstance(doc, dict):
         message = (doc or {}).get("error", {}).get("message") if isinstance(doc, dict) else text
         raise CLIError(f"{method} {url} -> HTTP {status}: {message}")
@@ -6420,15 +6585,19 @@ def discover_servers(ports, timeout=0.5):
     return found
 
 
+def parse_ports(text, flag):
+    """"N,N" -> {port: name} as discover_servers takes it (a port given is named local<N>)."""
+    try:
+        ports = {int(p): f"local{int(p)}" for p in text.split(",")}
+    except ValueError:
+        ports = {}
+    if not ports or not all(0 < p < 65536 for p in ports):
+        raise CLIError(f"{flag} takes port numbers (1-65535) separated by commas")
+    return ports
+
+
 def cmd_discover(args, environ):
-    ports = DISCOVERY_PORTS
-    if args.ports:
-        try:
-            ports = {int(p): f"local{int(p)}" for p in args.ports.split(",")}
-        except ValueError:
-            ports = {}
-        if not ports or not all(0 < p < 65536 for p in ports):
-            raise CLIError("--ports takes port numbers (1-65535) separated by commas")
+    ports = parse_ports(args.ports, "--ports") if args.ports else DISCOVERY_PORTS
     found = discover_servers(ports)
     if not found:
         print("found no OpenAI-compatible server on the usual local ports "
@@ -7075,6 +7244,10 @@ def add_mcp_parsers(sub):
         p.set_defaults(func=cmd_mcp_resources, kind=kind)
 
 
+SERVE_URL_HELP = (f"where serve listens (default: where the serve of the registry says it "
+                  f"does, in REGISTRY.serve; else {DEFAULT_SERVE_URL})")
+
+
 def build_parser():
     import argparse
     parser = argparse.ArgumentParser(
@@ -7167,6 +7340,11 @@ def build_parser():
                    help="allow requests to name MCP servers by a server_url with this prefix")
     p.add_argument("--root", action="append", metavar="PATH",
                    help="a folder offered to MCP servers as a root (default: none)")
+    p.add_argument("--no-discover", action="store_true",
+                   help="with an empty registry, do not look for local servers")
+    p.add_argument("--discover-ports", metavar="N,N",
+                   help="with an empty registry, look on these ports (default: those of LM "
+                        "Studio, Ollama, llama.cpp, vLLM...)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--no-access-log", action="store_true", help="no line per request")
     p.set_defaults(func=cmd_serve)
@@ -7211,7 +7389,7 @@ def build_parser():
         p = sub.add_parser(name, help=help_text)
         if name != "ps":
             p.add_argument("name")
-        p.add_argument("--url", default="http://127.0.0.1:4000", help="where serve listens")
+        p.add_argument("--url", help=SERVE_URL_HELP)
         p.add_argument("--api-key", metavar="KEY", help="its API key (default $LLMHOST_API_KEY)")
         p.set_defaults(func=func, action=name)
 
@@ -7228,7 +7406,7 @@ def build_parser():
     p.set_defaults(func=cmd_discover)
 
     p = sub.add_parser("status", help="health and load of a running serve")
-    p.add_argument("--url", default="http://127.0.0.1:4000", help="where serve listens")
+    p.add_argument("--url", help=SERVE_URL_HELP)
     p.add_argument("--api-key", metavar="KEY", help="its API key (default $LLMHOST_API_KEY)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)

@@ -3085,6 +3085,68 @@ def test_discover_finds_fake_servers(tmp_path):
         two.close()
 
 
+def served_models(port):
+    status, _, raw = request(port, "GET", "/v1/models")
+    assert status == 200
+    return [m["id"] for m in json.loads(raw)["data"]]
+
+
+def test_serve_with_an_empty_registry_serves_what_it_discovers_until_the_registry_names_some(
+        tmp_path):
+    found, mine = FakeUpstream(models=["alpha", "beta"]), FakeUpstream(models=["gamma"])
+    registry = str(tmp_path / "servers.json")  # missing: an empty registry
+    proc, port = start_serve(registry, "--discover-ports", f"{found.port},1", "--no-access-log")
+    try:
+        assert wait_until(lambda: served_models(port) == ["alpha", "beta"])
+        status, doc = jpost(port, "/v1/chat/completions", dict(CHAT, model="beta"))
+        assert status == 200 and found.posts()[-1]["path"] == "/v1/chat/completions"
+        assert not os.path.exists(registry)  # served, not saved
+        code, out, err = run_cli(registry, "add", "mine", mine.url)
+        assert code == 0, err
+        assert wait_until(lambda: served_models(port) == ["gamma"])  # the registry wins
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=TIMEOUT)
+        found.close()
+        mine.close()
+    assert f"INFO discovered local{found.port} at {found.url} serving alpha, beta\n" in err
+    assert f"registry {registry} is empty, so serving the 1 server(s) found" in err
+    assert "make them permanent with `python3 llmhost.py discover --add`" in err
+    assert "it replaces those discovered (local%d)" % found.port in err
+    assert llmhost.load_registry(registry)["servers"][0]["name"] == "mine"
+
+
+def test_serve_with_no_discover_probes_nothing(tmp_path):
+    fake = FakeUpstream(models=["alpha"])
+    registry = str(tmp_path / "servers.json")
+    proc, port = start_serve(registry, "--discover-ports", str(fake.port), "--no-discover")
+    try:
+        ready = wait_line(proc, "and --no-discover: add one with")
+        assert "serving on" in ready[0] and served_models(port) == []
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=TIMEOUT)
+        fake.close()
+    assert fake.requests == [] and "discovered" not in err
+
+
+def wait_line(proc, needle, timeout=TIMEOUT):
+    """Read serve's log until a line holds `needle` -> the lines read (a thread reads, so a
+    serve that never says it fails the test at `timeout` instead of hanging it)."""
+    lines, seen = [], threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if needle in line:
+                seen.set()
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    assert seen.wait(timeout), "".join(lines)
+    return lines
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["mcp-server"]:
     run_mcp_test_server(sys.argv[2:])
 
@@ -4182,6 +4244,39 @@ def test_user_session_subprocess(fake, tmp_path):
     assert "POST /v1/chat/completions model=nope server=- status=404" in err
     assert "serving on http://127.0.0.1:%d (auth off)" % port in err
     assert "POST /v1/chat/completions model=fake-model server=local status=200" in err
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_status_finds_the_serve_of_its_registry_by_the_record_beside_it(fake, tmp_path,
+                                                                        workers):
+    registry = write_registry(tmp_path / "servers.json",
+                              [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    record = registry + ".serve"
+    cli = [sys.executable, os.path.join(HERE, "llmhost.py"), "--registry", registry, "status"]
+    env = {k: v for k, v in os.environ.items() if k != "LLMHOST_API_KEY"}
+    proc, port = start_serve(registry, "--workers", workers)  # a free port, not 4000
+    try:
+        assert wait_until(lambda: os.path.exists(record))
+        doc = json.load(open(record))
+        assert doc["pid"] == proc.pid and doc["port"] == port
+        assert doc["url"] == f"http://127.0.0.1:{port}" and doc["registry"] == registry
+        assert os.stat(record).st_mode & 0o777 == 0o644 and "started_at" in doc
+        result = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=TIMEOUT)
+        assert result.returncode == 0, result.stderr
+        assert re.search(r"^local +ok ", result.stdout, re.M), result.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0 and not os.path.exists(record)
+    result = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=TIMEOUT)
+    assert result.returncode == 1
+    assert f"no serve of {registry} is running (no record at {record}); start one or pass " \
+        "--url" in result.stderr
+    with open(record, "w") as f:  # left by a serve that was killed: its pid has exited
+        json.dump(dict(doc, pid=proc.pid), f)
+    result = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=TIMEOUT)
+    assert result.returncode == 1
+    assert f"its record {record} names pid {proc.pid}, which has exited" in result.stderr
 
 
 def test_sigterm_lets_a_stream_finish(fake, tmp_path):
