@@ -3206,6 +3206,41 @@ def test_a_501_does_not_cool_a_server_down(gateway, fake):
     assert jpost(gateway.port, "/v1/chat/completions", CHAT)[0] == 200
 
 
+@pytest.mark.parametrize("status, final, retry, health", [
+    (429, False, True, "rate_limited"), (429, True, False, "rate_limited"),
+    (503, False, True, "failed"), (503, True, False, "failed"), (502, False, True, "failed"),
+    (504, True, False, "failed"), (500, False, False, "failed"), (501, False, False, "ok"),
+    (200, False, False, "ok"), (400, False, False, "ok"), (404, True, False, "ok"),
+])
+def test_after_answer_says_what_the_send_path_does_next(status, final, retry, health):
+    assert llmhost.after_answer(status, final) == (retry, health)
+
+
+def test_a_429_cools_its_server_for_its_retry_after_even_from_the_last_server():
+    """README says a 429 cools a server at once: before, a 429 from the last (or only) server
+    counted as a success and cooled nothing, so every next request went to it again."""
+    clock = Clock()
+    router = make_router({"name": "a"}, clock=clock)
+    sender = llmhost.Sender(router, None, llmhost.Admission(), None)
+    a = router.upstreams["a"]
+    retry, health = llmhost.after_answer(429, final=True)
+    sender.mark(a, health, "HTTP 429", "7")
+    assert not retry and a.cooldown_until == clock.now + 7 and router.cooling() == [a]
+    clock.now += 8
+    assert router.cooling() == []
+    sender.mark(a, *llmhost.after_answer(429, final=False)[1:], "HTTP 429", None)
+    assert a.cooldown_until == clock.now + llmhost.COOLDOWN_BASE  # (no Retry-After)
+
+
+def test_a_429_from_the_only_server_is_passed_on_and_cools_it(gateway, fake):
+    fake.script({"status": 429, "headers": [("Retry-After", "30")]})
+    status, headers, _ = post(gateway.port, "/v1/chat/completions", CHAT)
+    assert status == 429 and headers.get("retry-after") == "30"
+    status, _, raw = request(gateway.port, "GET", "/v1/status")
+    server = json.loads(raw)["servers"][0]
+    assert not server["healthy"] and 25 < server["cooldown_seconds"] <= 30, server
+
+
 def test_router_cooldown_exponential_and_recovery():
     clock = Clock()
     router = make_router({"name": "a"}, {"name": "b"}, clock=clock)
