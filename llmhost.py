@@ -11,7 +11,7 @@ Usage::
     python3 llmhost.py add local http://127.0.0.1:8080/v1        # probes GET /v1/models first
     python3 llmhost.py add openai https://api.openai.com/v1 --api-key-env OPENAI_API_KEY --model gpt-4o-mini
     python3 llmhost.py list [--json] | show NAME | remove NAME
-    python3 llmhost.py serve [--host 127.0.0.1] [--port 8000] [--api-key KEY]...
+    python3 llmhost.py serve [--host 127.0.0.1] [--port 4000] [--api-key KEY]...
     python3 llmhost.py serve            # an empty registry: serves what answers on local ports
     python3 llmhost.py status | ps      # reach the serve of this registry, on whatever port
 
@@ -20,8 +20,9 @@ toward clients or upstreams, request/response transformation beyond what a route
 alias rewrite, base64 embeddings, rerank normalisation), storing prompts or keys in logs.
 
 Sections, in dependency order (grep the banners):
-    Limits · Errors · Wire format · SSE · HTTP server · Upstream client · Registry · Router ·
-    Managed servers · Admission · Auth · MCP bridge · Application · CLI
+    Limits · Errors · Wire format · SSE · Connections · HTTP server · Upstream client ·
+    Registry · Router · Managed servers · Admission · Auth · MCP bridge · Chat format ·
+    Send path · Tool loop · Application · Serve · Bench · CLI
 """
 
 import json
@@ -80,6 +81,26 @@ TICK = 0.25  # s between sweeps of deadlines (timeouts are enforced to this prec
 RELAY_CHUNK = 64 * 1024  # bytes read from an upstream at a time
 LINGER_TIMEOUT = 2.0  # s we keep reading (and dropping) after an error answer; nginx lingering_close
 LINGER_BYTES = 1024 * 1024  # bytes dropped at most before the socket is just closed
+SHUTDOWN_UNWIND = 1.0  # s the requests a shutdown cut get to log themselves before the last flush
+MAX_CHUNK_LINE = 4 * 1024  # bytes of a chunk-size line with its extensions; h11 reads 4 KiB too
+WIRE_HIGH_WATER = 256 * 1024  # bytes buffered before a peer nobody reads is paused (asyncio's
+# StreamReader pauses at twice its limit, 128 KiB by default)
+LOG_MODEL_CHARS = 200  # a longer model name is cut in the access log
+HOST_VERDICTS_MAX = 256  # Host fields whose check is remembered (a client can send any)
+LOG_NAMES_MAX = 1024  # model names the access log keeps escaped forms of
+DISCOVER_TIMEOUT = 0.5  # s a local port gets to answer GET /v1/models (discover, zero-config)
+MCP_REQUEST_SERVERS = 16  # servers named by requests' server_url kept connected at once
+MCP_MAX_ROUNDS = 8  # model -> tools -> model rounds per request before we stop calling tools
+MCP_TOOLS_TTL_MIN = 1.0  # s a 2026 server's tool list is used at least, whatever its ttlMs
+MCP_KEEPALIVE = 10.0  # s between SSE comments that keep a stream alive while tools run
+MCP_CALL_TIMEOUT = 60.0  # s, one tool call incl. sampling rounds; Claude Desktop uses 60 s too
+MCP_CONNECT_TIMEOUT = 30.0  # s, spawn + handshake; `npx -y pkg` may download on first start
+MCP_ATTACHED_WAIT = 5.0  # s a request waits for an attached server still starting, then goes on
+MCP_CLOSE_TIMEOUT = 10.0  # s per server at shutdown; the SDK's stdio exit is stdin-close, TERM, KILL (~2 s each)
+MCP_BACKOFF_MAX = 30.0  # s between restarts of a server that keeps dying
+MCP_LIST_PAGES_MAX = 100  # pages per list walk, so a paginator that never ends cannot hang us
+MCP_RESULT_MAX = 100_000  # characters of one tool result's text given to a model (then cut, said so)
+MCP_NAME_MAX = 64  # OpenAI function names: ^[a-zA-Z0-9_-]{1,64}$
 
 # =============================================================================
 # Errors
@@ -164,6 +185,10 @@ class ClientGone(HTTPError):
 
 class RegistryError(Exception):
     """The registry file cannot be read or a change to it is invalid; the message names both."""
+
+
+class CLIError(Exception):
+    """What stops a command (or serve's start): one line on stderr, exit status 1."""
 
 
 # =============================================================================
@@ -394,7 +419,6 @@ LAST_CHUNK = b"0\r\n\r\n"
 END = type("END", (), {"__repr__": lambda self: "END"})()  # a reader's "message ended"
 _TOKEN_BYTES = frozenset(b"!#$%&'*+.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnop"
                          b"qrstuvwxyz-")
-MAX_CHUNK_LINE = 4 * 1024  # bytes of a chunk-size line with its extensions; h11 reads 4 KiB too
 
 
 def take_request_head(buf):
@@ -728,8 +752,6 @@ class SSEDecoder:
 # Raises: nothing; the end of the peer's bytes is `eof` (and `error`, for a reset).
 # Never: parses a byte (the readers do) nor knows whose connection it is (`owner` does).
 
-WIRE_HIGH_WATER = 256 * 1024  # bytes buffered before a peer nobody reads is paused; asyncio's
-# StreamReader pauses at twice its limit
 
 
 class Wire:
@@ -1303,7 +1325,7 @@ class HTTPServer:
         tasks = [conn.task for conn in self.connections if conn.task is not None]
         self.abandon_in_flight()
         if tasks:  # their handlers log them as they unwind: before the access log's last flush
-            await asyncio.wait(tasks, timeout=1.0)
+            await asyncio.wait(tasks, timeout=SHUTDOWN_UNWIND)
 
     def abandon_in_flight(self):
         """Close every connection now, requests under way or not (the end of a shutdown)."""
@@ -2923,19 +2945,6 @@ def mcp_log():
     return logging.getLogger("llmhost.mcp")
 
 
-MCP_REQUEST_SERVERS = 16  # servers named by requests' server_url kept connected at once
-MCP_MAX_ROUNDS = 8  # model -> tools -> model rounds per request before we stop calling tools
-MCP_TOOLS_TTL_MIN = 1.0  # s a 2026 server's tool list is used at least, whatever its ttlMs
-MCP_KEEPALIVE = 10.0  # s between SSE comments that keep a stream alive while tools run
-ROUND_SEPARATOR = "\n\n"  # between the texts of a tool loop's rounds, in the one answer
-MCP_CALL_TIMEOUT = 60.0  # s, one tool call incl. sampling rounds; Claude Desktop uses 60 s too
-MCP_CONNECT_TIMEOUT = 30.0  # s, spawn + handshake; `npx -y pkg` may download on first start
-MCP_ATTACHED_WAIT = 5.0  # s a request waits for an attached server still starting, then goes on
-MCP_CLOSE_TIMEOUT = 10.0  # s per server at shutdown; the SDK's stdio exit is stdin-close, TERM, KILL (~2 s each)
-MCP_BACKOFF_MAX = 30.0  # s between restarts of a server that keeps dying
-MCP_LIST_PAGES_MAX = 100  # pages per list walk, so a paginator that never ends cannot hang us
-MCP_RESULT_MAX = 100_000  # characters of one tool result's text given to a model (then cut, said so)
-MCP_NAME_MAX = 64  # OpenAI function names: ^[a-zA-Z0-9_-]{1,64}$
 MCP_LOG_LEVEL = "info"  # 2026 servers send logs only to requests that opt in at a level
 
 
@@ -3910,6 +3919,18 @@ def completion_message(data):
     return doc, message
 
 
+def objects_problem(items, where):
+    """Why `items` (None, or what should be a list of objects) is not one, or None."""
+    if items is None:
+        return None
+    if not isinstance(items, list):
+        return f"{where} is {json_kind(items)}, not a list"
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            return f"{where}[{i}] is {json_kind(item)}, not an object"
+    return None
+
+
 def message_problem(message, where, stream=False):
     """Why the tool loop cannot read a chat message (or, `stream`, a chunk's delta), or None:
     its content must be a string or null; its tool_calls a list of objects, each function an
@@ -3919,13 +3940,10 @@ def message_problem(message, where, stream=False):
     if content is not None and not isinstance(content, str):
         return f"{where}.content is {json_kind(content)}, not a string"
     calls = message.get("tool_calls")
-    if calls is None:
-        return None
-    if not isinstance(calls, list):
-        return f"{where}.tool_calls is {json_kind(calls)}, not a list"
+    problem = objects_problem(calls, f"{where}.tool_calls")
+    if calls is None or problem:
+        return problem
     for i, call in enumerate(calls):
-        if not isinstance(call, dict):
-            return f"{where}.tool_calls[{i}] is {json_kind(call)}, not an object"
         fn = call.get("function")
         if fn is None:
             continue
@@ -3940,13 +3958,10 @@ def message_problem(message, where, stream=False):
 def chunk_problem(doc):
     """Why the tool loop cannot read a streamed chat chunk (a JSON object), or None."""
     choices = doc.get("choices")
-    if choices is None:
-        return None
-    if not isinstance(choices, list):
-        return f"choices is {json_kind(choices)}, not a list"
+    problem = objects_problem(choices, "choices")
+    if choices is None or problem:
+        return problem
     for i, choice in enumerate(choices):
-        if not isinstance(choice, dict):
-            return f"choices[{i}] is {json_kind(choice)}, not an object"
         delta = choice.get("delta")
         if delta is not None:
             if not isinstance(delta, dict):
@@ -4330,6 +4345,9 @@ class Render:
         raise NotImplementedError
 
 
+ROUND_SEPARATOR = "\n\n"  # between the texts of a tool loop's rounds, in the one answer
+
+
 class LoopEnd:
     """How a tool loop ended, for the renderer: the last round's answer (`doc`, `message` of a
     whole one; `template`, its last chunk, of a stream), every round's text, the calls for the
@@ -4567,7 +4585,6 @@ class ToolLoop:
 # the events of a stream; those an upstream compressed anyway are decoded first (gzip, deflate;
 # another coding is a 502), those only relayed keep their Content-Encoding.
 
-LOG_MODEL_CHARS = 200  # a longer model name is cut in the access log
 
 
 class AccessLog:
@@ -4597,7 +4614,7 @@ class AccessLog:
             lines, self.lines = self.lines, []
             line, shown = self.LINE, self.shown
             if any(f[3] not in shown for f in lines):  # (once per new model name)
-                if len(shown) > 1024 - len(lines):  # a client sending a new name each time
+                if len(shown) > LOG_NAMES_MAX - len(lines):  # a client sending a new name each time
                     shown.clear()
                 for f in lines:
                     if f[3] not in shown:
@@ -4882,7 +4899,7 @@ class Application:
             if allowed is None:
                 allowed = is_loopback_host(host_name(header)) or \
                     host_name(header) in self.allowed_hosts
-                if len(self.host_verdicts) < 256:
+                if len(self.host_verdicts) < HOST_VERDICTS_MAX:
                     self.host_verdicts[header] = allowed
             if not allowed:
                 host = host_name(header)
@@ -5448,19 +5465,14 @@ class Application:
 
 
 # =============================================================================
-# CLI
+# Serve
 # =============================================================================
-# Owns: argparse subcommands, the environment (LLMHOST_REGISTRY, LLMHOST_API_KEY, api_key_env
-# variables), the synchronous probe `add` runs, and building the server in `serve`.
-# Errors: one line on stderr, exit status 1 (2 for usage errors, as argparse does).
-
-
-class CLIError(Exception):
-    pass
-
-
-def registry_path(args, environ):
-    return args.registry or environ.get("LLMHOST_REGISTRY") or "servers.json"
+# Owns: a running gateway's life: the Gateway (its sockets, the registry it watches and
+# reloads, zero-config discovery, MCP hub and managed servers), one worker process or a
+# supervisor of several (--workers), their signals, and the record beside the registry that
+# tells the other commands where serve listens.
+# Raises: CLIError for what stops serve from starting; RegistryError from a reload is logged.
+# Never: parses arguments (the CLI's cmd_serve does) nor reads the environment itself.
 
 
 def http_connection(parts, timeout):
@@ -5517,321 +5529,24 @@ def http_json(url, api_key=None, timeout=None, method="GET"):
     return resp.status, doc, text
 
 
-def probe_server(url, api_key, timeout=None):
-    """-> (base URL that answered, model ids). Tries {url}/models, then {url}/v1/models; a URL
-    without a path tries {url}/v1 first: a server's root is not its OpenAI base URL, though
-    llama.cpp answers /models there too (and /embeddings, of another shape than OpenAI's)."""
-    tried = []
-    bases = [url]
-    if not url.rstrip("/").endswith("/v1"):
-        bases.append(url.rstrip("/") + "/v1")
-        if is_root_url(url):
-            bases.reverse()
-    for base in bases:
-        status, doc, text = http_json(base + "/models", api_key, timeout)
-        tried.append(f"GET {base}/models -> {status}")
-        if status in (401, 403):
-            raise CLIError(f"GET {base}/models: the server refused the key (HTTP {status}). "
-                           "Pass the upstream's key with --api-key-env VAR (or --api-key).")
-        if status == 200:
-            ids = list_models(doc)
-            if ids is not None:
-                return base, ids
-            tried[-1] += " (not an OpenAI model list)"
-    raise CLIError("no OpenAI-compatible model list found: " + "; ".join(tried) +
-                   ". URL must be the base URL a client would use, e.g. http://127.0.0.1:8080/v1 "
-                   "(use --no-check to add a server that is not up yet).")
+# well-known local ports of OpenAI-compatible servers
+DISCOVERY_PORTS = {1234: "lmstudio", 11434: "ollama", 8080: "llamacpp", 8000: "vllm",
+                   1337: "jan", 5000: "textgen", 5001: "koboldcpp"}
 
 
-def is_root_url(url):
-    """Whether an http(s) URL has no path (or just "/"): a server's address, not an API's."""
-    from urllib.parse import urlsplit
-    return not urlsplit(url).path.strip("/")
-
-
-def auth_source(entry):
-    if entry.get("api_key_env"):
-        return f"env:{entry['api_key_env']}"
-    if entry.get("api_key"):
-        return "key in file"
-    return "-"
-
-
-def public_entry(entry):
-    """An entry as shown to people: never the key itself."""
-    out = {k: v for k, v in entry.items() if k != "api_key"}
-    if "url" in out:
-        out["url"] = hide_password(out["url"])
-    if "env" in out:  # values may be secrets: only the names are shown
-        out["env"] = sorted(out["env"])
-    out.setdefault("models", [])
-    out["auth"] = auth_source(entry)
-    return out
-
-
-def print_table(rows, header):
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    for row in [header] + rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
-
-
-def entry_api_key(entry, environ):
-    """The entry's upstream key, stripped (a key read with $(cat file) ends with a newline)."""
-    if entry.get("api_key_env"):
-        key = (environ.get(entry["api_key_env"]) or "").strip()
-        where = f"environment variable {entry['api_key_env']}"
-    else:
-        key = (entry.get("api_key") or "").strip()
-        where = "api_key"
-    if any(c in key for c in "\r\n\0"):
-        raise RegistryError(f"server {entry['name']}: the {where} holds a line break or NUL")
-    return key or None
-
-
-def registry_stamp(path):
-    """What changes when the registry file is edited or replaced; None if there is none."""
-    try:
-        st = os.stat(path)
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
-    except OSError:
-        return None
-
-
-def serving_registry(path, environ, workers):
-    """The registry as `serve` uses it -> (doc, upstream keys by server name); RegistryError
-    if broken, or if it holds managed entries and `serve` runs several workers."""
-    doc = load_registry(path)
-    if workers:
-        refuse_managed_under_workers(doc["servers"])
-    return doc, {e["name"]: entry_api_key(e, environ) for e in doc["servers"]}
-
-
-# `add` options copied into an entry as given (both kinds of entry)
-SERVER_OPTIONS = ("alias", "api_key_env", "api_key", "timeout", "max_concurrency", "priority",
-                  "vision", "mcp")
-
-
-def copy_options(args, entry, fields):
-    for field in fields:
-        value = getattr(args, field, None)
-        if value is not None:
-            entry[field] = value
-
-
-def append_server(path, entry):
-    def change(doc):
-        if find_server(doc, entry["name"]):
-            raise RegistryError(f"a server named {entry['name']!r} was added meanwhile")
-        doc["servers"].append(entry)
-
-    update_registry(path, change)
-
-
-def cmd_add(args, environ):
-    path = registry_path(args, environ)
-    if not NAME_RE.fullmatch(args.name):
-        raise CLIError(f"invalid name {args.name!r}: use 1-64 of A-Z a-z 0-9 . _ -")
-    if args.api_key and args.api_key_env:
-        raise CLIError("use either --api-key-env or --api-key, not both")
-    if args.api_key_env and not ENV_NAME_RE.fullmatch(args.api_key_env):
-        raise CLIError(f"invalid environment variable name {args.api_key_env!r}")
-    for field in ("timeout", "max_concurrency", "ttl", "start_timeout", "ready_path"):
-        value = getattr(args, field)
-        check, what = SERVER_FIELDS[field]
-        if value is not None and not check(value):  # said now, by its flag, before any probe
-            raise CLIError(f"--{field.replace('_', '-')} must be {what.replace('null or ', '')}")
-    if args.command:
-        return add_managed(args, environ, path)
-    if not args.url:
-        raise CLIError("give the server's base URL (or --command for one llmhost starts)")
-    given = [f"--{f.replace('_', '-')}" for f in ("check",) + MANAGED_FIELDS[1:]
-             if getattr(args, f) not in (None, False)]
-    if given:
-        raise CLIError(f"{', '.join(given)}: only for --command entries (servers llmhost starts)")
-    url = args.url.strip()
-    reason = valid_url(url)
-    if reason:
-        raise CLIError(f"invalid URL {hide_password(repr(args.url))}: {reason} "
-                       "(example: http://127.0.0.1:8080/v1)")
-    url = url.rstrip("/")
-    for suffix in ("/chat/completions", "/completions", "/models", "/embeddings"):
-        if url.endswith(suffix):
-            raise CLIError(f"{url} looks like an endpoint, not a base URL: use "
-                           f"{url[:-len(suffix)]}")
-    if args.alias and len(args.model or ()) > 1:
-        raise CLIError("--alias needs exactly one --model")
-    existing = load_registry(path)  # fail early (and on a broken file) before probing
-    if find_server(existing, args.name):
-        raise CLIError(f"a server named {args.name!r} already exists in {path}; "
-                       f"remove it first or pick another name")
-    api_key = args.api_key
-    if args.api_key_env:
-        api_key = environ.get(args.api_key_env)
-        if not api_key and not args.no_check:
-            raise CLIError(f"environment variable {args.api_key_env} is not set; export it "
-                           "first (or add with --no-check)")
-    models = list(dict.fromkeys(args.model or ()))
-    if not args.no_check:
-        base, listed = probe_server(url, api_key)
-        if base != url:
-            print(f"note: using {base}, where the server's OpenAI API answers (at its root, "
-                  "llama.cpp serves an API of its own: /embeddings of another shape)" if
-                  is_root_url(url) else f"note: {url}/models lists no models; using {base}",
-                  file=sys.stderr)
-            url = base
-        missing = [m for m in models if m not in listed]
-        if missing:
-            hints = [f"{m} (did you mean {m}:latest?)" if f"{m}:latest" in listed else m
-                     for m in missing]
-            shown = ", ".join(listed[:20]) + (" …" if len(listed) > 20 else "")
-            raise CLIError(f"{url} does not serve {', '.join(hints)}; it lists: "
-                           f"{shown or '(no models)'}")
-        if not models:
-            models = listed
-    if args.alias and len(models) != 1:  # (an upstream that serves one model names it)
-        raise CLIError("--alias needs exactly one model: " + (
-            f"{url} lists {len(models)}; pick one with --model" if models else "give it with --model"))
-    entry = {"name": args.name, "url": url, "models": models}
-    if not args.model and not args.alias:  # (an alias names its one model for good)
-        entry["discover"] = True  # serve re-reads the upstream's model list when it starts
-    copy_options(args, entry, SERVER_OPTIONS)
-    append_server(path, entry)
-    shown = ", ".join(models[:10]) + (" …" if len(models) > 10 else "")
-    if args.alias:
-        shown = f"{args.alias} -> {shown}"
-    print(f"added {args.name}: {url} ({len(models)} model{'s' if len(models) != 1 else ''}"
-          f"{': ' + shown if models else ''}){' [not checked]' if args.no_check else ''}")
-    return 0
-
-
-def add_managed(args, environ, path):
-    """`add NAME --command '...'`: a server llmhost starts on demand and stops when idle."""
-    import asyncio
-    if args.url:
-        raise CLIError("a --command entry has no URL: llmhost picks its port (${PORT})")
-    if "${PORT}" not in args.command:
-        raise CLIError("the command must take its port from ${PORT}, e.g. "
-                       "'llama-server -m model.gguf --port ${PORT}'")
-    problem = check_command(args.command, environ)
-    if problem:
-        raise CLIError(f"cannot run the command: {problem}")
-    if find_server(load_registry(path), args.name):
-        raise CLIError(f"a server named {args.name!r} already exists in {path}")
-    entry = {"name": args.name, "command": args.command, "models": list(dict.fromkeys(
-        args.model or ()))}
-    copy_options(args, entry, SERVER_OPTIONS + ("ttl", "ready_path", "start_timeout", "cwd",
-                                                "group"))
-    if args.env:
-        entry["env"] = parse_pairs(args.env, "=", "--env")
-    try:
-        validate_registry({"version": REGISTRY_VERSION, "servers": [entry], "mcpServers": {
-            name: {"command": "x"} for name in entry.get("mcp", ())}}, path)
-    except RegistryError as exc:
-        raise CLIError(str(exc)) from None
-    if args.check:
-        listed = asyncio.run(check_managed(entry, path, environ))
-        missing = [m for m in entry["models"] if m not in listed]
-        if missing:
-            raise CLIError(f"the server started but does not list {', '.join(missing)}; it "
-                           f"lists: {', '.join(listed) or '(no models)'}")
-        entry["models"] = entry["models"] or listed
-    if not entry["models"]:
-        raise CLIError("name the model(s) it serves with --model (or use --check to list them)")
-    append_server(path, entry)
-    ttl = entry.get("ttl", MANAGED_TTL)
-    print(f"added {args.name}: started on demand by `{args.command}` ({', '.join(entry['models'])};"
-          f" {f'stopped after {ttl:g}s idle' if ttl else 'never stopped for idling'})")
-    return 0
-
-
-async def check_managed(entry, path, environ):
-    """Start a managed entry once, list its models, stop it (add --check)."""
-    import asyncio
-    sweeper = Sweeper()
-    ticker = asyncio.get_running_loop().create_task(sweeper.run())
-    client = UpstreamClient(sweeper)
-    manager = ProcessManager(path, dict(environ), client)
-    up = Upstream(dict(entry, discover=True), entry_api_key(entry, environ))
-    manager.sync({up.name: up})
-    server = manager.servers[up.name]
-    try:
-        await manager.ensure(up)
-        _, doc = await fetch_models(client, up)
-        return list_models(doc) or []
-    except (ServiceUnavailable, UpstreamError) as exc:
-        raise CLIError(f"--check failed: {getattr(exc, 'message', exc)}") from None
-    finally:
-        await manager.stop(server, "check done")
-        client.close_all()
-        ticker.cancel()
-
-
-def cmd_remove(args, environ):
-    path = registry_path(args, environ)
-
-    def change(doc):
-        entry = find_server(doc, args.name)
-        if entry is None:
-            known = ", ".join(e["name"] for e in doc["servers"]) or "none"
-            raise RegistryError(f"no server named {args.name!r} in {path} (known: {known})")
-        doc["servers"].remove(entry)
-
-    update_registry(path, change)
-    print(f"removed {args.name}")
-    return 0
-
-
-def cmd_list(args, environ):
-    doc = load_registry(registry_path(args, environ))
-    if args.json:
-        print(json.dumps([public_entry(e) for e in doc["servers"]], indent=2))
-        return 0
-    if not doc["servers"]:
-        print("no servers registered; add one with: llmhost.py add NAME URL", file=sys.stderr)
-        return 0
-    rows = []
-    for e in doc["servers"]:
-        models = [e["alias"] + " -> " + e["models"][0]] if e.get("alias") else e.get("models", [])
-        text = ", ".join(models[:4]) + (f" (+{len(models) - 4})" if len(models) > 4 else "")
-        if e.get("discover"):
-            text = (text + " " if text else "") + "[all listed]"
-        rows.append([e["name"], hide_password(e.get("url") or f"(managed) {e['command']}"[:60]),
-                     text or "-", auth_source(e)])
-    print_table(rows, ["NAME", "URL", "MODELS", "AUTH"])
-    return 0
-
-
-def cmd_show(args, environ):
-    path = registry_path(args, environ)
-    entry = find_server(load_registry(path), args.name)
-    if entry is None:
-        raise CLIError(f"no server named {args.name!r} in {path}")
-    shown = public_entry(entry)
-    width = max(len(k) for k in shown)
-    for key, value in shown.items():
-        if isinstance(value, list):
-            value = ", ".join(value) or "-"
-        print(f"{key.ljust(width)}  {value}")
-    return 0
-
-
-def env_api_keys(environ):
-    return [k.strip() for k in environ.get("LLMHOST_API_KEY", "").split(",") if k.strip()]
-
-
-def parse_api_keys(args, environ):
-    """--api-key (repeatable), else $LLMHOST_API_KEY: the flag wins, as every flag wins over
-    its variable, so a key replaced on the command line is not still taken from the old one."""
-    keys = [k.strip() for k in args.api_key or ()]
-    if "" in keys:
-        raise CLIError("--api-key needs a value (an empty key could never be sent)")
-    if keys:
-        return keys
-    keys = env_api_keys(environ)
-    if not keys and environ.get("LLMHOST_API_KEY", "").strip():
-        raise CLIError("LLMHOST_API_KEY holds no key, only commas and blanks: set a key, or "
-                       "unset it to serve without one")
-    return keys
+def discover_servers(ports, timeout=DISCOVER_TIMEOUT):
+    """-> [(name, base URL, model ids)] for every port on 127.0.0.1 answering /v1/models."""
+    found = []
+    for port, name in ports.items():
+        url = f"http://127.0.0.1:{port}/v1"
+        try:
+            status, doc, _ = http_json(url + "/models", timeout=timeout)
+        except CLIError:
+            continue
+        ids = list_models(doc) if status == 200 else None
+        if ids is not None:
+            found.append((name, url, ids))
+    return found
 
 
 async def discover_models(client, upstreams):
@@ -5857,6 +5572,24 @@ async def discover_models(client, upstreams):
             logger().warning("server %s: could not list its models (%s); keeping the list it "
                              "has (at start, the registry's)", name, error)
     return found
+
+
+def registry_stamp(path):
+    """What changes when the registry file is edited or replaced; None if there is none."""
+    try:
+        st = os.stat(path)
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+    except OSError:
+        return None
+
+
+def serving_registry(path, environ, workers):
+    """The registry as `serve` uses it -> (doc, upstream keys by server name); RegistryError
+    if broken, or if it holds managed entries and `serve` runs several workers."""
+    doc = load_registry(path)
+    if workers:
+        refuse_managed_under_workers(doc["servers"])
+    return doc, {e["name"]: entry_api_key(e, environ) for e in doc["servers"]}
 
 
 class Gateway:
@@ -6182,69 +5915,6 @@ def remove_serve_record(registry):
             logger().warning("cannot remove %s: %s", path, exc.strerror or exc)
 
 
-def cmd_serve(args, environ):
-    import logging
-    for flag, value, least in (("--port", args.port, 0),
-                               ("--max-concurrency", args.max_concurrency, 1),
-                               ("--queue-size", args.queue_size, 0),
-                               ("--queue-timeout", args.queue_timeout, 0),
-                               ("--shutdown-timeout", args.shutdown_timeout, 0),
-                               ("--max-running", args.max_running, 1),
-                               ("--mcp-max-rounds", args.mcp_max_rounds, 1)):
-        if value is not None and value < least:
-            raise CLIError(f"{flag} must be at least {least}")
-    if args.port > 65535:
-        raise CLIError("--port must be at most 65535")
-    for prefix in args.mcp_allow_url or ():
-        reason = valid_url(prefix) or ("@" in prefix or "\\" in prefix) and "it has '@' or '\\'"
-        if reason:
-            raise CLIError(f"--mcp-allow-url {prefix!r}: {reason} (example: "
-                           "http://127.0.0.1:8931/mcp)")
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%Y-%m-%d %H:%M:%S")
-    path = registry_path(args, environ)
-    keys = parse_api_keys(args, environ)
-    loopback = is_loopback_host(args.host)
-    if not loopback and not keys and not args.no_auth:
-        raise CLIError(f"refusing to serve on {args.host} without an API key: anyone who can "
-                       "reach this machine could use your models. Pass --api-key KEY (or set "
-                       "LLMHOST_API_KEY), or --no-auth to serve openly on purpose.")
-    try:
-        workers = min(os.cpu_count() or 1, args.max_concurrency) if args.workers == "auto" \
-            else int(args.workers)
-    except ValueError:
-        workers = 0
-    if workers < 1:
-        raise CLIError("--workers must be at least 1 (or auto)")
-    if workers > args.max_concurrency:
-        raise CLIError(f"--max-concurrency {args.max_concurrency} cannot be split across "
-                       f"{workers} workers (each needs at least 1): raise it or use fewer workers")
-    discover_ports = None if args.no_discover else \
-        parse_ports(args.discover_ports, "--discover-ports") if args.discover_ports else \
-        DISCOVERY_PORTS
-    # a broken registry stops serve before it binds
-    last_good = serving_registry(path, environ, workers > 1)
-    options = dict(environ=environ, api_keys=keys, queue_timeout=args.queue_timeout,
-                   discover_ports=discover_ports,
-                   allowed_hosts=args.allowed_host or () if loopback else None,
-                   cors_origins=args.cors_origin or (), mcp_max_rounds=args.mcp_max_rounds,
-                   max_running=args.max_running,
-                   mcp_allow_urls=args.mcp_allow_url or (), mcp_roots=args.root or ())
-    logging.getLogger("mcp").setLevel(logging.WARNING)  # the SDK logs tracebacks at INFO
-    logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per MCP HTTP message
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(one_line_sdk_errors)
-        handler.addFilter(no_url_passwords)
-    try:
-        if workers == 1:
-            return run_worker(args, path, keys, options, args.max_concurrency, args.queue_size)
-        return run_workers(args, path, keys, options, workers, last_good)
-    finally:
-        # (a worker never gets here: it leaves by os._exit, and never wrote a record)
-        remove_serve_record(path)
-
-
 def one_line_sdk_errors(record):
     """Logging filter: the MCP SDK logs a transport's end (an SSE server going away) as an ERROR
     with a 40-line traceback; one line says as much."""
@@ -6490,161 +6160,12 @@ def run_workers(args, path, keys, options, workers, last_good):
     return status
 
 
-def serve_api(args, environ, path, method="GET"):
-    """Call a running serve's API (for status, ps, load, unload) -> the JSON answer."""
-    key = args.api_key or next(iter(env_api_keys(environ)), None)
-    base, whose = args.url, None
-    if base is None:
-        registry = registry_path(args, environ)
-        record, why = read_serve_record(registry)
-        if record is not None:
-            base = record["url"]
-            whose = (f"the serve of {registry} (pid {record['pid']}, per "
-                     f"{serve_record_path(registry)}) does not answer")
-        else:
-            base = DEFAULT_SERVE_URL
-            whose = f"no serve of {registry} is running ({why}); start one or pass --url"
-    reason = valid_url(base)
-    if reason:
-        raise CLIError(f"invalid --url {base!r}: {reason} (example: http://127.0.0.1:4000)")
-    base = base.rstrip("/")
-    url = (base[:-3] if base.endswith("/v1") else base) + path  # the base URL clients use
-    try:
-        status, doc, text = http_json(url, key, None if method == "GET"
-                                      else MANAGED_START_TIMEOUT + 10, method)  # load waits
-    except CLIError as exc:
-        if whose is None:
-            raise
-        raise CLIError(f"{whose} ({exc})") from None
-    if status != 200 or not isinstance(doc, dict):
-        message = (doc or {}).get("error", {}).get("message") if isinstance(doc, dict) else text
-        raise CLIError(f"{method} {url} -> HTTP {status}: {message}")
-    return doc
-
-
-def cmd_ps(args, environ):
-    doc = serve_api(args, environ, "/v1/status")
-    rows = [[p["name"], p["state"], p["pid"] or "-", p["port"] or "-",
-             "-" if p["uptime_seconds"] is None else f"{p['uptime_seconds']:g}s",
-             f"{p['idle_seconds']:g}s", p["in_flight"], p["last_error"] or "-"]
-            for p in doc.get("processes", ())]
-    if not rows:
-        print("no managed servers (add one with: llmhost.py add NAME --command '...')",
-              file=sys.stderr)
-        return 0
-    print_table(rows, ["NAME", "STATE", "PID", "PORT", "UPTIME", "IDLE", "IN-FLIGHT",
-                       "LAST ERROR"])
-    return 0
-
-
-def cmd_load(args, environ):
-    from urllib.parse import quote
-    doc = serve_api(args, environ, f"/v1/processes/{quote(args.name)}/{args.action}", "POST")
-    print(f"{args.name}: {doc['state']}" + (f" (pid {doc['pid']}, port {doc['port']})"
-                                             if doc.get("pid") else ""))
-    return 0
-
-
-def cmd_logs(args, environ):
-    path = os.path.join(logs_folder(registry_path(args, environ)), f"{args.name}.log")
-    if not os.path.exists(path):
-        raise CLIError(f"no log for {args.name!r} yet ({path}); serve writes one for each server "
-                       "it starts itself (--command entries)")
-    with open(path, "rb") as f:
-        data = f.read()
-        lines = data.splitlines()[-args.lines:] if args.lines > 0 else []
-        sys.stdout.write(b"\n".join(lines).decode("utf-8", "replace") + "\n" if lines else "")
-        sys.stdout.flush()
-        while args.follow:
-            chunk = f.read()
-            if chunk:
-                sys.stdout.write(chunk.decode("utf-8", "replace"))
-                sys.stdout.flush()
-            else:
-                time.sleep(0.3)
-    return 0
-
-
-# well-known local ports of OpenAI-compatible servers
-DISCOVERY_PORTS = {1234: "lmstudio", 11434: "ollama", 8080: "llamacpp", 8000: "vllm",
-                   1337: "jan", 5000: "textgen", 5001: "koboldcpp"}
-
-
-def discover_servers(ports, timeout=0.5):
-    """-> [(name, base URL, model ids)] for every port on 127.0.0.1 answering /v1/models."""
-    found = []
-    for port, name in ports.items():
-        url = f"http://127.0.0.1:{port}/v1"
-        try:
-            status, doc, _ = http_json(url + "/models", timeout=timeout)
-        except CLIError:
-            continue
-        ids = list_models(doc) if status == 200 else None
-        if ids is not None:
-            found.append((name, url, ids))
-    return found
-
-
-def parse_ports(text, flag):
-    """"N,N" -> {port: name} as discover_servers takes it (a port given is named local<N>)."""
-    try:
-        ports = {int(p): f"local{int(p)}" for p in text.split(",")}
-    except ValueError:
-        ports = {}
-    if not ports or not all(0 < p < 65536 for p in ports):
-        raise CLIError(f"{flag} takes port numbers (1-65535) separated by commas")
-    return ports
-
-
-def cmd_discover(args, environ):
-    ports = parse_ports(args.ports, "--ports") if args.ports else DISCOVERY_PORTS
-    found = discover_servers(ports)
-    if not found:
-        print("found no OpenAI-compatible server on the usual local ports "
-              f"({', '.join(map(str, ports))})")
-        return 1
-    path = registry_path(args, environ)
-    known = {e.get("url") for e in load_registry(path)["servers"]}
-    for name, url, ids in found:
-        shown = ", ".join(ids[:6]) + (" …" if len(ids) > 6 else "")
-        print(f"{name:10} {url:28} {shown or '(no models)'}"
-              f"{'  [registered]' if url in known else ''}")
-    if args.add:
-        added = []
-
-        def change(doc):
-            names = {e["name"] for e in doc["servers"]}
-            urls = {e.get("url") for e in doc["servers"]}
-            for name, url, ids in found:
-                if url in urls:
-                    continue
-                unique = name
-                while unique in names:
-                    unique += "-2"
-                doc["servers"].append({"name": unique, "url": url, "models": ids,
-                                       "discover": True})
-                names.add(unique)
-                added.append(unique)
-
-        update_registry(path, change)
-        print(f"added: {', '.join(added) or 'nothing new'}")
-    else:
-        print("register them with: llmhost.py discover --add")
-    return 0
-
-
-def cmd_status(args, environ):
-    doc = serve_api(args, environ, "/v1/status")
-    if args.json:
-        print(json.dumps(doc, indent=2))
-        return 0
-    print(f"llmhost {doc['version']} up {doc['uptime_seconds']:g}s: {doc['in_flight']} in flight "
-          f"of {doc['max_concurrency']}, {doc['queued']} queued, {doc['rejected']} rejected")
-    rows = [[s["name"], "ok" if s["healthy"] else f"cooling {s['cooldown_seconds']:g}s",
-             s["in_flight"], s["requests"], s["errors"], s["last_error"] or "-"]
-            for s in doc["servers"]]
-    print_table(rows, ["SERVER", "HEALTH", "IN-FLIGHT", "REQUESTS", "ERRORS", "LAST ERROR"])
-    return 0
+# =============================================================================
+# Bench
+# =============================================================================
+# Owns: `bench`, a load generator that measures one OpenAI-compatible endpoint (llmhost or
+# any upstream) with llmhost's own upstream client: throughput, latency, first-token time.
+# Never: starts a server; reports only what finished.
 
 
 def percentile(values, p):
@@ -6835,6 +6356,517 @@ async def bench_run(args, api_key, progress=sys.stderr):
             "interrupted": interrupted, "requests_per_second": len(latency) / elapsed,
             "output_tokens_per_second": sum(tokens) / elapsed,
             "latency_ms": stats(latency), "ttft_ms": stats(ttft), "itl_ms": stats(itl)}
+
+
+# =============================================================================
+# CLI
+# =============================================================================
+# Owns: argparse subcommands, the environment (LLMHOST_REGISTRY, LLMHOST_API_KEY, api_key_env
+# variables), the synchronous probe `add` runs, and building the server in `serve`.
+# Errors: one line on stderr, exit status 1 (2 for usage errors, as argparse does).
+
+
+def registry_path(args, environ):
+    return args.registry or environ.get("LLMHOST_REGISTRY") or "servers.json"
+
+
+def probe_server(url, api_key, timeout=None):
+    """-> (base URL that answered, model ids). Tries {url}/models, then {url}/v1/models; a URL
+    without a path tries {url}/v1 first: a server's root is not its OpenAI base URL, though
+    llama.cpp answers /models there too (and /embeddings, of another shape than OpenAI's)."""
+    tried = []
+    bases = [url]
+    if not url.rstrip("/").endswith("/v1"):
+        bases.append(url.rstrip("/") + "/v1")
+        if is_root_url(url):
+            bases.reverse()
+    for base in bases:
+        status, doc, text = http_json(base + "/models", api_key, timeout)
+        tried.append(f"GET {base}/models -> {status}")
+        if status in (401, 403):
+            raise CLIError(f"GET {base}/models: the server refused the key (HTTP {status}). "
+                           "Pass the upstream's key with --api-key-env VAR (or --api-key).")
+        if status == 200:
+            ids = list_models(doc)
+            if ids is not None:
+                return base, ids
+            tried[-1] += " (not an OpenAI model list)"
+    raise CLIError("no OpenAI-compatible model list found: " + "; ".join(tried) +
+                   ". URL must be the base URL a client would use, e.g. http://127.0.0.1:8080/v1 "
+                   "(use --no-check to add a server that is not up yet).")
+
+
+def is_root_url(url):
+    """Whether an http(s) URL has no path (or just "/"): a server's address, not an API's."""
+    from urllib.parse import urlsplit
+    return not urlsplit(url).path.strip("/")
+
+
+def auth_source(entry):
+    if entry.get("api_key_env"):
+        return f"env:{entry['api_key_env']}"
+    if entry.get("api_key"):
+        return "key in file"
+    return "-"
+
+
+def public_entry(entry):
+    """An entry as shown to people: never the key itself."""
+    out = {k: v for k, v in entry.items() if k != "api_key"}
+    if "url" in out:
+        out["url"] = hide_password(out["url"])
+    if "env" in out:  # values may be secrets: only the names are shown
+        out["env"] = sorted(out["env"])
+    out.setdefault("models", [])
+    out["auth"] = auth_source(entry)
+    return out
+
+
+def print_table(rows, header):
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    for row in [header] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def entry_api_key(entry, environ):
+    """The entry's upstream key, stripped (a key read with $(cat file) ends with a newline)."""
+    if entry.get("api_key_env"):
+        key = (environ.get(entry["api_key_env"]) or "").strip()
+        where = f"environment variable {entry['api_key_env']}"
+    else:
+        key = (entry.get("api_key") or "").strip()
+        where = "api_key"
+    if any(c in key for c in "\r\n\0"):
+        raise RegistryError(f"server {entry['name']}: the {where} holds a line break or NUL")
+    return key or None
+
+
+# `add` options copied into an entry as given (both kinds of entry)
+SERVER_OPTIONS = ("alias", "api_key_env", "api_key", "timeout", "max_concurrency", "priority",
+                  "vision", "mcp")
+
+
+def copy_options(args, entry, fields):
+    for field in fields:
+        value = getattr(args, field, None)
+        if value is not None:
+            entry[field] = value
+
+
+def append_server(path, entry):
+    def change(doc):
+        if find_server(doc, entry["name"]):
+            raise RegistryError(f"a server named {entry['name']!r} was added meanwhile")
+        doc["servers"].append(entry)
+
+    update_registry(path, change)
+
+
+def cmd_add(args, environ):
+    path = registry_path(args, environ)
+    if not NAME_RE.fullmatch(args.name):
+        raise CLIError(f"invalid name {args.name!r}: use 1-64 of A-Z a-z 0-9 . _ -")
+    if args.api_key and args.api_key_env:
+        raise CLIError("use either --api-key-env or --api-key, not both")
+    if args.api_key_env and not ENV_NAME_RE.fullmatch(args.api_key_env):
+        raise CLIError(f"invalid environment variable name {args.api_key_env!r}")
+    for field in ("timeout", "max_concurrency", "ttl", "start_timeout", "ready_path"):
+        value = getattr(args, field)
+        check, what = SERVER_FIELDS[field]
+        if value is not None and not check(value):  # said now, by its flag, before any probe
+            raise CLIError(f"--{field.replace('_', '-')} must be {what.replace('null or ', '')}")
+    if args.command:
+        return add_managed(args, environ, path)
+    if not args.url:
+        raise CLIError("give the server's base URL (or --command for one llmhost starts)")
+    given = [f"--{f.replace('_', '-')}" for f in ("check",) + MANAGED_FIELDS[1:]
+             if getattr(args, f) not in (None, False)]
+    if given:
+        raise CLIError(f"{', '.join(given)}: only for --command entries (servers llmhost starts)")
+    url = args.url.strip()
+    reason = valid_url(url)
+    if reason:
+        raise CLIError(f"invalid URL {hide_password(repr(args.url))}: {reason} "
+                       "(example: http://127.0.0.1:8080/v1)")
+    url = url.rstrip("/")
+    for suffix in ("/chat/completions", "/completions", "/models", "/embeddings"):
+        if url.endswith(suffix):
+            raise CLIError(f"{url} looks like an endpoint, not a base URL: use "
+                           f"{url[:-len(suffix)]}")
+    if args.alias and len(args.model or ()) > 1:
+        raise CLIError("--alias needs exactly one --model")
+    existing = load_registry(path)  # fail early (and on a broken file) before probing
+    if find_server(existing, args.name):
+        raise CLIError(f"a server named {args.name!r} already exists in {path}; "
+                       f"remove it first or pick another name")
+    api_key = args.api_key
+    if args.api_key_env:
+        api_key = environ.get(args.api_key_env)
+        if not api_key and not args.no_check:
+            raise CLIError(f"environment variable {args.api_key_env} is not set; export it "
+                           "first (or add with --no-check)")
+    models = list(dict.fromkeys(args.model or ()))
+    if not args.no_check:
+        base, listed = probe_server(url, api_key)
+        if base != url:
+            print(f"note: using {base}, where the server's OpenAI API answers (at its root, "
+                  "llama.cpp serves an API of its own: /embeddings of another shape)" if
+                  is_root_url(url) else f"note: {url}/models lists no models; using {base}",
+                  file=sys.stderr)
+            url = base
+        missing = [m for m in models if m not in listed]
+        if missing:
+            hints = [f"{m} (did you mean {m}:latest?)" if f"{m}:latest" in listed else m
+                     for m in missing]
+            shown = ", ".join(listed[:20]) + (" …" if len(listed) > 20 else "")
+            raise CLIError(f"{url} does not serve {', '.join(hints)}; it lists: "
+                           f"{shown or '(no models)'}")
+        if not models:
+            models = listed
+    if args.alias and len(models) != 1:  # (an upstream that serves one model names it)
+        raise CLIError("--alias needs exactly one model: " + (
+            f"{url} lists {len(models)}; pick one with --model" if models else "give it with --model"))
+    entry = {"name": args.name, "url": url, "models": models}
+    if not args.model and not args.alias:  # (an alias names its one model for good)
+        entry["discover"] = True  # serve re-reads the upstream's model list when it starts
+    copy_options(args, entry, SERVER_OPTIONS)
+    append_server(path, entry)
+    shown = ", ".join(models[:10]) + (" …" if len(models) > 10 else "")
+    if args.alias:
+        shown = f"{args.alias} -> {shown}"
+    print(f"added {args.name}: {url} ({len(models)} model{'s' if len(models) != 1 else ''}"
+          f"{': ' + shown if models else ''}){' [not checked]' if args.no_check else ''}")
+    return 0
+
+
+def add_managed(args, environ, path):
+    """`add NAME --command '...'`: a server llmhost starts on demand and stops when idle."""
+    import asyncio
+    if args.url:
+        raise CLIError("a --command entry has no URL: llmhost picks its port (${PORT})")
+    if "${PORT}" not in args.command:
+        raise CLIError("the command must take its port from ${PORT}, e.g. "
+                       "'llama-server -m model.gguf --port ${PORT}'")
+    problem = check_command(args.command, environ)
+    if problem:
+        raise CLIError(f"cannot run the command: {problem}")
+    if find_server(load_registry(path), args.name):
+        raise CLIError(f"a server named {args.name!r} already exists in {path}")
+    entry = {"name": args.name, "command": args.command, "models": list(dict.fromkeys(
+        args.model or ()))}
+    copy_options(args, entry, SERVER_OPTIONS + ("ttl", "ready_path", "start_timeout", "cwd",
+                                                "group"))
+    if args.env:
+        entry["env"] = parse_pairs(args.env, "=", "--env")
+    try:
+        validate_registry({"version": REGISTRY_VERSION, "servers": [entry], "mcpServers": {
+            name: {"command": "x"} for name in entry.get("mcp", ())}}, path)
+    except RegistryError as exc:
+        raise CLIError(str(exc)) from None
+    if args.check:
+        listed = asyncio.run(check_managed(entry, path, environ))
+        missing = [m for m in entry["models"] if m not in listed]
+        if missing:
+            raise CLIError(f"the server started but does not list {', '.join(missing)}; it "
+                           f"lists: {', '.join(listed) or '(no models)'}")
+        entry["models"] = entry["models"] or listed
+    if not entry["models"]:
+        raise CLIError("name the model(s) it serves with --model (or use --check to list them)")
+    append_server(path, entry)
+    ttl = entry.get("ttl", MANAGED_TTL)
+    print(f"added {args.name}: started on demand by `{args.command}` ({', '.join(entry['models'])};"
+          f" {f'stopped after {ttl:g}s idle' if ttl else 'never stopped for idling'})")
+    return 0
+
+
+async def check_managed(entry, path, environ):
+    """Start a managed entry once, list its models, stop it (add --check)."""
+    import asyncio
+    sweeper = Sweeper()
+    ticker = asyncio.get_running_loop().create_task(sweeper.run())
+    client = UpstreamClient(sweeper)
+    manager = ProcessManager(path, dict(environ), client)
+    up = Upstream(dict(entry, discover=True), entry_api_key(entry, environ))
+    manager.sync({up.name: up})
+    server = manager.servers[up.name]
+    try:
+        await manager.ensure(up)
+        _, doc = await fetch_models(client, up)
+        return list_models(doc) or []
+    except (ServiceUnavailable, UpstreamError) as exc:
+        raise CLIError(f"--check failed: {getattr(exc, 'message', exc)}") from None
+    finally:
+        await manager.stop(server, "check done")
+        client.close_all()
+        ticker.cancel()
+
+
+def cmd_remove(args, environ):
+    path = registry_path(args, environ)
+
+    def change(doc):
+        entry = find_server(doc, args.name)
+        if entry is None:
+            known = ", ".join(e["name"] for e in doc["servers"]) or "none"
+            raise RegistryError(f"no server named {args.name!r} in {path} (known: {known})")
+        doc["servers"].remove(entry)
+
+    update_registry(path, change)
+    print(f"removed {args.name}")
+    return 0
+
+
+def cmd_list(args, environ):
+    doc = load_registry(registry_path(args, environ))
+    if args.json:
+        print(json.dumps([public_entry(e) for e in doc["servers"]], indent=2))
+        return 0
+    if not doc["servers"]:
+        print("no servers registered; add one with: llmhost.py add NAME URL", file=sys.stderr)
+        return 0
+    rows = []
+    for e in doc["servers"]:
+        models = [e["alias"] + " -> " + e["models"][0]] if e.get("alias") else e.get("models", [])
+        text = ", ".join(models[:4]) + (f" (+{len(models) - 4})" if len(models) > 4 else "")
+        if e.get("discover"):
+            text = (text + " " if text else "") + "[all listed]"
+        rows.append([e["name"], hide_password(e.get("url") or f"(managed) {e['command']}"[:60]),
+                     text or "-", auth_source(e)])
+    print_table(rows, ["NAME", "URL", "MODELS", "AUTH"])
+    return 0
+
+
+def cmd_show(args, environ):
+    path = registry_path(args, environ)
+    entry = find_server(load_registry(path), args.name)
+    if entry is None:
+        raise CLIError(f"no server named {args.name!r} in {path}")
+    shown = public_entry(entry)
+    width = max(len(k) for k in shown)
+    for key, value in shown.items():
+        if isinstance(value, list):
+            value = ", ".join(value) or "-"
+        print(f"{key.ljust(width)}  {value}")
+    return 0
+
+
+def env_api_keys(environ):
+    return [k.strip() for k in environ.get("LLMHOST_API_KEY", "").split(",") if k.strip()]
+
+
+def parse_api_keys(args, environ):
+    """--api-key (repeatable), else $LLMHOST_API_KEY: the flag wins, as every flag wins over
+    its variable, so a key replaced on the command line is not still taken from the old one."""
+    keys = [k.strip() for k in args.api_key or ()]
+    if "" in keys:
+        raise CLIError("--api-key needs a value (an empty key could never be sent)")
+    if keys:
+        return keys
+    keys = env_api_keys(environ)
+    if not keys and environ.get("LLMHOST_API_KEY", "").strip():
+        raise CLIError("LLMHOST_API_KEY holds no key, only commas and blanks: set a key, or "
+                       "unset it to serve without one")
+    return keys
+
+
+def cmd_serve(args, environ):
+    import logging
+    for flag, value, least in (("--port", args.port, 0),
+                               ("--max-concurrency", args.max_concurrency, 1),
+                               ("--queue-size", args.queue_size, 0),
+                               ("--queue-timeout", args.queue_timeout, 0),
+                               ("--shutdown-timeout", args.shutdown_timeout, 0),
+                               ("--max-running", args.max_running, 1),
+                               ("--mcp-max-rounds", args.mcp_max_rounds, 1)):
+        if value is not None and value < least:
+            raise CLIError(f"{flag} must be at least {least}")
+    if args.port > 65535:
+        raise CLIError("--port must be at most 65535")
+    for prefix in args.mcp_allow_url or ():
+        reason = valid_url(prefix) or ("@" in prefix or "\\" in prefix) and "it has '@' or '\\'"
+        if reason:
+            raise CLIError(f"--mcp-allow-url {prefix!r}: {reason} (example: "
+                           "http://127.0.0.1:8931/mcp)")
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%Y-%m-%d %H:%M:%S")
+    path = registry_path(args, environ)
+    keys = parse_api_keys(args, environ)
+    loopback = is_loopback_host(args.host)
+    if not loopback and not keys and not args.no_auth:
+        raise CLIError(f"refusing to serve on {args.host} without an API key: anyone who can "
+                       "reach this machine could use your models. Pass --api-key KEY (or set "
+                       "LLMHOST_API_KEY), or --no-auth to serve openly on purpose.")
+    try:
+        workers = min(os.cpu_count() or 1, args.max_concurrency) if args.workers == "auto" \
+            else int(args.workers)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise CLIError("--workers must be at least 1 (or auto)")
+    if workers > args.max_concurrency:
+        raise CLIError(f"--max-concurrency {args.max_concurrency} cannot be split across "
+                       f"{workers} workers (each needs at least 1): raise it or use fewer workers")
+    discover_ports = None if args.no_discover else \
+        parse_ports(args.discover_ports, "--discover-ports") if args.discover_ports else \
+        DISCOVERY_PORTS
+    # a broken registry stops serve before it binds
+    last_good = serving_registry(path, environ, workers > 1)
+    options = dict(environ=environ, api_keys=keys, queue_timeout=args.queue_timeout,
+                   discover_ports=discover_ports,
+                   allowed_hosts=args.allowed_host or () if loopback else None,
+                   cors_origins=args.cors_origin or (), mcp_max_rounds=args.mcp_max_rounds,
+                   max_running=args.max_running,
+                   mcp_allow_urls=args.mcp_allow_url or (), mcp_roots=args.root or ())
+    logging.getLogger("mcp").setLevel(logging.WARNING)  # the SDK logs tracebacks at INFO
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per MCP HTTP message
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(one_line_sdk_errors)
+        handler.addFilter(no_url_passwords)
+    try:
+        if workers == 1:
+            return run_worker(args, path, keys, options, args.max_concurrency, args.queue_size)
+        return run_workers(args, path, keys, options, workers, last_good)
+    finally:
+        # (a worker never gets here: it leaves by os._exit, and never wrote a record)
+        remove_serve_record(path)
+
+
+def serve_api(args, environ, path, method="GET"):
+    """Call a running serve's API (for status, ps, load, unload) -> the JSON answer."""
+    key = args.api_key or next(iter(env_api_keys(environ)), None)
+    base, whose = args.url, None
+    if base is None:
+        registry = registry_path(args, environ)
+        record, why = read_serve_record(registry)
+        if record is not None:
+            base = record["url"]
+            whose = (f"the serve of {registry} (pid {record['pid']}, per "
+                     f"{serve_record_path(registry)}) does not answer")
+        else:
+            base = DEFAULT_SERVE_URL
+            whose = f"no serve of {registry} is running ({why}); start one or pass --url"
+    reason = valid_url(base)
+    if reason:
+        raise CLIError(f"invalid --url {base!r}: {reason} (example: http://127.0.0.1:4000)")
+    base = base.rstrip("/")
+    url = (base[:-3] if base.endswith("/v1") else base) + path  # the base URL clients use
+    try:
+        status, doc, text = http_json(url, key, None if method == "GET"
+                                      else MANAGED_START_TIMEOUT + 10, method)  # load waits
+    except CLIError as exc:
+        if whose is None:
+            raise
+        raise CLIError(f"{whose} ({exc})") from None
+    if status != 200 or not isinstance(doc, dict):
+        message = (doc or {}).get("error", {}).get("message") if isinstance(doc, dict) else text
+        raise CLIError(f"{method} {url} -> HTTP {status}: {message}")
+    return doc
+
+
+def cmd_ps(args, environ):
+    doc = serve_api(args, environ, "/v1/status")
+    rows = [[p["name"], p["state"], p["pid"] or "-", p["port"] or "-",
+             "-" if p["uptime_seconds"] is None else f"{p['uptime_seconds']:g}s",
+             f"{p['idle_seconds']:g}s", p["in_flight"], p["last_error"] or "-"]
+            for p in doc.get("processes", ())]
+    if not rows:
+        print("no managed servers (add one with: llmhost.py add NAME --command '...')",
+              file=sys.stderr)
+        return 0
+    print_table(rows, ["NAME", "STATE", "PID", "PORT", "UPTIME", "IDLE", "IN-FLIGHT",
+                       "LAST ERROR"])
+    return 0
+
+
+def cmd_load(args, environ):
+    from urllib.parse import quote
+    doc = serve_api(args, environ, f"/v1/processes/{quote(args.name)}/{args.action}", "POST")
+    print(f"{args.name}: {doc['state']}" + (f" (pid {doc['pid']}, port {doc['port']})"
+                                             if doc.get("pid") else ""))
+    return 0
+
+
+def cmd_logs(args, environ):
+    path = os.path.join(logs_folder(registry_path(args, environ)), f"{args.name}.log")
+    if not os.path.exists(path):
+        raise CLIError(f"no log for {args.name!r} yet ({path}); serve writes one for each server "
+                       "it starts itself (--command entries)")
+    with open(path, "rb") as f:
+        data = f.read()
+        lines = data.splitlines()[-args.lines:] if args.lines > 0 else []
+        sys.stdout.write(b"\n".join(lines).decode("utf-8", "replace") + "\n" if lines else "")
+        sys.stdout.flush()
+        while args.follow:
+            chunk = f.read()
+            if chunk:
+                sys.stdout.write(chunk.decode("utf-8", "replace"))
+                sys.stdout.flush()
+            else:
+                time.sleep(0.3)
+    return 0
+
+
+def parse_ports(text, flag):
+    """"N,N" -> {port: name} as discover_servers takes it (a port given is named local<N>)."""
+    try:
+        ports = {int(p): f"local{int(p)}" for p in text.split(",")}
+    except ValueError:
+        ports = {}
+    if not ports or not all(0 < p < 65536 for p in ports):
+        raise CLIError(f"{flag} takes port numbers (1-65535) separated by commas")
+    return ports
+
+
+def cmd_discover(args, environ):
+    ports = parse_ports(args.ports, "--ports") if args.ports else DISCOVERY_PORTS
+    found = discover_servers(ports)
+    if not found:
+        print("found no OpenAI-compatible server on the usual local ports "
+              f"({', '.join(map(str, ports))})")
+        return 1
+    path = registry_path(args, environ)
+    known = {e.get("url") for e in load_registry(path)["servers"]}
+    for name, url, ids in found:
+        shown = ", ".join(ids[:6]) + (" …" if len(ids) > 6 else "")
+        print(f"{name:10} {url:28} {shown or '(no models)'}"
+              f"{'  [registered]' if url in known else ''}")
+    if args.add:
+        added = []
+
+        def change(doc):
+            names = {e["name"] for e in doc["servers"]}
+            urls = {e.get("url") for e in doc["servers"]}
+            for name, url, ids in found:
+                if url in urls:
+                    continue
+                unique = name
+                while unique in names:
+                    unique += "-2"
+                doc["servers"].append({"name": unique, "url": url, "models": ids,
+                                       "discover": True})
+                names.add(unique)
+                added.append(unique)
+
+        update_registry(path, change)
+        print(f"added: {', '.join(added) or 'nothing new'}")
+    else:
+        print("register them with: llmhost.py discover --add")
+    return 0
+
+
+def cmd_status(args, environ):
+    doc = serve_api(args, environ, "/v1/status")
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"llmhost {doc['version']} up {doc['uptime_seconds']:g}s: {doc['in_flight']} in flight "
+          f"of {doc['max_concurrency']}, {doc['queued']} queued, {doc['rejected']} rejected")
+    rows = [[s["name"], "ok" if s["healthy"] else f"cooling {s['cooldown_seconds']:g}s",
+             s["in_flight"], s["requests"], s["errors"], s["last_error"] or "-"]
+            for s in doc["servers"]]
+    print_table(rows, ["SERVER", "HEALTH", "IN-FLIGHT", "REQUESTS", "ERRORS", "LAST ERROR"])
+    return 0
 
 
 def cmd_bench(args, environ):
