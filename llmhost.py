@@ -2889,7 +2889,8 @@ def check_api_key(headers, keys):
 # Owns: one `mcp.Client` per configured MCP server (stdio, streamable HTTP, legacy SSE), each
 #   entered and exited by ONE owner task (the SDK's anyio scopes hang if exited from another
 #   task); the tool cache and its refresh on list_changed; turning tool results into what an
-#   OpenAI model reads; answering server-initiated sampling/elicitation/roots requests.
+#   OpenAI model reads; answering server-initiated sampling/elicitation/roots requests. Each
+#   connection's state changes only through _MCPConn.move(), along MCP_MOVES.
 # Raises: MCPError (server unknown, cannot start, cannot connect) only. A tool that fails,
 #   times out or loses its connection is a result with ok=False, never an exception.
 # Never: imports `mcp` at module import (~0.6-1 s, ~580 modules) - only inside functions, and
@@ -3108,13 +3109,67 @@ def _streamable_http(url, headers, c):
     return transport()
 
 
+class MCPState:
+    """An MCP connection's states; the strings are what /v1/mcp/servers and `mcp list` show.
+    IDLE: no session (never started, or its session ended). CONNECTING: its owner task is
+    entering the Client (spawn + handshake). READY: a session is up. FAILED: its last start
+    failed; the next waits out a backoff. CLOSED: the hub shut down."""
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    READY = "ready"
+    FAILED = "failed"
+    CLOSED = "closed"
+
+
+# The moves MCPHub makes, from each state, and what makes each; anything else is a bug (see
+# _MCPConn.move). A failed start is marked twice: by its owner task as it ends, then by
+# _ensure(), which knows whether it was the server's failure or its caller's leaving.
+MCP_MOVES = {
+    MCPState.IDLE: frozenset({
+        # A call, a tool listing or warm() needs it.
+        MCPState.CONNECTING,
+        # Shutdown of one never started, or whose session ended.
+        MCPState.CLOSED,
+    }),
+    MCPState.CONNECTING: frozenset({
+        # Its Client is entered.
+        MCPState.READY,
+        # Its owner task ended without a session: an error, a timeout, a cancelled start.
+        MCPState.FAILED,
+        # Its owner task ended during shutdown.
+        MCPState.CLOSED,
+    }),
+    MCPState.READY: frozenset({
+        # Its session ended (lost, or stopped by a registry edit); the next use restarts it.
+        MCPState.IDLE,
+        # Its session ended during shutdown.
+        MCPState.CLOSED,
+    }),
+    MCPState.FAILED: frozenset({
+        # Tried again once its backoff is over.
+        MCPState.CONNECTING,
+        # _ensure() marks the start its owner task marked, with the reason.
+        MCPState.FAILED,
+        # _ensure() unmarks it: the start was cancelled because its caller left.
+        MCPState.IDLE,
+        # Shutdown.
+        MCPState.CLOSED,
+    }),
+    MCPState.CLOSED: frozenset({
+        # aclose() marks every one, some of which their owner task marked already.
+        MCPState.CLOSED,
+    }),
+}
+
+
 class _MCPConn:
-    """Per-server state. `client` is set only while the owner task holds an entered Client."""
+    """Per-server state. `client` is set only while the owner task holds an entered Client;
+    `state` changes only through move()."""
 
     def __init__(self, name, spec):
         self.name, self.spec, self.transport = name, spec, mcp_transport(spec)
         self.client = self.owner = self.stop = self.lock = None
-        self.state, self.era, self.server_info, self.last_error = "idle", None, None, None
+        self._state, self.era, self.server_info, self.last_error = MCPState.IDLE, None, None, None
         self.tools = None  # cached list[mcp Tool]; None = not listed yet or invalidated
         self.tools_until = 0.0  # when it goes stale (a 2026 server's ttlMs; legacy: never)
         self.http_status = None  # 401 or 403, when streamable HTTP's last answer was one
@@ -3127,6 +3182,26 @@ class _MCPConn:
         self.warming_since = 0.0  # when `warming` began
         self.calls = 0  # tool calls running now: a registry edit lets them finish first
         self.drained = None  # asyncio.Event set when a retired server's last call ends
+
+    @property
+    def state(self):
+        return self._state
+
+    def move(self, to, why):
+        """Set the state: the one place it changes. A move MCP_MOVES does not list is logged
+        as a bug and made all the same."""
+        if to not in MCP_MOVES:
+            # A name no table knows is a typo, not a race: nothing could read such a state.
+            raise ValueError(f"MCP {self.name}: no state {to!r}")
+        if to in MCP_MOVES[self._state]:
+            mcp_log().debug("MCP %s: %s -> %s (%s)", self.name, self._state, to, why)
+        else:
+            # Made anyway: the state only reports what the code that moves it has already
+            # done (whether a session is usable is _alive()'s to say, from the Client and its
+            # owner task), so a state kept against that code would report what is not so.
+            mcp_log().error("MCP %s: bug: state %s -> %s is not a move MCP_MOVES allows (%s)",
+                            self.name, self._state, to, why)
+        self._state = to
 
     def why(self, exc):
         """_describe_exc, with the HTTP status the SDK leaves out of "Server returned an error
@@ -3345,7 +3420,7 @@ class MCPHub:
                                "'mcp>=2.3,<3'") from None
             async with Client(self._target(c), **self._callbacks(c)) as client:
                 c.client, c.era, c.server_info = client, client.protocol_version, client.server_info
-                c.state = "ready"
+                c.move(MCPState.READY, f"connected ({client.protocol_version})")
                 ready.set_result(client)
                 caps = client.server_capabilities.tools
                 if caps and caps.list_changed and client.protocol_version in MODERN_PROTOCOL_VERSIONS:
@@ -3363,7 +3438,12 @@ class MCPHub:
                 listener.cancel()
                 await asyncio.gather(listener, return_exceptions=True)
             c.client = None
-            c.state = "closed" if self._closing else ("idle" if c.state == "ready" else "failed")
+            if self._closing:
+                c.move(MCPState.CLOSED, "its owner task ended at shutdown")
+            elif c.state == MCPState.READY:
+                c.move(MCPState.IDLE, "its session ended")
+            else:
+                c.move(MCPState.FAILED, "its owner task ended without a session")
 
     async def _listen(self, c, client):
         """2026-07-28 servers announce list changes only on a subscriptions/listen stream. It has
@@ -3434,7 +3514,8 @@ class MCPHub:
             wait = c.retry_at - time.monotonic()
             if wait > 0:
                 raise MCPError(server, f"unavailable, next retry in {wait:.1f} s (last error: {c.last_error})")
-            c.state, c.stop = "connecting", asyncio.Event()
+            c.move(MCPState.CONNECTING, "starting a session")
+            c.stop = asyncio.Event()
             ready = asyncio.get_running_loop().create_future()
             t0 = c.connecting_since = time.monotonic()
             c.owner = asyncio.create_task(self._owner(c, ready), name=f"mcp-owner-{server}")
@@ -3444,12 +3525,14 @@ class MCPHub:
                 if not ready.done():
                     ready.cancel()  # nobody will read what the owner would have put there
                 await self._stop(c)
-                if isinstance(e, asyncio.CancelledError):  # its caller left (a client gone, a
-                    c.state = "idle"  # shutdown): no failure of the server's, and a request
-                    raise  # that waited for this start tries its own
+                # Its caller left (a client gone, a shutdown): no failure of the server's, and
+                # a request that waited for this start tries its own.
+                if isinstance(e, asyncio.CancelledError):
+                    c.move(MCPState.IDLE, "its caller left while it started")
+                    raise
                 err = e if isinstance(e, MCPError) else MCPError(server, f"no answer within {self._connect_timeout:.0f} s"
                                                                  if isinstance(e, asyncio.TimeoutError) else _describe_exc(e))
-                c.state = "failed"
+                c.move(MCPState.FAILED, str(err))
                 c.note_failure(str(err))
                 raise err from None
             mcp_log().info("MCP %s: connected (%s, %s) in %.0f ms", server, c.transport, c.era,
@@ -3545,7 +3628,7 @@ class MCPHub:
         await asyncio.gather(*(self._stop(c) for c in self._conns.values()),
                              *self._draining.values(), return_exceptions=True)
         for c in self._conns.values():
-            c.state = "closed"
+            c.move(MCPState.CLOSED, "shutdown")
 
     # ---- what the application uses ----
 
@@ -3572,7 +3655,7 @@ class MCPHub:
             if c.failures and not self._alive(c):
                 raise MCPError(server, f"not connected (last error: {c.last_error}); "
                                        "reconnecting in the background")
-            began = min(c.warming_since, c.connecting_since) if c.state == "connecting" \
+            began = min(c.warming_since, c.connecting_since) if c.state == MCPState.CONNECTING \
                 else c.warming_since  # (a start, or a listing that hangs once connected)
             wait = max(0.0, began + MCP_ATTACHED_WAIT - time.monotonic())
             try:
