@@ -2383,6 +2383,7 @@ def parse_retry_after(value, default=COOLDOWN_BASE):
 # (stopping the least recently used *idle* server, never one with requests in flight), output
 # kept in a bounded log beside the registry, and a pid file so a killed serve's children are
 # reaped on the next start. Processes run in their own session: stops signal the whole group.
+# Each server's state changes only through ManagedServer.move(), along MANAGED_MOVES.
 # Raises: ServiceUnavailable (503, with the last lines of the server's output).
 
 
@@ -2431,14 +2432,72 @@ def logs_folder(registry):
     return os.path.join(os.path.dirname(os.path.abspath(registry)), "llmhost-logs")
 
 
+class ManagedState:
+    """A managed server's states; the strings are what /v1/status, `ps` and /v1/models show.
+    STOPPED: no process, or one that exited and was reaped. STARTING: making room, spawning,
+    polling readiness. RUNNING: ready, requests go to it. STOPPING: its process group is being
+    signalled. FAILED: its start failed or it crashed; the next start waits out a backoff."""
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+# The moves ProcessManager makes, from each state, and what makes each; anything else is a bug
+# (see ManagedServer.move).
+MANAGED_MOVES = {
+    ManagedState.STOPPED: frozenset({
+        # A request, or load, starts it.
+        ManagedState.STARTING,
+        # stop() again of one already stopped: unload, removal, shutdown.
+        ManagedState.STOPPED,
+        # A start failed after stop() reaped what it had spawned.
+        ManagedState.FAILED,
+    }),
+    ManagedState.STARTING: frozenset({
+        # It became ready.
+        ManagedState.RUNNING,
+        # Its command could not be expanded or run.
+        ManagedState.FAILED,
+        # Not ready in time, another model, removed, unloaded, or shutdown.
+        ManagedState.STOPPING,
+        # stop() of a process that already exited while it started.
+        ManagedState.STOPPED,
+    }),
+    ManagedState.RUNNING: frozenset({
+        # Idle past its ttl, making room, unload, removal, shutdown.
+        ManagedState.STOPPING,
+        # Its process exited on its own.
+        ManagedState.FAILED,
+        # stop() found its process already gone, before its watcher did.
+        ManagedState.STOPPED,
+        # ensure() found its process gone before its watcher did, and starts it again.
+        ManagedState.STARTING,
+    }),
+    ManagedState.STOPPING: frozenset({
+        # Its process group is gone.
+        ManagedState.STOPPED,
+        # A second stop(): idle_check() marks it before the stop() it spawns runs.
+        ManagedState.STOPPING,
+        # A request came while it stopped: start() waits for the old process to exit.
+        ManagedState.STARTING,
+    }),
+    ManagedState.FAILED: frozenset({
+        # Tried again once its backoff is over.
+        ManagedState.STARTING,
+    }),
+}
+
+
 class ManagedServer:
-    """One managed entry's process. States: stopped, starting, running, failed."""
+    """One managed entry's process; its state changes only through move()."""
 
     def __init__(self, up, log_path):
         self.up = up
         self.name = up.name
         self.log_path = log_path
-        self.state = "stopped"
+        self._state = ManagedState.STOPPED
         self.proc = None
         self.port = None
         self.started_at = None
@@ -2449,12 +2508,36 @@ class ManagedServer:
         self.retry_at = 0.0
         self.last_error = None
 
+    @property
+    def state(self):
+        return self._state
+
+    def move(self, to, why):
+        """Set the state: the one place it changes. A move MANAGED_MOVES does not list is logged
+        as a bug and made all the same."""
+        if to not in MANAGED_MOVES:
+            # A name no table knows is a typo, not a race: nothing could read such a state.
+            raise ValueError(f"managed server {self.name}: no state {to!r}")
+        if to in MANAGED_MOVES[self._state]:
+            logger().debug("managed server %s: %s -> %s (%s)", self.name, self._state, to, why)
+        else:
+            # Made anyway: the caller has already acted on the process (spawned, signalled or
+            # reaped it), and ensure(), make_room() and idle_check() act on the state, so one
+            # kept against the process can wedge a server (a ready process kept "stopped" is
+            # never used: each request starts it anew and waits for it to exit, which nobody
+            # asks of it), while a wrong move made and logged keeps the gateway serving and
+            # says what to fix.
+            logger().error("managed server %s: bug: state %s -> %s is not a move MANAGED_MOVES "
+                           "allows (%s)", self.name, self._state, to, why)
+        self._state = to
+
     def info(self, now):
         return {"name": self.name, "state": self.state,
-                "pid": self.proc.pid if self.proc and self.state != "stopped" else None,
-                "port": self.port if self.state in ("starting", "running") else None,
+                "pid": self.proc.pid if self.proc and self.state != ManagedState.STOPPED else None,
+                "port": self.port if self.state in (ManagedState.STARTING, ManagedState.RUNNING)
+                else None,
                 "uptime_seconds": round(now - self.started_at, 1)
-                if self.started_at and self.state == "running" else None,
+                if self.started_at and self.state == ManagedState.RUNNING else None,
                 "idle_seconds": round(now - self.last_used, 1) if not self.up.in_flight else 0,
                 "in_flight": self.up.in_flight, "ttl": self.up.entry.get("ttl", MANAGED_TTL),
                 "last_error": self.last_error}
@@ -2509,7 +2592,7 @@ class ProcessManager:
         if server is None:
             raise ServiceUnavailable(f"managed server {up.name} is no longer registered")
         server.last_used = time.monotonic()
-        if server.state == "running" and server.proc.returncode is None:
+        if server.state == ManagedState.RUNNING and server.proc.returncode is None:
             return
         if server.starting is None:
             server.starting = asyncio.get_running_loop().create_task(self.start(server))
@@ -2517,7 +2600,7 @@ class ProcessManager:
         await asyncio.shield(server.starting)
 
     def fail(self, server, message):
-        server.state = "failed"
+        server.move(ManagedState.FAILED, message)
         server.failures += 1
         server.retry_at = time.monotonic() + min(MANAGED_BACKOFF_MAX, 2.0 ** (server.failures - 1))
         tail = server.log_tail()
@@ -2533,7 +2616,7 @@ class ProcessManager:
         up = server.up
         entry = up.entry
         wait = server.retry_at - time.monotonic()
-        if server.state == "failed" and wait > 0:
+        if server.state == ManagedState.FAILED and wait > 0:
             raise ServiceUnavailable(f"managed server {server.name} failed to start "
                                      f"({server.last_error}); next try in {wait:.0f}s",
                                      code="server_start_failed", headers=[
@@ -2541,7 +2624,7 @@ class ProcessManager:
         lock = self.group_locks.setdefault(entry.get("group"), asyncio.Lock())
         async with lock:  # starts queue in order; each makes room before the next looks
             await self.make_room(server)
-            server.state = "starting"
+            server.move(ManagedState.STARTING, "a start")
         old = server.proc
         if old is not None and old.returncode is None:
             await old.wait()  # a stop is under way: never two copies of one server at once
@@ -2579,8 +2662,9 @@ class ProcessManager:
         answered_since = None  # when it first listed models without ours
         while True:
             if proc.returncode is not None:
-                if server.state in ("stopping", "stopped"):  # unloaded or removed meanwhile:
-                    raise ServiceUnavailable(  # not a failure of the server, no backoff
+                # Unloaded or removed meanwhile: not a failure of the server, no backoff.
+                if server.state in (ManagedState.STOPPING, ManagedState.STOPPED):
+                    raise ServiceUnavailable(
                         f"managed server {server.name} was stopped while it started",
                         code="server_stopped")
                 await self.stop(server, "exited while starting")  # what it left in its group
@@ -2599,7 +2683,7 @@ class ProcessManager:
                                     f"not {', '.join(up.models)}: fix --model (llama.cpp lists "
                                     "the .gguf path; `add --check` finds the names)")
             await asyncio.sleep(0.1)
-        server.state = "running"
+        server.move(ManagedState.RUNNING, f"ready, pid {proc.pid}")
         server.started_at = server.last_used = time.monotonic()
         server.failures = 0
         server.last_error = None
@@ -2623,9 +2707,9 @@ class ProcessManager:
     async def watch(self, server, proc):
         import signal
         await proc.wait()
-        if server.proc is proc and server.state == "running":
-            server.state = "failed"
+        if server.proc is proc and server.state == ManagedState.RUNNING:
             server.last_error = f"exited with code {proc.returncode}"
+            server.move(ManagedState.FAILED, server.last_error)
             logger().warning("managed server %s exited with code %s", server.name,
                              proc.returncode)
             try:  # what the crashed server started (a wrapper's llama-server) goes with it
@@ -2644,11 +2728,12 @@ class ProcessManager:
         deadline = time.monotonic() + server.up.entry.get("start_timeout", MANAGED_START_TIMEOUT)
         while True:
             running = [s for s in self.servers.values() if s is not server and
-                       s.state in ("running", "starting", "stopping") and
+                       s.state in (ManagedState.RUNNING, ManagedState.STARTING,
+                                   ManagedState.STOPPING) and
                        s.up.entry.get("group") == group]
             if len(running) < self.max_running:
                 return
-            idle = [s for s in running if s.state == "running" and not s.up.in_flight]
+            idle = [s for s in running if s.state == ManagedState.RUNNING and not s.up.in_flight]
             if idle:
                 await self.stop(min(idle, key=lambda s: s.last_used), "making room")
             elif time.monotonic() > deadline:
@@ -2667,7 +2752,7 @@ class ProcessManager:
         if proc is None:
             return
         if proc.returncode is None:
-            server.state = "stopping"
+            server.move(ManagedState.STOPPING, reason)
             logger().info("managed server %s: stopping (%s)", server.name, reason)
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 try:
@@ -2683,8 +2768,10 @@ class ProcessManager:
             os.killpg(proc.pid, signal.SIGKILL)  # anything the server left in its group
         except (ProcessLookupError, PermissionError):
             pass
-        if server.proc is proc and server.state != "failed":  # not if a new one started since
-            server.state = "stopped"
+        # Not if a new one started since; and a crash stays "failed", so the next start waits
+        # out its backoff.
+        if server.proc is proc and server.state != ManagedState.FAILED:
+            server.move(ManagedState.STOPPED, f"stopped ({reason})")
             server.port = None
         self.write_pids()
 
@@ -2700,9 +2787,9 @@ class ProcessManager:
                 self.trim_log(server.log_path)
         for server in self.servers.values():
             ttl = server.up.entry.get("ttl", MANAGED_TTL)
-            if server.state == "running" and ttl and not server.up.in_flight and \
+            if server.state == ManagedState.RUNNING and ttl and not server.up.in_flight and \
                     now - server.last_used > ttl:
-                server.state = "stopping"
+                server.move(ManagedState.STOPPING, f"idle for {ttl:g}s")
                 spawn(self.stop(server, f"idle for {ttl:g}s"))
 
     def write_pids(self):

@@ -3032,6 +3032,31 @@ def test_managed_command_expansion():
         llmhost.expand_command("srv ${env.VAR2}", 1, "m", {})
 
 
+# The moves the process manager makes, read from the code; any other is a bug. The strings
+# are what /v1/status, `ps` and /v1/models show.
+MANAGED_STATE_MOVES = {
+    ("stopped", "starting"), ("stopped", "stopped"), ("stopped", "failed"),
+    ("starting", "running"), ("starting", "failed"), ("starting", "stopping"),
+    ("starting", "stopped"),
+    ("running", "stopping"), ("running", "failed"), ("running", "stopped"),
+    ("running", "starting"),
+    ("stopping", "stopped"), ("stopping", "stopping"), ("stopping", "starting"),
+    ("failed", "starting")}
+MANAGED_STATE_PATHS = {"stopped": ["stopped"], "starting": ["stopped", "starting"],
+                       "running": ["stopped", "starting", "running"],
+                       "stopping": ["stopped", "starting", "running", "stopping"],
+                       "failed": ["stopped", "starting", "failed"]}
+
+
+@pytest.mark.parametrize("before", MANAGED_STATE_PATHS)
+@pytest.mark.parametrize("after", MANAGED_STATE_PATHS)
+def test_managed_state_moves_outside_the_table_are_logged_as_bugs(before, after, caplog,
+                                                                  tmp_path):
+    up = llmhost.Upstream(managed_entry("m", "managed-model"), None)
+    check_state_move(llmhost.ManagedServer(up, str(tmp_path / "m.log")),
+                     MANAGED_STATE_PATHS[before], after, MANAGED_STATE_MOVES, caplog)
+
+
 def test_killed_serve_leaves_no_child_on_next_start(tmp_path):
     registry = write_registry(tmp_path / "s.json", [managed_entry("m", "managed-model", ttl=0)])
     proc, port = start_serve(registry)
