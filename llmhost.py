@@ -2425,6 +2425,7 @@ def parse_retry_after(value, default=COOLDOWN_BASE):
 # (stopping the least recently used *idle* server, never one with requests in flight), output
 # kept in a bounded log beside the registry, and a pid file so a killed serve's children are
 # reaped on the next start. Processes run in their own session: stops signal the whole group.
+# Each server's state changes only through ManagedServer.move(), along MANAGED_MOVES.
 # Raises: ServiceUnavailable (503, with the last lines of the server's output).
 
 
@@ -2473,14 +2474,72 @@ def logs_folder(registry):
     return os.path.join(os.path.dirname(os.path.abspath(registry)), "llmhost-logs")
 
 
+class ManagedState:
+    """A managed server's states; the strings are what /v1/status, `ps` and /v1/models show.
+    STOPPED: no process, or one that exited and was reaped. STARTING: making room, spawning,
+    polling readiness. RUNNING: ready, requests go to it. STOPPING: its process group is being
+    signalled. FAILED: its start failed or it crashed; the next start waits out a backoff."""
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+# The moves ProcessManager makes, from each state, and what makes each; anything else is a bug
+# (see ManagedServer.move).
+MANAGED_MOVES = {
+    ManagedState.STOPPED: frozenset({
+        # A request, or load, starts it.
+        ManagedState.STARTING,
+        # stop() again of one already stopped: unload, removal, shutdown.
+        ManagedState.STOPPED,
+        # A start failed after stop() reaped what it had spawned.
+        ManagedState.FAILED,
+    }),
+    ManagedState.STARTING: frozenset({
+        # It became ready.
+        ManagedState.RUNNING,
+        # Its command could not be expanded or run.
+        ManagedState.FAILED,
+        # Not ready in time, another model, removed, unloaded, or shutdown.
+        ManagedState.STOPPING,
+        # stop() of a process that already exited while it started.
+        ManagedState.STOPPED,
+    }),
+    ManagedState.RUNNING: frozenset({
+        # Idle past its ttl, making room, unload, removal, shutdown.
+        ManagedState.STOPPING,
+        # Its process exited on its own.
+        ManagedState.FAILED,
+        # stop() found its process already gone, before its watcher did.
+        ManagedState.STOPPED,
+        # ensure() found its process gone before its watcher did, and starts it again.
+        ManagedState.STARTING,
+    }),
+    ManagedState.STOPPING: frozenset({
+        # Its process group is gone.
+        ManagedState.STOPPED,
+        # A second stop(): idle_check() marks it before the stop() it spawns runs.
+        ManagedState.STOPPING,
+        # A request came while it stopped: start() waits for the old process to exit.
+        ManagedState.STARTING,
+    }),
+    ManagedState.FAILED: frozenset({
+        # Tried again once its backoff is over.
+        ManagedState.STARTING,
+    }),
+}
+
+
 class ManagedServer:
-    """One managed entry's process. States: stopped, starting, running, failed."""
+    """One managed entry's process; its state changes only through move()."""
 
     def __init__(self, up, log_path):
         self.up = up
         self.name = up.name
         self.log_path = log_path
-        self.state = "stopped"
+        self._state = ManagedState.STOPPED
         self.proc = None
         self.port = None
         self.started_at = None
@@ -2491,12 +2550,36 @@ class ManagedServer:
         self.retry_at = 0.0
         self.last_error = None
 
+    @property
+    def state(self):
+        return self._state
+
+    def move(self, to, why):
+        """Set the state: the one place it changes. A move MANAGED_MOVES does not list is logged
+        as a bug and made all the same."""
+        if to not in MANAGED_MOVES:
+            # A name no table knows is a typo, not a race: nothing could read such a state.
+            raise ValueError(f"managed server {self.name}: no state {to!r}")
+        if to in MANAGED_MOVES[self._state]:
+            logger().debug("managed server %s: %s -> %s (%s)", self.name, self._state, to, why)
+        else:
+            # Made anyway: the caller has already acted on the process (spawned, signalled or
+            # reaped it), and ensure(), make_room() and idle_check() act on the state, so one
+            # kept against the process can wedge a server (a ready process kept "stopped" is
+            # never used: each request starts it anew and waits for it to exit, which nobody
+            # asks of it), while a wrong move made and logged keeps the gateway serving and
+            # says what to fix.
+            logger().error("managed server %s: bug: state %s -> %s is not a move MANAGED_MOVES "
+                           "allows (%s)", self.name, self._state, to, why)
+        self._state = to
+
     def info(self, now):
         return {"name": self.name, "state": self.state,
-                "pid": self.proc.pid if self.proc and self.state != "stopped" else None,
-                "port": self.port if self.state in ("starting", "running") else None,
+                "pid": self.proc.pid if self.proc and self.state != ManagedState.STOPPED else None,
+                "port": self.port if self.state in (ManagedState.STARTING, ManagedState.RUNNING)
+                else None,
                 "uptime_seconds": round(now - self.started_at, 1)
-                if self.started_at and self.state == "running" else None,
+                if self.started_at and self.state == ManagedState.RUNNING else None,
                 "idle_seconds": round(now - self.last_used, 1) if not self.up.in_flight else 0,
                 "in_flight": self.up.in_flight, "ttl": self.up.entry.get("ttl", MANAGED_TTL),
                 "last_error": self.last_error}
@@ -2551,7 +2634,7 @@ class ProcessManager:
         if server is None:
             raise ServiceUnavailable(f"managed server {up.name} is no longer registered")
         server.last_used = time.monotonic()
-        if server.state == "running" and server.proc.returncode is None:
+        if server.state == ManagedState.RUNNING and server.proc.returncode is None:
             return
         if server.starting is None:
             server.starting = asyncio.get_running_loop().create_task(self.start(server))
@@ -2559,7 +2642,7 @@ class ProcessManager:
         await asyncio.shield(server.starting)
 
     def fail(self, server, message):
-        server.state = "failed"
+        server.move(ManagedState.FAILED, message)
         server.failures += 1
         server.retry_at = time.monotonic() + min(MANAGED_BACKOFF_MAX, 2.0 ** (server.failures - 1))
         tail = server.log_tail()
@@ -2575,7 +2658,7 @@ class ProcessManager:
         up = server.up
         entry = up.entry
         wait = server.retry_at - time.monotonic()
-        if server.state == "failed" and wait > 0:
+        if server.state == ManagedState.FAILED and wait > 0:
             raise ServiceUnavailable(f"managed server {server.name} failed to start "
                                      f"({server.last_error}); next try in {wait:.0f}s",
                                      code="server_start_failed", headers=[
@@ -2583,7 +2666,7 @@ class ProcessManager:
         lock = self.group_locks.setdefault(entry.get("group"), asyncio.Lock())
         async with lock:  # starts queue in order; each makes room before the next looks
             await self.make_room(server)
-            server.state = "starting"
+            server.move(ManagedState.STARTING, "a start")
         old = server.proc
         if old is not None and old.returncode is None:
             await old.wait()  # a stop is under way: never two copies of one server at once
@@ -2621,8 +2704,9 @@ class ProcessManager:
         answered_since = None  # when it first listed models without ours
         while True:
             if proc.returncode is not None:
-                if server.state in ("stopping", "stopped"):  # unloaded or removed meanwhile:
-                    raise ServiceUnavailable(  # not a failure of the server, no backoff
+                # Unloaded or removed meanwhile: not a failure of the server, no backoff.
+                if server.state in (ManagedState.STOPPING, ManagedState.STOPPED):
+                    raise ServiceUnavailable(
                         f"managed server {server.name} was stopped while it started",
                         code="server_stopped")
                 await self.stop(server, "exited while starting")  # what it left in its group
@@ -2641,7 +2725,7 @@ class ProcessManager:
                                     f"not {', '.join(up.models)}: fix --model (llama.cpp lists "
                                     "the .gguf path; `add --check` finds the names)")
             await asyncio.sleep(0.1)
-        server.state = "running"
+        server.move(ManagedState.RUNNING, f"ready, pid {proc.pid}")
         server.started_at = server.last_used = time.monotonic()
         server.failures = 0
         server.last_error = None
@@ -2665,9 +2749,9 @@ class ProcessManager:
     async def watch(self, server, proc):
         import signal
         await proc.wait()
-        if server.proc is proc and server.state == "running":
-            server.state = "failed"
+        if server.proc is proc and server.state == ManagedState.RUNNING:
             server.last_error = f"exited with code {proc.returncode}"
+            server.move(ManagedState.FAILED, server.last_error)
             logger().warning("managed server %s exited with code %s", server.name,
                              proc.returncode)
             try:  # what the crashed server started (a wrapper's llama-server) goes with it
@@ -2686,11 +2770,12 @@ class ProcessManager:
         deadline = time.monotonic() + server.up.entry.get("start_timeout", MANAGED_START_TIMEOUT)
         while True:
             running = [s for s in self.servers.values() if s is not server and
-                       s.state in ("running", "starting", "stopping") and
+                       s.state in (ManagedState.RUNNING, ManagedState.STARTING,
+                                   ManagedState.STOPPING) and
                        s.up.entry.get("group") == group]
             if len(running) < self.max_running:
                 return
-            idle = [s for s in running if s.state == "running" and not s.up.in_flight]
+            idle = [s for s in running if s.state == ManagedState.RUNNING and not s.up.in_flight]
             if idle:
                 await self.stop(min(idle, key=lambda s: s.last_used), "making room")
             elif time.monotonic() > deadline:
@@ -2709,7 +2794,7 @@ class ProcessManager:
         if proc is None:
             return
         if proc.returncode is None:
-            server.state = "stopping"
+            server.move(ManagedState.STOPPING, reason)
             logger().info("managed server %s: stopping (%s)", server.name, reason)
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 try:
@@ -2725,8 +2810,10 @@ class ProcessManager:
             os.killpg(proc.pid, signal.SIGKILL)  # anything the server left in its group
         except (ProcessLookupError, PermissionError):
             pass
-        if server.proc is proc and server.state != "failed":  # not if a new one started since
-            server.state = "stopped"
+        # Not if a new one started since; and a crash stays "failed", so the next start waits
+        # out its backoff.
+        if server.proc is proc and server.state != ManagedState.FAILED:
+            server.move(ManagedState.STOPPED, f"stopped ({reason})")
             server.port = None
         self.write_pids()
 
@@ -2742,9 +2829,9 @@ class ProcessManager:
                 self.trim_log(server.log_path)
         for server in self.servers.values():
             ttl = server.up.entry.get("ttl", MANAGED_TTL)
-            if server.state == "running" and ttl and not server.up.in_flight and \
+            if server.state == ManagedState.RUNNING and ttl and not server.up.in_flight and \
                     now - server.last_used > ttl:
-                server.state = "stopping"
+                server.move(ManagedState.STOPPING, f"idle for {ttl:g}s")
                 spawn(self.stop(server, f"idle for {ttl:g}s"))
 
     def write_pids(self):
@@ -2931,7 +3018,8 @@ def check_api_key(headers, keys):
 # Owns: one `mcp.Client` per configured MCP server (stdio, streamable HTTP, legacy SSE), each
 #   entered and exited by ONE owner task (the SDK's anyio scopes hang if exited from another
 #   task); the tool cache and its refresh on list_changed; turning tool results into what an
-#   OpenAI model reads; answering server-initiated sampling/elicitation/roots requests.
+#   OpenAI model reads; answering server-initiated sampling/elicitation/roots requests. Each
+#   connection's state changes only through _MCPConn.move(), along MCP_MOVES.
 # Raises: MCPError (server unknown, cannot start, cannot connect) only. A tool that fails,
 #   times out or loses its connection is a result with ok=False, never an exception.
 # Never: imports `mcp` at module import (~0.6-1 s, ~580 modules) - only inside functions, and
@@ -3137,13 +3225,67 @@ def _streamable_http(url, headers, c):
     return transport()
 
 
+class MCPState:
+    """An MCP connection's states; the strings are what /v1/mcp/servers and `mcp list` show.
+    IDLE: no session (never started, or its session ended). CONNECTING: its owner task is
+    entering the Client (spawn + handshake). READY: a session is up. FAILED: its last start
+    failed; the next waits out a backoff. CLOSED: the hub shut down."""
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    READY = "ready"
+    FAILED = "failed"
+    CLOSED = "closed"
+
+
+# The moves MCPHub makes, from each state, and what makes each; anything else is a bug (see
+# _MCPConn.move). A failed start is marked twice: by its owner task as it ends, then by
+# _ensure(), which knows whether it was the server's failure or its caller's leaving.
+MCP_MOVES = {
+    MCPState.IDLE: frozenset({
+        # A call, a tool listing or warm() needs it.
+        MCPState.CONNECTING,
+        # Shutdown of one never started, or whose session ended.
+        MCPState.CLOSED,
+    }),
+    MCPState.CONNECTING: frozenset({
+        # Its Client is entered.
+        MCPState.READY,
+        # Its owner task ended without a session: an error, a timeout, a cancelled start.
+        MCPState.FAILED,
+        # Its owner task ended during shutdown.
+        MCPState.CLOSED,
+    }),
+    MCPState.READY: frozenset({
+        # Its session ended (lost, or stopped by a registry edit); the next use restarts it.
+        MCPState.IDLE,
+        # Its session ended during shutdown.
+        MCPState.CLOSED,
+    }),
+    MCPState.FAILED: frozenset({
+        # Tried again once its backoff is over.
+        MCPState.CONNECTING,
+        # _ensure() marks the start its owner task marked, with the reason.
+        MCPState.FAILED,
+        # _ensure() unmarks it: the start was cancelled because its caller left.
+        MCPState.IDLE,
+        # Shutdown.
+        MCPState.CLOSED,
+    }),
+    MCPState.CLOSED: frozenset({
+        # aclose() marks every one, some of which their owner task marked already.
+        MCPState.CLOSED,
+    }),
+}
+
+
 class _MCPConn:
-    """Per-server state. `client` is set only while the owner task holds an entered Client."""
+    """Per-server state. `client` is set only while the owner task holds an entered Client;
+    `state` changes only through move()."""
 
     def __init__(self, name, spec):
         self.name, self.spec, self.transport = name, spec, mcp_transport(spec)
         self.client = self.owner = self.stop = self.lock = None
-        self.state, self.era, self.server_info, self.last_error = "idle", None, None, None
+        self._state, self.era, self.server_info, self.last_error = MCPState.IDLE, None, None, None
         self.tools = None  # cached list[mcp Tool]; None = not listed yet or invalidated
         self.tools_until = 0.0  # when it goes stale (a 2026 server's ttlMs; legacy: never)
         self.http_status = None  # 401 or 403, when streamable HTTP's last answer was one
@@ -3156,6 +3298,26 @@ class _MCPConn:
         self.warming_since = 0.0  # when `warming` began
         self.calls = 0  # tool calls running now: a registry edit lets them finish first
         self.drained = None  # asyncio.Event set when a retired server's last call ends
+
+    @property
+    def state(self):
+        return self._state
+
+    def move(self, to, why):
+        """Set the state: the one place it changes. A move MCP_MOVES does not list is logged
+        as a bug and made all the same."""
+        if to not in MCP_MOVES:
+            # A name no table knows is a typo, not a race: nothing could read such a state.
+            raise ValueError(f"MCP {self.name}: no state {to!r}")
+        if to in MCP_MOVES[self._state]:
+            mcp_log().debug("MCP %s: %s -> %s (%s)", self.name, self._state, to, why)
+        else:
+            # Made anyway: the state only reports what the code that moves it has already
+            # done (whether a session is usable is _alive()'s to say, from the Client and its
+            # owner task), so a state kept against that code would report what is not so.
+            mcp_log().error("MCP %s: bug: state %s -> %s is not a move MCP_MOVES allows (%s)",
+                            self.name, self._state, to, why)
+        self._state = to
 
     def why(self, exc):
         """_describe_exc, with the HTTP status the SDK leaves out of "Server returned an error
@@ -3374,7 +3536,7 @@ class MCPHub:
                                "'mcp>=2.3,<3'") from None
             async with Client(self._target(c), **self._callbacks(c)) as client:
                 c.client, c.era, c.server_info = client, client.protocol_version, client.server_info
-                c.state = "ready"
+                c.move(MCPState.READY, f"connected ({client.protocol_version})")
                 ready.set_result(client)
                 caps = client.server_capabilities.tools
                 if caps and caps.list_changed and client.protocol_version in MODERN_PROTOCOL_VERSIONS:
@@ -3392,7 +3554,12 @@ class MCPHub:
                 listener.cancel()
                 await asyncio.gather(listener, return_exceptions=True)
             c.client = None
-            c.state = "closed" if self._closing else ("idle" if c.state == "ready" else "failed")
+            if self._closing:
+                c.move(MCPState.CLOSED, "its owner task ended at shutdown")
+            elif c.state == MCPState.READY:
+                c.move(MCPState.IDLE, "its session ended")
+            else:
+                c.move(MCPState.FAILED, "its owner task ended without a session")
 
     async def _listen(self, c, client):
         """2026-07-28 servers announce list changes only on a subscriptions/listen stream. It has
@@ -3463,7 +3630,8 @@ class MCPHub:
             wait = c.retry_at - time.monotonic()
             if wait > 0:
                 raise MCPError(server, f"unavailable, next retry in {wait:.1f} s (last error: {c.last_error})")
-            c.state, c.stop = "connecting", asyncio.Event()
+            c.move(MCPState.CONNECTING, "starting a session")
+            c.stop = asyncio.Event()
             ready = asyncio.get_running_loop().create_future()
             t0 = c.connecting_since = time.monotonic()
             c.owner = asyncio.create_task(self._owner(c, ready), name=f"mcp-owner-{server}")
@@ -3473,12 +3641,14 @@ class MCPHub:
                 if not ready.done():
                     ready.cancel()  # nobody will read what the owner would have put there
                 await self._stop(c)
-                if isinstance(e, asyncio.CancelledError):  # its caller left (a client gone, a
-                    c.state = "idle"  # shutdown): no failure of the server's, and a request
-                    raise  # that waited for this start tries its own
+                # Its caller left (a client gone, a shutdown): no failure of the server's, and
+                # a request that waited for this start tries its own.
+                if isinstance(e, asyncio.CancelledError):
+                    c.move(MCPState.IDLE, "its caller left while it started")
+                    raise
                 err = e if isinstance(e, MCPError) else MCPError(server, f"no answer within {self._connect_timeout:.0f} s"
                                                                  if isinstance(e, asyncio.TimeoutError) else _describe_exc(e))
-                c.state = "failed"
+                c.move(MCPState.FAILED, str(err))
                 c.note_failure(str(err))
                 raise err from None
             mcp_log().info("MCP %s: connected (%s, %s) in %.0f ms", server, c.transport, c.era,
@@ -3574,7 +3744,7 @@ class MCPHub:
         await asyncio.gather(*(self._stop(c) for c in self._conns.values()),
                              *self._draining.values(), return_exceptions=True)
         for c in self._conns.values():
-            c.state = "closed"
+            c.move(MCPState.CLOSED, "shutdown")
 
     # ---- what the application uses ----
 
@@ -3601,7 +3771,7 @@ class MCPHub:
             if c.failures and not self._alive(c):
                 raise MCPError(server, f"not connected (last error: {c.last_error}); "
                                        "reconnecting in the background")
-            began = min(c.warming_since, c.connecting_since) if c.state == "connecting" \
+            began = min(c.warming_since, c.connecting_since) if c.state == MCPState.CONNECTING \
                 else c.warming_since  # (a start, or a listing that hangs once connected)
             wait = max(0.0, began + MCP_ATTACHED_WAIT - time.monotonic())
             try:

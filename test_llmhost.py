@@ -2139,6 +2139,47 @@ def test_mcp_a_start_whose_caller_left_is_no_failure():
     assert "echo" in names and failures == 0
 
 
+def check_state_move(thing, path, after, allowed, caplog):
+    """Take `thing` to its state `path[-1]` by `path`'s moves, then try `after`: made either
+    way, and logged as an error (naming both states and the reason) only if it is not one of
+    the `allowed` pairs."""
+    before = path[-1]
+    for state in path[1:]:
+        thing.move(state, "on the way")
+    assert thing.state == before and not [r for r in caplog.records if r.levelname == "ERROR"]
+    thing.move(after, "the move under test")
+    assert thing.state == after  # logged, never refused: the code that moved has acted already
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    if (before, after) in allowed:
+        assert errors == []
+    else:
+        assert len(errors) == 1 and f"{before} -> {after}" in errors[0] and \
+            "the move under test" in errors[0], errors
+    with pytest.raises(ValueError):  # a state no table knows is a typo: refused, state kept
+        thing.move("stoped", "a typo")
+    assert thing.state == after
+
+
+# The moves the MCP bridge makes, read from the code; any other is a bug. The strings are
+# what /v1/mcp/servers shows.
+MCP_STATE_MOVES = {
+    ("idle", "connecting"), ("idle", "closed"),
+    ("connecting", "ready"), ("connecting", "failed"), ("connecting", "closed"),
+    ("ready", "idle"), ("ready", "closed"),
+    ("failed", "connecting"), ("failed", "failed"), ("failed", "idle"), ("failed", "closed"),
+    ("closed", "closed")}
+MCP_STATE_PATHS = {"idle": ["idle"], "connecting": ["idle", "connecting"],
+                   "ready": ["idle", "connecting", "ready"],
+                   "failed": ["idle", "connecting", "failed"], "closed": ["idle", "closed"]}
+
+
+@pytest.mark.parametrize("before", MCP_STATE_PATHS)
+@pytest.mark.parametrize("after", MCP_STATE_PATHS)
+def test_mcp_state_moves_outside_the_table_are_logged_as_bugs(before, after, caplog):
+    check_state_move(llmhost._MCPConn("t", MCP_STDIO), MCP_STATE_PATHS[before], after,
+                     MCP_STATE_MOVES, caplog)
+
+
 def test_mcp_editing_a_server_lets_its_running_calls_finish(fake, tmp_path):
     servers = [{"name": "local", "url": fake.url, "models": ["fake-model"], "mcp": ["t"]}]
     registry = write_registry(tmp_path / "s.json", servers, mcp={"t": MCP_STDIO})
@@ -2990,6 +3031,31 @@ def test_managed_command_expansion():
         ["srv", "-m", "/my models/it's.gguf"]  # one argument, as given
     with pytest.raises(ValueError, match=r"\$\{env.VAR2\} is not set"):
         llmhost.expand_command("srv ${env.VAR2}", 1, "m", {})
+
+
+# The moves the process manager makes, read from the code; any other is a bug. The strings
+# are what /v1/status, `ps` and /v1/models show.
+MANAGED_STATE_MOVES = {
+    ("stopped", "starting"), ("stopped", "stopped"), ("stopped", "failed"),
+    ("starting", "running"), ("starting", "failed"), ("starting", "stopping"),
+    ("starting", "stopped"),
+    ("running", "stopping"), ("running", "failed"), ("running", "stopped"),
+    ("running", "starting"),
+    ("stopping", "stopped"), ("stopping", "stopping"), ("stopping", "starting"),
+    ("failed", "starting")}
+MANAGED_STATE_PATHS = {"stopped": ["stopped"], "starting": ["stopped", "starting"],
+                       "running": ["stopped", "starting", "running"],
+                       "stopping": ["stopped", "starting", "running", "stopping"],
+                       "failed": ["stopped", "starting", "failed"]}
+
+
+@pytest.mark.parametrize("before", MANAGED_STATE_PATHS)
+@pytest.mark.parametrize("after", MANAGED_STATE_PATHS)
+def test_managed_state_moves_outside_the_table_are_logged_as_bugs(before, after, caplog,
+                                                                  tmp_path):
+    up = llmhost.Upstream(managed_entry("m", "managed-model"), None)
+    check_state_move(llmhost.ManagedServer(up, str(tmp_path / "m.log")),
+                     MANAGED_STATE_PATHS[before], after, MANAGED_STATE_MOVES, caplog)
 
 
 def test_killed_serve_leaves_no_child_on_next_start(tmp_path):
