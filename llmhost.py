@@ -2810,9 +2810,11 @@ class ProcessManager:
             os.killpg(proc.pid, signal.SIGKILL)  # anything the server left in its group
         except (ProcessLookupError, PermissionError):
             pass
-        # Not if a new one started since; and a crash stays "failed", so the next start waits
-        # out its backoff.
-        if server.proc is proc and server.state != ManagedState.FAILED:
+        # Not if a new one started since (start() says "starting" before it waits for this
+        # process to end, and spawns after); and a crash stays "failed", so the next start
+        # waits out its backoff.
+        if server.proc is proc and server.state not in (ManagedState.FAILED,
+                                                        ManagedState.STARTING):
             server.move(ManagedState.STOPPED, f"stopped ({reason})")
             server.port = None
         self.write_pids()
@@ -3618,6 +3620,8 @@ class MCPHub:
         async with c.lock:
             if c.retired:
                 raise MCPError(server, "removed from the registry")
+            if self._closing:  # (asked again under the lock: a shutdown began while we waited
+                raise MCPError(server, "shutting down")  # for it, and would not stop a start)
             if self._alive(c):
                 return c.client
             if c.failures > failures:  # the start this one waited for has failed: so does this
@@ -3641,6 +3645,10 @@ class MCPHub:
                 if not ready.done():
                     ready.cancel()  # nobody will read what the owner would have put there
                 await self._stop(c)
+                if self._closing:  # a shutdown cut the start: aclose() has said closed
+                    if isinstance(e, asyncio.CancelledError):
+                        raise
+                    raise MCPError(server, "shutting down") from None
                 # Its caller left (a client gone, a shutdown): no failure of the server's, and
                 # a request that waited for this start tries its own.
                 if isinstance(e, asyncio.CancelledError):

@@ -2092,7 +2092,7 @@ def test_mcp_an_attached_server_that_fails_is_left_out(mcp_env, caplog):
                for r in caplog.records)
 
 
-def test_mcp_an_attached_server_that_hangs_delays_one_request_not_each(fake, tmp_path):
+def test_mcp_an_attached_server_that_hangs_delays_one_request_not_each(fake, tmp_path, caplog):
     mcp = {"t": MCP_STDIO, "stuck": {"command": "sleep", "args": ["60"]}}  # `stuck` never answers
     servers = [{"name": "local", "url": fake.url, "models": ["fake-model"], "mcp": ["t"]}]
     registry = write_registry(tmp_path / "s.json", servers, mcp=mcp)
@@ -2117,6 +2117,9 @@ def test_mcp_an_attached_server_that_hangs_delays_one_request_not_each(fake, tmp
         assert 3.0 <= took[0] < 5.9 and max(took[1:]) < 1.5, took  # (then retried aside)
     finally:
         running.stop(timeout=5)
+    # the shutdown cut `stuck`'s start: it stays closed (before: the cut start marked it idle
+    # after aclose() had marked it closed, a move the state table does not allow)
+    assert "bug: state" not in caplog.text
 
 
 def test_mcp_a_start_whose_caller_left_is_no_failure():
