@@ -230,7 +230,7 @@ class Request:
     """One parsed request. `headers` maps lower-cased names to values (repeats joined by ', ')."""
     __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "keep_alive",
                  "conn", "started", "received", "request_id", "model", "server", "status",
-                 "extra", "unread", "complete", "route", "has_body")
+                 "extra", "unread", "complete", "route", "has_body", "face")
 
     def __init__(self, method, target, version, headers):
         self.method = method
@@ -260,6 +260,7 @@ class Request:
         self.complete = False  # its whole answer went out: a client that leaves now is no 499
         self.route = None  # (handler, rest), when refuses_unread() has found it already
         self.has_body = False  # its head announces a body (read or not)
+        self.face = None  # the API it speaks, for its errors' shape (None: OpenAI's)
 
 
 _FAST_METHODS = {m: m.decode() for m in KNOWN_METHODS}
@@ -4496,7 +4497,10 @@ class Sender:
 
 
 class Render:
-    """The events of a tool loop, each ignored unless a face's renderer says otherwise."""
+    """The events of a tool loop, each ignored unless a face's renderer says otherwise;
+    `stream`: the loop's rounds are streamed (the client streams)."""
+
+    stream = False
 
     def tools(self, bindings):
         pass
@@ -4869,6 +4873,21 @@ class Detached:
         self.upstream = self.on_gone = None
 
 
+class Face:
+    """How one API shapes its errors: OpenAI's envelope here; the Responses and Messages faces
+    have their own. A route's face is in Application.faces."""
+
+    def error_body(self, exc):
+        return json_bytes(exc.envelope())
+
+    def error_event(self, exc):
+        """The event that ends a stream that failed after its head went out."""
+        return sse_event(exc.envelope())
+
+
+OPENAI_FACE = Face()
+
+
 def answer_as_is(request, status, data, retry_after):
     """An upstream answer that ends a tool loop before any byte went out: an error (in
     OpenAI's envelope, with the upstream's Retry-After), or a 200 that is not a chat
@@ -4921,6 +4940,8 @@ class ChatSSE(Render):
     """A tool loop rendered as a chat.completion.chunk stream: the upstream's chunks as they
     come; at the end the client's calls (or the note that the rounds ran out), the finish with
     `mcp_calls`, the usage when the client asked for it, and [DONE]."""
+
+    stream = True
 
     def __init__(self, request, rounds, include_usage):
         self.request = request
@@ -4999,19 +5020,25 @@ class Application:
         self.started = time.time()
         self.ids = "%x" % (int(time.time() * 1000) & 0xFFFFFFFFFF)
         self.counter = 0
+        # path -> {method: handler}; then paths that take a suffix (an id, a name/action)
         self.routes = {
-            "/v1/chat/completions": ("POST", self.chat),
-            "/v1/completions": ("POST", self.completions),
-            "/v1/embeddings": ("POST", self.embeddings),
-            "/v1/rerank": ("POST", self.rerank),
-            "/v1/reranking": ("POST", self.rerank),  # llama.cpp's name
-            "/v1/models": ("GET", self.models),
-            "/v1/status": ("GET", self.status),
-            "/v1/mcp/servers": ("GET", self.mcp_servers),
-            "/v1/mcp/tools": ("GET", self.mcp_tools),
-            "/health": ("GET", self.health),
-            "/v1/health": ("GET", self.health),
+            "/v1/chat/completions": {"POST": self.chat},
+            "/v1/completions": {"POST": self.completions},
+            "/v1/embeddings": {"POST": self.embeddings},
+            "/v1/rerank": {"POST": self.rerank},
+            "/v1/reranking": {"POST": self.rerank},  # llama.cpp's name
+            "/v1/models": {"GET": self.models},
+            "/v1/status": {"GET": self.status},
+            "/v1/mcp/servers": {"GET": self.mcp_servers},
+            "/v1/mcp/tools": {"GET": self.mcp_tools},
+            "/health": {"GET": self.health},
+            "/v1/health": {"GET": self.health},
         }
+        self.prefix_routes = [
+            ("/v1/models/", {"GET": self.model_detail}),
+            ("/v1/processes/", {"POST": self.process_action}),
+        ]
+        self.faces = {}  # path or prefix -> the Face whose API it speaks (else OpenAI's)
         self.open_routes = {"/health", "/v1/health"}
 
     # -- dispatch --------------------------------------------------------------------------
@@ -5046,11 +5073,14 @@ class Application:
         if conn.gone:
             return False
         request.status = exc.status
+        face = request.face or OPENAI_FACE
         if conn.streaming:  # too late for a status: end the stream with an error event
-            conn.write_chunk(sse_event(exc.envelope()))
+            conn.write_chunk(face.error_event(exc))
             conn.end_stream()
             return request.keep_alive
-        return conn.write_error(exc, request)
+        if exc.close:
+            request.keep_alive = False
+        return conn.respond(request, exc.status, JSON_TYPE + exc.headers, face.error_body(exc))
 
     async def dispatch(self, request):
         route = request.route  # (found, its Host and Origin checked, before a body was read)
@@ -5117,27 +5147,31 @@ class Application:
         """-> (handler, what follows a prefix route's prefix or None), or the error the request
         is refused with (its path, API key or method): all known from its head."""
         path = request.path
-        route = self.routes.get(path)
-        if route is None and not path.startswith("/v1/"):
+        methods = self.routes.get(path)
+        if methods is None and not path.startswith("/v1/"):
             path = "/v1" + path  # clients configured without /v1 still work
-            route = self.routes.get(path)
+            methods = self.routes.get(path)
         rest = None  # (a model id, a process's action)
-        if route is None:
-            if path.startswith("/v1/models/"):
-                route, rest = ("GET", self.model_detail), path[len("/v1/models/"):]
-            elif path.startswith("/v1/processes/"):
-                route, rest = ("POST", self.process_action), path[len("/v1/processes/"):]
+        where = path
+        if methods is None:
+            for prefix, candidates in self.prefix_routes:
+                if path.startswith(prefix):
+                    methods, rest, where = candidates, path[len(prefix):], prefix
+                    break
             else:
                 raise NotFound(f"Unknown path {request.path!r}; see /v1/models, "
                                "/v1/chat/completions, /v1/embeddings, /v1/rerank.")
-        method, handler = route
+        request.face = self.faces.get(where)
         if self.api_keys and path not in self.open_routes and request.method != "OPTIONS":
             check_api_key(request.headers, self.api_keys)
-        if request.method != method and not (method == "GET" and request.method == "HEAD"):
+        handler = methods.get(request.method) or (
+            methods.get("GET") if request.method == "HEAD" else None)
+        if handler is None:
+            allowed = ", ".join(["GET", "HEAD", *[m for m in methods if m != "GET"]]
+                                if "GET" in methods else methods)
             raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}; "
-                                   f"use {method}.", headers=[
-                                       ("Allow", "GET, HEAD" if method == "GET" else method)])
-        if request.has_body and method != "POST":  # (it is refused unread: see read_request)
+                                   f"use {' or '.join(methods)}.", headers=[("Allow", allowed)])
+        if request.has_body and request.method != "POST":  # (refused unread: read_request)
             raise BadRequest(f"{request.method} {request.path} takes no request body.",
                              code="unexpected_body")
         return handler, rest
@@ -5232,7 +5266,7 @@ class Application:
         body = parse_json_body(request, "chat")
         selection = self.mcp_selection(body)
         if selection:
-            return await self.chat_with_mcp(request, body, *selection)
+            return await self.chat_with_mcp(request, body, selection)
         return await self.forward(request, body, "/chat/completions", raw=request.body)
 
     async def completions(self, request):
@@ -5534,26 +5568,39 @@ class Application:
                 if not callers[request.model]:
                     del callers[request.model]
 
-    async def chat_with_mcp(self, request, body, servers, allowed, request_servers):
-        """The tool loop: ask the model; run the MCP tools it calls; give it the results; ask
-        again, up to mcp_max_rounds. Client tools in a round end the loop (see README)."""
+    async def chat_with_mcp(self, request, body, selection):
+        """A chat request whose model gets MCP tools: the tool loop, rendered as chat."""
+        if body.get("stream") is True:
+            render = ChatSSE(request, self.mcp_max_rounds, bool(
+                (body.get("stream_options") or {}).get("include_usage")))
+        else:
+            render = ChatJSON(request, self.mcp_max_rounds)
+        return await self.run_loop(request, body, selection, render)
+
+    async def run_loop(self, request, body, selection, render):
+        """Any API's request, as a chat-completions `body`, through the one tool loop, rendered
+        by `render` (whose `stream` says whether rounds are streamed). `selection` is
+        mcp_selection()'s (servers, allowed, request_servers), or None: no MCP tools, so one
+        round. The tool loop: ask the model; run the MCP tools it calls; give it the results;
+        ask again, up to mcp_max_rounds. Client tools in a round end the loop (see README)."""
+        servers, allowed, request_servers = selection or ([], {}, [])
         pool = self.router.pool(body["model"])  # an unknown model: 404 before MCP servers start
         held = []
         try:
             for label, spec in request_servers:
                 held.append(await self.mcp.add_from_request(label, spec))
-            return await self.mcp_rounds(request, body, servers, allowed, pool)
+            return await self.mcp_rounds(request, body, servers, allowed, pool, render)
         finally:
             self.mcp.release(held)
 
-    async def mcp_rounds(self, request, body, servers, allowed, pool):
+    async def mcp_rounds(self, request, body, servers, allowed, pool, render):
         tools = [t for t in body.get("tools") or () if not (isinstance(t, dict) and
                                                             t.get("type") == "mcp")]
         named = {t.get("server_label") for t in body.get("tools") or ()
                  if isinstance(t, dict) and t.get("type") == "mcp"}
         # a server attached to the model (not named by the request) that fails is left out
         bindings = {b["name"]: b for b in await self.mcp.tools(
-            servers, allowed or None, optional=set(servers) - named)}
+            servers, allowed or None, optional=set(servers) - named)} if servers else {}
         clash = [f["name"] for t in tools if isinstance(t, dict) and isinstance(
             f := t.get("function"), dict) and f.get("name") in bindings]
         if clash:
@@ -5572,15 +5619,10 @@ class Application:
             base["tools"] = tools
         else:  # OpenAI refuses "tools": [] (and a tool_choice without tools)
             base.pop("tool_choice", None)
-        stream = body.get("stream") is True
-        if stream:
-            render = ChatSSE(request, self.mcp_max_rounds, bool(
-                (body.get("stream_options") or {}).get("include_usage")))
-        else:
-            render = ChatJSON(request, self.mcp_max_rounds)
         await self.sender.admit(base["model"], request.conn)  # later rounds hold their slot
         try:
-            return await ToolLoop(self, request, base, bindings, state, stream).run(render)
+            return await ToolLoop(self, request, base, bindings, state, render.stream).run(
+                render)
         finally:
             self.admission.release()
 
