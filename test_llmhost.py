@@ -2687,50 +2687,101 @@ def test_mcp_list_never_prints_a_url_password(tmp_path):
     assert "s3cret" in open(registry).read()  # kept: the SDK sends it
 
 
-def test_mcp_cli(tmp_path, mcp_http_server):
+def mcp_cli(registry, *argv):
+    """`python3 llmhost.py --registry REGISTRY mcp ARGV...` as a user runs it."""
+    return subprocess.run([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
+                           registry, "mcp", *argv], capture_output=True, text=True, timeout=60)
+
+
+MCP_STDIO_ARGV = [MCP_STDIO["command"]] + MCP_STDIO["args"]  # (after `mcp add NAME --`)
+
+
+@pytest.fixture
+def mcp_cli_registry(tmp_path, mcp_http_server):
+    """A registry holding MCP servers t (stdio) and w (HTTP), as `mcp add` saves them."""
+    return write_registry(tmp_path / "servers.json", [],
+                          mcp={"t": MCP_STDIO, "w": {"url": mcp_http_server}})
+
+
+def test_mcp_cli_add_connects_to_a_server_then_saves_it(tmp_path, mcp_http_server):
     registry = str(tmp_path / "servers.json")
-    cli = [sys.executable, os.path.join(HERE, "llmhost.py"), "--registry", registry, "mcp"]
-
-    def run(*argv):
-        return subprocess.run(cli + list(argv), capture_output=True, text=True, timeout=60)
-
-    result = run("add", "t", "--", *MCP_STDIO["command":] if False else
-                 [MCP_STDIO["command"]] + MCP_STDIO["args"])
+    result = mcp_cli(registry, "add", "t", "--", *MCP_STDIO_ARGV)
     assert result.returncode == 0 and "tools" in result.stdout, result.stderr
-    assert run("add", "w", "--url", mcp_http_server).returncode == 0
-    before = open(registry, "rb").read()
-    result = run("add", "dead", "--url", "http://127.0.0.1:1/mcp")
-    assert result.returncode == 1 and "'dead'" in result.stderr
-    assert open(registry, "rb").read() == before  # a refused add changes nothing
-    listed = json.loads(run("list", "--json").stdout)
+    assert mcp_cli(registry, "add", "w", "--url", mcp_http_server).returncode == 0
+    assert llmhost.load_registry(registry)["mcpServers"] == \
+        {"t": MCP_STDIO, "w": {"url": mcp_http_server}}  # (what mcp_cli_registry holds)
+    listed = json.loads(mcp_cli(registry, "list", "--json").stdout)
     assert [(e["name"], e["transport"]) for e in listed] == [("t", "stdio"), ("w", "http")]
-    tools = json.loads(run("tools", "t", "--json").stdout)
+
+
+def test_mcp_cli_add_of_a_server_that_does_not_answer_is_refused_and_changes_nothing(
+        mcp_cli_registry):
+    before = open(mcp_cli_registry, "rb").read()
+    result = mcp_cli(mcp_cli_registry, "add", "dead", "--url", "http://127.0.0.1:1/mcp")
+    assert result.returncode == 1 and "'dead'" in result.stderr
+    assert open(mcp_cli_registry, "rb").read() == before
+
+
+def test_mcp_cli_tools_names_each_tool_as_models_see_it(mcp_cli_registry):
+    tools = json.loads(mcp_cli(mcp_cli_registry, "tools", "t", "--json").stdout)
     assert "t__echo" in [t["openai_name"] for t in tools]
-    result = run("call", "t", "echo", '{"text": "cli"}')
+
+
+def test_mcp_cli_call_prints_what_the_tool_returns(mcp_cli_registry):
+    result = mcp_cli(mcp_cli_registry, "call", "t", "echo", '{"text": "cli"}')
     assert result.returncode == 0 and result.stdout.strip() == "cli"
-    result = run("call", "--url", mcp_http_server, "weather", '{"city": "Rome"}', "--json")
+
+
+def test_mcp_cli_call_json_gives_the_text_and_the_structured_content(tmp_path,
+                                                                        mcp_http_server):
+    result = mcp_cli(str(tmp_path / "servers.json"), "call", "--url", mcp_http_server,
+                     "weather", '{"city": "Rome"}', "--json")
     assert json.loads(json.loads(result.stdout)["text"])["city"] == "Rome"
     assert json.loads(result.stdout)["structured"]["city"] == "Rome"
-    result = run("call", "t", "boom")
+
+
+def test_mcp_cli_call_of_a_tool_that_fails_exits_1_with_its_error(mcp_cli_registry):
+    result = mcp_cli(mcp_cli_registry, "call", "t", "boom")
     assert result.returncode == 1 and "boom" in result.stdout
-    # sampling is declared as serve declares it (servers that list sampling tools only to
-    # clients able to sample show the CLI what models see), then answered with why not
-    result = run("call", "t", "summarize", '{"topic": "cats"}')
+
+
+def test_mcp_cli_call_answers_a_sampling_request_with_why_it_cannot(mcp_cli_registry):
+    """Sampling is declared as serve declares it (servers that list sampling tools only to
+    clients able to sample show the CLI what models see), then answered with why not."""
+    result = mcp_cli(mcp_cli_registry, "call", "t", "summarize", '{"topic": "cats"}')
     assert result.returncode == 1 and "the CLI has no model to answer sampling" in result.stdout
-    assert "test://hello" in run("resources", "t").stdout
-    assert "greet" in run("prompts", "--url", mcp_http_server).stdout
-    assert run("add", "dead", "--url", "http://127.0.0.1:1/mcp", "--no-check").returncode == 0
-    result = run("tools")  # every server's tools: one down does not hide the others
+
+
+def test_mcp_cli_resources_lists_a_servers_resources(mcp_cli_registry):
+    assert "test://hello" in mcp_cli(mcp_cli_registry, "resources", "t").stdout
+
+
+def test_mcp_cli_prompts_lists_a_servers_prompts(tmp_path, mcp_http_server):
+    assert "greet" in mcp_cli(str(tmp_path / "servers.json"), "prompts", "--url",
+                              mcp_http_server).stdout
+
+
+def test_mcp_cli_tools_of_every_server_still_lists_the_others_when_one_is_down(
+        mcp_cli_registry):
+    assert mcp_cli(mcp_cli_registry, "add", "dead", "--url", "http://127.0.0.1:1/mcp",
+                   "--no-check").returncode == 0
+    result = mcp_cli(mcp_cli_registry, "tools")
     assert result.returncode == 1 and "'dead'" in result.stderr
     assert "t__echo" in result.stdout and "w__echo" in result.stdout
-    assert run("remove", "w").returncode == 0
-    assert run("remove", "w").returncode == 1
-    # names that clash once sanitised get serve's hash suffix in the listing too
-    stdio = [MCP_STDIO["command"]] + MCP_STDIO["args"]
-    assert run("remove", "dead").returncode == 0
-    assert run("add", "a.b", "--", *stdio).returncode == 0
-    assert run("add", "a_b", "--", *stdio).returncode == 0
-    names = [t["openai_name"] for t in json.loads(run("tools", "--json").stdout)
+
+
+def test_mcp_cli_remove_removes_a_server_and_fails_for_one_not_there(mcp_cli_registry):
+    assert mcp_cli(mcp_cli_registry, "remove", "w").returncode == 0
+    assert list(llmhost.load_registry(mcp_cli_registry)["mcpServers"]) == ["t"]
+    assert mcp_cli(mcp_cli_registry, "remove", "w").returncode == 1
+
+
+def test_mcp_cli_tool_names_that_clash_once_sanitised_get_serves_hash_suffix(tmp_path):
+    """As serve names them: the listing shows models' names."""
+    registry = write_registry(tmp_path / "servers.json", [], mcp={"t": MCP_STDIO})
+    assert mcp_cli(registry, "add", "a.b", "--", *MCP_STDIO_ARGV).returncode == 0
+    assert mcp_cli(registry, "add", "a_b", "--", *MCP_STDIO_ARGV).returncode == 0
+    names = [t["openai_name"] for t in json.loads(mcp_cli(registry, "tools", "--json").stdout)
              if t["name"] == "echo"]
     assert names[:2] == ["t__echo", "a_b__echo"] and re.fullmatch(r"a_b__echo_[0-9a-f]{8}",
                                                                    names[2]), names
