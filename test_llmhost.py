@@ -279,7 +279,9 @@ class QuietServer(http.server.ThreadingHTTPServer):
     request_queue_size = 256  # the default backlog of 5 drops SYNs of 50 concurrent connects
 
     def handle_error(self, request, client_address):
-        if not isinstance(sys.exc_info()[1], ConnectionError):  # clients that left: expected
+        if isinstance(sys.exc_info()[1], ConnectionError):  # clients that left: expected
+            self.fake.cut.set()
+        else:
             super().handle_error(request, client_address)
 
 
@@ -327,6 +329,7 @@ class FakeUpstream:
         self.steps = []
         self.lock = threading.Lock()
         self.holding = threading.Semaphore(0)  # released when a request reaches a hold/stall
+        self.cut = threading.Event()  # set when a client (llmhost) left in the middle of an answer
         self.server = QuietServer(("127.0.0.1", port), FakeHandler)
         self.server.fake = self
         self.dead = False  # kill(): requests under way are dropped without an answer
@@ -375,6 +378,8 @@ class Running:
     """A Gateway on its own event loop in a thread, listening on 127.0.0.1:<port 0>."""
 
     def __init__(self, registry, **options):
+        self.log = io.StringIO()  # the access log, as serve writes it (see logged_status)
+        options.setdefault("access_log", llmhost.AccessLog(self.log))
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -442,6 +447,25 @@ def post(port, path, body, **kw):
 def jpost(port, path, body, **kw):
     status, headers, raw = request(port, "POST", path, body, **kw)
     return status, json.loads(raw)
+
+
+def get_status(port, **kw):
+    """GET /v1/status -> its JSON: what `llmhost.py status` shows."""
+    return json.loads(request(port, "GET", "/v1/status", **kw)[2])
+
+
+def server_status(port, name):
+    """The /v1/status entry of the server `name`."""
+    return next(s for s in get_status(port)["servers"] if s["name"] == name)
+
+
+def logged_status(running, request_id):
+    """The status in the access log line of the request sent with this X-Request-Id (the line
+    is written once the request has ended, and flushed within a sweep), or None."""
+    for line in running.log.getvalue().splitlines():
+        if line.endswith(" id=" + request_id):
+            return line.split(" status=")[1].split()[0]
+    return None
 
 
 def sse_events(raw):
@@ -1534,15 +1558,19 @@ def test_discover_rereads_models_at_start(fake, tmp_path):
 
 def test_keep_alive_reuses_connections_both_sides(gateway, fake):
     conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=TIMEOUT)
+    sockets = []  # (http.client opens a new one, silently, if the last was closed)
     for i in range(5):
         conn.request("POST", "/v1/chat/completions", body=json.dumps(CHAT),
                      headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         assert resp.status == 200 and resp.getheader("Connection") is None
         resp.read()
+        sockets.append(conn.sock)
     conn.close()
-    ports = {r["headers"].get("x-request-id") for r in fake.posts()}
-    assert len(ports) == 5  # each request got its own id, forwarded upstream
+    assert sockets[0] is not None and all(s is sockets[0] for s in sockets)  # client side
+    assert len({r["peer"] for r in fake.posts()}) == 1  # upstream side: one connection
+    ids = {r["headers"].get("x-request-id") for r in fake.posts()}
+    assert len(ids) == 5  # each request got its own id, forwarded upstream
 
 
 def test_request_id_accepted_or_minted(gateway, fake):
@@ -1645,7 +1673,10 @@ def run_mcp_test_server(argv):
         raise ValueError("kaboom")
 
     @srv.tool(description="Sleeps.")
-    async def slow(seconds: float) -> str:
+    async def slow(seconds: float, note: str = "") -> str:
+        if note:  # a file a test waits for: the call is under way
+            with open(note, "a") as f:
+                f.write("started\n")
         await anyio.sleep(seconds)
         return f"slept {seconds}"
 
