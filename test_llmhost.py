@@ -2153,13 +2153,30 @@ def test_mcp_a_start_whose_caller_left_is_no_failure():
     """Two requests need a server that is starting; the one that started it leaves (its
     client went away): the other gets the server, not the first one's cancellation as an
     error, and no failure is counted against the server."""
+    async def until(predicate):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+    def awaits(task, name):  # whether the task waits somewhere inside coroutine `name`
+        coro = task.get_coro()
+        while coro is not None and getattr(coro, "__name__", None) != name:
+            coro = getattr(coro, "cr_await", None)
+        return coro is not None
+
+    def in_start():  # tasks inside the hub's start of a server: starting it, or waiting for it
+        return sum(awaits(task, "_ensure") for task in asyncio.all_tasks())
+
     async def main():
         hub = llmhost.MCPHub({"t": MCP_STDIO}, environ={})
+
+        def starting():  # as GET /v1/mcp/servers shows it
+            return [s["state"] for s in hub.status() if s["name"] == "t"] == ["connecting"]
         try:
             first = asyncio.ensure_future(hub.tools(["t"]))
-            await asyncio.sleep(0.05)
+            await asyncio.wait_for(until(starting), TIMEOUT)
             second = asyncio.ensure_future(hub.tools(["t"]))  # waits for the same start
-            await asyncio.sleep(0.1)
+            await asyncio.wait_for(until(lambda: in_start() == 2), TIMEOUT)
+            assert starting()  # (still the first one's)
             first.cancel()
             names = [b["tool"] for b in await asyncio.wait_for(second, 60)]
             return names, hub._conns["t"].failures
@@ -2177,11 +2194,10 @@ def test_mcp_editing_a_server_lets_its_running_calls_finish(fake, tmp_path):
         fake.script({"calls": [("t__pid", {})]})  # started, and its pid noted
         before = jpost(running.port, "/v1/chat/completions", CHAT)[1]["choices"][0]
         # long enough for the edited entry's new process to start (over a second on a slow CI box)
-        fake.script({"calls": [("t__slow", {"seconds": 5.0})]})
-        posts = len(fake.posts())
+        started = tmp_path / "slow-started"
+        fake.script({"calls": [("t__slow", {"seconds": 5.0, "note": str(started)})]})
         threads, results = held_requests(running.port, 1)
-        assert wait_until(lambda: len(fake.posts()) > posts)  # the model asked for the call
-        time.sleep(0.3)  # ... which is running
+        assert wait_until(started.exists)  # the model asked for the call, which is running
         write_registry(registry, servers, mcp={"t": dict(MCP_STDIO, timeout=90)})
         running.call(running.gateway.reload())
         fake.script({"calls": [("t__pid", {})]})  # a new call goes to the edited entry at once
@@ -2307,10 +2323,7 @@ def test_mcp_sampling_goes_to_the_model_of_the_calling_request_not_the_last_call
             results = {}
             a = threading.Thread(target=chat, args=("model-a", results))
             a.start()
-            deadline = time.monotonic() + TIMEOUT
-            while not fake.posts():  # a has taken the first step
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            assert wait_until(fake.posts)  # a has taken the first step
             chat("model-b", results) if expected else \
                 threading.Thread(target=chat, args=("model-b", results)).start()
             a.join(TIMEOUT * 3)
@@ -2324,10 +2337,7 @@ def test_mcp_sampling_goes_to_the_model_of_the_calling_request_not_the_last_call
                 assert sampled == [], fake.posts()
                 assert "requests for 2 models are calling its tools; set sampling_model" in \
                     content, content
-                deadline = time.monotonic() + TIMEOUT
-                while "model-b" not in results:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.05)
+                assert wait_until(lambda: "model-b" in results)
     finally:
         running.stop(timeout=5)
         fake.close()
@@ -2407,14 +2417,11 @@ def test_mcp_crashed_stdio_server_restarts_and_list_changed(mcp_env):
     assert status == 200, raw
     assert json.loads(raw)["choices"][0]["message"]["content"] == "tool result: back"
     agent_chat(running.port, [{"calls": [("t__grow", {})]}], fake)
-    deadline = time.monotonic() + TIMEOUT
-    names = []
-    while "t__extra" not in names and time.monotonic() < deadline:
-        fake.requests.clear()
+
+    def offered():
         agent_chat(running.port, [{}], fake, tool_choice="none")
-        names = [t["function"]["name"] for t in json.loads(fake.posts()[0]["body"])["tools"]]
-        time.sleep(0.05)
-    assert "t__extra" in names  # list_changed refreshed the tool cache
+        return [t["function"]["name"] for t in json.loads(fake.posts()[0]["body"])["tools"]]
+    assert wait_until(lambda: "t__extra" in offered())  # list_changed refreshed the tool cache
 
 
 def test_mcp_error_reply_keeps_the_session(mcp_env):
@@ -2446,23 +2453,19 @@ def test_mcp_an_error_after_a_tool_ran_does_not_run_it_again(mcp_env, tmp_path):
     assert status == 400 and doc["error"]["code"] == "invalid_type"  # before: a 500
 
 
-def test_mcp_client_disconnect_cancels_calls(mcp_env):
+def test_mcp_client_disconnect_cancels_calls(mcp_env, tmp_path):
     running, fake = mcp_env
+    started = tmp_path / "slow-started"
     fake.steps.clear()
-    fake.script({"calls": [("t__slow", {"seconds": 30})]})
+    fake.script({"calls": [("t__slow", {"seconds": 30, "note": str(started)})]})
     body = json.dumps({"model": "agent", "messages": [{"role": "user", "content": "go"}]}).encode()
     s = socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT)
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
-              % (len(body), body))
-    deadline = time.monotonic() + TIMEOUT
-    while not fake.posts() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.3)  # the tool call is under way
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Request-Id: gone-mid-call"
+              b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert wait_until(started.exists)  # the tool call is under way
     s.close()
-    closed = time.monotonic()
-    while running.gateway.http.in_flight and time.monotonic() - closed < 5.0:
-        time.sleep(0.01)
-    assert running.gateway.http.in_flight == 0  # not waiting out the 30 s tool
+    # the request ends (its access line is written): not waiting out the 30 s tool
+    assert wait_until(lambda: logged_status(running, "gone-mid-call") == "499", 5.0)
 
 
 def test_mcp_client_leaving_mid_round_is_no_internal_error(mcp_env, caplog):
@@ -2475,13 +2478,10 @@ def test_mcp_client_leaving_mid_round_is_no_internal_error(mcp_env, caplog):
     body = json.dumps({"model": "agent", "messages": [{"role": "user", "content": "go"}]}).encode()
     try:
         with socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT) as s:
-            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Request-Id: "
+                      b"gone-mid-round\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
             assert fake.holding.acquire(timeout=TIMEOUT)  # the model round is under way
-        deadline = time.monotonic() + TIMEOUT
-        while running.gateway.http.in_flight and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert running.gateway.http.in_flight == 0
+        assert wait_until(lambda: logged_status(running, "gone-mid-round") == "499")
         assert not [r for r in caplog.records if r.levelname == "ERROR"]
     finally:
         release.set()
@@ -2528,8 +2528,8 @@ def test_mcp_http_server_that_restarted_gets_a_new_session(fake, tmp_path):
                 proc.terminate()
                 proc.wait(TIMEOUT)
                 proc, _ = start_mcp_http("http-legacy", str(port))  # same port, new process
-                assert wait_until(lambda: accepts(port))
-                time.sleep(0.5)  # whatever the old session's streams make of the restart
+                assert wait_until(lambda: accepts(port))  # (the old one's connections
+                # closed as it exited: llmhost learns of the restart from its next request)
     finally:
         running.stop()
         proc.terminate()
@@ -2686,15 +2686,13 @@ def test_mcp_server_url_in_use_is_not_replaced(mcp_http_server, fake, tmp_path):
     tool = {"type": "mcp", "server_label": "web", "server_url": mcp_http_server}
     other = dict(tool, headers={"X-Other": "1"})
     try:
-        fake.script({"calls": [("web__slow", {"seconds": 3.0})]}, {})
+        started = tmp_path / "slow-started"
+        fake.script({"calls": [("web__slow", {"seconds": 3.0, "note": str(started)})]}, {})
         first = {}
         thread = threading.Thread(target=lambda: first.update(doc=jpost(
             running.port, "/v1/chat/completions", dict(CHAT, tools=[tool]))))
         thread.start()
-        deadline = time.monotonic() + TIMEOUT
-        while len(fake.posts()) < 1 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.3)  # the slow call is under way
+        assert wait_until(started.exists)  # the slow call is under way
         status, doc = jpost(running.port, "/v1/chat/completions", dict(CHAT, tools=[other]))
         assert status == 409 and doc["error"]["code"] == "mcp_label_in_use", doc
         thread.join(TIMEOUT)
@@ -2818,6 +2816,13 @@ def test_mcp_cli_tool_names_that_clash_once_sanitised_get_serves_hash_suffix(tmp
                                                                    names[2]), names
 
 
+def catches(pid, sig):
+    """Whether process `pid` has a handler for signal `sig` (Linux: its SigCgt mask)."""
+    with open(f"/proc/{pid}/status") as f:
+        mask = int(re.search(r"SigCgt:\s*([0-9a-f]+)", f.read()).group(1), 16)
+    return bool(mask >> (sig - 1) & 1)
+
+
 def test_mcp_cli_stopped_by_sigterm_stops_its_stdio_server(tmp_path):
     """As Ctrl-C does (timeout(1) and systemd send SIGTERM): a server that hangs at start and
     ignores its closed stdin is not left running."""
@@ -2843,8 +2848,9 @@ def test_mcp_cli_stopped_by_sigterm_stops_its_stdio_server(tmp_path):
         assert wait_until(lambda: sleeping() == [], 5)
         proc = subprocess.Popen(proc.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         assert wait_until(lambda: sleeping() != [])
+        assert catches(proc.pid, signal.SIGTERM)
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        assert wait_until(lambda: not catches(proc.pid, signal.SIGTERM))  # taken: cleaning up
         proc.send_signal(signal.SIGTERM)  # a second one during the cleanup: gone at once
         assert proc.wait(2) == -signal.SIGTERM
     finally:
