@@ -2961,6 +2961,11 @@ def managed_entry(name, model, **extra):
     return dict({"name": name, "command": f"{FAKE_CMD} {model}", "models": [model]}, **extra)
 
 
+def process_status(port, name):
+    """The /v1/status entry of the managed server `name` (what `llmhost.py ps` shows)."""
+    return next(p for p in get_status(port)["processes"] if p["name"] == name)
+
+
 def pid_alive(pid):
     try:
         os.kill(pid, 0)
@@ -2992,38 +2997,42 @@ def test_managed_cold_start_is_shared_and_idle_stop(tmp_path):
         assert [r[0] for r in results] == [200] * 20
         log = open(tmp_path / "llmhost-logs" / "m.log").read()
         assert log.count("--- llmhost: starting") == 1  # 20 first requests, one start
-        server = running.gateway.processes.servers["m"]
-        pid = server.proc.pid
-        assert pid_alive(pid) and server.state == "running"
-        assert wait_until(lambda: server.state == "stopped", 5)  # ttl 0.5 s
+        server = process_status(running.port, "m")
+        pid = server["pid"]
+        assert pid_alive(pid) and server["state"] == "running"
+        # ttl 0.5 s
+        assert wait_until(lambda: process_status(running.port, "m")["state"] == "stopped", 5)
         assert wait_until(lambda: not pid_alive(pid), 5)
         status, doc = jpost(running.port, "/v1/chat/completions", body)
-        assert status == 200 and server.state == "running" and server.proc.pid != pid
+        server = process_status(running.port, "m")
+        assert status == 200 and server["state"] == "running" and server["pid"] != pid
     finally:
         running.stop()
-    assert wait_until(lambda: not pid_alive(server.proc.pid), 5)  # serve leaves no child
+    assert wait_until(lambda: not pid_alive(server["pid"]), 5)  # serve leaves no child
 
 
 def test_managed_max_running_swaps_without_cutting(tmp_path):
     path = write_registry(tmp_path / "s.json", [managed_entry("a", "model-a", ttl=0),
                                                 managed_entry("b", "model-b", ttl=0)])
     running = Running(path, max_running=1)
-    procs = running.gateway.processes.servers
+
+    def procs():
+        return {p["name"]: p for p in get_status(running.port)["processes"]}
     try:
         slow_a = {"model": "model-a", "messages": [{"role": "user", "content": "delay:0.8"}]}
         threads, results = held_requests(running.port, 1, slow_a)
-        assert wait_until(lambda: procs["a"].up.in_flight and procs["a"].state == "running")
+        assert wait_until(lambda: procs()["a"]["in_flight"] and procs()["a"]["state"] == "running")
         started = time.monotonic()
         status, doc = jpost(running.port, "/v1/chat/completions",
                             {"model": "model-b", "messages": [{"role": "user", "content": "x"}]})
         threads[0].join(TIMEOUT)
         assert results[0][0] == 200  # the in-flight request on `a` was not cut
         assert status == 200 and time.monotonic() - started >= 0.5  # `b` waited its turn
-        assert procs["a"].state == "stopped" and procs["b"].state == "running"
+        assert procs()["a"]["state"] == "stopped" and procs()["b"]["state"] == "running"
         for model in ("model-a", "model-b", "model-a"):
             assert jpost(running.port, "/v1/chat/completions", {"model": model, "messages": [
                 {"role": "user", "content": "x"}]})[0] == 200
-            assert sum(s.state == "running" for s in procs.values()) == 1
+            assert sum(p["state"] == "running" for p in procs().values()) == 1
     finally:
         running.stop()
 
@@ -3108,12 +3117,14 @@ def test_managed_unload_while_starting_is_no_failure(tmp_path):
     body = {"model": "slow-model", "messages": [{"role": "user", "content": "x"}]}
     try:
         threads, results = held_requests(running.port, 1, body)
-        assert wait_until(lambda: server.state == "starting" and server.proc is not None)
+        assert wait_until(lambda: process_status(running.port, "m")["state"] == "starting"
+                          and process_status(running.port, "m")["pid"] is not None)
         status, _, _ = request(running.port, "POST", "/processes/m/unload")  # (without /v1)
         assert status == 200
         threads[0].join(TIMEOUT)
         assert results[0][0] == 503 and b"stopped while it started" in results[0][2]
-        assert server.state == "stopped" and server.failures == 0  # no backoff to wait out
+        assert process_status(running.port, "m")["state"] == "stopped"
+        assert server.failures == 0  # no backoff to wait out (a count /v1/status does not show)
         assert jpost(running.port, "/v1/chat/completions", body)[0] == 200
     finally:
         running.stop()
@@ -3226,8 +3237,9 @@ def test_a_501_does_not_cool_a_server_down(gateway, fake):
     for _ in range(llmhost.FAILURES_BEFORE_COOLDOWN):  # llama.cpp without --embeddings
         status, doc = jpost(gateway.port, "/v1/embeddings", {"model": "fake-model", "input": "x"})
         assert status == 501
-    local = gateway.gateway.router.upstreams["local"]
-    assert local.failures == 0 and local.cooldown_until == 0
+    local = server_status(gateway.port, "local")
+    assert local["consecutive_failures"] == 0 and local["healthy"], local
+    assert local["cooldown_seconds"] == 0
     assert jpost(gateway.port, "/v1/chat/completions", CHAT)[0] == 200
 
 
@@ -3294,8 +3306,8 @@ def test_failover_before_first_byte(pool):
     status, headers, raw = post(running.port, "/v1/chat/completions", CHAT)
     assert status == 200 and headers["x-llmhost-server"] == "u2"
     assert len(fakes[1].posts()) == 1 and len(fakes[2].posts()) == 1
-    up = running.gateway.router.upstreams
-    assert up["u0"].errors == 1 and up["u1"].errors == 1 and up["u2"].errors == 0
+    errors = {s["name"]: s["errors"] for s in get_status(running.port)["servers"]}
+    assert errors == {"u0": 1, "u1": 1, "u2": 0}
 
 
 def test_429_upstream_fails_over_and_cools(pool):
@@ -3381,7 +3393,7 @@ def test_stale_pooled_connection_is_retried_once(gateway, fake):
     fake.thread.start()
     status, _, _ = post(gateway.port, "/v1/chat/completions", CHAT)
     assert status == 200
-    assert gateway.gateway.router.upstreams["local"].errors == 0
+    assert server_status(gateway.port, "local")["errors"] == 0
 
 
 def test_pooled_connection_closed_without_answer_is_retried_once(gateway, fake):
@@ -3391,7 +3403,7 @@ def test_pooled_connection_closed_without_answer_is_retried_once(gateway, fake):
     fake.script({"close": True})
     status, _, _ = post(gateway.port, "/v1/chat/completions", CHAT)
     assert status == 200 and len(fake.posts()) == 3  # the second on a fresh connection
-    assert gateway.gateway.router.upstreams["local"].errors == 0
+    assert server_status(gateway.port, "local")["errors"] == 0
 
 
 def test_a_pooled_connection_that_took_the_request_is_not_retried(gateway, fake):
@@ -3410,15 +3422,13 @@ def test_a_pooled_connection_that_took_the_request_is_not_retried(gateway, fake)
 
 def test_cooling_server_comes_back_through_probe(pool):
     running, fakes = pool
-    router = running.gateway.router
-    u0 = router.upstreams["u0"]
-    for _ in range(llmhost.FAILURES_BEFORE_COOLDOWN):
-        router.failed(u0, "test")
-    assert u0 in router.cooling()
-    deadline = time.monotonic() + 5 * llmhost.PROBE_INTERVAL
-    while u0 in router.cooling() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert u0 not in router.cooling()  # GET /models answered: back well before 5 s
+    fakes[0].script(*[{"status": 503}] * llmhost.FAILURES_BEFORE_COOLDOWN)
+    for _ in range(llmhost.FAILURES_BEFORE_COOLDOWN):  # (each answered by u1)
+        assert post(running.port, "/v1/chat/completions", CHAT)[0] == 200
+    assert not server_status(running.port, "u0")["healthy"]  # cooling down
+    # GET /models answered: back before its 5 s cooldown has passed
+    assert wait_until(lambda: server_status(running.port, "u0")["healthy"],
+                      llmhost.COOLDOWN_BASE - 1)
     assert any(r["path"] == "/v1/models" for r in fakes[0].requests)
 
 
@@ -3474,15 +3484,13 @@ def test_sixty_against_fifty_with_small_queue(fake, tmp_path):
         threads, results = held_requests(running.port, 60)
         for _ in range(50):  # 50 reach the upstream and are held there
             assert fake.holding.acquire(timeout=TIMEOUT)
-        deadline = time.monotonic() + TIMEOUT
-        while len(results) < 5 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert wait_until(lambda: len(results) >= 5)
         rejected = [r for r in results if r[0] == 429]
         assert len(rejected) == 5 and len(results) == 5  # the excess: answered at once
         for status, headers, raw in rejected:
             assert headers["retry-after"] == "1"
             assert json.loads(raw)["error"]["code"] == "rate_limit_exceeded"
-        assert running.gateway.admission.queued() == 5
+        assert get_status(running.port)["queued"] == 5
         release.set()
         for t in threads:
             t.join(TIMEOUT * 2)
@@ -3634,7 +3642,8 @@ def test_a_stream_framed_by_the_close_is_checked_for_its_end_in_the_mcp_loop_too
         assert status == 200 and "Hello" in events[0] and len(events) == 2, events
         assert "closed the stream before data: [DONE]" in json.loads(events[1])["error"]["message"]
         assert "server old: upstream closed the stream before data: [DONE]" in caplog.text
-        assert running.gateway.router.upstreams["old"].failures == 1  # counted, as elsewhere
+        # counted, as elsewhere
+        assert server_status(running.port, "old")["consecutive_failures"] == 1
         status, _, raw = post(running.port, "/v1/chat/completions", dict(CHAT, stream=True))
         assert sse_events(raw)[-1] == "[DONE]" and b'"error"' not in raw
     finally:
@@ -3785,16 +3794,16 @@ def test_close_framed_streams_failover_and_client_departures(fake, tmp_path):
         status, headers, raw = post(running.port, "/v1/chat/completions", dict(CHAT, stream=True))
         assert status == 200 and headers["x-llmhost-server"] == "spare"
         assert sse_events(raw)[-1] == "[DONE]"
-        old = running.gateway.router.upstreams["old"]
-        assert old.failures == 1, (old.failures, old.errors, old.last_error)
+        old = server_status(running.port, "old")
+        assert old["consecutive_failures"] == 1, old
         body = json.dumps(dict(CHAT, stream=True)).encode()
         with socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT) as s:
-            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d"
-                      b"\r\n\r\n%s" % (len(body), body))
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Request-Id: left"
+                      b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
             assert b"Hello" in s.recv(65536)
-        assert wait_until(lambda: running.gateway.http.in_flight == 0)
-        time.sleep(0.1)
-        assert old.errors == 1 and old.failures == 0  # a client that left is not a failure
+        assert wait_until(lambda: logged_status(running, "left") == "499")  # it has ended
+        old = server_status(running.port, "old")  # a client that left is not a failure
+        assert old["errors"] == 1 and old["consecutive_failures"] == 0, old
     finally:
         running.stop()
         upstream.close()
@@ -3824,15 +3833,16 @@ def test_a_request_whose_model_goes_while_it_queues_gives_its_slot_back(tmp_path
         threads, results = held_requests(running.port, 1)
         assert first.holding.acquire(timeout=TIMEOUT)
         threads2, results2 = held_requests(running.port, 1, dict(CHAT, model="other-model"))
-        admission = running.gateway.admission
-        assert wait_until(lambda: admission.queued() == 1)
+        assert wait_until(lambda: get_status(running.port)["queued"] == 1)
         write_registry(path, entries[:1])  # `remove second` while its request queues
-        assert wait_until(lambda: "other-model" not in running.gateway.router.table)
+        assert wait_until(lambda: "other-model" not in [m["id"] for m in json.loads(request(
+            running.port, "GET", "/v1/models")[2])["data"]])
         release.set()
         for t in threads + threads2:
             t.join(TIMEOUT)
         assert [r[0] for r in results + results2] == [200, 404]
-        assert wait_until(lambda: admission.active == 0)  # before: the slot was never given back
+        # before: the slot was never given back
+        assert wait_until(lambda: get_status(running.port)["in_flight"] == 0)
         assert post(running.port, "/v1/chat/completions", CHAT)[0] == 200
     finally:
         release.set()
@@ -3870,13 +3880,13 @@ def test_a_client_that_leaves_the_queue_gives_up_its_place(fake, tmp_path):
         quitters = [socket.create_connection(("127.0.0.1", running.port)) for _ in range(2)]
         for s in quitters:
             s.sendall(raw)
-        admission = running.gateway.admission
-        assert wait_until(lambda: admission.queued() == 2)
+        assert wait_until(lambda: get_status(running.port)["queued"] == 2)
         for s in quitters:
             s.close()  # they give up, as a client with a short timeout does
-        assert wait_until(lambda: admission.queued() == 0, 2)  # before: their places stayed taken
+        # before: their places stayed taken
+        assert wait_until(lambda: get_status(running.port)["queued"] == 0, 2)
         threads2, results2 = held_requests(running.port, 2)  # so these queue, not 429
-        assert wait_until(lambda: admission.queued() == 2)
+        assert wait_until(lambda: get_status(running.port)["queued"] == 2)
         release.set()
         for t in threads + threads2:
             t.join(TIMEOUT)
@@ -3899,7 +3909,7 @@ def test_a_model_at_its_servers_limit_does_not_hold_up_other_models(tmp_path):
         threads, results = held_requests(running.port, 1)
         assert local.holding.acquire(timeout=TIMEOUT)  # local is at its max_concurrency
         threads2, results2 = held_requests(running.port, 3)  # these wait for local
-        time.sleep(0.2)
+        assert wait_until(lambda: get_status(running.port)["queued"] == 3)
         # before: two of them held both global slots, so other-model waited behind them
         status, doc = jpost(running.port, "/v1/chat/completions",
                             dict(CHAT, model="other-model"), timeout=2)
@@ -3934,10 +3944,11 @@ def test_queue_timeout_bounds_the_whole_wait_not_each_queue(tmp_path):
         assert other.holding.acquire(timeout=TIMEOUT)  # both global slots are taken now
         started = time.monotonic()
         waiting, result = held_requests(running.port, 1)  # waits for local's capacity
-        admission = running.gateway.admission
-        assert wait_until(lambda: admission.queued() == 1)
+        assert wait_until(lambda: get_status(running.port)["queued"] == 1)
         queued = held_requests(running.port, 1, dict(CHAT, model="other-model"))[0]
-        assert wait_until(lambda: admission.queued() == 2)  # ... which queues for a global slot
+        # ... which queues for a global slot
+        assert wait_until(lambda: get_status(running.port)["queued"] == 2)
+        # Pacing, not waiting: local stays busy 0.6 s of the 1.0 s queue timeout
         time.sleep(max(0.0, started + 0.6 - time.monotonic()))
         first.set()  # local is free, but its global slot passes to the queued request
         for t in waiting:
@@ -3976,7 +3987,9 @@ def test_queue_timeout_bounds_an_mcp_chats_wait_too(tmp_path):
         assert other.holding.acquire(timeout=TIMEOUT)  # both global slots are taken now
         started = time.monotonic()
         waiting, result = held_requests(running.port, 1)
-        time.sleep(0.6)
+        assert wait_until(lambda: get_status(running.port)["queued"] == 1)  # waits for local
+        # Pacing, not waiting: a global slot comes free 0.6 s into the 1.0 s queue timeout
+        time.sleep(max(0.0, started + 0.6 - time.monotonic()))
         others.set()  # a global slot is free; local is still busy
         for t in waiting:
             t.join(TIMEOUT)
@@ -4010,7 +4023,7 @@ def test_server_max_concurrency_queues_then_uses_fallback(tmp_path):
         threads2, results2 = held_requests(running.port, 1)
         assert remote.holding.acquire(timeout=TIMEOUT)  # so the fallback takes the second
         threads3, results3 = held_requests(running.port, 1)  # both full: this one waits
-        time.sleep(0.2)
+        assert wait_until(lambda: get_status(running.port)["queued"] == 1)
         assert results3 == [] and len(local.posts()) + len(remote.posts()) == 2
         release.set()
         for t in threads + threads2 + threads3:
@@ -4091,22 +4104,20 @@ def test_the_next_request_on_a_connection_does_not_wait_for_an_upstream_end(fake
 
 def test_client_disconnect_reaches_upstream_within_a_second(gateway, fake):
     long_text = " ".join(["word"] * 200)
-    fake.script({"pace": 0.02})
+    fake.script({"pace": 0.02})  # (4 s of stream)
     body = json.dumps({"model": "fake-model", "stream": True,
                        "messages": [{"role": "user", "content": long_text}]}).encode()
     s = socket.create_connection(("127.0.0.1", gateway.port), timeout=TIMEOUT)
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n"
-              b"\r\n%s" % (len(body), body))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Id: left\r\n"
+              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     assert b"200 OK" in s.recv(4096)
-    closed_at = time.monotonic()
     s.close()
-    deadline = closed_at + 1.0
-    while time.monotonic() < deadline and gateway.gateway.http.in_flight:
-        time.sleep(0.01)
-    assert gateway.gateway.http.in_flight == 0  # the request ended, no waiting for the model
-    # and the upstream connection was closed, not pooled: the model stops generating
-    assert sum(len(v) for v in gateway.gateway.client.idle.values()) == 0
-    assert gateway.gateway.router.upstreams["local"].in_flight == 0
+    # the upstream sees its connection closed (not pooled, not read to its end): the model
+    # stops generating
+    assert fake.cut.wait(1.0)
+    assert wait_until(lambda: logged_status(gateway, "left") == "499", 1.0)  # and it ended
+    doc = get_status(gateway.port)
+    assert doc["in_flight"] == 0 and doc["servers"][0]["in_flight"] == 0
 
 
 def test_url_credentials_refused_for_llm_servers_kept_for_mcp():
@@ -4399,9 +4410,7 @@ def test_killing_one_of_three_loses_no_unstarted_request(pool):
         f.script(*[{"delay": 0.3} for _ in range(40)])
         running.gateway.router.upstreams["u" + str(fakes.index(f))].priority = 0
     threads, results = held_requests(running.port, 30)
-    deadline = time.monotonic() + TIMEOUT
-    while not fakes[0].posts() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert wait_until(fakes[0].posts)
     fakes[0].kill()  # dies with requests in flight
     for t in threads:
         t.join(TIMEOUT * 2)
