@@ -5913,6 +5913,8 @@ def run_worker(args, path, keys, options, max_concurrency, queue_size, sock=None
             if sock is None or time.monotonic() - stopped >= WORKER_SIGNAL_ECHO:
                 now.set()  # (a worker gets the signal from serve, and the same one again when
                 # it is sent to every process, as systemd and pkill do: one, not two)
+            else:
+                logger().debug("stop signal again%s: the same stop as the first", label)
 
         async def abandon_when_told():
             await now.wait()
