@@ -4335,7 +4335,8 @@ def test_a_shutdown_that_stops_waiting_cuts_requests_and_logs_them(fake, tmp_pat
         else:
             assert proc.wait(TIMEOUT) == 0
         threads[0].join(TIMEOUT)
-        assert results and results[0] != 200
+        assert len(results) == 1 and (not isinstance(results[0], tuple) or
+                                      results[0][0] != 200), results
         needles = ["stopping now: 1 request still in flight cut",
                    "POST /v1/chat/completions model=fake-model server=local status=503"]
         if twice:
@@ -4362,9 +4363,17 @@ def test_ctrl_c_in_a_terminal_lets_workers_finish_their_requests(fake, tmp_path,
     port = sock.getsockname()[1]
     sock.close()
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
-                             registry, "serve", "--port", str(port), "--workers", "2"],
+                             registry, "serve", "--port", str(port), "--workers", "2",
+                             "--log-level", "debug"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # its own process group, as in a terminal
+    err = []
+    reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
+    reader.start()
+
+    def said(needle, times=1):
+        return sum(needle in line for line in err) >= times
+
     release = threading.Event()
     fake.script({"hold": release})
     try:
@@ -4376,27 +4385,37 @@ def test_ctrl_c_in_a_terminal_lets_workers_finish_their_requests(fake, tmp_path,
 
         assert wait_until(up) and proc.poll() is None
         workers = set()
-        while len(workers) < 2:
-            workers.add(json.loads(request(port, "GET", "/v1/status")[2])["pid"])
+        assert wait_until(lambda: workers.add(get_status(port)["pid"]) or len(workers) == 2)
         threads, results = held_requests(port, 1)
         assert fake.holding.acquire(timeout=TIMEOUT)
+        seen = []  # /v1/status answers, until the one of the worker with the request
+        assert wait_until(lambda: seen.append(get_status(port)) or seen[-1]["in_flight"])
+        busy = seen[-1]["pid"]
         if stop.startswith("ctrl-c"):
             os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group
-        else:  # KillMode=control-group: each process at once
-            for pid in (proc.pid, *workers):
-                os.kill(pid, signal.SIGTERM)
+        else:  # KillMode=control-group: each process (serve passes its own on as well)
+            os.kill(proc.pid, signal.SIGTERM)
+        assert wait_until(lambda: said("shutting down worker", 2))  # each worker has it
+        if stop == "systemd":
+            os.kill(busy, signal.SIGTERM)  # ... and then systemd's own: the same stop
+            assert wait_until(lambda: said("stop signal again worker"))
+            for pid in workers - {busy}:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass  # (with no request under way, it has stopped already)
         if stop == "ctrl-c twice":
-            time.sleep(0.2)
             os.killpg(proc.pid, signal.SIGINT)
             assert proc.wait(TIMEOUT) == 0  # at once, not when the request ends
             threads[0].join(TIMEOUT)
             assert not isinstance(results[0], tuple) or results[0][0] != 200, results
             return
-        time.sleep(0.5)
         release.set()  # one Ctrl-C: the request under way still finishes
         threads[0].join(TIMEOUT)
         assert [r[0] for r in results] == [200]
-        assert proc.wait(TIMEOUT) == 0, proc.communicate()[1]
+        assert proc.wait(TIMEOUT) == 0, err
+        reader.join(TIMEOUT)
+        assert not said("closing in-flight requests now"), err
     finally:
         release.set()
         if proc.poll() is None:
