@@ -6041,6 +6041,7 @@ def run_workers(args, path, keys, options, workers, last_good):
             seen = stamp
             try:
                 fallback = serving_registry(path, options["environ"], True)
+                logger().debug("registry %s read: a worker started from now on gets it", path)
             except RegistryError:
                 pass
 
