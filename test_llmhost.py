@@ -3572,7 +3572,7 @@ class CloseFramedUpstream:
                                        b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nConnection: "
                                        b"close\r\n\r\n%s" % (ctype, pieces[0]))
                         for piece in pieces[1:]:
-                            time.sleep(0.2)
+                            time.sleep(0.2)  # (pacing: a slow upstream)
                             client.sendall(piece)
                     except OSError:
                         pass  # the reader left
@@ -4710,7 +4710,7 @@ class MisframingUpstream:
                 elif mode == "late":
                     self.quiet.clear()
                     client.sendall(self.answer(text))
-                    time.sleep(0.05)
+                    time.sleep(0.05)  # (pacing: the stray bytes come a moment later)
                     client.sendall(self.answer("LATE"))
                     self.quiet.set()
                 else:
@@ -4966,7 +4966,7 @@ def test_body_timeout_is_for_silence_not_for_the_whole_upload(gateway, monkeypat
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"  # the same in one
                   b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(body))  # chunk
         for i in range(0, len(body), len(body) // 5 + 1):
-            time.sleep(0.3)
+            time.sleep(0.3)  # (pacing, as above)
             s.sendall(body[i:i + len(body) // 5 + 1])
         s.sendall(b"\r\n0\r\n\r\n")
         assert parse_response(s.recv(65536))[0] == 200
