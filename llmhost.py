@@ -6202,6 +6202,8 @@ def run_worker(args, path, keys, options, max_concurrency, queue_size, sock=None
             if sock is None or time.monotonic() - stopped >= WORKER_SIGNAL_ECHO:
                 now.set()  # (a worker gets the signal from serve, and the same one again when
                 # it is sent to every process, as systemd and pkill do: one, not two)
+            else:
+                logger().debug("stop signal again%s: the same stop as the first", label)
 
         async def abandon_when_told():
             await now.wait()
@@ -6329,6 +6331,7 @@ def run_workers(args, path, keys, options, workers, last_good):
             seen = stamp
             try:
                 fallback = serving_registry(path, options["environ"], True)
+                logger().debug("registry %s read: a worker started from now on gets it", path)
             except RegistryError:
                 pass
 
