@@ -2984,6 +2984,7 @@ class Admission:
 
 
 def check_api_key(headers, keys):
+    """-> the configured key the request's matches; Unauthorized if none does."""
     import hmac
     send = "send 'Authorization: Bearer <key>' or 'x-api-key'."
     auth = headers.get("authorization", "")
@@ -3007,13 +3008,16 @@ def check_api_key(headers, keys):
     # and browsers send a key made of latin-1 characters so). surrogateescape: the bytes of a
     # key from an environment or command line that was not UTF-8.
     given = supplied.encode("latin-1")
-    ok = False
+    matched = None
     for key in keys:  # compare against every key: the time does not say which one was close
-        ok |= hmac.compare_digest(given, key.encode("utf-8", "surrogateescape"))
+        ok = hmac.compare_digest(given, key.encode("utf-8", "surrogateescape"))
         if not key.isascii() and max(key) <= "\xff":
             ok |= hmac.compare_digest(given, key.encode("latin-1"))
-    if not ok:
+        if ok and matched is None:
+            matched = key
+    if matched is None:
         raise Unauthorized("Incorrect API key provided.")
+    return matched
 
 # =============================================================================
 # MCP bridge
@@ -4494,6 +4498,13 @@ class Sender:
 #   refused(status, body, retry_after)       an answer that ends the loop: an error, or a 200
 #                               that is no chat completion (passed on as it came); -> keep-alive
 #   finished(end)               the loop's end (a LoopEnd); -> keep-alive
+#   approval(end, calls)        the loop's end instead, when MCP calls of the last round need the
+#                               client's approval (needs_approval): they are not run; -> keep-alive
+# and what the loop asks of it:
+#   needs_approval(binding)     whether an MCP call of this tool waits for the client (chat: never)
+#   approved()                  [(call, tool message)]: calls the client approved after an earlier
+#                               answer asked; run before the first round, each result written into
+#                               the tool message the face reserved for it in the conversation
 
 
 class Render:
@@ -4525,6 +4536,15 @@ class Render:
 
     def finished(self, end):
         raise NotImplementedError
+
+    def approval(self, end, calls):
+        raise NotImplementedError
+
+    def needs_approval(self, binding):
+        return False
+
+    def approved(self):
+        return ()
 
 
 ROUND_SEPARATOR = "\n\n"  # between the texts of a tool loop's rounds, in the one answer
@@ -4657,6 +4677,11 @@ class ToolLoop:
         texts = []  # each round's text
         template = None
         render.tools(self.bindings)
+        approved = render.approved()
+        if approved:
+            calls = [call for call, _ in approved]
+            for (_, message), result in zip(approved, await self.run_calls(calls, render)):
+                message["content"] = result["text"]
         for number in range(rounds + 1):
             last = number == rounds
             current = Round(number, any(texts), state["usage"], template)
@@ -4673,15 +4698,30 @@ class ToolLoop:
             if not mine or last or theirs:
                 return render.finished(LoopEnd(state, current, texts,
                                                theirs if not last else None, last))
-            render.calls(mine)
-            results = await core.run_mcp_calls(self.request, mine, self.bindings,
-                                                state["report"], state["client_names"],
-                                                tick=render.waiting)
-            render.results(mine, results)
+            # Calls that wait for the client's approval end the loop (the others of the round
+            # run first); the client's next request says whether they run (approved()).
+            asks = [call for call in mine if render.needs_approval(
+                self.bindings.get(call["function"].get("name")))]
+            if asks:
+                others = [call for call in mine if all(call is not ask for ask in asks)]
+                if others:
+                    await self.run_calls(others, render)
+                return render.approval(LoopEnd(state, current, texts, None, False), asks)
+            results = await self.run_calls(mine, render)
             core.extend_conversation(state, current.message or {
                 "role": "assistant", "content": current.text()}, mine, results)
             if await core.rebind(state, self.base, self.bindings):
                 render.tools(self.bindings)
+
+    async def run_calls(self, calls, render):
+        """Run MCP calls, telling the renderer -> their results."""
+        state = self.state
+        render.calls(calls)
+        results = await self.core.run_mcp_calls(self.request, calls, self.bindings,
+                                                state["report"], state["client_names"],
+                                                tick=render.waiting)
+        render.results(calls, results)
+        return results
 
     async def one_round(self, current, body, render):
         """Ask the model once -> None, or the (status, body, retry_after) that ends the loop."""
@@ -5409,9 +5449,11 @@ class Application:
         return self.reply_json(request, {"object": "list", "data": [
             dict(b["openai"], server=b["server"], tool=b["tool"]) for b in bindings]})
 
-    def mcp_selection(self, body):
+    def mcp_selection(self, body, approvals=False):
         """-> (servers, allowed) whose tools this chat request gets, or None. Per request: tools
-        of type "mcp" (the Responses-API shape); per model: the `mcp` list of its servers."""
+        of type "mcp" (the Responses-API shape); per model: the `mcp` list of its servers.
+        `approvals`: the face can pause for a client's approval (Responses), so an mcp tool may
+        ask for one; chat cannot, and refuses it."""
         tools = body.get("tools")
         if tools is not None and not isinstance(tools, list):
             raise BadRequest("'tools' must be an array.", param="tools", code="invalid_type")
@@ -5431,7 +5473,7 @@ class Application:
             if not isinstance(label, str) or not NAME_RE.fullmatch(label):
                 raise BadRequest("An mcp tool needs a 'server_label' of 1-64 [A-Za-z0-9._-].",
                                  param="tools")
-            if tool.get("require_approval", "never") != "never":
+            if not approvals and tool.get("require_approval", "never") != "never":
                 raise BadRequest("llmhost runs MCP tools without asking: 'require_approval' must "
                                  "be 'never'.", param="tools")
             url = tool.get("server_url")
