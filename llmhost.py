@@ -6183,10 +6183,12 @@ class ResponseStore:
     Rows older than max_age or past the max_count newest are pruned. Every call runs on a
     thread of the store's own, so the event loop never waits for the disk or a lock."""
 
-    def __init__(self, path, max_age=RESPONSES_MAX_AGE, max_count=RESPONSES_MAX_COUNT):
+    def __init__(self, path, max_age=RESPONSES_MAX_AGE, max_count=RESPONSES_MAX_COUNT,
+                 prune_saves=RESPONSES_PRUNE_SAVES):
         self.path = path
         self.max_age = max_age
         self.max_count = max_count
+        self.prune_saves = prune_saves
         self.executor = None  # made on first use (a worker's own, never inherited)
         self.db = None
         self.next_prune = 0.0
@@ -6239,7 +6241,7 @@ class ResponseStore:
             rid, owner, now, json_bytes(response).decode(), json_bytes(items).decode(),
             json_bytes(context).decode()))
         self.saves += 1
-        if now >= self.next_prune or self.saves % RESPONSES_PRUNE_SAVES == 0:
+        if now >= self.next_prune or self.saves % self.prune_saves == 0:
             self.next_prune = now + RESPONSES_PRUNE_INTERVAL
             db.execute("DELETE FROM responses WHERE created < ?", (now - self.max_age,))
             db.execute("DELETE FROM responses WHERE id IN (SELECT id FROM responses ORDER BY "
