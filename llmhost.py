@@ -3,7 +3,8 @@
 
 Register llama.cpp, vLLM, Ollama, LM Studio, TGI or any remote OpenAI-compatible API in a JSON
 registry (``servers.json``) and serve them all behind one ``/v1`` API: chat completions (text and
-images, streaming and not, tools), legacy completions, embeddings and rerank. One file, standard
+images, streaming and not, tools), the Responses API (translated onto chat completions, stored
+responses in ``servers.json.responses.sqlite``), legacy completions, embeddings and rerank. One file, standard
 library only; the ``mcp`` package is imported only when an MCP server is used.
 
 Usage::
@@ -17,12 +18,13 @@ Usage::
 
 Deliberately not supported: clustering (run several copies behind any load balancer), HTTP/2
 toward clients or upstreams, request/response transformation beyond what a route needs (model
-alias rewrite, base64 embeddings, rerank normalisation), storing prompts or keys in logs.
+alias rewrite, base64 embeddings, rerank normalisation, the Responses API's translation),
+storing prompts or keys in logs.
 
 Sections, in dependency order (grep the banners):
     Limits · Errors · Wire format · SSE · Connections · HTTP server · Upstream client ·
     Registry · Router · Managed servers · Admission · Auth · MCP bridge · Chat format ·
-    Send path · Tool loop · Application · Serve · Bench · CLI
+    Send path · Tool loop · Application · Responses API · Serve · Bench · CLI
 """
 
 import json
