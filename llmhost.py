@@ -6105,6 +6105,15 @@ def merged_systems(messages):
     return out
 
 
+def redacted_tool(tool):
+    """A request's tool as its Response echoes (and stores) it: an mcp tool's credentials
+    (headers, authorization) are left out, as OpenAI leaves them out."""
+    if isinstance(tool, dict) and tool.get("type") == "mcp" and (
+            tool.get("headers") or tool.get("authorization")):
+        return dict(tool, headers=None, authorization=None)
+    return tool
+
+
 def approval_rules(tools):
     """{server_label: require_approval} of the request's mcp tools; a rule of another shape is
     refused (llmhost's default, as for chat, is "never")."""
@@ -6329,7 +6338,8 @@ class ResponsesRender(Render, Face):
                "text": body["text"] if isinstance(body.get("text"), dict)
                else {"format": {"type": "text"}},
                "tool_choice": body.get("tool_choice") or "auto",
-               "tools": body.get("tools") or [], "top_p": body.get("top_p"),
+               "tools": [redacted_tool(tool) for tool in body.get("tools") or ()],
+               "top_p": body.get("top_p"),
                "truncation": "disabled", "usage": usage, "user": body.get("user"),
                "metadata": body.get("metadata") or {}}
         if status in ("completed", "incomplete"):

@@ -2131,6 +2131,13 @@ def test_responses_mcp_approval_filters_and_bad_shapes(mcp_env):
     assert status == 400 and "require_approval" in doc["error"]["message"]
 
 
+def test_responses_echo_an_mcp_tools_credentials_nowhere():
+    tool = {"type": "mcp", "server_label": "d", "server_url": "http://127.0.0.1:1/mcp",
+            "headers": {"Authorization": "Bearer secret"}, "require_approval": "never"}
+    assert llmhost.redacted_tool(tool) == dict(tool, headers=None, authorization=None)
+    assert llmhost.redacted_tool(RESPONSES_MCP) is RESPONSES_MCP
+
+
 @pytest.mark.parametrize("body, param", [
     ({"input": 5}, "input"),
     ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),

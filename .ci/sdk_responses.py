@@ -14,6 +14,7 @@ import asyncio
 import base64
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -31,6 +32,9 @@ from openai.types.responses import (InputTokenCountResponse, Response, ResponseI
 REPO = os.path.abspath(sys.argv[1] if sys.argv[1:] else os.path.join(os.path.dirname(__file__),
                                                                      ".."))
 MODEL = "fake-model"
+# llmhost and the fake upstream run on the project's python (the MCP test server needs `mcp`),
+# the SDKs on this venv's
+PYTHON = shutil.which("python3") or sys.executable
 KEY = "sk-sdk-check"
 EVENTS = pydantic.TypeAdapter(ResponseStreamEvent)
 PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAA"
@@ -214,6 +218,28 @@ def stored(client, port):
         pass
 
 
+@case("MCP tools (stream and not) and an approval round trip")
+def mcp(client, port):
+    # The fake calls the first tool it is offered, t__weather, with {"city": "Paris", ...}.
+    tool = {"type": "mcp", "server_label": "t", "allowed_tools": ["weather"],
+            "require_approval": "never"}
+    resp = raw_create(client, model=MODEL, input="weather?", tools=[tool])
+    kinds = [item.type for item in resp.output]
+    assert kinds == ["mcp_list_tools", "mcp_call", "message"], kinds
+    assert resp.output[1].name == "weather" and "Paris" in resp.output[1].output, resp.output[1]
+    events = raw_stream(port, {"model": MODEL, "input": "weather?", "tools": [tool]})
+    assert "response.mcp_call.completed" in [e["type"] for e in events]
+    ask = dict(tool, require_approval="always")
+    first = raw_create(client, model=MODEL, input="weather?", tools=[ask])
+    (request,) = [item for item in first.output if item.type == "mcp_approval_request"]
+    second = raw_create(client, model=MODEL, tools=[ask], previous_response_id=first.id,
+                        input=[{"type": "mcp_approval_response", "approve": True,
+                                "approval_request_id": request.id}])
+    (call,) = [item for item in second.output if item.type == "mcp_call"]
+    assert call.approval_request_id == request.id and "Paris" in call.output, call
+    assert second.output_text.startswith("tool result: "), second.output_text
+
+
 @case("openai-agents: an agent with a function tool runs to its final output")
 def agent(client, port):
     from agents import (Agent, OpenAIResponsesModel, Runner, function_tool,
@@ -246,22 +272,25 @@ def agent(client, port):
 def main():
     work = tempfile.mkdtemp(prefix="llmhost-sdk-")
     upstream_port, port = free_port(), free_port()
-    fake = subprocess.Popen([sys.executable, os.path.join(REPO, "test_llmhost.py"),
+    fake = subprocess.Popen([PYTHON, os.path.join(REPO, "test_llmhost.py"),
                              "fake-upstream", str(upstream_port), MODEL],
                             stdout=subprocess.DEVNULL)
     registry = os.path.join(work, "servers.json")
     with open(registry, "w") as f:
         json.dump({"version": 1, "servers": [{"name": "fake", "models": [MODEL],
-                                              "url": f"http://127.0.0.1:{upstream_port}/v1"}]}, f)
-    serve = subprocess.Popen([sys.executable, os.path.join(REPO, "llmhost.py"), "serve",
+                                              "url": f"http://127.0.0.1:{upstream_port}/v1"}],
+                   "mcpServers": {"t": {"command": PYTHON, "args": [
+                       os.path.join(REPO, "test_llmhost.py"), "mcp-server", "stdio"]}}}, f)
+    serve = subprocess.Popen([PYTHON, os.path.join(REPO, "llmhost.py"), "serve",
                               "--port", str(port), "--api-key", KEY, "--no-access-log"],
                              env=dict(os.environ, LLMHOST_REGISTRY=registry))
+    checks = (text_create, text_stream, image, tool_previous, tool_replayed, json_schema, stored,
+              mcp, agent)
     try:
         wait_for(f"http://127.0.0.1:{upstream_port}/health", fake)
         wait_for(f"http://127.0.0.1:{port}/health", serve)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY)
-        for check in (text_create, text_stream, image, tool_previous, tool_replayed, json_schema,
-                      stored, agent):
+        for check in checks:
             check(client, port)
     finally:
         for proc in (serve, fake):
@@ -269,7 +298,7 @@ def main():
             proc.wait(10)
     print(f"validated {checked['objects']} objects and {checked['events']} stream events "
           "against the SDK's types")
-    print(f"{8 - len(failures)} passed, {len(failures)} failed")
+    print(f"{len(checks) - len(failures)} passed, {len(failures)} failed")
     return 1 if failures else 0
 
 
