@@ -5248,7 +5248,7 @@ class Application:
         # origin is already one we serve, so any well-formed list is granted.
         asked = request.headers.get("access-control-request-headers", "").strip()
         return request.conn.respond(request, 204, [
-            ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+            ("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
             ("Access-Control-Allow-Headers",
              asked if _FIELD_NAMES.fullmatch(asked) else CORS_ALLOW_HEADERS),
             ("Access-Control-Max-Age", "600")])

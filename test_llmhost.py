@@ -5898,6 +5898,7 @@ def test_cors_origin_lets_its_origin_through_preflight_included(fake, tmp_path):
                                      headers={"Origin": "https://any.example",
                                               "Access-Control-Request-Method": "POST"})
         assert status == 204 and headers["access-control-allow-origin"] == "*"
+        assert "DELETE" in headers["access-control-allow-methods"]  # (DELETE /v1/responses/ID)
     finally:
         running.stop()
 
