@@ -3,7 +3,8 @@
 
 Register llama.cpp, vLLM, Ollama, LM Studio, TGI or any remote OpenAI-compatible API in a JSON
 registry (``servers.json``) and serve them all behind one ``/v1`` API: chat completions (text and
-images, streaming and not, tools), legacy completions, embeddings and rerank. One file, standard
+images, streaming and not, tools), the Responses API (translated onto chat completions, stored
+responses in ``servers.json.responses.sqlite``), legacy completions, embeddings and rerank. One file, standard
 library only; the ``mcp`` package is imported only when an MCP server is used.
 
 Usage::
@@ -17,12 +18,13 @@ Usage::
 
 Deliberately not supported: clustering (run several copies behind any load balancer), HTTP/2
 toward clients or upstreams, request/response transformation beyond what a route needs (model
-alias rewrite, base64 embeddings, rerank normalisation), storing prompts or keys in logs.
+alias rewrite, base64 embeddings, rerank normalisation, the Responses API's translation),
+storing prompts or keys in logs.
 
 Sections, in dependency order (grep the banners):
     Limits · Errors · Wire format · SSE · Connections · HTTP server · Upstream client ·
     Registry · Router · Managed servers · Admission · Auth · MCP bridge · Chat format ·
-    Send path · Tool loop · Application · Serve · Bench · CLI
+    Send path · Tool loop · Application · Responses API · Serve · Bench · CLI
 """
 
 import json
@@ -101,6 +103,12 @@ MCP_BACKOFF_MAX = 30.0  # s between restarts of a server that keeps dying
 MCP_LIST_PAGES_MAX = 100  # pages per list walk, so a paginator that never ends cannot hang us
 MCP_RESULT_MAX = 100_000  # characters of one tool result's text given to a model (then cut, said so)
 MCP_NAME_MAX = 64  # OpenAI function names: ^[a-zA-Z0-9_-]{1,64}$
+RESPONSES_MAX_AGE = 30 * 86400.0  # s a stored response is kept; OpenAI keeps them 30 days
+RESPONSES_MAX_COUNT = 10_000  # stored responses kept at most (the oldest go first)
+RESPONSES_PRUNE_INTERVAL = 60.0  # s between a worker's prunes of the store (one walks the index)
+RESPONSES_PRUNE_SAVES = 100  # saves between prunes however soon: a burst passes the count by little
+RESPONSES_BUSY_TIMEOUT = 5.0  # s a store call waits for another worker's write; sqlite3's default
+RESPONSES_LIST_MAX = 100  # input_items per page at most; OpenAI's limit
 
 # =============================================================================
 # Errors
@@ -2984,6 +2992,7 @@ class Admission:
 
 
 def check_api_key(headers, keys):
+    """-> the configured key the request's matches; Unauthorized if none does."""
     import hmac
     send = "send 'Authorization: Bearer <key>' or 'x-api-key'."
     auth = headers.get("authorization", "")
@@ -3007,13 +3016,16 @@ def check_api_key(headers, keys):
     # and browsers send a key made of latin-1 characters so). surrogateescape: the bytes of a
     # key from an environment or command line that was not UTF-8.
     given = supplied.encode("latin-1")
-    ok = False
+    matched = None
     for key in keys:  # compare against every key: the time does not say which one was close
-        ok |= hmac.compare_digest(given, key.encode("utf-8", "surrogateescape"))
+        ok = hmac.compare_digest(given, key.encode("utf-8", "surrogateescape"))
         if not key.isascii() and max(key) <= "\xff":
             ok |= hmac.compare_digest(given, key.encode("latin-1"))
-    if not ok:
+        if ok and matched is None:
+            matched = key
+    if matched is None:
         raise Unauthorized("Incorrect API key provided.")
+    return matched
 
 # =============================================================================
 # MCP bridge
@@ -3971,6 +3983,7 @@ REQUIRED = {
     "completions": (("model", str), ("prompt", (str, list))),
     "embeddings": (("model", str), ("input", (str, list))),
     "rerank": (("model", str), ("query", str), ("documents", list)),
+    "responses": (("model", str),),
 }
 TYPE_NAMES = {str: "a string", list: "an array", (str, list): "a string or an array",
               dict: "an object"}
@@ -3981,6 +3994,7 @@ BOUNDS = {
     "completions": (("n", 1, 128),),
     "embeddings": (),
     "rerank": (("top_n", 0, None),),
+    "responses": (("max_output_tokens", 1, None),),
 }
 
 
@@ -4494,6 +4508,13 @@ class Sender:
 #   refused(status, body, retry_after)       an answer that ends the loop: an error, or a 200
 #                               that is no chat completion (passed on as it came); -> keep-alive
 #   finished(end)               the loop's end (a LoopEnd); -> keep-alive
+#   approval(end, calls)        the loop's end instead, when MCP calls of the last round need the
+#                               client's approval (needs_approval): they are not run; -> keep-alive
+# and what the loop asks of it:
+#   needs_approval(binding)     whether an MCP call of this tool waits for the client (chat: never)
+#   approved()                  [(call, tool message)]: calls the client approved after an earlier
+#                               answer asked; run before the first round, each result written into
+#                               the tool message the face reserved for it in the conversation
 
 
 class Render:
@@ -4525,6 +4546,15 @@ class Render:
 
     def finished(self, end):
         raise NotImplementedError
+
+    def approval(self, end, calls):
+        raise NotImplementedError
+
+    def needs_approval(self, binding):
+        return False
+
+    def approved(self):
+        return ()
 
 
 ROUND_SEPARATOR = "\n\n"  # between the texts of a tool loop's rounds, in the one answer
@@ -4657,6 +4687,11 @@ class ToolLoop:
         texts = []  # each round's text
         template = None
         render.tools(self.bindings)
+        approved = render.approved()
+        if approved:
+            calls = [call for call, _ in approved]
+            for (_, message), result in zip(approved, await self.run_calls(calls, render)):
+                message["content"] = result["text"]
         for number in range(rounds + 1):
             last = number == rounds
             current = Round(number, any(texts), state["usage"], template)
@@ -4673,15 +4708,30 @@ class ToolLoop:
             if not mine or last or theirs:
                 return render.finished(LoopEnd(state, current, texts,
                                                theirs if not last else None, last))
-            render.calls(mine)
-            results = await core.run_mcp_calls(self.request, mine, self.bindings,
-                                                state["report"], state["client_names"],
-                                                tick=render.waiting)
-            render.results(mine, results)
+            # Calls that wait for the client's approval end the loop (the others of the round
+            # run first); the client's next request says whether they run (approved()).
+            asks = [call for call in mine if render.needs_approval(
+                self.bindings.get(call["function"].get("name")))]
+            if asks:
+                others = [call for call in mine if all(call is not ask for ask in asks)]
+                if others:
+                    await self.run_calls(others, render)
+                return render.approval(LoopEnd(state, current, texts, None, False), asks)
+            results = await self.run_calls(mine, render)
             core.extend_conversation(state, current.message or {
                 "role": "assistant", "content": current.text()}, mine, results)
             if await core.rebind(state, self.base, self.bindings):
                 render.tools(self.bindings)
+
+    async def run_calls(self, calls, render):
+        """Run MCP calls, telling the renderer -> their results."""
+        state = self.state
+        render.calls(calls)
+        results = await self.core.run_mcp_calls(self.request, calls, self.bindings,
+                                                state["report"], state["client_names"],
+                                                tick=render.waiting)
+        render.results(calls, results)
+        return results
 
     async def one_round(self, current, body, render):
         """Ask the model once -> None, or the (status, body, retry_after) that ends the loop."""
@@ -5198,7 +5248,7 @@ class Application:
         # origin is already one we serve, so any well-formed list is granted.
         asked = request.headers.get("access-control-request-headers", "").strip()
         return request.conn.respond(request, 204, [
-            ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+            ("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
             ("Access-Control-Allow-Headers",
              asked if _FIELD_NAMES.fullmatch(asked) else CORS_ALLOW_HEADERS),
             ("Access-Control-Max-Age", "600")])
@@ -5409,9 +5459,11 @@ class Application:
         return self.reply_json(request, {"object": "list", "data": [
             dict(b["openai"], server=b["server"], tool=b["tool"]) for b in bindings]})
 
-    def mcp_selection(self, body):
+    def mcp_selection(self, body, approvals=False):
         """-> (servers, allowed) whose tools this chat request gets, or None. Per request: tools
-        of type "mcp" (the Responses-API shape); per model: the `mcp` list of its servers."""
+        of type "mcp" (the Responses-API shape); per model: the `mcp` list of its servers.
+        `approvals`: the face can pause for a client's approval (Responses), so an mcp tool may
+        ask for one; chat cannot, and refuses it."""
         tools = body.get("tools")
         if tools is not None and not isinstance(tools, list):
             raise BadRequest("'tools' must be an array.", param="tools", code="invalid_type")
@@ -5431,7 +5483,7 @@ class Application:
             if not isinstance(label, str) or not NAME_RE.fullmatch(label):
                 raise BadRequest("An mcp tool needs a 'server_label' of 1-64 [A-Za-z0-9._-].",
                                  param="tools")
-            if tool.get("require_approval", "never") != "never":
+            if not approvals and tool.get("require_approval", "never") != "never":
                 raise BadRequest("llmhost runs MCP tools without asking: 'require_approval' must "
                                  "be 'never'.", param="tools")
             url = tool.get("server_url")
@@ -5685,6 +5737,1081 @@ class Application:
 
 
 # =============================================================================
+# Responses API
+# =============================================================================
+# Owns: the Responses face (/v1/responses: create, stream, retrieve, delete, input_items,
+# input_tokens): a request translated onto a chat-completions body, the tool loop's events
+# rendered as a Response and the stream events the API defines (MCP tool lists, calls and
+# approvals included), and stored responses (ResponseStore: SQLite beside the registry).
+# Raises: BadRequest / NotFound, in OpenAI's envelope (the Responses API uses it); a stream that
+# fails after its head ends with response.failed (the renderer is the request's Face).
+# Never: routes, retries or runs tools itself (Application.run_loop does); stores an API key
+# (only its hash) or logs a prompt.
+
+# A Responses input part -> the chat part it becomes (None: its text)
+_TEXT_PARTS = frozenset({"input_text", "output_text", "text", "summary_text", "reasoning_text"})
+# Item types that carry nothing a chat model can be given, skipped as OpenAI's own replay
+# items: reasoning (encrypted or not), tool lists, and the calls of tools llmhost never offers.
+_SKIPPED_ITEMS = frozenset({
+    "reasoning", "mcp_list_tools", "web_search_call", "file_search_call", "computer_call",
+    "computer_call_output", "code_interpreter_call", "image_generation_call", "local_shell_call",
+    "local_shell_call_output", "custom_tool_call", "custom_tool_call_output", "tool_search_call",
+    "tool_search_output", "compaction", "shell_call", "shell_call_output", "apply_patch_call",
+    "apply_patch_call_output", "additional_tools"})
+IMAGE_TOKEN_ESTIMATE = 765  # tokens an image counts in input_tokens; OpenAI's 512px tile figure
+NO_RESULT = "(no result was given for this call)"
+
+
+def new_item_id(prefix):
+    """An id as OpenAI's look: prefix, underscore, 48 hex digits."""
+    return f"{prefix}_{os.urandom(24).hex()}"
+
+
+def flat_tool_name(namespace, name):
+    """A namespace tool's function as the one name a chat model sees: 'ns__name' (a namespace
+    that ends in '__', as Codex names MCP servers', is not doubled), made a valid function
+    name as MCP tools' names are."""
+    return mcp_tool_name(namespace[:-2] if namespace.endswith("__") else namespace, name, set())
+
+
+def chat_function(tool, where):
+    """A Responses function tool (flat) -> chat's nested form; one in chat's form is kept."""
+    if isinstance(tool.get("function"), dict) and "name" not in tool:
+        return {"type": "function", "function": tool["function"]}
+    name = tool.get("name")
+    if not isinstance(name, str) or not name:
+        raise BadRequest(f"Missing required parameter: '{where}.name'.", param=f"{where}.name",
+                         code="missing_required_parameter")
+    fn = {"name": name, "parameters": tool.get("parameters") or {"type": "object",
+                                                                    "properties": {}}}
+    for key in ("description", "strict"):
+        if tool.get(key) is not None:
+            fn[key] = tool[key]
+    return {"type": "function", "function": fn}
+
+
+def responses_tools(tools):
+    """The request's `tools` -> (chat tools, {name the model sees: (namespace, name)}). Function
+    tools take chat's nested form, a namespace's functions are offered flat, mcp tools stay
+    for mcp_selection; hosted and custom tools (web_search, file_search, custom...) are left
+    out: a chat-completions model cannot be given them (a tool_choice forcing one is refused)."""
+    if tools is None:
+        return [], {}
+    if not isinstance(tools, list):
+        raise BadRequest("Invalid type for 'tools': expected an array.", param="tools",
+                         code="invalid_type")
+    chat, names = [], {}
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise BadRequest(f"Invalid type for 'tools[{i}]': expected an object.",
+                             param=f"tools[{i}]", code="invalid_type")
+        kind = tool.get("type")
+        if kind == "function":
+            chat.append(chat_function(tool, f"tools[{i}]"))
+        elif kind == "mcp":
+            chat.append(tool)
+        elif kind == "namespace":
+            namespace = tool.get("name")
+            if not isinstance(namespace, str) or not namespace:
+                raise BadRequest(f"Missing required parameter: 'tools[{i}].name'.",
+                                 param=f"tools[{i}].name", code="missing_required_parameter")
+            inner = tool.get("tools")
+            for j, fn in enumerate(inner if isinstance(inner, list) else ()):
+                if isinstance(fn, dict) and fn.get("type", "function") == "function":
+                    nested = chat_function(fn, f"tools[{i}].tools[{j}]")
+                    name = nested["function"]["name"]
+                    flat = flat_tool_name(namespace, name)
+                    names[flat] = (namespace, name)
+                    nested["function"] = dict(nested["function"], name=flat)
+                    chat.append(nested)
+    return chat, names
+
+
+def responses_tool_choice(choice, names):
+    """The request's tool_choice -> chat's."""
+    if choice is None or choice in ("auto", "none", "required"):
+        return choice
+    if isinstance(choice, dict):
+        kind = choice.get("type")
+        name = choice.get("name")
+        if kind == "function" and isinstance(name, str):
+            namespace = choice.get("namespace")
+            if isinstance(namespace, str) and namespace:
+                name = flat_tool_name(namespace, name)
+            return {"type": "function", "function": {"name": name}}
+        if kind == "mcp" and isinstance(choice.get("server_label"), str):
+            if not isinstance(name, str):
+                return "required"
+            return {"type": "function", "function": {
+                "name": mcp_tool_name(choice["server_label"], name, set())}}
+        if kind == "allowed_tools" and isinstance(choice.get("tools"), list):
+            return {"type": "allowed_tools", "allowed_tools": {
+                "mode": choice.get("mode", "auto"), "tools": [
+                    {"type": "function", "function": {"name": t["name"]}}
+                    for t in choice["tools"] if isinstance(t, dict) and
+                    t.get("type") == "function" and isinstance(t.get("name"), str)]}}
+    raise BadRequest(f"tool_choice {json.dumps(choice)[:100]} names a tool llmhost cannot give a "
+                     "model: use 'auto', 'none', 'required', a function or an mcp server.",
+                     param="tool_choice", code="unsupported_value")
+
+
+def responses_format(text):
+    """The request's `text` -> chat's response_format, or None (plain text)."""
+    if text is None:
+        return None
+    fmt = text.get("format") if isinstance(text, dict) else text
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        if not isinstance(fmt.get("schema"), dict):
+            raise BadRequest("Missing required parameter: 'text.format.schema' (a JSON schema "
+                             "object).", param="text.format.schema",
+                             code="missing_required_parameter")
+        schema = {key: fmt[key] for key in ("name", "description", "schema", "strict")
+                  if fmt.get(key) is not None}
+        schema.setdefault("name", "response")
+        return {"type": "json_schema", "json_schema": schema}
+    raise BadRequest("Invalid 'text.format': expected an object whose type is 'text', "
+                     "'json_object' or 'json_schema'.", param="text.format",
+                     code="invalid_value")
+
+
+def chat_content(content, role, where):
+    """A Responses message's content -> chat's: a string (text only), or parts with images
+    (input_image's URL or data: URL) and files (input_file's file_data)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise BadRequest(f"Invalid type for '{where}.content': expected a string or an array.",
+                         param=f"{where}.content", code="invalid_type")
+    parts = []
+    for i, part in enumerate(content):
+        at = f"{where}.content[{i}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in _TEXT_PARTS:
+            parts.append({"type": "text", "text": str(part.get("text") or "")})
+        elif kind == "refusal":
+            parts.append({"type": "text", "text": str(part.get("refusal") or "")})
+        elif kind == "input_image":
+            url = part.get("image_url")
+            if not isinstance(url, str) or not url:
+                raise BadRequest(f"'{at}': an input_image needs an image_url (a URL or a data: "
+                                 "URL); a file_id needs OpenAI's Files API, which llmhost has "
+                                 "not.", param=at, code="unsupported_value")
+            image = {"url": url}
+            if part.get("detail") in ("low", "high"):
+                image["detail"] = part["detail"]
+            parts.append({"type": "image_url", "image_url": image})
+        elif kind == "input_file":
+            if not isinstance(part.get("file_data"), str):
+                raise BadRequest(f"'{at}': an input_file needs its file_data (a file_id or "
+                                 "file_url needs OpenAI's Files API, which llmhost has not).",
+                                 param=at, code="unsupported_value")
+            file = {"file_data": part["file_data"]}
+            if isinstance(part.get("filename"), str):
+                file["filename"] = part["filename"]
+            parts.append({"type": "file", "file": file})
+        else:
+            raise BadRequest(f"'{at}' is {json_kind(part) if kind is None else repr(kind)}, "
+                             "not a content part llmhost can give a model (input_text, "
+                             "input_image, input_file, output_text).", param=at,
+                             code="invalid_value")
+    if all(part["type"] == "text" for part in parts):
+        # (an assistant's output_text parts are pieces of one text; a user's, paragraphs)
+        return ("" if role == "assistant" else "\n\n").join(p["text"] for p in parts)
+    return parts
+
+
+def tool_output_text(output):
+    """A function_call_output's output (a string, or content parts) -> a tool message's text."""
+    if isinstance(output, str):
+        return output
+    if isinstance(output, list):
+        texts = []
+        for part in output:
+            if isinstance(part, dict) and part.get("type") in _TEXT_PARTS:
+                texts.append(str(part.get("text") or ""))
+            elif isinstance(part, dict):
+                texts.append(f"[{part.get('type')}: not shown to the model]")
+        return "\n".join(texts)
+    return "" if output is None else json.dumps(output)
+
+
+def mcp_call_text(item):
+    """What an mcp_call item gave: its output, or its error's text."""
+    if isinstance(item.get("output"), str):
+        return item["output"]
+    error = item.get("error")
+    if isinstance(error, dict):
+        content = error.get("content")
+        text = tool_output_text(content) if isinstance(content, list) else error.get("message")
+        return f"Error: {text or json.dumps(error)}"
+    return f"Error: {error}" if error else NO_RESULT
+
+
+def add_call(messages, call):
+    """A tool call as the conversation's: joined to the assistant message it follows (text
+    and calls are one turn), else in an assistant message of its own."""
+    last = messages[-1] if messages else None
+    if last is not None and last.get("role") == "assistant":
+        last["tool_calls"] = (last.get("tool_calls") or []) + [call]
+    else:
+        messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+
+
+def find_call(messages, call_id):
+    """-> (the assistant's tool call with this id, whether a tool message answers it)."""
+    answered = False
+    for message in reversed(messages):
+        if message.get("role") == "tool" and message.get("tool_call_id") == call_id:
+            answered = True
+        for call in message.get("tool_calls") or ():
+            if isinstance(call, dict) and call.get("id") == call_id:
+                return call, answered
+    return None, answered
+
+
+def responses_messages(items, messages, names=None):
+    """Responses items (a request's input, or a response's output) -> chat messages, appended
+    to `messages` (the conversation so far: the calls an approval names are found there).
+    -> [(call, tool message)]: the MCP calls approved here, whose tool messages wait for the
+    loop to run them (an approval whose mcp_call is replayed too takes that call's output)."""
+    flat = {pair: name for name, pair in (names or {}).items()}
+    approved = []
+    replayed = {}  # approval request id -> tool message its replayed mcp_call item fills
+    ran = {item.get("approval_request_id") for item in items if isinstance(item, dict) and
+           item.get("type") == "mcp_call" and item.get("approval_request_id")}
+    for i, item in enumerate(items):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise BadRequest(f"Invalid type for '{where}': expected an object, but got "
+                             f"{json_kind(item)} instead.", param=where, code="invalid_type")
+        kind = item.get("type", "message" if "role" in item else None)
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "assistant", "system", "developer"):
+                raise BadRequest(f"Invalid '{where}.role': expected 'user', 'assistant', "
+                                 "'system' or 'developer'.", param=f"{where}.role",
+                                 code="invalid_value")
+            # developer is system to chat templates (OpenAI's own chat API takes both)
+            messages.append({"role": "system" if role == "developer" else role,
+                             "content": chat_content(item.get("content"), role, where)})
+        elif kind == "function_call":
+            name, namespace = item.get("name"), item.get("namespace")
+            if isinstance(namespace, str) and namespace and isinstance(name, str):
+                name = flat.get((namespace, name)) or flat_tool_name(namespace, name)
+            if not isinstance(item.get("call_id"), str) or not isinstance(name, str):
+                raise BadRequest(f"'{where}': a function_call needs a call_id and a name.",
+                                 param=where, code="missing_required_parameter")
+            arguments = item.get("arguments")
+            add_call(messages, {"id": item["call_id"], "type": "function", "function": {
+                "name": name, "arguments": arguments if isinstance(arguments, str) else
+                json.dumps(arguments if arguments is not None else {})}})
+        elif kind == "function_call_output":
+            if not isinstance(item.get("call_id"), str):
+                raise BadRequest(f"'{where}': a function_call_output needs a call_id.",
+                                 param=where, code="missing_required_parameter")
+            messages.append({"role": "tool", "tool_call_id": item["call_id"],
+                             "content": tool_output_text(item.get("output"))})
+        elif kind in ("mcp_call", "mcp_approval_request"):
+            label, name = item.get("server_label"), item.get("name")
+            if not all(isinstance(v, str) for v in (label, name, item.get("id"))):
+                raise BadRequest(f"'{where}': an {kind} needs an id, a server_label and a "
+                                 "name.", param=where, code="missing_required_parameter")
+            request_id = item.get("approval_request_id")
+            if kind == "mcp_call" and request_id:
+                if request_id in replayed:  # the call an approval in this input ran
+                    replayed.pop(request_id)["content"] = mcp_call_text(item)
+                    continue
+                if find_call(messages, request_id)[1]:  # ran when approved: answered there
+                    continue
+            arguments = item.get("arguments")
+            add_call(messages, {"id": item["id"], "type": "function", "function": {
+                "name": mcp_tool_name(label, name, set()),
+                "arguments": arguments if isinstance(arguments, str) else "{}"}})
+            if kind == "mcp_call":
+                messages.append({"role": "tool", "tool_call_id": item["id"],
+                                 "content": mcp_call_text(item)})
+        elif kind == "mcp_approval_response":
+            request_id = item.get("approval_request_id")
+            call, answered = find_call(messages, request_id)
+            if call is None:
+                raise BadRequest(f"'{where}': no mcp_approval_request {str(request_id)[:80]!r} "
+                                 "in this conversation (continue the response that asked, with "
+                                 "previous_response_id, or give the request item before its "
+                                 "response).", param=f"{where}.approval_request_id",
+                                 code="approval_request_not_found")
+            if answered:
+                continue  # (an approval given twice runs the call once)
+            if item.get("approve") is True:
+                message = {"role": "tool", "tool_call_id": request_id, "content": None}
+                messages.append(message)
+                if request_id in ran:
+                    replayed[request_id] = message
+                else:
+                    approved.append((call, message))
+            else:
+                reason = item.get("reason")
+                messages.append({"role": "tool", "tool_call_id": request_id, "content":
+                                 "The user did not approve this tool call" +
+                                 (f": {reason}" if isinstance(reason, str) and reason else ".")})
+        elif kind == "item_reference":
+            raise BadRequest(f"'{where}': item_reference is not supported; give the item "
+                             "itself, or previous_response_id.", param=where,
+                             code="unsupported_value")
+        elif kind not in _SKIPPED_ITEMS:
+            raise BadRequest(f"'{where}' has type {kind!r}, which is not an input item "
+                             "llmhost knows.", param=f"{where}.type", code="invalid_value")
+    for message in replayed.values():
+        message["content"] = NO_RESULT
+    return approved
+
+
+def answer_every_call(messages):
+    """Chat APIs refuse an assistant's tool call without a tool message after it (an approval
+    never answered, a call the client dropped): one saying so is put in its place."""
+    i = 0
+    while i < len(messages):
+        calls = messages[i].get("tool_calls") if messages[i].get("role") == "assistant" else None
+        i += 1
+        if not calls:
+            continue
+        answered = set()
+        while i < len(messages) and messages[i].get("role") == "tool":
+            answered.add(messages[i].get("tool_call_id"))
+            i += 1
+        missing = [{"role": "tool", "tool_call_id": call.get("id"), "content": NO_RESULT}
+                   for call in calls if isinstance(call, dict) and call.get("id") not in answered]
+        messages[i:i] = missing
+        i += len(missing)
+
+
+def merged_systems(messages):
+    """Adjacent system messages as one (instructions, then Codex's developer message): many
+    chat templates take one system message, at the start."""
+    out = []
+    for message in messages:
+        if out and message.get("role") == "system" and out[-1].get("role") == "system" and \
+                isinstance(message.get("content"), str) and \
+                isinstance(out[-1].get("content"), str):
+            out[-1] = dict(out[-1], content=out[-1]["content"] + "\n\n" + message["content"])
+        else:
+            out.append(message)
+    return out
+
+
+def redacted_tool(tool):
+    """A request's tool as its Response echoes (and stores) it: an mcp tool's credentials
+    (headers, authorization) are left out, as OpenAI leaves them out."""
+    if isinstance(tool, dict) and tool.get("type") == "mcp" and (
+            tool.get("headers") or tool.get("authorization")):
+        return dict(tool, headers=None, authorization=None)
+    return tool
+
+
+def approval_rules(tools):
+    """{server_label: require_approval} of the request's mcp tools; a rule of another shape is
+    refused (llmhost's default, as for chat, is "never")."""
+    rules = {}
+    for i, tool in enumerate(tools or ()):
+        if not isinstance(tool, dict) or tool.get("type") != "mcp":
+            continue
+        rule = tool.get("require_approval", "never")
+        valid = rule in ("always", "never") or isinstance(rule, dict) and all(
+            key in ("always", "never") and isinstance(value, dict) and
+            isinstance(value.get("tool_names", []), list) for key, value in rule.items())
+        if not valid:
+            raise BadRequest(f"Invalid 'tools[{i}].require_approval': expected 'always', "
+                             "'never' or {\"always\"|\"never\": {\"tool_names\": [...]}}.",
+                             param=f"tools[{i}].require_approval", code="invalid_value")
+        rules[tool.get("server_label")] = rule
+    return rules
+
+
+def stored_items(items):
+    """Input items as input_items lists them: each with an id; messages typed, their content
+    as parts."""
+    out = []
+    for item in items:
+        item = dict(item)
+        if item.get("type", "message" if "role" in item else None) == "message":
+            item["type"] = "message"
+            if isinstance(item.get("content"), str):
+                item["content"] = [{"type": "output_text", "text": item["content"],
+                                    "annotations": []} if item.get("role") == "assistant" else
+                                   {"type": "input_text", "text": item["content"]}]
+            item.setdefault("status", "completed")
+        item.setdefault("id", new_item_id({"message": "msg", "function_call": "fc",
+                                           "function_call_output": "fco"}.get(
+                                               item.get("type"), "item")))
+        out.append(item)
+    return out
+
+
+def responses_usage(usage):
+    """Chat usage (summed over the loop's rounds) -> a Response's, with the detail objects the
+    SDKs' types require; None when the upstream said nothing."""
+    if not usage:
+        return None
+    given = usage.get("prompt_tokens", 0)
+    made = usage.get("completion_tokens", 0)
+    return {"input_tokens": given, "input_tokens_details": {"cached_tokens": 0,
+                                                            "cache_write_tokens": 0},
+            "output_tokens": made, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": usage.get("total_tokens", given + made)}
+
+
+def estimate_tokens(chat):
+    """A chat body's input tokens, estimated: a token per 4 characters of text (tools as
+    JSON), IMAGE_TOKEN_ESTIMATE per image or file, 4 per message for its framing."""
+    chars = len(json_bytes(chat.get("tools") or []))
+    attachments = 0
+    for message in chat["messages"]:
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        for part in content if isinstance(content, list) else ():
+            if part.get("type") == "text":
+                chars += len(part.get("text") or "")
+            else:
+                attachments += 1
+        if message.get("tool_calls"):
+            chars += len(json_bytes(message["tool_calls"]))
+    return -(-chars // 4) + attachments * IMAGE_TOKEN_ESTIMATE + 4 * len(chat["messages"])
+
+
+class ResponseStore:
+    """Stored responses, in one SQLite file beside the registry (mode 0600), shared by every
+    worker of a serve and every restart: WAL (readers never wait for a writer), each statement
+    its own short transaction, a busy timeout for the moment another worker writes. A row is
+    the Response, its input items, the conversation as chat messages (previous_response_id
+    continues it: one read, whatever the chain's length) and a hash of the API key that made it.
+    Rows older than max_age or past the max_count newest are pruned. Every call runs on a
+    thread of the store's own, so the event loop never waits for the disk or a lock."""
+
+    def __init__(self, path, max_age=RESPONSES_MAX_AGE, max_count=RESPONSES_MAX_COUNT,
+                 prune_saves=RESPONSES_PRUNE_SAVES):
+        self.path = path
+        self.max_age = max_age
+        self.max_count = max_count
+        self.prune_saves = prune_saves
+        self.executor = None  # made on first use (a worker's own, never inherited)
+        self.db = None
+        self.next_prune = 0.0
+        self.saves = 0
+
+    async def call(self, fn, *args):
+        import asyncio
+        if self.executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self.executor = ThreadPoolExecutor(1, thread_name_prefix="llmhost-responses")
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def close(self):
+        if self.executor is not None:
+            self.executor.submit(self._close)
+            self.executor.shutdown(wait=True)
+            self.executor = None
+
+    def _close(self):
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+    def _open(self):
+        if self.db is None:
+            import sqlite3
+            # Made 0600 before SQLite opens it: prompts are in it (its -wal and -shm files
+            # take the database file's mode).
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                if os.fstat(fd).st_mode & 0o077:
+                    os.fchmod(fd, 0o600)
+            finally:
+                os.close(fd)
+            db = sqlite3.connect(self.path, timeout=RESPONSES_BUSY_TIMEOUT,
+                                 isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # (WAL: a crash loses no committed row)
+            db.execute("CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, owner TEXT "
+                       "NOT NULL, created REAL NOT NULL, response TEXT NOT NULL, input TEXT NOT "
+                       "NULL, context TEXT NOT NULL)")
+            db.execute("CREATE INDEX IF NOT EXISTS responses_created ON responses (created)")
+            self.db = db
+        return self.db
+
+    def _save(self, rid, owner, response, items, context):
+        db = self._open()
+        now = time.time()
+        db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?)", (
+            rid, owner, now, json_bytes(response).decode(), json_bytes(items).decode(),
+            json_bytes(context).decode()))
+        self.saves += 1
+        if now >= self.next_prune or self.saves % self.prune_saves == 0:
+            self.next_prune = now + RESPONSES_PRUNE_INTERVAL
+            db.execute("DELETE FROM responses WHERE created < ?", (now - self.max_age,))
+            db.execute("DELETE FROM responses WHERE id IN (SELECT id FROM responses ORDER BY "
+                       "created DESC LIMIT -1 OFFSET ?)", (self.max_count,))
+
+    def _row(self, rid, owner, column):
+        row = self._open().execute(f"SELECT owner, created, {column} FROM responses WHERE id = ?",
+                                   (rid,)).fetchone()
+        if row is None or row[1] < time.time() - self.max_age or not owns(owner, row[0]):
+            return None
+        return row[2]
+
+    def _delete(self, rid, owner):
+        if self._row(rid, owner, "id") is None:
+            return False
+        self._open().execute("DELETE FROM responses WHERE id = ?", (rid,))
+        return True
+
+    async def save(self, rid, owner, response, items, context):
+        await self.call(self._save, rid, owner, response, items, context)
+
+    async def get(self, rid, owner, column):
+        """-> the JSON text of `column` (response, input or context) of the response `rid` if
+        it is there, unexpired, and `owner`'s to see; else None."""
+        return await self.call(self._row, rid, owner, column)
+
+    async def delete(self, rid, owner):
+        return await self.call(self._delete, rid, owner)
+
+
+def owns(owner, row_owner):
+    """Whether a caller (the hash of its key; "" when serve has no keys) may see a response
+    stored by `row_owner` ("" when it was stored with no keys: anyone)."""
+    import hmac
+    return not owner or not row_owner or hmac.compare_digest(owner, row_owner)
+
+
+class ResponsesRender(Render, Face):
+    """The tool loop rendered as a Response: output items made as the loop goes, and when the
+    client streams, each told as the API's events (sequence_number counting from
+    response.created). finished() and approval() only make the Response (`final`); the face
+    stores it, then deliver() sends it. As the request's Face it ends a failed stream with
+    response.failed, which carries the output so far."""
+
+    def __init__(self, request, body, rid, stream, *, rounds, names, rules, approved, store):
+        self.request = request
+        self.conn = request.conn
+        self.body = body  # the client's
+        self.id = rid
+        self.stream = stream
+        self.rounds = rounds
+        self.names = names  # name the model sees -> (namespace, name) of a namespace's function
+        self.rules = rules  # server label -> its require_approval
+        self.approved_calls = approved  # [(call, tool message)] approved in this request
+        self.store = store
+        self.created = int(time.time())
+        self.output = []
+        self.where = {}  # item id -> its output_index
+        self.item = None  # the message or reasoning item whose text is streaming
+        self.pieces = []  # its text so far
+        self.bindings = {}
+        self.running = []  # the mcp_call items of the calls running
+        self.marks = []  # (not streamed) where each round's MCP calls begin in `output`
+        self.seq = 0
+        self.started = False
+        self.held = []  # events told before the stream began (tool lists, approved calls)
+        self.final = None
+        self.keep_alive = True
+
+    # -- the Response and its events ---------------------------------------------------------
+    def response(self, status, output, usage=None, error=None, incomplete=None):
+        body = self.body
+        doc = {"id": self.id, "object": "response", "created_at": self.created,
+               "status": status, "background": False, "error": error,
+               "incomplete_details": incomplete, "instructions": body.get("instructions"),
+               "max_output_tokens": body.get("max_output_tokens"), "model": body["model"],
+               "output": output,
+               "parallel_tool_calls": body.get("parallel_tool_calls") is not False,
+               "previous_response_id": body.get("previous_response_id"),
+               "reasoning": body["reasoning"] if isinstance(body.get("reasoning"), dict)
+               else {"effort": None, "summary": None},
+               "store": self.store, "temperature": body.get("temperature"),
+               "text": body["text"] if isinstance(body.get("text"), dict)
+               else {"format": {"type": "text"}},
+               "tool_choice": body.get("tool_choice") or "auto",
+               "tools": [redacted_tool(tool) for tool in body.get("tools") or ()],
+               "top_p": body.get("top_p"),
+               "truncation": "disabled", "usage": usage, "user": body.get("user"),
+               "metadata": body.get("metadata") or {}}
+        if status in ("completed", "incomplete"):
+            doc["completed_at"] = int(time.time())
+        return doc
+
+    def event(self, kind, fields):
+        doc = {"type": kind, **fields, "sequence_number": self.seq}
+        self.seq += 1
+        return b"event: " + kind.encode() + b"\ndata: " + json_bytes(doc) + b"\n\n"
+
+    def emit(self, kind, **fields):
+        if not self.stream:
+            return
+        if not self.started:  # (a copy: the items change before the stream begins)
+            self.held.append((kind, json_loads(json_bytes(fields))))
+        elif not self.conn.gone:
+            self.conn.write_chunk(self.event(kind, fields))
+
+    def add(self, item):
+        self.where[item["id"]] = len(self.output)
+        self.output.append(item)
+        self.emit("response.output_item.added", output_index=self.where[item["id"]], item=item)
+
+    def done(self, item):
+        self.emit("response.output_item.done", output_index=self.where[item["id"]], item=item)
+
+    def at(self, item, **fields):
+        return dict(item_id=item["id"], output_index=self.where[item["id"]], **fields)
+
+    # -- streamed text -------------------------------------------------------------------------
+    def open_item(self, item, part):
+        self.item, self.pieces = item, []
+        self.add(item)
+        self.emit("response.content_part.added", **self.at(item, content_index=0, part=part))
+
+    def close_item(self, status="completed"):
+        item, self.item = self.item, None
+        if item is None:
+            return
+        text = "".join(self.pieces)
+        if item["type"] == "message":
+            part = {"type": "output_text", "text": text, "annotations": []}
+            self.emit("response.output_text.done", **self.at(item, content_index=0, text=text,
+                                                               logprobs=[]))
+        else:
+            part = {"type": "reasoning_text", "text": text}
+            self.emit("response.reasoning_text.done", **self.at(item, content_index=0,
+                                                                  text=text))
+        self.emit("response.content_part.done", **self.at(item, content_index=0, part=part))
+        item.update(content=[part], status=status)
+        self.done(item)
+
+    def text(self, text, reasoning=False):
+        kind = "reasoning" if reasoning else "message"
+        if self.item is None or self.item["type"] != kind:
+            self.close_item()
+            if reasoning:
+                self.open_item({"id": new_item_id("rs"), "type": "reasoning", "summary": [],
+                                "content": [], "status": "in_progress"},
+                               {"type": "reasoning_text", "text": ""})
+            else:
+                # A later round's text comes set apart from the earlier one's (the loop joins
+                # chat's answer so); here it is a message of its own.
+                if text.startswith(ROUND_SEPARATOR) and any(
+                        item["type"] == "message" for item in self.output):
+                    text = text[len(ROUND_SEPARATOR):]
+                    if not text:
+                        return
+                self.open_item({"id": new_item_id("msg"), "type": "message",
+                                "role": "assistant", "status": "in_progress", "content": []},
+                               {"type": "output_text", "text": "", "annotations": []})
+        self.pieces.append(text)
+        self.emit("response.reasoning_text.delta" if reasoning else "response.output_text.delta",
+                  **self.at(self.item, content_index=0, delta=text,
+                            **({} if reasoning else {"logprobs": []})))
+
+    def whole_text(self, text, reasoning=False, status="completed"):
+        """A text not streamed, as the item it makes."""
+        if reasoning:
+            return {"id": new_item_id("rs"), "type": "reasoning", "summary": [],
+                    "content": [{"type": "reasoning_text", "text": text}], "status": status}
+        return {"id": new_item_id("msg"), "type": "message", "role": "assistant",
+                "status": status, "content": [{"type": "output_text", "text": text,
+                                               "annotations": []}]}
+
+    # -- the tool loop's events ----------------------------------------------------------------
+    def opened(self, up):
+        if self.started:
+            return
+        self.started = True
+        self.keep_alive = self.conn.start_stream(self.request, 200, [
+            ("Content-Type", "text/event-stream"),
+            ("X-Llmhost-Server", up.name if up is not None else "-")] + SSE_HEADERS)
+        self.request.status = 200
+        snapshot = self.response("in_progress", [])
+        head = self.event("response.created", {"response": snapshot}) + \
+            self.event("response.in_progress", {"response": snapshot})
+        for kind, fields in self.held:
+            head += self.event(kind, fields)
+        self.held = []
+        self.conn.write_chunk(head)
+
+    def delta(self, doc, text, reasoning):
+        if isinstance(reasoning, str) and reasoning:
+            self.text(reasoning, reasoning=True)
+        if isinstance(text, str) and text:
+            self.text(text)
+
+    def tools(self, bindings):
+        self.bindings = bindings  # (the loop's own dict, kept up to date)
+        self.close_item()
+        servers = {}
+        for binding in bindings.values():
+            fn = binding["openai"]["function"]
+            servers.setdefault(binding["server"], []).append({
+                "name": binding["tool"], "description": fn.get("description"),
+                "input_schema": fn.get("parameters"), "annotations": None})
+        for server, tools in servers.items():
+            item = {"id": new_item_id("mcpl"), "type": "mcp_list_tools", "server_label": server,
+                    "tools": []}
+            self.add(item)
+            self.emit("response.mcp_list_tools.in_progress", **self.at(item))
+            item["tools"] = tools
+            self.emit("response.mcp_list_tools.completed", **self.at(item))
+            self.done(item)
+
+    def mcp_item(self, call, kind):
+        fn = call["function"]
+        binding = self.bindings.get(fn.get("name")) or {}
+        arguments = fn.get("arguments")
+        item = {"id": new_item_id("mcpr" if kind == "mcp_approval_request" else "mcp"),
+                "type": kind, "server_label": binding.get("server", ""),
+                "name": binding.get("tool", fn.get("name") or ""),
+                "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)}
+        return item
+
+    def calls(self, calls):
+        self.close_item()
+        resumed = any(call is first for first, _ in self.approved_calls for call in calls)
+        if not resumed:  # (approved calls run before the first round: no round's)
+            self.marks.append(len(self.output))
+        for call in calls:
+            item = self.mcp_item(call, "mcp_call")
+            item.update(status="in_progress", output=None, error=None)
+            if resumed:
+                item["approval_request_id"] = call.get("id")
+            self.add(item)
+            self.emit("response.mcp_call_arguments.delta", **self.at(item,
+                                                                    delta=item["arguments"]))
+            self.emit("response.mcp_call_arguments.done", **self.at(
+                item, arguments=item["arguments"]))
+            self.emit("response.mcp_call.in_progress", **self.at(item))
+            self.running.append(item)
+
+    def results(self, calls, results):
+        for item, result in zip(self.running, results):
+            if result["ok"]:
+                item.update(status="completed", output=result["text"])
+            else:
+                item.update(status="failed", error={"type": "mcp_tool_execution_error",
+                                                    "content": [{"type": "text",
+                                                                 "text": result["text"]}]})
+            self.emit("response.mcp_call.completed" if result["ok"] else
+                      "response.mcp_call.failed", **self.at(item))
+            self.done(item)
+        self.running = []
+
+    def waiting(self):  # an SSE comment: clients ignore it, proxies see traffic
+        if self.started and not self.conn.gone:
+            self.conn.write_chunk(b": llmhost: running tools\n\n")
+
+    def approved(self):
+        return self.approved_calls
+
+    def needs_approval(self, binding):
+        if binding is None:  # (a tool nobody gave: the model is told so, nothing runs)
+            return False
+        rule = self.rules.get(binding["server"], "never")
+        if not isinstance(rule, dict):
+            return rule == "always"
+        for verdict in ("always", "never"):
+            if binding["tool"] in (rule.get(verdict) or {}).get("tool_names", ()):
+                return verdict == "always"
+        return True  # a tool the filter does not name asks, as at OpenAI
+
+    def refused(self, status, body, retry_after):
+        if status == 200:  # a 200 that is no chat completion: nothing to render it from
+            raise UpstreamError("upstream answered with something that is not a chat "
+                                "completion", code="upstream_format")
+        if not self.started:
+            return answer_as_is(self.request, status, body, retry_after)
+        message, _ = upstream_error_message(status, body)
+        self.conn.end_stream(self.failed(f"upstream: {message}"))
+        return self.keep_alive
+
+    def end_items(self, end, status):
+        """Close the item streaming; not streamed, place each round's text (before its MCP
+        calls) and the last round's reasoning; the note when the rounds ran out."""
+        self.close_item(status)
+        if not self.stream:
+            texts = end.texts
+            marks = self.marks if len(self.marks) >= len(texts) else \
+                self.marks + [len(self.output)]
+            reasoning = (end.message or {}).get("reasoning_content")
+            for k in reversed(range(len(texts))):
+                new = []
+                if k == len(texts) - 1 and isinstance(reasoning, str) and reasoning:
+                    new.append(self.whole_text(reasoning, reasoning=True))
+                if isinstance(texts[k], str) and texts[k]:
+                    new.append(self.whole_text(texts[k], status=status))
+                self.output[marks[k]:marks[k]] = new
+        if end.exhausted:
+            note = exhausted_note(self.rounds)
+            if self.stream:
+                self.text(note)
+                self.close_item(status)
+            elif self.output and self.output[-1]["type"] == "message":
+                part = self.output[-1]["content"][0]
+                part["text"] = (part["text"] + note).strip()
+            else:
+                self.output.append(self.whole_text(note.strip(), status=status))
+
+    def finished(self, end):
+        length = end.finish_reason() == "length"
+        status = "incomplete" if length else "completed"
+        self.end_items(end, status)
+        for call in end.client_calls or ():
+            fn = call.get("function")
+            if not isinstance(fn, dict):
+                continue  # (a kind of call no tool of ours could have asked for)
+            arguments = fn.get("arguments")
+            arguments = arguments if isinstance(arguments, str) else json.dumps(arguments)
+            item = {"id": new_item_id("fc"), "type": "function_call", "status": "in_progress",
+                    "call_id": call.get("id") or new_item_id("call"),
+                    "name": fn.get("name") or "", "arguments": ""}
+            if item["name"] in self.names:
+                item["namespace"], item["name"] = self.names[item["name"]]
+            self.add(item)
+            if arguments:
+                self.emit("response.function_call_arguments.delta", **self.at(item,
+                                                                             delta=arguments))
+            self.emit("response.function_call_arguments.done", **self.at(item,
+                                                                        arguments=arguments))
+            item.update(arguments=arguments, status="completed")
+            self.done(item)
+        self.final = self.response(status, self.output, responses_usage(end.usage),
+                                   incomplete={"reason": "max_output_tokens"} if length else None)
+
+    def approval(self, end, calls):
+        self.end_items(end, "completed")
+        for call in calls:
+            item = self.mcp_item(call, "mcp_approval_request")
+            self.add(item)
+            self.done(item)
+        self.final = self.response("completed", self.output, responses_usage(end.usage))
+
+    def deliver(self):
+        """Send the Response the loop ended on (stored by now, if it is to be)."""
+        conn, doc = self.conn, self.final
+        if conn.gone:
+            return False
+        self.request.status = 200
+        if not self.stream:
+            return conn.respond(self.request, 200, JSON_TYPE + [
+                ("X-Llmhost-Server", self.request.server or "-")], json_bytes(doc))
+        if not self.started:
+            self.opened(None)
+        conn.end_stream(self.event("response.incomplete" if doc["status"] == "incomplete"
+                                   else "response.completed", {"response": doc}))
+        return self.keep_alive
+
+    # -- as the request's Face -----------------------------------------------------------------
+    def failed(self, message):
+        return self.event("response.failed", {"response": self.response(
+            "failed", self.output, error={"code": "server_error", "message": message})})
+
+    def error_event(self, exc):
+        return self.failed(exc.message)
+
+
+class ResponsesAPI:
+    """The Responses routes of an Application; `store` is a ResponseStore, or None when serve
+    keeps nothing (--no-store)."""
+
+    def __init__(self, app, store):
+        self.app = app
+        self.store = store
+
+    def mount(self):
+        app = self.app
+        app.routes["/v1/responses"] = {"POST": self.create}
+        app.routes["/v1/responses/input_tokens"] = {"POST": self.input_tokens}
+        app.prefix_routes.append(("/v1/responses/", {"GET": self.retrieve,
+                                                     "DELETE": self.delete}))
+
+    def close(self):
+        if self.store is not None:
+            self.store.close()
+
+    def owner(self, request):
+        """The hash of the request's API key ("" when serve has none): whose its responses are."""
+        if not self.app.api_keys:
+            return ""
+        import hashlib
+        key = check_api_key(request.headers, self.app.api_keys)
+        return hashlib.sha256(b"llmhost responses\0" +
+                              key.encode("utf-8", "surrogateescape")).hexdigest()
+
+    async def translate(self, request, body):
+        """A Responses body -> (chat body, the conversation it continues + its input as chat
+        messages, how many of those are instructions, the input items, namespace names,
+        approved calls)."""
+        for field, kinds, what in (("instructions", (str, list), "a string or an array"),
+                                   ("input", (str, list), "a string or an array"),
+                                   ("previous_response_id", str, "a string"),
+                                   ("metadata", dict, "an object")):
+            if body.get(field) is not None and not isinstance(body[field], kinds):
+                raise BadRequest(f"Invalid type for '{field}': expected {what}, but got "
+                                 f"{json_kind(body[field])} instead.", param=field,
+                                 code="invalid_type")
+        for field in ("conversation", "prompt"):
+            if body.get(field) is not None:
+                raise BadRequest(f"'{field}' needs OpenAI's own stored objects, which llmhost "
+                                 "has not: give the conversation as input, or "
+                                 "previous_response_id.", param=field, code="unsupported_value")
+        if any(not isinstance(v, str) for v in (body.get("metadata") or {}).values()):
+            raise BadRequest("Invalid 'metadata': its values must be strings.", param="metadata",
+                             code="invalid_type")
+        tools, names = responses_tools(body.get("tools"))
+        messages = []
+        instructions = body.get("instructions")
+        if isinstance(instructions, str) and instructions:
+            messages.append({"role": "system", "content": instructions})
+        elif isinstance(instructions, list):
+            responses_messages(instructions, messages, names)
+        head = len(messages)  # (instructions are not carried to a continuation, as at OpenAI)
+        previous = body.get("previous_response_id")
+        if previous is not None:
+            messages.extend(await self.context(request, previous))
+        given = body.get("input")
+        items = [{"type": "message", "role": "user", "content": given}] \
+            if isinstance(given, str) else given or []
+        approved = responses_messages(items, messages, names)
+        answer_every_call(messages)
+        if len(messages) == head:
+            raise BadRequest("Missing required parameter: 'input'.", param="input",
+                             code="missing_required_parameter")
+        chat = {"model": body["model"], "messages": merged_systems(messages)}
+        if tools:
+            chat["tools"] = tools
+            choice = responses_tool_choice(body.get("tool_choice"), names)
+            if choice is not None:
+                chat["tool_choice"] = choice
+            if isinstance(body.get("parallel_tool_calls"), bool):
+                chat["parallel_tool_calls"] = body["parallel_tool_calls"]
+        response_format = responses_format(body.get("text"))
+        if response_format is not None:
+            chat["response_format"] = response_format
+        if body.get("max_output_tokens") is not None:
+            chat["max_tokens"] = body["max_output_tokens"]
+        for field in ("temperature", "top_p"):
+            if body.get(field) is not None:
+                chat[field] = body[field]
+        return chat, messages, head, items, names, approved
+
+    async def context(self, request, previous):
+        """The conversation a previous_response_id names, as chat messages."""
+        if self.store is None:
+            raise BadRequest("This llmhost keeps no responses (serve --no-store), so "
+                             "previous_response_id cannot be used: send the whole conversation "
+                             "as input.", param="previous_response_id",
+                             code="previous_response_not_found")
+        text = await self.store_call(self.store.get(previous, self.owner(request), "context"))
+        if text is None:
+            raise BadRequest(f"Previous response with id '{previous[:100]}' not found.",
+                             param="previous_response_id", code="previous_response_not_found")
+        return json_loads(text)
+
+    @staticmethod
+    async def store_call(coro):
+        import sqlite3
+        try:
+            return await coro
+        except sqlite3.Error as exc:
+            raise ServiceUnavailable(f"the response store failed: {exc}",
+                                     code="store_unavailable") from None
+
+    async def create(self, request):
+        body = parse_json_body(request, "responses")
+        store = self.store is not None and body.get("store") is not False
+        chat, messages, head, items, names, approved = await self.translate(request, body)
+        app = self.app
+        selection = app.mcp_selection(chat, approvals=True)
+        render = ResponsesRender(request, body, new_item_id("resp"), body.get("stream") is True,
+                                 rounds=app.mcp_max_rounds, names=names,
+                                 rules=approval_rules(body.get("tools")), approved=approved,
+                                 store=store)
+        request.face = render  # (a stream that fails ends with response.failed)
+        keep_alive = await app.run_loop(request, chat, selection, render)
+        if render.final is None:  # refused: answered already
+            return keep_alive
+        if store:
+            conversation = messages[head:]
+            responses_messages(render.final["output"], conversation, names)
+            try:
+                await self.store.save(render.id, self.owner(request), render.final,
+                                      stored_items(items), conversation)
+            except Exception as exc:  # (sqlite3.Error, OSError): the answer still goes out
+                logger().warning("response %s not stored: %s", render.id, exc)
+        return render.deliver()
+
+    async def input_tokens(self, request):
+        """POST /v1/responses/input_tokens: an estimate (a token per 4 characters): the
+        upstreams' chat-completions API has no way to count a chat's tokens."""
+        body = parse_json_body(request, "responses")
+        self.app.router.pool(body["model"])  # (an unknown model: 404)
+        chat = (await self.translate(request, body))[0]
+        return self.app.reply_json(request, {"object": "response.input_tokens",
+                                             "input_tokens": estimate_tokens(chat),
+                                             "estimated": True})
+
+    async def retrieve(self, request, rest):
+        """GET /v1/responses/{id} and /v1/responses/{id}/input_items."""
+        from urllib.parse import parse_qs, unquote
+        rid, _, what = rest.partition("/")
+        rid = unquote(rid)
+        if what not in ("", "input_items"):
+            raise NotFound(f"Unknown path {request.path!r}.")
+        text = await self.stored(request, rid, "input" if what else "response")
+        if not what:
+            request.status = 200
+            return request.conn.respond(request, 200, JSON_TYPE, text.encode())
+        query = {k: v[-1] for k, v in parse_qs(request.query).items()}
+        order = query.get("order", "desc")
+        try:
+            limit = int(query.get("limit", 20))
+        except ValueError:
+            limit = 0
+        if order not in ("asc", "desc") or not 1 <= limit <= RESPONSES_LIST_MAX:
+            raise BadRequest(f"input_items takes order=asc|desc and limit=1..{RESPONSES_LIST_MAX}.",
+                             code="invalid_value")
+        items = json_loads(text)
+        if order == "desc":
+            items.reverse()
+        after = query.get("after")
+        if after is not None:
+            ids = [item.get("id") for item in items]
+            items = items[ids.index(after) + 1:] if after in ids else []
+        page = items[:limit]
+        return self.app.reply_json(request, {
+            "object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit})
+
+    async def delete(self, request, rest):
+        from urllib.parse import unquote
+        rid = unquote(rest)
+        await self.stored(request, rid, "id")
+        await self.store_call(self.store.delete(rid, self.owner(request)))
+        return self.app.reply_json(request, {"id": rid, "object": "response", "deleted": True})
+
+    async def stored(self, request, rid, column):
+        if self.store is None:
+            raise NotFound(f"Response with id '{rid[:100]}' not found: this llmhost keeps no "
+                           "responses (serve --no-store).")
+        text = await self.store_call(self.store.get(rid, self.owner(request), column))
+        if text is None:
+            raise NotFound(f"Response with id '{rid[:100]}' not found.")
+        return text
+
+
+# =============================================================================
 # Serve
 # =============================================================================
 # Owns: a running gateway's life: the Gateway (its sockets, the registry it watches and
@@ -5819,7 +6946,8 @@ class Gateway:
                  queue_size=QUEUE_SIZE, queue_timeout=QUEUE_TIMEOUT, access_log=None,
                  allowed_hosts=None, cors_origins=(), mcp_max_rounds=MCP_MAX_ROUNDS,
                  mcp_allow_urls=(), mcp_roots=(), max_running=None, parent=None,
-                 last_good=None, discover_ports=None, clock=time.monotonic):
+                 last_good=None, discover_ports=None, store_responses=True,
+                 clock=time.monotonic):
         self.registry = registry
         self.parent = parent  # pid of the `serve --workers N` that started this worker
         self.last_good = last_good  # (a worker of serve --workers) serve's last good (doc, keys)
@@ -5834,6 +6962,10 @@ class Gateway:
                                cors_origins=cors_origins, mcp_environ=self.environ,
                                mcp_roots=mcp_roots, mcp_max_rounds=mcp_max_rounds,
                                mcp_allow_urls=mcp_allow_urls, processes=self.processes)
+        # Stored responses (/v1/responses) live beside the registry, as its other state does.
+        self.responses = ResponsesAPI(self.app, ResponseStore(
+            os.path.abspath(registry) + ".responses.sqlite") if store_responses else None)
+        self.responses.mount()
         self.http = HTTPServer(self.app, self.sweeper)
         self.registry_stamp = None
         self.next_watch = 0.0
@@ -6038,6 +7170,7 @@ class Gateway:
         await self.app.mcp.aclose()  # stdio children exit; none is left behind
         await self.processes.stop_all()
         self.client.close_all()
+        self.responses.close()
         if self.app.access_log is not None:
             self.app.access_log.flush()
 
@@ -6940,7 +8073,8 @@ def cmd_serve(args, environ):
                    allowed_hosts=args.allowed_host or () if loopback else None,
                    cors_origins=args.cors_origin or (), mcp_max_rounds=args.mcp_max_rounds,
                    max_running=args.max_running,
-                   mcp_allow_urls=args.mcp_allow_url or (), mcp_roots=args.root or ())
+                   mcp_allow_urls=args.mcp_allow_url or (), mcp_roots=args.root or (),
+                   store_responses=not args.no_store)
     logging.getLogger("mcp").setLevel(logging.WARNING)  # the SDK logs tracebacks at INFO
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per MCP HTTP message
     for handler in logging.getLogger().handlers:
@@ -7595,6 +8729,9 @@ def build_parser():
                    help="allow requests to name MCP servers by a server_url with this prefix")
     p.add_argument("--root", action="append", metavar="PATH",
                    help="a folder offered to MCP servers as a root (default: none)")
+    p.add_argument("--no-store", action="store_true",
+                   help="keep no /v1/responses answers (else they are kept 30 days in "
+                        "REGISTRY.responses.sqlite, for previous_response_id and GET)")
     p.add_argument("--no-discover", action="store_true",
                    help="with an empty registry, do not look for local servers")
     p.add_argument("--discover-ports", metavar="N,N",

@@ -203,15 +203,17 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
                 content = " ".join(texts) + f" [{images} images]"
             reply, call = "echo: " + str(content), None
         usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+        finish = step.get("finish") or ("tool_calls" if call else "stop")  # ("length")
         if not body.get("stream"):
             message = {"role": "assistant", "content": reply}
             if call:
                 message["tool_calls"] = [call]
+            if step.get("reasoning"):  # as llama.cpp and vLLM give a model's thinking
+                message["reasoning_content"] = step["reasoning"]
             return self.send_json(200, {
                 "id": "chatcmpl-1", "object": "chat.completion", "created": 1,
                 "model": body["model"], "usage": usage, "choices": [{
-                    "index": 0, "message": message,
-                    "finish_reason": "tool_calls" if call else "stop"}]})
+                    "index": 0, "message": message, "finish_reason": finish}]})
         self.start_sse()
         if step.get("drop_at_head"):  # dies after its head, before the first event
             self.close_connection = True
@@ -231,18 +233,19 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
         paced_from = time.monotonic()  # pace by the clock: a late wake-up is not carried on
-        pieces = []
+        pieces = [{"reasoning_content": w if i == 0 else " " + w} for i, w in
+                  enumerate(step["reasoning"].split(" ") if step.get("reasoning") else ())]
         if call:
             args = call["function"]["arguments"]
             cut = len(args) // 3
-            pieces = [{"tool_calls": [{"index": 0, "id": call["id"], "type": "function",
+            pieces += [{"tool_calls": [{"index": 0, "id": call["id"], "type": "function",
                                        "function": {"name": call["function"]["name"],
                                                     "arguments": ""}}]}]
             pieces += [{"tool_calls": [{"index": 0, "function": {"arguments": part}}]}
                        for part in (args[:cut], args[cut:2 * cut], args[2 * cut:])]
         else:
             words = reply.split(" ")
-            pieces = [{"content": w if i == 0 else " " + w} for i, w in enumerate(words)]
+            pieces += [{"content": w if i == 0 else " " + w} for i, w in enumerate(words)]
         for i, piece in enumerate(pieces):
             if step.get("split"):  # each event in two chunks, cut mid-JSON
                 data = b"data: " + json.dumps(delta(piece)).encode() + b"\n\n"
@@ -265,7 +268,7 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
             self.event(delta(piece))
             if step.get("pace"):
                 time.sleep(max(0.0, paced_from + (i + 1) * step["pace"] - time.monotonic()))
-        self.event(delta({}, "tool_calls" if call else "stop"))
+        self.event(delta({}, finish))
         if (body.get("stream_options") or {}).get("include_usage"):
             self.event(dict(base, choices=[], usage=usage))
         self.event(b"[DONE]")
@@ -1620,6 +1623,563 @@ def test_http10_client_gets_close_delimited_stream(gateway):
     assert head.startswith(b"HTTP/1.0 200") and b"chunked" not in head.lower()
     assert sse_events(payload)[-1] == "[DONE]"
 
+
+
+# =============================================================================
+# Responses API: /v1/responses translated onto the fake's chat completions
+# =============================================================================
+
+def rpost(port, body, **kw):
+    status, _, raw = post(port, "/v1/responses", body, **kw)
+    return status, json.loads(raw)
+
+
+def response_events(raw):
+    """A Responses stream -> its events (the data of each), checking each `event:` names the
+    type its data says."""
+    events = []
+    for block in raw.replace(b"\r\n", b"\n").split(b"\n\n"):
+        lines = block.decode().split("\n")
+        names = [line[7:] for line in lines if line.startswith("event: ")]
+        data = [line[6:] for line in lines if line.startswith("data: ")]
+        if data:
+            doc = json.loads("\n".join(data))
+            assert names == [doc["type"]], (names, doc["type"])
+            events.append(doc)
+    return events
+
+
+def rstream(port, body, **kw):
+    status, headers, raw = post(port, "/v1/responses", dict(body, stream=True), **kw)
+    return status, headers, response_events(raw) if status == 200 else json.loads(raw)
+
+
+def upstream_bodies(fake):
+    return [json.loads(r["body"]) for r in fake.posts()]
+
+
+def output_of(doc, kind):
+    return [item for item in doc["output"] if item["type"] == kind]
+
+
+def test_responses_create_translates_onto_chat_and_answers_a_response(gateway, fake):
+    status, doc = rpost(gateway.port, {
+        "model": "fake-model", "instructions": "Be brief.", "input": "hello there",
+        "max_output_tokens": 50, "temperature": 0.2, "top_p": 0.9, "metadata": {"k": "v"}})
+    assert status == 200, doc
+    (sent,) = upstream_bodies(fake)
+    assert sent["messages"] == [{"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": "hello there"}]
+    assert (sent["max_tokens"], sent["temperature"], sent["top_p"]) == (50, 0.2, 0.9)
+    assert "metadata" not in sent and "instructions" not in sent and "input" not in sent
+    assert doc["object"] == "response" and doc["id"].startswith("resp_")
+    assert (doc["status"], doc["model"], doc["metadata"]) == ("completed", "fake-model", {"k": "v"})
+    (message,) = doc["output"]
+    assert message["type"] == "message" and message["role"] == "assistant"
+    assert message["content"] == [{"type": "output_text", "text": "echo: hello there",
+                                   "annotations": []}]
+    assert doc["usage"] == {"input_tokens": 7, "output_tokens": 3, "total_tokens": 10,
+                            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                            "output_tokens_details": {"reasoning_tokens": 0}}
+    for field in ("created_at", "parallel_tool_calls", "tool_choice", "tools", "error",
+                  "incomplete_details", "instructions", "temperature", "top_p"):
+        assert field in doc, field
+
+
+def test_responses_image_input_reaches_the_upstream_as_an_image_url(gateway, fake):
+    url = f"data:image/png;base64,{PNG_1PX}"
+    status, doc = rpost(gateway.port, {"model": "fake-model", "input": [{"role": "user", "content": [
+        {"type": "input_text", "text": "what is it"},
+        {"type": "input_image", "image_url": url, "detail": "low"}]}]})
+    assert status == 200, doc
+    assert doc["output"][0]["content"][0]["text"] == "echo: what is it [1 images]"
+    assert upstream_bodies(fake)[0]["messages"] == [{"role": "user", "content": [
+        {"type": "text", "text": "what is it"},
+        {"type": "image_url", "image_url": {"url": url, "detail": "low"}}]}]
+    status, doc = rpost(gateway.port, {"model": "fake-model", "input": [{"role": "user", "content": [
+        {"type": "input_image", "file_id": "file-1"}]}]})
+    assert status == 400 and "file_id" in doc["error"]["message"], doc
+
+
+def test_responses_stream_events_in_order_with_sequence_numbers(gateway, fake):
+    fake.script({"reasoning": "think first", "pace": 0.01})
+    status, headers, events = rstream(gateway.port, {"model": "fake-model", "input": "hello there"})
+    assert status == 200 and headers["content-type"] == "text/event-stream"
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert [e["type"] for e in events] == [
+        "response.created", "response.in_progress",
+        "response.output_item.added", "response.content_part.added",
+        "response.reasoning_text.delta", "response.reasoning_text.delta",
+        "response.reasoning_text.done", "response.content_part.done", "response.output_item.done",
+        "response.output_item.added", "response.content_part.added",
+        "response.output_text.delta", "response.output_text.delta", "response.output_text.delta",
+        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+        "response.completed"]
+    created, final = events[0]["response"], events[-1]["response"]
+    assert created["status"] == "in_progress" and created["output"] == []
+    assert created["id"] == final["id"] and final["status"] == "completed"
+    reasoning, message = final["output"]
+    assert reasoning["type"] == "reasoning" and \
+        reasoning["content"] == [{"type": "reasoning_text", "text": "think first"}]
+    text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert text == message["content"][0]["text"] == "echo: hello there"
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert {(e["item_id"], e["output_index"]) for e in deltas} == {(message["id"], 1)}
+    assert final["usage"]["total_tokens"] == 10
+    sent = upstream_bodies(fake)[0]
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+
+
+def test_responses_stream_sends_text_as_it_comes_and_a_death_ends_it_with_response_failed(
+        gateway, fake):
+    stall = threading.Event()
+    fake.script({"stall_after": 1, "stall": stall})
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=TIMEOUT)
+    conn.request("POST", "/v1/responses", json.dumps(
+        {"model": "fake-model", "input": "hello there", "stream": True}),
+        {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    seen = b""
+    while b"response.output_text.delta" not in seen:  # the first word, while the upstream
+        seen += resp.readline()  # still holds the rest
+    assert b'"delta":"echo:"' in resp.readline()
+    stall.set()  # the upstream dies mid-stream
+    events = response_events(seen + resp.read())
+    conn.close()
+    assert events[-1]["type"] == "response.failed", [e["type"] for e in events]
+    failed = events[-1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
+    assert failed["output"][0]["type"] == "message"
+    assert not any(e["type"] == "response.completed" for e in events)
+
+
+def test_responses_a_refusal_before_the_first_event_is_an_http_status(gateway, fake):
+    fake.script({"status": 429, "headers": [("Retry-After", "7")]})
+    status, headers, doc = rstream(gateway.port, {"model": "fake-model", "input": "hi"})
+    assert status == 429 and headers["retry-after"] == "7"
+    assert doc["error"]["type"] == "server_error" and "fake error 429" in doc["error"]["message"]
+    status, doc = rpost(gateway.port, {"model": "nope", "input": "hi"})
+    assert status == 404 and doc["error"]["type"] == "invalid_request_error"
+
+
+def weather_tool(**extra):
+    return dict({"type": "function", "name": "get_weather", "description": "Weather.",
+                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+                 "strict": True}, **extra)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_function_tool_round_trip_with_previous_response_id(gateway, fake, stream):
+    body = {"model": "fake-model", "input": "weather?", "tools": [weather_tool()],
+            "tool_choice": "required", "parallel_tool_calls": False}
+    if stream:
+        status, _, events = rstream(gateway.port, body)
+        first = events[-1]["response"]
+        kinds = [e["type"] for e in events]
+        assert kinds.index("response.function_call_arguments.delta") < \
+            kinds.index("response.function_call_arguments.done") < kinds.index("response.completed")
+    else:
+        status, first = rpost(gateway.port, body)
+    assert status == 200, first
+    sent = upstream_bodies(fake)[0]
+    assert sent["tools"] == [{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather.", "strict": True,
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    assert (sent["tool_choice"], sent["parallel_tool_calls"]) == ("required", False)
+    (call,) = output_of(first, "function_call")
+    assert (call["call_id"], call["name"], json.loads(call["arguments"])["city"]) == \
+        ("call_1", "get_weather", "Paris")
+    assert call["id"].startswith("fc_") and call["status"] == "completed"
+    status, second = rpost(gateway.port, {
+        "model": "fake-model", "previous_response_id": first["id"], "tools": [weather_tool()],
+        "input": [{"type": "function_call_output", "call_id": "call_1", "output": "sunny"}]})
+    assert status == 200, second
+    assert second["output"][0]["content"][0]["text"] == "tool result: sunny"
+    assert second["previous_response_id"] == first["id"]
+    messages = upstream_bodies(fake)[1]["messages"]
+    assert messages == [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {
+                "name": "get_weather", "arguments": call["arguments"]}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+
+
+def test_responses_function_tool_round_trip_with_the_input_replayed(gateway, fake):
+    asked = [{"role": "developer", "content": "Use tools."},
+             {"role": "user", "content": [{"type": "input_text", "text": "weather?"}]}]
+    status, first = rpost(gateway.port, {"model": "fake-model", "input": asked, "store": False,
+                                         "instructions": "Be brief.", "tools": [weather_tool()]})
+    assert status == 200, first
+    replay = asked + first["output"] + [{"type": "function_call_output", "call_id": "call_1",
+                                         "output": [{"type": "input_text", "text": "windy"}]}]
+    status, second = rpost(gateway.port, {"model": "fake-model", "input": replay,
+                                          "tools": [weather_tool()], "store": False})
+    assert status == 200, second
+    assert second["output"][0]["content"][0]["text"] == "tool result: windy"
+    assert upstream_bodies(fake)[0]["messages"][0] == {"role": "system",
+                                                       "content": "Be brief.\n\nUse tools."}
+    messages = upstream_bodies(fake)[1]["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool"]
+    assert messages[2]["tool_calls"][0]["id"] == "call_1"
+
+
+def test_responses_text_format_json_schema_reaches_the_upstream_as_response_format(gateway, fake):
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}}
+    status, doc = rpost(gateway.port, {"model": "fake-model", "input": "a city", "text": {
+        "format": {"type": "json_schema", "name": "city", "schema": schema, "strict": True}}})
+    assert status == 200, doc
+    assert upstream_bodies(fake)[0]["response_format"] == {"type": "json_schema", "json_schema": {
+        "name": "city", "schema": schema, "strict": True}}
+    assert doc["text"]["format"]["name"] == "city"
+    status, doc = rpost(gateway.port, {"model": "fake-model", "input": "a city",
+                                       "text": {"format": {"type": "json_schema"}}})
+    assert status == 400 and doc["error"]["param"] == "text.format.schema"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_a_length_stop_is_incomplete(gateway, fake, stream):
+    fake.script({"finish": "length"})
+    body = {"model": "fake-model", "input": "hello there", "max_output_tokens": 3}
+    if stream:
+        status, _, events = rstream(gateway.port, body)
+        assert events[-1]["type"] == "response.incomplete"
+        doc = events[-1]["response"]
+    else:
+        status, doc = rpost(gateway.port, body)
+    assert status == 200
+    assert (doc["status"], doc["incomplete_details"]) == ("incomplete",
+                                                          {"reason": "max_output_tokens"})
+    assert doc["output"][0]["status"] == "incomplete"
+    assert upstream_bodies(fake)[0]["max_tokens"] == 3
+
+
+def test_responses_retrieve_input_items_and_delete(gateway, fake):
+    status, doc = rpost(gateway.port, {"model": "fake-model", "input": [
+        {"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
+        {"role": "user", "content": "three"}]})
+    assert status == 200
+    rid = doc["id"]
+    status, _, raw = request(gateway.port, "GET", f"/v1/responses/{rid}")
+    assert status == 200 and json.loads(raw) == doc
+    status, _, raw = request(gateway.port, "GET", f"/v1/responses/{rid}/input_items")
+    listed = json.loads(raw)
+    texts = [item["content"][0]["text"] for item in listed["data"]]
+    assert status == 200 and texts == ["three", "two", "one"]  # newest first, as at OpenAI
+    assert listed["first_id"] == listed["data"][0]["id"] and listed["has_more"] is False
+    assert [i["content"][0]["type"] for i in listed["data"]] == ["input_text", "output_text",
+                                                                  "input_text"]
+    status, _, raw = request(gateway.port, "GET",
+                             f"/v1/responses/{rid}/input_items?order=asc&limit=2")
+    page = json.loads(raw)
+    assert [i["content"][0]["text"] for i in page["data"]] == ["one", "two"] and page["has_more"]
+    status, _, raw = request(gateway.port, "GET", f"/v1/responses/{rid}/input_items?after="
+                             f"{page['last_id']}&order=asc")
+    assert [i["content"][0]["text"] for i in json.loads(raw)["data"]] == ["three"]
+    status, _, raw = request(gateway.port, "DELETE", f"/v1/responses/{rid}")
+    assert status == 200 and json.loads(raw) == {"id": rid, "object": "response", "deleted": True}
+    for path in (f"/v1/responses/{rid}", f"/v1/responses/{rid}/input_items"):
+        status, _, raw = request(gateway.port, "GET", path)
+        assert status == 404 and rid in json.loads(raw)["error"]["message"]
+    status, _, raw = request(gateway.port, "DELETE", f"/v1/responses/{rid}")
+    assert status == 404
+
+
+def test_responses_are_kept_in_a_private_file_that_a_restart_reads(fake, tmp_path):
+    path = write_registry(tmp_path / "servers.json",
+                          [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    running = Running(path)
+    try:
+        status, doc = rpost(running.port, {"model": "fake-model", "input": "remember"})
+    finally:
+        running.stop()
+    store = tmp_path / "servers.json.responses.sqlite"
+    assert os.stat(store).st_mode & 0o777 == 0o600
+    running = Running(path)
+    try:
+        status, again = rpost(running.port, {"model": "fake-model", "input": "and?",
+                                             "previous_response_id": doc["id"]})
+        assert status == 200, again
+        assert [m["content"] for m in upstream_bodies(fake)[-1]["messages"]] == \
+            ["remember", "echo: remember", "and?"]
+    finally:
+        running.stop()
+
+
+def test_responses_store_prunes_by_count_and_age(tmp_path):
+    store = llmhost.ResponseStore(str(tmp_path / "r.sqlite"), max_age=3600, max_count=2,
+                                  prune_saves=1)
+
+    async def run():
+        for i in range(3):
+            await store.save(f"resp_{i}", "", {"id": i}, [], [])
+        kept = [await store.get(f"resp_{i}", "", "response") for i in range(3)]
+        store.max_age = -1  # everything is older than that now
+        expired = await store.get("resp_2", "", "response")
+        return kept, expired
+    try:
+        (kept, expired) = asyncio.run(run())
+    finally:
+        store.close()
+    assert kept == [None, '{"id":1}', '{"id":2}'] and expired is None
+
+
+def test_responses_are_only_for_the_key_that_made_them(fake, tmp_path):
+    path = write_registry(tmp_path / "servers.json",
+                          [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    running = Running(path, api_keys=("key-one", "key-two"))
+    one, two = ({"Authorization": f"Bearer key-{k}"} for k in ("one", "two"))
+    try:
+        status, doc = rpost(running.port, {"model": "fake-model", "input": "mine"}, headers=one)
+        assert status == 200
+        for method, path in (("GET", f"/v1/responses/{doc['id']}"),
+                             ("GET", f"/v1/responses/{doc['id']}/input_items"),
+                             ("DELETE", f"/v1/responses/{doc['id']}")):
+            status, _, raw = request(running.port, method, path, headers=two)
+            assert status == 404, (method, path)
+        status, other = rpost(running.port, {"model": "fake-model", "input": "x",
+                                             "previous_response_id": doc["id"]}, headers=two)
+        assert status == 400 and other["error"]["code"] == "previous_response_not_found"
+        status, _, raw = request(running.port, "GET", f"/v1/responses/{doc['id']}", headers=one)
+        assert status == 200 and json.loads(raw)["id"] == doc["id"]
+        with open(str(tmp_path / "servers.json.responses.sqlite"), "rb") as f:
+            assert b"key-one" not in f.read()  # a hash of it, never the key
+    finally:
+        running.stop()
+
+
+def test_responses_store_false_and_no_store_keep_nothing(fake, tmp_path, gateway):
+    status, doc = rpost(gateway.port, {"model": "fake-model", "input": "x", "store": False})
+    assert status == 200 and doc["store"] is False
+    status, _, _ = request(gateway.port, "GET", f"/v1/responses/{doc['id']}")
+    assert status == 404
+    status, doc = rpost(gateway.port, {"model": "fake-model", "input": "x",
+                                       "previous_response_id": doc["id"]})
+    assert status == 400 and doc["error"]["param"] == "previous_response_id"
+    other = tmp_path / "other"
+    other.mkdir()
+    path = write_registry(other / "servers.json",
+                          [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    running = Running(path, store_responses=False)
+    try:
+        status, doc = rpost(running.port, {"model": "fake-model", "input": "x"})
+        assert status == 200 and doc["store"] is False
+        status, _, raw = request(running.port, "GET", f"/v1/responses/{doc['id']}")
+        assert status == 404 and "--no-store" in json.loads(raw)["error"]["message"]
+        status, doc = rpost(running.port, {"model": "fake-model", "input": "x",
+                                           "previous_response_id": doc["id"]})
+        assert status == 400 and "--no-store" in doc["error"]["message"]
+    finally:
+        running.stop()
+    assert not os.path.exists(other / "servers.json.responses.sqlite")
+    assert llmhost.build_parser().parse_args(["serve", "--no-store"]).no_store is True
+
+
+def test_responses_an_unknown_previous_response_id_is_a_clear_400(gateway):
+    status, doc = rpost(gateway.port, {"model": "fake-model", "input": "x",
+                                       "previous_response_id": "resp_nope"})
+    assert status == 400
+    assert doc["error"] == {"message": "Previous response with id 'resp_nope' not found.",
+                            "type": "invalid_request_error", "param": "previous_response_id",
+                            "code": "previous_response_not_found"}
+
+
+def test_responses_input_tokens_is_an_estimate_that_says_so(gateway, fake):
+    status, doc = jpost(gateway.port, "/v1/responses/input_tokens", {
+        "model": "fake-model", "instructions": "x" * 400, "input": "y" * 400})
+    assert status == 200 and doc["object"] == "response.input_tokens"
+    assert doc["estimated"] is True and 200 <= doc["input_tokens"] < 220
+    assert fake.posts() == []  # (counted here, not asked of the model)
+
+
+CODEX_BODY = {  # what Codex CLI sends (shared/CLIENT_NOTES.md), trimmed
+    "model": "fake-model", "instructions": "You are Codex.", "stream": True, "store": False,
+    "reasoning": {"summary": "auto"}, "include": ["reasoning.encrypted_content"],
+    "prompt_cache_key": "0199a1b2-c3d4", "client_metadata": {"session": "s1"},
+    "tool_choice": "auto", "parallel_tool_calls": True,
+    "text": {"verbosity": "medium"},
+    "tools": [
+        {"type": "namespace", "name": "mcp__docs__", "description": "Docs server.", "tools": [
+            {"type": "function", "name": "search", "description": "Search docs.",
+             "strict": False, "parameters": {"type": "object", "properties": {
+                 "q": {"type": "string"}}}},
+            {"type": "custom", "name": "raw", "description": "Free text."}]},
+        {"type": "function", "name": "shell", "description": "Run a command.", "strict": False,
+         "parameters": {"type": "object", "properties": {"command": {"type": "array",
+                                                                     "items": {"type": "string"}}}}},
+        {"type": "custom", "name": "apply_patch", "description": "Patch files.",
+         "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"}},
+        {"type": "web_search"}],
+    "input": [
+        {"type": "message", "role": "developer", "content": [
+            {"type": "input_text", "text": "<permissions>read-only</permissions>"}]},
+        {"type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": "<environment_context/>"},
+            {"type": "input_text", "text": "list the files"}]},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "gAAAA..."}]}
+
+
+def test_responses_a_codex_request_is_accepted(gateway, fake):
+    status, _, events = rstream(gateway.port, CODEX_BODY)
+    assert status == 200, events
+    final = events[-1]["response"]
+    assert events[-1]["type"] == "response.completed" and final["store"] is False
+    sent = upstream_bodies(fake)[0]
+    assert sent["messages"] == [
+        {"role": "system", "content": "You are Codex.\n\n<permissions>read-only</permissions>"},
+        {"role": "user", "content": "<environment_context/>\n\nlist the files"}]
+    assert [t["function"]["name"] for t in sent["tools"]] == ["mcp__docs__search", "shell"]
+    assert sent["tool_choice"] == "auto" and sent["parallel_tool_calls"] is True
+    for field in ("reasoning", "include", "prompt_cache_key", "client_metadata", "store", "text",
+                  "response_format"):
+        assert field not in sent, field
+    # the model calls the namespace's function (the fake calls the first tool offered)
+    (call,) = output_of(final, "function_call")
+    assert (call["namespace"], call["name"]) == ("mcp__docs__", "search")
+    replay = CODEX_BODY["input"] + final["output"] + [
+        {"type": "function_call_output", "call_id": call["call_id"], "output": "README.md"}]
+    status, _, events = rstream(gateway.port, dict(CODEX_BODY, input=replay))
+    assert events[-1]["response"]["output"][0]["content"][0]["text"] == "tool result: README.md"
+    assert upstream_bodies(fake)[1]["messages"][2]["tool_calls"][0]["function"]["name"] == \
+        "mcp__docs__search"
+    status, doc = rpost(gateway.port, dict(CODEX_BODY, stream=False,
+                                           tool_choice={"type": "web_search"}))
+    assert status == 400 and doc["error"]["param"] == "tool_choice"
+
+
+RESPONSES_MCP = {"type": "mcp", "server_label": "t", "allowed_tools": ["echo"]}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_mcp_tools_run_in_llmhost_with_list_and_call_items(mcp_env, stream):
+    running, fake = mcp_env
+    fake.steps.clear()
+    fake.requests.clear()
+    fake.script({"calls": [("t__echo", {"text": "hi"})]})
+    body = {"model": "fake-model", "input": "go", "tools": [RESPONSES_MCP]}
+    if stream:
+        status, _, events = rstream(running.port, body, timeout=TIMEOUT * 3)
+        doc = events[-1]["response"]
+        kinds = [e["type"] for e in events]
+        assert kinds[:12] == [
+            "response.created", "response.in_progress",
+            "response.output_item.added", "response.mcp_list_tools.in_progress",
+            "response.mcp_list_tools.completed", "response.output_item.done",
+            "response.output_item.added", "response.mcp_call_arguments.delta",
+            "response.mcp_call_arguments.done", "response.mcp_call.in_progress",
+            "response.mcp_call.completed", "response.output_item.done"], kinds
+        assert kinds[-1] == "response.completed"
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    else:
+        status, doc = rpost(running.port, body, timeout=TIMEOUT * 3)
+    assert status == 200, doc
+    listing, call, message = doc["output"]
+    assert listing["type"] == "mcp_list_tools" and listing["server_label"] == "t"
+    assert [t["name"] for t in listing["tools"]] == ["echo"]
+    assert listing["tools"][0]["input_schema"]["properties"]["text"]["type"] == "string"
+    assert (call["type"], call["server_label"], call["name"], json.loads(call["arguments"]),
+            call["output"], call["status"]) == ("mcp_call", "t", "echo", {"text": "hi"}, "hi",
+                                                "completed")
+    assert message["content"][0]["text"] == "tool result: hi"
+    assert doc["usage"]["total_tokens"] == 16  # both rounds
+    first, second = upstream_bodies(fake)
+    assert [t["function"]["name"] for t in first["tools"]] == ["t__echo"]
+    assert second["messages"][-1] == {"role": "tool", "tool_call_id": "call_0", "content": "hi"}
+
+
+@pytest.mark.parametrize("replayed", [False, True])
+def test_responses_mcp_require_approval_round_trip(mcp_env, replayed):
+    running, fake = mcp_env
+    fake.steps.clear()
+    fake.requests.clear()
+    fake.script({"calls": [("t__echo", {"text": "ok?"})]})
+    tool = dict(RESPONSES_MCP, require_approval="always")
+    asked = [{"role": "user", "content": "go"}]
+    status, first = rpost(running.port, {"model": "fake-model", "input": asked, "tools": [tool]},
+                          timeout=TIMEOUT * 3)
+    assert status == 200, first
+    (ask,) = output_of(first, "mcp_approval_request")
+    assert (ask["server_label"], ask["name"], json.loads(ask["arguments"])) == \
+        ("t", "echo", {"text": "ok?"})
+    assert not output_of(first, "mcp_call") and len(fake.posts()) == 1  # nothing ran
+    approve = {"type": "mcp_approval_response", "approval_request_id": ask["id"], "approve": True}
+    body = {"model": "fake-model", "tools": [tool], "input": asked + first["output"] + [approve]} \
+        if replayed else {"model": "fake-model", "tools": [tool], "input": [approve],
+                          "previous_response_id": first["id"]}
+    status, second = rpost(running.port, body, timeout=TIMEOUT * 3)
+    assert status == 200, second
+    (call,) = output_of(second, "mcp_call")
+    assert (call["approval_request_id"], call["output"]) == (ask["id"], "ok?")
+    assert second["output"][-1]["content"][0]["text"] == "tool result: ok?"
+    messages = upstream_bodies(fake)[1]["messages"]
+    assert messages[-2]["tool_calls"][0]["id"] == ask["id"]
+    assert messages[-1] == {"role": "tool", "tool_call_id": ask["id"], "content": "ok?"}
+    # refused: the model is told, nothing runs
+    fake.steps.clear()
+    fake.requests.clear()
+    fake.script({"calls": [("t__echo", {"text": "again?"})]})
+    status, third = rpost(running.port, {"model": "fake-model", "tools": [tool], "input": "more",
+                                         "previous_response_id": second["id"]},
+                          timeout=TIMEOUT * 3)
+    (ask,) = output_of(third, "mcp_approval_request")
+    status, fourth = rpost(running.port, {
+        "model": "fake-model", "tools": [tool], "previous_response_id": third["id"], "input": [
+            {"type": "mcp_approval_response", "approval_request_id": ask["id"],
+             "approve": False, "reason": "not now"}]}, timeout=TIMEOUT * 3)
+    assert status == 200 and not output_of(fourth, "mcp_call")
+    assert upstream_bodies(fake)[1]["messages"][-1]["content"] == \
+        "The user did not approve this tool call: not now"
+
+
+def test_responses_mcp_approval_filters_and_bad_shapes(mcp_env):
+    running, fake = mcp_env
+    fake.steps.clear()
+    fake.requests.clear()
+    fake.script({"calls": [("t__echo", {"text": "a"}), ("t__weather", {"city": "Oslo"})]})
+    tool = {"type": "mcp", "server_label": "t", "allowed_tools": ["echo", "weather"],
+            "require_approval": {"never": {"tool_names": ["echo"]}}}
+    status, doc = rpost(running.port, {"model": "fake-model", "input": "go", "tools": [tool]},
+                        timeout=TIMEOUT * 3)
+    assert status == 200, doc
+    (ran,) = output_of(doc, "mcp_call")  # echo needs no approval: it ran; weather waits
+    (ask,) = output_of(doc, "mcp_approval_request")
+    assert (ran["name"], ran["output"], ask["name"]) == ("echo", "a", "weather")
+    status, doc = rpost(running.port, {"model": "fake-model", "input": "go", "tools": [
+        dict(tool, require_approval="sometimes")]})
+    assert status == 400 and doc["error"]["param"] == "tools[0].require_approval"
+    status, doc = rpost(running.port, {"model": "fake-model", "input": [
+        {"type": "mcp_approval_response", "approval_request_id": "mcpr_nope", "approve": True}],
+        "tools": [RESPONSES_MCP]})
+    assert status == 400 and doc["error"]["code"] == "approval_request_not_found"
+    # chat still runs MCP tools without asking, and refuses to be asked
+    status, doc = jpost(running.port, "/v1/chat/completions", {
+        "model": "fake-model", "messages": [{"role": "user", "content": "go"}],
+        "tools": [dict(RESPONSES_MCP, require_approval="always")]})
+    assert status == 400 and "require_approval" in doc["error"]["message"]
+
+
+def test_responses_echo_an_mcp_tools_credentials_nowhere():
+    tool = {"type": "mcp", "server_label": "d", "server_url": "http://127.0.0.1:1/mcp",
+            "headers": {"Authorization": "Bearer secret"}, "require_approval": "never"}
+    assert llmhost.redacted_tool(tool) == dict(tool, headers=None, authorization=None)
+    assert llmhost.redacted_tool(RESPONSES_MCP) is RESPONSES_MCP
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input": 5}, "input"),
+    ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
+    ({"input": [{"type": "function_call_output", "output": "x"}]}, "input[0]"),
+    ({"input": "x", "tools": [{"type": "function"}]}, "tools[0].name"),
+    ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": "x", "metadata": {"a": 1}}, "metadata"),
+    ({"input": "x", "conversation": "conv_1"}, "conversation"),
+    ({}, "input"),
+])
+def test_responses_bad_requests_are_400s_in_openais_envelope(gateway, body, param):
+    status, doc = rpost(gateway.port, dict({"model": "fake-model"}, **body))
+    assert status == 400, doc
+    assert doc["error"]["type"] == "invalid_request_error" and doc["error"]["param"] == param
 
 
 # =============================================================================
@@ -5465,6 +6025,7 @@ def test_cors_origin_lets_its_origin_through_preflight_included(fake, tmp_path):
                                      headers={"Origin": "https://any.example",
                                               "Access-Control-Request-Method": "POST"})
         assert status == 204 and headers["access-control-allow-origin"] == "*"
+        assert "DELETE" in headers["access-control-allow-methods"]  # (DELETE /v1/responses/ID)
     finally:
         running.stop()
 
