@@ -959,6 +959,7 @@ class ClientConnection:
         self.streaming = False  # response head sent as a chunked stream
         self.chunked = True
         self.send_mark = None  # our bytes the client had still to take when last looked at
+        self.corked = None  # writes held while a batch of events is rendered (cork())
         self.opened = time.monotonic()
         self.body_started = 0.0  # when the current request's body began (its minimum rate)
         self.body_mark = 0  # wire.received then
@@ -1162,19 +1163,37 @@ class ClientConnection:
             self.streaming = False
             if self.chunked:
                 first += LAST_CHUNK
-        self.transport.write(head + first)
+        self.send(head + first)
         return keep_alive
+
+    def send(self, data):
+        if self.corked is None:
+            self.transport.write(data)
+        else:
+            self.corked.append(data)
+
+    def cork(self):
+        """Hold this connection's writes until uncork(), which makes them one: the events a
+        renderer makes of one upstream read (a Responses stream's first text is three events)
+        go out in one send, not one each."""
+        if self.corked is None:
+            self.corked = []
+
+    def uncork(self):
+        parts, self.corked = self.corked, None
+        if parts:
+            self.transport.write(b"".join(parts))
 
     def write_chunk(self, data):
         if data:
-            self.transport.write(encode_chunk(data) if self.chunked else data)
+            self.send(encode_chunk(data) if self.chunked else data)
 
     def end_stream(self, last=b""):
         """End the stream, with a last piece of body in the same write."""
         if self.chunked:
-            self.transport.write(encode_chunk(last) + LAST_CHUNK if last else LAST_CHUNK)
+            self.send(encode_chunk(last) + LAST_CHUNK if last else LAST_CHUNK)
         elif last:
-            self.transport.write(last)
+            self.send(last)
         self.streaming = False
 
 
@@ -4756,31 +4775,40 @@ class ToolLoop:
                     return resp.status, data, resp.headers.get("retry-after")
             else:  # (one llmhost cannot decode fails before any byte of it goes out)
                 content = content_decoder(encoding)
-            render.opened(up)
-            if data is not None:  # some servers ignore "stream": one chunk of it all
-                self.show(current, completion_as_chunk(doc, message), render)
-                return None
-            decoder = SSEDecoder()
-            done = False
-            while True:
-                chunk = await (resp.read_some() if content is None else
-                               read_decoded(resp, content))
-                if not chunk:
-                    error = cut_short(resp, done)
-                    if error is not None:
-                        core.router.failed(up, error.message)  # (as relay_stream)
-                        raise error
+            # What the renderer makes of one upstream read goes out in one write (uncork()
+            # before each wait), not one write per event.
+            conn = self.request.conn
+            conn.cork()
+            try:
+                render.opened(up)
+                if data is not None:  # some servers ignore "stream": one chunk of it all
+                    self.show(current, completion_as_chunk(doc, message), render)
                     return None
-                for event in decoder.feed(chunk):
-                    if event == "[DONE]":
-                        done = True
-                        continue
-                    try:
-                        doc = json_loads(event)
-                    except ValueError:
-                        raise UpstreamError("upstream sent an event that is not JSON: "
-                                            f"{event[:200]!r}") from None
-                    self.show(current, doc, render)
+                decoder = SSEDecoder()
+                done = False
+                while True:
+                    conn.uncork()
+                    chunk = await (resp.read_some() if content is None else
+                                   read_decoded(resp, content))
+                    conn.cork()
+                    if not chunk:
+                        error = cut_short(resp, done)
+                        if error is not None:
+                            core.router.failed(up, error.message)  # (as relay_stream)
+                            raise error
+                        return None
+                    for event in decoder.feed(chunk):
+                        if event == "[DONE]":
+                            done = True
+                            continue
+                        try:
+                            doc = json_loads(event)
+                        except ValueError:
+                            raise UpstreamError("upstream sent an event that is not JSON: "
+                                                f"{event[:200]!r}") from None
+                        self.show(current, doc, render)
+            finally:
+                conn.uncork()
 
         return await core.sender.send(self.request, body, candidates, "/chat/completions",
                                       None, deliver)
@@ -4921,6 +4949,12 @@ class Detached:
     def __init__(self):
         self.gone = self.streaming = False
         self.upstream = self.on_gone = None
+
+    def cork(self):
+        pass
+
+    def uncork(self):
+        pass
 
 
 class Face:
