@@ -131,6 +131,13 @@ async def run_api(port, api, concurrency, duration):
     return sorted(ttfts), errors
 
 
+def cpu_seconds(pid):
+    """User + system CPU seconds of a process (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values, p):
     return values[min(len(values) - 1, int(p / 100 * len(values)))] * 1000 if values else float("nan")
 
@@ -161,22 +168,25 @@ def main():
         results = {}
         for api in a.apis.split(","):
             asyncio.run(run_api(lh, api, a.concurrency, 1.0))  # warm-up, not counted
+            before = cpu_seconds(procs[1].pid)
             results[api] = asyncio.run(run_api(lh, api, a.concurrency, a.duration))
+            results[api] += (cpu_seconds(procs[1].pid) - before,)
     finally:
         for p in procs:
             p.terminate()
             p.wait(10)
     print(f"first text delta, {a.concurrency} concurrent streams per API, {a.duration:g} s each, "
           f"upstream events {a.pace_ms:g} ms apart")
-    print("| API | streams | p50 ms | p90 ms | p99 ms | Δp99 vs chat ms | errors |")
-    print("|---|--:|--:|--:|--:|--:|---|")
+    print("| API | streams | p50 ms | p90 ms | p99 ms | Δp99 vs chat ms | llmhost CPU ms/stream "
+          "| errors |")
+    print("|---|--:|--:|--:|--:|--:|--:|---|")
     ok = True
     chat_p99 = pct(results["chat"][0], 99) if "chat" in results else None
-    for api, (ttfts, errors) in results.items():
+    for api, (ttfts, errors, cpu) in results.items():
         p99 = pct(ttfts, 99)
         delta = "" if api == "chat" or chat_p99 is None else f"{p99 - chat_p99:+.2f}"
         print(f"| {api} | {len(ttfts)} | {pct(ttfts, 50):.2f} | {pct(ttfts, 90):.2f} | "
-              f"{p99:.2f} | {delta} | {errors or 0} |")
+              f"{p99:.2f} | {delta} | {cpu * 1000 / max(1, len(ttfts)):.2f} | {errors or 0} |")
         ok = ok and not errors and (api == "chat" or chat_p99 is None or
                                     p99 - chat_p99 <= a.budget_ms)
     return 0 if ok else 1
