@@ -203,15 +203,17 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
                 content = " ".join(texts) + f" [{images} images]"
             reply, call = "echo: " + str(content), None
         usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+        finish = step.get("finish") or ("tool_calls" if call else "stop")
+        # vLLM names the stop string that ended an answer in the choice's stop_reason
+        said = {"stop_reason": step["stop_reason"]} if "stop_reason" in step else {}
         if not body.get("stream"):
             message = {"role": "assistant", "content": reply}
             if call:
                 message["tool_calls"] = [call]
             return self.send_json(200, {
                 "id": "chatcmpl-1", "object": "chat.completion", "created": 1,
-                "model": body["model"], "usage": usage, "choices": [{
-                    "index": 0, "message": message,
-                    "finish_reason": "tool_calls" if call else "stop"}]})
+                "model": body["model"], "usage": usage, "choices": [dict({
+                    "index": 0, "message": message, "finish_reason": finish}, **said)]})
         self.start_sse()
         if step.get("drop_at_head"):  # dies after its head, before the first event
             self.close_connection = True
@@ -220,8 +222,9 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
                 "model": body["model"]}
 
-        def delta(d, finish=None):
-            return dict(base, choices=[{"index": 0, "delta": d, "finish_reason": finish}])
+        def delta(d, finish=None, **more):
+            return dict(base, choices=[dict({"index": 0, "delta": d, "finish_reason": finish},
+                                            **more)])
 
         self.event(delta({"role": "assistant", "content": ""}))
         if step.get("meet"):  # wait until the test says every stream has got this far
@@ -265,7 +268,7 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
             self.event(delta(piece))
             if step.get("pace"):
                 time.sleep(max(0.0, paced_from + (i + 1) * step["pace"] - time.monotonic()))
-        self.event(delta({}, "tool_calls" if call else "stop"))
+        self.event(delta({}, finish, **said))
         if (body.get("stream_options") or {}).get("include_usage"):
             self.event(dict(base, choices=[], usage=usage))
         self.event(b"[DONE]")
@@ -314,8 +317,8 @@ FakeHandler.stream_calls = _stream_calls
 
 class FakeUpstream:
     """A fake OpenAI server. `script(*steps)` queues per-request behaviours (status, delay,
-    hold, close, drop_after, stall_after, pace, meet, encoding); requests are recorded with
-    their raw body."""
+    hold, close, drop_after, stall_after, pace, meet, encoding, finish, stop_reason); requests
+    are recorded with their raw body."""
 
     def __init__(self, models=("fake-model",), prefix="/v1", port=0):
         self.models = list(models)
@@ -1725,12 +1728,15 @@ def test_messages_stop_sequences_and_sampling_reach_the_upstream(gateway, fake):
     assert (sent["stop"], sent["temperature"], sent["top_p"], sent["top_k"]) == \
         (["END", "###"], 0.2, 0.9, 40)
     # vLLM names the stop string that ended the answer (a token id when it was a token)
-    fake.script(completion({"content": "one two"}, stop_reason="###"),
-                completion({"content": "one two"}, stop_reason=2))
+    fake.script({"stop_reason": "###"}, {"stop_reason": 2}, {"stop_reason": "###"})
     status, _, doc = mpost(gateway.port, dict(MSG, stop_sequences=["END", "###"]))
     assert (doc["stop_reason"], doc["stop_sequence"]) == ("stop_sequence", "###")
     status, _, doc = mpost(gateway.port, dict(MSG, stop_sequences=["END", "###"]))
     assert (doc["stop_reason"], doc["stop_sequence"]) == ("end_turn", None)
+    status, _, raw = post(gateway.port, "/v1/messages", dict(MSG, stream=True,
+                                                             stop_sequences=["END", "###"]))
+    (delta,) = [data for name, data in named_events(raw) if name == "message_delta"]
+    assert delta["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "###"}
 
 
 @pytest.mark.parametrize("stream", [False, True])
