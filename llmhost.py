@@ -3,8 +3,9 @@
 
 Register llama.cpp, vLLM, Ollama, LM Studio, TGI or any remote OpenAI-compatible API in a JSON
 registry (``servers.json``) and serve them all behind one ``/v1`` API: chat completions (text and
-images, streaming and not, tools), legacy completions, embeddings and rerank. One file, standard
-library only; the ``mcp`` package is imported only when an MCP server is used.
+images, streaming and not, tools), legacy completions, embeddings and rerank, and Anthropic's
+Messages API (translated onto chat completions). One file, standard library only; the ``mcp``
+package is imported only when an MCP server is used.
 
 Usage::
 
@@ -22,7 +23,7 @@ alias rewrite, base64 embeddings, rerank normalisation), storing prompts or keys
 Sections, in dependency order (grep the banners):
     Limits · Errors · Wire format · SSE · Connections · HTTP server · Upstream client ·
     Registry · Router · Managed servers · Admission · Auth · MCP bridge · Chat format ·
-    Send path · Tool loop · Application · Serve · Bench · CLI
+    Send path · Tool loop · Messages API · Application · Serve · Bench · CLI
 """
 
 import json
