@@ -1775,7 +1775,9 @@ def test_messages_a_length_stop_is_max_tokens_and_reasoning_a_thinking_block(gat
 def test_messages_stream_events_in_order_and_deltas_before_the_end(gateway, fake):
     end = threading.Event()
     fake.script({"hold_end": end})
-    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=TIMEOUT)
+    # (shorter than the fake's hold, which ends by itself after TIMEOUT: deltas held back
+    # until the upstream's end time out here)
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=TIMEOUT / 2)
     try:
         conn.request("POST", "/v1/messages?beta=true", json.dumps(dict(MSG, stream=True)),
                      {"Content-Type": "application/json", "anthropic-version": "2023-06-01"})
@@ -1952,7 +1954,15 @@ def test_messages_count_tokens_is_an_estimate_that_says_so(gateway, fake):
     assert fake.posts() == []  # an estimate: no upstream is asked
 
 
+def mcp_ready(port, name="t"):
+    """Whether MCP server `name` is connected: a request waits only MCP_ATTACHED_WAIT for an
+    attached server still starting (a slow start under load), then goes on without it."""
+    servers = json.loads(request(port, "GET", "/v1/mcp/servers")[2])["data"]
+    return any(s["name"] == name and s["state"] == "ready" for s in servers)
+
+
 def messages_agent(port, fake, steps, stream=False, **extra):
+    assert wait_until(lambda: mcp_ready(port), TIMEOUT * 3)
     fake.steps.clear()
     fake.requests.clear()
     fake.script(*steps)
