@@ -5015,6 +5015,10 @@ def mcp_server_tools(servers, tools):
             raise messages_problem(f"{where}.type", "expected 'url'")
         config = server.get("tool_configuration") or {}
         allowed = config.get("allowed_tools") if isinstance(config, dict) else None
+        if allowed is not None and (not isinstance(allowed, list) or
+                                    not all(isinstance(name, str) for name in allowed)):
+            raise messages_problem(f"{where}.tool_configuration.allowed_tools",
+                                   "expected a list of tool names")
         if isinstance(config, dict) and config.get("enabled") is False:
             continue
         toolset = toolsets.get(server["name"])

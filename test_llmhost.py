@@ -2039,6 +2039,19 @@ def test_messages_mcp_servers_parameter_under_the_chat_rules(mcp_env):
     status, _, raw = messages_agent(running.port, fake, [{}], model="fake-model", mcp_servers=[
         dict(server, tool_configuration={"enabled": False})])
     assert status == 200 and "tools" not in sent_body(fake)
+    # the newer beta's mcp_toolset: tools enabled one by one (an allow-list) are offered
+    toolset = {"type": "mcp_toolset", "mcp_server_name": "t", "default_config": {
+        "enabled": False}, "configs": {"weather": {"enabled": True}}}
+    status, _, raw = messages_agent(running.port, fake, [{}], model="fake-model", mcp_servers=[
+        {"type": "url", "name": "t"}], tools=[toolset])
+    assert status == 200 and [t["function"]["name"] for t in sent_body(fake, 0)["tools"]] == \
+        ["t__weather"]
+    disabling = dict(toolset, default_config={}, configs={"echo": {"enabled": False}})
+    for servers, tools in [([{"type": "url", "name": "t"}], [disabling]),
+                           ([dict(server, tool_configuration={"allowed_tools": "echo"})], [])]:
+        status, _, raw = messages_agent(running.port, fake, [], model="fake-model",
+                                        mcp_servers=servers, tools=tools)
+        assert status == 400 and json.loads(raw)["error"]["type"] == "invalid_request_error"
     status, _, raw = messages_agent(running.port, fake, [{}], model="fake-model", mcp_servers=[
         {"type": "url", "name": "web", "url": "http://169.254.169.254/mcp",
          "authorization_token": "tok"}])
