@@ -6105,7 +6105,9 @@ def test_a_worker_that_cannot_be_forked_stops_serve_with_a_clear_message(fake, t
                              env={"FORK_FAILS_AT": "2", "PIDS": str(tmp_path / "pids2")})
     try:
         deadline = time.monotonic() + TIMEOUT
-        while len((tmp_path / "pids2").read_text().split()) < 2:
+        # (serve accepts once a worker runs: the parent may not have noted its pid yet)
+        while not (tmp_path / "pids2").exists() or \
+                len((tmp_path / "pids2").read_text().split()) < 2:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         time.sleep(llmhost.WORKER_MIN_UPTIME)
