@@ -5268,9 +5268,15 @@ class MessagesSSE(MessagesRender):
         self.index = -1  # the last block's index
         self.open = None  # the type of the block still open ("text", "thinking")
         self.texts = 0  # text blocks sent
+        self.out = []  # the events of the upstream chunk at hand (one write for them all)
 
     def send(self, name, doc):
-        self.conn.write_chunk(named_event(name, {"type": name, **doc}))
+        self.out.append(named_event(name, {"type": name, **doc}))
+
+    def flush(self):
+        if self.out:
+            self.conn.write_chunk(b"".join(self.out))
+            self.out.clear()
 
     def opened(self, up):
         if self.conn.streaming:
@@ -5319,25 +5325,30 @@ class MessagesSSE(MessagesRender):
             self.send("content_block_delta", {"index": self.index, "delta": {
                 "type": "thinking_delta", "thinking": reasoning}})
         if not isinstance(text, str) or not text:
-            return
+            return self.flush()
         if self.open != "text":
             if self.texts and text.startswith(ROUND_SEPARATOR):
                 # A later round's text is a block of its own: the loop's separator goes.
                 text = text[len(ROUND_SEPARATOR):]
                 if not text:
-                    return
+                    return self.flush()
             self.texts += 1
             self.begin("text", {"type": "text", "text": ""})
-        self.send("content_block_delta", {"index": self.index, "delta": {
-            "type": "text_delta", "text": text}})
+        # (the stream's most frequent event, written without building its dict)
+        self.out.append(b'event: content_block_delta\ndata: {"type":"content_block_delta",'
+                        b'"index":%d,"delta":{"type":"text_delta","text":%s}}\n\n'
+                        % (self.index, json_bytes(text)))
+        self.flush()
 
     def calls(self, calls):
         for use in self.mcp_uses(calls):
             self.whole(dict(use, input={}), json_bytes(use["input"]).decode())
+        self.flush()
 
     def results(self, calls, results):
         for block in self.mcp_results(calls, results):
             self.whole(block)
+        self.flush()
 
     def waiting(self):
         if self.conn.streaming:
@@ -5366,7 +5377,8 @@ class MessagesSSE(MessagesRender):
         usage = anthropic_usage(end.usage)
         self.send("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence},
                                     "usage": usage})
-        self.conn.end_stream(named_event("message_stop", {"type": "message_stop"}))
+        self.send("message_stop", {})
+        self.conn.end_stream(b"".join(self.out))
         return self.keep_alive
 
 
