@@ -4988,12 +4988,14 @@ def test_killing_one_of_three_loses_no_unstarted_request(pool):
     assert len(fakes[0].posts()) >= 1  # some had reached it and were moved elsewhere
 
 
-def test_fifty_streams_flow_at_once(tmp_path):
+@pytest.mark.parametrize("api", ["chat", "messages"])
+def test_fifty_streams_flow_at_once(tmp_path, api):
     """The 50-request contract, without a stopwatch: 50 streams are in flight through llmhost at
     the same moment. Each upstream stream sends one event and then waits at a barrier that opens
     only when every client has read its first event, so a gateway that queued, capped or
     buffered any of them would leave the barrier shut and fail here. llmhost runs as its own
-    process, as users run it."""
+    process, as users run it. The same for 50 Messages streams (their message_start goes out
+    once the upstream answered)."""
     n = 50
     fakes = [FakeUpstream() for _ in range(3)]
     registry = write_registry(tmp_path / "s.json", [
@@ -5003,21 +5005,29 @@ def test_fifty_streams_flow_at_once(tmp_path):
     for f in fakes:
         f.script(*[{"meet": barrier, "pace": 0.01} for _ in range(n)])
     words = " ".join(["w"] * 19)
-    payload = json.dumps(dict(CHAT, stream=True, messages=[
+    path, body = ("/v1/chat/completions", CHAT) if api == "chat" else ("/v1/messages", MSG)
+    payload = json.dumps(dict(body, stream=True, messages=[
         {"role": "user", "content": words}])).encode()
     conns = []
     try:
         for _ in range(n):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT * 2)
-            conn.request("POST", "/v1/chat/completions", payload,
-                         {"Content-Type": "application/json"})
+            conn.request("POST", path, payload, {"Content-Type": "application/json"})
             conns.append(conn)
         answers = [conn.getresponse() for conn in conns]
         assert [a.status for a in answers] == [200] * n
-        firsts = [a.readline() for a in answers]  # "data: {...role...}" of every stream
-        assert all(line.startswith(b"data: {") for line in firsts)
+        # "data: {...role...}" / "event: message_start" of every stream
+        firsts = [a.readline() for a in answers]
+        assert all(line.startswith(b"data: {" if api == "chat" else b"event: message_start\n")
+                   for line in firsts)
         barrier.wait(TIMEOUT)  # all 50 upstream streams are waiting here too
         for first, answer in zip(firsts, answers):
+            if api == "messages":
+                events = named_events(first + answer.read())
+                assert events[-1][0] == "message_stop"
+                assert "".join(data["delta"]["text"] for name, data in events
+                               if name == "content_block_delta") == "echo: " + words
+                continue
             events = sse_events(first + answer.read())
             assert events[-1] == "[DONE]"
             deltas = [json.loads(e)["choices"][0]["delta"] for e in events[:-1]]
