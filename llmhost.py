@@ -4,8 +4,9 @@
 Register llama.cpp, vLLM, Ollama, LM Studio, TGI or any remote OpenAI-compatible API in a JSON
 registry (``servers.json``) and serve them all behind one ``/v1`` API: chat completions (text and
 images, streaming and not, tools), the Responses API (translated onto chat completions, stored
-responses in ``servers.json.responses.sqlite``), legacy completions, embeddings and rerank. One file, standard
-library only; the ``mcp`` package is imported only when an MCP server is used.
+responses in ``servers.json.responses.sqlite``), Anthropic's Messages API (translated onto chat
+completions), legacy completions, embeddings and rerank. One file, standard library only; the
+``mcp`` package is imported only when an MCP server is used.
 
 Usage::
 
@@ -24,7 +25,7 @@ storing prompts or keys in logs.
 Sections, in dependency order (grep the banners):
     Limits · Errors · Wire format · SSE · Connections · HTTP server · Upstream client ·
     Registry · Router · Managed servers · Admission · Auth · MCP bridge · Chat format ·
-    Send path · Tool loop · Application · Responses API · Serve · Bench · CLI
+    Send path · Tool loop · Messages API · Application · Responses API · Serve · Bench · CLI
 """
 
 import json
@@ -4003,6 +4004,7 @@ REQUIRED = {
     "embeddings": (("model", str), ("input", (str, list))),
     "rerank": (("model", str), ("query", str), ("documents", list)),
     "responses": (("model", str),),
+    "messages": (("model", str), ("messages", list, dict)),  # (max_tokens: messages_as_chat)
 }
 TYPE_NAMES = {str: "a string", list: "an array", (str, list): "a string or an array",
               dict: "an object"}
@@ -4014,6 +4016,7 @@ BOUNDS = {
     "embeddings": (),
     "rerank": (("top_n", 0, None),),
     "responses": (("max_output_tokens", 1, None),),
+    "messages": (("max_tokens", 1, None),),
 }
 
 
@@ -4826,6 +4829,638 @@ class ToolLoop:
 
 
 # =============================================================================
+# Messages API
+# =============================================================================
+# Owns: Anthropic's Messages API as a face: a request (POST /v1/messages, /count_tokens) read
+# into a chat-completions body, the tool loop's events rendered as a Message or as its stream
+# of named events, its error envelope and types, and the count_tokens estimate.
+# Raises: BadRequest for a request of another shape (shown in Anthropic's envelope: the
+# routes' face is MESSAGES_FACE).
+# Never: sends anything upstream itself (Application.messages runs the body through the tool
+# loop), nor refuses a field Claude Code sends that it cannot honour: it is left out.
+
+# HTTP status -> Anthropic's error type (their "HTTP errors" page); others by class.
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                         403: "permission_error", 404: "not_found_error",
+                         413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+                         502: "api_error", 503: "overloaded_error", 504: "timeout_error",
+                         529: "overloaded_error"}
+# chat finish_reason -> Messages stop_reason (a stop string is told apart in stop_reason())
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+                "function_call": "tool_use", "content_filter": "refusal"}
+# Tokens counted for an image by count_tokens: Anthropic's own figure for an image of the
+# largest size it keeps (about 1.15 megapixels: width * height / 750).
+IMAGE_TOKENS_ESTIMATE = 1600
+CHARS_PER_TOKEN = 4  # count_tokens' estimate for English text and code (OpenAI's rule of thumb)
+TOKENS_PER_MESSAGE = 4  # a turn's role and separators, as chat templates add them
+
+
+def anthropic_error(status, message):
+    """Anthropic's error envelope for an answer of `status`."""
+    kind = ANTHROPIC_ERROR_TYPES.get(status) or (
+        "invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def named_event(name, doc):
+    """One SSE event with its name: Anthropic's clients skip an event without one."""
+    return b"event: " + name.encode() + b"\n" + sse_event(doc)
+
+
+class MessagesFace:
+    """The Messages routes' errors (a Face): Anthropic's envelope, and its `error` event to end
+    a stream that failed after its head went out."""
+
+    def error_body(self, exc):
+        return json_bytes(anthropic_error(exc.status, exc.message))
+
+    def error_event(self, exc):
+        return named_event("error", anthropic_error(exc.status, exc.message))
+
+
+MESSAGES_FACE = MessagesFace()
+
+
+def messages_problem(where, message):
+    return BadRequest(f"{where}: {message}", param=where)
+
+
+def blocks_text(content, where):
+    """The text of `content`, a string or a list of blocks: text blocks, a document's text and
+    a search result's (images and others are left out)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise messages_problem(where, "expected a string or a list of content blocks, "
+                               f"got {json_kind(content)}")
+    texts = []
+    for i, block in enumerate(content):
+        if not isinstance(block, dict):
+            raise messages_problem(f"{where}[{i}]", "expected a content block (an object)")
+        kind = block.get("type")
+        if kind == "text" and isinstance(block.get("text"), str):
+            texts.append(block["text"])
+        elif kind in ("document", "search_result"):
+            text = document_text(block)
+            if text:
+                texts.append(text)
+    return "\n\n".join(texts)
+
+
+def document_text(block):
+    """A document's (plain text or content blocks) or search result's text; "" for others (a
+    PDF: chat completions have no way to give one)."""
+    source = block.get("source")
+    if block.get("type") == "search_result":
+        source = {"type": "content", "content": block.get("content")}
+    if not isinstance(source, dict):
+        return ""
+    if source.get("type") == "text" and isinstance(source.get("data"), str):
+        text = source["data"]
+    elif source.get("type") == "content" and isinstance(source.get("content"), (str, list)):
+        content = source["content"]
+        text = content if isinstance(content, str) else "\n\n".join(
+            b["text"] for b in content if isinstance(b, dict) and isinstance(b.get("text"), str))
+    else:
+        return ""
+    title = block.get("title")
+    return f"{title}\n\n{text}" if isinstance(title, str) and title else text
+
+
+def image_part(block, where):
+    """An image block as a chat image_url part (base64 as a data URL, or the URL)."""
+    source = block.get("source")
+    kind = source.get("type") if isinstance(source, dict) else None
+    if kind == "base64" and isinstance(source.get("data"), str) and \
+            isinstance(source.get("media_type"), str):
+        url = f"data:{source['media_type']};base64,{source['data']}"
+    elif kind == "url" and isinstance(source.get("url"), str):
+        url = source["url"]
+    else:
+        raise messages_problem(f"{where}.source", "expected a base64 source (media_type, data) "
+                               "or a url source; llmhost has no Files API")
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def tool_result_messages(block, where):
+    """A tool_result block -> its tool message, and the image parts it held (tool messages are
+    text only: the images follow in the user message)."""
+    content = block.get("content")
+    images = []
+    if isinstance(content, list):
+        images = [image_part(b, f"{where}.content[{i}]") for i, b in enumerate(content)
+                  if isinstance(b, dict) and b.get("type") == "image"]
+    text = blocks_text(content, f"{where}.content") if content is not None else ""
+    if block.get("is_error") is True:
+        text = f"Error: {text}" if text else "Error"
+    tool_use_id = block.get("tool_use_id")
+    if not isinstance(tool_use_id, str):
+        raise messages_problem(f"{where}.tool_use_id", "expected a string")
+    return {"role": "tool", "tool_call_id": tool_use_id, "content": text}, images
+
+
+def user_messages(blocks, where):
+    """A user turn's blocks -> its tool messages (tool_result blocks, first, as chat wants them
+    right after the assistant's calls), then one user message with the rest, if any."""
+    tools, parts = [], []
+    for i, block in enumerate(blocks):
+        at = f"{where}[{i}]"
+        if not isinstance(block, dict):
+            raise messages_problem(at, "expected a content block (an object)")
+        kind = block.get("type")
+        if kind == "text":
+            if not isinstance(block.get("text"), str):
+                raise messages_problem(f"{at}.text", "expected a string")
+            parts.append({"type": "text", "text": block["text"]})
+        elif kind == "image":
+            parts.append(image_part(block, at))
+        elif kind == "tool_result":
+            message, images = tool_result_messages(block, at)
+            tools.append(message)
+            parts.extend(images)
+        elif kind in ("document", "search_result"):
+            text = document_text(block)
+            if text:
+                parts.append({"type": "text", "text": text})
+    if not parts:
+        return tools
+    if len(parts) == 1 and parts[0]["type"] == "text":
+        return tools + [{"role": "user", "content": parts[0]["text"]}]
+    return tools + [{"role": "user", "content": parts}]
+
+
+def tool_arguments(value, where):
+    if not isinstance(value, dict):
+        raise messages_problem(where, "expected an object")
+    return json_bytes(value).decode()
+
+
+def assistant_messages(blocks, where):
+    """An assistant turn's blocks -> chat messages: its text and tool_use calls as one; the
+    mcp_tool_use / mcp_tool_result blocks of an earlier answer replayed as the calls llmhost
+    ran and their tool messages (text after them is a message of its own, as it was a round of
+    its own). Thinking blocks are left out: chat has no way to give them back."""
+    out, texts, calls = [], [], []
+
+    def flush():
+        if texts or calls:
+            message = {"role": "assistant", "content": "".join(texts) or None}
+            if calls:
+                message["tool_calls"] = list(calls)
+            out.append(message)
+        texts.clear()
+        calls.clear()
+
+    for i, block in enumerate(blocks):
+        at = f"{where}[{i}]"
+        if not isinstance(block, dict):
+            raise messages_problem(at, "expected a content block (an object)")
+        kind = block.get("type")
+        if kind == "text" and isinstance(block.get("text"), str):
+            texts.append(block["text"])
+        elif kind in ("tool_use", "mcp_tool_use"):
+            name, call_id = block.get("name"), block.get("id")
+            if not isinstance(name, str) or not isinstance(call_id, str):
+                raise messages_problem(at, "a tool_use needs a string id and name")
+            if kind == "mcp_tool_use":
+                name = mcp_tool_name(str(block.get("server_name")), name, set())
+            calls.append({"id": call_id, "type": "function", "function": {
+                "name": name, "arguments": tool_arguments(block.get("input", {}),
+                                                          f"{at}.input")}})
+        elif kind == "mcp_tool_result":
+            flush()
+            out.append(tool_result_messages(block, at)[0])
+    flush()
+    return out
+
+
+def function_tools(tools):
+    """Messages tools -> chat function tools. Tools without an input_schema (Anthropic's own
+    server tools, web_search, code_execution..., which llmhost cannot run) are left out;
+    cache_control, defer_loading and the like are not for the model."""
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise messages_problem("tools", "expected a list")
+    out = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise messages_problem(f"tools[{i}]", "expected an object")
+        if tool.get("type") not in (None, "custom") or "input_schema" not in tool:
+            continue
+        if not isinstance(tool.get("name"), str) or not isinstance(tool["input_schema"], dict):
+            raise messages_problem(f"tools[{i}]", "a tool needs a string name and an "
+                                   "input_schema object")
+        function = {"name": tool["name"], "parameters": tool["input_schema"]}
+        if isinstance(tool.get("description"), str):
+            function["description"] = tool["description"]
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def chat_tool_choice(choice):
+    """Messages tool_choice -> (chat tool_choice, parallel_tool_calls), None where unsaid."""
+    if choice is None:
+        return None, None
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind == "tool" and isinstance(choice.get("name"), str):
+        chat = {"type": "function", "function": {"name": choice["name"]}}
+    elif kind in ("auto", "any", "none"):
+        chat = {"auto": "auto", "any": "required", "none": "none"}[kind]
+    else:
+        raise messages_problem("tool_choice", "expected {\"type\": \"auto\" | \"any\" | "
+                               "\"none\"} or {\"type\": \"tool\", \"name\": NAME}")
+    return chat, (False if choice.get("disable_parallel_tool_use") is True else None)
+
+
+def mcp_server_tools(servers, tools):
+    """The `mcp_servers` request parameter (and `mcp_toolset` tools, the newer beta's way to
+    choose a server's tools) -> chat tools of type "mcp", which mcp_selection() reads under the
+    same rules as chat's: a url only under --mcp-allow-url; a name without url names an MCP
+    server registered in llmhost."""
+    if servers is None:
+        return []
+    if not isinstance(servers, list):
+        raise messages_problem("mcp_servers", "expected a list")
+    toolsets = {t.get("mcp_server_name"): t for t in tools or ()
+                if isinstance(t, dict) and t.get("type") == "mcp_toolset"}
+    out = []
+    for i, server in enumerate(servers):
+        where = f"mcp_servers[{i}]"
+        if not isinstance(server, dict) or not isinstance(server.get("name"), str):
+            raise messages_problem(where, "expected an object with a string name")
+        if server.get("type", "url") != "url":
+            raise messages_problem(f"{where}.type", "expected 'url'")
+        config = server.get("tool_configuration") or {}
+        allowed = config.get("allowed_tools") if isinstance(config, dict) else None
+        if allowed is not None and (not isinstance(allowed, list) or
+                                    not all(isinstance(name, str) for name in allowed)):
+            raise messages_problem(f"{where}.tool_configuration.allowed_tools",
+                                   "expected a list of tool names")
+        if isinstance(config, dict) and config.get("enabled") is False:
+            continue
+        toolset = toolsets.get(server["name"])
+        if isinstance(toolset, dict):
+            default = (toolset.get("default_config") or {}).get("enabled", True)
+            configs = toolset.get("configs") or {}
+            if default is not False and any(isinstance(c, dict) and c.get("enabled") is False
+                                            for c in configs.values()):
+                raise messages_problem(f"tools (mcp_toolset {server['name']})", "llmhost "
+                                       "cannot leave single tools out: set default_config."
+                                       "enabled to false and enable the tools to offer in "
+                                       "configs")
+            if default is False:
+                allowed = [name for name, c in configs.items()
+                           if isinstance(c, dict) and c.get("enabled") is True]
+                if not allowed:
+                    continue
+        tool = {"type": "mcp", "server_label": server["name"], "require_approval": "never"}
+        if server.get("url") is not None:
+            tool["server_url"] = server["url"]
+        token = server.get("authorization_token")
+        if isinstance(token, str) and token:
+            tool["headers"] = {"Authorization": f"Bearer {token}"}
+        if allowed is not None:
+            tool["allowed_tools"] = list(allowed)
+        out.append(tool)
+    return out
+
+
+def messages_as_chat(body, count_only=False):
+    """A Messages request (parse_json_body's, kind "messages") -> its chat-completions body.
+    System text (`system`, and system-role messages inside `messages`, as Claude Code sends)
+    is one system message first: many chat templates take none elsewhere."""
+    if not count_only and body.get("max_tokens") is None:
+        raise BadRequest("max_tokens: Field required", param="max_tokens",
+                         code="missing_required_parameter")
+    system = [] if body.get("system") is None else [blocks_text(body["system"], "system")]
+    messages = []
+    for i, message in enumerate(body["messages"]):
+        where = f"messages[{i}]"
+        role, content = message.get("role"), message.get("content")
+        if role == "system":
+            system.append(blocks_text(content, f"{where}.content"))
+            continue
+        if role not in ("user", "assistant"):
+            raise messages_problem(f"{where}.role", "expected 'user' or 'assistant'")
+        if isinstance(content, str):
+            messages.append({"role": role, "content": content})
+        elif isinstance(content, list):
+            messages.extend((user_messages if role == "user" else assistant_messages)(
+                content, f"{where}.content"))
+        else:
+            raise messages_problem(f"{where}.content", "expected a string or a list of "
+                                   "content blocks")
+    system = [text for text in system if text]
+    chat = {"model": body["model"], "messages": (
+        [{"role": "system", "content": "\n\n".join(system)}] if system else []) + messages}
+    if not count_only:
+        chat["max_tokens"] = body["max_tokens"]
+    stops = body.get("stop_sequences")
+    if stops is not None:
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise messages_problem("stop_sequences", "expected a list of strings")
+        if stops:
+            chat["stop"] = stops
+    for field in ("temperature", "top_p", "top_k"):
+        if body.get(field) is not None:
+            chat[field] = body[field]
+    tools = function_tools(body.get("tools")) + mcp_server_tools(body.get("mcp_servers"),
+                                                                 body.get("tools"))
+    if tools:
+        chat["tools"] = tools
+    choice, parallel = chat_tool_choice(body.get("tool_choice"))
+    if choice is not None:
+        chat["tool_choice"] = choice
+    if parallel is not None:
+        chat["parallel_tool_calls"] = parallel
+    return chat
+
+
+def estimate_tokens(chat):
+    """count_tokens' estimate of a chat body's prompt: characters over CHARS_PER_TOKEN, each
+    turn's overhead, and IMAGE_TOKENS_ESTIMATE an image (no upstream tokenizer is asked)."""
+    chars = images = 0
+    for message in chat["messages"]:
+        content = message.get("content")
+        for part in content if isinstance(content, list) else [content]:
+            if isinstance(part, str):
+                chars += len(part)
+            elif isinstance(part, dict) and part.get("type") == "text":
+                chars += len(part["text"])
+            elif isinstance(part, dict):
+                images += 1
+        for call in message.get("tool_calls") or ():
+            chars += len(call["function"]["name"]) + len(call["function"]["arguments"])
+    chars += sum(len(json_bytes(tool)) for tool in chat.get("tools") or ()
+                 if tool.get("type") == "function")
+    return (-(-chars // CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE * len(chat["messages"])
+            + IMAGE_TOKENS_ESTIMATE * images)
+
+
+def anthropic_usage(usage):
+    usage = usage or {}
+    return {"input_tokens": usage.get("prompt_tokens", 0),
+            "output_tokens": usage.get("completion_tokens", 0),
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+
+
+def stop_reason(end, stops):
+    """-> (stop_reason, stop_sequence) of a loop's end. A stop string is named where the
+    upstream says which one ended the answer (vLLM: the choice's `stop_reason`); else it is an
+    end_turn, as the text alone cannot tell a stop string from the model's own end."""
+    if end.exhausted:
+        return "end_turn", None
+    finish = end.finish_reason()
+    last = end.doc if end.doc is not None else end.template
+    choices = last.get("choices") if isinstance(last, dict) else None
+    choice = choices[0] if isinstance(choices, list) and choices and \
+        isinstance(choices[0], dict) else {}
+    matched = choice.get("stop_reason")
+    if finish == "stop" and isinstance(matched, str) and matched in (stops or ()):
+        return "stop_sequence", matched
+    return STOP_REASONS.get(finish, "end_turn"), None
+
+
+def parsed_input(call):
+    """A chat call's arguments as a tool_use block's input object; arguments that are no JSON
+    object (a small model's slip) are given whole, under "_arguments", for the client to refuse."""
+    arguments = call["function"].get("arguments") or "{}"
+    try:
+        value = json_loads(arguments) if isinstance(arguments, str) else arguments
+    except ValueError:
+        value = None
+    return value if isinstance(value, dict) else {"_arguments": arguments}
+
+
+def rounds_note(rounds):
+    return f"[llmhost: stopped after {rounds} rounds of MCP tool calls]"
+
+
+class MessagesRender(Render):
+    """What both Messages renderers share: the request, the blocks of the MCP calls llmhost
+    ran, the answer's id and its refusal in Anthropic's envelope."""
+
+    def __init__(self, request, body, rounds):
+        self.request = request
+        self.conn = request.conn
+        self.model = body["model"]
+        self.stops = body.get("stop_sequences")
+        self.rounds = rounds
+        self.bindings = {}
+        self.id = "msg_" + os.urandom(12).hex()
+
+    def tools(self, bindings):
+        self.bindings = bindings
+
+    def mcp_uses(self, calls):
+        uses = []
+        for call in calls:
+            binding = self.bindings.get(call["function"].get("name")) or {}
+            uses.append({"type": "mcp_tool_use", "id": call["id"],
+                         "name": binding.get("tool", call["function"].get("name")),
+                         "server_name": binding.get("server", ""), "input": parsed_input(call)})
+        return uses
+
+    @staticmethod
+    def mcp_results(calls, results):
+        return [{"type": "mcp_tool_result", "tool_use_id": call["id"],
+                 "is_error": not result["ok"], "content": [{"type": "text",
+                                                            "text": result["text"]}]}
+                for call, result in zip(calls, results)]
+
+    @staticmethod
+    def tool_uses(calls):
+        return [{"type": "tool_use", "id": call["id"], "name": call["function"].get("name"),
+                 "input": parsed_input(call)} for call in calls]
+
+    def error_answer(self, status, body, retry_after):
+        """An upstream's refusal before any byte went out, in Anthropic's envelope; a 200 that
+        is no chat completion cannot be shown as a Message: a 502 that says so."""
+        request = self.request
+        if status == 200:
+            status, message = 502, "upstream answer is not an OpenAI chat completion"
+        else:
+            message = "upstream: " + upstream_error_message(status, body)[0]
+        request.status = status
+        return request.conn.respond(request, status, JSON_TYPE + (
+            [("Retry-After", retry_after)] if retry_after else []),
+            json_bytes(anthropic_error(status, message)))
+
+
+class MessagesJSON(MessagesRender):
+    """A tool loop rendered as one Message: per round its text, the mcp_tool_use and
+    mcp_tool_result blocks of the calls llmhost ran; then the last round's thinking and text
+    and the client's tool_use blocks."""
+
+    def __init__(self, request, body, rounds):
+        super().__init__(request, body, rounds)
+        self.steps = []  # each round that called MCP tools: its uses, then their results
+
+    def calls(self, calls):
+        self.steps.append(self.mcp_uses(calls))
+
+    def results(self, calls, results):
+        self.steps[-1] += self.mcp_results(calls, results)
+
+    def refused(self, status, body, retry_after):
+        return self.error_answer(status, body, retry_after)
+
+    def finished(self, end):
+        content = []
+        for text, blocks in zip(end.texts, self.steps):
+            if text:
+                content.append({"type": "text", "text": text})
+            content += blocks
+        message = end.message or {}
+        reasoning = message.get("reasoning_content") or message.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
+        text = end.texts[-1] if len(end.texts) > len(self.steps) else None
+        if end.exhausted:
+            text = f"{text}\n\n{rounds_note(self.rounds)}" if text else rounds_note(self.rounds)
+        if isinstance(text, str) and text:
+            content.append({"type": "text", "text": text})
+        content += self.tool_uses(end.client_calls or ())
+        reason, sequence = stop_reason(end, self.stops)
+        request = self.request
+        request.status = 200
+        return request.conn.respond(request, 200, JSON_TYPE + [
+            ("X-Llmhost-Server", request.server or "-")], json_bytes({
+                "id": self.id, "type": "message", "role": "assistant", "model": self.model,
+                "content": content, "stop_reason": reason, "stop_sequence": sequence,
+                "usage": anthropic_usage(end.usage)}))
+
+
+class MessagesSSE(MessagesRender):
+    """A tool loop rendered as Anthropic's event stream: message_start (and a ping) once the
+    upstream answered; a content block per run of thinking or text, its deltas as they come;
+    a block per MCP call and result; the client's tool_use blocks at the end; message_delta
+    with the stop reason and usage; message_stop. A ping while tools run."""
+
+    stream = True
+
+    def __init__(self, request, body, rounds):
+        super().__init__(request, body, rounds)
+        self.keep_alive = True
+        self.index = -1  # the last block's index
+        self.open = None  # the type of the block still open ("text", "thinking")
+        self.texts = 0  # text blocks sent
+        self.out = []  # the events of the upstream chunk at hand (one write for them all)
+
+    def send(self, name, doc):
+        self.out.append(named_event(name, {"type": name, **doc}))
+
+    def flush(self):
+        if self.out:
+            self.conn.write_chunk(b"".join(self.out))
+            self.out.clear()
+
+    def opened(self, up):
+        if self.conn.streaming:
+            return
+        message = {"id": self.id, "type": "message", "role": "assistant", "model": self.model,
+                   "content": [], "stop_reason": None, "stop_sequence": None,
+                   "usage": anthropic_usage(None)}
+        self.keep_alive = self.conn.start_stream(self.request, 200, [
+            ("Content-Type", "text/event-stream"), ("X-Llmhost-Server", up.name)] + SSE_HEADERS,
+            named_event("message_start", {"type": "message_start", "message": message}) +
+            named_event("ping", {"type": "ping"}))
+        self.request.status = 200
+
+    def begin(self, kind, block):
+        """Open a block of `kind` unless one is open already."""
+        if self.open == kind:
+            return
+        self.close()
+        self.index += 1
+        self.open = kind
+        self.send("content_block_start", {"index": self.index, "content_block": block})
+
+    def close(self):
+        if self.open == "thinking":  # (the API signs a thinking block before it stops)
+            self.send("content_block_delta", {"index": self.index, "delta": {
+                "type": "signature_delta", "signature": ""}})
+        if self.open is not None:
+            self.send("content_block_stop", {"index": self.index})
+        self.open = None
+
+    def whole(self, block, partial_json=None):
+        """A block sent whole: its start, its input as one input_json_delta, its stop."""
+        self.close()
+        self.index += 1
+        self.send("content_block_start", {"index": self.index, "content_block": block})
+        if partial_json is not None:
+            self.send("content_block_delta", {"index": self.index, "delta": {
+                "type": "input_json_delta", "partial_json": partial_json}})
+        self.send("content_block_stop", {"index": self.index})
+
+    def delta(self, doc, text, reasoning):
+        if reasoning is None:  # (vLLM's newer name, and Ollama's)
+            reasoning = (doc["choices"][0].get("delta") or {}).get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            self.begin("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+            self.send("content_block_delta", {"index": self.index, "delta": {
+                "type": "thinking_delta", "thinking": reasoning}})
+        if not isinstance(text, str) or not text:
+            return self.flush()
+        if self.open != "text":
+            if self.texts and text.startswith(ROUND_SEPARATOR):
+                # A later round's text is a block of its own: the loop's separator goes.
+                text = text[len(ROUND_SEPARATOR):]
+                if not text:
+                    return self.flush()
+            self.texts += 1
+            self.begin("text", {"type": "text", "text": ""})
+        # (the stream's most frequent event, written without building its dict)
+        self.out.append(b'event: content_block_delta\ndata: {"type":"content_block_delta",'
+                        b'"index":%d,"delta":{"type":"text_delta","text":%s}}\n\n'
+                        % (self.index, json_bytes(text)))
+        self.flush()
+
+    def calls(self, calls):
+        for use in self.mcp_uses(calls):
+            self.whole(dict(use, input={}), json_bytes(use["input"]).decode())
+        self.flush()
+
+    def results(self, calls, results):
+        for block in self.mcp_results(calls, results):
+            self.whole(block)
+        self.flush()
+
+    def waiting(self):
+        if self.conn.streaming:
+            self.conn.write_chunk(named_event("ping", {"type": "ping"}))
+
+    def refused(self, status, body, retry_after):
+        if not self.conn.streaming:
+            return self.error_answer(status, body, retry_after)
+        # A later round failed: the stream ends with its error event.
+        message = "upstream: " + upstream_error_message(status, body)[0] if status != 200 \
+            else "upstream answer is not an OpenAI chat completion"
+        self.conn.end_stream(named_event("error", anthropic_error(
+            status if status != 200 else 502, message)))
+        return self.keep_alive
+
+    def finished(self, end):
+        if end.exhausted:
+            note = ("\n\n" if self.open == "text" else "") + rounds_note(self.rounds)
+            self.begin("text", {"type": "text", "text": ""})
+            self.send("content_block_delta", {"index": self.index, "delta": {
+                "type": "text_delta", "text": note}})
+        self.close()
+        for use in self.tool_uses(end.client_calls or ()):
+            self.whole(dict(use, input={}), json_bytes(use["input"]).decode())
+        reason, sequence = stop_reason(end, self.stops)
+        usage = anthropic_usage(end.usage)
+        self.send("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence},
+                                    "usage": usage})
+        self.send("message_stop", {})
+        self.conn.end_stream(b"".join(self.out))
+        return self.keep_alive
+
+
+# =============================================================================
 # Application
 # =============================================================================
 # Owns: the routes table, the faces (the chat API's routes and renderers) and the request path:
@@ -5111,6 +5746,8 @@ class Application:
             "/v1/embeddings": {"POST": self.embeddings},
             "/v1/rerank": {"POST": self.rerank},
             "/v1/reranking": {"POST": self.rerank},  # llama.cpp's name
+            "/v1/messages": {"POST": self.messages},
+            "/v1/messages/count_tokens": {"POST": self.count_tokens},
             "/v1/models": {"GET": self.models},
             "/v1/status": {"GET": self.status},
             "/v1/mcp/servers": {"GET": self.mcp_servers},
@@ -5122,7 +5759,8 @@ class Application:
             ("/v1/models/", {"GET": self.model_detail}),
             ("/v1/processes/", {"POST": self.process_action}),
         ]
-        self.faces = {}  # path or prefix -> the Face whose API it speaks (else OpenAI's)
+        # path or prefix -> the Face whose API it speaks (else OpenAI's)
+        self.faces = {"/v1/messages": MESSAGES_FACE, "/v1/messages/count_tokens": MESSAGES_FACE}
         self.open_routes = {"/health", "/v1/health"}
 
     # -- dispatch --------------------------------------------------------------------------
@@ -5374,6 +6012,24 @@ class Application:
             raw = None
         return await self.forward(request, body, "/rerank", raw=raw, transform=lambda data: (
             normalize_rerank(data, model, texts, body.get("top_n"), return_documents)))
+
+    async def messages(self, request):
+        """Anthropic's Messages API: the request as a chat body through the tool loop (one
+        round without MCP tools), rendered as a Message or its stream (see Messages API)."""
+        body = parse_json_body(request, "messages")
+        chat = messages_as_chat(body)
+        render = (MessagesSSE if body.get("stream") else MessagesJSON)(
+            request, body, self.mcp_max_rounds)
+        return await self.run_loop(request, chat, self.mcp_selection(chat), render)
+
+    async def count_tokens(self, request):
+        """An estimate (estimate_tokens): no upstream is asked, which the answer says."""
+        chat = messages_as_chat(parse_json_body(request, "messages"), count_only=True)
+        self.router.pool(chat["model"])  # an unknown model: 404, as Anthropic answers
+        request.status = 200
+        return request.conn.respond(request, 200, JSON_TYPE + [
+            ("X-Llmhost-Token-Count", "estimate")], json_bytes(
+                {"input_tokens": estimate_tokens(chat), "estimate": True}))
 
     async def forward(self, request, body, suffix, transform=None, raw=None):
         """Route `body` (sent as `raw` when that is its unchanged encoding) and relay the answer."""

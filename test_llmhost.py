@@ -203,7 +203,9 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
                 content = " ".join(texts) + f" [{images} images]"
             reply, call = "echo: " + str(content), None
         usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
-        finish = step.get("finish") or ("tool_calls" if call else "stop")  # ("length")
+        finish = step.get("finish") or ("tool_calls" if call else "stop")
+        # vLLM names the stop string that ended an answer in the choice's stop_reason
+        said = {"stop_reason": step["stop_reason"]} if "stop_reason" in step else {}
         if not body.get("stream"):
             message = {"role": "assistant", "content": reply}
             if call:
@@ -212,8 +214,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
                 message["reasoning_content"] = step["reasoning"]
             return self.send_json(200, {
                 "id": "chatcmpl-1", "object": "chat.completion", "created": 1,
-                "model": body["model"], "usage": usage, "choices": [{
-                    "index": 0, "message": message, "finish_reason": finish}]})
+                "model": body["model"], "usage": usage, "choices": [dict({
+                    "index": 0, "message": message, "finish_reason": finish}, **said)]})
         self.start_sse()
         if step.get("drop_at_head"):  # dies after its head, before the first event
             self.close_connection = True
@@ -222,8 +224,9 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
                 "model": body["model"]}
 
-        def delta(d, finish=None):
-            return dict(base, choices=[{"index": 0, "delta": d, "finish_reason": finish}])
+        def delta(d, finish=None, **more):
+            return dict(base, choices=[dict({"index": 0, "delta": d, "finish_reason": finish},
+                                            **more)])
 
         self.event(delta({"role": "assistant", "content": ""}))
         if step.get("meet"):  # wait until the test says every stream has got this far
@@ -268,7 +271,7 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
             self.event(delta(piece))
             if step.get("pace"):
                 time.sleep(max(0.0, paced_from + (i + 1) * step["pace"] - time.monotonic()))
-        self.event(delta({}, finish))
+        self.event(delta({}, finish, **said))
         if (body.get("stream_options") or {}).get("include_usage"):
             self.event(dict(base, choices=[], usage=usage))
         self.event(b"[DONE]")
@@ -319,8 +322,8 @@ FakeHandler.stream_calls = _stream_calls
 
 class FakeUpstream:
     """A fake OpenAI server. `script(*steps)` queues per-request behaviours (status, delay,
-    hold, close, drop_after, stall_after, pace, meet, encoding); requests are recorded with
-    their raw body."""
+    hold, close, drop_after, stall_after, pace, meet, encoding, finish, stop_reason); requests
+    are recorded with their raw body."""
 
     def __init__(self, models=("fake-model",), prefix="/v1", port=0):
         self.models = list(models)
@@ -2180,6 +2183,470 @@ def test_responses_bad_requests_are_400s_in_openais_envelope(gateway, body, para
     status, doc = rpost(gateway.port, dict({"model": "fake-model"}, **body))
     assert status == 400, doc
     assert doc["error"]["type"] == "invalid_request_error" and doc["error"]["param"] == param
+
+
+# =============================================================================
+# Messages API: Anthropic's face, translated onto the fake's chat completions
+# =============================================================================
+
+MSG = {"model": "fake-model", "max_tokens": 256,
+       "messages": [{"role": "user", "content": "hello there"}]}
+USAGE = {"input_tokens": 7, "output_tokens": 3, "cache_creation_input_tokens": 0,
+         "cache_read_input_tokens": 0}
+WEATHER_TOOL = {"name": "get_weather", "description": "Weather of a city.",
+                "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
+                                 "required": ["city"]}}
+
+
+def mpost(port, body, path="/v1/messages", **kw):
+    status, headers, raw = request(port, "POST", path, body, **kw)
+    return status, headers, json.loads(raw)
+
+
+def sent_body(fake, i=-1):
+    return json.loads(fake.posts()[i]["body"])
+
+
+def named_events(raw):
+    """A Messages stream as (event name, data) pairs, in order: named events, as the API's."""
+    events = []
+    for block in raw.replace(b"\r\n", b"\n").split(b"\n\n"):
+        name, data = None, []
+        for line in block.split(b"\n"):
+            if line.startswith(b"event:"):
+                name = line[6:].strip().decode()
+            elif line.startswith(b"data:"):
+                data.append(line[5:].lstrip())
+        if data:
+            events.append((name, json.loads(b"\n".join(data))))
+    assert all(name == data["type"] for name, data in events), events
+    return events
+
+
+def completion(message, finish="stop", **choice):
+    """A whole chat completion the fake answers with (a stream is asked: it is one chunk)."""
+    return {"status": 200, "body": {
+        "id": "c1", "object": "chat.completion", "created": 1, "model": "fake-model",
+        "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
+        "choices": [dict({"index": 0, "message": dict({"role": "assistant"}, **message),
+                          "finish_reason": finish}, **choice)]}}
+
+
+def test_messages_system_as_a_string_as_blocks_and_as_a_message_inside_messages(gateway, fake):
+    status, headers, doc = mpost(gateway.port, dict(MSG, system="Be brief."))
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert doc["id"].startswith("msg_") and len(doc["id"]) > 10
+    assert doc == {"id": doc["id"], "type": "message", "role": "assistant", "model": "fake-model",
+                   "content": [{"type": "text", "text": "echo: hello there"}],
+                   "stop_reason": "end_turn", "stop_sequence": None, "usage": USAGE}
+    sent = sent_body(fake)
+    assert sent["messages"] == [{"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": "hello there"}]
+    assert sent["max_tokens"] == 256 and "stream" not in sent and "system" not in sent
+    # blocks (cache_control left out), and a system-role message (Claude Code sends one):
+    # one system message first, which every chat template takes
+    status, _, doc = mpost(gateway.port, dict(MSG, system=[
+        {"type": "text", "text": "One.", "cache_control": {"type": "ephemeral"}},
+        {"type": "text", "text": "Two."}], messages=[
+        {"role": "user", "content": [{"type": "text", "text": "hi",
+                                      "cache_control": {"type": "ephemeral"}}]},
+        {"role": "system", "content": "Three."}]))
+    assert status == 200 and doc["content"] == [{"type": "text", "text": "echo: hi"}]
+    assert sent_body(fake)["messages"] == [{"role": "system", "content": "One.\n\nTwo.\n\nThree."},
+                                           {"role": "user", "content": "hi"}]
+
+
+def test_messages_images_reach_the_upstream_as_image_url_parts(gateway, fake):
+    status, _, doc = mpost(gateway.port, dict(MSG, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "what are these"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                     "data": PNG_1PX}},
+        {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.jpg"}}]}]))
+    assert status == 200
+    assert doc["content"] == [{"type": "text", "text": "echo: what are these [2 images]"}]
+    assert sent_body(fake)["messages"] == [{"role": "user", "content": [
+        {"type": "text", "text": "what are these"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG_1PX}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}}]}]
+    assert b'"url":"data:image/png;base64,' + PNG_1PX.encode() + b'"' in fake.posts()[-1]["body"]
+
+
+def test_messages_tool_use_then_tool_result_round_trip(gateway, fake):
+    tools = [dict(WEATHER_TOOL, cache_control={"type": "ephemeral"})]
+    status, _, doc = mpost(gateway.port, dict(MSG, tools=tools, tool_choice={
+        "type": "any", "disable_parallel_tool_use": True}))
+    assert status == 200
+    assert doc["stop_reason"] == "tool_use" and doc["stop_sequence"] is None
+    assert doc["content"] == [{"type": "tool_use", "id": "call_1", "name": "get_weather",
+                               "input": {"city": "Paris", "unit": "celsius"}}]
+    sent = sent_body(fake)
+    assert sent["tools"] == [{"type": "function", "function": {
+        "name": "get_weather", "parameters": WEATHER_TOOL["input_schema"],
+        "description": "Weather of a city."}}]
+    assert sent["tool_choice"] == "required" and sent["parallel_tool_calls"] is False
+    turn = [{"type": "thinking", "thinking": "hmm", "signature": "sig"},
+            {"type": "text", "text": "Let me look."}] + doc["content"] + [
+        {"type": "tool_use", "id": "call_2", "name": "get_weather", "input": {"city": "Atlantis"}}]
+    status, _, doc = mpost(gateway.port, dict(MSG, tools=tools, messages=MSG["messages"] + [
+        {"role": "assistant", "content": turn},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "call_1",
+             "content": [{"type": "text", "text": "18 C"}]},
+            {"type": "tool_result", "tool_use_id": "call_2", "content": "no such city",
+             "is_error": True}]}], tool_choice={"type": "tool", "name": "get_weather"}))
+    assert status == 200 and doc["stop_reason"] == "end_turn"
+    assert doc["content"] == [{"type": "text", "text": "tool result: 18 C | Error: no such city"}]
+    sent = sent_body(fake)
+    assert sent["messages"][1:] == [
+        {"role": "assistant", "content": "Let me look.", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {
+                "name": "get_weather", "arguments": '{"city":"Paris","unit":"celsius"}'}},
+            {"id": "call_2", "type": "function", "function": {
+                "name": "get_weather", "arguments": '{"city":"Atlantis"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "Error: no such city"}]
+    assert sent["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+
+
+def test_messages_stop_sequences_and_sampling_reach_the_upstream(gateway, fake):
+    status, _, doc = mpost(gateway.port, dict(MSG, stop_sequences=["END", "###"],
+                                              temperature=0.2, top_p=0.9, top_k=40))
+    assert status == 200 and doc["stop_reason"] == "end_turn"
+    sent = sent_body(fake)
+    assert (sent["stop"], sent["temperature"], sent["top_p"], sent["top_k"]) == \
+        (["END", "###"], 0.2, 0.9, 40)
+    # vLLM names the stop string that ended the answer (a token id when it was a token)
+    fake.script({"stop_reason": "###"}, {"stop_reason": 2}, {"stop_reason": "###"})
+    status, _, doc = mpost(gateway.port, dict(MSG, stop_sequences=["END", "###"]))
+    assert (doc["stop_reason"], doc["stop_sequence"]) == ("stop_sequence", "###")
+    status, _, doc = mpost(gateway.port, dict(MSG, stop_sequences=["END", "###"]))
+    assert (doc["stop_reason"], doc["stop_sequence"]) == ("end_turn", None)
+    status, _, raw = post(gateway.port, "/v1/messages", dict(MSG, stream=True,
+                                                             stop_sequences=["END", "###"]))
+    (delta,) = [data for name, data in named_events(raw) if name == "message_delta"]
+    assert delta["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "###"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_messages_a_length_stop_is_max_tokens_and_reasoning_a_thinking_block(gateway, fake,
+                                                                             stream):
+    """Claude Code asks to resume an answer cut at max_tokens: the stop reason must say so."""
+    fake.script(completion({"content": "It is", "reasoning_content": "The user asks."},
+                           finish="length"))
+    if not stream:
+        status, _, doc = mpost(gateway.port, MSG)
+        assert status == 200 and doc["stop_reason"] == "max_tokens"
+        assert doc["content"] == [
+            {"type": "thinking", "thinking": "The user asks.", "signature": ""},
+            {"type": "text", "text": "It is"}]
+        assert doc["usage"]["output_tokens"] == 4
+        return
+    status, _, raw = post(gateway.port, "/v1/messages", dict(MSG, stream=True))
+    assert status == 200
+    events = named_events(raw)
+    assert [(name, data.get("index"), (data.get("delta") or {}).get("type"))
+            for name, data in events] == [
+        ("message_start", None, None), ("ping", None, None),
+        ("content_block_start", 0, None), ("content_block_delta", 0, "thinking_delta"),
+        ("content_block_delta", 0, "signature_delta"), ("content_block_stop", 0, None),
+        ("content_block_start", 1, None), ("content_block_delta", 1, "text_delta"),
+        ("content_block_stop", 1, None), ("message_delta", None, None),
+        ("message_stop", None, None)]
+    assert events[2][1]["content_block"] == {"type": "thinking", "thinking": "",
+                                             "signature": ""}
+    assert events[3][1]["delta"]["thinking"] == "The user asks."
+    assert events[7][1]["delta"]["text"] == "It is"
+    assert events[9][1]["delta"] == {"stop_reason": "max_tokens", "stop_sequence": None}
+    assert events[9][1]["usage"]["output_tokens"] == 4
+
+
+def test_messages_stream_events_in_order_and_deltas_before_the_end(gateway, fake):
+    end = threading.Event()
+    fake.script({"hold_end": end})
+    # (shorter than the fake's hold, which ends by itself after TIMEOUT: deltas held back
+    # until the upstream's end time out here)
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=TIMEOUT / 2)
+    try:
+        conn.request("POST", "/v1/messages?beta=true", json.dumps(dict(MSG, stream=True)),
+                     {"Content-Type": "application/json", "anthropic-version": "2023-06-01"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.getheader("content-type") == "text/event-stream"
+        seen = b""
+        while b'"text":" there"' not in seen:  # the last word, while the upstream holds its end
+            line = resp.readline()
+            assert line, seen
+            seen += line
+        assert b"message_delta" not in seen and b"message_stop" not in seen
+        end.set()
+        raw = seen + resp.read()
+    finally:
+        end.set()
+        conn.close()
+    events = named_events(raw)
+    assert [name for name, _ in events] == [
+        "message_start", "ping", "content_block_start", "content_block_delta",
+        "content_block_delta", "content_block_delta", "content_block_stop", "message_delta",
+        "message_stop"]
+    start = events[0][1]["message"]
+    assert start["id"].startswith("msg_") and start["content"] == [] and \
+        start["stop_reason"] is None and start["model"] == "fake-model"
+    assert start["usage"]["input_tokens"] == 0 and start["usage"]["output_tokens"] == 0
+    assert events[2][1] == {"type": "content_block_start", "index": 0,
+                            "content_block": {"type": "text", "text": ""}}
+    assert [data["delta"] for _, data in events[3:6]] == [
+        {"type": "text_delta", "text": t} for t in ("echo:", " hello", " there")]
+    assert events[6][1] == {"type": "content_block_stop", "index": 0}
+    assert events[7][1] == {"type": "message_delta", "delta": {
+        "stop_reason": "end_turn", "stop_sequence": None}, "usage": USAGE}
+    assert events[8][1] == {"type": "message_stop"}
+    assert sent_body(fake)["stream"] is True  # (with include_usage: the usage above)
+
+
+def test_messages_an_upstream_dying_mid_stream_ends_with_an_error_event(gateway, fake):
+    fake.script({"drop_after": 1})
+    status, _, raw = post(gateway.port, "/v1/messages", dict(MSG, stream=True))
+    assert status == 200
+    events = named_events(raw)
+    assert [name for name, _ in events] == [
+        "message_start", "ping", "content_block_start", "content_block_delta", "error"]
+    error = events[-1][1]
+    assert error["error"]["type"] == "api_error" and "upstream" in error["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("status, kind", [(429, "rate_limit_error"),
+                                          (400, "invalid_request_error")])
+def test_messages_an_upstream_refusal_before_the_first_event_is_an_http_status(
+        gateway, fake, stream, status, kind):
+    """A 429 (or the upstream's own 400: max_tokens above its limit, say) before any event is
+    the HTTP status, in Anthropic's envelope; a 429's Retry-After is passed on."""
+    fake.script({"status": status, "headers": [("Retry-After", "30")] if status == 429 else [],
+                 "body": {"error": {
+        "message": "max_tokens is too large", "type": "BadRequestError", "code": status}}})
+    got, headers, doc = mpost(gateway.port, dict(MSG, stream=stream, max_tokens=32000))
+    assert got == status and headers["content-type"] == "application/json"
+    assert doc == {"type": "error", "error": {"type": kind,
+                                              "message": "upstream: max_tokens is too large"}}
+    assert headers.get("retry-after") == ("30" if status == 429 else None)
+
+
+def test_messages_bad_requests_are_400s_in_anthropics_envelope(gateway, fake):
+    for body, needle in [
+            ({k: v for k, v in MSG.items() if k != "max_tokens"}, "max_tokens: Field required"),
+            (dict(MSG, max_tokens=0), "max_tokens"),
+            (dict(MSG, messages=[]), "messages"),
+            (dict(MSG, messages=[{"role": "tool", "content": "x"}]), "messages[0].role"),
+            (dict(MSG, tool_choice={"type": "sometimes"}), "tool_choice"),
+            (dict(MSG, messages=[{"role": "user", "content": [{"type": "image", "source": {
+                "type": "file", "file_id": "f1"}}]}]), "messages[0].content[0].source"),
+            (b"{not json", "not valid JSON")]:
+        status, _, doc = mpost(gateway.port, body)
+        assert status == 400, (body, doc)
+        assert doc["type"] == "error" and doc["error"]["type"] == "invalid_request_error", doc
+        assert needle in doc["error"]["message"], doc
+    assert fake.posts() == []
+    status, _, doc = mpost(gateway.port, dict(MSG, model="nope"))
+    assert status == 404 and doc["error"]["type"] == "not_found_error"
+
+
+def test_messages_a_bad_api_key_is_a_401_in_anthropics_envelope(fake, tmp_path):
+    path = write_registry(tmp_path / "s.json",
+                          [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    running = Running(path, api_keys=["k1"])
+    try:
+        for path in ("/v1/messages", "/v1/messages/count_tokens"):
+            for headers in ({"x-api-key": "wrong"}, {}):
+                status, _, doc = mpost(running.port, MSG, path=path, headers=headers)
+                assert status == 401 and doc["type"] == "error", doc
+                assert doc["error"]["type"] == "authentication_error" and \
+                    "wrong" not in doc["error"]["message"]
+        status, _, doc = mpost(running.port, MSG, headers={
+            "x-api-key": "k1", "anthropic-version": "2023-06-01"})
+        assert status == 200 and doc["type"] == "message"
+        status, doc = jpost(running.port, "/v1/chat/completions", CHAT)
+        assert status == 401 and doc["error"]["code"] == "invalid_api_key"  # chat: OpenAI's
+    finally:
+        running.stop()
+
+
+def test_messages_a_claude_code_request_is_accepted(gateway, fake):
+    """What Claude Code sends (shared/CLIENT_NOTES.md): fields llmhost cannot honour are left
+    out, never a 400; its tools reach the model (not Anthropic's server tools)."""
+    body = {
+        "model": "fake-model", "max_tokens": 32000, "stream": True,
+        "thinking": {"type": "adaptive"}, "output_config": {"effort": "high"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "metadata": {"user_id": "user_1_account_2_session_3"},
+        "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.332;"},
+                   {"type": "text", "text": "You are Claude Code.",
+                    "cache_control": {"type": "ephemeral"}},
+                   {"type": "text", "text": "Be helpful.",
+                    "cache_control": {"type": "ephemeral", "ttl": "1h"}}],
+        "messages": [
+            {"role": "system", "content": [{"type": "text", "text": "Today is Monday."}]},
+            {"role": "user", "content": [
+                {"type": "text", "text": "<system-reminder>ctx</system-reminder>"},
+                {"type": "text", "text": "list files", "cache_control": {"type": "ephemeral"}}]}],
+        "tools": [{"name": "Bash", "description": "Runs a command.", "input_schema": {
+            "type": "object", "properties": {"command": {"type": "string"}}}},
+            {"name": "WebFetch", "description": "Fetches.", "defer_loading": True,
+             "input_schema": {"type": "object", "properties": {"url": {"type": "string"}}}},
+            {"type": "web_search_20250305", "name": "web_search", "max_uses": 5}]}
+    status, headers, raw = post(gateway.port, "/v1/messages?beta=true", body, headers={
+        "x-api-key": "anything", "anthropic-version": "2023-06-01",
+        "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,"
+                          "context-management-2025-06-27"})
+    assert status == 200, raw
+    events = named_events(raw)
+    assert [name for name, _ in events] == [
+        "message_start", "ping", "content_block_start", "content_block_delta",
+        "content_block_stop", "message_delta", "message_stop"]
+    assert events[2][1]["content_block"] == {"type": "tool_use", "id": "call_1", "name": "Bash",
+                                             "input": {}}
+    assert json.loads(events[3][1]["delta"]["partial_json"]) == {"city": "Paris",
+                                                                 "unit": "celsius"}
+    assert events[5][1]["delta"]["stop_reason"] == "tool_use"
+    sent = sent_body(fake)
+    assert [t["function"]["name"] for t in sent["tools"]] == ["Bash", "WebFetch"]
+    assert sent["max_tokens"] == 32000 and sent["messages"][0] == {
+        "role": "system", "content": "x-anthropic-billing-header: cc_version=2.1.332;\n\n"
+                                     "You are Claude Code.\n\nBe helpful.\n\nToday is Monday."}
+    assert sent["messages"][1]["content"] == [
+        {"type": "text", "text": "<system-reminder>ctx</system-reminder>"},
+        {"type": "text", "text": "list files"}]
+    assert not {"thinking", "output_config", "context_management", "metadata", "system",
+                "stop_sequences"} & set(sent)
+    status, _, doc = mpost(gateway.port, dict(body, stream=False, tools=[]),
+                           path="/v1/messages?beta=true")
+    assert status == 200 and doc["content"] == [{"type": "text", "text": (
+        "echo: <system-reminder>ctx</system-reminder> list files [0 images]")}]
+    assert "tools" not in sent_body(fake) and "tool_choice" not in sent_body(fake)
+
+
+def test_messages_count_tokens_is_an_estimate_that_says_so(gateway, fake):
+    status, headers, doc = mpost(gateway.port, {k: v for k, v in MSG.items()
+                                                if k != "max_tokens"},
+                                 path="/v1/messages/count_tokens")
+    assert status == 200 and headers["x-llmhost-token-count"] == "estimate"
+    assert doc["estimate"] is True and 0 < doc["input_tokens"] < 20
+    longer = dict(MSG, system="word " * 400, tools=[WEATHER_TOOL])
+    status, _, more = mpost(gateway.port, longer, path="/v1/messages/count_tokens")
+    assert more["input_tokens"] > doc["input_tokens"] + 500
+    image = dict(MSG, messages=[{"role": "user", "content": [{"type": "image", "source": {
+        "type": "base64", "media_type": "image/png", "data": PNG_1PX}}]}])
+    status, _, pic = mpost(gateway.port, image, path="/v1/messages/count_tokens")
+    assert pic["input_tokens"] >= llmhost.IMAGE_TOKENS_ESTIMATE
+    status, _, doc = mpost(gateway.port, dict(MSG, model="nope"),
+                           path="/v1/messages/count_tokens")
+    assert status == 404 and doc["error"]["type"] == "not_found_error"
+    assert fake.posts() == []  # an estimate: no upstream is asked
+
+
+def mcp_ready(port, name="t"):
+    """Whether MCP server `name` is connected: a request waits only MCP_ATTACHED_WAIT for an
+    attached server still starting (a slow start under load), then goes on without it."""
+    servers = json.loads(request(port, "GET", "/v1/mcp/servers")[2])["data"]
+    return any(s["name"] == name and s["state"] == "ready" for s in servers)
+
+
+def messages_agent(port, fake, steps, stream=False, **extra):
+    assert wait_until(lambda: mcp_ready(port), TIMEOUT * 3)
+    fake.steps.clear()
+    fake.requests.clear()
+    fake.script(*steps)
+    body = dict(dict(MSG, model="agent", messages=[{"role": "user", "content": "go"}]), **extra)
+    if stream:
+        body["stream"] = True
+    return post(port, "/v1/messages", body, timeout=TIMEOUT * 3)
+
+
+MCP_ECHO_BLOCKS = [
+    {"type": "mcp_tool_use", "id": "call_0", "name": "echo", "server_name": "t",
+     "input": {"text": "hi"}},
+    {"type": "mcp_tool_result", "tool_use_id": "call_0", "is_error": False,
+     "content": [{"type": "text", "text": "hi"}]}]
+
+
+def test_messages_mcp_tools_run_by_llmhost_show_as_mcp_blocks(mcp_env):
+    running, fake = mcp_env
+    status, _, raw = messages_agent(running.port, fake, [
+        {"calls": [("t__echo", {"text": "hi"})], "say": "Let me check."}])
+    doc = json.loads(raw)
+    assert status == 200, doc
+    assert doc["content"] == [{"type": "text", "text": "Let me check."}] + MCP_ECHO_BLOCKS + [
+        {"type": "text", "text": "tool result: hi"}]
+    assert doc["stop_reason"] == "end_turn"
+    assert doc["usage"]["input_tokens"] == 5 + 7 and doc["usage"]["output_tokens"] == 1 + 3
+    # the answer given back (as clients replay a turn) reads as the calls llmhost ran
+    status, _, raw = messages_agent(running.port, fake, [{}], model="fake-model", messages=[
+        {"role": "user", "content": "go"}, {"role": "assistant", "content": doc["content"]},
+        {"role": "user", "content": "thanks"}])
+    assert status == 200
+    assert sent_body(fake)["messages"][1:] == [
+        {"role": "assistant", "content": "Let me check.", "tool_calls": [
+            {"id": "call_0", "type": "function", "function": {
+                "name": "t__echo", "arguments": '{"text":"hi"}'}}]},
+        {"role": "tool", "tool_call_id": "call_0", "content": "hi"},
+        {"role": "assistant", "content": "tool result: hi"},
+        {"role": "user", "content": "thanks"}]
+
+
+def test_messages_mcp_stream_has_mcp_blocks_between_the_rounds_text(mcp_env):
+    running, fake = mcp_env
+    status, _, raw = messages_agent(running.port, fake, [
+        {"calls": [("t__echo", {"text": "hi"})], "say": "Let me check."}], stream=True)
+    assert status == 200
+    events = named_events(raw)
+    assert [(name, data.get("index")) for name, data in events] == [
+        ("message_start", None), ("ping", None),
+        ("content_block_start", 0), ("content_block_delta", 0), ("content_block_stop", 0),
+        ("content_block_start", 1), ("content_block_delta", 1), ("content_block_stop", 1),
+        ("content_block_start", 2), ("content_block_stop", 2),
+        ("content_block_start", 3), ("content_block_delta", 3), ("content_block_delta", 3),
+        ("content_block_delta", 3), ("content_block_stop", 3),
+        ("message_delta", None), ("message_stop", None)]
+    assert events[5][1]["content_block"] == dict(MCP_ECHO_BLOCKS[0], input={})
+    assert json.loads(events[6][1]["delta"]["partial_json"]) == {"text": "hi"}
+    assert events[8][1]["content_block"] == MCP_ECHO_BLOCKS[1]
+    texts = ["".join(d["delta"]["text"] for n, d in events if n == "content_block_delta" and
+                     d["index"] == i) for i in (0, 3)]
+    assert texts == ["Let me check.", "tool result: hi"]  # (no round separator: blocks part)
+    assert events[-2][1]["delta"]["stop_reason"] == "end_turn"
+
+
+def test_messages_mcp_servers_parameter_under_the_chat_rules(mcp_env):
+    """`mcp_servers` names a registered server (no url) or a url under --mcp-allow-url (none
+    here: refused); tool_configuration chooses its tools, or leaves the server out."""
+    running, fake = mcp_env
+    server = {"type": "url", "name": "t", "tool_configuration": {"allowed_tools": ["echo"]}}
+    status, _, raw = messages_agent(running.port, fake, [
+        {"calls": [("t__echo", {"text": "sel"})]}], model="fake-model", mcp_servers=[server])
+    doc = json.loads(raw)
+    assert status == 200 and doc["content"][-1] == {"type": "text", "text": "tool result: sel"}
+    assert [t["function"]["name"] for t in sent_body(fake, 0)["tools"]] == ["t__echo"]
+    status, _, raw = messages_agent(running.port, fake, [{}], model="fake-model", mcp_servers=[
+        dict(server, tool_configuration={"enabled": False})])
+    assert status == 200 and "tools" not in sent_body(fake)
+    # the newer beta's mcp_toolset: tools enabled one by one (an allow-list) are offered
+    toolset = {"type": "mcp_toolset", "mcp_server_name": "t", "default_config": {
+        "enabled": False}, "configs": {"weather": {"enabled": True}}}
+    status, _, raw = messages_agent(running.port, fake, [{}], model="fake-model", mcp_servers=[
+        {"type": "url", "name": "t"}], tools=[toolset])
+    assert status == 200 and [t["function"]["name"] for t in sent_body(fake, 0)["tools"]] == \
+        ["t__weather"]
+    disabling = dict(toolset, default_config={}, configs={"echo": {"enabled": False}})
+    for servers, tools in [([{"type": "url", "name": "t"}], [disabling]),
+                           ([dict(server, tool_configuration={"allowed_tools": "echo"})], [])]:
+        status, _, raw = messages_agent(running.port, fake, [], model="fake-model",
+                                        mcp_servers=servers, tools=tools)
+        assert status == 400 and json.loads(raw)["error"]["type"] == "invalid_request_error"
+    status, _, raw = messages_agent(running.port, fake, [{}], model="fake-model", mcp_servers=[
+        {"type": "url", "name": "web", "url": "http://169.254.169.254/mcp",
+         "authorization_token": "tok"}])
+    doc = json.loads(raw)
+    assert status == 400 and doc["error"]["type"] == "invalid_request_error", doc
+    assert "--mcp-allow-url" in doc["error"]["message"] and "tok" not in doc["error"]["message"]
+    assert fake.posts() == []
 
 
 # =============================================================================
@@ -5202,12 +5669,14 @@ def test_killing_one_of_three_loses_no_unstarted_request(pool):
     assert len(fakes[0].posts()) >= 1  # some had reached it and were moved elsewhere
 
 
-def test_fifty_streams_flow_at_once(tmp_path):
+@pytest.mark.parametrize("api", ["chat", "messages"])
+def test_fifty_streams_flow_at_once(tmp_path, api):
     """The 50-request contract, without a stopwatch: 50 streams are in flight through llmhost at
     the same moment. Each upstream stream sends one event and then waits at a barrier that opens
     only when every client has read its first event, so a gateway that queued, capped or
     buffered any of them would leave the barrier shut and fail here. llmhost runs as its own
-    process, as users run it."""
+    process, as users run it. The same for 50 Messages streams (their message_start goes out
+    once the upstream answered)."""
     n = 50
     fakes = [FakeUpstream() for _ in range(3)]
     registry = write_registry(tmp_path / "s.json", [
@@ -5217,21 +5686,29 @@ def test_fifty_streams_flow_at_once(tmp_path):
     for f in fakes:
         f.script(*[{"meet": barrier, "pace": 0.01} for _ in range(n)])
     words = " ".join(["w"] * 19)
-    payload = json.dumps(dict(CHAT, stream=True, messages=[
+    path, body = ("/v1/chat/completions", CHAT) if api == "chat" else ("/v1/messages", MSG)
+    payload = json.dumps(dict(body, stream=True, messages=[
         {"role": "user", "content": words}])).encode()
     conns = []
     try:
         for _ in range(n):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT * 2)
-            conn.request("POST", "/v1/chat/completions", payload,
-                         {"Content-Type": "application/json"})
+            conn.request("POST", path, payload, {"Content-Type": "application/json"})
             conns.append(conn)
         answers = [conn.getresponse() for conn in conns]
         assert [a.status for a in answers] == [200] * n
-        firsts = [a.readline() for a in answers]  # "data: {...role...}" of every stream
-        assert all(line.startswith(b"data: {") for line in firsts)
+        # "data: {...role...}" / "event: message_start" of every stream
+        firsts = [a.readline() for a in answers]
+        assert all(line.startswith(b"data: {" if api == "chat" else b"event: message_start\n")
+                   for line in firsts)
         barrier.wait(TIMEOUT)  # all 50 upstream streams are waiting here too
         for first, answer in zip(firsts, answers):
+            if api == "messages":
+                events = named_events(first + answer.read())
+                assert events[-1][0] == "message_stop"
+                assert "".join(data["delta"]["text"] for name, data in events
+                               if name == "content_block_delta") == "echo: " + words
+                continue
             events = sse_events(first + answer.read())
             assert events[-1] == "[DONE]"
             deltas = [json.loads(e)["choices"][0]["delta"] for e in events[:-1]]
@@ -6335,7 +6812,8 @@ def test_a_worker_that_cannot_be_forked_stops_serve_with_a_clear_message(fake, t
                              env={"FORK_FAILS_AT": "2", "PIDS": str(tmp_path / "pids2")})
     try:  # (up longer than WORKER_MIN_UPTIME: a death now is no failed start)
         pids = workers_up(port, 2, llmhost.WORKER_MIN_UPTIME)
-        assert wait_until(lambda: len((tmp_path / "pids2").read_text().split()) == 2)
+        assert wait_until(lambda: (tmp_path / "pids2").exists() and  # (serve accepts once a
+                          len((tmp_path / "pids2").read_text().split()) == 2)  # worker runs)
         victim, other = map(int, (tmp_path / "pids2").read_text().split())
         assert {victim, other} == pids
         os.kill(victim, signal.SIGKILL)

@@ -8,6 +8,7 @@ Subcommands:
   minimal-proxy LISTEN:UP ...  the floor for llmhost's stack: a featureless asyncio-streams
                                keep-alive pass-through, one listening port per upstream port
   stream-client URL MODEL      N concurrent keep-alive paced streams: TTFB / total / gaps
+                               (--api messages: the same through Anthropic's /messages)
   check URL MODEL KIND         one request; verify the answer looks like the canned one
   wait-http URL START_NS       poll URL until 200; print ms since START_NS
   busy SECONDS                 whole-machine CPU busy % over SECONDS (100 = one core)
@@ -304,7 +305,7 @@ class HTTPError(Exception):
     pass
 
 
-async def read_response(reader):
+async def read_response(reader, first_token=None):
     """Read one HTTP/1.1 response.
     Returns (status, body, t_first_body, t_end, gaps_ms, connection_close).
     t_first_body is when the first body byte arrived (what the client would see as the
@@ -319,6 +320,7 @@ async def read_response(reader):
     body = bytearray()
     t_first, t_last, gaps = None, None, []
     t_token = None  # when the first content token arrived (the first event is role-only)
+    first_token = first_token or FIRST_TOKEN
 
     def got(data):
         nonlocal t_first, t_last, t_token
@@ -331,7 +333,7 @@ async def read_response(reader):
             gaps.append((now - t_last) * 1000)
         t_last = now
         body.extend(data)
-        if t_token is None and FIRST_TOKEN.search(body):
+        if t_token is None and first_token.search(body):
             t_token = now
 
     if "chunked" in hdr.get("transfer-encoding", ""):
@@ -368,6 +370,7 @@ async def read_response(reader):
 
 
 FIRST_TOKEN = re.compile(rb'"content":"[^"]')
+FIRST_TEXT_DELTA = re.compile(rb'"type":"text_delta","text":"[^"]')  # Messages' first token
 
 
 def pct(values, p):
@@ -388,10 +391,14 @@ def stream_client(argv):
     ap.add_argument("--events", type=int, default=N_EVENTS + 1, help="data: events expected")
     ap.add_argument("--pace-ms", type=float, default=10,
                     help="upstream event gap; connections start staggered over one stream's length")
+    ap.add_argument("--api", choices=["chat", "messages"], default="chat",
+                    help="messages: the same streams through Anthropic's Messages API")
     a = ap.parse_args(argv)
+    messages = a.api == "messages"
     host_port = a.url.split("://", 1)[1].split("/", 1)
     host, _, port = host_port[0].partition(":")
-    path = "/" + (host_port[1] if len(host_port) > 1 else "") + "/chat/completions"
+    path = "/" + (host_port[1] if len(host_port) > 1 else "") + (
+        "/messages" if messages else "/chat/completions")
     path = path.replace("//", "/")
     body = json.dumps({"model": a.model, "stream": True, "max_tokens": 20,
                        "messages": [{"role": "user", "content": "Say hello"}]}).encode()
@@ -415,10 +422,12 @@ def stream_client(argv):
                 t0 = time.perf_counter()
                 writer.write(req)
                 status, data, t_first, t_end, gaps, close, t_token = await asyncio.wait_for(
-                    read_response(reader), 30)
+                    read_response(reader, FIRST_TEXT_DELTA if messages else None), 30)
                 if status != 200:
                     err("status_%d" % status)
-                elif data.count(b"data:") != a.events or b"[DONE]" not in data:
+                elif (data.count(b'"text_delta"') != a.events - 2 or
+                      b"event: message_stop" not in data) if messages else (
+                        data.count(b"data:") != a.events or b"[DONE]" not in data):
                     err("bad_stream")
                 else:
                     ttfb.append((t_first - t0) * 1000)
