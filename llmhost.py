@@ -92,6 +92,12 @@ LOG_MODEL_CHARS = 200  # a longer model name is cut in the access log
 HOST_VERDICTS_MAX = 256  # Host fields whose check is remembered (a client can send any)
 LOG_NAMES_MAX = 1024  # model names the access log keeps escaped forms of
 DISCOVER_TIMEOUT = 0.5  # s a local port gets to answer GET /v1/models (discover, zero-config)
+ESTIMATE_CHARS_PER_TOKEN = 4  # token estimates (no upstream tokenizer): OpenAI's rule of thumb
+ESTIMATE_TOKENS_PER_MESSAGE = 4  # a turn's role and separators, as chat templates add them
+IMAGE_TOKENS_OPENAI = 765  # an image in a Responses token estimate; OpenAI's 512 px tile figure
+# An image in a Messages token estimate: Anthropic's figure for the largest image it keeps
+# (about 1.15 megapixels: width * height / 750).
+IMAGE_TOKENS_ANTHROPIC = 1600
 MCP_REQUEST_SERVERS = 16  # servers named by requests' server_url kept connected at once
 MCP_MAX_ROUNDS = 8  # model -> tools -> model rounds per request before we stop calling tools
 MCP_TOOLS_TTL_MIN = 1.0  # s a 2026 server's tool list is used at least, whatever its ttlMs
@@ -4202,6 +4208,43 @@ def completion_as_chunk(doc, message):
         "index": 0, "delta": delta, "finish_reason": doc["choices"][0].get("finish_reason")}])
 
 
+def estimate_tokens(chat, image_tokens):
+    """A chat body's input tokens, estimated where no upstream tokenizer is asked (the Responses
+    API's input_tokens, the Messages API's count_tokens): a token per ESTIMATE_CHARS_PER_TOKEN
+    characters of text (tools as their JSON), `image_tokens` per image or file (each API has
+    its own figure), ESTIMATE_TOKENS_PER_MESSAGE per message for its framing."""
+    chars = len(json_bytes(chat.get("tools") or []))
+    attachments = 0
+    for message in chat["messages"]:
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        for part in content if isinstance(content, list) else ():
+            if isinstance(part, dict) and part.get("type") == "text":
+                chars += len(part.get("text") or "")
+            else:
+                attachments += 1
+        if message.get("tool_calls"):
+            chars += len(json_bytes(message["tool_calls"]))
+    return (-(-chars // ESTIMATE_CHARS_PER_TOKEN) + attachments * image_tokens
+            + ESTIMATE_TOKENS_PER_MESSAGE * len(chat["messages"]))
+
+
+class Face:
+    """How one API shapes its errors: OpenAI's envelope here; the Responses and Messages faces
+    have their own. A route's face is in Application.faces."""
+
+    def error_body(self, exc):
+        return json_bytes(exc.envelope())
+
+    def error_event(self, exc):
+        """The event that ends a stream that failed after its head went out."""
+        return sse_event(exc.envelope())
+
+
+OPENAI_FACE = Face()
+
+
 def upstream_error_message(status, body):
     """-> (the message of an upstream's error body, whether the body is OpenAI's envelope)."""
     try:
@@ -4848,11 +4891,6 @@ ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_erro
 # chat finish_reason -> Messages stop_reason (a stop string is told apart in stop_reason())
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
                 "function_call": "tool_use", "content_filter": "refusal"}
-# Tokens counted for an image by count_tokens: Anthropic's own figure for an image of the
-# largest size it keeps (about 1.15 megapixels: width * height / 750).
-IMAGE_TOKENS_ESTIMATE = 1600
-CHARS_PER_TOKEN = 4  # count_tokens' estimate for English text and code (OpenAI's rule of thumb)
-TOKENS_PER_MESSAGE = 4  # a turn's role and separators, as chat templates add them
 
 
 def anthropic_error(status, message):
@@ -4867,9 +4905,9 @@ def named_event(name, doc):
     return b"event: " + name.encode() + b"\n" + sse_event(doc)
 
 
-class MessagesFace:
-    """The Messages routes' errors (a Face): Anthropic's envelope, and its `error` event to end
-    a stream that failed after its head went out."""
+class MessagesFace(Face):
+    """The Messages routes' errors: Anthropic's envelope, and its `error` event to end a stream
+    that failed after its head went out."""
 
     def error_body(self, exc):
         return json_bytes(anthropic_error(exc.status, exc.message))
@@ -5175,27 +5213,6 @@ def messages_as_chat(body, count_only=False):
     if parallel is not None:
         chat["parallel_tool_calls"] = parallel
     return chat
-
-
-def estimate_tokens(chat):
-    """count_tokens' estimate of a chat body's prompt: characters over CHARS_PER_TOKEN, each
-    turn's overhead, and IMAGE_TOKENS_ESTIMATE an image (no upstream tokenizer is asked)."""
-    chars = images = 0
-    for message in chat["messages"]:
-        content = message.get("content")
-        for part in content if isinstance(content, list) else [content]:
-            if isinstance(part, str):
-                chars += len(part)
-            elif isinstance(part, dict) and part.get("type") == "text":
-                chars += len(part["text"])
-            elif isinstance(part, dict):
-                images += 1
-        for call in message.get("tool_calls") or ():
-            chars += len(call["function"]["name"]) + len(call["function"]["arguments"])
-    chars += sum(len(json_bytes(tool)) for tool in chat.get("tools") or ()
-                 if tool.get("type") == "function")
-    return (-(-chars // CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE * len(chat["messages"])
-            + IMAGE_TOKENS_ESTIMATE * images)
 
 
 def anthropic_usage(usage):
@@ -5590,21 +5607,6 @@ class Detached:
 
     def uncork(self):
         pass
-
-
-class Face:
-    """How one API shapes its errors: OpenAI's envelope here; the Responses and Messages faces
-    have their own. A route's face is in Application.faces."""
-
-    def error_body(self, exc):
-        return json_bytes(exc.envelope())
-
-    def error_event(self, exc):
-        """The event that ends a stream that failed after its head went out."""
-        return sse_event(exc.envelope())
-
-
-OPENAI_FACE = Face()
 
 
 def answer_as_is(request, status, data, retry_after):
@@ -6029,7 +6031,8 @@ class Application:
         request.status = 200
         return request.conn.respond(request, 200, JSON_TYPE + [
             ("X-Llmhost-Token-Count", "estimate")], json_bytes(
-                {"input_tokens": estimate_tokens(chat), "estimate": True}))
+                {"input_tokens": estimate_tokens(chat, IMAGE_TOKENS_ANTHROPIC),
+                 "estimate": True}))
 
     async def forward(self, request, body, suffix, transform=None, raw=None):
         """Route `body` (sent as `raw` when that is its unchanged encoding) and relay the answer."""
@@ -6448,7 +6451,6 @@ _SKIPPED_ITEMS = frozenset({
     "local_shell_call_output", "custom_tool_call", "custom_tool_call_output", "tool_search_call",
     "tool_search_output", "compaction", "shell_call", "shell_call_output", "apply_patch_call",
     "apply_patch_call_output", "additional_tools"})
-IMAGE_TOKEN_ESTIMATE = 765  # tokens an image counts in input_tokens; OpenAI's 512px tile figure
 NO_RESULT = "(no result was given for this call)"
 
 
@@ -6854,25 +6856,6 @@ def responses_usage(usage):
                                                             "cache_write_tokens": 0},
             "output_tokens": made, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": usage.get("total_tokens", given + made)}
-
-
-def estimate_tokens(chat):
-    """A chat body's input tokens, estimated: a token per 4 characters of text (tools as
-    JSON), IMAGE_TOKEN_ESTIMATE per image or file, 4 per message for its framing."""
-    chars = len(json_bytes(chat.get("tools") or []))
-    attachments = 0
-    for message in chat["messages"]:
-        content = message.get("content")
-        if isinstance(content, str):
-            chars += len(content)
-        for part in content if isinstance(content, list) else ():
-            if part.get("type") == "text":
-                chars += len(part.get("text") or "")
-            else:
-                attachments += 1
-        if message.get("tool_calls"):
-            chars += len(json_bytes(message["tool_calls"]))
-    return -(-chars // 4) + attachments * IMAGE_TOKEN_ESTIMATE + 4 * len(chat["messages"])
 
 
 class ResponseStore:
@@ -7461,9 +7444,9 @@ class ResponsesAPI:
         body = parse_json_body(request, "responses")
         self.app.router.pool(body["model"])  # (an unknown model: 404)
         chat = (await self.translate(request, body))[0]
+        tokens = estimate_tokens(chat, IMAGE_TOKENS_OPENAI)
         return self.app.reply_json(request, {"object": "response.input_tokens",
-                                             "input_tokens": estimate_tokens(chat),
-                                             "estimated": True})
+                                             "input_tokens": tokens, "estimated": True})
 
     async def retrieve(self, request, rest):
         """GET /v1/responses/{id} and /v1/responses/{id}/input_items."""

@@ -2535,7 +2535,7 @@ def test_messages_count_tokens_is_an_estimate_that_says_so(gateway, fake):
     image = dict(MSG, messages=[{"role": "user", "content": [{"type": "image", "source": {
         "type": "base64", "media_type": "image/png", "data": PNG_1PX}}]}])
     status, _, pic = mpost(gateway.port, image, path="/v1/messages/count_tokens")
-    assert pic["input_tokens"] >= llmhost.IMAGE_TOKENS_ESTIMATE
+    assert pic["input_tokens"] >= llmhost.IMAGE_TOKENS_ANTHROPIC
     status, _, doc = mpost(gateway.port, dict(MSG, model="nope"),
                            path="/v1/messages/count_tokens")
     assert status == 404 and doc["error"]["type"] == "not_found_error"
