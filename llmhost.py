@@ -2567,8 +2567,41 @@ MANAGED_MOVES = {
 }
 
 
-class ManagedServer:
+class Stateful:
+    """Named states set in one place, move(), along a table of the moves it allows (h11's
+    _state.py). A move the table does not list is a bug: logged at ERROR with both states and
+    why, and made all the same (each kind says why that is the safer choice); a name the table
+    does not know is a typo, not a race: ValueError."""
+    MOVES = {}  # state -> the states it may move to
+    KIND = TABLE = ""  # how log lines name one ("managed server"), and its table
+
+    @property
+    def state(self):
+        return self._state
+
+    def log(self):
+        return logger()
+
+    def move(self, to, why):
+        if to not in self.MOVES:
+            raise ValueError(f"{self.KIND} {self.name}: no state {to!r}")
+        if to in self.MOVES[self._state]:
+            self.log().debug("%s %s: %s -> %s (%s)", self.KIND, self.name, self._state, to, why)
+        else:
+            self.log().error("%s %s: bug: state %s -> %s is not a move %s allows (%s)",
+                             self.KIND, self.name, self._state, to, self.TABLE, why)
+        self._state = to
+
+
+class ManagedServer(Stateful):
     """One managed entry's process; its state changes only through move()."""
+
+    # A move outside the table is made all the same: the caller has already acted on the
+    # process (spawned, signalled or reaped it), and ensure(), make_room() and idle_check() act
+    # on the state, so one kept against the process can wedge a server (a ready process kept
+    # "stopped" is never used: each request starts it anew and waits for it to exit), while a
+    # wrong move made and logged keeps the gateway serving and says what to fix.
+    MOVES, KIND, TABLE = MANAGED_MOVES, "managed server", "MANAGED_MOVES"
 
     def __init__(self, up, log_path):
         self.up = up
@@ -2585,28 +2618,6 @@ class ManagedServer:
         self.retry_at = 0.0
         self.last_error = None
 
-    @property
-    def state(self):
-        return self._state
-
-    def move(self, to, why):
-        """Set the state: the one place it changes. A move MANAGED_MOVES does not list is logged
-        as a bug and made all the same."""
-        if to not in MANAGED_MOVES:
-            # A name no table knows is a typo, not a race: nothing could read such a state.
-            raise ValueError(f"managed server {self.name}: no state {to!r}")
-        if to in MANAGED_MOVES[self._state]:
-            logger().debug("managed server %s: %s -> %s (%s)", self.name, self._state, to, why)
-        else:
-            # Made anyway: the caller has already acted on the process (spawned, signalled or
-            # reaped it), and ensure(), make_room() and idle_check() act on the state, so one
-            # kept against the process can wedge a server (a ready process kept "stopped" is
-            # never used: each request starts it anew and waits for it to exit, which nobody
-            # asks of it), while a wrong move made and logged keeps the gateway serving and
-            # says what to fix.
-            logger().error("managed server %s: bug: state %s -> %s is not a move MANAGED_MOVES "
-                           "allows (%s)", self.name, self._state, to, why)
-        self._state = to
 
     def info(self, now):
         return {"name": self.name, "state": self.state,
@@ -3319,9 +3330,18 @@ MCP_MOVES = {
 }
 
 
-class _MCPConn:
+class _MCPConn(Stateful):
     """Per-server state. `client` is set only while the owner task holds an entered Client;
     `state` changes only through move()."""
+
+    # A move outside the table is made all the same: the state only reports what the code
+    # that moves it has already done (whether a session is usable is _alive()'s to say, from
+    # the Client and its owner task), so a state kept against that code would report what is
+    # not so.
+    MOVES, KIND, TABLE = MCP_MOVES, "MCP", "MCP_MOVES"
+
+    def log(self):
+        return mcp_log()
 
     def __init__(self, name, spec):
         self.name, self.spec, self.transport = name, spec, mcp_transport(spec)
@@ -3340,25 +3360,6 @@ class _MCPConn:
         self.calls = 0  # tool calls running now: a registry edit lets them finish first
         self.drained = None  # asyncio.Event set when a retired server's last call ends
 
-    @property
-    def state(self):
-        return self._state
-
-    def move(self, to, why):
-        """Set the state: the one place it changes. A move MCP_MOVES does not list is logged
-        as a bug and made all the same."""
-        if to not in MCP_MOVES:
-            # A name no table knows is a typo, not a race: nothing could read such a state.
-            raise ValueError(f"MCP {self.name}: no state {to!r}")
-        if to in MCP_MOVES[self._state]:
-            mcp_log().debug("MCP %s: %s -> %s (%s)", self.name, self._state, to, why)
-        else:
-            # Made anyway: the state only reports what the code that moves it has already
-            # done (whether a session is usable is _alive()'s to say, from the Client and its
-            # owner task), so a state kept against that code would report what is not so.
-            mcp_log().error("MCP %s: bug: state %s -> %s is not a move MCP_MOVES allows (%s)",
-                            self.name, self._state, to, why)
-        self._state = to
 
     def why(self, exc):
         """_describe_exc, with the HTTP status the SDK leaves out of "Server returned an error
