@@ -8053,7 +8053,8 @@ class ChatSession:
         except KeyboardInterrupt:
             self.client.abort()
             self.write("\n")
-            self.write("[stopped]\n", dim=True)
+            self.write("[stopped]", dim=True)
+            self.write("\n")
             self.messages.append({"role": "assistant", "content": "".join(pieces)})
             return None
         except CLIError:
@@ -8074,7 +8075,8 @@ class ChatSession:
         if shown is not None or not self.tty:
             self.write("\n")
         if self.tty:
-            self.write(self.stats(start, first, final, deltas) + "\n", dim=True)
+            self.write(self.stats(start, first, final, deltas), dim=True)
+            self.write("\n")
         return final
 
     def show_call(self, item, midline):
