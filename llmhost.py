@@ -15,6 +15,7 @@ Usage::
     python3 llmhost.py serve [--host 127.0.0.1] [--port 4000] [--api-key KEY]...
     python3 llmhost.py serve            # an empty registry: serves what answers on local ports
     python3 llmhost.py status | ps      # reach the serve of this registry, on whatever port
+    python3 llmhost.py chat [MODEL]     # talk to a model from the console (or a pipe)
 
 Deliberately not supported: clustering (run several copies behind any load balancer), HTTP/2
 toward clients or upstreams, request/response transformation beyond what a route needs (model
@@ -24,7 +25,7 @@ storing prompts or keys in logs.
 Sections, in dependency order (grep the banners):
     Limits · Errors · Wire format · SSE · Connections · HTTP server · Upstream client ·
     Registry · Router · Managed servers · Admission · Auth · MCP bridge · Chat format ·
-    Send path · Tool loop · Application · Responses API · Serve · Bench · CLI
+    Send path · Tool loop · Application · Responses API · Serve · Bench · Chat console · CLI
 """
 
 import json

@@ -5063,6 +5063,8 @@ def test_chat_console_streams_shows_tools_sends_images_stops_and_saves(fake, tmp
             "role": "tool", "tool_call_id": "call_0", "content": "hi"}
         # Ctrl-C stops a slow answer: the upstream sees the disconnect; the session goes on
         chat.send("/model fake-model")
+        chat.send("/tools")
+        chat.expect("no MCP tools are attached to fake-model")
         fake.cut.clear()
         fake.script({"pace": 0.2})
         chat.send("slow " + " ".join(f"w{i}" for i in range(100)))
