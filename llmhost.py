@@ -7858,8 +7858,8 @@ class ChatClient:
             message = raw.decode("utf-8", "replace").strip()[:300] or resp.reason
         return f"HTTP {resp.status}: {message}"
 
-    def get_json(self, path):
-        conn, resp = self.send("GET", path)
+    def get_json(self, path, timeout=PROBE_TIMEOUT):
+        conn, resp = self.send("GET", path, timeout=timeout)
         try:
             raw = resp.read(MAX_UPSTREAM_BODY)
         finally:
@@ -8132,7 +8132,9 @@ class ChatSession:
             self.write(f"{rest} is attached to your next message\n")
         elif name == "/tools":
             from urllib.parse import quote
-            doc = self.client.get_json("/v1/mcp/tools?model=" + quote(self.model, safe=""))
+            # (listing tools may wait for an MCP server still starting: spawn and handshake)
+            doc = self.client.get_json("/v1/mcp/tools?model=" + quote(self.model, safe=""),
+                                       MCP_CONNECT_TIMEOUT)
             tools = doc.get("data") or []
             if not tools:
                 self.write(f"no MCP tools are attached to {self.model}\n")
@@ -8654,9 +8656,10 @@ def chat_client(args, environ):
         base = base.rstrip("/")
         client = ChatClient(base[:-3] if base.endswith("/v1") else base, key)
         try:
-            client.models()
+            conn, _ = client.send("GET", "/v1/models")
+            conn.close()  # it answers (a refusal, as of a wrong key, is said when used)
             return client, None
-        except CLIError:
+        except CLIError:  # (nothing answered)
             if args.url is not None:
                 raise
     # (a serve whose record is stale or that does not answer: the registry, here)

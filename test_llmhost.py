@@ -5108,6 +5108,20 @@ def test_chat_console_streams_shows_tools_sends_images_stops_and_saves(fake, tmp
         proc.communicate(timeout=TIMEOUT * 2)
 
 
+def test_chat_reads_multi_line_messages_by_backslash_or_triple_quotes():
+    session = llmhost.ChatSession(None, "m", io.StringIO())
+
+    def reader(*lines):
+        it = iter(lines)
+        return lambda prompt: next(it)
+
+    assert session.read_message(reader("one \\", "two")) == "one \ntwo"
+    assert session.read_message(reader('"""', "a", "", "b", '"""')) == "a\n\nb"
+    assert session.read_message(reader('"""first', 'last"""')) == "first\nlast"
+    assert session.read_message(reader('"""inline"""')) == "inline"
+    assert session.read_message(reader("plain")) == "plain"
+
+
 def test_chat_in_a_pipe_prints_only_the_answer_or_exits_1(fake, tmp_path):
     path = write_registry(tmp_path / "servers.json", [
         {"name": "local", "url": fake.url, "models": ["fake-model"]}])
