@@ -7847,6 +7847,9 @@ class ChatClient:
             raise CLIError(f"{self.where()}: {exc.strerror or exc.__class__.__name__}"
                            if isinstance(exc, OSError) and exc.strerror else
                            f"{self.where()}: {exc.__class__.__name__}: {exc}") from None
+        except BaseException:  # Ctrl-C before the answer's head: the request is dropped
+            conn.close()
+            raise
 
     @staticmethod
     def refusal(resp, raw):
