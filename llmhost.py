@@ -112,6 +112,7 @@ RESPONSES_BUSY_TIMEOUT = 5.0  # s a store call waits for another worker's write;
 RESPONSES_LIST_MAX = 100  # input_items per page at most; OpenAI's limit
 CHAT_RESULT_CHARS = 200  # characters of an MCP tool's result `chat` shows on its one line
 CHAT_IMAGE_BYTES = 20 * 1024 * 1024  # bytes of a `chat` /image file; OpenAI's 20 MB per image
+CHAT_HISTORY_LINES = 1000  # lines of `chat` input kept in ~/.llmhost_history; Python's REPL 1000
 CHAT_STOP_TIMEOUT = 2.0  # s the in-process gateway of `chat` gets to close at its exit
 
 # =============================================================================
@@ -8687,12 +8688,27 @@ def cmd_chat(args, environ):
             session.ask(text.rstrip("\n"))
             return 0
         try:
-            import readline  # noqa: F401  (input() then has line editing and history)
+            import readline  # (input() then has line editing and history)
         except ImportError:
-            pass
+            readline = None
+        history = os.path.join(environ["HOME"], ".llmhost_history") \
+            if readline is not None and environ.get("HOME") else None
+        if history:
+            readline.set_history_length(CHAT_HISTORY_LINES)
+            try:
+                readline.read_history_file(history)
+            except OSError:
+                pass
         if messages:
             session.write(f"loaded {len(messages)} messages from {args.load}\n", dim=True)
-        return session.loop()
+        try:
+            return session.loop()
+        finally:
+            if history:
+                try:
+                    readline.write_history_file(history)
+                except OSError:
+                    pass
     finally:
         if local is not None:
             local.close()

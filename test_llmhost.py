@@ -4965,13 +4965,13 @@ def start_serve(registry, *extra, env=None, python=()):
 class PtyChat:
     """`python3 llmhost.py ARGV` on a pseudo-terminal, as a user at a console runs it."""
 
-    def __init__(self, *argv):
+    def __init__(self, *argv, home):
         import pty
         pid, fd = pty.fork()
         if pid == 0:  # (the child: a session of its own, the terminal its controlling one)
             try:
                 os.execve(sys.executable, [sys.executable, os.path.join(HERE, "llmhost.py"),
-                                           *argv], dict(os.environ, TERM="dumb"))
+                                           *argv], dict(os.environ, TERM="dumb", HOME=str(home)))
             finally:
                 os._exit(127)
         self.pid, self.fd, self.out, self.mark, self.status = pid, fd, b"", 0, None
@@ -5028,7 +5028,7 @@ def test_chat_console_streams_shows_tools_sends_images_stops_and_saves(fake, tmp
         {"name": "agent", "url": fake.url, "models": ["fake-model"], "alias": "agent",
          "mcp": ["t"]}], mcp={"t": MCP_STDIO})
     proc, port = start_serve(path, "--no-discover")
-    chat = PtyChat("--registry", path, "chat", "fake-model")
+    chat = PtyChat("--registry", path, "chat", "fake-model", home=tmp_path)
     try:
         chat.expect(f"chatting with fake-model via http://127.0.0.1:{port}")  # serve's record
         # streamed text shows while the answer is under way (the upstream holds the rest)
@@ -5087,7 +5087,8 @@ def test_chat_console_streams_shows_tools_sends_images_stops_and_saves(fake, tmp
     assert [m["role"] for m in messages[1:]] == ["user", "assistant"] * 3
     assert messages[2]["content"] == "echo: look [1 images]"
     # --load goes on with it: the upstream gets the conversation back
-    chat = PtyChat("--registry", path, "chat", "fake-model", "--load", str(saved))
+    assert "/image " in (tmp_path / ".llmhost_history").read_text()  # readline's history
+    chat = PtyChat("--registry", path, "chat", "fake-model", "--load", str(saved), home=tmp_path)
     try:
         chat.expect("loaded 6 messages")
         chat.send("again")
