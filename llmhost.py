@@ -8192,7 +8192,8 @@ class ChatSession:
 
     def loop(self, read=input):
         self.write(f"chatting with {self.model} via {self.client.where()} (/help for commands, "
-                   "Ctrl-D to leave)\n", dim=True)
+                   "Ctrl-D to leave)", dim=True)
+        self.write("\n")
         while True:
             try:
                 text = self.read_message(read)
@@ -8700,13 +8701,15 @@ def cmd_chat(args, environ):
             except OSError:
                 pass
         if messages:
-            session.write(f"loaded {len(messages)} messages from {args.load}\n", dim=True)
+            session.write(f"loaded {len(messages)} messages from {args.load}", dim=True)
+            session.write("\n")
         try:
             return session.loop()
         finally:
             if history:
                 try:
                     readline.write_history_file(history)
+                    os.chmod(history, 0o600)  # what was typed may be private
                 except OSError:
                     pass
     finally:
