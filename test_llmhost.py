@@ -5145,6 +5145,10 @@ def test_chat_in_a_pipe_prints_only_the_answer_or_exits_1(fake, tmp_path):
     done = chat("fake-model")
     assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
     assert not any(p["path"].endswith("/responses") for p in fake.requests)
+    done = chat("fake-model", "--url", f"http://127.0.0.1:{llmhost.free_port()}")  # no serve there
+    assert (done.stdout, done.returncode) == ("", 1)
+    assert done.stderr.startswith("llmhost: error: http://127.0.0.1:") and \
+        done.stderr.count("\n") == 1, done.stderr
 
 
 def test_access_log_lines_are_written_at_flush_and_cannot_be_forged():
