@@ -16,6 +16,7 @@ Usage::
     python3 llmhost.py serve [--host 127.0.0.1] [--port 4000] [--api-key KEY]...
     python3 llmhost.py serve            # an empty registry: serves what answers on local ports
     python3 llmhost.py status | ps      # reach the serve of this registry, on whatever port
+    python3 llmhost.py chat [MODEL]     # talk to a model from the console (or a pipe)
 
 Deliberately not supported: clustering (run several copies behind any load balancer), HTTP/2
 toward clients or upstreams, request/response transformation beyond what a route needs (model
@@ -25,7 +26,8 @@ storing prompts or keys in logs.
 Sections, in dependency order (grep the banners):
     Limits · Errors · Wire format · SSE · Connections · HTTP server · Upstream client ·
     Registry · Router · Managed servers · Admission · Auth · MCP bridge · Chat format ·
-    Send path · Tool loop · Messages API · Application · Responses API · Serve · Bench · CLI
+    Send path · Tool loop · Messages API · Application · Responses API · Serve · Bench ·
+    Chat console · CLI
 """
 
 import json
@@ -116,6 +118,10 @@ RESPONSES_PRUNE_INTERVAL = 60.0  # s between a worker's prunes of the store (one
 RESPONSES_PRUNE_SAVES = 100  # saves between prunes however soon: a burst passes the count by little
 RESPONSES_BUSY_TIMEOUT = 5.0  # s a store call waits for another worker's write; sqlite3's default
 RESPONSES_LIST_MAX = 100  # input_items per page at most; OpenAI's limit
+CHAT_RESULT_CHARS = 200  # characters of an MCP tool's result `chat` shows on its one line
+CHAT_IMAGE_BYTES = 20 * 1024 * 1024  # bytes of a `chat` /image file; OpenAI's 20 MB per image
+CHAT_HISTORY_LINES = 1000  # lines of `chat` input kept in ~/.llmhost_history; Python's REPL 1000
+CHAT_STOP_TIMEOUT = 2.0  # s the in-process gateway of `chat` gets to close at its exit
 
 # =============================================================================
 # Errors
@@ -6149,7 +6155,15 @@ class Application:
         return self.reply_json(request, {"object": "list", "data": self.mcp.status()})
 
     async def mcp_tools(self, request):
-        bindings = await self.mcp.tools(list(self.mcp.specs()))
+        """Every registered MCP server's tools; with ?model=NAME, those that model's requests
+        get (the servers its entries attach), as `chat`'s /tools shows them."""
+        from urllib.parse import parse_qs
+        model = (parse_qs(request.query).get("model") or [None])[-1]
+        names = list(self.mcp.specs())
+        if model is not None:
+            attached = [n for up, _ in self.router.pool(model) for n in up.entry.get("mcp", ())]
+            names = [n for n in names if n in attached]
+        bindings = await self.mcp.tools(names) if names else []
         return self.reply_json(request, {"object": "list", "data": [
             dict(b["openai"], server=b["server"], tool=b["tool"]) for b in bindings]})
 
@@ -8402,6 +8416,515 @@ async def bench_run(args, api_key, progress=sys.stderr):
 
 
 # =============================================================================
+# Chat console
+# =============================================================================
+# Owns: `chat`, a conversation from the console through the Responses API, as any client
+# sees it: of a running serve, or of a Gateway this process starts over the registry on a
+# Unix socket in a private folder (no port is opened). Its slash commands, pipe mode and the
+# conversation's JSON file.
+# Raises: CLIError for what stops it (no model, a pipe's failed answer); in the interactive
+# loop an error is one line and the session goes on.
+# Never: reads the environment (cmd_chat passes the key and the registry down).
+
+CHAT_HELP = """commands:
+  /model [NAME]   switch model (no NAME: list them)
+  /system [TEXT]  set the system prompt (no TEXT: clear it)
+  /image PATH     attach an image to the next message
+  /tools          the MCP tools the model gets
+  /clear          forget the conversation
+  /save FILE      save the conversation (JSON messages; load it with --load FILE)
+  /help           this text
+  /exit           leave (or Ctrl-D)
+A line ending in \\ goes on on the next line; \"\"\" starts and ends a multi-line message.
+Ctrl-C stops an answer."""
+
+
+def unix_http_connection(path, timeout):
+    """An http.client connection to a server listening on the Unix socket `path`."""
+    import http.client
+    import socket
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(self.timeout)
+            self.sock.connect(path)
+
+    return UnixConnection("localhost", timeout=timeout)
+
+
+class LocalGateway:
+    """A Gateway over the registry, on its own event loop in a thread, listening on a Unix
+    socket in a private temporary folder: `chat` without a serve running."""
+
+    def __init__(self, registry, environ):
+        import asyncio
+        import socket
+        import tempfile
+        import threading
+        self.folder = tempfile.mkdtemp(prefix="llmhost-chat-")  # mode 0700: ours alone
+        self.path = os.path.join(self.folder, "gateway.sock")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(self.path)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        # Nothing is kept: the conversation is the console's (and --no-store's sqlite file
+        # would otherwise be written beside the registry by a mere chat).
+        self.gateway = Gateway(registry, environ=environ, store_responses=False)
+        try:
+            self.call(self.gateway.start(sock=sock), MCP_CONNECT_TIMEOUT)
+        except BaseException:
+            self.close()
+            raise
+
+    def call(self, coro, timeout):
+        import asyncio
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self):
+        import shutil
+        try:
+            self.call(self.gateway.stop(CHAT_STOP_TIMEOUT), CHAT_STOP_TIMEOUT + MCP_CLOSE_TIMEOUT)
+        except Exception:  # (closing at exit: what could not close goes with the process)
+            pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(CHAT_STOP_TIMEOUT)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class ChatClient:
+    """llmhost's API, as `chat` uses it: over http(s) at `base` (no /v1), or a Unix socket."""
+
+    def __init__(self, base=None, api_key=None, unix=None):
+        self.base = base
+        self.api_key = api_key
+        self.unix = unix
+        self.conn = None  # the connection of the answer being streamed (Ctrl-C closes it)
+
+    def where(self):
+        return self.base or "llmhost in this process"
+
+    def connection(self, timeout):
+        from urllib.parse import urlsplit
+        if self.unix:
+            return unix_http_connection(self.unix, timeout)
+        return http_connection(urlsplit(self.base), timeout)
+
+    def headers(self, extra=()):
+        headers = {"User-Agent": f"llmhost-chat/{__version__}", **dict(extra)}
+        if self.api_key:
+            headers["Authorization"] = b"Bearer " + self.api_key.encode("utf-8",
+                                                                        "surrogateescape")
+        return headers
+
+    def send(self, method, path, body=None, timeout=PROBE_TIMEOUT):
+        """-> the http.client response, its connection open. CLIError if none came."""
+        import http.client
+        import socket
+        conn = self.connection(timeout)
+        data = None if body is None else json_bytes(body)
+        try:
+            conn.request(method, path, body=data, headers=self.headers(
+                {"Content-Type": "application/json"} if data is not None else ()))
+            return conn, conn.getresponse()
+        except socket.timeout:
+            conn.close()
+            raise CLIError(f"{self.where()}: no answer within {timeout:g}s") from None
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise CLIError(f"{self.where()}: {exc.strerror or exc.__class__.__name__}"
+                           if isinstance(exc, OSError) and exc.strerror else
+                           f"{self.where()}: {exc.__class__.__name__}: {exc}") from None
+        except BaseException:  # Ctrl-C before the answer's head: the request is dropped
+            conn.close()
+            raise
+
+    @staticmethod
+    def refusal(resp, raw):
+        """The one line an error answer comes down to."""
+        try:
+            doc = json_loads(raw)
+            message = doc["error"]["message"]
+        except (ValueError, TypeError, KeyError):
+            message = raw.decode("utf-8", "replace").strip()[:300] or resp.reason
+        return f"HTTP {resp.status}: {message}"
+
+    def get_json(self, path, timeout=PROBE_TIMEOUT):
+        conn, resp = self.send("GET", path, timeout=timeout)
+        try:
+            raw = resp.read(MAX_UPSTREAM_BODY)
+        finally:
+            conn.close()
+        if resp.status != 200:
+            raise CLIError(self.refusal(resp, raw))
+        try:
+            return json_loads(raw)
+        except ValueError:
+            raise CLIError(f"GET {path}: not JSON") from None
+
+    def models(self):
+        ids = list_models(self.get_json("/v1/models"))
+        if ids is None:
+            raise CLIError(f"{self.where()}: GET /v1/models is no model list")
+        return ids
+
+    def stream(self, body):
+        """POST /v1/responses with stream: true -> its events, as they come."""
+        conn, resp = self.send("POST", "/v1/responses", body, UPSTREAM_TIMEOUT)
+        self.conn = conn
+        try:
+            if resp.status != 200:
+                raise CLIError(self.refusal(resp, resp.read(MAX_UPSTREAM_BODY)))
+            data = []
+            while True:
+                line = resp.readline(MAX_BODY_BYTES)
+                if not line:
+                    return
+                line = line.rstrip(b"\r\n")
+                if line.startswith(b"data:"):
+                    data.append(line[5:].lstrip(b" "))
+                elif not line and data:
+                    text, data = b"\n".join(data), []
+                    if text == b"[DONE]":
+                        return
+                    try:
+                        yield json_loads(text)
+                    except ValueError:
+                        raise CLIError("the answer's stream broke (an event that is no "
+                                       "JSON)") from None
+        finally:
+            self.abort()
+
+    def abort(self):
+        """Close the streamed answer's connection: serve sees its client gone and stops the
+        upstream's generation, as for any client that leaves."""
+        import socket
+        conn, self.conn = self.conn, None
+        if conn is not None and conn.sock is not None:
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if conn is not None:
+            conn.close()
+
+
+def image_data_url(path):
+    """A file as a data URL, its type from its name (as browsers do for file: URLs)."""
+    import base64
+    import mimetypes
+    kind = mimetypes.guess_type(path)[0] or "application/octet-stream"
+    try:
+        if os.path.getsize(path) > CHAT_IMAGE_BYTES:
+            raise CLIError(f"{path}: larger than {CHAT_IMAGE_BYTES // (1024 * 1024)} MB")
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise CLIError(f"{path}: {exc.strerror or exc}") from None
+    return f"data:{kind};base64," + base64.b64encode(data).decode("ascii")
+
+
+def chat_turn_input(messages):
+    """Chat-format messages (what /save writes) -> the Responses API's input items."""
+    items = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for p in content:
+                if p.get("type") == "image_url":
+                    url = p["image_url"]["url"] if isinstance(p.get("image_url"), dict) \
+                        else p.get("image_url")
+                    parts.append({"type": "input_image", "image_url": url})
+                elif p.get("type") == "text":
+                    parts.append({"type": "input_text" if m["role"] == "user" else
+                                  "output_text", "text": p.get("text", "")})
+            content = parts
+        items.append({"role": m["role"], "content": content if content is not None else ""})
+    return items
+
+
+def load_conversation(path):
+    """-> (system text or None, messages) from a file /save wrote (or any JSON array of chat
+    messages, or an object with "messages")."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json_loads(f.read())
+    except OSError as exc:
+        raise CLIError(f"--load {path}: {exc.strerror or exc}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CLIError(f"--load {path}: not JSON ({exc})") from None
+    messages = doc.get("messages") if isinstance(doc, dict) else doc
+    if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+            for m in messages):
+        raise CLIError(f"--load {path}: not a JSON array of messages with a role of system, "
+                       "user or assistant")
+    system = "\n".join(str(m.get("content") or "") for m in messages if m["role"] == "system")
+    return system or None, [m for m in messages if m["role"] != "system"]
+
+
+class ChatSession:
+    """One console conversation: its model, system prompt, messages and pending images."""
+
+    DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+    def __init__(self, client, model, out, *, system=None, messages=(), images=(),
+                 no_mcp=False, as_json=False, tty=True):
+        self.client = client
+        self.model = model
+        self.out = out
+        self.system = system
+        self.messages = list(messages)
+        self.images = list(images)  # data URLs for the next message
+        self.no_mcp = no_mcp
+        self.as_json = as_json
+        self.tty = tty
+
+    def write(self, text, dim=False):
+        if dim and self.tty:
+            text = self.DIM + text + self.RESET
+        self.out.write(text)
+        self.out.flush()
+
+    def user_message(self, text):
+        if not self.images:
+            return {"role": "user", "content": text}
+        parts = [{"type": "text", "text": text}] + [
+            {"type": "image_url", "image_url": {"url": url}} for url in self.images]
+        return {"role": "user", "content": parts}
+
+    def request(self):
+        body = {"model": self.model, "input": chat_turn_input(self.messages), "stream": True,
+                "store": False}
+        if self.system:
+            body["instructions"] = self.system
+        if self.no_mcp:  # the model calls no tool: none of its MCP servers' is run
+            body["tool_choice"] = "none"
+        return body
+
+    def ask(self, text):
+        """Send `text` (and the pending images); show the answer as it streams -> the final
+        response object. CLIError (the message is then not kept) on an error; Ctrl-C stops
+        the answer and keeps what came."""
+        self.messages.append(self.user_message(text))
+        self.images = []
+        start = time.monotonic()
+        first = None
+        pieces, shown, final = [], None, None  # shown: the kind of text last written
+        deltas = 0
+        try:
+            for event in self.client.stream(self.request()):
+                kind = event.get("type")
+                if kind in ("response.output_text.delta", "response.reasoning_text.delta"):
+                    reasoning = kind == "response.reasoning_text.delta"
+                    first = first or time.monotonic()
+                    deltas += 1
+                    if not reasoning:
+                        pieces.append(event.get("delta", ""))
+                    if self.as_json or reasoning and not self.tty:
+                        continue  # (a pipe gets the answer only)
+                    if shown is not None and shown != reasoning:
+                        self.write("\n")
+                    shown = reasoning
+                    self.write(event.get("delta", ""), dim=reasoning)
+                elif kind == "response.output_item.done" and \
+                        event.get("item", {}).get("type") == "mcp_call" and self.tty:
+                    self.show_call(event["item"], shown is not None)
+                    shown = None
+                elif kind == "response.output_item.added" and \
+                        event.get("item", {}).get("type") == "message" and pieces:
+                    pieces.append("\n\n")  # a later round's text: a message of its own
+                elif kind in ("response.completed", "response.incomplete"):
+                    final = event.get("response")
+                elif kind == "response.failed":
+                    error = (event.get("response") or {}).get("error") or {}
+                    raise CLIError(error.get("message") or "the answer failed")
+                elif kind == "error":
+                    raise CLIError(event.get("message") or "the answer failed")
+        except KeyboardInterrupt:
+            self.client.abort()
+            self.write("\n")
+            self.write("[stopped]", dim=True)
+            self.write("\n")
+            self.messages.append({"role": "assistant", "content": "".join(pieces)})
+            return None
+        except CLIError:
+            self.messages.pop()
+            if shown is not None:
+                self.write("\n")
+            raise
+        if final is None:
+            self.messages.pop()
+            if shown is not None:
+                self.write("\n")
+            raise CLIError("the answer ended before it was complete (the server or the "
+                           "model went away)")
+        self.messages.append({"role": "assistant", "content": "".join(pieces)})
+        if self.as_json:
+            self.write(json.dumps(final, indent=2, ensure_ascii=False) + "\n")
+            return final
+        if shown is not None or not self.tty:
+            self.write("\n")
+        if self.tty:
+            self.write(self.stats(start, first, final, deltas), dim=True)
+            self.write("\n")
+        return final
+
+    def show_call(self, item, midline):
+        args = item.get("arguments") or "{}"
+        try:
+            args = json.dumps(json_loads(args), ensure_ascii=False)
+        except ValueError:
+            pass
+        result = item.get("output") if item.get("error") is None else \
+            f"error: {item.get('error')}"
+        result = " ".join(str(result or "").split())
+        if len(result) > CHAT_RESULT_CHARS:
+            result = result[:CHAT_RESULT_CHARS] + "…"
+        self.write(("\n" if midline else "") +
+                   f"↳ {item.get('server_label')}__{item.get('name')} {args}\n")
+        self.write(f"  {result}\n", dim=True)
+
+    @staticmethod
+    def stats(start, first, final, deltas):
+        """First-token time and tokens/s, from the stream: its usage's output tokens (else
+        its deltas) over the time from the first token to the end."""
+        end = time.monotonic()
+        if first is None:
+            return f"[{end - start:.2f}s, no text]"
+        tokens = ((final or {}).get("usage") or {}).get("output_tokens") or deltas
+        rate = f", {tokens / (end - first):.1f} tokens/s" if end > first else ""
+        return f"[first token {first - start:.2f}s{rate}, {tokens} tokens]"
+
+    # -- the interactive loop ------------------------------------------------------------------
+    def command(self, line):
+        """Run a slash command -> False to leave."""
+        name, _, rest = line.partition(" ")
+        rest = rest.strip()
+        if name in ("/exit", "/quit"):
+            return False
+        if name == "/help":
+            self.write(CHAT_HELP + "\n")
+        elif name == "/model":
+            if rest:
+                self.model = rest
+                self.write(f"model: {rest}\n")
+            else:
+                for i, m in enumerate(self.client.models(), 1):
+                    self.write(f"{'*' if m == self.model else ' '}{i:3}  {m}\n")
+        elif name == "/system":
+            self.system = rest or None
+            self.write("system prompt " + ("set" if rest else "cleared") + "\n")
+        elif name == "/image":
+            if not rest:
+                raise CLIError("usage: /image PATH")
+            self.images.append(image_data_url(os.path.expanduser(rest)))
+            self.write(f"{rest} is attached to your next message\n")
+        elif name == "/tools":
+            from urllib.parse import quote
+            # (listing tools may wait for an MCP server still starting: spawn and handshake)
+            doc = self.client.get_json("/v1/mcp/tools?model=" + quote(self.model, safe=""),
+                                       MCP_CONNECT_TIMEOUT)
+            tools = doc.get("data") or []
+            if not tools:
+                self.write(f"no MCP tools are attached to {self.model}\n")
+            for t in tools:
+                fn = t.get("function") or {}
+                about = " ".join(str(fn.get("description") or "").split())
+                self.write(f"{fn.get('name')}  " + (about[:100] if about else "") + "\n")
+        elif name == "/clear":
+            self.messages = []
+            self.images = []
+            self.write("conversation cleared\n")
+        elif name == "/save":
+            if not rest:
+                raise CLIError("usage: /save FILE")
+            self.save(os.path.expanduser(rest))
+            self.write(f"saved {len(self.messages)} messages to {rest}\n")
+        else:
+            raise CLIError(f"unknown command {name} (/help lists them)")
+        return True
+
+    def save(self, path):
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + \
+            self.messages
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(json.dumps(messages, indent=1, ensure_ascii=False) + "\n")
+        except OSError as exc:
+            raise CLIError(f"{path}: {exc.strerror or exc}") from None
+
+    def read_message(self, read):
+        """One message from the console (`read(prompt)` is input): a line; lines ending in a
+        backslash go on; \"\"\" opens and closes a block. EOFError on Ctrl-D."""
+        line = read("> ")
+        if line.strip().startswith('"""'):
+            first = line.strip()[3:]
+            if first.endswith('"""'):
+                return first[:-3]
+            lines = [first] if first else []
+            while True:
+                line = read("… ")
+                if line.rstrip().endswith('"""'):
+                    lines.append(line.rstrip()[:-3])
+                    return "\n".join(lines).strip("\n")
+                lines.append(line)
+        lines = []
+        while line.endswith("\\"):
+            lines.append(line[:-1])
+            line = read("… ")
+        lines.append(line)
+        return "\n".join(lines)
+
+    def loop(self, read=input):
+        self.write(f"chatting with {self.model} via {self.client.where()} (/help for commands, "
+                   "Ctrl-D to leave)", dim=True)
+        self.write("\n")
+        while True:
+            try:
+                text = self.read_message(read)
+            except EOFError:
+                self.write("\n")
+                return 0
+            except KeyboardInterrupt:
+                self.write("\n")
+                continue
+            if not text.strip():
+                continue
+            try:
+                if text.startswith("/") and not text.startswith("//"):
+                    if not self.command(text.strip()):
+                        return 0
+                else:
+                    self.ask(text[1:] if text.startswith("//") else text)
+            except CLIError as exc:
+                self.write(f"error: {hide_password(str(exc))}\n")
+            except KeyboardInterrupt:
+                self.write("\n")
+
+
+def chat_pick_model(client, tty, read=input, out=sys.stdout):
+    """No MODEL given: the only one; on a console, the user's pick by number."""
+    models = client.models()
+    if len(models) == 1:
+        return models[0]
+    if not models:
+        raise CLIError(f"{client.where()} serves no models (add one: llmhost.py add NAME URL)")
+    if not tty:
+        raise CLIError(f"{len(models)} models are served; name one: " + ", ".join(models))
+    for i, m in enumerate(models, 1):
+        out.write(f"{i:3}  {m}\n")
+    while True:
+        answer = read("model number: ").strip()
+        if answer.isdigit() and 1 <= int(answer) <= len(models):
+            return models[int(answer) - 1]
+        if answer in models:
+            return answer
+
+
+# =============================================================================
 # CLI
 # =============================================================================
 # Owns: argparse subcommands, the environment (LLMHOST_REGISTRY, LLMHOST_API_KEY, api_key_env
@@ -8806,6 +9329,80 @@ def serve_api(args, environ, path, method="GET"):
         message = (doc or {}).get("error", {}).get("message") if isinstance(doc, dict) else text
         raise CLIError(f"{method} {url} -> HTTP {status}: {message}")
     return doc
+
+
+def chat_client(args, environ):
+    """-> (ChatClient, LocalGateway or None): --url; else the serve of the registry, per its
+    record; else a gateway in this process over the registry."""
+    key = environ.get(args.api_key_env) if args.api_key_env else \
+        next(iter(env_api_keys(environ)), None)
+    if args.api_key_env and not key:
+        raise CLIError(f"--api-key-env {args.api_key_env}: that variable is not set")
+    base = args.url
+    if base is None:
+        record, _ = read_serve_record(registry_path(args, environ))
+        base = record and record["url"]
+    if base is not None:
+        reason = valid_url(base)
+        if reason:
+            raise CLIError(f"invalid --url {base!r}: {reason} (example: http://127.0.0.1:4000)")
+        base = base.rstrip("/")
+        client = ChatClient(base[:-3] if base.endswith("/v1") else base, key)
+        try:
+            conn, _ = client.send("GET", "/v1/models")
+            conn.close()  # it answers (a refusal, as of a wrong key, is said when used)
+            return client, None
+        except CLIError:  # (nothing answered)
+            if args.url is not None:
+                raise
+    # (a serve whose record is stale or that does not answer: the registry, here)
+    local = LocalGateway(registry_path(args, environ), environ)
+    return ChatClient(unix=local.path), local
+
+
+def cmd_chat(args, environ):
+    tty = sys.stdin.isatty() and sys.stdout.isatty()
+    images = [image_data_url(p) for p in args.image or ()]
+    system, messages = load_conversation(args.load) if args.load else (None, [])
+    client, local = chat_client(args, environ)
+    try:
+        model = args.model or chat_pick_model(client, tty)
+        session = ChatSession(client, model, sys.stdout, system=args.system or system,
+                              messages=messages, images=images, no_mcp=args.no_mcp,
+                              as_json=args.json, tty=tty)
+        if not tty:
+            text = sys.stdin.read()
+            if not text.strip():
+                raise CLIError("nothing to send: give the message on standard input")
+            session.ask(text.rstrip("\n"))
+            return 0
+        try:
+            import readline  # (input() then has line editing and history)
+        except ImportError:
+            readline = None
+        history = os.path.join(environ["HOME"], ".llmhost_history") \
+            if readline is not None and environ.get("HOME") else None
+        if history:
+            readline.set_history_length(CHAT_HISTORY_LINES)
+            try:
+                readline.read_history_file(history)
+            except OSError:
+                pass
+        if messages:
+            session.write(f"loaded {len(messages)} messages from {args.load}", dim=True)
+            session.write("\n")
+        try:
+            return session.loop()
+        finally:
+            if history:
+                try:
+                    readline.write_history_file(history)
+                    os.chmod(history, 0o600)  # what was typed may be private
+                except OSError:
+                    pass
+    finally:
+        if local is not None:
+            local.close()
 
 
 def cmd_ps(args, environ):
@@ -9471,6 +10068,25 @@ def build_parser():
         p.add_argument("--url", help=SERVE_URL_HELP)
         p.add_argument("--api-key", metavar="KEY", help="its API key (default $LLMHOST_API_KEY)")
         p.set_defaults(func=func, action=name)
+
+    p = sub.add_parser("chat", help="talk to a model from the console (through the "
+                       "Responses API)",
+                       description="A conversation with MODEL through the running serve of the "
+                       "registry (or --url), else through llmhost started in this process. Not "
+                       "on a console (a pipe): the message is read from standard input and only "
+                       "the answer is printed. /help lists the commands.")
+    p.add_argument("model", nargs="?", help="the model (default: pick one from the list)")
+    p.add_argument("--url", help=SERVE_URL_HELP)
+    p.add_argument("--api-key-env", metavar="VAR",
+                   help="variable holding serve's API key (default $LLMHOST_API_KEY)")
+    p.add_argument("--system", metavar="TEXT", help="the system prompt")
+    p.add_argument("--image", action="append", metavar="PATH",
+                   help="attach an image to the first message (repeatable)")
+    p.add_argument("--load", metavar="FILE", help="go on with a conversation /save wrote")
+    p.add_argument("--no-mcp", action="store_true",
+                   help="the model calls no tools (its MCP servers' are not run)")
+    p.add_argument("--json", action="store_true", help="print each final response object")
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("logs", help="output of a managed server (kept beside the registry)")
     p.add_argument("name")

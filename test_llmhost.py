@@ -5429,6 +5429,195 @@ def start_serve(registry, *extra, env=None, python=()):
     raise AssertionError("serve did not start: " + proc.communicate()[1])
 
 
+class PtyChat:
+    """`python3 llmhost.py ARGV` on a pseudo-terminal, as a user at a console runs it."""
+
+    def __init__(self, *argv, home):
+        import pty
+        pid, fd = pty.fork()
+        if pid == 0:  # (the child: a session of its own, the terminal its controlling one)
+            try:
+                os.execve(sys.executable, [sys.executable, os.path.join(HERE, "llmhost.py"),
+                                           *argv], dict(os.environ, TERM="dumb", HOME=str(home)))
+            finally:
+                os._exit(127)
+        self.pid, self.fd, self.out, self.mark, self.status = pid, fd, b"", 0, None
+
+    def read_some(self, deadline):
+        import select
+        ready, _, _ = select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))
+        if ready:
+            try:
+                data = os.read(self.fd, 65536)
+            except OSError:  # EIO: the child has closed the terminal
+                data = b""
+            if not data:
+                return False
+            self.out += data
+        return True
+
+    def expect(self, text, timeout=TIMEOUT * 2):
+        """Wait until `text` appears in what the program wrote since the last expect."""
+        deadline = time.monotonic() + timeout
+        needle = text.encode()
+        while needle not in self.out[self.mark:]:
+            if time.monotonic() > deadline or not self.read_some(deadline):
+                raise AssertionError(f"{text!r} not seen in {self.out[self.mark:]!r}")
+        self.mark = self.out.index(needle, self.mark) + len(needle)
+        return self.out.decode("utf-8", "replace")
+
+    def send(self, line):
+        os.write(self.fd, line.encode() + b"\r")
+
+    def wait(self, timeout=TIMEOUT * 2):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.status = os.waitstatus_to_exitcode(status)
+                return self.status
+            self.read_some(min(deadline, time.monotonic() + 0.1))
+        raise AssertionError("chat did not exit: " + self.out.decode("utf-8", "replace"))
+
+    def close(self):
+        if self.status is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        os.close(self.fd)
+
+
+def test_chat_console_streams_shows_tools_sends_images_stops_and_saves(fake, tmp_path):
+    path = write_registry(tmp_path / "servers.json", [
+        {"name": "local", "url": fake.url, "models": ["fake-model"]},
+        {"name": "agent", "url": fake.url, "models": ["fake-model"], "alias": "agent",
+         "mcp": ["t"]}], mcp={"t": MCP_STDIO})
+    proc, port = start_serve(path, "--no-discover")
+    chat = PtyChat("--registry", path, "chat", "fake-model", home=tmp_path)
+    try:
+        chat.expect(f"chatting with fake-model via http://127.0.0.1:{port}")  # serve's record
+        # streamed text shows while the answer is under way (the upstream holds the rest)
+        stall = threading.Event()
+        fake.script({"stall_after": 2, "stall": stall})
+        chat.send("one two three")
+        chat.expect("echo: one")
+        assert "tokens/s" not in chat.out.decode()
+        stall.set()  # the upstream then dies mid-answer: one line, and the session goes on
+        chat.expect("error: ")
+        # /image: a data URL the upstream receives byte for byte
+        image = tmp_path / "dot.png"
+        image.write_bytes(bytes(range(256)) * 3)
+        url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+        chat.send(f"/image {image}")
+        chat.expect("attached to your next message")
+        chat.send("look")
+        chat.expect("echo: look [1 images]")
+        chat.expect("tokens/s")
+        last = json.loads(fake.posts()[-1]["body"])["messages"][-1]
+        assert last["content"][1] == {"type": "image_url", "image_url": {"url": url}}
+        assert url.encode() in fake.posts()[-1]["body"]
+        # an MCP tool call is shown as it runs; its result reaches the model
+        chat.send("/model agent")
+        chat.send("/tools")
+        chat.expect("t__echo  Echo text back.")
+        fake.script({"calls": [("t__echo", {"text": "hi"})]})
+        chat.send("go")
+        chat.expect('↳ t__echo {"text": "hi"}')
+        chat.expect("tool result: hi")
+        assert json.loads(fake.posts()[-1]["body"])["messages"][-1] == {
+            "role": "tool", "tool_call_id": "call_0", "content": "hi"}
+        # Ctrl-C stops a slow answer: the upstream sees the disconnect; the session goes on
+        chat.send("/model fake-model")
+        chat.send("/tools")
+        chat.expect("no MCP tools are attached to fake-model")
+        fake.cut.clear()
+        fake.script({"pace": 0.2})
+        chat.send("slow " + " ".join(f"w{i}" for i in range(100)))
+        chat.expect("echo: slow w0")
+        answer_from = chat.mark
+        os.write(chat.fd, b"\x03")
+        chat.expect("[stopped]")
+        assert fake.cut.wait(TIMEOUT)
+        assert b"w99" not in chat.out[answer_from:]
+        chat.send("/system be brief")
+        saved = tmp_path / "talk.json"
+        chat.send(f"/save {saved}")
+        chat.expect("saved 6 messages")
+        chat.send("/exit")
+        assert chat.wait() == 0
+    finally:
+        chat.close()
+    messages = json.loads(saved.read_text())
+    assert messages[0] == {"role": "system", "content": "be brief"}
+    assert [m["role"] for m in messages[1:]] == ["user", "assistant"] * 3
+    assert messages[2]["content"] == "echo: look [1 images]"
+    # --load goes on with it: the upstream gets the conversation back
+    assert "/image " in (tmp_path / ".llmhost_history").read_text()  # readline's history
+    chat = PtyChat("--registry", path, "chat", "fake-model", "--load", str(saved), home=tmp_path)
+    try:
+        chat.expect("loaded 6 messages")
+        chat.send("again")
+        chat.expect("echo: again")
+        body = json.loads(fake.posts()[-1]["body"])
+        assert body["messages"][0] == {"role": "system", "content": "be brief"}
+        assert body["messages"][1]["content"][1] == {"type": "image_url",
+                                                     "image_url": {"url": url}}
+        assert [m["content"] for m in body["messages"][2:5]] == [
+            "echo: look [1 images]", "go", "tool result: hi"]
+        chat.expect("tokens/s")
+        chat.expect("> ")  # (at the prompt: a Ctrl-D typed ahead of it is no end of input)
+        os.write(chat.fd, b"\x04")  # Ctrl-D leaves
+        assert chat.wait() == 0
+    finally:
+        chat.close()
+        proc.terminate()
+        proc.communicate(timeout=TIMEOUT * 2)
+
+
+def test_chat_reads_multi_line_messages_by_backslash_or_triple_quotes():
+    session = llmhost.ChatSession(None, "m", io.StringIO())
+
+    def reader(*lines):
+        it = iter(lines)
+        return lambda prompt: next(it)
+
+    assert session.read_message(reader("one \\", "two")) == "one \ntwo"
+    assert session.read_message(reader('"""', "a", "", "b", '"""')) == "a\n\nb"
+    assert session.read_message(reader('"""first', 'last"""')) == "first\nlast"
+    assert session.read_message(reader('"""inline"""')) == "inline"
+    assert session.read_message(reader("plain")) == "plain"
+
+
+def test_chat_in_a_pipe_prints_only_the_answer_or_exits_1(fake, tmp_path):
+    path = write_registry(tmp_path / "servers.json", [
+        {"name": "local", "url": fake.url, "models": ["fake-model"]}])
+
+    def chat(*argv, text="hello there"):  # no serve runs: llmhost in-process, on no port
+        return subprocess.run([sys.executable, "-I", "-S", os.path.join(HERE, "llmhost.py"),
+                               "--registry", path, "chat", *argv], input=text,
+                              capture_output=True, text=True, timeout=TIMEOUT * 2)
+
+    fake.script({"reasoning": "let me think"})
+    done = chat()  # the only model
+    assert (done.stdout, done.stderr, done.returncode) == ("echo: hello there\n", "", 0)
+    done = chat("fake-model", "--json")
+    assert json.loads(done.stdout)["output"][-1]["content"][0]["text"] == "echo: hello there"
+    done = chat("nope")
+    assert (done.stdout, done.returncode) == ("", 1)
+    assert done.stderr == ("llmhost: error: HTTP 404: The model 'nope' does not exist. Known "
+                           "models: fake-model.\n")
+    fake.script({"drop_after": 1})
+    done = chat("fake-model")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert not any(p["path"].endswith("/responses") for p in fake.requests)
+    done = chat("fake-model", "--url", f"http://127.0.0.1:{llmhost.free_port()}")  # no serve there
+    assert (done.stdout, done.returncode) == ("", 1)
+    assert done.stderr.startswith("llmhost: error: http://127.0.0.1:") and \
+        done.stderr.count("\n") == 1, done.stderr
+
+
 def test_access_log_lines_are_written_at_flush_and_cannot_be_forged():
     out = io.StringIO()
     log = llmhost.AccessLog(out)
