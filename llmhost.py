@@ -24,7 +24,7 @@ storing prompts or keys in logs.
 Sections, in dependency order (grep the banners):
     Limits · Errors · Wire format · SSE · Connections · HTTP server · Upstream client ·
     Registry · Router · Managed servers · Admission · Auth · MCP bridge · Chat format ·
-    Send path · Tool loop · Application · Responses API · Serve · Bench · CLI
+    Send path · Tool loop · Metrics · Application · Responses API · Serve · Bench · CLI
 """
 
 import json
@@ -90,6 +90,7 @@ WIRE_HIGH_WATER = 256 * 1024  # bytes buffered before a peer nobody reads is pau
 LOG_MODEL_CHARS = 200  # a longer model name is cut in the access log
 HOST_VERDICTS_MAX = 256  # Host fields whose check is remembered (a client can send any)
 LOG_NAMES_MAX = 1024  # model names the access log keeps escaped forms of
+METRICS_PATHS_MAX = 1024  # request paths whose route label /metrics remembers (a client can send any)
 DISCOVER_TIMEOUT = 0.5  # s a local port gets to answer GET /v1/models (discover, zero-config)
 MCP_REQUEST_SERVERS = 16  # servers named by requests' server_url kept connected at once
 MCP_MAX_ROUNDS = 8  # model -> tools -> model rounds per request before we stop calling tools
@@ -2273,6 +2274,7 @@ class Upstream:
         self.cooldown_until = 0.0
         self.requests = 0
         self.errors = 0
+        self.cooldowns = 0  # cooldowns entered (/metrics)
         self.last_error = None
 
     def set_url(self, url):
@@ -2393,6 +2395,7 @@ class Router:
             extra = up.failures - FAILURES_BEFORE_COOLDOWN
             cooldown = min(COOLDOWN_MAX, COOLDOWN_BASE * 2 ** min(extra, 16))
             up.cooldown_until = self.clock() + cooldown
+            up.cooldowns += 1
             logger().warning("server %s: %s (%d failures in a row); cooling down for %gs",
                              up.name, reason, up.failures, cooldown)
         else:
@@ -2403,6 +2406,7 @@ class Router:
         up.last_error = "HTTP 429"
         cooldown = min(COOLDOWN_MAX, max(1.0, retry_after))
         up.cooldown_until = self.clock() + cooldown
+        up.cooldowns += 1
         logger().warning("server %s: HTTP 429 (rate limited); cooling down for %gs", up.name,
                          cooldown)
 
@@ -4326,6 +4330,7 @@ class Sender:
         self.admission = admission
         self.processes = processes  # ProcessManager for entries llmhost starts itself
         self.capacity_waiters = []  # futures of requests waiting for a server's max_concurrency
+        self.failures = {}  # (server name, kind) -> failed attempts (/metrics)
         admission.others = lambda: sum(1 for fut in self.capacity_waiters if not fut.done())
 
     async def admit(self, model, conn):
@@ -4378,12 +4383,18 @@ class Sender:
 
     def mark(self, up, health, reason, retry_after=None):
         """Apply an answer's verdict (after_answer) to the server's health."""
+        if health != "ok":
+            self.failed(up, "http_429" if health == "rate_limited" else "http_5xx")
         if health == "rate_limited":
             self.router.rate_limited(up, parse_retry_after(retry_after))
         elif health == "failed":
             self.router.failed(up, reason)
         else:
             self.router.succeeded(up)
+
+    def failed(self, up, kind):
+        key = (up.name, kind)
+        self.failures[key] = self.failures.get(key, 0) + 1
 
     async def send(self, request, body, candidates, suffix, raw, deliver):
         """Send to each candidate in turn until one answers; `deliver(up, resp, body bytes or
@@ -4413,6 +4424,7 @@ class Sender:
                     try:
                         await self.processes.ensure(up)  # started on demand, shared by all
                     except ServiceUnavailable as exc:
+                        self.failed(up, "start_failed")
                         last_error = exc
                         continue
                 sent = time.monotonic()
@@ -4424,6 +4436,7 @@ class Sender:
                     if conn.gone:
                         raise ClientGone("client closed the request") from None
                     self.router.failed(up, exc.message)
+                    self.failed(up, exc.code or "error")
                     last_error = exc
                     continue
                 if resp is None:
@@ -4798,6 +4811,205 @@ class ToolLoop:
 
 
 # =============================================================================
+# Metrics
+# =============================================================================
+# Owns: GET /metrics, the Prometheus text exposition format (version 0.0.4): the request
+# counters and histograms kept here, and, read only at a scrape, the counters other sections
+# keep where their events happen (Admission.rejected, Upstream.requests/errors/cooldowns,
+# Sender.failures) and the process's own figures (/proc, as Prometheus' process collector
+# names them).
+# Never: costs a request more than a few dict updates (names, labels and text are made at a
+# scrape); takes a label from a client's free text (a model the router does not serve is
+# "unknown", a path no route serves is "other").
+
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# s; Prometheus' default buckets, stretched to the minutes a long generation takes
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    120.0, 300.0)
+_USAGE_FIELD = re.compile(rb'"(prompt|completion)_tokens"\s*:\s*(\d+)')
+
+
+def prometheus_label(value):
+    """A label value as the text format writes it (backslash, quote and line feed escaped)."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Histogram:
+    """Fixed buckets: observe() adds to one slot; the cumulative counts are made at a scrape."""
+    __slots__ = ("counts", "sum")
+
+    def __init__(self):
+        self.counts = [0] * (len(DURATION_BUCKETS) + 1)  # the last one: +Inf only
+        self.sum = 0.0
+
+    def observe(self, value):
+        from bisect import bisect_left
+        self.counts[bisect_left(DURATION_BUCKETS, value)] += 1
+        self.sum += value
+
+    def lines(self, name, labels):
+        out = []
+        total = 0
+        sep = "," if labels else ""
+        for bound, count in zip((*DURATION_BUCKETS, "+Inf"), self.counts):
+            total += count
+            out.append(f'{name}_bucket{{{labels}{sep}le="{bound}"}} {total}')
+        braces = "{%s}" % labels if labels else ""
+        out.append(f"{name}_sum{braces} {self.sum!r}")
+        out.append(f"{name}_count{braces} {total}")
+        return out
+
+
+def process_figures():
+    """-> [(name, type, help, value)] of this process, where the platform tells (Linux /proc;
+    elsewhere only CPU seconds)."""
+    times = os.times()
+    figures = [("process_cpu_seconds_total", "counter", "User and system CPU time spent in seconds.",
+                times.user + times.system)]
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/statm") as f:
+            vsize, rss = f.read().split()[:2]
+        figures.append(("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.",
+                        int(rss) * page))
+        figures.append(("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.",
+                        int(vsize) * page))
+        figures.append(("process_open_fds", "gauge", "Number of open file descriptors.",
+                        len(os.listdir("/proc/self/fd"))))
+        with open("/proc/self/stat") as f:  # field 22, counted after the ')' that ends comm
+            start_ticks = int(f.read().rpartition(")")[2].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        figures.append(("process_start_time_seconds", "gauge",
+                        "Start time of the process since unix epoch in seconds.",
+                        boot + start_ticks / os.sysconf("SC_CLK_TCK")))
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
+    try:
+        import resource
+        figures.append(("process_max_fds", "gauge", "Maximum number of open file descriptors.",
+                        resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
+    except (ImportError, OSError, ValueError):
+        pass
+    return figures
+
+
+class Metrics:
+    """The counters of one Application, and their exposition."""
+
+    def __init__(self, app):
+        self.app = app  # its router, admission, sender and processes are read at a scrape
+        self.requests = {}  # (route, model, status) -> answers
+        self.durations = {}  # (route, model) -> Histogram of seconds from head to last byte
+        self.tokens = {}  # (model, "prompt" | "completion") -> tokens from upstream usage
+        self.paths = {}  # request path -> route label (bounded: a client may send any path)
+
+    def route_of(self, path):
+        label = self.paths.get(path)
+        if label is None:
+            routes = self.app.routes
+            if path in routes:
+                label = path
+            elif "/v1" + path in routes and not path.startswith("/v1/"):
+                label = "/v1" + path
+            else:
+                label = next((prefix for prefix, _ in self.app.prefix_routes
+                              if path.startswith(prefix)), "other")
+            if len(self.paths) < METRICS_PATHS_MAX:
+                self.paths[path] = label
+        return label
+
+    def model_of(self, model):
+        if model is None:
+            return ""
+        return model if type(model) is str and model in self.app.router.table else "unknown"
+
+    def answered(self, request, status, now):
+        """One request's end (each answer, by status; 499 when the client left)."""
+        route = self.route_of(request.path)
+        model = self.model_of(request.model)
+        key = (route, model, status)
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+        hist = self.durations.get((route, model))
+        if hist is None:
+            hist = self.durations[(route, model)] = Histogram()
+        hist.observe(now - request.started)
+
+    def usage(self, request, body):
+        """Add the `usage` of a whole JSON answer llmhost relays: the field is found from the
+        end (where servers put it) and only its numbers are read, not the whole document."""
+        at = body.rfind(b'"usage"')
+        if at < 0:
+            return
+        model = self.model_of(request.model)
+        tokens = self.tokens
+        for kind, value in _USAGE_FIELD.findall(body, at, at + 400):
+            key = (model, kind.decode())
+            tokens[key] = tokens.get(key, 0) + int(value)
+
+    def render(self):
+        app = self.app
+        out = []
+
+        def family(name, kind, text, samples):
+            out.append(f"# HELP {name} {text}")
+            out.append(f"# TYPE {name} {kind}")
+            for labels, value in samples:
+                out.append(f"{name}{{{labels}}} {value}" if labels else f"{name} {value}")
+
+        def labels(**pairs):
+            return ",".join(f'{k}="{prometheus_label(v)}"' for k, v in pairs.items())
+
+        family("llmhost_build_info", "gauge", "llmhost's version and Python's; always 1.",
+               [(labels(version=__version__, python="%d.%d.%d" % sys.version_info[:3]), 1)])
+        family("llmhost_requests_total", "counter",
+               "Requests answered, by route, model and status (499: the client left).",
+               [(labels(route=r, model=m, status=s), n)
+                for (r, m, s), n in sorted(self.requests.items(), key=str)])
+        name = "llmhost_request_duration_seconds"
+        out.append(f"# HELP {name} Time from a request's head to its answer's end.")
+        out.append(f"# TYPE {name} histogram")
+        for (r, m), hist in sorted(self.durations.items()):
+            out.extend(hist.lines(name, labels(route=r, model=m)))
+        family("llmhost_tokens_total", "counter",
+               "Tokens in the usage of the upstream answers llmhost read, by model and kind.",
+               [(labels(model=m, kind=k), n) for (m, k), n in sorted(self.tokens.items())])
+        adm = app.admission
+        family("llmhost_in_flight_requests", "gauge", "Requests holding a concurrency slot.",
+               [("", adm.active)])
+        family("llmhost_queued_requests", "gauge", "Requests waiting for a slot or a server.",
+               [("", adm.queued())])
+        family("llmhost_refused_requests_total", "counter",
+               "Requests refused with 429 (queue full or waited too long).", [("", adm.rejected)])
+        ups = sorted(app.router.upstreams.values(), key=lambda up: up.name)
+        now = app.router.clock()
+        family("llmhost_upstream_attempts_total", "counter",
+               "Requests sent to each server (a retry on another server counts there too).",
+               [(labels(server=up.name), up.requests) for up in ups])
+        family("llmhost_upstream_failures_total", "counter",
+               "Failed attempts by server and kind (the upstream error's code, http_429, "
+               "http_5xx, start_failed).",
+               [(labels(server=s, kind=k), n)
+                for (s, k), n in sorted(app.sender.failures.items())])
+        family("llmhost_upstream_cooldowns_total", "counter", "Cooldowns each server entered.",
+               [(labels(server=up.name), up.cooldowns) for up in ups])
+        family("llmhost_upstream_cooling", "gauge", "1 while a server is cooling down, else 0.",
+               [(labels(server=up.name), int(up.cooldown_until > now)) for up in ups])
+        family("llmhost_upstream_in_flight_requests", "gauge", "Requests at each server now.",
+               [(labels(server=up.name), up.in_flight) for up in ups])
+        processes = app.processes
+        if processes is not None and processes.servers:
+            family("llmhost_managed_servers_running", "gauge",
+                   "Managed servers whose process is running.",
+                   [("", sum(1 for m in processes.servers.values() if m.state == "running"))])
+        for fig_name, kind, text, value in process_figures():
+            family(fig_name, kind, text, [("", value)])
+        out.append("")
+        return "\n".join(out).encode()
+
+
+# =============================================================================
 # Application
 # =============================================================================
 # Owns: the routes table, the faces (the chat API's routes and renderers) and the request path:
@@ -5048,7 +5260,8 @@ class ChatSSE(Render):
 class Application:
     def __init__(self, router, client, admission, *, api_keys=(), access_log=None,
                  allowed_hosts=None, cors_origins=(), mcp_environ=None, mcp_roots=(),
-                 mcp_max_rounds=MCP_MAX_ROUNDS, mcp_allow_urls=(), processes=None):
+                 mcp_max_rounds=MCP_MAX_ROUNDS, mcp_allow_urls=(), processes=None,
+                 metrics_public=False):
         self.router = router
         self.processes = processes  # ProcessManager for entries llmhost starts itself
         # MCP servers connect on first use; until then this costs nothing (no `mcp` import).
@@ -5083,6 +5296,7 @@ class Application:
             "/v1/mcp/tools": {"GET": self.mcp_tools},
             "/health": {"GET": self.health},
             "/v1/health": {"GET": self.health},
+            "/metrics": {"GET": self.metrics_page},
         }
         self.prefix_routes = [
             ("/v1/models/", {"GET": self.model_detail}),
@@ -5090,6 +5304,9 @@ class Application:
         ]
         self.faces = {}  # path or prefix -> the Face whose API it speaks (else OpenAI's)
         self.open_routes = {"/health", "/v1/health"}
+        if metrics_public:  # a scraper without the key; the rest stays behind it
+            self.open_routes.add("/metrics")
+        self.metrics = Metrics(self)
 
     # -- dispatch --------------------------------------------------------------------------
     async def handle(self, request):
@@ -5108,14 +5325,17 @@ class Application:
             log_exception(f"request {rid} failed")
             keep_alive = self.fail(request, HTTPError("internal error in llmhost; see its log"))
         except BaseException:  # cancelled: cut by a shutdown that stopped waiting for it
-            if self.access_log is not None:  # (503 if nothing went out)
+            now = time.monotonic()
+            self.metrics.answered(request, request.status or 503, now)  # (503 if nothing
+            if self.access_log is not None:  # went out)
                 self.access_log.add(request, request.status or 503, request.model,
-                                    request.server, time.monotonic())
+                                    request.server, now)
             raise
+        now = time.monotonic()
+        status = 499 if conn.gone and not request.complete else request.status
+        self.metrics.answered(request, status, now)
         if self.access_log is not None:
-            self.access_log.add(request, 499 if conn.gone and not request.complete else
-                                request.status,
-                                request.model, request.server, time.monotonic())
+            self.access_log.add(request, status, request.model, request.server, now)
         return keep_alive
 
     def fail(self, request, exc):
@@ -5261,6 +5481,11 @@ class Application:
     async def health(self, request):
         return self.reply_json(request, {"status": "ok"})
 
+    async def metrics_page(self, request):
+        request.status = 200
+        return request.conn.respond(request, 200, [("Content-Type", METRICS_TYPE)],
+                                    self.metrics.render())
+
     def model_object(self, name, servers):
         doc = {"id": name, "object": "model", "created": int(self.started),
                "owned_by": servers[0], "servers": servers}
@@ -5385,6 +5610,8 @@ class Application:
                 headers.append(("Retry-After", retry_after))
         elif transform is not None:  # (UpstreamError, saying what was expected)
             body = transform(body)
+        elif status == 200 and not encoding:  # (one still compressed is not read)
+            self.metrics.usage(request, body)
         return conn.respond(request, status, headers, body)
 
     async def relay_stream(self, request, up, resp, headers, decoder=None):
@@ -6947,7 +7174,7 @@ class Gateway:
                  allowed_hosts=None, cors_origins=(), mcp_max_rounds=MCP_MAX_ROUNDS,
                  mcp_allow_urls=(), mcp_roots=(), max_running=None, parent=None,
                  last_good=None, discover_ports=None, store_responses=True,
-                 clock=time.monotonic):
+                 metrics_public=False, clock=time.monotonic):
         self.registry = registry
         self.parent = parent  # pid of the `serve --workers N` that started this worker
         self.last_good = last_good  # (a worker of serve --workers) serve's last good (doc, keys)
@@ -6961,7 +7188,8 @@ class Gateway:
                                access_log=access_log, allowed_hosts=allowed_hosts,
                                cors_origins=cors_origins, mcp_environ=self.environ,
                                mcp_roots=mcp_roots, mcp_max_rounds=mcp_max_rounds,
-                               mcp_allow_urls=mcp_allow_urls, processes=self.processes)
+                               mcp_allow_urls=mcp_allow_urls, processes=self.processes,
+                               metrics_public=metrics_public)
         # Stored responses (/v1/responses) live beside the registry, as its other state does.
         self.responses = ResponsesAPI(self.app, ResponseStore(
             os.path.abspath(registry) + ".responses.sqlite") if store_responses else None)
@@ -8074,7 +8302,7 @@ def cmd_serve(args, environ):
                    cors_origins=args.cors_origin or (), mcp_max_rounds=args.mcp_max_rounds,
                    max_running=args.max_running,
                    mcp_allow_urls=args.mcp_allow_url or (), mcp_roots=args.root or (),
-                   store_responses=not args.no_store)
+                   store_responses=not args.no_store, metrics_public=args.metrics_public)
     logging.getLogger("mcp").setLevel(logging.WARNING)  # the SDK logs tracebacks at INFO
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per MCP HTTP message
     for handler in logging.getLogger().handlers:
@@ -8739,6 +8967,8 @@ def build_parser():
                         "Studio, Ollama, llama.cpp, vLLM...)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--no-access-log", action="store_true", help="no line per request")
+    p.add_argument("--metrics-public", action="store_true",
+                   help="serve GET /metrics (Prometheus) without the API key; the rest keeps it")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="load-test any OpenAI-compatible endpoint",

@@ -16,6 +16,7 @@ import http.server
 import io
 import json
 import os
+import platform
 import re
 import signal
 import socket
@@ -4937,6 +4938,141 @@ def test_status_endpoint_and_command(pool):
     assert servers["u1"]["requests"] == 1 and doc["max_concurrency"] == 50
     code, out, err = run_cli("unused", "status", "--url", f"http://127.0.0.1:{running.port}")
     assert code == 0 and "u0" in out and "cannot connect" in out
+
+
+def scrape(port, **kw):
+    """GET /metrics, read as Prometheus reads the text format 0.0.4 -> (types {family: type},
+    samples {(name, frozenset of label pairs): value}); every line is checked on the way."""
+    status, headers, raw = request(port, "GET", "/metrics", **kw)
+    assert status == 200, raw
+    assert headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    text = raw.decode()
+    assert text.endswith("\n")
+    types, helps, samples = {}, set(), {}
+    sample = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)')
+    pair = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(?:,|$)')
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name = line.split()[2]
+            assert name not in helps and name not in types  # HELP before TYPE, once
+            helps.add(name)
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            assert name in helps and name not in types
+            assert kind in ("counter", "gauge", "histogram")
+            types[name] = kind
+        else:
+            m = sample.fullmatch(line)
+            assert m, line
+            name, body, value = m.groups()
+            labels = pair.findall(body) if body else []
+            assert ",".join('%s="%s"' % p for p in labels) == (body or ""), line
+            family = name if name in types else re.sub("_(bucket|sum|count)$", "", name)
+            assert family in types, line  # a sample follows its family's TYPE
+            if family != name:
+                assert types[family] == "histogram"
+            if types[family] == "counter":
+                assert name.endswith("_total")
+            key = (name, frozenset(labels))
+            assert key not in samples, line  # no series twice
+            samples[key] = float(value)
+    return types, samples
+
+
+def series(samples, name, **labels):
+    """The value of one series (its label set exactly), or None."""
+    return samples.get((name, frozenset(labels.items())))
+
+
+def test_metrics_count_requests_by_route_model_status_with_durations_and_tokens(gateway):
+    for _ in range(3):
+        assert post(gateway.port, "/v1/chat/completions", CHAT)[0] == 200
+    assert post(gateway.port, "/v1/chat/completions", dict(CHAT, model="free\ntext"))[0] == 404
+    assert request(gateway.port, "GET", "/v1/models")[0] == 200
+    assert request(gateway.port, "GET", "/models")[0] == 200  # the same route
+    assert request(gateway.port, "GET", "/any/thing?x")[0] == 404
+    types, samples = scrape(gateway.port)
+    chat = "/v1/chat/completions"
+    assert types["llmhost_requests_total"] == "counter"
+    assert series(samples, "llmhost_requests_total", route=chat, model="fake-model",
+                  status="200") == 3
+    assert series(samples, "llmhost_requests_total", route=chat, model="unknown",
+                  status="404") == 1  # the client's text is no label
+    assert series(samples, "llmhost_requests_total", route="/v1/models", model="",
+                  status="200") == 2
+    assert series(samples, "llmhost_requests_total", route="other", model="",
+                  status="404") == 1
+    assert not any("free" in v for _, labels in samples for _, v in labels)
+    # the duration histogram: cumulative buckets ending in +Inf = count, a sum of seconds
+    assert types["llmhost_request_duration_seconds"] == "histogram"
+    labels = dict(route=chat, model="fake-model")
+    buckets = sorted((float(dict(k[1])["le"]), v) for k, v in samples.items()
+                     if k[0] == "llmhost_request_duration_seconds_bucket" and
+                     k[1] - {("le", dict(k[1])["le"])} == frozenset(labels.items()))
+    assert len(buckets) == len(llmhost.DURATION_BUCKETS) + 1 and buckets[-1][0] == float("inf")
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets) and buckets[-1][1] == 3
+    assert series(samples, "llmhost_request_duration_seconds_count", **labels) == 3
+    assert 0 < series(samples, "llmhost_request_duration_seconds_sum", **labels) < 3 * TIMEOUT
+    # the fake's usage (7 prompt, 3 completion) summed over the three answers
+    assert series(samples, "llmhost_tokens_total", model="fake-model", kind="prompt") == 21
+    assert series(samples, "llmhost_tokens_total", model="fake-model", kind="completion") == 9
+    assert series(samples, "llmhost_upstream_attempts_total", server="local") == 3
+    assert series(samples, "llmhost_in_flight_requests") == 0
+    assert series(samples, "llmhost_refused_requests_total") == 0
+    info = [dict(k[1]) for k in samples if k[0] == "llmhost_build_info"]
+    assert info == [{"version": llmhost.__version__, "python": platform.python_version()}]
+    # the process collector's names, with this process's figures
+    assert series(samples, "process_resident_memory_bytes") > 1e6
+    assert series(samples, "process_open_fds") > 3 and types["process_open_fds"] == "gauge"
+    assert series(samples, "process_cpu_seconds_total") > 0
+    assert abs(series(samples, "process_start_time_seconds") - time.time()) < 3600
+    _, again = scrape(gateway.port)  # the scrape itself is counted, once it has answered
+    assert series(again, "llmhost_requests_total", route="/metrics", model="",
+                  status="200") == 1
+
+
+def test_metrics_count_failed_attempts_by_kind_cooldowns_and_cooling_servers(pool):
+    running, fakes = pool
+    fakes[0].close()  # connection refused: u1 answers each time
+    fakes[1].script({"status": 503})
+    for _ in range(llmhost.FAILURES_BEFORE_COOLDOWN):
+        assert post(running.port, "/v1/chat/completions", CHAT)[0] == 200
+    _, samples = scrape(running.port)
+    n = llmhost.FAILURES_BEFORE_COOLDOWN
+    assert series(samples, "llmhost_upstream_failures_total", server="u0",
+                  kind="upstream_unreachable") == n
+    assert series(samples, "llmhost_upstream_failures_total", server="u1", kind="http_5xx") == 1
+    assert series(samples, "llmhost_upstream_attempts_total", server="u0") == n
+    assert series(samples, "llmhost_upstream_attempts_total", server="u2") == 1
+    assert series(samples, "llmhost_upstream_cooldowns_total", server="u0") == 1
+    assert series(samples, "llmhost_upstream_cooling", server="u0") == 1
+    assert series(samples, "llmhost_upstream_cooling", server="u1") == 0
+    assert series(samples, "llmhost_requests_total", route="/v1/chat/completions",
+                  model="fake-model", status="200") == n
+
+
+def test_metrics_are_behind_the_api_key_unless_made_public(fake, tmp_path):
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    for public in (False, True):
+        running = Running(path, api_keys=["k1"], metrics_public=public)
+        try:
+            assert request(running.port, "GET", "/metrics")[0] == (200 if public else 401)
+            scrape(running.port, headers={"Authorization": "Bearer k1"})
+            assert request(running.port, "GET", "/v1/models")[0] == 401  # the rest keeps it
+        finally:
+            running.stop()
+
+
+def test_metrics_label_values_are_escaped_and_histogram_buckets_are_cumulative():
+    assert llmhost.prometheus_label('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
+    hist = llmhost.Histogram()
+    for value in (0.001, 0.005, 0.2, 1e6):
+        hist.observe(value)
+    lines = hist.lines("x", 'a="1"')
+    assert lines[0] == 'x_bucket{a="1",le="0.005"} 2'  # le is "less than or equal"
+    assert 'x_bucket{a="1",le="0.25"} 3' in lines and 'x_bucket{a="1",le="+Inf"} 4' in lines
+    assert lines[-1] == 'x_count{a="1"} 4' and lines[-2].startswith('x_sum{a="1"} 1000000.2')
 
 
 def start_serve(registry, *extra, env=None, python=()):
