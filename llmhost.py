@@ -239,7 +239,7 @@ class Request:
     """One parsed request. `headers` maps lower-cased names to values (repeats joined by ', ')."""
     __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "keep_alive",
                  "conn", "started", "received", "request_id", "model", "server", "status",
-                 "extra", "unread", "complete", "route", "has_body", "face")
+                 "extra", "unread", "complete", "route", "has_body", "face", "tokens")
 
     def __init__(self, method, target, version, headers):
         self.method = method
@@ -270,6 +270,7 @@ class Request:
         self.route = None  # (handler, rest), when refuses_unread() has found it already
         self.has_body = False  # its head announces a body (read or not)
         self.face = None  # the API it speaks, for its errors' shape (None: OpenAI's)
+        self.tokens = None  # {"prompt": n, "completion": n} of its answer's usage, when read
 
 
 _FAST_METHODS = {m: m.decode() for m in KNOWN_METHODS}
@@ -4944,8 +4945,11 @@ class Metrics:
             return
         model = self.model_of(request.model)
         tokens = self.tokens
+        found = request.tokens = {}  # (for the access log's JSON line)
         for kind, value in _USAGE_FIELD.findall(body, at, at + 400):
-            key = (model, kind.decode())
+            kind = kind.decode()
+            found[kind] = int(value)
+            key = (model, kind)
             tokens[key] = tokens.get(key, 0) + int(value)
 
     def render(self):
@@ -5037,9 +5041,11 @@ class AccessLog:
     them one by one, between socket reads and writes, cost a proxied request 3% of its time)."""
     LINE = "%s INFO %s %s model=%s server=%s status=%s %.1fms id=%s\n"
 
-    def __init__(self, stream, enabled=True):
+    def __init__(self, stream, enabled=True, json_lines=False):
         self.stream = stream
         self.enabled = enabled
+        self.json_lines = json_lines  # --access-log-format json: one JSON object per line
+        self.route_of = None  # path -> its route label (the Application's Metrics'), for JSON
         self.lines = []  # the fields of each line, in LINE's order
         self.stamp = time.strftime("%Y-%m-%d %H:%M:%S")  # refreshed each sweep, not per line
         self.shown = {}  # model name (the client's text) -> None, or as escaped for the log
@@ -5048,13 +5054,17 @@ class AccessLog:
         if self.enabled:
             self.lines.append((self.stamp, request.method, request.path, model or "-",
                                server or "-", status, (now - request.started) * 1000,
-                               request.request_id))
+                               request.request_id, *((request.tokens,) if self.json_lines
+                                                     else ())))
             if len(self.lines) >= 256:
                 self.flush()
 
     def flush(self, _now=None):
         self.stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        if self.lines:
+        if self.lines and self.json_lines:
+            lines, self.lines = self.lines, []
+            self.write("".join([self.json_line(f) for f in lines]))
+        elif self.lines:
             lines, self.lines = self.lines, []
             line, shown = self.LINE, self.shown
             if any(f[3] not in shown for f in lines):  # (once per new model name)
@@ -5070,11 +5080,28 @@ class AccessLog:
                 for f in lines:  # a long name is not kept: a client could fill memory with them
                     if len(f[3]) > LOG_MODEL_CHARS:
                         shown.pop(f[3], None)
-            try:
-                self.stream.write(text)
-                self.stream.flush()
-            except (OSError, ValueError):
-                pass
+            self.write(text)
+
+    def write(self, text):
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def json_line(self, fields):
+        """A usage record a user can total with jq: JSON escapes every character a client
+        chose, so no request can forge a line; no key or prompt is in it."""
+        stamp, method, path, model, server, status, ms, rid, tokens = fields
+        doc = {"time": stamp, "id": rid, "method": method, "path": path[:LOG_MODEL_CHARS],
+               "route": self.route_of(path) if self.route_of else None,
+               "model": None if model == "-" else model[:LOG_MODEL_CHARS],
+               "server": None if server == "-" else server, "status": status,
+               "duration_ms": round(ms, 1)}
+        if tokens:
+            doc.update(prompt_tokens=tokens.get("prompt"),
+                       completion_tokens=tokens.get("completion"))
+        return json.dumps(doc, ensure_ascii=True) + "\n"
 
     @staticmethod
     def escaped(model):
@@ -5307,6 +5334,8 @@ class Application:
         if metrics_public:  # a scraper without the key; the rest stays behind it
             self.open_routes.add("/metrics")
         self.metrics = Metrics(self)
+        if access_log is not None:
+            access_log.route_of = self.metrics.route_of
 
     # -- dispatch --------------------------------------------------------------------------
     async def handle(self, request):
@@ -7525,7 +7554,8 @@ def worker_signals():
 def run_worker(args, path, keys, options, max_concurrency, queue_size, sock=None, label=""):
     import asyncio
     gateway = Gateway(path, max_concurrency=max_concurrency, queue_size=queue_size,
-                      access_log=AccessLog(sys.stderr, enabled=not args.no_access_log),
+                      access_log=AccessLog(sys.stderr, enabled=not args.no_access_log,
+                                           json_lines=args.access_log_format == "json"),
                       **options)
     if sock is not None:  # a 429 says whose limit it met: the kernel spreads connections over
         gateway.admission.whose = (  # workers unevenly, so one may refuse while another has room
@@ -8967,6 +8997,9 @@ def build_parser():
                         "Studio, Ollama, llama.cpp, vLLM...)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--no-access-log", action="store_true", help="no line per request")
+    p.add_argument("--access-log-format", choices=["text", "json"], default="text",
+                   help="json: each access line one JSON object (id, route, model, server, "
+                        "status, duration_ms, prompt_tokens, completion_tokens)")
     p.add_argument("--metrics-public", action="store_true",
                    help="serve GET /metrics (Prometheus) without the API key; the rest keeps it")
     p.set_defaults(func=cmd_serve)

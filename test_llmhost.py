@@ -5126,6 +5126,35 @@ def test_access_log_lines_are_written_at_flush_and_cannot_be_forged():
     assert max(map(len, log.shown), default=0) <= llmhost.LOG_MODEL_CHARS
 
 
+def test_access_log_json_lines_are_usage_records_without_keys(fake, tmp_path):
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    out = io.StringIO()
+    running = Running(path, api_keys=["sk-secret-1"],
+                      access_log=llmhost.AccessLog(out, json_lines=True))
+    key = {"Authorization": "Bearer sk-secret-1", "X-Request-Id": "r-1"}
+    try:
+        assert post(running.port, "/chat/completions", CHAT, headers=key)[0] == 200
+        assert post(running.port, "/v1/chat/completions", dict(CHAT, model='x\n"y'),
+                    headers=dict(key, **{"X-Request-Id": "r-2"}))[0] == 404
+        assert request(running.port, "GET", "/v1/models",
+                       headers={"Authorization": "Bearer wrong", "X-Request-Id": "r-3"})[0] == 401
+        assert wait_until(lambda: out.getvalue().count("\n") == 3)
+    finally:
+        running.stop()
+    text = out.getvalue()
+    assert "sk-secret" not in text and "wrong" not in text and "hello there" not in text
+    docs = {d["id"]: d for d in map(json.loads, text.splitlines())}  # one object a line
+    ok = docs["r-1"]
+    assert ok["route"] == "/v1/chat/completions" and ok["path"] == "/chat/completions"
+    assert ok["model"] == "fake-model" and ok["server"] == "local" and ok["status"] == 200
+    assert ok["prompt_tokens"] == 7 and ok["completion_tokens"] == 3
+    assert 0 < ok["duration_ms"] < TIMEOUT * 1000 and ok["method"] == "POST"
+    assert docs["r-2"]["model"] == 'x\n"y' and docs["r-2"]["status"] == 404
+    assert "prompt_tokens" not in docs["r-2"] and docs["r-2"]["server"] is None
+    assert docs["r-3"]["status"] == 401 and docs["r-3"]["model"] is None
+
+
 def test_user_session_subprocess(fake, tmp_path):
     """add / list / serve / request / remove / SIGTERM as typed in a shell."""
     registry = str(tmp_path / "servers.json")
