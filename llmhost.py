@@ -239,7 +239,8 @@ class Request:
     """One parsed request. `headers` maps lower-cased names to values (repeats joined by ', ')."""
     __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "keep_alive",
                  "conn", "started", "received", "request_id", "model", "server", "status",
-                 "extra", "unread", "complete", "route", "has_body", "face", "tokens")
+                 "extra", "unread", "complete", "route", "has_body", "face", "tokens",
+                 "key_label")
 
     def __init__(self, method, target, version, headers):
         self.method = method
@@ -271,6 +272,7 @@ class Request:
         self.has_body = False  # its head announces a body (read or not)
         self.face = None  # the API it speaks, for its errors' shape (None: OpenAI's)
         self.tokens = None  # {"prompt": n, "completion": n} of its answer's usage, when read
+        self.key_label = None  # the label of the API key it came with (--api-keys-file)
 
 
 _FAST_METHODS = {m: m.decode() for m in KNOWN_METHODS}
@@ -3032,6 +3034,43 @@ def check_api_key(headers, keys):
         raise Unauthorized("Incorrect API key provided.")
     return matched
 
+
+_KEY_LABEL = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+
+
+def read_api_keys_file(path):
+    """--api-keys-file: one `LABEL KEY` per line (blank lines and # comments skipped) ->
+    {key: label}. The file must be private (mode 0600, as ssh wants of a key): it holds keys,
+    and it keeps them out of the process list. Raises ValueError saying what is wrong (never
+    quoting a key)."""
+    import stat
+    try:
+        info = os.stat(path)
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    if info.st_mode & 0o077:
+        raise ValueError(f"{path} is readable by others (mode {stat.S_IMODE(info.st_mode):04o}): "
+                         f"it holds keys; chmod 600 {path}")
+    labels = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        label, _, key = line.partition(" ")
+        key = key.strip()
+        if not _KEY_LABEL.fullmatch(label) or not key or " " in key:
+            raise ValueError(f"{path}:{number}: expected 'LABEL KEY' (a label of letters, "
+                             "digits, _.@-, then one key)")
+        if key in labels:
+            raise ValueError(f"{path}:{number}: this key is also on a line labelled "
+                             f"{labels[key]!r}")
+        labels[key] = label
+    if not labels:
+        raise ValueError(f"{path} holds no key")
+    return labels
+
 # =============================================================================
 # MCP bridge
 # =============================================================================
@@ -5054,8 +5093,8 @@ class AccessLog:
         if self.enabled:
             self.lines.append((self.stamp, request.method, request.path, model or "-",
                                server or "-", status, (now - request.started) * 1000,
-                               request.request_id, *((request.tokens,) if self.json_lines
-                                                     else ())))
+                               request.request_id, *((request.tokens, request.key_label)
+                                                     if self.json_lines else ())))
             if len(self.lines) >= 256:
                 self.flush()
 
@@ -5092,12 +5131,14 @@ class AccessLog:
     def json_line(self, fields):
         """A usage record a user can total with jq: JSON escapes every character a client
         chose, so no request can forge a line; no key or prompt is in it."""
-        stamp, method, path, model, server, status, ms, rid, tokens = fields
+        stamp, method, path, model, server, status, ms, rid, tokens, label = fields
         doc = {"time": stamp, "id": rid, "method": method, "path": path[:LOG_MODEL_CHARS],
                "route": self.route_of(path) if self.route_of else None,
                "model": None if model == "-" else model[:LOG_MODEL_CHARS],
                "server": None if server == "-" else server, "status": status,
                "duration_ms": round(ms, 1)}
+        if label is not None:
+            doc["key"] = label
         if tokens:
             doc.update(prompt_tokens=tokens.get("prompt"),
                        completion_tokens=tokens.get("completion"))
@@ -5288,7 +5329,7 @@ class Application:
     def __init__(self, router, client, admission, *, api_keys=(), access_log=None,
                  allowed_hosts=None, cors_origins=(), mcp_environ=None, mcp_roots=(),
                  mcp_max_rounds=MCP_MAX_ROUNDS, mcp_allow_urls=(), processes=None,
-                 metrics_public=False):
+                 metrics_public=False, key_labels=None):
         self.router = router
         self.processes = processes  # ProcessManager for entries llmhost starts itself
         # MCP servers connect on first use; until then this costs nothing (no `mcp` import).
@@ -5298,7 +5339,8 @@ class Application:
         self.mcp_callers = {}  # MCP server -> {model: its requests' calls running} (sampling)
         self.client = client
         self.admission = admission
-        self.api_keys = tuple(api_keys)
+        self.key_labels = dict(key_labels or {})  # key -> its label (--api-keys-file)
+        self.api_keys = tuple(api_keys) + tuple(k for k in self.key_labels if k not in api_keys)
         self.access_log = access_log
         # None: any Host (not bound to loopback). Else a browser on this machine could be
         # pointed at us through DNS rebinding: only loopback names and these hosts pass.
@@ -5462,7 +5504,9 @@ class Application:
                                "/v1/chat/completions, /v1/embeddings, /v1/rerank.")
         request.face = self.faces.get(where)
         if self.api_keys and path not in self.open_routes and request.method != "OPTIONS":
-            check_api_key(request.headers, self.api_keys)
+            key = check_api_key(request.headers, self.api_keys)
+            if self.key_labels:
+                request.key_label = self.key_labels.get(key)
         handler = methods.get(request.method) or (
             methods.get("GET") if request.method == "HEAD" else None)
         if handler is None:
@@ -7203,7 +7247,7 @@ class Gateway:
                  allowed_hosts=None, cors_origins=(), mcp_max_rounds=MCP_MAX_ROUNDS,
                  mcp_allow_urls=(), mcp_roots=(), max_running=None, parent=None,
                  last_good=None, discover_ports=None, store_responses=True,
-                 metrics_public=False, clock=time.monotonic):
+                 metrics_public=False, key_labels=None, clock=time.monotonic):
         self.registry = registry
         self.parent = parent  # pid of the `serve --workers N` that started this worker
         self.last_good = last_good  # (a worker of serve --workers) serve's last good (doc, keys)
@@ -7218,7 +7262,7 @@ class Gateway:
                                cors_origins=cors_origins, mcp_environ=self.environ,
                                mcp_roots=mcp_roots, mcp_max_rounds=mcp_max_rounds,
                                mcp_allow_urls=mcp_allow_urls, processes=self.processes,
-                               metrics_public=metrics_public)
+                               metrics_public=metrics_public, key_labels=key_labels)
         # Stored responses (/v1/responses) live beside the registry, as its other state does.
         self.responses = ResponsesAPI(self.app, ResponseStore(
             os.path.abspath(registry) + ".responses.sqlite") if store_responses else None)
@@ -8305,8 +8349,19 @@ def cmd_serve(args, environ):
                         format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%Y-%m-%d %H:%M:%S")
     path = registry_path(args, environ)
-    keys = parse_api_keys(args, environ)
+    key_labels = None
+    if args.api_keys_file:
+        try:
+            key_labels = read_api_keys_file(args.api_keys_file)
+        except ValueError as exc:
+            raise CLIError(f"--api-keys-file: {exc}") from None
+    keys = [k.strip() for k in args.api_key or ()] if key_labels else \
+        parse_api_keys(args, environ)  # (with a file, $LLMHOST_API_KEY is not read)
+    if "" in keys:
+        raise CLIError("--api-key needs a value (an empty key could never be sent)")
     loopback = is_loopback_host(args.host)
+    if key_labels:
+        keys = keys + [k for k in key_labels if k not in keys]
     if not loopback and not keys and not args.no_auth:
         raise CLIError(f"refusing to serve on {args.host} without an API key: anyone who can "
                        "reach this machine could use your models. Pass --api-key KEY (or set "
@@ -8332,7 +8387,8 @@ def cmd_serve(args, environ):
                    cors_origins=args.cors_origin or (), mcp_max_rounds=args.mcp_max_rounds,
                    max_running=args.max_running,
                    mcp_allow_urls=args.mcp_allow_url or (), mcp_roots=args.root or (),
-                   store_responses=not args.no_store, metrics_public=args.metrics_public)
+                   store_responses=not args.no_store, metrics_public=args.metrics_public,
+                   key_labels=key_labels)
     logging.getLogger("mcp").setLevel(logging.WARNING)  # the SDK logs tracebacks at INFO
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per MCP HTTP message
     for handler in logging.getLogger().handlers:
@@ -8997,6 +9053,9 @@ def build_parser():
                         "Studio, Ollama, llama.cpp, vLLM...)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--no-access-log", action="store_true", help="no line per request")
+    p.add_argument("--api-keys-file", metavar="FILE",
+                   help="API keys with labels, one 'LABEL KEY' per line (mode 0600); the label "
+                        "is in the JSON access log")
     p.add_argument("--access-log-format", choices=["text", "json"], default="text",
                    help="json: each access line one JSON object (id, route, model, server, "
                         "status, duration_ms, prompt_tokens, completion_tokens)")

@@ -5130,13 +5130,13 @@ def test_access_log_json_lines_are_usage_records_without_keys(fake, tmp_path):
     path = write_registry(tmp_path / "s.json", [
         {"name": "local", "url": fake.url, "models": ["fake-model"]}])
     out = io.StringIO()
-    running = Running(path, api_keys=["sk-secret-1"],
+    running = Running(path, api_keys=["sk-secret-1"], key_labels={"sk-secret-2": "team-b"},
                       access_log=llmhost.AccessLog(out, json_lines=True))
     key = {"Authorization": "Bearer sk-secret-1", "X-Request-Id": "r-1"}
     try:
         assert post(running.port, "/chat/completions", CHAT, headers=key)[0] == 200
         assert post(running.port, "/v1/chat/completions", dict(CHAT, model='x\n"y'),
-                    headers=dict(key, **{"X-Request-Id": "r-2"}))[0] == 404
+                    headers={"X-Api-Key": "sk-secret-2", "X-Request-Id": "r-2"})[0] == 404
         assert request(running.port, "GET", "/v1/models",
                        headers={"Authorization": "Bearer wrong", "X-Request-Id": "r-3"})[0] == 401
         assert wait_until(lambda: out.getvalue().count("\n") == 3)
@@ -5152,7 +5152,30 @@ def test_access_log_json_lines_are_usage_records_without_keys(fake, tmp_path):
     assert 0 < ok["duration_ms"] < TIMEOUT * 1000 and ok["method"] == "POST"
     assert docs["r-2"]["model"] == 'x\n"y' and docs["r-2"]["status"] == 404
     assert "prompt_tokens" not in docs["r-2"] and docs["r-2"]["server"] is None
+    assert docs["r-2"]["key"] == "team-b" and "key" not in ok  # a key without a label: none
     assert docs["r-3"]["status"] == 401 and docs["r-3"]["model"] is None
+
+
+def test_api_keys_file_gives_labels_and_must_be_private(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("# team keys\nteam-a sk-aaa\n\n  ci@host  sk-bbb  \n")
+    path.chmod(0o600)
+    assert llmhost.read_api_keys_file(str(path)) == {"sk-aaa": "team-a", "sk-bbb": "ci@host"}
+    path.chmod(0o640)
+    with pytest.raises(ValueError, match="readable by others.*chmod 600"):
+        llmhost.read_api_keys_file(str(path))
+    for text, needle in (("sk-only\n", ":1: expected 'LABEL KEY'"),
+                         ("a b\nbad label! k\n", ":2: expected"),
+                         ("a sk-x\nb sk-x\n", ":2: this key is also on a line labelled 'a'"),
+                         ("# none\n", "holds no key")):
+        path.write_text(text)
+        path.chmod(0o600)
+        with pytest.raises(ValueError, match=needle) as info:
+            llmhost.read_api_keys_file(str(path))
+        assert "sk-x" not in str(info.value)  # a key is never quoted
+    code, out, err = run_cli(str(tmp_path / "s.json"), "serve", "--api-keys-file",
+                             str(tmp_path / "missing"))
+    assert code != 0 and "--api-keys-file: cannot read" in err
 
 
 def test_user_session_subprocess(fake, tmp_path):
