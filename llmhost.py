@@ -240,7 +240,7 @@ class Request:
     __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "keep_alive",
                  "conn", "started", "received", "request_id", "model", "server", "status",
                  "extra", "unread", "complete", "route", "has_body", "face", "tokens",
-                 "key_label")
+                 "key_label", "first_byte")
 
     def __init__(self, method, target, version, headers):
         self.method = method
@@ -273,6 +273,7 @@ class Request:
         self.face = None  # the API it speaks, for its errors' shape (None: OpenAI's)
         self.tokens = None  # {"prompt": n, "completion": n} of its answer's usage, when read
         self.key_label = None  # the label of the API key it came with (--api-keys-file)
+        self.first_byte = None  # s from its head to its stream's first event going out
 
 
 _FAST_METHODS = {m: m.decode() for m in KNOWN_METHODS}
@@ -4942,6 +4943,7 @@ class Metrics:
         self.requests = {}  # (route, model, status) -> answers
         self.durations = {}  # (route, model) -> Histogram of seconds from head to last byte
         self.tokens = {}  # (model, "prompt" | "completion") -> tokens from upstream usage
+        self.first_bytes = {}  # (route, model) -> Histogram of a stream's first event's time
         self.paths = {}  # request path -> route label (bounded: a client may send any path)
 
     def route_of(self, path):
@@ -4975,6 +4977,16 @@ class Metrics:
         if hist is None:
             hist = self.durations[(route, model)] = Histogram()
         hist.observe(now - request.started)
+
+    def stream_opened(self, request, now):
+        """A relayed stream's head and first event go out now (the upstream's first event:
+        a token, or the role chunk that comes with the first token's time on most servers)."""
+        key = (self.route_of(request.path), self.model_of(request.model))
+        hist = self.first_bytes.get(key)
+        if hist is None:
+            hist = self.first_bytes[key] = Histogram()
+        request.first_byte = now - request.started
+        hist.observe(request.first_byte)
 
     def usage(self, request, body):
         """Add the `usage` of a whole JSON answer llmhost relays: the field is found from the
@@ -5014,6 +5026,12 @@ class Metrics:
         out.append(f"# HELP {name} Time from a request's head to its answer's end.")
         out.append(f"# TYPE {name} histogram")
         for (r, m), hist in sorted(self.durations.items()):
+            out.extend(hist.lines(name, labels(route=r, model=m)))
+        name = "llmhost_stream_first_byte_seconds"
+        out.append(f"# HELP {name} Time from a streamed request's head to its first event "
+                   "going out.")
+        out.append(f"# TYPE {name} histogram")
+        for (r, m), hist in sorted(self.first_bytes.items()):
             out.extend(hist.lines(name, labels(route=r, model=m)))
         family("llmhost_tokens_total", "counter",
                "Tokens in the usage of the upstream answers llmhost read, by model and kind.",
@@ -5093,7 +5111,8 @@ class AccessLog:
         if self.enabled:
             self.lines.append((self.stamp, request.method, request.path, model or "-",
                                server or "-", status, (now - request.started) * 1000,
-                               request.request_id, *((request.tokens, request.key_label)
+                               request.request_id, *((request.tokens, request.key_label,
+                                                      request.first_byte)
                                                      if self.json_lines else ())))
             if len(self.lines) >= 256:
                 self.flush()
@@ -5131,7 +5150,7 @@ class AccessLog:
     def json_line(self, fields):
         """A usage record a user can total with jq: JSON escapes every character a client
         chose, so no request can forge a line; no key or prompt is in it."""
-        stamp, method, path, model, server, status, ms, rid, tokens, label = fields
+        stamp, method, path, model, server, status, ms, rid, tokens, label, first = fields
         doc = {"time": stamp, "id": rid, "method": method, "path": path[:LOG_MODEL_CHARS],
                "route": self.route_of(path) if self.route_of else None,
                "model": None if model == "-" else model[:LOG_MODEL_CHARS],
@@ -5139,6 +5158,8 @@ class AccessLog:
                "duration_ms": round(ms, 1)}
         if label is not None:
             doc["key"] = label
+        if first is not None:
+            doc["first_byte_ms"] = round(first * 1000, 1)
         if tokens:
             doc.update(prompt_tokens=tokens.get("prompt"),
                        completion_tokens=tokens.get("completion"))
@@ -5704,6 +5725,7 @@ class Application:
                 pending = await read()
                 if not resp.done:
                     pending, tail = whole_events(pending)
+            self.metrics.stream_opened(request, time.monotonic())
             if resp.done or pending.endswith(SSE_DONE):  # the whole stream was at hand: head,
                 keep_alive = conn.start_stream(request, resp.status, headers, pending, end=True)
                 stream_delivered(request, resp)  # events and end in one write

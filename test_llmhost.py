@@ -4991,11 +4991,12 @@ def test_metrics_count_requests_by_route_model_status_with_durations_and_tokens(
     assert request(gateway.port, "GET", "/v1/models")[0] == 200
     assert request(gateway.port, "GET", "/models")[0] == 200  # the same route
     assert request(gateway.port, "GET", "/any/thing?x")[0] == 404
+    assert post(gateway.port, "/v1/chat/completions", dict(CHAT, stream=True))[0] == 200
     types, samples = scrape(gateway.port)
     chat = "/v1/chat/completions"
     assert types["llmhost_requests_total"] == "counter"
     assert series(samples, "llmhost_requests_total", route=chat, model="fake-model",
-                  status="200") == 3
+                  status="200") == 4
     assert series(samples, "llmhost_requests_total", route=chat, model="unknown",
                   status="404") == 1  # the client's text is no label
     assert series(samples, "llmhost_requests_total", route="/v1/models", model="",
@@ -5010,13 +5011,16 @@ def test_metrics_count_requests_by_route_model_status_with_durations_and_tokens(
                      if k[0] == "llmhost_request_duration_seconds_bucket" and
                      k[1] - {("le", dict(k[1])["le"])} == frozenset(labels.items()))
     assert len(buckets) == len(llmhost.DURATION_BUCKETS) + 1 and buckets[-1][0] == float("inf")
-    assert [v for _, v in buckets] == sorted(v for _, v in buckets) and buckets[-1][1] == 3
-    assert series(samples, "llmhost_request_duration_seconds_count", **labels) == 3
-    assert 0 < series(samples, "llmhost_request_duration_seconds_sum", **labels) < 3 * TIMEOUT
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets) and buckets[-1][1] == 4
+    assert series(samples, "llmhost_request_duration_seconds_count", **labels) == 4
+    assert 0 < series(samples, "llmhost_request_duration_seconds_sum", **labels) < 4 * TIMEOUT
     # the fake's usage (7 prompt, 3 completion) summed over the three answers
     assert series(samples, "llmhost_tokens_total", model="fake-model", kind="prompt") == 21
     assert series(samples, "llmhost_tokens_total", model="fake-model", kind="completion") == 9
-    assert series(samples, "llmhost_upstream_attempts_total", server="local") == 3
+    assert series(samples, "llmhost_upstream_attempts_total", server="local") == 4
+    assert types["llmhost_stream_first_byte_seconds"] == "histogram"
+    assert series(samples, "llmhost_stream_first_byte_seconds_count", route=chat,
+                  model="fake-model") == 1  # the stream only
     assert series(samples, "llmhost_in_flight_requests") == 0
     assert series(samples, "llmhost_refused_requests_total") == 0
     info = [dict(k[1]) for k in samples if k[0] == "llmhost_build_info"]
@@ -5139,7 +5143,9 @@ def test_access_log_json_lines_are_usage_records_without_keys(fake, tmp_path):
                     headers={"X-Api-Key": "sk-secret-2", "X-Request-Id": "r-2"})[0] == 404
         assert request(running.port, "GET", "/v1/models",
                        headers={"Authorization": "Bearer wrong", "X-Request-Id": "r-3"})[0] == 401
-        assert wait_until(lambda: out.getvalue().count("\n") == 3)
+        assert post(running.port, "/v1/chat/completions", dict(CHAT, stream=True),
+                    headers=dict(key, **{"X-Request-Id": "r-4"}))[0] == 200
+        assert wait_until(lambda: out.getvalue().count("\n") == 4)
     finally:
         running.stop()
     text = out.getvalue()
@@ -5154,6 +5160,8 @@ def test_access_log_json_lines_are_usage_records_without_keys(fake, tmp_path):
     assert "prompt_tokens" not in docs["r-2"] and docs["r-2"]["server"] is None
     assert docs["r-2"]["key"] == "team-b" and "key" not in ok  # a key without a label: none
     assert docs["r-3"]["status"] == 401 and docs["r-3"]["model"] is None
+    assert 0 < docs["r-4"]["first_byte_ms"] <= docs["r-4"]["duration_ms"]
+    assert "first_byte_ms" not in ok
 
 
 def test_api_keys_file_gives_labels_and_must_be_private(tmp_path):
