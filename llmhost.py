@@ -2567,6 +2567,7 @@ class ManagedServer:
         self.failures = 0
         self.retry_at = 0.0
         self.last_error = None
+        self.entered = {}  # state -> times it moved into it from another (/metrics)
 
     @property
     def state(self):
@@ -2589,6 +2590,8 @@ class ManagedServer:
             # says what to fix.
             logger().error("managed server %s: bug: state %s -> %s is not a move MANAGED_MOVES "
                            "allows (%s)", self.name, self._state, to, why)
+        if to != self._state:
+            self.entered[to] = self.entered.get(to, 0) + 1
         self._state = to
 
     def info(self, now):
@@ -4945,6 +4948,8 @@ class Metrics:
         self.durations = {}  # (route, model) -> Histogram of seconds from head to last byte
         self.tokens = {}  # (model, "prompt" | "completion") -> tokens from upstream usage
         self.first_bytes = {}  # (route, model) -> Histogram of a stream's first event's time
+        self.mcp = {}  # (server, tool, outcome) -> MCP tool calls llmhost ran
+        self.mcp_durations = {}  # (server, tool) -> Histogram of their seconds
         self.paths = {}  # request path -> route label (bounded: a client may send any path)
 
     def route_of(self, path):
@@ -4992,6 +4997,23 @@ class Metrics:
             hist = self.first_bytes[key] = Histogram()
         request.first_byte = now - request.started
         hist.observe(request.first_byte)
+
+    def mcp_calls(self, entries, registered):
+        """A round's MCP calls (their mcp_calls entries). A server a request named by URL is
+        "adhoc" and so are its tools (the client chose both); a tool the model made up is
+        server "none", tool "unknown"."""
+        for entry in entries:
+            server, tool = entry["server"], entry["tool"]
+            if server is None:
+                server, tool = "none", "unknown"
+            elif server not in registered:
+                server = tool = "adhoc"
+            key = (server, tool, "ok" if entry["ok"] else "error")
+            self.mcp[key] = self.mcp.get(key, 0) + 1
+            hist = self.mcp_durations.get(key[:2])
+            if hist is None:
+                hist = self.mcp_durations[key[:2]] = Histogram()
+            hist.observe((entry["duration_ms"] or 0.0) / 1000)
 
     def usage(self, request, body):
         """Add the `usage` of a whole JSON answer llmhost relays: the field is found from the
@@ -5066,11 +5088,26 @@ class Metrics:
                [(labels(server=up.name), int(up.cooldown_until > now)) for up in ups])
         family("llmhost_upstream_in_flight_requests", "gauge", "Requests at each server now.",
                [(labels(server=up.name), up.in_flight) for up in ups])
+        family("llmhost_mcp_calls_total", "counter",
+               "MCP tool calls llmhost ran, by server, tool and outcome (ok, error).",
+               [(labels(server=s, tool=t, outcome=o), n)
+                for (s, t, o), n in sorted(self.mcp.items())])
+        name = "llmhost_mcp_call_duration_seconds"
+        out.append(f"# HELP {name} Time of each MCP tool call.")
+        out.append(f"# TYPE {name} histogram")
+        for (s, t), hist in sorted(self.mcp_durations.items()):
+            out.extend(hist.lines(name, labels(server=s, tool=t)))
         processes = app.processes
         if processes is not None and processes.servers:
+            managed = sorted(processes.servers.values(), key=lambda m: m.name)
             family("llmhost_managed_servers_running", "gauge",
                    "Managed servers whose process is running.",
-                   [("", sum(1 for m in processes.servers.values() if m.state == "running"))])
+                   [("", sum(1 for m in managed if m.state == "running"))])
+            family("llmhost_managed_server_transitions_total", "counter",
+                   "Moves of each managed server into a state: running (a start), failed (a "
+                   "start that failed or a crash), stopped.",
+                   [(labels(server=m.name, state=st), n) for m in managed
+                    for st, n in sorted(m.entered.items())])
         for fig_name, kind, text, value in process_figures():
             family(fig_name, kind, text, [("", value)])
         out.append("")
@@ -5933,6 +5970,8 @@ class Application:
                 done, _ = await asyncio.wait({task}, timeout=MCP_KEEPALIVE)
                 if done:
                     report.extend(entry for _, entry in task.result())  # in call order
+                    self.metrics.mcp_calls([entry for _, entry in task.result()],
+                                           self.mcp.specs())
                     return [result for result, _ in task.result()]
                 if tick is not None:
                     tick()

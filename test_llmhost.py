@@ -2421,6 +2421,23 @@ def test_mcp_one_round_non_stream(mcp_env):
     assert second["messages"][-1] == {"role": "tool", "tool_call_id": "call_0", "content": "hi"}
 
 
+def test_metrics_count_mcp_calls_by_server_tool_and_outcome(mcp_env):
+    running, fake = mcp_env
+    _, before = scrape(running.port)  # (the module's server has run other tests' calls)
+    status, _, raw = agent_chat(running.port, [{"calls": [("t__echo", {"text": "hi"}),
+                                                          ("made_up", {})]}], fake)
+    assert status == 200, raw
+    _, after = scrape(running.port)
+
+    def delta(name, **labels):
+        return (series(after, name, **labels) or 0) - (series(before, name, **labels) or 0)
+    assert delta("llmhost_mcp_calls_total", server="t", tool="echo", outcome="ok") == 1
+    assert delta("llmhost_mcp_calls_total", server="none", tool="unknown", outcome="error") == 1
+    assert delta("llmhost_mcp_call_duration_seconds_count", server="t", tool="echo") == 1
+    assert delta("llmhost_requests_total", route="/v1/chat/completions", model="agent",
+                 status="200") == 1
+
+
 def test_mcp_stream_is_a_valid_chunk_stream(mcp_env):
     running, fake = mcp_env
     status, headers, raw = agent_chat(running.port, [{"calls": [("t__echo", {"text": "yo"})]}],
@@ -3612,6 +3629,12 @@ def test_managed_cold_start_is_shared_and_idle_stop(tmp_path):
         status, doc = jpost(running.port, "/v1/chat/completions", body)
         server = process_status(running.port, "m")
         assert status == 200 and server["state"] == "running" and server["pid"] != pid
+        _, samples = scrape(running.port)  # two starts, one stop
+        assert series(samples, "llmhost_managed_servers_running") == 1
+        moves = "llmhost_managed_server_transitions_total"
+        assert series(samples, moves, server="m", state="running") == 2
+        assert series(samples, moves, server="m", state="stopped") == 1
+        assert series(samples, moves, server="m", state="failed") is None
     finally:
         running.stop()
     assert wait_until(lambda: not pid_alive(server["pid"]), 5)  # serve leaves no child
