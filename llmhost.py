@@ -4764,6 +4764,9 @@ class ToolLoop:
             # called a tool of the client's (the client's calls go back to it, llmhost's are
             # not run: the model answers after both, in the client's next request).
             if not mine or last or theirs:
+                usage = state["usage"]  # every round's, for /metrics and the access log
+                self.request.tokens = {kind: usage[kind + "_tokens"] for kind in (
+                    "prompt", "completion") if type(usage.get(kind + "_tokens")) is int}
                 return render.finished(LoopEnd(state, current, texts,
                                                theirs if not last else None, last))
             # Calls that wait for the client's approval end the loop (the others of the round
@@ -4983,6 +4986,11 @@ class Metrics:
         key = (route, model, status)
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
+        if request.tokens:  # (usage() or the tool loop read them)
+            tokens = self.tokens
+            for kind, value in request.tokens.items():
+                key = (model, kind)
+                tokens[key] = tokens.get(key, 0) + value
         hist = self.durations.get((route, model))
         if hist is None:
             hist = self.durations[(route, model)] = Histogram()
@@ -5015,22 +5023,20 @@ class Metrics:
                 hist = self.mcp_durations[key[:2]] = Histogram()
             hist.observe((entry["duration_ms"] or 0.0) / 1000)
 
-    def usage(self, request, body):
-        """Add the `usage` of a whole JSON answer llmhost relays: the field is found from the
-        end (where servers put it) and only its numbers are read, not the whole document."""
+    @staticmethod
+    def usage(request, body):
+        """The `usage` of a whole JSON answer llmhost relays -> request.tokens (counted with
+        the request, in answered()): the field is found from the end (where servers put it)
+        and only its numbers are read, not the whole document."""
         at = body.rfind(b'"usage"')
         if at < 0:
             return
-        model = self.model_of(request.model)
-        tokens = self.tokens
-        found = request.tokens = {}  # (for the access log's JSON line)
+        found = request.tokens = {}
         for kind, field in _USAGE_KINDS:  # (bytes.find: a regex of both names costs 2x)
             i = body.find(field, at, at + 400)
             match = _USAGE_NUMBER.match(body, i + len(field)) if i >= 0 else None
             if match:
-                found[kind] = value = int(match.group(1))
-                key = (model, kind)
-                tokens[key] = tokens.get(key, 0) + value
+                found[kind] = int(match.group(1))
 
     def render(self):
         app = self.app

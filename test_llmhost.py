@@ -2423,6 +2423,13 @@ def test_mcp_one_round_non_stream(mcp_env):
 
 def test_metrics_count_mcp_calls_by_server_tool_and_outcome(mcp_env):
     running, fake = mcp_env
+
+    def ready():
+        servers = json.loads(request(running.port, "GET", "/v1/mcp/servers")[2])["data"]
+        return any(s["name"] == "t" and s["state"] == "ready" for s in servers)
+    if not ready():  # (started on first use; under load it may take more than a request waits)
+        agent_chat(running.port, [{"calls": [("t__echo", {"text": "warm"})]}], fake)
+        assert wait_until(ready, TIMEOUT * 3)
     _, before = scrape(running.port)  # (the module's server has run other tests' calls)
     status, _, raw = agent_chat(running.port, [{"calls": [("t__echo", {"text": "hi"}),
                                                           ("made_up", {})]}], fake)
@@ -2436,6 +2443,8 @@ def test_metrics_count_mcp_calls_by_server_tool_and_outcome(mcp_env):
     assert delta("llmhost_mcp_call_duration_seconds_count", server="t", tool="echo") == 1
     assert delta("llmhost_requests_total", route="/v1/chat/completions", model="agent",
                  status="200") == 1
+    assert delta("llmhost_tokens_total", model="agent", kind="prompt") + delta(
+        "llmhost_tokens_total", model="agent", kind="completion") == 6 + 10  # both rounds
 
 
 def test_mcp_stream_is_a_valid_chunk_stream(mcp_env):
