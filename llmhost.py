@@ -92,6 +92,8 @@ LOG_MODEL_CHARS = 200  # a longer model name is cut in the access log
 HOST_VERDICTS_MAX = 256  # Host fields whose check is remembered (a client can send any)
 LOG_NAMES_MAX = 1024  # model names the access log keeps escaped forms of
 METRICS_PATHS_MAX = 1024  # request paths whose route label /metrics remembers (a client can send any)
+METRICS_PUBLISH_INTERVAL = 1.0  # s between a worker's writes of its figures (--workers): the
+# staleness of the others' part of a scrape; Prometheus scrapes every 15 s by default
 DISCOVER_TIMEOUT = 0.5  # s a local port gets to answer GET /v1/models (discover, zero-config)
 MCP_REQUEST_SERVERS = 16  # servers named by requests' server_url kept connected at once
 MCP_MAX_ROUNDS = 8  # model -> tools -> model rounds per request before we stop calling tools
@@ -4896,16 +4898,21 @@ class Histogram:
         self.sum += value
 
     def lines(self, name, labels):
-        out = []
-        total = 0
-        sep = "," if labels else ""
-        for bound, count in zip((*DURATION_BUCKETS, "+Inf"), self.counts):
-            total += count
-            out.append(f'{name}_bucket{{{labels}{sep}le="{bound}"}} {total}')
-        braces = "{%s}" % labels if labels else ""
-        out.append(f"{name}_sum{braces} {self.sum!r}")
-        out.append(f"{name}_count{braces} {total}")
-        return out
+        return histogram_lines(name, labels, self.counts, self.sum)
+
+
+def histogram_lines(name, labels, counts, total_sum):
+    """A histogram's series in the text format: cumulative buckets, +Inf, sum, count."""
+    out = []
+    total = 0
+    sep = "," if labels else ""
+    for bound, count in zip((*DURATION_BUCKETS, "+Inf"), counts):
+        total += count
+        out.append(f'{name}_bucket{{{labels}{sep}le="{bound}"}} {total}')
+    braces = "{%s}" % labels if labels else ""
+    out.append(f"{name}_sum{braces} {total_sum!r}")
+    out.append(f"{name}_count{braces} {total}")
+    return out
 
 
 def process_figures():
@@ -4954,6 +4961,8 @@ class Metrics:
         self.mcp = {}  # (server, tool, outcome) -> MCP tool calls llmhost ran
         self.mcp_durations = {}  # (server, tool) -> Histogram of their seconds
         self.paths = {}  # request path -> route label (bounded: a client may send any path)
+        self.shared = None  # --workers: the folder where every worker publishes its figures
+        self.next_publish = 0.0
 
     def route_of(self, path):
         label = self.paths.get(path)
@@ -5038,87 +5047,160 @@ class Metrics:
             if match:
                 found[kind] = int(match.group(1))
 
-    def render(self):
+    def collect(self):
+        """-> [[name, type, help, merge, {label text: value}]], what one process has counted
+        (a histogram's value: its bucket counts, then its sum). `merge` says how the figures
+        of --workers' processes add up: "sum"; "live" (a sum over running workers only: a
+        gauge); "max"; "min"."""
         app = self.app
-        out = []
-
-        def family(name, kind, text, samples):
-            out.append(f"# HELP {name} {text}")
-            out.append(f"# TYPE {name} {kind}")
-            for labels, value in samples:
-                out.append(f"{name}{{{labels}}} {value}" if labels else f"{name} {value}")
 
         def labels(**pairs):
             return ",".join(f'{k}="{prometheus_label(v)}"' for k, v in pairs.items())
 
-        family("llmhost_build_info", "gauge", "llmhost's version and Python's; always 1.",
-               [(labels(version=__version__, python="%d.%d.%d" % sys.version_info[:3]), 1)])
-        family("llmhost_requests_total", "counter",
-               "Requests answered, by route, model and status (499: the client left).",
-               [(labels(route=r, model=m, status=s), n)
-                for (r, m, s), n in sorted(self.requests.items(), key=str)])
-        name = "llmhost_request_duration_seconds"
-        out.append(f"# HELP {name} Time from a request's head to its answer's end.")
-        out.append(f"# TYPE {name} histogram")
-        for (r, m), hist in sorted(self.durations.items()):
-            out.extend(hist.lines(name, labels(route=r, model=m)))
-        name = "llmhost_stream_first_byte_seconds"
-        out.append(f"# HELP {name} Time from a streamed request's head to its first event "
-                   "going out.")
-        out.append(f"# TYPE {name} histogram")
-        for (r, m), hist in sorted(self.first_bytes.items()):
-            out.extend(hist.lines(name, labels(route=r, model=m)))
-        family("llmhost_tokens_total", "counter",
-               "Tokens in the usage of the upstream answers llmhost read, by model and kind.",
-               [(labels(model=m, kind=k), n) for (m, k), n in sorted(self.tokens.items())])
+        def hists(table, *names):
+            return {labels(**dict(zip(names, key))): [*hist.counts, hist.sum]
+                    for key, hist in table.items()}
+
         adm = app.admission
-        family("llmhost_in_flight_requests", "gauge", "Requests holding a concurrency slot.",
-               [("", adm.active)])
-        family("llmhost_queued_requests", "gauge", "Requests waiting for a slot or a server.",
-               [("", adm.queued())])
-        family("llmhost_refused_requests_total", "counter",
-               "Requests refused with 429 (queue full or waited too long).", [("", adm.rejected)])
-        ups = sorted(app.router.upstreams.values(), key=lambda up: up.name)
+        ups = app.router.upstreams.values()
         now = app.router.clock()
-        family("llmhost_upstream_attempts_total", "counter",
-               "Requests sent to each server (a retry on another server counts there too).",
-               [(labels(server=up.name), up.requests) for up in ups])
-        family("llmhost_upstream_failures_total", "counter",
-               "Failed attempts by server and kind (the upstream error's code, http_429, "
-               "http_5xx, start_failed).",
-               [(labels(server=s, kind=k), n)
-                for (s, k), n in sorted(app.sender.failures.items())])
-        family("llmhost_upstream_cooldowns_total", "counter", "Cooldowns each server entered.",
-               [(labels(server=up.name), up.cooldowns) for up in ups])
-        family("llmhost_upstream_cooling", "gauge", "1 while a server is cooling down, else 0.",
-               [(labels(server=up.name), int(up.cooldown_until > now)) for up in ups])
-        family("llmhost_upstream_in_flight_requests", "gauge", "Requests at each server now.",
-               [(labels(server=up.name), up.in_flight) for up in ups])
-        family("llmhost_mcp_calls_total", "counter",
-               "MCP tool calls llmhost ran, by server, tool and outcome (ok, error).",
-               [(labels(server=s, tool=t, outcome=o), n)
-                for (s, t, o), n in sorted(self.mcp.items())])
-        name = "llmhost_mcp_call_duration_seconds"
-        out.append(f"# HELP {name} Time of each MCP tool call.")
-        out.append(f"# TYPE {name} histogram")
-        for (s, t), hist in sorted(self.mcp_durations.items()):
-            out.extend(hist.lines(name, labels(server=s, tool=t)))
+        out = [
+            ["llmhost_build_info", "gauge", "llmhost's version and Python's; always 1.", "max",
+             {labels(version=__version__, python="%d.%d.%d" % sys.version_info[:3]): 1}],
+            ["llmhost_requests_total", "counter",
+             "Requests answered, by route, model and status (499: the client left).", "sum",
+             {labels(route=r, model=m, status=s): n for (r, m, s), n in self.requests.items()}],
+            ["llmhost_request_duration_seconds", "histogram",
+             "Time from a request's head to its answer's end.", "sum",
+             hists(self.durations, "route", "model")],
+            ["llmhost_stream_first_byte_seconds", "histogram",
+             "Time from a streamed request's head to its first event going out.", "sum",
+             hists(self.first_bytes, "route", "model")],
+            ["llmhost_tokens_total", "counter",
+             "Tokens in the usage of the upstream answers llmhost read, by model and kind.",
+             "sum", {labels(model=m, kind=k): n for (m, k), n in self.tokens.items()}],
+            ["llmhost_in_flight_requests", "gauge", "Requests holding a concurrency slot.",
+             "live", {"": adm.active}],
+            ["llmhost_queued_requests", "gauge", "Requests waiting for a slot or a server.",
+             "live", {"": adm.queued()}],
+            ["llmhost_refused_requests_total", "counter",
+             "Requests refused with 429 (queue full or waited too long).", "sum",
+             {"": adm.rejected}],
+            ["llmhost_upstream_attempts_total", "counter",
+             "Requests sent to each server (a retry on another server counts there too).",
+             "sum", {labels(server=up.name): up.requests for up in ups}],
+            ["llmhost_upstream_failures_total", "counter",
+             "Failed attempts by server and kind (the upstream error's code, http_429, "
+             "http_5xx, start_failed).", "sum",
+             {labels(server=s, kind=k): n for (s, k), n in app.sender.failures.items()}],
+            ["llmhost_upstream_cooldowns_total", "counter", "Cooldowns each server entered.",
+             "sum", {labels(server=up.name): up.cooldowns for up in ups}],
+            # (each worker keeps its own health: a server cools where it failed)
+            ["llmhost_upstream_cooling", "gauge",
+             "1 while a server is cooling down (in any worker), else 0.", "live_max",
+             {labels(server=up.name): int(up.cooldown_until > now) for up in ups}],
+            ["llmhost_upstream_in_flight_requests", "gauge", "Requests at each server now.",
+             "live", {labels(server=up.name): up.in_flight for up in ups}],
+            ["llmhost_mcp_calls_total", "counter",
+             "MCP tool calls llmhost ran, by server, tool and outcome (ok, error).", "sum",
+             {labels(server=s, tool=t, outcome=o): n for (s, t, o), n in self.mcp.items()}],
+            ["llmhost_mcp_call_duration_seconds", "histogram", "Time of each MCP tool call.",
+             "sum", hists(self.mcp_durations, "server", "tool")],
+        ]
         processes = app.processes
         if processes is not None and processes.servers:
-            managed = sorted(processes.servers.values(), key=lambda m: m.name)
-            family("llmhost_managed_servers_running", "gauge",
-                   "Managed servers whose process is running.",
-                   [("", sum(1 for m in managed if m.state == "running"))])
-            family("llmhost_managed_server_transitions_total", "counter",
-                   "Moves of each managed server into a state: running (a start), failed (a "
-                   "start that failed or a crash), stopped.",
-                   [(labels(server=m.name, state=st), n) for m in managed
-                    for st, n in sorted(m.entered.items())])
-        for fig_name, kind, text, value in process_figures():
-            family(fig_name, kind, text, [("", value)])
+            managed = processes.servers.values()
+            out.append(["llmhost_managed_servers_running", "gauge",
+                        "Managed servers whose process is running.", "live",
+                        {"": sum(1 for m in managed if m.state == "running")}])
+            out.append(["llmhost_managed_server_transitions_total", "counter",
+                        "Moves of each managed server into a state: running (a start), failed "
+                        "(a start that failed or a crash), stopped.", "sum",
+                        {labels(server=m.name, state=st): n for m in managed
+                         for st, n in m.entered.items()}])
+        merges = {"process_cpu_seconds_total": "sum", "process_start_time_seconds": "min",
+                  "process_max_fds": "max"}  # (the rest: gauges of running processes)
+        for name, kind, text, value in process_figures():
+            out.append([name, kind, text, merges.get(name, "live"), {"": value}])
+        return out
+
+    def publish(self, _now=None, force=False):
+        """Under --workers: write this worker's figures where the others read them at a
+        scrape (`shared`, a folder serve made; one file per process, replaced whole)."""
+        if self.shared is None or time.monotonic() < self.next_publish and not force:
+            return
+        self.next_publish = time.monotonic() + METRICS_PUBLISH_INTERVAL
+        path = os.path.join(self.shared, "%d.json" % os.getpid())
+        try:
+            with open(path + ".tmp", "w") as f:
+                f.write(json.dumps(self.collect()))
+            os.replace(path + ".tmp", path)
+        except OSError:
+            pass  # (the scrape then totals without this worker's latest second)
+
+    def others(self):
+        """-> [(alive, families)] of the other workers' last published figures; a worker that
+        died is still there, so the totals never go down when one is replaced."""
+        found = []
+        try:
+            names = os.listdir(self.shared)
+        except OSError:
+            return found
+        for name in names:
+            pid = name[:-5]
+            if not name.endswith(".json") or not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                with open(os.path.join(self.shared, name)) as f:
+                    families = json.loads(f.read())
+            except (OSError, ValueError):
+                continue
+            try:
+                os.kill(int(pid), 0)
+                alive = True
+            except ProcessLookupError:
+                alive = False
+            except OSError:  # (EPERM: it exists)
+                alive = True
+            found.append((alive, families))
+        return found
+
+    def render(self):
+        families = self.collect()
+        if self.shared is not None:
+            totals = {f[0]: f for f in families}
+            for alive, theirs in self.others():
+                for name, kind, text, merge, samples in theirs:
+                    if not alive and merge.startswith("live"):
+                        continue
+                    mine = totals.get(name)
+                    if mine is None:
+                        mine = totals[name] = [name, kind, text, merge, {}]
+                        families.append(mine)
+                    into = mine[4]
+                    for key, value in samples.items():
+                        if key not in into:
+                            into[key] = value
+                        elif isinstance(value, list):
+                            into[key] = [a + b for a, b in zip(into[key], value)]
+                        elif merge in ("max", "live_max"):
+                            into[key] = max(into[key], value)
+                        elif merge == "min":
+                            into[key] = min(into[key], value)
+                        else:
+                            into[key] = into[key] + value
+        out = []
+        for name, kind, text, _, samples in families:
+            out.append(f"# HELP {name} {text}")
+            out.append(f"# TYPE {name} {kind}")
+            for key in sorted(samples):
+                value = samples[key]
+                if kind == "histogram":
+                    out.extend(histogram_lines(name, key, value[:-1], value[-1]))
+                else:
+                    out.append(f"{name}{{{key}}} {value}" if key else f"{name} {value}")
         out.append("")
         return "\n".join(out).encode()
-
 
 # =============================================================================
 # Application
@@ -7321,7 +7403,8 @@ class Gateway:
                  allowed_hosts=None, cors_origins=(), mcp_max_rounds=MCP_MAX_ROUNDS,
                  mcp_allow_urls=(), mcp_roots=(), max_running=None, parent=None,
                  last_good=None, discover_ports=None, store_responses=True,
-                 metrics_public=False, key_labels=None, clock=time.monotonic):
+                 metrics_public=False, key_labels=None, metrics_dir=None,
+                 clock=time.monotonic):
         self.registry = registry
         self.parent = parent  # pid of the `serve --workers N` that started this worker
         self.last_good = last_good  # (a worker of serve --workers) serve's last good (doc, keys)
@@ -7356,6 +7439,9 @@ class Gateway:
         if access_log is not None:
             self.sweeper.callbacks.append(access_log.flush)
         self.sweeper.callbacks.append(self.housekeeping)
+        if metrics_dir is not None:  # (--workers: a scrape answers for all of them)
+            self.app.metrics.shared = metrics_dir
+            self.sweeper.callbacks.append(self.app.metrics.publish)
 
     def spawn(self, coro):
         import asyncio
@@ -7548,6 +7634,7 @@ class Gateway:
         self.responses.close()
         if self.app.access_log is not None:
             self.app.access_log.flush()
+        self.app.metrics.publish(force=True)  # (its last counts stay in the workers' totals)
 
 
 def serve_addresses(addresses, keys):
@@ -8471,10 +8558,15 @@ def cmd_serve(args, environ):
     try:
         if workers == 1:
             return run_worker(args, path, keys, options, args.max_concurrency, args.queue_size)
+        import tempfile  # where each worker publishes its /metrics figures for the others
+        options["metrics_dir"] = tempfile.mkdtemp(prefix="llmhost-metrics-")
         return run_workers(args, path, keys, options, workers, last_good)
     finally:
         # (a worker never gets here: it leaves by os._exit, and never wrote a record)
         remove_serve_record(path)
+        if options.get("metrics_dir"):
+            import shutil
+            shutil.rmtree(options["metrics_dir"], ignore_errors=True)
 
 
 def serve_api(args, environ, path, method="GET"):

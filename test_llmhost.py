@@ -23,6 +23,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -5098,6 +5099,34 @@ def test_metrics_are_behind_the_api_key_unless_made_public(fake, tmp_path):
             assert request(running.port, "GET", "/v1/models")[0] == 401  # the rest keeps it
         finally:
             running.stop()
+
+
+def test_metrics_of_workers_are_totals_whichever_worker_answers(fake, tmp_path):
+    registry = write_registry(tmp_path / "servers.json",
+                              [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    def shared_dirs():
+        return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("llmhost-metrics-")}
+    before = shared_dirs()
+    proc, port = start_serve(registry, "--workers", "2", "--no-access-log")
+    try:
+        for _ in range(12):  # a connection each: the kernel spreads them over both workers
+            assert post(port, "/v1/chat/completions", CHAT)[0] == 200
+        time.sleep(llmhost.METRICS_PUBLISH_INTERVAL + 0.5)  # each has published its figures
+        for _ in range(8):
+            _, samples = scrape(port)
+            assert series(samples, "llmhost_requests_total", route="/v1/chat/completions",
+                          model="fake-model", status="200") == 12
+            assert series(samples, "llmhost_tokens_total", model="fake-model",
+                          kind="prompt") == 12 * 7
+            assert series(samples, "llmhost_upstream_attempts_total", server="local") == 12
+            assert series(samples, "llmhost_in_flight_requests") == 0
+            assert series(samples, "process_open_fds") > 6  # both workers' (and not serve's)
+        ours = shared_dirs() - before
+        assert len(ours) == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=TIMEOUT)
+    assert not shared_dirs() & ours  # serve removes it
 
 
 def test_metrics_label_values_are_escaped_and_histogram_buckets_are_cumulative():
