@@ -5859,12 +5859,14 @@ class Application:
                     pending, tail = whole_events(pending)
             self.metrics.stream_opened(request, time.monotonic())
             if resp.done or pending.endswith(SSE_DONE):  # the whole stream was at hand: head,
+                self.metrics.usage(request, pending)
                 keep_alive = conn.start_stream(request, resp.status, headers, pending, end=True)
                 stream_delivered(request, resp)  # events and end in one write
                 return keep_alive
             keep_alive = conn.start_stream(request, resp.status, headers, pending)
             close_framed = resp.framing == "close"  # its end is the close, so a death looks
             done_seen = close_framed and b"[DONE]" in pending  # like an end: was [DONE] sent?
+            last = pending  # the last piece written: a stream's usage comes just before its end
             pending = b""
             while True:
                 data = await read()
@@ -5877,6 +5879,7 @@ class Application:
                     pending = data  # end of the stream (a client may close once it reads
                     break  # [DONE], as the openai client does, before the upstream's end)
                 conn.write_chunk(data)
+                last = data
                 if close_framed and not done_seen:
                     done_seen = b"[DONE]" in data
                 if transport.get_write_buffer_size() > RELAY_CHUNK:
@@ -5900,6 +5903,8 @@ class Application:
         if conn.gone:
             resp.close()
             return False
+        if keep_alive is not None:  # the usage the client asked for (once a stream: cheap)
+            self.metrics.usage(request, last + pending)
         conn.end_stream(pending)
         stream_delivered(request, resp)  # [DONE] may come before the upstream's end
         return keep_alive

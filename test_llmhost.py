@@ -5025,11 +5025,13 @@ def test_metrics_count_requests_by_route_model_status_with_durations_and_tokens(
     assert request(gateway.port, "GET", "/models")[0] == 200  # the same route
     assert request(gateway.port, "GET", "/any/thing?x")[0] == 404
     assert post(gateway.port, "/v1/chat/completions", dict(CHAT, stream=True))[0] == 200
+    assert post(gateway.port, "/v1/chat/completions", dict(  # (its usage chunk: counted)
+        CHAT, stream=True, stream_options={"include_usage": True}))[0] == 200
     types, samples = scrape(gateway.port)
     chat = "/v1/chat/completions"
     assert types["llmhost_requests_total"] == "counter"
     assert series(samples, "llmhost_requests_total", route=chat, model="fake-model",
-                  status="200") == 4
+                  status="200") == 5
     assert series(samples, "llmhost_requests_total", route=chat, model="unknown",
                   status="404") == 1  # the client's text is no label
     assert series(samples, "llmhost_requests_total", route="/v1/models", model="",
@@ -5044,16 +5046,17 @@ def test_metrics_count_requests_by_route_model_status_with_durations_and_tokens(
                      if k[0] == "llmhost_request_duration_seconds_bucket" and
                      k[1] - {("le", dict(k[1])["le"])} == frozenset(labels.items()))
     assert len(buckets) == len(llmhost.DURATION_BUCKETS) + 1 and buckets[-1][0] == float("inf")
-    assert [v for _, v in buckets] == sorted(v for _, v in buckets) and buckets[-1][1] == 4
-    assert series(samples, "llmhost_request_duration_seconds_count", **labels) == 4
-    assert 0 < series(samples, "llmhost_request_duration_seconds_sum", **labels) < 4 * TIMEOUT
-    # the fake's usage (7 prompt, 3 completion) summed over the three answers
-    assert series(samples, "llmhost_tokens_total", model="fake-model", kind="prompt") == 21
-    assert series(samples, "llmhost_tokens_total", model="fake-model", kind="completion") == 9
-    assert series(samples, "llmhost_upstream_attempts_total", server="local") == 4
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets) and buckets[-1][1] == 5
+    assert series(samples, "llmhost_request_duration_seconds_count", **labels) == 5
+    assert 0 < series(samples, "llmhost_request_duration_seconds_sum", **labels) < 5 * TIMEOUT
+    # the fake's usage (7 prompt, 3 completion) summed over the three answers and the stream
+    # that asked for it
+    assert series(samples, "llmhost_tokens_total", model="fake-model", kind="prompt") == 28
+    assert series(samples, "llmhost_tokens_total", model="fake-model", kind="completion") == 12
+    assert series(samples, "llmhost_upstream_attempts_total", server="local") == 5
     assert types["llmhost_stream_first_byte_seconds"] == "histogram"
     assert series(samples, "llmhost_stream_first_byte_seconds_count", route=chat,
-                  model="fake-model") == 1  # the stream only
+                  model="fake-model") == 2  # the streams only
     assert series(samples, "llmhost_in_flight_requests") == 0
     assert series(samples, "llmhost_refused_requests_total") == 0
     info = [dict(k[1]) for k in samples if k[0] == "llmhost_build_info"]
