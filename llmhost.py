@@ -2030,6 +2030,8 @@ SERVER_FIELDS = {
     "priority": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
     "mcp": (_is_str_list, "a list of MCP server names"),
     "vision": (lambda v: isinstance(v, bool), "true or false (its models read images)"),
+    "stream_usage": (lambda v: isinstance(v, bool),
+                     "true or false (ask it for a stream's usage, to count tokens)"),
     # managed entries: llmhost starts the server itself (instead of "url")
     "command": (lambda v: isinstance(v, str) and v.strip(), "a command line"),
     "ttl": (lambda v: (v == 0 and not isinstance(v, bool)) or _is_number(v),
@@ -4368,6 +4370,29 @@ def after_answer(status, final):
     return status in RETRY_STATUSES and not final, health
 
 
+def wants_usage_added(body):
+    """Whether a request is a stream whose client did not ask for its usage (an entry with
+    "stream_usage" asks for it anyway, and the usage chunk is taken out on the way back)."""
+    return body.get("stream") is True and not (
+        isinstance(body.get("stream_options"), dict) and body["stream_options"].get(
+            "include_usage"))
+
+
+def without_usage_event(data):
+    """-> (whole SSE events `data` without the usage-only chunk of a stream, that chunk or
+    None). The chunk is the one whose choices are empty (OpenAI's form of it)."""
+    at = data.find(b'"usage"')
+    while at >= 0:
+        start = data.rfind(b"\n\n", 0, at) + 2 if data.rfind(b"\n\n", 0, at) >= 0 else 0
+        end = data.find(b"\n\n", at)
+        end = len(data) if end < 0 else end + 2
+        event = data[start:end]
+        if re.search(rb'"choices"\s*:\s*\[\s*\]', event):
+            return data[:start] + data[end:], event
+        at = data.find(b'"usage"', end)
+    return data, None
+
+
 class Sender:
     """The send path, shared by every route and the tool loop: admit(), send(), complete()."""
 
@@ -4461,7 +4486,10 @@ class Sender:
 
         for i, (up, upstream_model) in enumerate(attempts):
             payload = raw
-            if upstream_model != model or not payload:
+            if up.entry.get("stream_usage") and wants_usage_added(body):
+                payload = json_bytes(dict(body, model=upstream_model, stream_options=dict(
+                    body.get("stream_options") or {}, include_usage=True)))
+            elif upstream_model != model or not payload:
                 payload = json_bytes(dict(body, model=upstream_model))
             request.server = up.name
             up.in_flight += 1
@@ -5799,7 +5827,8 @@ class Application:
         conn = request.conn
 
         def deliver(up, resp, data, overhead):
-            return self.relay(request, up, resp, data, transform, overhead)
+            strip = bool(up.entry.get("stream_usage")) and wants_usage_added(body)
+            return self.relay(request, up, resp, data, transform, overhead, strip)
 
         await self.sender.admit(model, conn)
         try:  # ordered now, after the wait: health and load may have changed meanwhile
@@ -5808,7 +5837,7 @@ class Application:
         finally:
             self.admission.release()
 
-    async def relay(self, request, up, resp, body, transform, overhead):
+    async def relay(self, request, up, resp, body, transform, overhead, strip=False):
         """Answer the client with `resp`: its buffered `body`, or (None) its SSE stream."""
         conn = request.conn
         status = resp.status
@@ -5825,7 +5854,7 @@ class Application:
         request.status = status
         if body is None:
             return await self.relay_stream(request, up, resp, headers + SSE_HEADERS,
-                                           content_decoder(encoding))
+                                           content_decoder(encoding), strip)
         if encoding and reads:
             body = decode_content(body, encoding)
         if status >= 400:
@@ -5840,7 +5869,7 @@ class Application:
             self.metrics.usage(request, body)
         return conn.respond(request, status, headers, body)
 
-    async def relay_stream(self, request, up, resp, headers, decoder=None):
+    async def relay_stream(self, request, up, resp, headers, decoder=None, strip=False):
         """Relay SSE bytes as they arrive. Only whole events are passed on (the bytes up to the
         last blank line), so an error event after an upstream death is never glued to half of
         an event; upstreams send whole events per write, so this holds nothing back. Bytes that
@@ -5858,6 +5887,8 @@ class Application:
                 if not resp.done:
                     pending, tail = whole_events(pending)
             self.metrics.stream_opened(request, time.monotonic())
+            if strip:
+                pending = self.strip_usage(request, pending)
             if resp.done or pending.endswith(SSE_DONE):  # the whole stream was at hand: head,
                 self.metrics.usage(request, pending)
                 keep_alive = conn.start_stream(request, resp.status, headers, pending, end=True)
@@ -5875,6 +5906,8 @@ class Application:
                 if tail:
                     data = tail + data
                 data, tail = whole_events(data)
+                if strip:  # (an entry's "stream_usage": the chunk llmhost asked for goes)
+                    data = self.strip_usage(request, data)
                 if resp.done or data.endswith(SSE_DONE):  # the last piece: written with the
                     pending = data  # end of the stream (a client may close once it reads
                     break  # [DONE], as the openai client does, before the upstream's end)
@@ -5903,11 +5936,20 @@ class Application:
         if conn.gone:
             resp.close()
             return False
-        if keep_alive is not None:  # the usage the client asked for (once a stream: cheap)
-            self.metrics.usage(request, last + pending)
+        if keep_alive is not None and not strip:  # the usage the client asked for (read
+            self.metrics.usage(request, last + pending)  # once a stream: cheap)
         conn.end_stream(pending)
         stream_delivered(request, resp)  # [DONE] may come before the upstream's end
         return keep_alive
+
+    def strip_usage(self, request, data):
+        """Take the usage chunk llmhost asked for out of `data`, its numbers kept."""
+        if b'"usage"' not in data:
+            return data
+        data, event = without_usage_event(data)
+        if event is not None:
+            self.metrics.usage(request, event)
+        return data
 
     # -- MCP: tools executed by llmhost --------------------------------------------------
     async def mcp_servers(self, request):

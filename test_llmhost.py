@@ -1032,6 +1032,42 @@ def test_chat_stream_relays_events_and_usage(gateway):
     assert chunks[-1]["usage"]["total_tokens"] == 10 and chunks[-1]["choices"] == []
 
 
+def test_an_entry_with_stream_usage_is_asked_for_it_and_a_client_that_did_not_gets_none(
+        fake, tmp_path):
+    path = write_registry(tmp_path / "s.json", [{"name": "local", "url": fake.url,
+                                                 "models": ["fake-model"], "stream_usage": True}])
+    running = Running(path)
+    try:
+        status, _, raw = post(running.port, "/v1/chat/completions", dict(CHAT, stream=True))
+        events = sse_events(raw)
+        assert status == 200 and events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert all(c["choices"] for c in chunks) and not any(c.get("usage") for c in chunks)
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == \
+            "echo: hello there"
+        assert json.loads(fake.posts()[-1]["body"])["stream_options"] == {"include_usage": True}
+        status, _, raw = post(running.port, "/v1/chat/completions", dict(
+            CHAT, stream=True, stream_options={"include_usage": True}))  # asked: it stays
+        chunks = [json.loads(e) for e in sse_events(raw)[:-1]]
+        assert chunks[-1]["usage"]["total_tokens"] == 10 and chunks[-1]["choices"] == []
+        assert json.loads(fake.posts()[-1]["body"])["stream_options"] == {"include_usage": True}
+        _, samples = scrape(running.port)  # both streams' usage counted
+        assert series(samples, "llmhost_tokens_total", model="fake-model", kind="prompt") == 14
+        assert series(samples, "llmhost_tokens_total", model="fake-model",
+                      kind="completion") == 6
+    finally:
+        running.stop()
+
+
+def test_the_usage_chunk_is_found_among_events_glued_together():
+    usage = b'data: {"choices": [], "usage": {"prompt_tokens": 1}}\n\n'
+    delta = b'data: {"choices": [{"delta": {}}], "usage": null}\n\n'
+    assert llmhost.without_usage_event(delta + usage + b"data: [DONE]\n\n") == (
+        delta + b"data: [DONE]\n\n", usage)
+    assert llmhost.without_usage_event(usage) == (b"", usage)
+    assert llmhost.without_usage_event(delta) == (delta, None)
+
+
 def test_streamed_tool_call_deltas_reassemble(gateway):
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}}}}]
