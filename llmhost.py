@@ -26,8 +26,8 @@ storing prompts or keys in logs.
 Sections, in dependency order (grep the banners):
     Limits · Errors · Wire format · SSE · Connections · HTTP server · Upstream client ·
     Registry · Router · Managed servers · Admission · Auth · MCP bridge · Chat format ·
-    Send path · Tool loop · Messages API · Application · Responses API · Serve · Bench ·
-    Chat console · CLI
+    Send path · Tool loop · Metrics · Messages API · Application · Responses API · Serve ·
+    Bench · Chat console · CLI
 """
 
 import json
@@ -35,6 +35,7 @@ import os
 import re
 import sys
 import time
+from bisect import bisect_left  # (per observation: an import in a function costs a request 1 us)
 
 __version__ = "0.1.0"
 
@@ -93,6 +94,9 @@ WIRE_HIGH_WATER = 256 * 1024  # bytes buffered before a peer nobody reads is pau
 LOG_MODEL_CHARS = 200  # a longer model name is cut in the access log
 HOST_VERDICTS_MAX = 256  # Host fields whose check is remembered (a client can send any)
 LOG_NAMES_MAX = 1024  # model names the access log keeps escaped forms of
+METRICS_PATHS_MAX = 1024  # request paths whose route label /metrics remembers (a client can send any)
+METRICS_PUBLISH_INTERVAL = 1.0  # s between a worker's writes of its figures (--workers): the
+# staleness of the others' part of a scrape; Prometheus scrapes every 15 s by default
 DISCOVER_TIMEOUT = 0.5  # s a local port gets to answer GET /v1/models (discover, zero-config)
 ESTIMATE_CHARS_PER_TOKEN = 4  # token estimates (no upstream tokenizer): OpenAI's rule of thumb
 ESTIMATE_TOKENS_PER_MESSAGE = 4  # a turn's role and separators, as chat templates add them
@@ -251,7 +255,8 @@ class Request:
     """One parsed request. `headers` maps lower-cased names to values (repeats joined by ', ')."""
     __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "keep_alive",
                  "conn", "started", "received", "request_id", "model", "server", "status",
-                 "extra", "unread", "complete", "route", "has_body", "face")
+                 "extra", "unread", "complete", "route", "has_body", "face", "tokens",
+                 "key_label", "first_byte")
 
     def __init__(self, method, target, version, headers):
         self.method = method
@@ -282,6 +287,9 @@ class Request:
         self.route = None  # (handler, rest), when refuses_unread() has found it already
         self.has_body = False  # its head announces a body (read or not)
         self.face = None  # the API it speaks, for its errors' shape (None: OpenAI's)
+        self.tokens = None  # {"prompt": n, "completion": n} of its answer's usage, when read
+        self.key_label = None  # the label of the API key it came with (--api-keys-file)
+        self.first_byte = None  # s from its head to its stream's first event going out
 
 
 _FAST_METHODS = {m: m.decode() for m in KNOWN_METHODS}
@@ -2054,6 +2062,8 @@ SERVER_FIELDS = {
     "priority": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
     "mcp": (_is_str_list, "a list of MCP server names"),
     "vision": (lambda v: isinstance(v, bool), "true or false (its models read images)"),
+    "stream_usage": (lambda v: isinstance(v, bool),
+                     "true or false (ask it for a stream's usage, to count tokens)"),
     # managed entries: llmhost starts the server itself (instead of "url")
     "command": (lambda v: isinstance(v, str) and v.strip(), "a command line"),
     "ttl": (lambda v: (v == 0 and not isinstance(v, bool)) or _is_number(v),
@@ -2305,6 +2315,7 @@ class Upstream:
         self.cooldown_until = 0.0
         self.requests = 0
         self.errors = 0
+        self.cooldowns = 0  # cooldowns entered (/metrics)
         self.last_error = None
 
     def set_url(self, url):
@@ -2425,6 +2436,7 @@ class Router:
             extra = up.failures - FAILURES_BEFORE_COOLDOWN
             cooldown = min(COOLDOWN_MAX, COOLDOWN_BASE * 2 ** min(extra, 16))
             up.cooldown_until = self.clock() + cooldown
+            up.cooldowns += 1
             logger().warning("server %s: %s (%d failures in a row); cooling down for %gs",
                              up.name, reason, up.failures, cooldown)
         else:
@@ -2435,6 +2447,7 @@ class Router:
         up.last_error = "HTTP 429"
         cooldown = min(COOLDOWN_MAX, max(1.0, retry_after))
         up.cooldown_until = self.clock() + cooldown
+        up.cooldowns += 1
         logger().warning("server %s: HTTP 429 (rate limited); cooling down for %gs", up.name,
                          cooldown)
 
@@ -2609,6 +2622,12 @@ class ManagedServer(Stateful):
     # wrong move made and logged keeps the gateway serving and says what to fix.
     MOVES, KIND, TABLE = MANAGED_MOVES, "managed server", "MANAGED_MOVES"
 
+    def move(self, to, why):
+        before = self._state
+        super().move(to, why)
+        if to != before:  # (counted for /metrics' transitions)
+            self.entered[to] = self.entered.get(to, 0) + 1
+
     def __init__(self, up, log_path):
         self.up = up
         self.name = up.name
@@ -2623,6 +2642,7 @@ class ManagedServer(Stateful):
         self.failures = 0
         self.retry_at = 0.0
         self.last_error = None
+        self.entered = {}  # state -> times it moved into it from another (/metrics)
 
 
     def info(self, now):
@@ -3069,6 +3089,43 @@ def check_api_key(headers, keys):
     if matched is None:
         raise Unauthorized("Incorrect API key provided.")
     return matched
+
+
+_KEY_LABEL = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+
+
+def read_api_keys_file(path):
+    """--api-keys-file: one `LABEL KEY` per line (blank lines and # comments skipped) ->
+    {key: label}. The file must be private (mode 0600, as ssh wants of a key): it holds keys,
+    and it keeps them out of the process list. Raises ValueError saying what is wrong (never
+    quoting a key)."""
+    import stat
+    try:
+        info = os.stat(path)
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    if info.st_mode & 0o077:
+        raise ValueError(f"{path} is readable by others (mode {stat.S_IMODE(info.st_mode):04o}): "
+                         f"it holds keys; chmod 600 {path}")
+    labels = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        label, _, key = line.partition(" ")
+        key = key.strip()
+        if not _KEY_LABEL.fullmatch(label) or not key or " " in key:
+            raise ValueError(f"{path}:{number}: expected 'LABEL KEY' (a label of letters, "
+                             "digits, _.@-, then one key)")
+        if key in labels:
+            raise ValueError(f"{path}:{number}: this key is also on a line labelled "
+                             f"{labels[key]!r}")
+        labels[key] = label
+    if not labels:
+        raise ValueError(f"{path} holds no key")
+    return labels
 
 # =============================================================================
 # MCP bridge
@@ -4389,6 +4446,29 @@ def after_answer(status, final):
     return status in RETRY_STATUSES and not final, health
 
 
+def wants_usage_added(body):
+    """Whether a request is a stream whose client did not ask for its usage (an entry with
+    "stream_usage" asks for it anyway, and the usage chunk is taken out on the way back)."""
+    return body.get("stream") is True and not (
+        isinstance(body.get("stream_options"), dict) and body["stream_options"].get(
+            "include_usage"))
+
+
+def without_usage_event(data):
+    """-> (whole SSE events `data` without the usage-only chunk of a stream, that chunk or
+    None). The chunk is the one whose choices are empty (OpenAI's form of it)."""
+    at = data.find(b'"usage"')
+    while at >= 0:
+        start = data.rfind(b"\n\n", 0, at) + 2 if data.rfind(b"\n\n", 0, at) >= 0 else 0
+        end = data.find(b"\n\n", at)
+        end = len(data) if end < 0 else end + 2
+        event = data[start:end]
+        if re.search(rb'"choices"\s*:\s*\[\s*\]', event):
+            return data[:start] + data[end:], event
+        at = data.find(b'"usage"', end)
+    return data, None
+
+
 class Sender:
     """The send path, shared by every route and the tool loop: admit(), send(), complete()."""
 
@@ -4398,6 +4478,7 @@ class Sender:
         self.admission = admission
         self.processes = processes  # ProcessManager for entries llmhost starts itself
         self.capacity_waiters = []  # futures of requests waiting for a server's max_concurrency
+        self.failures = {}  # (server name, kind) -> failed attempts (/metrics)
         admission.others = lambda: sum(1 for fut in self.capacity_waiters if not fut.done())
 
     async def admit(self, model, conn):
@@ -4450,12 +4531,18 @@ class Sender:
 
     def mark(self, up, health, reason, retry_after=None):
         """Apply an answer's verdict (after_answer) to the server's health."""
+        if health != "ok":
+            self.failed(up, "http_429" if health == "rate_limited" else "http_5xx")
         if health == "rate_limited":
             self.router.rate_limited(up, parse_retry_after(retry_after))
         elif health == "failed":
             self.router.failed(up, reason)
         else:
             self.router.succeeded(up)
+
+    def failed(self, up, kind):
+        key = (up.name, kind)
+        self.failures[key] = self.failures.get(key, 0) + 1
 
     async def send(self, request, body, candidates, suffix, raw, deliver):
         """Send to each candidate in turn until one answers; `deliver(up, resp, body bytes or
@@ -4475,7 +4562,10 @@ class Sender:
 
         for i, (up, upstream_model) in enumerate(attempts):
             payload = raw
-            if upstream_model != model or not payload:
+            if up.entry.get("stream_usage") and wants_usage_added(body):
+                payload = json_bytes(dict(body, model=upstream_model, stream_options=dict(
+                    body.get("stream_options") or {}, include_usage=True)))
+            elif upstream_model != model or not payload:
                 payload = json_bytes(dict(body, model=upstream_model))
             request.server = up.name
             up.in_flight += 1
@@ -4485,6 +4575,7 @@ class Sender:
                     try:
                         await self.processes.ensure(up)  # started on demand, shared by all
                     except ServiceUnavailable as exc:
+                        self.failed(up, "start_failed")
                         last_error = exc
                         continue
                 sent = time.monotonic()
@@ -4496,6 +4587,7 @@ class Sender:
                     if conn.gone:
                         raise ClientGone("client closed the request") from None
                     self.router.failed(up, exc.message)
+                    self.failed(up, exc.code or "error")
                     last_error = exc
                     continue
                 if resp is None:
@@ -4778,6 +4870,9 @@ class ToolLoop:
             # called a tool of the client's (the client's calls go back to it, llmhost's are
             # not run: the model answers after both, in the client's next request).
             if not mine or last or theirs:
+                usage = state["usage"]  # every round's, for /metrics and the access log
+                self.request.tokens = {kind: usage[kind + "_tokens"] for kind in (
+                    "prompt", "completion") if type(usage.get(kind + "_tokens")) is int}
                 return render.finished(LoopEnd(state, current, texts,
                                                theirs if not last else None, last))
             # Calls that wait for the client's approval end the loop (the others of the round
@@ -4877,6 +4972,348 @@ class ToolLoop:
             delta = shown["choices"][0].get("delta") or {}
             render.delta(shown, delta.get("content"), delta.get("reasoning_content"))
 
+
+# =============================================================================
+# Metrics
+# =============================================================================
+# Owns: GET /metrics, the Prometheus text exposition format (version 0.0.4): the request
+# counters and histograms kept here, and, read only at a scrape, the counters other sections
+# keep where their events happen (Admission.rejected, Upstream.requests/errors/cooldowns,
+# Sender.failures) and the process's own figures (/proc, as Prometheus' process collector
+# names them).
+# Never: costs a request more than a few dict updates (names, labels and text are made at a
+# scrape); takes a label from a client's free text (a model the router does not serve is
+# "unknown", a path no route serves is "other").
+
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# s; Prometheus' default buckets, stretched to the minutes a long generation takes
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    120.0, 300.0)
+_USAGE_NUMBER = re.compile(rb'\s*:\s*(\d+)')  # after a usage field's name
+_USAGE_KINDS = (("prompt", b'"prompt_tokens"'), ("completion", b'"completion_tokens"'))
+
+
+def prometheus_label(value):
+    """A label value as the text format writes it (backslash, quote and line feed escaped)."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Histogram:
+    """Fixed buckets: observe() adds to one slot; the cumulative counts are made at a scrape."""
+    __slots__ = ("counts", "sum")
+
+    def __init__(self):
+        self.counts = [0] * (len(DURATION_BUCKETS) + 1)  # the last one: +Inf only
+        self.sum = 0.0
+
+    def observe(self, value):
+        self.counts[bisect_left(DURATION_BUCKETS, value)] += 1
+        self.sum += value
+
+    def lines(self, name, labels):
+        return histogram_lines(name, labels, self.counts, self.sum)
+
+
+def histogram_lines(name, labels, counts, total_sum):
+    """A histogram's series in the text format: cumulative buckets, +Inf, sum, count."""
+    out = []
+    total = 0
+    sep = "," if labels else ""
+    for bound, count in zip((*DURATION_BUCKETS, "+Inf"), counts):
+        total += count
+        out.append(f'{name}_bucket{{{labels}{sep}le="{bound}"}} {total}')
+    braces = "{%s}" % labels if labels else ""
+    out.append(f"{name}_sum{braces} {total_sum!r}")
+    out.append(f"{name}_count{braces} {total}")
+    return out
+
+
+def process_figures():
+    """-> [(name, type, help, value)] of this process, where the platform tells (Linux /proc;
+    elsewhere only CPU seconds)."""
+    times = os.times()
+    figures = [("process_cpu_seconds_total", "counter", "User and system CPU time spent in seconds.",
+                times.user + times.system)]
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/statm") as f:
+            vsize, rss = f.read().split()[:2]
+        figures.append(("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.",
+                        int(rss) * page))
+        figures.append(("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.",
+                        int(vsize) * page))
+        figures.append(("process_open_fds", "gauge", "Number of open file descriptors.",
+                        len(os.listdir("/proc/self/fd"))))
+        with open("/proc/self/stat") as f:  # field 22, counted after the ')' that ends comm
+            start_ticks = int(f.read().rpartition(")")[2].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        figures.append(("process_start_time_seconds", "gauge",
+                        "Start time of the process since unix epoch in seconds.",
+                        boot + start_ticks / os.sysconf("SC_CLK_TCK")))
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
+    try:
+        import resource
+        figures.append(("process_max_fds", "gauge", "Maximum number of open file descriptors.",
+                        resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
+    except (ImportError, OSError, ValueError):
+        pass
+    return figures
+
+
+class Metrics:
+    """The counters of one Application, and their exposition."""
+
+    def __init__(self, app):
+        self.app = app  # its router, admission, sender and processes are read at a scrape
+        self.requests = {}  # (route, model, status) -> answers
+        self.durations = {}  # (route, model) -> Histogram of seconds from head to last byte
+        self.tokens = {}  # (model, "prompt" | "completion") -> tokens from upstream usage
+        self.first_bytes = {}  # (route, model) -> Histogram of a stream's first event's time
+        self.mcp = {}  # (server, tool, outcome) -> MCP tool calls llmhost ran
+        self.mcp_durations = {}  # (server, tool) -> Histogram of their seconds
+        self.paths = {}  # request path -> route label (bounded: a client may send any path)
+        self.shared = None  # --workers: the folder where every worker publishes its figures
+        self.next_publish = 0.0
+
+    def route_of(self, path):
+        label = self.paths.get(path)
+        if label is None:
+            routes = self.app.routes
+            if path in routes:
+                label = path
+            elif "/v1" + path in routes and not path.startswith("/v1/"):
+                label = "/v1" + path
+            else:
+                label = next((prefix for prefix, _ in self.app.prefix_routes
+                              if path.startswith(prefix)), "other")
+            if len(self.paths) < METRICS_PATHS_MAX:
+                self.paths[path] = label
+        return label
+
+    def model_of(self, model):
+        if model is None:
+            return ""
+        return model if type(model) is str and model in self.app.router.table else "unknown"
+
+    def answered(self, request, status, now):
+        """One request's end (each answer, by status; 499 when the client left)."""
+        route = self.paths.get(request.path) or self.route_of(request.path)
+        model = request.model
+        if model is None:
+            model = ""
+        elif model.__class__ is not str or model not in self.app.router.table:
+            model = "unknown"
+        key = (route, model, status)
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+        if request.tokens:  # (usage() or the tool loop read them)
+            tokens = self.tokens
+            for kind, value in request.tokens.items():
+                key = (model, kind)
+                tokens[key] = tokens.get(key, 0) + value
+        hist = self.durations.get((route, model))
+        if hist is None:
+            hist = self.durations[(route, model)] = Histogram()
+        hist.observe(now - request.started)
+
+    def stream_opened(self, request, now):
+        """A relayed stream's head and first event go out now (the upstream's first event:
+        a token, or the role chunk that comes with the first token's time on most servers)."""
+        key = (self.route_of(request.path), self.model_of(request.model))
+        hist = self.first_bytes.get(key)
+        if hist is None:
+            hist = self.first_bytes[key] = Histogram()
+        request.first_byte = now - request.started
+        hist.observe(request.first_byte)
+
+    def mcp_calls(self, entries, registered):
+        """A round's MCP calls (their mcp_calls entries). A server a request named by URL is
+        "adhoc" and so are its tools (the client chose both); a tool the model made up is
+        server "none", tool "unknown"."""
+        for entry in entries:
+            server, tool = entry["server"], entry["tool"]
+            if server is None:
+                server, tool = "none", "unknown"
+            elif server not in registered:
+                server = tool = "adhoc"
+            key = (server, tool, "ok" if entry["ok"] else "error")
+            self.mcp[key] = self.mcp.get(key, 0) + 1
+            hist = self.mcp_durations.get(key[:2])
+            if hist is None:
+                hist = self.mcp_durations[key[:2]] = Histogram()
+            hist.observe((entry["duration_ms"] or 0.0) / 1000)
+
+    @staticmethod
+    def usage(request, body):
+        """The `usage` of a whole JSON answer llmhost relays -> request.tokens (counted with
+        the request, in answered()): the field is found from the end (where servers put it)
+        and only its numbers are read, not the whole document."""
+        at = body.rfind(b'"usage"')
+        if at < 0:
+            return
+        found = request.tokens = {}
+        for kind, field in _USAGE_KINDS:  # (bytes.find: a regex of both names costs 2x)
+            i = body.find(field, at, at + 400)
+            match = _USAGE_NUMBER.match(body, i + len(field)) if i >= 0 else None
+            if match:
+                found[kind] = int(match.group(1))
+
+    def collect(self):
+        """-> [[name, type, help, merge, {label text: value}]], what one process has counted
+        (a histogram's value: its bucket counts, then its sum). `merge` says how the figures
+        of --workers' processes add up: "sum"; "live" (a sum over running workers only: a
+        gauge); "max"; "min"."""
+        app = self.app
+
+        def labels(**pairs):
+            return ",".join(f'{k}="{prometheus_label(v)}"' for k, v in pairs.items())
+
+        def hists(table, *names):
+            return {labels(**dict(zip(names, key))): [*hist.counts, hist.sum]
+                    for key, hist in table.items()}
+
+        adm = app.admission
+        ups = app.router.upstreams.values()
+        now = app.router.clock()
+        out = [
+            ["llmhost_build_info", "gauge", "llmhost's version and Python's; always 1.", "max",
+             {labels(version=__version__, python="%d.%d.%d" % sys.version_info[:3]): 1}],
+            ["llmhost_requests_total", "counter",
+             "Requests answered, by route, model and status (499: the client left).", "sum",
+             {labels(route=r, model=m, status=s): n for (r, m, s), n in self.requests.items()}],
+            ["llmhost_request_duration_seconds", "histogram",
+             "Time from a request's head to its answer's end.", "sum",
+             hists(self.durations, "route", "model")],
+            ["llmhost_stream_first_byte_seconds", "histogram",
+             "Time from a streamed request's head to its first event going out.", "sum",
+             hists(self.first_bytes, "route", "model")],
+            ["llmhost_tokens_total", "counter",
+             "Tokens in the usage of the upstream answers llmhost read, by model and kind.",
+             "sum", {labels(model=m, kind=k): n for (m, k), n in self.tokens.items()}],
+            ["llmhost_in_flight_requests", "gauge", "Requests holding a concurrency slot.",
+             "live", {"": adm.active}],
+            ["llmhost_queued_requests", "gauge", "Requests waiting for a slot or a server.",
+             "live", {"": adm.queued()}],
+            ["llmhost_refused_requests_total", "counter",
+             "Requests refused with 429 (queue full or waited too long).", "sum",
+             {"": adm.rejected}],
+            ["llmhost_upstream_attempts_total", "counter",
+             "Requests sent to each server (a retry on another server counts there too).",
+             "sum", {labels(server=up.name): up.requests for up in ups}],
+            ["llmhost_upstream_failures_total", "counter",
+             "Failed attempts by server and kind (the upstream error's code, http_429, "
+             "http_5xx, start_failed).", "sum",
+             {labels(server=s, kind=k): n for (s, k), n in app.sender.failures.items()}],
+            ["llmhost_upstream_cooldowns_total", "counter", "Cooldowns each server entered.",
+             "sum", {labels(server=up.name): up.cooldowns for up in ups}],
+            # (each worker keeps its own health: a server cools where it failed)
+            ["llmhost_upstream_cooling", "gauge",
+             "1 while a server is cooling down (in any worker), else 0.", "live_max",
+             {labels(server=up.name): int(up.cooldown_until > now) for up in ups}],
+            ["llmhost_upstream_in_flight_requests", "gauge", "Requests at each server now.",
+             "live", {labels(server=up.name): up.in_flight for up in ups}],
+            ["llmhost_mcp_calls_total", "counter",
+             "MCP tool calls llmhost ran, by server, tool and outcome (ok, error).", "sum",
+             {labels(server=s, tool=t, outcome=o): n for (s, t, o), n in self.mcp.items()}],
+            ["llmhost_mcp_call_duration_seconds", "histogram", "Time of each MCP tool call.",
+             "sum", hists(self.mcp_durations, "server", "tool")],
+        ]
+        processes = app.processes
+        if processes is not None and processes.servers:
+            managed = processes.servers.values()
+            out.append(["llmhost_managed_servers_running", "gauge",
+                        "Managed servers whose process is running.", "live",
+                        {"": sum(1 for m in managed if m.state == "running")}])
+            out.append(["llmhost_managed_server_transitions_total", "counter",
+                        "Moves of each managed server into a state: running (a start), failed "
+                        "(a start that failed or a crash), stopped.", "sum",
+                        {labels(server=m.name, state=st): n for m in managed
+                         for st, n in m.entered.items()}])
+        merges = {"process_cpu_seconds_total": "sum", "process_start_time_seconds": "min",
+                  "process_max_fds": "max"}  # (the rest: gauges of running processes)
+        for name, kind, text, value in process_figures():
+            out.append([name, kind, text, merges.get(name, "live"), {"": value}])
+        return out
+
+    def publish(self, _now=None, force=False):
+        """Under --workers: write this worker's figures where the others read them at a
+        scrape (`shared`, a folder serve made; one file per process, replaced whole)."""
+        if self.shared is None or time.monotonic() < self.next_publish and not force:
+            return
+        self.next_publish = time.monotonic() + METRICS_PUBLISH_INTERVAL
+        path = os.path.join(self.shared, "%d.json" % os.getpid())
+        try:
+            with open(path + ".tmp", "w") as f:
+                f.write(json.dumps(self.collect()))
+            os.replace(path + ".tmp", path)
+        except OSError:
+            pass  # (the scrape then totals without this worker's latest second)
+
+    def others(self):
+        """-> [(alive, families)] of the other workers' last published figures; a worker that
+        died is still there, so the totals never go down when one is replaced."""
+        found = []
+        try:
+            names = os.listdir(self.shared)
+        except OSError:
+            return found
+        for name in names:
+            pid = name[:-5]
+            if not name.endswith(".json") or not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                with open(os.path.join(self.shared, name)) as f:
+                    families = json.loads(f.read())
+            except (OSError, ValueError):
+                continue
+            try:
+                os.kill(int(pid), 0)
+                alive = True
+            except ProcessLookupError:
+                alive = False
+            except OSError:  # (EPERM: it exists)
+                alive = True
+            found.append((alive, families))
+        return found
+
+    def render(self):
+        families = self.collect()
+        if self.shared is not None:
+            totals = {f[0]: f for f in families}
+            for alive, theirs in self.others():
+                for name, kind, text, merge, samples in theirs:
+                    if not alive and merge.startswith("live"):
+                        continue
+                    mine = totals.get(name)
+                    if mine is None:
+                        mine = totals[name] = [name, kind, text, merge, {}]
+                        families.append(mine)
+                    into = mine[4]
+                    for key, value in samples.items():
+                        if key not in into:
+                            into[key] = value
+                        elif isinstance(value, list):
+                            into[key] = [a + b for a, b in zip(into[key], value)]
+                        elif merge in ("max", "live_max"):
+                            into[key] = max(into[key], value)
+                        elif merge == "min":
+                            into[key] = min(into[key], value)
+                        else:
+                            into[key] = into[key] + value
+        out = []
+        for name, kind, text, _, samples in families:
+            out.append(f"# HELP {name} {text}")
+            out.append(f"# TYPE {name} {kind}")
+            for key in sorted(samples):
+                value = samples[key]
+                if kind == "histogram":
+                    out.extend(histogram_lines(name, key, value[:-1], value[-1]))
+                else:
+                    out.append(f"{name}{{{key}}} {value}" if key else f"{name} {value}")
+        out.append("")
+        return "\n".join(out).encode()
 
 # =============================================================================
 # Messages API
@@ -5512,9 +5949,11 @@ class AccessLog:
     them one by one, between socket reads and writes, cost a proxied request 3% of its time)."""
     LINE = "%s INFO %s %s model=%s server=%s status=%s %.1fms id=%s\n"
 
-    def __init__(self, stream, enabled=True):
+    def __init__(self, stream, enabled=True, json_lines=False):
         self.stream = stream
         self.enabled = enabled
+        self.json_lines = json_lines  # --access-log-format json: one JSON object per line
+        self.route_of = None  # path -> its route label (the Application's Metrics'), for JSON
         self.lines = []  # the fields of each line, in LINE's order
         self.stamp = time.strftime("%Y-%m-%d %H:%M:%S")  # refreshed each sweep, not per line
         self.shown = {}  # model name (the client's text) -> None, or as escaped for the log
@@ -5523,13 +5962,18 @@ class AccessLog:
         if self.enabled:
             self.lines.append((self.stamp, request.method, request.path, model or "-",
                                server or "-", status, (now - request.started) * 1000,
-                               request.request_id))
+                               request.request_id, *((request.tokens, request.key_label,
+                                                      request.first_byte)
+                                                     if self.json_lines else ())))
             if len(self.lines) >= 256:
                 self.flush()
 
     def flush(self, _now=None):
         self.stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        if self.lines:
+        if self.lines and self.json_lines:
+            lines, self.lines = self.lines, []
+            self.write("".join([self.json_line(f) for f in lines]))
+        elif self.lines:
             lines, self.lines = self.lines, []
             line, shown = self.LINE, self.shown
             if any(f[3] not in shown for f in lines):  # (once per new model name)
@@ -5545,11 +5989,32 @@ class AccessLog:
                 for f in lines:  # a long name is not kept: a client could fill memory with them
                     if len(f[3]) > LOG_MODEL_CHARS:
                         shown.pop(f[3], None)
-            try:
-                self.stream.write(text)
-                self.stream.flush()
-            except (OSError, ValueError):
-                pass
+            self.write(text)
+
+    def write(self, text):
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def json_line(self, fields):
+        """A usage record a user can total with jq: JSON escapes every character a client
+        chose, so no request can forge a line; no key or prompt is in it."""
+        stamp, method, path, model, server, status, ms, rid, tokens, label, first = fields
+        doc = {"time": stamp, "id": rid, "method": method, "path": path[:LOG_MODEL_CHARS],
+               "route": self.route_of(path) if self.route_of else None,
+               "model": None if model == "-" else model[:LOG_MODEL_CHARS],
+               "server": None if server == "-" else server, "status": status,
+               "duration_ms": round(ms, 1)}
+        if label is not None:
+            doc["key"] = label
+        if first is not None:
+            doc["first_byte_ms"] = round(first * 1000, 1)
+        if tokens:
+            doc.update(prompt_tokens=tokens.get("prompt"),
+                       completion_tokens=tokens.get("completion"))
+        return json.dumps(doc, ensure_ascii=True) + "\n"
 
     @staticmethod
     def escaped(model):
@@ -5726,7 +6191,8 @@ class ChatSSE(Render):
 class Application:
     def __init__(self, router, client, admission, *, api_keys=(), access_log=None,
                  allowed_hosts=None, cors_origins=(), mcp_environ=None, mcp_roots=(),
-                 mcp_max_rounds=MCP_MAX_ROUNDS, mcp_allow_urls=(), processes=None):
+                 mcp_max_rounds=MCP_MAX_ROUNDS, mcp_allow_urls=(), processes=None,
+                 metrics_public=False, key_labels=None):
         self.router = router
         self.processes = processes  # ProcessManager for entries llmhost starts itself
         # MCP servers connect on first use; until then this costs nothing (no `mcp` import).
@@ -5736,7 +6202,8 @@ class Application:
         self.mcp_callers = {}  # MCP server -> {model: its requests' calls running} (sampling)
         self.client = client
         self.admission = admission
-        self.api_keys = tuple(api_keys)
+        self.key_labels = dict(key_labels or {})  # key -> its label (--api-keys-file)
+        self.api_keys = tuple(api_keys) + tuple(k for k in self.key_labels if k not in api_keys)
         self.access_log = access_log
         # None: any Host (not bound to loopback). Else a browser on this machine could be
         # pointed at us through DNS rebinding: only loopback names and these hosts pass.
@@ -5763,6 +6230,7 @@ class Application:
             "/v1/mcp/tools": {"GET": self.mcp_tools},
             "/health": {"GET": self.health},
             "/v1/health": {"GET": self.health},
+            "/metrics": {"GET": self.metrics_page},
         }
         self.prefix_routes = [
             ("/v1/models/", {"GET": self.model_detail}),
@@ -5771,6 +6239,11 @@ class Application:
         # path or prefix -> the Face whose API it speaks (else OpenAI's)
         self.faces = {"/v1/messages": MESSAGES_FACE, "/v1/messages/count_tokens": MESSAGES_FACE}
         self.open_routes = {"/health", "/v1/health"}
+        if metrics_public:  # a scraper without the key; the rest stays behind it
+            self.open_routes.add("/metrics")
+        self.metrics = Metrics(self)
+        if access_log is not None:
+            access_log.route_of = self.metrics.route_of
 
     # -- dispatch --------------------------------------------------------------------------
     async def handle(self, request):
@@ -5789,14 +6262,17 @@ class Application:
             log_exception(f"request {rid} failed")
             keep_alive = self.fail(request, HTTPError("internal error in llmhost; see its log"))
         except BaseException:  # cancelled: cut by a shutdown that stopped waiting for it
-            if self.access_log is not None:  # (503 if nothing went out)
+            now = time.monotonic()
+            self.metrics.answered(request, request.status or 503, now)  # (503 if nothing
+            if self.access_log is not None:  # went out)
                 self.access_log.add(request, request.status or 503, request.model,
-                                    request.server, time.monotonic())
+                                    request.server, now)
             raise
+        now = time.monotonic()
+        status = 499 if conn.gone and not request.complete else request.status
+        self.metrics.answered(request, status, now)
         if self.access_log is not None:
-            self.access_log.add(request, 499 if conn.gone and not request.complete else
-                                request.status,
-                                request.model, request.server, time.monotonic())
+            self.access_log.add(request, status, request.model, request.server, now)
         return keep_alive
 
     def fail(self, request, exc):
@@ -5894,7 +6370,9 @@ class Application:
                                "/v1/chat/completions, /v1/embeddings, /v1/rerank.")
         request.face = self.faces.get(where)
         if self.api_keys and path not in self.open_routes and request.method != "OPTIONS":
-            check_api_key(request.headers, self.api_keys)
+            key = check_api_key(request.headers, self.api_keys)
+            if self.key_labels:
+                request.key_label = self.key_labels.get(key)
         handler = methods.get(request.method) or (
             methods.get("GET") if request.method == "HEAD" else None)
         if handler is None:
@@ -5941,6 +6419,11 @@ class Application:
     # -- small routes ----------------------------------------------------------------------
     async def health(self, request):
         return self.reply_json(request, {"status": "ok"})
+
+    async def metrics_page(self, request):
+        request.status = 200
+        return request.conn.respond(request, 200, [("Content-Type", METRICS_TYPE)],
+                                    self.metrics.render())
 
     def model_object(self, name, servers):
         doc = {"id": name, "object": "model", "created": int(self.started),
@@ -6048,7 +6531,8 @@ class Application:
         conn = request.conn
 
         def deliver(up, resp, data, overhead):
-            return self.relay(request, up, resp, data, transform, overhead)
+            strip = bool(up.entry.get("stream_usage")) and wants_usage_added(body)
+            return self.relay(request, up, resp, data, transform, overhead, strip)
 
         await self.sender.admit(model, conn)
         try:  # ordered now, after the wait: health and load may have changed meanwhile
@@ -6057,7 +6541,7 @@ class Application:
         finally:
             self.admission.release()
 
-    async def relay(self, request, up, resp, body, transform, overhead):
+    async def relay(self, request, up, resp, body, transform, overhead, strip=False):
         """Answer the client with `resp`: its buffered `body`, or (None) its SSE stream."""
         conn = request.conn
         status = resp.status
@@ -6074,7 +6558,7 @@ class Application:
         request.status = status
         if body is None:
             return await self.relay_stream(request, up, resp, headers + SSE_HEADERS,
-                                           content_decoder(encoding))
+                                           content_decoder(encoding), strip)
         if encoding and reads:
             body = decode_content(body, encoding)
         if status >= 400:
@@ -6085,9 +6569,11 @@ class Application:
                 headers.append(("Retry-After", retry_after))
         elif transform is not None:  # (UpstreamError, saying what was expected)
             body = transform(body)
+        elif status == 200 and not encoding:  # (one still compressed is not read)
+            self.metrics.usage(request, body)
         return conn.respond(request, status, headers, body)
 
-    async def relay_stream(self, request, up, resp, headers, decoder=None):
+    async def relay_stream(self, request, up, resp, headers, decoder=None, strip=False):
         """Relay SSE bytes as they arrive. Only whole events are passed on (the bytes up to the
         last blank line), so an error event after an upstream death is never glued to half of
         an event; upstreams send whole events per write, so this holds nothing back. Bytes that
@@ -6104,13 +6590,18 @@ class Application:
                 pending = await read()
                 if not resp.done:
                     pending, tail = whole_events(pending)
+            self.metrics.stream_opened(request, time.monotonic())
+            if strip:
+                pending = self.strip_usage(request, pending)
             if resp.done or pending.endswith(SSE_DONE):  # the whole stream was at hand: head,
+                self.metrics.usage(request, pending)
                 keep_alive = conn.start_stream(request, resp.status, headers, pending, end=True)
                 stream_delivered(request, resp)  # events and end in one write
                 return keep_alive
             keep_alive = conn.start_stream(request, resp.status, headers, pending)
             close_framed = resp.framing == "close"  # its end is the close, so a death looks
             done_seen = close_framed and b"[DONE]" in pending  # like an end: was [DONE] sent?
+            last = pending  # the last piece written: a stream's usage comes just before its end
             pending = b""
             while True:
                 data = await read()
@@ -6119,10 +6610,13 @@ class Application:
                 if tail:
                     data = tail + data
                 data, tail = whole_events(data)
+                if strip:  # (an entry's "stream_usage": the chunk llmhost asked for goes)
+                    data = self.strip_usage(request, data)
                 if resp.done or data.endswith(SSE_DONE):  # the last piece: written with the
                     pending = data  # end of the stream (a client may close once it reads
                     break  # [DONE], as the openai client does, before the upstream's end)
                 conn.write_chunk(data)
+                last = data
                 if close_framed and not done_seen:
                     done_seen = b"[DONE]" in data
                 if transport.get_write_buffer_size() > RELAY_CHUNK:
@@ -6146,9 +6640,20 @@ class Application:
         if conn.gone:
             resp.close()
             return False
+        if keep_alive is not None and not strip:  # the usage the client asked for (read
+            self.metrics.usage(request, last + pending)  # once a stream: cheap)
         conn.end_stream(pending)
         stream_delivered(request, resp)  # [DONE] may come before the upstream's end
         return keep_alive
+
+    def strip_usage(self, request, data):
+        """Take the usage chunk llmhost asked for out of `data`, its numbers kept."""
+        if b'"usage"' not in data:
+            return data
+        data, event = without_usage_event(data)
+        if event is not None:
+            self.metrics.usage(request, event)
+        return data
 
     # -- MCP: tools executed by llmhost --------------------------------------------------
     async def mcp_servers(self, request):
@@ -6312,6 +6817,8 @@ class Application:
                 done, _ = await asyncio.wait({task}, timeout=MCP_KEEPALIVE)
                 if done:
                     report.extend(entry for _, entry in task.result())  # in call order
+                    self.metrics.mcp_calls([entry for _, entry in task.result()],
+                                           self.mcp.specs())
                     return [result for result, _ in task.result()]
                 if tick is not None:
                     tick()
@@ -7648,6 +8155,7 @@ class Gateway:
                  allowed_hosts=None, cors_origins=(), mcp_max_rounds=MCP_MAX_ROUNDS,
                  mcp_allow_urls=(), mcp_roots=(), max_running=None, parent=None,
                  last_good=None, discover_ports=None, store_responses=True,
+                 metrics_public=False, key_labels=None, metrics_dir=None,
                  clock=time.monotonic):
         self.registry = registry
         self.parent = parent  # pid of the `serve --workers N` that started this worker
@@ -7662,7 +8170,8 @@ class Gateway:
                                access_log=access_log, allowed_hosts=allowed_hosts,
                                cors_origins=cors_origins, mcp_environ=self.environ,
                                mcp_roots=mcp_roots, mcp_max_rounds=mcp_max_rounds,
-                               mcp_allow_urls=mcp_allow_urls, processes=self.processes)
+                               mcp_allow_urls=mcp_allow_urls, processes=self.processes,
+                               metrics_public=metrics_public, key_labels=key_labels)
         # Stored responses (/v1/responses) live beside the registry, as its other state does.
         self.responses = ResponsesAPI(self.app, ResponseStore(
             os.path.abspath(registry) + ".responses.sqlite") if store_responses else None)
@@ -7682,6 +8191,9 @@ class Gateway:
         if access_log is not None:
             self.sweeper.callbacks.append(access_log.flush)
         self.sweeper.callbacks.append(self.housekeeping)
+        if metrics_dir is not None:  # (--workers: a scrape answers for all of them)
+            self.app.metrics.shared = metrics_dir
+            self.sweeper.callbacks.append(self.app.metrics.publish)
 
     def spawn(self, coro):
         import asyncio
@@ -7874,6 +8386,7 @@ class Gateway:
         self.responses.close()
         if self.app.access_log is not None:
             self.app.access_log.flush()
+        self.app.metrics.publish(force=True)  # (its last counts stay in the workers' totals)
 
 
 def serve_addresses(addresses, keys):
@@ -7998,7 +8511,8 @@ def worker_signals():
 def run_worker(args, path, keys, options, max_concurrency, queue_size, sock=None, label=""):
     import asyncio
     gateway = Gateway(path, max_concurrency=max_concurrency, queue_size=queue_size,
-                      access_log=AccessLog(sys.stderr, enabled=not args.no_access_log),
+                      access_log=AccessLog(sys.stderr, enabled=not args.no_access_log,
+                                           json_lines=args.access_log_format == "json"),
                       **options)
     if sock is not None:  # a 429 says whose limit it met: the kernel spreads connections over
         gateway.admission.whose = (  # workers unevenly, so one may refuse while another has room
@@ -9257,8 +9771,19 @@ def cmd_serve(args, environ):
                         format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%Y-%m-%d %H:%M:%S")
     path = registry_path(args, environ)
-    keys = parse_api_keys(args, environ)
+    key_labels = None
+    if args.api_keys_file:
+        try:
+            key_labels = read_api_keys_file(args.api_keys_file)
+        except ValueError as exc:
+            raise CLIError(f"--api-keys-file: {exc}") from None
+    keys = [k.strip() for k in args.api_key or ()] if key_labels else \
+        parse_api_keys(args, environ)  # (with a file, $LLMHOST_API_KEY is not read)
+    if "" in keys:
+        raise CLIError("--api-key needs a value (an empty key could never be sent)")
     loopback = is_loopback_host(args.host)
+    if key_labels:
+        keys = keys + [k for k in key_labels if k not in keys]
     if not loopback and not keys and not args.no_auth:
         raise CLIError(f"refusing to serve on {args.host} without an API key: anyone who can "
                        "reach this machine could use your models. Pass --api-key KEY (or set "
@@ -9284,7 +9809,8 @@ def cmd_serve(args, environ):
                    cors_origins=args.cors_origin or (), mcp_max_rounds=args.mcp_max_rounds,
                    max_running=args.max_running,
                    mcp_allow_urls=args.mcp_allow_url or (), mcp_roots=args.root or (),
-                   store_responses=not args.no_store)
+                   store_responses=not args.no_store, metrics_public=args.metrics_public,
+                   key_labels=key_labels)
     logging.getLogger("mcp").setLevel(logging.WARNING)  # the SDK logs tracebacks at INFO
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per MCP HTTP message
     for handler in logging.getLogger().handlers:
@@ -9293,10 +9819,15 @@ def cmd_serve(args, environ):
     try:
         if workers == 1:
             return run_worker(args, path, keys, options, args.max_concurrency, args.queue_size)
+        import tempfile  # where each worker publishes its /metrics figures for the others
+        options["metrics_dir"] = tempfile.mkdtemp(prefix="llmhost-metrics-")
         return run_workers(args, path, keys, options, workers, last_good)
     finally:
         # (a worker never gets here: it leaves by os._exit, and never wrote a record)
         remove_serve_record(path)
+        if options.get("metrics_dir"):
+            import shutil
+            shutil.rmtree(options["metrics_dir"], ignore_errors=True)
 
 
 def serve_api(args, environ, path, method="GET"):
@@ -10023,6 +10554,14 @@ def build_parser():
                         "Studio, Ollama, llama.cpp, vLLM...)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--no-access-log", action="store_true", help="no line per request")
+    p.add_argument("--api-keys-file", metavar="FILE",
+                   help="API keys with labels, one 'LABEL KEY' per line (mode 0600); the label "
+                        "is in the JSON access log")
+    p.add_argument("--access-log-format", choices=["text", "json"], default="text",
+                   help="json: each access line one JSON object (id, route, model, server, "
+                        "status, duration_ms, prompt_tokens, completion_tokens)")
+    p.add_argument("--metrics-public", action="store_true",
+                   help="serve GET /metrics (Prometheus) without the API key; the rest keeps it")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="load-test any OpenAI-compatible endpoint",

@@ -16,12 +16,14 @@ import http.server
 import io
 import json
 import os
+import platform
 import re
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -1031,6 +1033,42 @@ def test_chat_stream_relays_events_and_usage(gateway):
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     assert text == "echo: hello there"
     assert chunks[-1]["usage"]["total_tokens"] == 10 and chunks[-1]["choices"] == []
+
+
+def test_an_entry_with_stream_usage_is_asked_for_it_and_a_client_that_did_not_gets_none(
+        fake, tmp_path):
+    path = write_registry(tmp_path / "s.json", [{"name": "local", "url": fake.url,
+                                                 "models": ["fake-model"], "stream_usage": True}])
+    running = Running(path)
+    try:
+        status, _, raw = post(running.port, "/v1/chat/completions", dict(CHAT, stream=True))
+        events = sse_events(raw)
+        assert status == 200 and events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert all(c["choices"] for c in chunks) and not any(c.get("usage") for c in chunks)
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == \
+            "echo: hello there"
+        assert json.loads(fake.posts()[-1]["body"])["stream_options"] == {"include_usage": True}
+        status, _, raw = post(running.port, "/v1/chat/completions", dict(
+            CHAT, stream=True, stream_options={"include_usage": True}))  # asked: it stays
+        chunks = [json.loads(e) for e in sse_events(raw)[:-1]]
+        assert chunks[-1]["usage"]["total_tokens"] == 10 and chunks[-1]["choices"] == []
+        assert json.loads(fake.posts()[-1]["body"])["stream_options"] == {"include_usage": True}
+        _, samples = scrape(running.port)  # both streams' usage counted
+        assert series(samples, "llmhost_tokens_total", model="fake-model", kind="prompt") == 14
+        assert series(samples, "llmhost_tokens_total", model="fake-model",
+                      kind="completion") == 6
+    finally:
+        running.stop()
+
+
+def test_the_usage_chunk_is_found_among_events_glued_together():
+    usage = b'data: {"choices": [], "usage": {"prompt_tokens": 1}}\n\n'
+    delta = b'data: {"choices": [{"delta": {}}], "usage": null}\n\n'
+    assert llmhost.without_usage_event(delta + usage + b"data: [DONE]\n\n") == (
+        delta + b"data: [DONE]\n\n", usage)
+    assert llmhost.without_usage_event(usage) == (b"", usage)
+    assert llmhost.without_usage_event(delta) == (delta, None)
 
 
 def test_streamed_tool_call_deltas_reassemble(gateway):
@@ -2887,6 +2925,32 @@ def test_mcp_one_round_non_stream(mcp_env):
     assert second["messages"][-1] == {"role": "tool", "tool_call_id": "call_0", "content": "hi"}
 
 
+def test_metrics_count_mcp_calls_by_server_tool_and_outcome(mcp_env):
+    running, fake = mcp_env
+
+    def ready():
+        servers = json.loads(request(running.port, "GET", "/v1/mcp/servers")[2])["data"]
+        return any(s["name"] == "t" and s["state"] == "ready" for s in servers)
+    if not ready():  # (started on first use; under load it may take more than a request waits)
+        agent_chat(running.port, [{"calls": [("t__echo", {"text": "warm"})]}], fake)
+        assert wait_until(ready, TIMEOUT * 3)
+    _, before = scrape(running.port)  # (the module's server has run other tests' calls)
+    status, _, raw = agent_chat(running.port, [{"calls": [("t__echo", {"text": "hi"}),
+                                                          ("made_up", {})]}], fake)
+    assert status == 200, raw
+    _, after = scrape(running.port)
+
+    def delta(name, **labels):
+        return (series(after, name, **labels) or 0) - (series(before, name, **labels) or 0)
+    assert delta("llmhost_mcp_calls_total", server="t", tool="echo", outcome="ok") == 1
+    assert delta("llmhost_mcp_calls_total", server="none", tool="unknown", outcome="error") == 1
+    assert delta("llmhost_mcp_call_duration_seconds_count", server="t", tool="echo") == 1
+    assert delta("llmhost_requests_total", route="/v1/chat/completions", model="agent",
+                 status="200") == 1
+    assert delta("llmhost_tokens_total", model="agent", kind="prompt") + delta(
+        "llmhost_tokens_total", model="agent", kind="completion") == 6 + 10  # both rounds
+
+
 def test_mcp_stream_is_a_valid_chunk_stream(mcp_env):
     running, fake = mcp_env
     status, headers, raw = agent_chat(running.port, [{"calls": [("t__echo", {"text": "yo"})]}],
@@ -4078,6 +4142,12 @@ def test_managed_cold_start_is_shared_and_idle_stop(tmp_path):
         status, doc = jpost(running.port, "/v1/chat/completions", body)
         server = process_status(running.port, "m")
         assert status == 200 and server["state"] == "running" and server["pid"] != pid
+        _, samples = scrape(running.port)  # two starts, one stop
+        assert series(samples, "llmhost_managed_servers_running") == 1
+        moves = "llmhost_managed_server_transitions_total"
+        assert series(samples, moves, server="m", state="running") == 2
+        assert series(samples, moves, server="m", state="stopped") == 1
+        assert series(samples, moves, server="m", state="failed") is None
     finally:
         running.stop()
     assert wait_until(lambda: not pid_alive(server["pid"]), 5)  # serve leaves no child
@@ -5406,6 +5476,176 @@ def test_status_endpoint_and_command(pool):
     assert code == 0 and "u0" in out and "cannot connect" in out
 
 
+def scrape(port, **kw):
+    """GET /metrics, read as Prometheus reads the text format 0.0.4 -> (types {family: type},
+    samples {(name, frozenset of label pairs): value}); every line is checked on the way."""
+    status, headers, raw = request(port, "GET", "/metrics", **kw)
+    assert status == 200, raw
+    assert headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    text = raw.decode()
+    assert text.endswith("\n")
+    types, helps, samples = {}, set(), {}
+    sample = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)')
+    pair = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(?:,|$)')
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name = line.split()[2]
+            assert name not in helps and name not in types  # HELP before TYPE, once
+            helps.add(name)
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            assert name in helps and name not in types
+            assert kind in ("counter", "gauge", "histogram")
+            types[name] = kind
+        else:
+            m = sample.fullmatch(line)
+            assert m, line
+            name, body, value = m.groups()
+            labels = pair.findall(body) if body else []
+            assert ",".join('%s="%s"' % p for p in labels) == (body or ""), line
+            family = name if name in types else re.sub("_(bucket|sum|count)$", "", name)
+            assert family in types, line  # a sample follows its family's TYPE
+            if family != name:
+                assert types[family] == "histogram"
+            if types[family] == "counter":
+                assert name.endswith("_total")
+            key = (name, frozenset(labels))
+            assert key not in samples, line  # no series twice
+            samples[key] = float(value)
+    return types, samples
+
+
+def series(samples, name, **labels):
+    """The value of one series (its label set exactly), or None."""
+    return samples.get((name, frozenset(labels.items())))
+
+
+def test_metrics_count_requests_by_route_model_status_with_durations_and_tokens(gateway):
+    for _ in range(3):
+        assert post(gateway.port, "/v1/chat/completions", CHAT)[0] == 200
+    assert post(gateway.port, "/v1/chat/completions", dict(CHAT, model="free\ntext"))[0] == 404
+    assert request(gateway.port, "GET", "/v1/models")[0] == 200
+    assert request(gateway.port, "GET", "/models")[0] == 200  # the same route
+    assert request(gateway.port, "GET", "/any/thing?x")[0] == 404
+    assert post(gateway.port, "/v1/chat/completions", dict(CHAT, stream=True))[0] == 200
+    assert post(gateway.port, "/v1/chat/completions", dict(  # (its usage chunk: counted)
+        CHAT, stream=True, stream_options={"include_usage": True}))[0] == 200
+    types, samples = scrape(gateway.port)
+    chat = "/v1/chat/completions"
+    assert types["llmhost_requests_total"] == "counter"
+    assert series(samples, "llmhost_requests_total", route=chat, model="fake-model",
+                  status="200") == 5
+    assert series(samples, "llmhost_requests_total", route=chat, model="unknown",
+                  status="404") == 1  # the client's text is no label
+    assert series(samples, "llmhost_requests_total", route="/v1/models", model="",
+                  status="200") == 2
+    assert series(samples, "llmhost_requests_total", route="other", model="",
+                  status="404") == 1
+    assert not any("free" in v for _, labels in samples for _, v in labels)
+    # the duration histogram: cumulative buckets ending in +Inf = count, a sum of seconds
+    assert types["llmhost_request_duration_seconds"] == "histogram"
+    labels = dict(route=chat, model="fake-model")
+    buckets = sorted((float(dict(k[1])["le"]), v) for k, v in samples.items()
+                     if k[0] == "llmhost_request_duration_seconds_bucket" and
+                     k[1] - {("le", dict(k[1])["le"])} == frozenset(labels.items()))
+    assert len(buckets) == len(llmhost.DURATION_BUCKETS) + 1 and buckets[-1][0] == float("inf")
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets) and buckets[-1][1] == 5
+    assert series(samples, "llmhost_request_duration_seconds_count", **labels) == 5
+    assert 0 < series(samples, "llmhost_request_duration_seconds_sum", **labels) < 5 * TIMEOUT
+    # the fake's usage (7 prompt, 3 completion) summed over the three answers and the stream
+    # that asked for it
+    assert series(samples, "llmhost_tokens_total", model="fake-model", kind="prompt") == 28
+    assert series(samples, "llmhost_tokens_total", model="fake-model", kind="completion") == 12
+    assert series(samples, "llmhost_upstream_attempts_total", server="local") == 5
+    assert types["llmhost_stream_first_byte_seconds"] == "histogram"
+    assert series(samples, "llmhost_stream_first_byte_seconds_count", route=chat,
+                  model="fake-model") == 2  # the streams only
+    assert series(samples, "llmhost_in_flight_requests") == 0
+    assert series(samples, "llmhost_refused_requests_total") == 0
+    info = [dict(k[1]) for k in samples if k[0] == "llmhost_build_info"]
+    assert info == [{"version": llmhost.__version__, "python": platform.python_version()}]
+    # the process collector's names, with this process's figures
+    assert series(samples, "process_resident_memory_bytes") > 1e6
+    assert series(samples, "process_open_fds") > 3 and types["process_open_fds"] == "gauge"
+    assert series(samples, "process_cpu_seconds_total") > 0
+    assert abs(series(samples, "process_start_time_seconds") - time.time()) < 3600
+    _, again = scrape(gateway.port)  # the scrape itself is counted, once it has answered
+    assert series(again, "llmhost_requests_total", route="/metrics", model="",
+                  status="200") == 1
+
+
+def test_metrics_count_failed_attempts_by_kind_cooldowns_and_cooling_servers(pool):
+    running, fakes = pool
+    fakes[0].close()  # connection refused: u1 answers each time
+    fakes[1].script({"status": 503})
+    for _ in range(llmhost.FAILURES_BEFORE_COOLDOWN):
+        assert post(running.port, "/v1/chat/completions", CHAT)[0] == 200
+    _, samples = scrape(running.port)
+    n = llmhost.FAILURES_BEFORE_COOLDOWN
+    assert series(samples, "llmhost_upstream_failures_total", server="u0",
+                  kind="upstream_unreachable") == n
+    assert series(samples, "llmhost_upstream_failures_total", server="u1", kind="http_5xx") == 1
+    assert series(samples, "llmhost_upstream_attempts_total", server="u0") == n
+    assert series(samples, "llmhost_upstream_attempts_total", server="u2") == 1
+    assert series(samples, "llmhost_upstream_cooldowns_total", server="u0") == 1
+    assert series(samples, "llmhost_upstream_cooling", server="u0") == 1
+    assert series(samples, "llmhost_upstream_cooling", server="u1") == 0
+    assert series(samples, "llmhost_requests_total", route="/v1/chat/completions",
+                  model="fake-model", status="200") == n
+
+
+def test_metrics_are_behind_the_api_key_unless_made_public(fake, tmp_path):
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    for public in (False, True):
+        running = Running(path, api_keys=["k1"], metrics_public=public)
+        try:
+            assert request(running.port, "GET", "/metrics")[0] == (200 if public else 401)
+            scrape(running.port, headers={"Authorization": "Bearer k1"})
+            assert request(running.port, "GET", "/v1/models")[0] == 401  # the rest keeps it
+        finally:
+            running.stop()
+
+
+def test_metrics_of_workers_are_totals_whichever_worker_answers(fake, tmp_path):
+    registry = write_registry(tmp_path / "servers.json",
+                              [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    def shared_dirs():
+        return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("llmhost-metrics-")}
+    before = shared_dirs()
+    proc, port = start_serve(registry, "--workers", "2", "--no-access-log")
+    try:
+        for _ in range(12):  # a connection each: the kernel spreads them over both workers
+            assert post(port, "/v1/chat/completions", CHAT)[0] == 200
+        time.sleep(llmhost.METRICS_PUBLISH_INTERVAL + 0.5)  # each has published its figures
+        for _ in range(8):
+            _, samples = scrape(port)
+            assert series(samples, "llmhost_requests_total", route="/v1/chat/completions",
+                          model="fake-model", status="200") == 12
+            assert series(samples, "llmhost_tokens_total", model="fake-model",
+                          kind="prompt") == 12 * 7
+            assert series(samples, "llmhost_upstream_attempts_total", server="local") == 12
+            assert series(samples, "llmhost_in_flight_requests") == 0
+            assert series(samples, "process_open_fds") > 6  # both workers' (and not serve's)
+        ours = shared_dirs() - before
+        assert len(ours) == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=TIMEOUT)
+    assert not shared_dirs() & ours  # serve removes it
+
+
+def test_metrics_label_values_are_escaped_and_histogram_buckets_are_cumulative():
+    assert llmhost.prometheus_label('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
+    hist = llmhost.Histogram()
+    for value in (0.001, 0.005, 0.2, 1e6):
+        hist.observe(value)
+    lines = hist.lines("x", 'a="1"')
+    assert lines[0] == 'x_bucket{a="1",le="0.005"} 2'  # le is "less than or equal"
+    assert 'x_bucket{a="1",le="0.25"} 3' in lines and 'x_bucket{a="1",le="+Inf"} 4' in lines
+    assert lines[-1] == 'x_count{a="1"} 4' and lines[-2].startswith('x_sum{a="1"} 1000000.2')
+
+
 def start_serve(registry, *extra, env=None, python=()):
     """`python3 llmhost.py serve` as a user runs it; -> (process, port)."""
     sock = socket.socket()
@@ -5644,6 +5884,62 @@ def test_access_log_lines_are_written_at_flush_and_cannot_be_forged():
     assert out.getvalue().splitlines()[-1].split(" model=")[1].startswith(
         '"%s"... server=-' % ("y" * llmhost.LOG_MODEL_CHARS))  # cut, and not kept after
     assert max(map(len, log.shown), default=0) <= llmhost.LOG_MODEL_CHARS
+
+
+def test_access_log_json_lines_are_usage_records_without_keys(fake, tmp_path):
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    out = io.StringIO()
+    running = Running(path, api_keys=["sk-secret-1"], key_labels={"sk-secret-2": "team-b"},
+                      access_log=llmhost.AccessLog(out, json_lines=True))
+    key = {"Authorization": "Bearer sk-secret-1", "X-Request-Id": "r-1"}
+    try:
+        assert post(running.port, "/chat/completions", CHAT, headers=key)[0] == 200
+        assert post(running.port, "/v1/chat/completions", dict(CHAT, model='x\n"y'),
+                    headers={"X-Api-Key": "sk-secret-2", "X-Request-Id": "r-2"})[0] == 404
+        assert request(running.port, "GET", "/v1/models",
+                       headers={"Authorization": "Bearer wrong", "X-Request-Id": "r-3"})[0] == 401
+        assert post(running.port, "/v1/chat/completions", dict(CHAT, stream=True),
+                    headers=dict(key, **{"X-Request-Id": "r-4"}))[0] == 200
+        assert wait_until(lambda: out.getvalue().count("\n") == 4)
+    finally:
+        running.stop()
+    text = out.getvalue()
+    assert "sk-secret" not in text and "wrong" not in text and "hello there" not in text
+    docs = {d["id"]: d for d in map(json.loads, text.splitlines())}  # one object a line
+    ok = docs["r-1"]
+    assert ok["route"] == "/v1/chat/completions" and ok["path"] == "/chat/completions"
+    assert ok["model"] == "fake-model" and ok["server"] == "local" and ok["status"] == 200
+    assert ok["prompt_tokens"] == 7 and ok["completion_tokens"] == 3
+    assert 0 < ok["duration_ms"] < TIMEOUT * 1000 and ok["method"] == "POST"
+    assert docs["r-2"]["model"] == 'x\n"y' and docs["r-2"]["status"] == 404
+    assert "prompt_tokens" not in docs["r-2"] and docs["r-2"]["server"] is None
+    assert docs["r-2"]["key"] == "team-b" and "key" not in ok  # a key without a label: none
+    assert docs["r-3"]["status"] == 401 and docs["r-3"]["model"] is None
+    assert 0 < docs["r-4"]["first_byte_ms"] <= docs["r-4"]["duration_ms"]
+    assert "first_byte_ms" not in ok
+
+
+def test_api_keys_file_gives_labels_and_must_be_private(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("# team keys\nteam-a sk-aaa\n\n  ci@host  sk-bbb  \n")
+    path.chmod(0o600)
+    assert llmhost.read_api_keys_file(str(path)) == {"sk-aaa": "team-a", "sk-bbb": "ci@host"}
+    path.chmod(0o640)
+    with pytest.raises(ValueError, match="readable by others.*chmod 600"):
+        llmhost.read_api_keys_file(str(path))
+    for text, needle in (("sk-only\n", ":1: expected 'LABEL KEY'"),
+                         ("a b\nbad label! k\n", ":2: expected"),
+                         ("a sk-x\nb sk-x\n", ":2: this key is also on a line labelled 'a'"),
+                         ("# none\n", "holds no key")):
+        path.write_text(text)
+        path.chmod(0o600)
+        with pytest.raises(ValueError, match=needle) as info:
+            llmhost.read_api_keys_file(str(path))
+        assert "sk-x" not in str(info.value)  # a key is never quoted
+    code, out, err = run_cli(str(tmp_path / "s.json"), "serve", "--api-keys-file",
+                             str(tmp_path / "missing"))
+    assert code != 0 and "--api-keys-file: cannot read" in err
 
 
 def test_user_session_subprocess(fake, tmp_path):
