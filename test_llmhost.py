@@ -3169,6 +3169,7 @@ class FakeAuthServer:
         self.seen = []  # (path, parameters) of each request
         self.clients = dict(clients or {})  # client id -> secret (None: a public client)
         self.codes, self.access, self.refresh = {}, {}, {}
+        self.refresh_gate = None  # a threading.Event refresh grants wait for, when set
         self.issued = list(self.clients.values())
         auth = self
 
@@ -3206,6 +3207,10 @@ class FakeAuthServer:
                     params = {k: v[0] for k, v in urllib.parse.parse_qs(raw).items()}
                 with auth.lock:
                     auth.seen.append((self.path, params))
+                gate = auth.refresh_gate
+                if gate is not None and params.get("grant_type") == "refresh_token":
+                    gate.wait(TIMEOUT * 6)
+                with auth.lock:
                     status, doc = {"/register": auth.register, "/token": auth.token,
                                    "/introspect": auth.introspect}.get(
                         self.path, lambda p, h: (404, {"error": "not_found"}))(
@@ -3433,23 +3438,40 @@ def test_mcp_oauth_refresh_after_the_access_token_expires(tmp_path, oauth_server
     assert len(auth.requests("/authorize")) == logins  # never a new login
 
 
-def test_mcp_oauth_two_processes_spend_a_rotating_refresh_token_once(tmp_path, oauth_server):
-    """As `serve --workers N` does: each worker holds the same tokens, and a refresh token is
-    good once; the refresh is made under the file's lock, and whoever comes second takes the
-    tokens the first saved."""
+def flock_waiters(path):
+    """How many processes wait for a flock of `path` now (Linux's /proc/locks: "->" lines)."""
+    inode = f":{os.stat(path).st_ino} "
+    with open("/proc/locks") as f:
+        return sum(1 for line in f if "->" in line and inode in line)
+
+
+def test_mcp_oauth_processes_spend_a_rotating_refresh_token_once(tmp_path, oauth_server):
+    """As the workers of `serve --workers N` do: each holds the same tokens, and a refresh
+    token is good once. The refresh is made under the file's lock, and the processes that
+    waited for it take the tokens the first one saved."""
     auth, url = oauth_server
     registry = write_registry(tmp_path / "servers.json", [], mcp={"docs": {"url": url}})
     assert oauth_cli(registry, "login", "docs").returncode == 0
-    refreshes = len(auth.requests("/token", "refresh_token"))
+    refreshes, logins = len(auth.requests("/token", "refresh_token")), len(auth.requests("/authorize"))
     expire_in_file(registry, "docs", url)
-    calls = [subprocess.Popen([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
-                               registry, "mcp", "call", "docs", "echo", f'{{"text": "{i}"}}'],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              stdin=subprocess.DEVNULL) for i in range(3)]
+    auth.refresh_gate = threading.Event()  # the first refresh is answered when all have come
+    try:
+        calls = [subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "llmhost.py"), "--registry", registry, "mcp",
+             "call", "docs", "echo", f'{{"text": "{i}"}}'], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+            env=dict(os.environ, BROWSER=OAUTH_BROWSER)) for i in range(3)]
+        # Two wait for the lock while the first refreshes (or, without it, refresh too).
+        assert wait_until(lambda: flock_waiters(llmhost.tokens_path(registry) + ".lock") == 2 or
+                          len(auth.requests("/token", "refresh_token")) > refreshes + 1, 60)
+    finally:
+        auth.refresh_gate.set()
+        auth.refresh_gate = None
     for i, call in enumerate(calls):
         out, err = call.communicate(timeout=60)
         assert call.returncode == 0 and out.strip() == str(i), err
     assert len(auth.requests("/token", "refresh_token")) == refreshes + 1
+    assert len(auth.requests("/authorize")) == logins  # (nobody had to log in again)
 
 
 def test_mcp_oauth_step_up_when_a_tool_needs_more_scope(tmp_path, oauth_server):
