@@ -7907,7 +7907,9 @@ class LoopbackLogin:
     redirect (RFC 8252 §7.3), the authorization URL opened with `opener` (the standard library's
     webbrowser.open, which honours $BROWSER) and printed on `out`, so that on a machine without
     a browser it can be opened elsewhere and the address the browser ends at pasted back on
-    `paste` (a terminal; None: not asked for). The SDK's provider calls open() and callback();
+    `paste` (the file descriptor of a terminal, read by the event loop, never by a thread that
+    would hold stdin's lock at exit; None: not asked for). The SDK's provider calls open() and
+    callback();
     redirect_uri() comes first, before the URI is registered or sent."""
 
     PHRASES = {200: "OK", 400: "Bad Request", 404: "Not Found", 409: "Conflict",
@@ -7917,7 +7919,7 @@ class LoopbackLogin:
         self.opener, self.out, self.paste, self.timeout = opener, out, paste, timeout
         self.listener = self.port = self.uri = self.server = None
         self.state = self.result = self.loop = None
-        self.reading = False  # whether a thread reads pasted addresses
+        self.pasted = None  # bytes of a line being pasted; None: the loop does not read paste
 
     async def redirect_uri(self, port, required, server):
         """Listen on 127.0.0.1:`port` (any free port for 0, or when `port` is taken and not
@@ -7963,9 +7965,12 @@ class LoopbackLogin:
                "the address the browser ends at." if self.paste is not None else ""),
               file=self.out, flush=True)
         threading.Thread(target=self._open, args=(url,), daemon=True).start()
-        if self.paste is not None and not self.reading:
-            self.reading = True
-            threading.Thread(target=self._read_pasted, daemon=True).start()
+        if self.paste is not None and self.pasted is None:
+            try:
+                self.loop.add_reader(self.paste, self._read_pasted)
+                self.pasted = b""
+            except (NotImplementedError, ValueError, OSError):  # (no selector loop: Windows)
+                pass
 
     def _open(self, url):
         try:
@@ -7984,6 +7989,9 @@ class LoopbackLogin:
             await self.close()
 
     async def close(self):
+        if self.pasted is not None:
+            self.loop.remove_reader(self.paste)
+            self.pasted = None
         if self.listener is not None:
             # (not wait_closed(): it would wait for a browser's idle extra connection too)
             self.listener.close()
@@ -8040,16 +8048,21 @@ class LoopbackLogin:
 
     def _read_pasted(self):
         from urllib.parse import urlsplit
-        for line in self.paste:
-            line = line.strip()
-            if line and self.loop is not None:
-                query = urlsplit(line).query if "?" in line else line
-                self.loop.call_soon_threadsafe(self._pasted, query)
-
-    def _pasted(self, query):
-        status, text = self._take(query)
-        if status != 200:
-            print(f"llmhost: {text}", file=self.out, flush=True)
+        try:
+            data = os.read(self.paste, 4096)
+        except OSError:
+            data = b""
+        if not data:  # (the end of the input: nothing more can be pasted)
+            self.loop.remove_reader(self.paste)
+            return
+        self.pasted += data
+        while self.pasted is not None and b"\n" in self.pasted:
+            line, self.pasted = self.pasted.split(b"\n", 1)
+            line = line.decode("utf-8", "replace").strip()
+            if line:
+                status, text = self._take(urlsplit(line).query if "?" in line else line)
+                if status != 200:
+                    print(f"llmhost: {text}", file=self.out, flush=True)
 
 
 def cli_login():
@@ -8058,7 +8071,7 @@ def cli_login():
         import webbrowser
         webbrowser.open(url)
 
-    return LoopbackLogin(opener, sys.stderr, sys.stdin if sys.stdin.isatty() else None)
+    return LoopbackLogin(opener, sys.stderr, sys.stdin.fileno() if sys.stdin.isatty() else None)
 
 
 def mcp_session(name, entry, args, environ, action):

@@ -3666,14 +3666,19 @@ def test_mcp_login_takes_the_redirect_of_its_own_login_or_an_address_pasted_back
             return exc, seen, out.getvalue()
 
     result, seen, out = asyncio.run(login(None, ["code=evil&state=S0", "code=good&state=S1"]))
-    assert result == AuthorizationCodeResult(code="good", state="S1") and seen == [400, 200]
+    assert result == AuthorizationCodeResult(code="good", state="S1") and seen[0] == 400
     assert "https://as.example/authorize?client_id=c&state=S1" in out
     result, seen, out = asyncio.run(login(None, ["error=access_denied&error_description=No+way"
                                                  "&state=S1"]))
     assert str(result) == "the login was refused (access_denied No way)"
-    pasted = io.StringIO("yes\nhttp://127.0.0.1:9/callback?code=pasted&state=S1&iss=https%3A"
-                         "%2F%2Fas.example\n")
-    result, seen, out = asyncio.run(login(pasted, []))
+    paste, typing = os.pipe()  # (a terminal's stand-in)
+    os.write(typing, b"yes\nhttp://127.0.0.1:9/callback?code=pasted&state=S1&iss=https%3A"
+                     b"%2F%2Fas.example\n")
+    try:
+        result, seen, out = asyncio.run(login(paste, []))
+    finally:
+        os.close(paste)
+        os.close(typing)
     assert result == AuthorizationCodeResult(code="pasted", state="S1", iss="https://as.example")
     assert "paste here the address the browser ends at" in out and \
         "not the address of the login" in out
