@@ -126,6 +126,12 @@ CHAT_RESULT_CHARS = 200  # characters of an MCP tool's result `chat` shows on it
 CHAT_IMAGE_BYTES = 20 * 1024 * 1024  # bytes of a `chat` /image file; OpenAI's 20 MB per image
 CHAT_HISTORY_LINES = 1000  # lines of `chat` input kept in ~/.llmhost_history; Python's REPL 1000
 CHAT_STOP_TIMEOUT = 2.0  # s the in-process gateway of `chat` gets to close at its exit
+MCP_LOGIN_TIMEOUT = 300.0  # s a person has to log in in the browser; the SDK's example OAuth
+# client waits 300 s for its redirect too
+MCP_TOKEN_EARLY = 60.0  # s before its expiry an access token is refreshed (at most half its
+# life), so a call does not set out with a token that lapses on the way; MSAL refreshes 5 min early
+MCP_CALLBACK_HEAD_LINES = MAX_HEADER_COUNT  # lines of a redirect's request head the loopback
+# listener reads before it answers 431; it serves one browser on this machine
 
 # =============================================================================
 # Errors
@@ -1959,7 +1965,51 @@ def url_under(url, prefix):
 
 # mcpServers entries: the shape Claude Desktop, Cursor, LM Studio and VS Code use.
 MCP_HTTP_TYPES = {"http": "http", "streamable-http": "http", "streamableHttp": "http", "sse": "sse"}
-MCP_ENTRY_KEYS = {"command", "args", "env", "cwd", "url", "headers", "type", "timeout", "sampling_model"}
+MCP_ENTRY_KEYS = {"command", "args", "env", "cwd", "url", "headers", "type", "timeout", "sampling_model",
+                  "oauth"}
+# An HTTP server's OAuth settings (the `oauth` object); none is a secret: a client secret comes
+# from the environment variable client_secret_env names, a private key from the file client_key.
+MCP_OAUTH_KEYS = {
+    "client_id": (lambda v: isinstance(v, str) and v.strip(), "a client id"),
+    "client_secret_env": (lambda v: isinstance(v, str) and ENV_NAME_RE.fullmatch(v),
+                          "an environment variable name"),
+    "client_metadata_url": (lambda v: _is_document_url(v),
+                            "an https:// URL with a path (a Client ID Metadata Document)"),
+    "scope": (lambda v: isinstance(v, str) and v.strip(), "space-separated scopes"),
+    "client_credentials": (lambda v: isinstance(v, bool), "true or false"),
+    "client_key": (lambda v: isinstance(v, str) and v.strip(), "the path of a PEM private key"),
+    "callback_port": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v < 65536,
+                      "a port number"),
+}
+
+
+def _is_document_url(url):
+    """Whether `url` can be a client id (draft-ietf-oauth-client-id-metadata-document §3: https,
+    with a path)."""
+    from urllib.parse import urlsplit
+    return isinstance(url, str) and url.startswith("https://") and valid_url(url) is None and \
+        urlsplit(url).path not in ("", "/")
+
+
+def validate_mcp_oauth(name, oauth):
+    """Errors (strings) for an entry's `oauth` object."""
+    if not isinstance(oauth, dict):
+        return [f"{name}: 'oauth' must be an object"]
+    if "client_secret" in oauth:
+        return [f"{name}: oauth.client_secret: a secret is not kept in the registry; name the "
+                "environment variable that holds it with client_secret_env"]
+    errors = [f"{name}: oauth: unknown key {k!r}" for k in sorted(set(oauth) - set(MCP_OAUTH_KEYS))]
+    errors += [f"{name}: oauth.{k} must be {rule[1]}" for k, rule in MCP_OAUTH_KEYS.items()
+               if k in oauth and not rule[0](oauth[k])]
+    if oauth.get("client_credentials"):
+        if "client_id" not in oauth or ("client_secret_env" in oauth) == ("client_key" in oauth):
+            errors.append(f"{name}: oauth.client_credentials needs client_id and one of "
+                          "client_secret_env or client_key")
+    elif "client_key" in oauth:
+        errors.append(f"{name}: oauth.client_key is for client_credentials (private_key_jwt)")
+    if "client_secret_env" in oauth and "client_id" not in oauth:
+        errors.append(f"{name}: oauth.client_secret_env needs client_id")
+    return errors
 
 def mcp_transport(entry):
     """'stdio', 'http' or 'sse' for a valid entry."""
@@ -1987,7 +2037,7 @@ def validate_mcp_entry(name, entry):
             errors.append(f"{name}: 'cwd' must be a string")
         if entry.get("type", "stdio") != "stdio":
             errors.append(f"{name}: 'type' must be 'stdio' for a command")
-        errors += [f"{name}: {k!r} is for URL servers" for k in ("headers",) if k in entry]
+        errors += [f"{name}: {k!r} is for URL servers" for k in ("headers", "oauth") if k in entry]
     else:
         url = entry["url"]
         if not isinstance(url, str) or valid_url(url, credentials=True) is not None:
@@ -1997,6 +2047,8 @@ def validate_mcp_entry(name, entry):
         if entry.get("type", "http") not in MCP_HTTP_TYPES:
             errors.append(f"{name}: 'type' must be one of http, streamable-http, sse")
         errors += [f"{name}: {k!r} is for command servers" for k in ("args", "env", "cwd") if k in entry]
+        if "oauth" in entry:
+            errors += validate_mcp_oauth(name, entry["oauth"])
     t = entry.get("timeout")
     if t is not None and not _is_number(t):
         errors.append(f"{name}: 'timeout' must be a positive number of seconds")
@@ -3314,11 +3366,551 @@ def _elicit_defaults(schema):
     return content if all(k in content for k in (schema or {}).get("required") or []) else None
 
 
+# ---- OAuth for HTTP servers -------------------------------------------------------------------
+# The SDK's providers (mcp.client.auth) do the protocol: discovery (RFC 9728; RFC 8414 and OpenID
+# Connect, with their fallbacks), the client's identity (pre-registered, a Client ID Metadata
+# Document, or dynamic registration, RFC 7591), PKCE, `resource` (RFC 8707), the choice of scopes
+# and step-up, the `iss` check (RFC 9207), refresh, and the client-credentials grant. What a
+# gateway with workers needs of them besides is written here: tokens in one file that every
+# worker and CLI run shares, refreshed under that file's lock (a refresh token may be good for one
+# use only, so two workers must not both spend it); requests that do not queue behind the
+# provider's lock while their token is good; a refresh, not a new login, when a server refuses a
+# token before its stated expiry; and, where nobody can log in (serve), the refusal passed on
+# with the command that logs in.
+
+MCP_TOKENS_VERSION = 1
+
+
+def tokens_path(registry):
+    """Where the OAuth tokens of a registry's MCP servers are kept: beside the registry (beside
+    the file a symlinked registry points at)."""
+    return os.path.realpath(registry) + ".tokens"
+
+
+class MCPTokenStore:
+    """`<registry>.tokens`: the OAuth tokens and client registrations of HTTP MCP servers, as
+    {"version": 1, "servers": {NAME: {SERVER_URL: {"tokens", "expires_at", "client", "issuer",
+    "metadata", "resource_metadata", "auth_server"}}}}: keyed by server and resource (the URL
+    the tokens were granted for, so an entry given another URL does not send them there), with
+    what discovery found when they were granted (a refresh needs the token endpoint). Mode 0600,
+    replaced atomically; changed under an exclusive lock on `<registry>.tokens.lock`
+    (RegistryLock's), which a refresh holds from before it reads the refresh token until its
+    answer is saved. Reading takes no lock. Raises RegistryError for a file it cannot use."""
+
+    def __init__(self, path):
+        self.path = path
+        self._mutex = None  # asyncio.Lock: one task of this process holds the file lock
+        self._holder = None  # that task (what it saves meanwhile does not lock again)
+
+    def stamp(self):
+        """What changes when the file is replaced (None: there is none)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def read(self):
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            return {"version": MCP_TOKENS_VERSION, "servers": {}}
+        except (OSError, ValueError) as exc:
+            raise RegistryError(f"cannot read {self.path}: {exc}") from None
+        if not isinstance(doc, dict) or doc.get("version") != MCP_TOKENS_VERSION or \
+                not isinstance(doc.get("servers"), dict):
+            raise RegistryError(f"{self.path} is not a token file of this llmhost; move it "
+                                "away and log in again")
+        return doc
+
+    def record(self, name, url):
+        """One server's record ({} when there is none)."""
+        return dict((self.read()["servers"].get(name) or {}).get(url) or {})
+
+    def _write(self, doc):
+        import tempfile
+        path = os.path.realpath(self.path)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".servers.tokens.", suffix=".tmp",
+                                       dir=os.path.dirname(path))  # (mkstemp makes it 0600)
+        except OSError as exc:
+            raise RegistryError(f"cannot write {path}: {exc.strerror or exc}") from None
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(doc, f, indent=2)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def _change(self, change):
+        doc = self.read()
+        before = json.dumps(doc, sort_keys=True)
+        result = change(doc["servers"])
+        for name, records in list(doc["servers"].items()):
+            for url in [u for u, rec in records.items() if not rec]:
+                del records[url]
+            if not records:
+                del doc["servers"][name]
+        if json.dumps(doc, sort_keys=True) != before:
+            self._write(doc)
+        return result
+
+    def change(self, change):
+        """Apply change(servers) under the lock, from outside the event loop (the CLI)."""
+        with RegistryLock(self.path):
+            return self._change(change)
+
+    def hold(self):
+        """The file lock, for this task, across awaits (`async with store.hold():`)."""
+        return _TokensHeld(self)
+
+    async def update(self, name, url, fields):
+        """Set fields of one server's record (a value None removes the field)."""
+        def change(servers):
+            record = servers.setdefault(name, {}).setdefault(url, {})
+            for key, value in fields.items():
+                if value is None:
+                    record.pop(key, None)
+                else:
+                    record[key] = value
+
+        async with self.hold():
+            self._change(change)
+
+
+class _TokensHeld:
+    """MCPTokenStore.hold(). The flock is taken in a thread: another process may hold it through
+    a refresh's round trip, and the loop serves meanwhile. A task that holds it already (its
+    refresh saves what it got) does not take it again."""
+
+    def __init__(self, store):
+        self.store, self.lock, self.nested = store, None, False
+
+    async def __aenter__(self):
+        import asyncio
+        store = self.store
+        if store._holder is not None and store._holder is asyncio.current_task():
+            self.nested = True
+            return self
+        if store._mutex is None:
+            store._mutex = asyncio.Lock()
+        await store._mutex.acquire()
+        try:
+            lock = RegistryLock(store.path)
+            taking = asyncio.get_running_loop().run_in_executor(None, lock.__enter__)
+            try:
+                await asyncio.shield(taking)
+            except asyncio.CancelledError:
+                def let_go(done):
+                    # The thread still takes the lock: it is let go once it has.
+                    done.cancelled() or done.exception()
+                    lock.__exit__(None, None, None)
+                taking.add_done_callback(let_go)
+                raise
+        except BaseException:
+            store._mutex.release()
+            raise
+        self.lock, store._holder = lock, asyncio.current_task()
+        return self
+
+    async def __aexit__(self, *exc):
+        if not self.nested:
+            self.store._holder = None
+            self.lock.__exit__(None, None, None)
+            self.store._mutex.release()
+        return False
+
+
+# What a token's record keeps of discovery (see _TokenFile.found)
+MCP_DISCOVERED = ("issuer", "metadata", "resource_metadata", "auth_server")
+
+
+class _TokenFile:
+    """The SDK's TokenStorage for one server: its record in an MCPTokenStore. A pre-registered
+    client (--client-id) is given, never stored: its secret is read from the environment."""
+
+    def __init__(self, store, name, url, client=None):
+        self.store, self.name, self.url, self.client = store, name, url, client
+        self.seen = None  # the file's stamp when this record was last read or written
+        self.expires_at = None  # time.time() at which the tokens last read or written expire
+        # What discovery found when they were granted: the authorization server's issuer and
+        # metadata, the protected resource's metadata, and which server it named.
+        self.found = dict.fromkeys(MCP_DISCOVERED)
+        self.saved = None  # called after tokens are saved (the provider sets its clock)
+
+    def changed(self):
+        return self.store.stamp() != self.seen
+
+    def _load(self):
+        self.seen = self.store.stamp()
+        record = self.store.record(self.name, self.url)
+        self.expires_at = record.get("expires_at")
+        self.found = {key: record.get(key) for key in MCP_DISCOVERED}
+        return record
+
+    async def get_tokens(self):
+        from mcp.shared.auth import OAuthToken
+        tokens = self._load().get("tokens")
+        return OAuthToken.model_validate(tokens) if tokens else None
+
+    async def set_tokens(self, tokens):
+        self.expires_at = time.time() + tokens.expires_in if tokens.expires_in else None
+        await self.store.update(self.name, self.url, dict(
+            self.found, tokens=tokens.model_dump(mode="json", exclude_none=True),
+            expires_at=self.expires_at))
+        self.seen = self.store.stamp()
+        if self.saved is not None:
+            self.saved()
+
+    async def forget_tokens(self):
+        await self.store.update(self.name, self.url, {"tokens": None, "expires_at": None})
+        self.seen = self.store.stamp()
+
+    async def get_client_info(self):
+        from mcp.shared.auth import OAuthClientInformationFull
+        if self.client is not None:
+            return self.client
+        client = self.store.record(self.name, self.url).get("client")
+        return OAuthClientInformationFull.model_validate(client) if client else None
+
+    async def set_client_info(self, client_info):
+        if self.client is None:
+            await self.store.update(self.name, self.url, {
+                "client": client_info.model_dump(mode="json", exclude_none=True)})
+            self.seen = self.store.stamp()
+
+
+def _key_algorithm(name, pem):
+    """The JWS algorithm a PEM private key signs with (RFC 7518 §3.1)."""
+    try:
+        from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    except ImportError:
+        raise MCPError(name, "signing with a client key needs the cryptography package: pip "
+                       "install cryptography") from None
+    try:
+        key = load_pem_private_key(pem.encode(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise MCPError(name, f"the client key is no unencrypted PEM private key ({exc})") from None
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name in (
+            "secp256r1", "secp384r1", "secp521r1"):
+        return {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}[key.curve.name]
+    if isinstance(key, rsa.RSAPrivateKey):
+        return "RS256"
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return "EdDSA"
+    raise MCPError(name, "the client key is of a kind no JWS algorithm signs with here "
+                   "(use EC P-256/384/521, RSA or Ed25519)")
+
+
+def mcp_oauth_provider(c, url, oauth, store, login, secret=None, key=None):
+    """An httpx2 auth for server `c` (an _MCPConn): the SDK's provider for its settings, with
+    what llmhost adds (see the comment above MCPTokenStore). `login` is the browser step
+    (LoopbackLogin in the CLI), None where nobody can log in; `secret` and `key` are the client
+    secret and the PEM private key, read from the environment and the key file by the hub."""
+    import warnings
+    from urllib.parse import urlsplit
+
+    from mcp.client.auth import OAuthClientProvider
+    from mcp.client.auth.extensions.client_credentials import (
+        ClientCredentialsOAuthProvider, PrivateKeyJWTOAuthProvider, SignedJWTParameters)
+    from mcp.client.auth.utils import extract_field_from_www_auth, union_scopes
+    from mcp.shared.auth import (OAuthClientInformationFull, OAuthClientMetadata, OAuthMetadata,
+                                 ProtectedResourceMetadata)
+    from mcp.shared.exceptions import MCPDeprecationWarning
+    from mcp.shared.inbound import MCP_PROTOCOL_VERSION_HEADER
+    from pydantic import AnyUrl
+
+    def challenge(response):
+        """What a response asks of the client's credentials: "login", "scope" or None."""
+        if response.status_code == 401:
+            return "login"
+        if response.status_code == 403 and \
+                extract_field_from_www_auth(response, "error") == "insufficient_scope":
+            return "scope"
+        return None
+
+    class Shared:
+        """Mixed into the SDK's provider; see mcp_oauth_provider."""
+
+        def _join(self, tokens, fixed_client, scope, port, cimd=None):
+            self._tokens, self._fixed_client = tokens, fixed_client
+            self._scope, self._port, self._cimd = scope, port, cimd
+            tokens.saved = self._clock
+
+        def _clock(self):
+            """The SDK's clock for the tokens of the file: their expiry, early (at most half
+            their life), as the file says it; the SDK would take the whole life from now."""
+            tokens, expires_at = self.context.current_tokens, self._tokens.expires_at
+            if tokens is None or expires_at is None:
+                self.context.token_expiry_time = None
+                return
+            self.context.token_expiry_time = expires_at - min(
+                MCP_TOKEN_EARLY, (tokens.expires_in or 0) / 2)
+
+        async def _initialize(self):
+            await super()._initialize()
+            self._rediscover()
+            self._clock()
+
+        def _rediscover(self):
+            """What discovery found when the tokens were granted, where this process has not
+            run it (the SDK discovers on a 401 only, and would refresh at the MCP server's
+            origin)."""
+            found, ctx = self._tokens.found, self.context
+            if ctx.oauth_metadata is None and found.get("metadata"):
+                ctx.oauth_metadata = OAuthMetadata.model_validate(found["metadata"])
+            if ctx.protected_resource_metadata is None and found.get("resource_metadata"):
+                ctx.protected_resource_metadata = ProtectedResourceMetadata.model_validate(
+                    found["resource_metadata"])
+            if ctx.auth_server_url is None and found.get("auth_server"):
+                ctx.auth_server_url = found["auth_server"]
+
+        async def _adopt(self, force=False):
+            """Take what another process saved since this one read the file: a worker's
+            refresh, a `mcp login` while serve runs."""
+            if force or self._tokens.changed():
+                self.context.current_tokens = await self._tokens.get_tokens()
+                if not self._fixed_client:
+                    self.context.client_info = await self._tokens.get_client_info()
+                self._rediscover()
+                self._clock()
+
+        def _bearer(self, request):
+            if self.context.is_token_valid():
+                self._add_auth_header(request)
+            return request.headers.get("Authorization")
+
+        def _fit_auth_method(self):
+            """A pre-registered secret goes the way the server takes it: client_secret_basic
+            unless it lists only client_secret_post (RFC 8414 §2's default is basic)."""
+            client, meta = self.context.client_info, self.context.oauth_metadata
+            if client is None or client.token_endpoint_auth_method == "private_key_jwt" or \
+                    client.client_id == self._cimd or not (self._fixed_client or client is
+                                                            self._tokens.client):
+                return
+            methods = (meta.token_endpoint_auth_methods_supported if meta else None) or \
+                ["client_secret_basic"]
+            client.token_endpoint_auth_method = "none" if not client.client_secret else \
+                "client_secret_post" if "client_secret_basic" not in methods and \
+                "client_secret_post" in methods else "client_secret_basic"
+
+        async def _refresh_token(self):
+            self._fit_auth_method()
+            return await super()._refresh_token()
+
+        async def _perform_authorization(self):
+            if self._scope:  # the scopes the entry asks for, beside those the server names
+                self.context.client_metadata.scope = union_scopes(
+                    self.context.client_metadata.scope, self._scope)
+            self._fit_auth_method()
+            return await super()._perform_authorization()
+
+        async def _handle_token_response(self, response):
+            ctx = self.context
+            self._tokens.found = {
+                "issuer": str(ctx.oauth_metadata.issuer) if ctx.oauth_metadata else None,
+                "metadata": ctx.oauth_metadata and ctx.oauth_metadata.model_dump(
+                    mode="json", exclude_none=True),
+                "resource_metadata": ctx.protected_resource_metadata and
+                ctx.protected_resource_metadata.model_dump(mode="json", exclude_none=True),
+                "auth_server": ctx.auth_server_url}
+            await super()._handle_token_response(response)
+
+        async def _prepare_login(self):
+            """The redirect URI of this login, on a port the browser can reach now."""
+            client = self.context.client_info
+            port, required = self._port, self._port is not None
+            if port is None and client is not None and client.redirect_uris and \
+                    not self._fixed_client and client is not self._tokens.client:
+                port = urlsplit(str(client.redirect_uris[0])).port
+            uri = await login.redirect_uri(port or 0, required, c.name)
+            self.context.client_metadata.redirect_uris = [AnyUrl(uri)]
+            if client is not None and client.client_id != self._cimd and \
+                    client is not self._tokens.client and not self._fixed_client and \
+                    [str(u) for u in client.redirect_uris or ()] != [uri]:
+                # Registered for a redirect URI this login cannot use: register anew.
+                self.context.client_info = None
+            c.login_until = time.monotonic() + MCP_LOGIN_TIMEOUT
+
+        async def _auth_flow(self, request):
+            async with self.context.lock:
+                if not self._initialized:
+                    await self._initialize()
+                else:
+                    await self._adopt()
+            version = request.headers.get(MCP_PROTOCOL_VERSION_HEADER)
+            if version:  # (the SDK notes it in its own flow; a refresh made here needs it too)
+                self.context.protocol_version = version
+            response = sent = None
+            # A good token (or none to refresh): the request goes at once, without the
+            # provider's lock, which the SDK's flow holds until an answer's head arrives.
+            if self.context.is_token_valid() or not self.context.can_refresh_token():
+                sent = self._bearer(request)
+                response = yield request
+                if challenge(response) is None:
+                    c.login_needed = None
+                    return
+            # Refresh when the token expired by our clock, or the server refused it before.
+            if response is None or challenge(response) == "login" and \
+                    self.context.can_refresh_token():
+                async with self.context.lock:
+                    async with self._tokens.store.hold():
+                        await self._adopt(force=True)
+                        held = self.context.current_tokens
+                        spent = not self.context.is_token_valid() or held is not None and \
+                            sent == f"Bearer {held.access_token}"
+                        if spent and self.context.can_refresh_token():
+                            answer = yield await self._refresh_token()
+                            if not await self._handle_refresh_response(answer) and \
+                                    answer.status_code in (400, 401):
+                                await self._tokens.forget_tokens()  # (invalid_grant: gone)
+                sent = self._bearer(request)
+                response = yield request
+                if challenge(response) is None:
+                    c.login_needed = None
+                    return
+            if login is None and not self._machine:
+                # Nobody here can log in: the refusal goes on to the transport as it is, and
+                # the hub's message names the command that logs in.
+                c.login_needed = challenge(response)
+                return
+            if login is not None and not self._machine:
+                await self._prepare_login()
+            # The SDK's flow (discovery, registration, the browser step, step-up), given the
+            # answer this request already has rather than sending it again.
+            flow = super()._auth_flow(request)
+            try:
+                outgoing = await flow.__anext__()
+                while True:
+                    if outgoing is request and response is not None and \
+                            request.headers.get("Authorization") == sent:
+                        incoming, response = response, None
+                    else:
+                        incoming = yield outgoing
+                    if outgoing is request and challenge(incoming) is None:
+                        c.login_needed = None
+                    outgoing = await flow.asend(incoming)
+            except StopAsyncIteration:
+                return
+            except Exception as exc:
+                if self.context.protected_resource_metadata is None and \
+                        self.context.oauth_metadata is None:
+                    # Nothing says how to log in (nor did the 2025-03-26 default endpoints).
+                    raise RuntimeError(
+                        f"HTTP {c.http_status or 401}: the server wants credentials, e.g. "
+                        "--header 'Authorization: Bearer TOKEN' (no OAuth login was found: "
+                        f"{_describe_exc(exc)})") from None
+                raise
+            finally:
+                c.login_until = 0.0
+                await flow.aclose()
+
+    def build(base, *args, **kwargs):
+        provider = type(f"LLMHost{base.__name__}", (Shared, base), {"_machine": base is not
+                                                                    OAuthClientProvider})
+        with warnings.catch_warnings():
+            # Without an issuer the SDK warns that the MCP server picks the authorization
+            # server; the tokens file pins the one that first granted a token.
+            warnings.simplefilter("ignore", MCPDeprecationWarning)
+            return provider(*args, **kwargs)
+
+    scope = oauth.get("scope")
+    issuer = store.record(c.name, url).get("issuer")
+    if oauth.get("client_credentials") and key is not None:
+        algorithm = _key_algorithm(c.name, key)
+        tokens = _TokenFile(store, c.name, url)
+        # The assertion names the client as its issuer and subject (RFC 7523 §3).
+        sign = SignedJWTParameters(issuer=oauth["client_id"], subject=oauth["client_id"],
+                                   signing_key=key, signing_algorithm=algorithm)
+        auth = build(PrivateKeyJWTOAuthProvider, url, tokens, oauth["client_id"],
+                     sign.create_assertion_provider(), scope=scope, issuer=issuer)
+        auth._join(tokens, True, scope, oauth.get("callback_port"))
+        return auth
+    if oauth.get("client_credentials"):
+        tokens = _TokenFile(store, c.name, url)
+        auth = build(ClientCredentialsOAuthProvider, url, tokens, oauth["client_id"], secret,
+                     scope=scope, issuer=issuer)
+        auth._join(tokens, True, scope, oauth.get("callback_port"))
+        return auth
+    fixed = None
+    if oauth.get("client_id"):
+        fixed = OAuthClientInformationFull(
+            client_id=oauth["client_id"], client_secret=secret, issuer=issuer,
+            redirect_uris=[AnyUrl("http://127.0.0.1/callback")],
+            token_endpoint_auth_method="client_secret_basic" if secret else "none")
+    tokens = _TokenFile(store, c.name, url, fixed)
+    auth = build(OAuthClientProvider, url, OAuthClientMetadata(
+        client_name="llmhost", redirect_uris=[AnyUrl("http://127.0.0.1/callback")],
+        grant_types=["authorization_code", "refresh_token"], response_types=["code"]),
+        tokens, login.open if login else None, login.callback if login else None,
+        client_metadata_url=oauth.get("client_metadata_url"))
+    auth._join(tokens, False, scope, oauth.get("callback_port"), oauth.get("client_metadata_url"))
+    return auth
+
+
+def _results_complete_by_default(transport):
+    """SEP-2322: a result without `resultType` is complete. The 2.3.0 SDK checks 2026-07-28
+    results against a schema that requires it, so each result that lacks it gets it here, on
+    the transport's read stream (results of earlier revisions pass their check with it too)."""
+
+    class Reader:
+        def __init__(self, stream):
+            self._stream = stream
+
+        def __getattr__(self, name):  # (last_context, which the dispatcher reads after each)
+            return getattr(self._stream, name)
+
+        @staticmethod
+        def _tag(item):
+            result = getattr(getattr(item, "message", None), "result", None)
+            if isinstance(result, dict) and "resultType" not in result:
+                result["resultType"] = "complete"
+            return item
+
+        async def receive(self):
+            return self._tag(await self._stream.receive())
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            return self._tag(await self._stream.__anext__())
+
+        async def aclose(self):
+            await self._stream.aclose()
+
+        async def __aenter__(self):
+            await self._stream.__aenter__()
+            return self
+
+        async def __aexit__(self, *exc):
+            return await self._stream.__aexit__(*exc)
+
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def tagged():
+        async with transport as (read, write):
+            yield Reader(read), write
+
+    return tagged()
+
+
 # ---- the hub --------------------------------------------------------------------------------
 
-def _streamable_http(url, headers, c):
-    """The v2 streamable HTTP transport has no headers=; it takes an httpx2 client we must close.
-    A 401 or 403 it gets is kept in `c.http_status` until a success: the SDK's error leaves it out."""
+def _streamable_http(url, headers, c, auth=None):
+    """The v2 streamable HTTP transport has no headers=; it takes an httpx2 client we must close
+    (with `auth`, the OAuth provider, if any). A 401 or 403 it gets is kept in `c.http_status`
+    until a success: the SDK's error leaves it out."""
     import contextlib
 
     async def note(response):  # (only what says "credentials": calls run concurrently, so
@@ -3333,7 +3925,7 @@ def _streamable_http(url, headers, c):
         from mcp.client.streamable_http import streamable_http_client
         # the SDK's defaults (create_mcp_http_client): 30 s to connect, 300 s between reads
         async with httpx2.AsyncClient(headers=headers, event_hooks={"response": [note]},
-                                      timeout=httpx2.Timeout(30.0, read=300.0)) as http:
+                                      timeout=httpx2.Timeout(30.0, read=300.0), auth=auth) as http:
             async with streamable_http_client(url, http_client=http) as streams:
                 yield streams
 
@@ -3413,6 +4005,9 @@ class _MCPConn(Stateful):
         self.tools = None  # cached list[mcp Tool]; None = not listed yet or invalidated
         self.tools_until = 0.0  # when it goes stale (a 2026 server's ttlMs; legacy: never)
         self.http_status = None  # 401 or 403, when streamable HTTP's last answer was one
+        self.login_needed = None  # "login" or "scope": its OAuth server wants what serve cannot do
+        self.login_until = 0.0  # while a person logs in (browser), waits for it last until then
+        self.login_command = None  # what logs in to it (said where a login is needed)
         self.failures, self.retry_at = 0, 0.0
         self.from_request = False  # named by a request's server_url: literal, never ${VAR}
         self.users = 0  # requests using it now (from_request only): it is not replaced meanwhile
@@ -3428,6 +4023,9 @@ class _MCPConn(Stateful):
         """_describe_exc, with the HTTP status the SDK leaves out of "Server returned an error
         response" (a 401 says more than that: the server wants a token)."""
         msg = _describe_exc(exc)
+        if self.login_needed and "Server returned an error response" in msg:
+            needs = "a login" if self.login_needed == "login" else "a login with more scopes"
+            return f"needs {needs} (HTTP {self.http_status or 401}); run: {self.login_command}"
         if self.http_status and "Server returned an error response" in msg:
             msg += (f" (HTTP {self.http_status}: the server wants credentials, e.g. --header "
                     "'Authorization: Bearer TOKEN')")
@@ -3450,10 +4048,14 @@ class MCPHub:
     first use; see the banner for the contract."""
 
     def __init__(self, specs, *, environ, sampler=None, roots=(), call_timeout=MCP_CALL_TIMEOUT,
-                 connect_timeout=MCP_CONNECT_TIMEOUT):
+                 connect_timeout=MCP_CONNECT_TIMEOUT, tokens=None, login=None):
         self._conns = {name: _MCPConn(name, dict(spec)) for name, spec in specs.items()}
         self._environ, self._sampler, self._roots = environ, sampler, [os.path.abspath(r) for r in roots]
         self._call_timeout, self._connect_timeout = call_timeout, connect_timeout
+        # OAuth: the token file (None: HTTP servers get no OAuth), and the browser step where a
+        # person can take it (the CLI's LoopbackLogin; serve has none).
+        self._tokens = MCPTokenStore(tokens) if tokens else None
+        self._login = login
         self._closing = False
         self._adding = None  # asyncio.Lock: one add_from_request at a time (it awaits _retire)
         self._draining = {}  # retired servers finishing their calls -> the task that stops them
@@ -3561,18 +4163,44 @@ class MCPHub:
         try:
             if c.transport == "stdio":
                 from mcp import StdioServerParameters
+                from mcp.client.stdio import stdio_client
                 env = {k: expand_env(v, environ) for k, v in (spec.get("env") or {}).items()}
                 args = [expand_env(a, environ) for a in spec.get("args") or []]
-                return StdioServerParameters(command=spec["command"], args=args, env=env or None,
-                                             cwd=spec.get("cwd") or None)
+                return _results_complete_by_default(stdio_client(StdioServerParameters(
+                    command=spec["command"], args=args, env=env or None,
+                    cwd=spec.get("cwd") or None)))
             headers = {k: v if c.from_request else expand_env(v, environ)
                        for k, v in (spec.get("headers") or {}).items()}
+            auth = self._oauth(c, headers, environ)
         except KeyError as e:
             raise MCPError(c.name, f"environment variable {e.args[0]} is not set") from None
         if c.transport == "sse":
             from mcp.client.sse import sse_client
-            return sse_client(spec["url"], headers=headers or None)
-        return _streamable_http(spec["url"], headers, c)
+            return _results_complete_by_default(sse_client(spec["url"], headers=headers or None,
+                                                           auth=auth))
+        return _results_complete_by_default(_streamable_http(spec["url"], headers, c, auth))
+
+    def _oauth(self, c, headers, environ):
+        """The OAuth provider of an HTTP server, or None: for one a request named (its client
+        sends its own headers), one given an Authorization header (static credentials), or a
+        hub without a token file. KeyError(VAR) for a client secret's variable not set."""
+        if c.from_request or self._tokens is None or \
+                any(k.lower() == "authorization" for k in headers):
+            return None
+        import shlex
+        oauth = c.spec.get("oauth") or {}
+        registry = self._tokens.path[:-len(".tokens")]
+        c.login_command = f"python3 llmhost.py --registry {shlex.quote(registry)} mcp login {c.name}"
+        secret = environ[oauth["client_secret_env"]] if "client_secret_env" in oauth else None
+        key = None
+        if "client_key" in oauth:
+            try:
+                with open(os.path.expanduser(oauth["client_key"]), encoding="utf-8") as f:
+                    key = f.read()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise MCPError(c.name, f"cannot read the client key {oauth['client_key']}: "
+                               f"{getattr(exc, 'strerror', None) or exc}") from None
+        return mcp_oauth_provider(c, c.spec["url"], oauth, self._tokens, self._login, secret, key)
 
     def _callbacks(self, c):
         import mcp_types as T
@@ -3743,7 +4371,7 @@ class MCPHub:
             t0 = c.connecting_since = time.monotonic()
             c.owner = asyncio.create_task(self._owner(c, ready), name=f"mcp-owner-{server}")
             try:
-                client = await asyncio.wait_for(asyncio.shield(ready), self._connect_timeout)
+                client = await self._patient(c, asyncio.shield(ready), self._connect_timeout)
             except BaseException as e:
                 if not ready.done():
                     ready.cancel()  # nobody will read what the owner would have put there
@@ -3765,6 +4393,26 @@ class MCPHub:
             mcp_log().info("MCP %s: connected (%s, %s) in %.0f ms", server, c.transport, c.era,
                          (time.monotonic() - t0) * 1000)
             return client
+
+    @staticmethod
+    async def _patient(c, awaitable, timeout):
+        """asyncio.wait_for(awaitable, timeout), but waiting on while a person logs in for `c`:
+        the browser step of an OAuth login happens inside the connect or call it interrupts."""
+        import asyncio
+        task = asyncio.ensure_future(awaitable)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - time.monotonic()))
+                if done:
+                    return task.result()
+                if c.login_until <= deadline:
+                    raise asyncio.TimeoutError
+                deadline = c.login_until
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     def _lost(self, c, exc):
         """Whether `exc` from a request means the session is gone (so the next use restarts).
@@ -3789,8 +4437,8 @@ class MCPHub:
         client = await self._ensure(server)
         items, cursor = [], None
         for _ in range(MCP_LIST_PAGES_MAX):
-            page = await asyncio.wait_for(getattr(client, method)(cursor=cursor),
-                                          self._connect_timeout)
+            page = await self._patient(self._conn(server), getattr(client, method)(cursor=cursor),
+                                       self._connect_timeout)
             items += getattr(page, attr)
             if pages is not None:
                 pages.append(page)
@@ -3973,7 +4621,7 @@ class MCPHub:
 
         try:
             try:
-                r = await asyncio.wait_for(client.call_tool(
+                r = await self._patient(c, client.call_tool(
                     tool, arguments or {}, read_timeout_seconds=timeout,
                     progress_callback=progress), timeout)
             except Exception as e:
@@ -3982,7 +4630,7 @@ class MCPHub:
                 if c.client is client:  # (another call may have renewed it already)
                     self._lost(c, e)  # the server forgot our session (it restarted): the call
                 client = await self._ensure(server)  # was refused, not run: once more, anew
-                r = await asyncio.wait_for(client.call_tool(
+                r = await self._patient(c, client.call_tool(
                     tool, arguments or {}, read_timeout_seconds=timeout,
                     progress_callback=progress), timeout)
         except (asyncio.TimeoutError, TimeoutError):
@@ -4026,11 +4674,37 @@ class MCPHub:
         caps = (await self._ensure(server)).server_capabilities
         return [_dump(p) for p in await self._walk(server, "list_prompts", "prompts")] if caps.prompts else []
 
+    async def read(self, server, uri):
+        """resources/read: the ReadResourceResult as MCP JSON."""
+        return await self._ask(server, f"reading {uri}", lambda client: client.read_resource(uri))
+
+    async def prompt(self, server, name, arguments):
+        """prompts/get: the GetPromptResult as MCP JSON."""
+        return await self._ask(server, f"getting prompt {name!r}",
+                               lambda client: client.get_prompt(name, arguments or None))
+
+    async def _ask(self, server, what, request):
+        """One request of the CLI's (read, prompt), within the call timeout; raises MCPError."""
+        import asyncio
+        c = self._conn(server)
+        client = await self._ensure(server)
+        try:
+            return _dump(await self._patient(c, request(client), self._call_timeout))
+        except (asyncio.TimeoutError, TimeoutError):
+            raise MCPError(server, f"{what} timed out after {self._call_timeout:g} s") from None
+        except MCPError:
+            raise
+        except Exception as e:
+            self._lost(c, e)
+            raise MCPError(server, f"{what} failed: {c.why(e)}") from None
+
     def status(self):
-        """One dict per server for GET /v1/mcp/servers and `mcp list`."""
+        """One dict per server for GET /v1/mcp/servers and `mcp list`. `login` names the
+        command that logs in to a server whose OAuth needs a person (never a token)."""
         return [{"name": c.name, "transport": c.transport, "state": c.state, "era": c.era,
                  "server": _dump(c.server_info) if c.server_info else None,
-                 "tools": None if c.tools is None else len(c.tools), "last_error": c.last_error}
+                 "tools": None if c.tools is None else len(c.tools), "last_error": c.last_error,
+                 "login": c.login_command if c.login_needed else None}
                 for c in self._conns.values()]
 
 
@@ -4041,12 +4715,14 @@ async def no_model_to_sample(server, request):
                        "model of the chat request answers it")
 
 
-async def with_mcp_server(name, entry, environ, action):
-    """Connect to one server (registered or not yet), run `action(hub)`, shut it down."""
+async def with_mcp_server(name, entry, environ, action, tokens=None, login=None):
+    """Connect to one server (registered or not yet), run `action(hub)`, shut it down. `tokens`
+    and `login`: the token file and the browser step (see MCPHub)."""
     errors = validate_mcp_entry(name, entry)
     if errors:
         raise MCPError(name, "; ".join(errors))
-    hub = MCPHub({name: entry}, environ=environ, sampler=no_model_to_sample)
+    hub = MCPHub({name: entry}, environ=environ, sampler=no_model_to_sample, tokens=tokens,
+                 login=login)
     try:
         return await action(hub)
     finally:
@@ -6192,11 +6868,13 @@ class Application:
     def __init__(self, router, client, admission, *, api_keys=(), access_log=None,
                  allowed_hosts=None, cors_origins=(), mcp_environ=None, mcp_roots=(),
                  mcp_max_rounds=MCP_MAX_ROUNDS, mcp_allow_urls=(), processes=None,
-                 metrics_public=False, key_labels=None):
+                 metrics_public=False, key_labels=None, mcp_tokens=None):
         self.router = router
         self.processes = processes  # ProcessManager for entries llmhost starts itself
         # MCP servers connect on first use; until then this costs nothing (no `mcp` import).
-        self.mcp = MCPHub({}, environ=mcp_environ or {}, sampler=self.sample, roots=mcp_roots)
+        # Their OAuth tokens are in the file mcp_tokens (serve refreshes them, never logs in).
+        self.mcp = MCPHub({}, environ=mcp_environ or {}, sampler=self.sample, roots=mcp_roots,
+                          tokens=mcp_tokens)
         self.mcp_max_rounds = mcp_max_rounds
         self.mcp_allow_urls = tuple(mcp_allow_urls)
         self.mcp_callers = {}  # MCP server -> {model: its requests' calls running} (sampling)
@@ -8171,7 +8849,8 @@ class Gateway:
                                cors_origins=cors_origins, mcp_environ=self.environ,
                                mcp_roots=mcp_roots, mcp_max_rounds=mcp_max_rounds,
                                mcp_allow_urls=mcp_allow_urls, processes=self.processes,
-                               metrics_public=metrics_public, key_labels=key_labels)
+                               metrics_public=metrics_public, key_labels=key_labels,
+                               mcp_tokens=tokens_path(registry))
         # Stored responses (/v1/responses) live beside the registry, as its other state does.
         self.responses = ResponsesAPI(self.app, ResponseStore(
             os.path.abspath(registry) + ".responses.sqlite") if store_responses else None)
@@ -10104,18 +10783,31 @@ def parse_pairs(items, sep, what):
     return out
 
 
+# --flag -> the key of an entry's `oauth` object it sets
+MCP_OAUTH_FLAGS = {"--client-id": "client_id", "--client-secret-env": "client_secret_env",
+                   "--client-metadata-url": "client_metadata_url", "--scope": "scope",
+                   "--client-credentials": "client_credentials", "--client-key": "client_key",
+                   "--callback-port": "callback_port"}
+
+
 def mcp_entry_from_args(args):
     """The mcpServers entry `mcp add` (or an ad-hoc --url / -- COMMAND) describes."""
     if args.url and args.cmd:
         raise CLIError("give either --url URL or -- COMMAND ARGS, not both")
+    oauth = {key: getattr(args, key, None) for key in MCP_OAUTH_FLAGS.values()
+             if getattr(args, key, None) not in (None, False)}
     misplaced = [flag for flag, given in (
         ("--header", getattr(args, "header", None) and args.cmd),
         ("--transport", getattr(args, "transport", None) and args.cmd),
         ("--env", getattr(args, "env", None) and args.url),
         ("--cwd", getattr(args, "cwd", None) and args.url)) if given]
+    misplaced += [flag for flag, key in MCP_OAUTH_FLAGS.items() if key in oauth and args.cmd]
     if misplaced:
         raise CLIError(f"{', '.join(misplaced)}: "
                        f"{'only with --url' if args.cmd else 'only for a -- COMMAND (stdio)'}")
+    if oauth and not args.url:
+        raise CLIError(f"{', '.join(f for f, k in MCP_OAUTH_FLAGS.items() if k in oauth)}: only "
+                       "with --url (a registered server's OAuth settings are in its entry)")
     if args.url:
         entry = {"url": args.url}
         headers = parse_pairs(getattr(args, "header", None), ":", "--header")
@@ -10123,6 +10815,10 @@ def mcp_entry_from_args(args):
             entry["headers"] = headers
         if getattr(args, "transport", None) == "sse":
             entry["type"] = "sse"
+        if "client_key" in oauth:  # (serve may start in another folder)
+            oauth["client_key"] = os.path.abspath(os.path.expanduser(oauth["client_key"]))
+        if oauth:
+            entry["oauth"] = oauth
     elif args.cmd:
         entry = {"command": args.cmd[0], "args": args.cmd[1:]}
         env = parse_pairs(getattr(args, "env", None), "=", "--env")
@@ -10154,6 +10850,186 @@ def mcp_target(args, environ, words):
     return words[0], entry, words[1:]
 
 
+class LoopbackLogin:
+    """The browser step of an OAuth login, on a console: a listener on a loopback port for the
+    redirect (RFC 8252 §7.3), the authorization URL opened with `opener` (the standard library's
+    webbrowser.open, which honours $BROWSER) and printed on `out`, so that on a machine without
+    a browser it can be opened elsewhere and the address the browser ends at pasted back on
+    `paste` (the file descriptor of a terminal, read by the event loop, never by a thread that
+    would hold stdin's lock at exit; None: not asked for). The SDK's provider calls open() and
+    callback();
+    redirect_uri() comes first, before the URI is registered or sent."""
+
+    PHRASES = {200: "OK", 400: "Bad Request", 404: "Not Found", 409: "Conflict",
+               431: "Request Header Fields Too Large"}
+
+    def __init__(self, opener, out, paste=None, timeout=MCP_LOGIN_TIMEOUT):
+        self.opener, self.out, self.paste, self.timeout = opener, out, paste, timeout
+        self.listener = self.port = self.uri = self.server = None
+        self.state = self.result = self.loop = None
+        self.pasted = None  # bytes of a line being pasted; None: the loop does not read paste
+
+    async def redirect_uri(self, port, required, server):
+        """Listen on 127.0.0.1:`port` (any free port for 0, or when `port` is taken and not
+        `required`) -> the redirect URI."""
+        import asyncio
+        import socket
+        self.server = server
+        if self.listener is not None and port in (0, self.port):
+            return self.uri
+        await self.close()
+        sock = socket.socket()
+        # (the port of an earlier login may have connections in TIME_WAIT still)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError as exc:
+                if required or not port:
+                    raise RuntimeError(f"cannot listen on 127.0.0.1:{port} for the browser's "
+                                       f"redirect: {exc.strerror}") from None
+                sock.bind(("127.0.0.1", 0))
+            sock.listen(8)
+            self.listener = await asyncio.start_server(self._serve, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        self.port = sock.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}/callback"
+        return self.uri
+
+    async def open(self, url):
+        """Open the authorization URL (in a thread: a $BROWSER command is waited for) and say
+        it; the redirect is awaited by callback()."""
+        import asyncio
+        import threading
+        from urllib.parse import parse_qs, urlsplit
+        self.loop = asyncio.get_running_loop()
+        self.state = (parse_qs(urlsplit(url).query).get("state") or [None])[0]
+        self.result = self.loop.create_future()
+        print(f"llmhost: MCP server {self.server!r} wants a login. Opening a browser at:\n  {url}\n"
+              f"Waiting up to {self.timeout:g} s for it to come back to {self.uri}." +
+              ("\nWithout a browser here: open the address anywhere, log in, and paste here "
+               "the address the browser ends at." if self.paste is not None else ""),
+              file=self.out, flush=True)
+        threading.Thread(target=self._open, args=(url,), daemon=True).start()
+        if self.paste is not None and self.pasted is None:
+            try:
+                self.loop.add_reader(self.paste, self._read_pasted)
+                self.pasted = b""
+            except (NotImplementedError, ValueError, OSError):  # (no selector loop: Windows)
+                pass
+
+    def _open(self, url):
+        try:
+            self.opener(url)
+        except Exception:  # (the address is printed: the user opens it)
+            pass
+
+    async def callback(self):
+        """The code, state and iss the browser came back with."""
+        import asyncio
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.result), self.timeout)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"no login within {self.timeout:g} s") from None
+        finally:
+            await self.close()
+
+    async def close(self):
+        if self.pasted is not None:
+            self.loop.remove_reader(self.paste)
+            self.pasted = None
+        if self.listener is not None:
+            # (not wait_closed(): it would wait for a browser's idle extra connection too)
+            self.listener.close()
+            self.listener = None
+
+    def _take(self, query):
+        """The query of an address the browser came back to -> (status, what it is shown)."""
+        from urllib.parse import parse_qs
+
+        from mcp.shared.auth import AuthorizationCodeResult
+        params = {k: v[0] for k, v in parse_qs(query).items()}
+        if self.result is None or self.result.done():
+            return 409, "llmhost is not waiting for a login."
+        if self.state is not None and params.get("state") != self.state:
+            return 400, "This is not the address of the login llmhost is waiting for."
+        if "error" in params:
+            reason = re.sub(r"[^ -~]", "?", " ".join(
+                filter(None, (params["error"], params.get("error_description")))))[:300]
+            self.result.set_exception(RuntimeError(f"the login was refused ({reason})"))
+            return 200, "The login was refused; llmhost says more in the terminal."
+        if not params.get("code"):
+            return 400, "The address has no authorization code."
+        self.result.set_result(AuthorizationCodeResult(
+            code=params["code"], state=params.get("state"), iss=params.get("iss")))
+        return 200, "Logged in. This tab can be closed."
+
+    async def _serve(self, reader, writer):
+        import asyncio
+        import html
+        status, text = 400, "Bad request."
+        try:
+            line = await asyncio.wait_for(reader.readline(), HEADER_TIMEOUT)
+            for _ in range(MCP_CALLBACK_HEAD_LINES):
+                if not (await asyncio.wait_for(reader.readline(), HEADER_TIMEOUT)).strip():
+                    break
+            else:
+                line, status, text = b"", 431, "Too many header lines."
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == b"GET":
+                path, _, query = parts[1].decode("latin-1").partition("?")
+                status, text = self._take(query) if path == "/callback" else (404, "Not found.")
+        except (asyncio.TimeoutError, ValueError, OSError):
+            pass
+        body = f"<!doctype html><title>llmhost</title><p>{html.escape(text)}</p>\n".encode()
+        try:
+            writer.write(f"HTTP/1.1 {status} {self.PHRASES[status]}\r\nContent-Type: text/html; "
+                         f"charset=utf-8\r\nContent-Length: {len(body)}\r\nConnection: close"
+                         "\r\n\r\n".encode() + body)
+            await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    def _read_pasted(self):
+        from urllib.parse import urlsplit
+        try:
+            data = os.read(self.paste, 4096)
+        except OSError:
+            data = b""
+        if not data:  # (the end of the input: nothing more can be pasted)
+            self.loop.remove_reader(self.paste)
+            return
+        self.pasted += data
+        while self.pasted is not None and b"\n" in self.pasted:
+            line, self.pasted = self.pasted.split(b"\n", 1)
+            line = line.decode("utf-8", "replace").strip()
+            if line:
+                status, text = self._take(urlsplit(line).query if "?" in line else line)
+                if status != 200:
+                    print(f"llmhost: {text}", file=self.out, flush=True)
+
+
+def cli_login():
+    """The browser step the CLI's MCP commands take when a server asks for a login."""
+    def opener(url):
+        import webbrowser
+        webbrowser.open(url)
+
+    return LoopbackLogin(opener, sys.stderr, sys.stdin.fileno() if sys.stdin.isatty() else None)
+
+
+def mcp_session(name, entry, args, environ, action):
+    """run_mcp(with_mcp_server(...)) as the CLI's commands do it: with the registry's token
+    file, and the browser step when the server asks for a login."""
+    return run_mcp(with_mcp_server(name, entry, environ, action,
+                                   tokens=tokens_path(registry_path(args, environ)),
+                                   login=cli_login()))
+
+
 def run_mcp(coro):
     """Run an MCP command's coroutine. SIGTERM ends it as Ctrl-C does, through its cleanup,
     so a stdio server it started (one that ignores its closed stdin too) is stopped."""
@@ -10161,6 +11037,8 @@ def run_mcp(coro):
     import logging
     import signal
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    # The SDK logs a failed OAuth flow with its traceback; the command's error says why.
+    logging.getLogger("mcp.client.auth").setLevel(logging.CRITICAL)
 
     async def run():
         loop, task = asyncio.get_running_loop(), asyncio.current_task()
@@ -10201,8 +11079,8 @@ def cmd_mcp_add(args, environ):
         raise CLIError(f"an MCP server named {args.name!r} already exists; remove it first")
     tools = []
     if not args.no_check:
-        tools = run_mcp(with_mcp_server(args.name, entry, environ,
-                                        lambda hub: hub.describe_tools(args.name)))
+        tools = mcp_session(args.name, entry, args, environ,
+                            lambda hub: hub.describe_tools(args.name))
 
     def change(doc):
         if args.name in doc["mcpServers"]:
@@ -10231,6 +11109,9 @@ def cmd_mcp_remove(args, environ):
                 detached.append(entry["name"])
 
     update_registry(path, change)
+    store = MCPTokenStore(tokens_path(path))
+    if store.stamp() is not None:  # (its tokens and client registration go with it)
+        store.change(lambda servers: servers.pop(args.name, None))
     print(f"removed MCP server {args.name}" +
           (f" (detached from {', '.join(detached)})" if detached else ""))
     return 0
@@ -10324,8 +11205,8 @@ def cmd_mcp_tools(args, environ):
     everything, failed = [], []
     for name, entry in targets:
         try:
-            tools = run_mcp(with_mcp_server(name, entry, environ,
-                                            lambda hub, name=name: hub.describe_tools(name)))
+            tools = mcp_session(name, entry, args, environ,
+                                lambda hub, name=name: hub.describe_tools(name))
         except CLIError as exc:
             if len(targets) == 1:
                 raise
@@ -10365,7 +11246,7 @@ def cmd_mcp_call(args, environ):
             raise MCPError(name, f"has no tool {tool!r} (tools: {', '.join(known) or 'none'})")
         return await hub.call(name, tool, arguments, args.timeout)
 
-    result = run_mcp(with_mcp_server(name, entry, environ, call))
+    result = mcp_session(name, entry, args, environ, call)
     if args.json:
         print(json.dumps({k: result.get(k) for k in ("ok", "text", "parts", "structured",
                                                      "duration_ms", "error")}, indent=2))
@@ -10376,9 +11257,84 @@ def cmd_mcp_call(args, environ):
 
 def cmd_mcp_resources(args, environ):
     name, entry, _ = mcp_target(args, environ, args.words)
-    listing = run_mcp(with_mcp_server(name, entry, environ, lambda hub: (
-        hub.prompts(name) if args.kind == "prompts" else hub.resources(name))))
+    listing = mcp_session(name, entry, args, environ, lambda hub: (
+        hub.prompts(name) if args.kind == "prompts" else hub.resources(name)))
     print(json.dumps(listing, indent=2))
+    return 0
+
+
+def cmd_mcp_read(args, environ):
+    name, entry, words = mcp_target(args, environ, args.words)
+    if len(words) != 1:
+        raise CLIError("name the resource to read: its URI")
+    result = mcp_session(name, entry, args, environ, lambda hub: hub.read(name, words[0]))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for content in result.get("contents") or ():
+        if "text" in content:
+            print(content["text"])
+        else:
+            print(f"[{content.get('uri')}: {content.get('mimeType') or 'binary'}, "
+                  f"{_b64_size(content.get('blob') or '')} bytes; --json shows them]")
+    return 0
+
+
+def cmd_mcp_prompt(args, environ):
+    name, entry, words = mcp_target(args, environ, args.words)
+    if not 1 <= len(words) <= 2:
+        raise CLIError("name the prompt to get, and give its arguments as one JSON object")
+    try:
+        arguments = json_loads(words[1]) if len(words) > 1 else {}
+    except ValueError as exc:
+        raise CLIError(f"arguments are not valid JSON: {exc}") from None
+    if not isinstance(arguments, dict) or not all(isinstance(v, str) for v in arguments.values()):
+        raise CLIError("arguments must be a JSON object of strings (MCP prompt arguments are)")
+    result = mcp_session(name, entry, args, environ,
+                         lambda hub: hub.prompt(name, words[0], arguments))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    if result.get("description"):
+        print(f"# {result['description']}")
+    for message in result.get("messages") or ():
+        content = message.get("content") or {}
+        text = content.get("text") if content.get("type") == "text" else \
+            f"[{content.get('type')} content; --json shows it]"
+        print(f"{message.get('role')}: {text}")
+    return 0
+
+
+def cmd_mcp_login(args, environ):
+    path = registry_path(args, environ)
+    entry = load_registry(path)["mcpServers"].get(args.name)
+    if entry is None or "url" not in entry:
+        raise CLIError(f"no HTTP MCP server named {args.name!r}: OAuth logins are for servers "
+                       "added with --url")
+    store = MCPTokenStore(tokens_path(path))
+    url = entry["url"]
+
+    def forget(servers):  # a new login: the tokens go, the client registration stays
+        (servers.get(args.name) or {}).get(url, {}).pop("tokens", None)
+
+    if store.stamp() is not None:
+        store.change(forget)
+    tools = mcp_session(args.name, entry, args, environ,
+                        lambda hub: hub.describe_tools(args.name))
+    count = f"{len(tools)} tool{'s' if len(tools) != 1 else ''}"
+    if store.stamp() is not None and store.record(args.name, url).get("tokens"):
+        print(f"logged in to {args.name} ({count}); its tokens are kept in {store.path}")
+    else:
+        print(f"{args.name} did not ask for a login ({count})")
+    return 0
+
+
+def cmd_mcp_logout(args, environ):
+    store = MCPTokenStore(tokens_path(registry_path(args, environ)))
+    removed = store.change(lambda servers: servers.pop(args.name, None)) \
+        if store.stamp() is not None else None
+    print(f"logged out of {args.name}: its tokens and client registration are removed from "
+          f"{store.path}" if removed else f"no tokens are kept for {args.name}")
     return 0
 
 
@@ -10398,6 +11354,22 @@ def add_mcp_parsers(sub):
         p.add_argument("--transport", choices=["http", "sse"], help="with --url (default http)")
         p.add_argument("--env", action="append", metavar="K=V", help="for a stdio command")
         p.add_argument("--cwd", metavar="DIR", help="for a stdio command")
+        o = p.add_argument_group("OAuth, with --url (a login starts when the server asks)")
+        o.add_argument("--client-id", metavar="ID", help="a client id registered with its "
+                       "authorization server (else a metadata document or registration)")
+        o.add_argument("--client-secret-env", metavar="VAR",
+                       help="the environment variable that holds that client's secret")
+        o.add_argument("--client-metadata-url", metavar="URL",
+                       help="this client's Client ID Metadata Document (https)")
+        o.add_argument("--scope", metavar="'S1 S2'",
+                       help="scopes to ask for, beside those the server names")
+        o.add_argument("--client-credentials", action="store_true",
+                       help="machine to machine: the client credentials grant, with --client-id"
+                       " and --client-secret-env or --client-key")
+        o.add_argument("--client-key", metavar="FILE",
+                       help="a PEM private key that signs (private_key_jwt)")
+        o.add_argument("--callback-port", type=int, metavar="PORT",
+                       help="the loopback port the browser comes back to (default: any free)")
 
     p = msub.add_parser("add", help="register an MCP server: NAME -- COMMAND ARGS, or NAME --url",
                         usage="%(prog)s NAME (-- COMMAND [ARGS...] | --url URL) [options]")
@@ -10446,6 +11418,27 @@ def add_mcp_parsers(sub):
         p = msub.add_parser(kind, help=f"list a server's {kind}: NAME or ad-hoc")
         target_options(p)
         p.set_defaults(func=cmd_mcp_resources, kind=kind)
+
+    p = msub.add_parser("read", help="read a resource: NAME URI",
+                        usage="%(prog)s (NAME | --url URL) URI [--json] [-- COMMAND ARGS]")
+    target_options(p)
+    p.add_argument("--json", action="store_true", help="the whole result as JSON")
+    p.set_defaults(func=cmd_mcp_read)
+
+    p = msub.add_parser("prompt", help="get a prompt: NAME PROMPT [JSON-ARGS]",
+                        usage="%(prog)s (NAME | --url URL) PROMPT [JSON-ARGS] [--json] "
+                        "[-- COMMAND ARGS]")
+    target_options(p)
+    p.add_argument("--json", action="store_true", help="the whole result as JSON")
+    p.set_defaults(func=cmd_mcp_prompt)
+
+    p = msub.add_parser("login", help="log in to an HTTP MCP server (OAuth), anew")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_mcp_login)
+
+    p = msub.add_parser("logout", help="forget an MCP server's OAuth tokens and registration")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_mcp_logout)
 
 
 SERVE_URL_HELP = (f"where serve listens (default: where the serve of the registry says it "

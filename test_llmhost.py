@@ -11,6 +11,7 @@ trying llmhost by hand (e.g. with the openai client).
 
 import asyncio
 import base64
+import hashlib
 import http.client
 import http.server
 import io
@@ -18,6 +19,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import signal
 import socket
 import struct
@@ -26,6 +28,9 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 import zlib
 
 import pytest
@@ -2696,19 +2701,29 @@ PNG_1PX = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAC
 
 
 def run_mcp_test_server(argv):
-    """`python3 test_llmhost.py mcp-server stdio|http|sse`: tools returning text, structured
-    content, an image, an error; a slow one; one that samples, two that elicit; one that dies;
-    one that adds a tool (list_changed). HTTP binds 127.0.0.1 and prints "PORT n"."""
+    """`python3 test_llmhost.py mcp-server stdio|http|sse|http-oauth ISSUER`: tools returning
+    text, structured content, an image, an error; a slow one; one that samples, two that elicit;
+    one that dies; one that adds a tool (list_changed). HTTP binds 127.0.0.1 and prints "PORT n".
+    http-oauth takes only tokens of the authorization server ISSUER (see mcp_oauth_settings), and
+    its tool `secret` only those with scope admin."""
     from typing import Annotated
 
     import anyio
     from mcp.server.mcpserver import Context, MCPServer
-    from mcp.server.mcpserver.resolve import Elicit, Resolve, Sample
+    from mcp.server.mcpserver.resolve import Elicit, ListRoots, Resolve, Sample
     from mcp.server.mcpserver.utilities.types import Image
-    from mcp_types import CreateMessageResult, SamplingMessage, TextContent
+    from mcp_types import CreateMessageResult, ListRootsResult, SamplingMessage, TextContent
     from pydantic import BaseModel, Field
 
-    srv = MCPServer("llmhost-test", version="1.0")
+    sock, protection = None, {}
+    if argv[0] != "stdio":
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", int(argv[1]) if argv[1:] and argv[0] != "http-oauth" else 0))
+        sock.listen(128)  # before PORT is said: a client may connect while uvicorn starts
+    if argv[0] == "http-oauth":
+        protection = mcp_oauth_settings(argv[1], sock.getsockname()[1])
+    srv = MCPServer("llmhost-test", version="1.0", **protection)
 
     class Weather(BaseModel):
         city: str
@@ -2813,6 +2828,25 @@ def run_mcp_test_server(argv):
         await ctx.notify_tools_changed()
         return "shrunk"
 
+    @srv.tool(description="The client's roots.")
+    def roots(listed: Annotated[ListRootsResult, Resolve(lambda: ListRoots())]) -> str:
+        return " ".join(str(root.uri) for root in listed.roots)
+
+    @srv.tool(description="Reports progress and logs while it works.")
+    async def chatty(ctx: Context) -> str:
+        await ctx.report_progress(1, 2, "half way")
+        await ctx.info("chatty is working")
+        return "chatty done"
+
+    @srv.tool(description="Sends the user to a page (URL-mode elicitation; legacy era only).")
+    async def visit(ctx: Context) -> str:
+        answer = await ctx.elicit_url("Sign in there", "https://example.com/sign-in", "e-1")
+        return f"visit {answer.action}"
+
+    @srv.tool(description="Needs the scope admin (on the http-oauth server).")
+    def secret() -> str:
+        return "secret ok"
+
     @srv.resource("test://hello", description="A greeting.")
     def hello() -> str:
         return "hello resource"
@@ -2825,16 +2859,106 @@ def run_mcp_test_server(argv):
         srv.run("stdio")
         return
     import uvicorn
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", int(argv[1]) if argv[1:] else 0))
-    sock.listen(128)  # before PORT is said: a client may connect while uvicorn starts
     print(f"PORT {sock.getsockname()[1]}", flush=True)
     app = srv.sse_app() if argv[0] == "sse" else srv.streamable_http_app()
     if argv[0] == "http-legacy":
         app = legacy_only(app)
+    if argv[0] == "http-oauth":
+        app = scope_for_tool(app, argv[1], sock.getsockname()[1], "secret", "admin")
+    if os.environ.get("LLMHOST_TEST_MCP_NO_RESULT_TYPE"):
+        app = without_result_type(app)
     config = uvicorn.Config(app, log_level="warning", lifespan="on")
     anyio.run(uvicorn.Server(config).serve, [sock])
+
+
+def mcp_oauth_settings(issuer, port):
+    """MCPServer keyword arguments that make it take only tokens of the authorization server
+    `issuer` with scope mcp, checked by introspection (RFC 7662), with the SDK's server auth: a
+    401 naming its protected resource metadata, which it serves (RFC 9728)."""
+    import httpx2
+    from mcp.server.auth.provider import AccessToken
+    from mcp.server.auth.settings import AuthSettings
+
+    class Introspection:
+        async def verify_token(self, token):
+            async with httpx2.AsyncClient(timeout=TIMEOUT) as http:
+                answer = (await http.post(f"{issuer}/introspect", data={"token": token})).json()
+            if not answer.get("active"):
+                return None
+            return AccessToken(token=token, client_id=answer["client_id"],
+                               scopes=answer["scope"].split(), expires_at=answer.get("exp"))
+
+    return {"token_verifier": Introspection(), "auth": AuthSettings(
+        issuer_url=issuer, resource_server_url=f"http://127.0.0.1:{port}/mcp",
+        required_scopes=["mcp"], validate_token_resource=False)}
+
+
+async def asgi_body(receive):
+    body, more = b"", True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    return body
+
+
+def asgi_replay(receive, body):
+    """A `receive` that gives `body` (already read) first, then what `receive` gives."""
+    replayed = False
+
+    async def replay():
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+    return replay
+
+
+def scope_for_tool(app, issuer, port, tool, scope):
+    """An ASGI wrapper: a call of `tool` with a token without `scope` is refused with 403
+    insufficient_scope naming the scopes it takes (RFC 6750 §3.1), as a server asks for a
+    step-up."""
+    import httpx2
+
+    async def guarded(s, receive, send):
+        if s["type"] != "http" or s["method"] != "POST":
+            return await app(s, receive, send)
+        body = await asgi_body(receive)
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict) and doc.get("method") == "tools/call" and \
+                (doc.get("params") or {}).get("name") == tool:
+            token = dict(s["headers"]).get(b"authorization", b"")[7:].decode()
+            async with httpx2.AsyncClient(timeout=TIMEOUT) as http:
+                answer = (await http.post(f"{issuer}/introspect", data={"token": token})).json()
+            if scope not in (answer.get("scope") or "").split():
+                challenge = (f'Bearer error="insufficient_scope", scope="mcp {scope}", '
+                             f'resource_metadata="http://127.0.0.1:{port}/.well-known/'
+                             'oauth-protected-resource/mcp"')
+                await send({"type": "http.response.start", "status": 403, "headers": [
+                    (b"www-authenticate", challenge.encode()), (b"content-length", b"0")]})
+                return await send({"type": "http.response.body", "body": b""})
+        return await app(s, asgi_replay(receive, body), send)
+    return guarded
+
+
+def without_result_type(app):
+    """An ASGI wrapper that drops `resultType` from the results a 2026-07-28 server sends, as
+    servers written before SEP-2322 made it required do (absent means complete)."""
+    async def stripped(s, receive, send):
+        async def sending(message):
+            if message["type"] == "http.response.body":
+                message = dict(message, body=re.sub(rb',"resultType":"complete"|"resultType":'
+                                                    rb'"complete",?', b"", message["body"]))
+            elif message["type"] == "http.response.start":
+                message = dict(message, headers=[(k, v) for k, v in message["headers"]
+                                                 if k.lower() != b"content-length"])
+            await send(message)
+        return await app(s, receive, sending)
+    return stripped
 
 
 def legacy_only(app):
@@ -3489,6 +3613,40 @@ def test_mcp_elicitation_defaults_or_decline(mcp_env):
     assert [c["ok"] for c in doc["mcp_calls"]] == [True, False]  # no default: declined
 
 
+def test_mcp_url_elicitation_is_declined(tmp_path):
+    """No person is at the gateway to send to a page: a URL-mode elicitation is declined (a
+    session-era server; a 2026-07-28 one asks in its result, which the SDK answers the same)."""
+    proc, port = start_mcp_http("http-legacy")
+    try:
+        result = mcp_cli(str(tmp_path / "s.json"), "call", "--url",
+                         f"http://127.0.0.1:{port}/mcp", "visit")
+        assert result.returncode == 0 and result.stdout.strip() == "visit decline", result
+    finally:
+        proc.terminate()
+        proc.wait(TIMEOUT)
+
+
+def test_mcp_roots_progress_and_logs_reach_the_host(tmp_path, fake, caplog):
+    """Roots are the --root folders; a tool's progress and its server's log messages go to
+    llmhost's log (at the server's level)."""
+    import logging
+    caplog.set_level(logging.INFO, logger="llmhost.mcp")
+    registry = write_registry(tmp_path / "s.json", [
+        {"name": "local", "url": fake.url, "models": ["fake-model"], "mcp": ["t"]}],
+        mcp={"t": MCP_STDIO})
+    running = Running(registry, mcp_roots=[str(tmp_path)])
+    try:
+        fake.script({"calls": [("t__roots", {}), ("t__chatty", {})]})
+        status, doc = jpost(running.port, "/v1/chat/completions", CHAT)
+        assert doc["choices"][0]["message"]["content"] == \
+            f"tool result: file://{tmp_path} | chatty done", doc
+    finally:
+        running.stop(timeout=5)
+    logged = [r.getMessage() for r in caplog.records]
+    assert "MCP t/chatty: progress 1.0/2.0 half way" in logged, logged
+    assert "MCP t: chatty is working" in logged, logged
+
+
 def test_mcp_per_request_selection_and_refusals(mcp_env):
     running, fake = mcp_env
     mcp_tool = {"type": "mcp", "server_label": "t", "allowed_tools": ["echo"],
@@ -4085,6 +4243,581 @@ def test_mcp_servers_attached_to_a_model_connect_when_serve_starts(tmp_path, fak
         running.stop(timeout=5)
 
 
+# ---- MCP OAuth: a protected MCP server, an authorization server, logins and tokens ----------
+
+class FakeAuthServer:
+    """An OAuth 2.1 authorization server on the standard library's http.server: metadata
+    (RFC 8414), dynamic registration (RFC 7591), an authorization endpoint that consents at once
+    (a logged-in user's browser is sent straight back, with `iss`, RFC 9207), a token endpoint
+    (PKCE S256; refresh tokens that rotate, each good once; client credentials with a secret),
+    and introspection (RFC 7662) for the MCP server. `wrong_iss` sends back another issuer than
+    its own. Every token, code and secret it gives out is in `issued`, for the tests that look
+    for them where they must never be."""
+
+    def __init__(self, wrong_iss=False, clients=None):
+        self.wrong_iss = wrong_iss
+        self.lock = threading.Lock()
+        self.seen = []  # (path, parameters) of each request
+        self.clients = dict(clients or {})  # client id -> secret (None: a public client)
+        self.codes, self.access, self.refresh = {}, {}, {}
+        self.refresh_gate = None  # a threading.Event refresh grants wait for, when set
+        self.issued = list(self.clients.values())
+        auth = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def answer(self, status, doc=None, headers=()):
+                body = json.dumps(doc).encode() if doc is not None else b""
+                self.send_response(status)
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                path, _, query = self.path.partition("?")
+                params = {k: v[0] for k, v in urllib.parse.parse_qs(query).items()}
+                with auth.lock:
+                    auth.seen.append((path, params))
+                if path in ("/.well-known/oauth-authorization-server",
+                            "/.well-known/openid-configuration"):
+                    return self.answer(200, auth.metadata())
+                if path == "/authorize":
+                    return auth.authorize(self, params)
+                self.answer(404, {"error": "not_found"})
+
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+                if self.path == "/register":
+                    params = json.loads(raw)
+                else:
+                    params = {k: v[0] for k, v in urllib.parse.parse_qs(raw).items()}
+                with auth.lock:
+                    auth.seen.append((self.path, params))
+                gate = auth.refresh_gate
+                if gate is not None and params.get("grant_type") == "refresh_token":
+                    gate.wait(TIMEOUT * 6)
+                with auth.lock:
+                    status, doc = {"/register": auth.register, "/token": auth.token,
+                                   "/introspect": auth.introspect}.get(
+                        self.path, lambda p, h: (404, {"error": "not_found"}))(
+                        params, self.headers)
+                self.answer(status, doc)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def new(self, kind, secret=True):
+        value = f"{kind}-{os.urandom(12).hex()}"
+        if secret:  # (a client id is none: it is in every authorization URL)
+            self.issued.append(value)
+        return value
+
+    def requests(self, path, grant=None):
+        with self.lock:
+            return [p for seen, p in self.seen if seen == path and
+                    (grant is None or p.get("grant_type") == grant)]
+
+    def metadata(self):
+        return {"issuer": self.url, "authorization_endpoint": f"{self.url}/authorize",
+                "token_endpoint": f"{self.url}/token", "registration_endpoint":
+                f"{self.url}/register", "introspection_endpoint": f"{self.url}/introspect",
+                "response_types_supported": ["code"], "scopes_supported": ["mcp", "admin"],
+                "grant_types_supported": ["authorization_code", "refresh_token",
+                                          "client_credentials"],
+                "code_challenge_methods_supported": ["S256"],
+                "token_endpoint_auth_methods_supported": ["client_secret_basic", "none"],
+                "authorization_response_iss_parameter_supported": True}
+
+    def register(self, params, headers):
+        client_id, secret = self.new("client", secret=False), self.new("client-secret")
+        self.clients[client_id] = secret
+        return 201, dict(params, client_id=client_id, client_secret=secret,
+                         token_endpoint_auth_method="client_secret_basic")
+
+    def authorize(self, handler, params):
+        if params.get("code_challenge_method") != "S256" or \
+                params.get("client_id") not in self.clients:
+            return handler.answer(400, {"error": "invalid_request"})
+        with self.lock:
+            code = self.new("code")
+            self.codes[code] = params
+        back = {"code": code, "state": params["state"],
+                "iss": "https://elsewhere.example" if self.wrong_iss else self.url}
+        handler.send_response(302)
+        handler.send_header("Location", params["redirect_uri"] + "?" +
+                            urllib.parse.urlencode(back))
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    def client(self, params, headers):
+        """The client a token request authenticates as (client_secret_basic or _post)."""
+        basic = headers.get("Authorization", "")
+        if basic.startswith("Basic "):
+            client_id, _, secret = base64.b64decode(basic[6:]).decode().partition(":")
+            client_id, secret = urllib.parse.unquote(client_id), urllib.parse.unquote(secret)
+        else:
+            client_id, secret = params.get("client_id"), params.get("client_secret")
+        return client_id if client_id in self.clients and \
+            self.clients[client_id] in (None, secret) else None
+
+    def grant(self, client_id, scope, refresh=True):
+        access = self.new("access")
+        self.access[access] = {"client_id": client_id, "scope": scope, "active": True}
+        doc = {"access_token": access, "token_type": "Bearer", "expires_in": 3600,
+               "scope": scope}
+        if refresh:
+            doc["refresh_token"] = self.new("refresh")
+            self.refresh[doc["refresh_token"]] = {"client_id": client_id, "scope": scope}
+        return 200, doc
+
+    def token(self, params, headers):
+        client_id = self.client(params, headers)
+        if client_id is None:
+            return 401, {"error": "invalid_client"}
+        kind = params.get("grant_type")
+        if kind == "authorization_code":
+            asked = self.codes.pop(params.get("code"), None)
+            challenge = base64.urlsafe_b64encode(hashlib.sha256(
+                params.get("code_verifier", "").encode()).digest()).rstrip(b"=").decode()
+            if asked is None or asked["code_challenge"] != challenge or \
+                    asked["redirect_uri"] != params.get("redirect_uri"):
+                return 400, {"error": "invalid_grant"}
+            return self.grant(client_id, asked.get("scope") or "mcp")
+        if kind == "refresh_token":
+            held = self.refresh.pop(params.get("refresh_token"), None)  # (once: it rotates)
+            if held is None or held["client_id"] != client_id:
+                return 400, {"error": "invalid_grant"}
+            return self.grant(client_id, held["scope"])
+        if kind == "client_credentials":
+            return self.grant(client_id, params.get("scope") or "mcp", refresh=False)
+        return 400, {"error": "unsupported_grant_type"}
+
+    def introspect(self, params, headers):
+        held = self.access.get(params.get("token"))
+        if held is None or not held["active"]:
+            return 200, {"active": False}
+        return 200, {"active": True, "client_id": held["client_id"], "scope": held["scope"],
+                     "exp": int(time.time()) + 3600}
+
+    def expire_access_tokens(self):
+        """The server side of an expiry: every access token given so far is refused."""
+        with self.lock:
+            for held in self.access.values():
+                held["active"] = False
+
+
+# A browser whose user is logged in and consents: it follows the redirect to llmhost's listener.
+OAUTH_BROWSER = f"{shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(__file__))} browser %s"
+
+
+def oauth_cli(registry, *argv, env=None):
+    """`llmhost.py --registry REGISTRY mcp ARGV` as a user runs it, with a browser (BROWSER)."""
+    return subprocess.run([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
+                           registry, "mcp", *argv], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL,
+                          env=dict(os.environ, BROWSER=OAUTH_BROWSER, **(env or {})))
+
+
+def start_oauth_mcp(auth):
+    proc, port = start_mcp_http("http-oauth", auth.url)
+    return proc, f"http://127.0.0.1:{port}/mcp"
+
+
+@pytest.fixture(scope="module")
+def oauth_server():
+    """(authorization server, URL of an MCP server that takes only its tokens)."""
+    auth = FakeAuthServer(clients={"m2m": "m2m-secret-" + os.urandom(8).hex()})
+    proc, url = start_oauth_mcp(auth)
+    yield auth, url
+    proc.terminate()
+    proc.wait(TIMEOUT)
+    auth.close()
+
+
+def stored_tokens(registry, name, url):
+    with open(llmhost.tokens_path(registry)) as f:
+        return json.load(f)["servers"][name][url]
+
+
+def expire_in_file(registry, name, url):
+    """Make the tokens file say the access token has expired (as time passing would)."""
+    path = llmhost.tokens_path(registry)
+    with open(path) as f:
+        doc = json.load(f)
+    doc["servers"][name][url]["expires_at"] = time.time() - 1
+    with open(path, "w") as f:
+        json.dump(doc, f)
+
+
+def test_mcp_oauth_login_through_the_loopback_redirect(tmp_path, oauth_server):
+    auth, url = oauth_server
+    registry = str(tmp_path / "servers.json")
+    logins = len(auth.requests("/authorize"))
+    result = oauth_cli(registry, "add", "docs", "--url", url)
+    assert result.returncode == 0 and "added MCP server docs:" in result.stdout, result.stderr
+    # The address to log in at is said too, for a person with no browser on this machine.
+    assert f"{auth.url}/authorize?" in result.stderr
+    (login,) = auth.requests("/authorize")[logins:]
+    assert login["code_challenge_method"] == "S256" and login["resource"] == url
+    assert login["scope"] == "mcp"  # what the server's metadata names
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/callback", login["redirect_uri"])
+    (exchange,) = [p for p in auth.requests("/token") if p.get("code")]
+    assert exchange["code_verifier"] and exchange["resource"] == url
+    # The tokens are beside the registry, for the owner only; the registry has none.
+    assert os.stat(llmhost.tokens_path(registry)).st_mode & 0o777 == 0o600
+    record = stored_tokens(registry, "docs", url)
+    assert auth.access[record["tokens"]["access_token"]]["active"]
+    assert record["client"]["client_id"] in auth.clients and record["issuer"] == auth.url
+    assert "access-" not in open(registry).read()
+    result = oauth_cli(registry, "call", "docs", "echo", '{"text": "hi"}')
+    assert result.returncode == 0 and result.stdout.strip() == "hi", result.stderr
+    assert len(auth.requests("/authorize")) == logins + 1  # the stored token, no new login
+
+
+def test_mcp_oauth_login_logout_and_remove(tmp_path, oauth_server):
+    auth, url = oauth_server
+    registry = write_registry(tmp_path / "servers.json", [], mcp={"docs": {"url": url}})
+    logins = len(auth.requests("/authorize"))
+    result = oauth_cli(registry, "login", "docs")
+    assert result.returncode == 0 and result.stdout.startswith("logged in to docs ("), \
+        result.stderr
+    first = stored_tokens(registry, "docs", url)
+    result = oauth_cli(registry, "login", "docs")  # anew: a login, with the same registration
+    assert result.returncode == 0 and len(auth.requests("/authorize")) == logins + 2
+    second = stored_tokens(registry, "docs", url)
+    assert second["tokens"] != first["tokens"] and second["client"] == first["client"]
+    result = oauth_cli(registry, "logout", "docs")
+    assert result.returncode == 0 and "logged out of docs" in result.stdout
+    with open(llmhost.tokens_path(registry)) as f:
+        assert json.load(f)["servers"] == {}
+    assert oauth_cli(registry, "login", "docs").returncode == 0
+    assert oauth_cli(registry, "remove", "docs").returncode == 0
+    with open(llmhost.tokens_path(registry)) as f:
+        assert json.load(f)["servers"] == {}  # its tokens went with it
+
+
+def test_mcp_oauth_refresh_after_the_access_token_expires(tmp_path, oauth_server):
+    auth, url = oauth_server
+    registry = write_registry(tmp_path / "servers.json", [], mcp={"docs": {"url": url}})
+    assert oauth_cli(registry, "login", "docs").returncode == 0
+    logins, refreshes = len(auth.requests("/authorize")), len(auth.requests("/token", "refresh_token"))
+    # Expired by the client's clock: refreshed before the call.
+    before = stored_tokens(registry, "docs", url)["tokens"]
+    expire_in_file(registry, "docs", url)
+    result = oauth_cli(registry, "call", "docs", "echo", '{"text": "again"}')
+    assert result.returncode == 0 and result.stdout.strip() == "again", result.stderr
+    (refresh,) = auth.requests("/token", "refresh_token")[refreshes:]
+    assert refresh["refresh_token"] == before["refresh_token"] and refresh["resource"] == url
+    after = stored_tokens(registry, "docs", url)["tokens"]
+    assert after["access_token"] != before["access_token"]
+    assert after["refresh_token"] != before["refresh_token"]  # (it rotates)
+    # Expired by the server's, earlier than the client knew: refreshed on its 401.
+    auth.expire_access_tokens()
+    result = oauth_cli(registry, "call", "docs", "echo", '{"text": "once more"}')
+    assert result.returncode == 0 and result.stdout.strip() == "once more", result.stderr
+    assert len(auth.requests("/token", "refresh_token")) == refreshes + 2
+    assert len(auth.requests("/authorize")) == logins  # never a new login
+
+
+def flock_waiters(path):
+    """How many processes wait for a flock of `path` now (Linux's /proc/locks: "->" lines)."""
+    inode = f":{os.stat(path).st_ino} "
+    with open("/proc/locks") as f:
+        return sum(1 for line in f if "->" in line and inode in line)
+
+
+def test_mcp_oauth_processes_spend_a_rotating_refresh_token_once(tmp_path, oauth_server):
+    """As the workers of `serve --workers N` do: each holds the same tokens, and a refresh
+    token is good once. The refresh is made under the file's lock, and the processes that
+    waited for it take the tokens the first one saved."""
+    auth, url = oauth_server
+    registry = write_registry(tmp_path / "servers.json", [], mcp={"docs": {"url": url}})
+    assert oauth_cli(registry, "login", "docs").returncode == 0
+    refreshes, logins = len(auth.requests("/token", "refresh_token")), len(auth.requests("/authorize"))
+    expire_in_file(registry, "docs", url)
+    auth.refresh_gate = threading.Event()  # the first refresh is answered when all have come
+    try:
+        calls = [subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "llmhost.py"), "--registry", registry, "mcp",
+             "call", "docs", "echo", f'{{"text": "{i}"}}'], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+            env=dict(os.environ, BROWSER=OAUTH_BROWSER)) for i in range(3)]
+        # Two wait for the lock while the first refreshes (or, without it, refresh too).
+        assert wait_until(lambda: flock_waiters(llmhost.tokens_path(registry) + ".lock") == 2 or
+                          len(auth.requests("/token", "refresh_token")) > refreshes + 1, 60)
+    finally:
+        auth.refresh_gate.set()
+        auth.refresh_gate = None
+    for i, call in enumerate(calls):
+        out, err = call.communicate(timeout=60)
+        assert call.returncode == 0 and out.strip() == str(i), err
+    assert len(auth.requests("/token", "refresh_token")) == refreshes + 1
+    assert len(auth.requests("/authorize")) == logins  # (nobody had to log in again)
+
+
+def test_mcp_oauth_step_up_when_a_tool_needs_more_scope(tmp_path, oauth_server):
+    auth, url = oauth_server
+    registry = write_registry(tmp_path / "servers.json", [], mcp={"docs": {"url": url}})
+    assert oauth_cli(registry, "login", "docs").returncode == 0
+    logins = len(auth.requests("/authorize"))
+    result = oauth_cli(registry, "call", "docs", "secret")
+    assert result.returncode == 0 and result.stdout.strip() == "secret ok", result.stderr
+    (login,) = auth.requests("/authorize")[logins:]
+    assert set(login["scope"].split()) == {"mcp", "admin"}  # what it had, and what it lacked
+    assert "admin" in stored_tokens(registry, "docs", url)["tokens"]["scope"].split()
+
+
+def test_mcp_oauth_a_wrong_iss_is_refused(tmp_path):
+    """RFC 9207: a redirect that names another issuer than the server that was asked is an
+    attacker's (mix-up); its code is never sent to a token endpoint."""
+    auth = FakeAuthServer(wrong_iss=True)
+    proc, url = start_oauth_mcp(auth)
+    try:
+        registry = str(tmp_path / "servers.json")
+        result = oauth_cli(registry, "tools", "--url", url)
+        assert result.returncode == 1 and "iss" in result.stderr and \
+            "https://elsewhere.example" in result.stderr, result.stderr
+        assert auth.requests("/authorize") and not auth.requests("/token")
+        assert "tokens" not in json.dumps(llmhost.MCPTokenStore(
+            llmhost.tokens_path(registry)).read())
+    finally:
+        proc.terminate()
+        proc.wait(TIMEOUT)
+        auth.close()
+
+
+def test_mcp_oauth_serve_uses_and_refreshes_the_stored_token_in_the_tool_loop(
+        tmp_path, oauth_server, fake):
+    auth, url = oauth_server
+    registry = write_registry(tmp_path / "s.json", [
+        {"name": "local", "url": fake.url, "models": ["fake-model"], "mcp": ["docs"]}],
+        mcp={"docs": {"url": url}})
+    assert oauth_cli(registry, "login", "docs").returncode == 0
+    refreshes = len(auth.requests("/token", "refresh_token"))
+    expire_in_file(registry, "docs", url)
+    running = Running(registry)
+    try:
+        fake.script({"calls": [("docs__echo", {"text": "with a token"})]})
+        status, doc = jpost(running.port, "/v1/chat/completions", CHAT)
+        assert doc["choices"][0]["message"]["content"] == "tool result: with a token", doc
+        assert len(auth.requests("/token", "refresh_token")) == refreshes + 1
+        # (and saved it for the CLI and the other workers)
+        assert stored_tokens(registry, "docs", url)["expires_at"] > time.time()
+    finally:
+        running.stop(timeout=5)
+
+
+def test_mcp_oauth_serve_says_which_command_logs_in(tmp_path, oauth_server, fake):
+    """serve cannot open a browser: it passes the server's 401 on, with the command that logs
+    in; once that has run (serve still running), the server is used."""
+    auth, url = oauth_server
+    registry = write_registry(tmp_path / "s.json", [
+        {"name": "local", "url": fake.url, "models": ["fake-model"]}], mcp={"docs": {"url": url}})
+    logins = len(auth.requests("/authorize"))
+    running = Running(registry)
+    try:
+        tools = [{"type": "mcp", "server_label": "docs", "require_approval": "never"}]
+        status, doc = jpost(running.port, "/v1/chat/completions", dict(CHAT, tools=tools))
+        command = f"python3 llmhost.py --registry {os.path.realpath(registry)} mcp login docs"
+        assert status == 502 and doc["error"]["message"] == \
+            f"MCP server 'docs': needs a login (HTTP 401); run: {command}", doc
+        (server,) = json.loads(request(running.port, "GET", "/v1/mcp/servers")[2])["data"]
+        assert server["login"] == command and command in server["last_error"]
+        assert len(auth.requests("/authorize")) == logins  # (serve tried none)
+        assert oauth_cli(registry, "login", "docs").returncode == 0
+        fake.script({"calls": [("docs__echo", {"text": "logged in"})]})
+        status, doc = jpost(running.port, "/v1/chat/completions", dict(CHAT, tools=tools))
+        assert doc["choices"][0]["message"]["content"] == "tool result: logged in", doc
+        (server,) = json.loads(request(running.port, "GET", "/v1/mcp/servers")[2])["data"]
+        assert server["login"] is None and server["state"] == "ready"
+    finally:
+        running.stop(timeout=5)
+
+
+def test_mcp_oauth_client_credentials_need_no_login(tmp_path, oauth_server, fake):
+    """Machine to machine: serve gets its own token with the client's secret (from the
+    environment variable the entry names) and sends it the way the server takes it."""
+    auth, url = oauth_server
+    registry = write_registry(tmp_path / "s.json", [
+        {"name": "local", "url": fake.url, "models": ["fake-model"], "mcp": ["m2m"]}],
+        mcp={"m2m": {"url": url, "oauth": {"client_credentials": True, "client_id": "m2m",
+                                           "client_secret_env": "M2M_SECRET"}}})
+    grants = len(auth.requests("/token", "client_credentials"))
+    running = Running(registry, environ={"M2M_SECRET": auth.clients["m2m"]})
+    try:
+        fake.script({"calls": [("m2m__echo", {"text": "machine"})]})
+        status, doc = jpost(running.port, "/v1/chat/completions", CHAT)
+        assert doc["choices"][0]["message"]["content"] == "tool result: machine", doc
+        (grant,) = auth.requests("/token", "client_credentials")[grants:]
+        assert "client_secret" not in grant and grant["resource"] == url  # (Basic auth)
+    finally:
+        running.stop(timeout=5)
+
+
+def test_mcp_oauth_no_token_or_secret_is_ever_shown(tmp_path, oauth_server, fake, caplog):
+    """Not in what the CLI prints (add, call, list, tools, step-up, refresh, errors), serve's
+    log (at debug), its access log, /v1/mcp/servers or /v1/status."""
+    import logging
+    caplog.set_level(logging.DEBUG)
+    auth, url = oauth_server
+    registry = write_registry(tmp_path / "s.json", [
+        {"name": "local", "url": fake.url, "models": ["fake-model"]}])
+    env = {"M2M_SECRET": auth.clients["m2m"], "WRONG_SECRET": "wrong-" + os.urandom(8).hex()}
+    shown = []
+    for argv in (["add", "docs", "--url", url], ["add", "m2m", "--url", url,
+                 "--client-credentials", "--client-id", "m2m", "--client-secret-env",
+                 "M2M_SECRET"], ["attach", "docs", "local"], ["attach", "m2m", "local"],
+                 ["call", "docs", "secret"], ["list"], ["list", "--json"], ["tools", "--json"],
+                 ["add", "bad", "--url", url, "--client-id", "m2m", "--client-secret-env",
+                  "WRONG_SECRET"]):
+        result = oauth_cli(registry, *argv, env=env)
+        shown += [result.stdout, result.stderr]
+    assert "secret ok" in shown[8] and "MCP server 'bad'" in shown[-1], shown  # (one fails)
+    expire_in_file(registry, "docs", url)
+    auth.expire_access_tokens()
+    running = Running(registry, environ=env)
+    try:
+        fake.script({"calls": [("docs__echo", {"text": "x"}), ("m2m__echo", {"text": "y"})]})
+        shown.append(post(running.port, "/v1/chat/completions", CHAT)[2].decode())
+        shown += [request(running.port, "GET", path)[2].decode()
+                  for path in ("/v1/mcp/servers", "/v1/status", "/v1/mcp/tools")]
+        shown.append(running.log.getvalue())
+    finally:
+        running.stop(timeout=5)
+    shown += [r.getMessage() + (r.exc_text or "") for r in caplog.records]
+    assert auth.requests("/token", "refresh_token")  # (a refresh was among them)
+    text = "\n".join(shown)
+    assert "tool result: x" in text
+    leaks = [secret for secret in auth.issued + [env["WRONG_SECRET"]] if secret in text]
+    assert not leaks, leaks
+
+
+def test_mcp_oauth_settings_are_checked_and_hold_no_secret(tmp_path):
+    assert llmhost.validate_mcp_entry("a", {"url": "http://h/mcp", "oauth": {
+        "client_id": "x", "client_secret_env": "X_SECRET", "scope": "read write",
+        "callback_port": 8765}}) == []
+    for oauth, error in (
+            ({"client_secret": "s"}, "a secret is not kept in the registry"),
+            ({"client_id": "x", "clientid": "y"}, "unknown key 'clientid'"),
+            ({"client_secret_env": "X"}, "client_secret_env needs client_id"),
+            ({"client_credentials": True, "client_id": "x"}, "needs client_id and one of"),
+            ({"client_key": "/k.pem", "client_id": "x"}, "client_key is for client_credentials"),
+            ({"client_metadata_url": "http://h/client.json"}, "an https:// URL with a path"),
+            ({"callback_port": 70000}, "a port number")):
+        errors = llmhost.validate_mcp_entry("a", {"url": "http://h/mcp", "oauth": oauth})
+        assert any(error in e for e in errors), (oauth, errors)
+    assert llmhost.validate_mcp_entry("a", {"command": "x", "oauth": {}}) == \
+        ["a: 'oauth' is for URL servers"]
+    registry = write_registry(tmp_path / "s.json", [])
+    code, _, err = run_cli(registry, "mcp", "add", "a", "--client-id", "x", "--", "cmd")
+    assert code == 1 and "--client-id: only with --url" in err
+    code, _, err = run_cli(registry, "mcp", "tools", "a", "--scope", "x")
+    assert code == 1 and "--scope: only with --url" in err
+    code, _, err = run_cli(registry, "mcp", "add", "a", "--url", "http://h/mcp", "--no-check",
+                           "--client-credentials", "--client-id", "x", "--client-key", "k.pem")
+    assert code == 0, err
+    assert llmhost.load_registry(registry)["mcpServers"]["a"]["oauth"] == {
+        "client_id": "x", "client_credentials": True, "client_key": os.path.abspath("k.pem")}
+
+
+def test_mcp_login_takes_the_redirect_of_its_own_login_or_an_address_pasted_back():
+    """The loopback listener answers a redirect that is not this login's (another state) and
+    waits on; on a machine without a browser the address the browser ended at is pasted back
+    (a line that is no such address is said so); a refusal ends the login with its reason."""
+    from mcp.shared.auth import AuthorizationCodeResult
+
+    async def login(paste, visits):
+        out = io.StringIO()
+        seen = []
+
+        def browser(url):  # (in a thread, as webbrowser runs $BROWSER)
+            for query in visits:
+                try:
+                    with urllib.request.urlopen(f"{uri}?{query}", timeout=TIMEOUT) as answer:
+                        seen.append(answer.status)
+                except urllib.error.HTTPError as exc:
+                    seen.append(exc.code)
+
+        flow = llmhost.LoopbackLogin(browser, out, paste, timeout=TIMEOUT)
+        uri = await flow.redirect_uri(0, False, "docs")
+        await flow.open("https://as.example/authorize?client_id=c&state=S1")
+        try:
+            return await flow.callback(), seen, out.getvalue()
+        except RuntimeError as exc:
+            return exc, seen, out.getvalue()
+
+    result, seen, out = asyncio.run(login(None, ["code=evil&state=S0", "code=good&state=S1"]))
+    assert result == AuthorizationCodeResult(code="good", state="S1") and seen[0] == 400
+    assert "https://as.example/authorize?client_id=c&state=S1" in out
+    result, seen, out = asyncio.run(login(None, ["error=access_denied&error_description=No+way"
+                                                 "&state=S1"]))
+    assert str(result) == "the login was refused (access_denied No way)"
+    paste, typing = os.pipe()  # (a terminal's stand-in)
+    os.write(typing, b"yes\nhttp://127.0.0.1:9/callback?code=pasted&state=S1&iss=https%3A"
+                     b"%2F%2Fas.example\n")
+    try:
+        result, seen, out = asyncio.run(login(paste, []))
+    finally:
+        os.close(paste)
+        os.close(typing)
+    assert result == AuthorizationCodeResult(code="pasted", state="S1", iss="https://as.example")
+    assert "paste here the address the browser ends at" in out and \
+        "not the address of the login" in out
+
+
+def test_mcp_cli_read_and_prompt(mcp_cli_registry, mcp_http_server, tmp_path):
+    result = mcp_cli(mcp_cli_registry, "read", "t", "test://hello")
+    assert result.returncode == 0 and result.stdout == "hello resource\n", result.stderr
+    result = mcp_cli(mcp_cli_registry, "read", "t", "test://hello", "--json")
+    assert json.loads(result.stdout)["contents"][0]["uri"] == "test://hello"
+    result = mcp_cli(mcp_cli_registry, "prompt", "w", "greet", '{"who": "Ada"}')
+    assert result.returncode == 0 and "user: Say hello to Ada" in result.stdout, result.stderr
+    result = mcp_cli(str(tmp_path / "x.json"), "prompt", "--url", mcp_http_server, "greet",
+                     '{"who": 1}')
+    assert result.returncode == 1 and "a JSON object of strings" in result.stderr
+    result = mcp_cli(mcp_cli_registry, "read", "w", "test://nothing-here")
+    assert result.returncode == 1 and "reading test://nothing-here failed" in result.stderr
+
+
+def test_mcp_a_result_without_result_type_is_complete(tmp_path):
+    """SEP-2322: a 2026-07-28 result that has no resultType is complete (servers written
+    before it was required send none); the SDK's schema check alone would refuse it."""
+    proc, port = start_mcp_http("http", env={"LLMHOST_TEST_MCP_NO_RESULT_TYPE": "1"})
+    try:
+        url = f"http://127.0.0.1:{port}/mcp"
+        raw = http_json_rpc(url, "tools/list")
+        assert "result" in raw and "resultType" not in raw  # (it sends none)
+        result = mcp_cli(str(tmp_path / "s.json"), "call", "--url", url, "echo",
+                         '{"text": "complete"}')
+        assert result.returncode == 0 and result.stdout.strip() == "complete", result.stderr
+    finally:
+        proc.terminate()
+        proc.wait(TIMEOUT)
+
+
+def http_json_rpc(url, method):
+    """One stateless 2026-07-28 request, as raw text of the answer."""
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": {"_meta": {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientInfo": {"name": "t", "version": "1"},
+        "io.modelcontextprotocol/clientCapabilities": {}}}}).encode()
+    request = urllib.request.Request(url, body, {
+        "Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+        "MCP-Protocol-Version": "2026-07-28", "Mcp-Method": method})
+    with urllib.request.urlopen(request, timeout=TIMEOUT) as answer:
+        return answer.read().decode()
+
+
 
 # =============================================================================
 # Managed servers: started on demand, stopped when idle
@@ -4414,6 +5147,10 @@ def wait_line(proc, needle, timeout=TIMEOUT):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["mcp-server"]:
     run_mcp_test_server(sys.argv[2:])
+
+if __name__ == "__main__" and sys.argv[1:2] == ["browser"]:  # (see OAUTH_BROWSER)
+    with urllib.request.urlopen(sys.argv[2], timeout=TIMEOUT) as answer:
+        answer.read()
 
 if __name__ == "__main__" and sys.argv[1:2] == ["fake-upstream"]:
     upstream = FakeUpstream(models=sys.argv[3:] or ["fake-model"], port=int(sys.argv[2]))
