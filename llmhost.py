@@ -1965,8 +1965,8 @@ def url_under(url, prefix):
 
 # mcpServers entries: the shape Claude Desktop, Cursor, LM Studio and VS Code use.
 MCP_HTTP_TYPES = {"http": "http", "streamable-http": "http", "streamableHttp": "http", "sse": "sse"}
-MCP_ENTRY_KEYS = {"command", "args", "env", "cwd", "url", "headers", "type", "timeout", "sampling_model",
-                  "oauth"}
+MCP_ENTRY_KEYS = {"command", "args", "env", "cwd", "url", "headers", "type", "timeout",
+                  "sampling_model", "oauth"}
 # An HTTP server's OAuth settings (the `oauth` object); none is a secret: a client secret comes
 # from the environment variable client_secret_env names, a private key from the file client_key.
 MCP_OAUTH_KEYS = {
@@ -4190,7 +4190,8 @@ class MCPHub:
         import shlex
         oauth = c.spec.get("oauth") or {}
         registry = self._tokens.path[:-len(".tokens")]
-        c.login_command = f"python3 llmhost.py --registry {shlex.quote(registry)} mcp login {c.name}"
+        c.login_command = (f"python3 llmhost.py --registry {shlex.quote(registry)} mcp login "
+                           f"{c.name}")
         secret = environ[oauth["client_secret_env"]] if "client_secret_env" in oauth else None
         key = None
         if "client_key" in oauth:

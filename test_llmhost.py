@@ -2701,11 +2701,11 @@ PNG_1PX = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAC
 
 
 def run_mcp_test_server(argv):
-    """`python3 test_llmhost.py mcp-server stdio|http|sse|http-oauth ISSUER`: tools returning
-    text, structured content, an image, an error; a slow one; one that samples, two that elicit;
-    one that dies; one that adds a tool (list_changed). HTTP binds 127.0.0.1 and prints "PORT n".
-    http-oauth takes only tokens of the authorization server ISSUER (see mcp_oauth_settings), and
-    its tool `secret` only those with scope admin."""
+    """`python3 test_llmhost.py mcp-server stdio|http|sse|http-oauth ISSUER|sse-oauth ISSUER`:
+    tools returning text, structured content, an image, an error; a slow one; one that samples,
+    two that elicit; one that dies; one that adds a tool (list_changed). HTTP binds 127.0.0.1
+    and prints "PORT n". The -oauth kinds take only tokens of the authorization server ISSUER
+    (see mcp_oauth_settings), and their tool `secret` only those with scope admin."""
     from typing import Annotated
 
     import anyio
@@ -2719,10 +2719,11 @@ def run_mcp_test_server(argv):
     if argv[0] != "stdio":
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", int(argv[1]) if argv[1:] and argv[0] != "http-oauth" else 0))
+        sock.bind(("127.0.0.1", int(argv[1]) if argv[1:] and not argv[0].endswith("-oauth") else 0))
         sock.listen(128)  # before PORT is said: a client may connect while uvicorn starts
-    if argv[0] == "http-oauth":
-        protection = mcp_oauth_settings(argv[1], sock.getsockname()[1])
+    path = "/sse" if argv[0].startswith("sse") else "/mcp"  # (what clients connect to)
+    if argv[0].endswith("-oauth"):
+        protection = mcp_oauth_settings(argv[1], sock.getsockname()[1], path)
     srv = MCPServer("llmhost-test", version="1.0", **protection)
 
     class Weather(BaseModel):
@@ -2860,18 +2861,19 @@ def run_mcp_test_server(argv):
         return
     import uvicorn
     print(f"PORT {sock.getsockname()[1]}", flush=True)
-    app = srv.sse_app() if argv[0] == "sse" else srv.streamable_http_app()
+    app = srv.sse_app() if argv[0].startswith("sse") else srv.streamable_http_app()
     if argv[0] == "http-legacy":
         app = legacy_only(app)
-    if argv[0] == "http-oauth":
-        app = scope_for_tool(app, argv[1], sock.getsockname()[1], "secret", "admin")
+    if argv[0].endswith("-oauth"):
+        app = scope_for_tool(app, argv[1], f"http://127.0.0.1:{sock.getsockname()[1]}"
+                             f"/.well-known/oauth-protected-resource{path}", "secret", "admin")
     if os.environ.get("LLMHOST_TEST_MCP_NO_RESULT_TYPE"):
         app = without_result_type(app)
     config = uvicorn.Config(app, log_level="warning", lifespan="on")
     anyio.run(uvicorn.Server(config).serve, [sock])
 
 
-def mcp_oauth_settings(issuer, port):
+def mcp_oauth_settings(issuer, port, path):
     """MCPServer keyword arguments that make it take only tokens of the authorization server
     `issuer` with scope mcp, checked by introspection (RFC 7662), with the SDK's server auth: a
     401 naming its protected resource metadata, which it serves (RFC 9728)."""
@@ -2889,7 +2891,7 @@ def mcp_oauth_settings(issuer, port):
                                scopes=answer["scope"].split(), expires_at=answer.get("exp"))
 
     return {"token_verifier": Introspection(), "auth": AuthSettings(
-        issuer_url=issuer, resource_server_url=f"http://127.0.0.1:{port}/mcp",
+        issuer_url=issuer, resource_server_url=f"http://127.0.0.1:{port}{path}",
         required_scopes=["mcp"], validate_token_resource=False)}
 
 
@@ -2915,7 +2917,7 @@ def asgi_replay(receive, body):
     return replay
 
 
-def scope_for_tool(app, issuer, port, tool, scope):
+def scope_for_tool(app, issuer, metadata, tool, scope):
     """An ASGI wrapper: a call of `tool` with a token without `scope` is refused with 403
     insufficient_scope naming the scopes it takes (RFC 6750 §3.1), as a server asks for a
     step-up."""
@@ -2936,8 +2938,7 @@ def scope_for_tool(app, issuer, port, tool, scope):
                 answer = (await http.post(f"{issuer}/introspect", data={"token": token})).json()
             if scope not in (answer.get("scope") or "").split():
                 challenge = (f'Bearer error="insufficient_scope", scope="mcp {scope}", '
-                             f'resource_metadata="http://127.0.0.1:{port}/.well-known/'
-                             'oauth-protected-resource/mcp"')
+                             f'resource_metadata="{metadata}"')
                 await send({"type": "http.response.start", "status": 403, "headers": [
                     (b"www-authenticate", challenge.encode()), (b"content-length", b"0")]})
                 return await send({"type": "http.response.body", "body": b""})
@@ -4510,7 +4511,8 @@ def test_mcp_oauth_refresh_after_the_access_token_expires(tmp_path, oauth_server
     auth, url = oauth_server
     registry = write_registry(tmp_path / "servers.json", [], mcp={"docs": {"url": url}})
     assert oauth_cli(registry, "login", "docs").returncode == 0
-    logins, refreshes = len(auth.requests("/authorize")), len(auth.requests("/token", "refresh_token"))
+    logins = len(auth.requests("/authorize"))
+    refreshes = len(auth.requests("/token", "refresh_token"))
     # Expired by the client's clock: refreshed before the call.
     before = stored_tokens(registry, "docs", url)["tokens"]
     expire_in_file(registry, "docs", url)
@@ -4543,7 +4545,8 @@ def test_mcp_oauth_processes_spend_a_rotating_refresh_token_once(tmp_path, oauth
     auth, url = oauth_server
     registry = write_registry(tmp_path / "servers.json", [], mcp={"docs": {"url": url}})
     assert oauth_cli(registry, "login", "docs").returncode == 0
-    refreshes, logins = len(auth.requests("/token", "refresh_token")), len(auth.requests("/authorize"))
+    refreshes = len(auth.requests("/token", "refresh_token"))
+    logins = len(auth.requests("/authorize"))
     expire_in_file(registry, "docs", url)
     auth.refresh_gate = threading.Event()  # the first refresh is answered when all have come
     try:
@@ -4590,6 +4593,22 @@ def test_mcp_oauth_a_wrong_iss_is_refused(tmp_path):
         assert auth.requests("/authorize") and not auth.requests("/token")
         assert "tokens" not in json.dumps(llmhost.MCPTokenStore(
             llmhost.tokens_path(registry)).read())
+    finally:
+        proc.terminate()
+        proc.wait(TIMEOUT)
+        auth.close()
+
+
+def test_mcp_oauth_over_the_legacy_sse_transport(tmp_path):
+    auth = FakeAuthServer()
+    proc, port = start_mcp_http("sse-oauth", auth.url)
+    try:
+        result = oauth_cli(str(tmp_path / "s.json"), "call", "--url",
+                           f"http://127.0.0.1:{port}/sse", "--transport", "sse", "echo",
+                           '{"text": "over sse"}')
+        assert result.returncode == 0 and result.stdout.strip() == "over sse", result.stderr
+        (login,) = auth.requests("/authorize")
+        assert login["resource"] == f"http://127.0.0.1:{port}/sse"
     finally:
         proc.terminate()
         proc.wait(TIMEOUT)
