@@ -6971,8 +6971,7 @@ class Application:
     async def dispatch(self, request):
         route = request.route  # (found, its Host and Origin checked, before a body was read)
         if route is None:
-            self.check_host(request)
-            self.check_origin(request)
+            self.check_head(request)
         origin = request.headers.get("origin")
         if origin is not None and self.cors_origins:
             if "*" in self.cors_origins:
@@ -6985,6 +6984,14 @@ class Application:
                 return self.preflight(request)
         handler, rest = route or self.route(request)
         return await (handler(request) if rest is None else handler(request, rest))
+
+    def check_head(self, request):
+        """The Host and Origin checks, refused in the error shape of the API the path names
+        (its face: route() finds the same one, but these come first)."""
+        path = request.path
+        request.face = self.faces.get(path if path.startswith("/v1/") else "/v1" + path)
+        self.check_host(request)
+        self.check_origin(request)
 
     def check_host(self, request):
         if self.allowed_hosts is not None and "host" in request.headers:  # (none: HTTP/1.0,
@@ -7070,8 +7077,7 @@ class Application:
         route that takes no body), so the HTTP layer need not read it, nor send 100 Continue
         for it. dispatch() gives the answer."""
         try:
-            self.check_host(request)
-            self.check_origin(request)
+            self.check_head(request)
             if request.method == "OPTIONS":  # (a preflight has no body; another is no
                 return request.has_body  # request of ours: either way, its body is unread)
             request.route = self.route(request)  # (so dispatch need not find it again)

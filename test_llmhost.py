@@ -2508,6 +2508,15 @@ def test_messages_a_bad_api_key_is_a_401_in_anthropics_envelope(fake, tmp_path):
         assert status == 200 and doc["type"] == "message"
         status, doc = jpost(running.port, "/v1/chat/completions", CHAT)
         assert status == 401 and doc["error"]["code"] == "invalid_api_key"  # chat: OpenAI's
+        # A web page's request, refused from its head before the key is looked at, is
+        # refused in Anthropic's envelope too (before: OpenAI's, as the face came later).
+        reached = len(fake.posts())
+        for headers in ({"Origin": "https://evil.example", "x-api-key": "k1"},
+                        {"Sec-Fetch-Site": "cross-site", "x-api-key": "k1"}):
+            status, _, doc = mpost(running.port, MSG, headers=headers)
+            assert status == 403 and doc["type"] == "error", doc
+            assert doc["error"]["type"] == "permission_error"
+        assert len(fake.posts()) == reached
     finally:
         running.stop()
 
