@@ -2115,7 +2115,8 @@ SERVER_FIELDS = {
     "mcp": (_is_str_list, "a list of MCP server names"),
     "vision": (lambda v: isinstance(v, bool), "true or false (its models read images)"),
     "stream_usage": (lambda v: isinstance(v, bool),
-                     "true or false (ask it for a stream's usage, to count tokens)"),
+                     "true or false (ask it for a stream's usage, to count tokens; default "
+                     "true)"),
     # managed entries: llmhost starts the server itself (instead of "url")
     "command": (lambda v: isinstance(v, str) and v.strip(), "a command line"),
     "ttl": (lambda v: (v == 0 and not isinstance(v, bool)) or _is_number(v),
@@ -2362,6 +2363,7 @@ class Upstream:
         self.max_concurrency = entry.get("max_concurrency")
         self.timeout = entry.get("timeout") or UPSTREAM_TIMEOUT
         self.connect_timeout = entry.get("connect_timeout") or CONNECT_TIMEOUT
+        self.stream_usage = entry.get("stream_usage", True)  # ask streams for their usage
         self.in_flight = 0
         self.failures = 0  # consecutive
         self.cooldown_until = 0.0
@@ -5124,11 +5126,28 @@ def after_answer(status, final):
 
 
 def wants_usage_added(body):
-    """Whether a request is a stream whose client did not ask for its usage (an entry with
-    "stream_usage" asks for it anyway, and the usage chunk is taken out on the way back)."""
+    """Whether a request is a stream whose client did not ask for its usage (llmhost asks for
+    it anyway, unless the entry says "stream_usage": false, and the usage chunk is taken out
+    on the way back)."""
     return body.get("stream") is True and not (
         isinstance(body.get("stream_options"), dict) and body["stream_options"].get(
             "include_usage"))
+
+
+USAGE_ASKED = b'{"stream_options":{"include_usage":true},'
+
+
+def with_usage_asked(body, raw, upstream_model):
+    """The request `body` (whose unchanged encoding is `raw`, or None) as sent to an upstream
+    whose model id is `upstream_model`, asking for its stream's usage. A body with no
+    `stream_options` at all is not encoded again: the field goes in front of its bytes
+    (duplicate keys were refused, so the one added is the only one)."""
+    if raw and upstream_model == body["model"] and "stream_options" not in body:
+        raw = raw.lstrip()
+        if raw[:1] == b"{":
+            return USAGE_ASKED + raw[1:]
+    return json_bytes(dict(body, model=upstream_model, stream_options=dict(
+        body.get("stream_options") or {}, include_usage=True)))
 
 
 def without_usage_event(data):
@@ -5239,9 +5258,8 @@ class Sender:
 
         for i, (up, upstream_model) in enumerate(attempts):
             payload = raw
-            if up.entry.get("stream_usage") and wants_usage_added(body):
-                payload = json_bytes(dict(body, model=upstream_model, stream_options=dict(
-                    body.get("stream_options") or {}, include_usage=True)))
+            if up.stream_usage and wants_usage_added(body):
+                payload = with_usage_asked(body, raw, upstream_model)
             elif upstream_model != model or not payload:
                 payload = json_bytes(dict(body, model=upstream_model))
             request.server = up.name
@@ -7216,7 +7234,7 @@ class Application:
         conn = request.conn
 
         def deliver(up, resp, data, overhead):
-            strip = bool(up.entry.get("stream_usage")) and wants_usage_added(body)
+            strip = up.stream_usage and wants_usage_added(body)
             return self.relay(request, up, resp, data, transform, overhead, strip)
 
         await self.sender.admit(model, conn)
@@ -7295,7 +7313,7 @@ class Application:
                 if tail:
                     data = tail + data
                 data, tail = whole_events(data)
-                if strip:  # (an entry's "stream_usage": the chunk llmhost asked for goes)
+                if strip:  # (the usage chunk llmhost asked for, and the client did not, goes)
                     data = self.strip_usage(request, data)
                 if resp.done or data.endswith(SSE_DONE):  # the last piece: written with the
                     pending = data  # end of the stream (a client may close once it reads
@@ -10209,7 +10227,7 @@ def entry_api_key(entry, environ):
 
 # `add` options copied into an entry as given (both kinds of entry)
 SERVER_OPTIONS = ("alias", "api_key_env", "api_key", "timeout", "max_concurrency", "priority",
-                  "vision", "mcp")
+                  "vision", "mcp", "stream_usage")
 
 
 def copy_options(args, entry, fields):
@@ -11483,6 +11501,9 @@ def build_parser():
                    help="give its models this MCP server's tools (repeatable)")
     p.add_argument("--vision", action="store_true", default=None,
                    help="its models read images: MCP tool images are given to them")
+    p.add_argument("--no-stream-usage", dest="stream_usage", action="store_false",
+                   default=None, help="do not ask it for a stream's usage (stream_options."
+                   "include_usage), for a server that refuses the field")
     p.add_argument("--no-check", action="store_true", help="save without probing the server")
     managed = p.add_argument_group("servers llmhost starts itself (instead of URL)")
     managed.add_argument("--command", metavar="'CMD ... ${PORT}'",

@@ -1040,10 +1040,10 @@ def test_chat_stream_relays_events_and_usage(gateway):
     assert chunks[-1]["usage"]["total_tokens"] == 10 and chunks[-1]["choices"] == []
 
 
-def test_an_entry_with_stream_usage_is_asked_for_it_and_a_client_that_did_not_gets_none(
-        fake, tmp_path):
-    path = write_registry(tmp_path / "s.json", [{"name": "local", "url": fake.url,
-                                                 "models": ["fake-model"], "stream_usage": True}])
+def test_a_stream_is_asked_for_its_usage_and_a_client_that_did_not_gets_none(fake, tmp_path):
+    path = write_registry(tmp_path / "s.json", [
+        {"name": "local", "url": fake.url, "models": ["fake-model"]},
+        {"name": "plain", "url": fake.url, "models": ["plain-model"], "stream_usage": False}])
     running = Running(path)
     try:
         status, _, raw = post(running.port, "/v1/chat/completions", dict(CHAT, stream=True))
@@ -1063,8 +1063,20 @@ def test_an_entry_with_stream_usage_is_asked_for_it_and_a_client_that_did_not_ge
         assert series(samples, "llmhost_tokens_total", model="fake-model", kind="prompt") == 14
         assert series(samples, "llmhost_tokens_total", model="fake-model",
                       kind="completion") == 6
+        status, _, raw = post(running.port, "/v1/chat/completions", dict(
+            CHAT, model="plain-model", stream=True))  # "stream_usage": false: not asked
+        assert status == 200 and sse_events(raw)[-1] == "[DONE]"
+        assert "stream_options" not in json.loads(fake.posts()[-1]["body"])
     finally:
         running.stop()
+
+
+def test_add_no_stream_usage_is_saved_and_an_entry_asks_by_default(fake, tmp_path):
+    path = tmp_path / "s.json"
+    assert run_cli(str(path), "add", "plain", fake.url, "--no-stream-usage")[0] == 0
+    assert run_cli(str(path), "add", "asks", fake.url)[0] == 0
+    entries = {e["name"]: e for e in json.loads(path.read_text())["servers"]}
+    assert entries["plain"]["stream_usage"] is False and "stream_usage" not in entries["asks"]
 
 
 def test_the_usage_chunk_is_found_among_events_glued_together():
@@ -6317,10 +6329,10 @@ def test_metrics_count_requests_by_route_model_status_with_durations_and_tokens(
     assert [v for _, v in buckets] == sorted(v for _, v in buckets) and buckets[-1][1] == 5
     assert series(samples, "llmhost_request_duration_seconds_count", **labels) == 5
     assert 0 < series(samples, "llmhost_request_duration_seconds_sum", **labels) < 5 * TIMEOUT
-    # the fake's usage (7 prompt, 3 completion) summed over the three answers and the stream
-    # that asked for it
-    assert series(samples, "llmhost_tokens_total", model="fake-model", kind="prompt") == 28
-    assert series(samples, "llmhost_tokens_total", model="fake-model", kind="completion") == 12
+    # the fake's usage (7 prompt, 3 completion) summed over the three answers and both
+    # streams (llmhost asked the one whose client did not ask for its usage)
+    assert series(samples, "llmhost_tokens_total", model="fake-model", kind="prompt") == 35
+    assert series(samples, "llmhost_tokens_total", model="fake-model", kind="completion") == 15
     assert series(samples, "llmhost_upstream_attempts_total", server="local") == 5
     assert types["llmhost_stream_first_byte_seconds"] == "histogram"
     assert series(samples, "llmhost_stream_first_byte_seconds_count", route=chat,
