@@ -644,11 +644,17 @@ REQUEST_JSON = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite
                                 object_pairs_hook=_object_pairs)
 
 
+# Built once: json.dumps with any option builds a JSONEncoder per call, which costs more than
+# encoding a token's text (a translated stream encodes one per event).
+_JSON_UTF8 = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_JSON_ASCII = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def json_bytes(obj):
     try:
-        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+        return _JSON_UTF8(obj).encode()
     except UnicodeEncodeError:  # a lone surrogate (half an emoji) has no UTF-8: keep its escape
-        return json.dumps(obj, separators=(",", ":")).encode()
+        return _JSON_ASCII(obj).encode()
 
 def list_models(doc):
     """The model ids in an OpenAI `GET /models` answer, or None if it is not one."""
@@ -4904,8 +4910,10 @@ def message_problem(message, where, stream=False):
     if content is not None and not isinstance(content, str):
         return f"{where}.content is {json_kind(content)}, not a string"
     calls = message.get("tool_calls")
+    if calls is None:
+        return None
     problem = objects_problem(calls, f"{where}.tool_calls")
-    if calls is None or problem:
+    if problem:
         return problem
     for i, call in enumerate(calls):
         fn = call.get("function")
@@ -4919,6 +4927,9 @@ def message_problem(message, where, stream=False):
     return None
 
 
+_TEXT_TYPES = (str, type(None))
+
+
 def chunk_problem(doc):
     """Why the tool loop cannot read a streamed chat chunk (a JSON object), or None."""
     choices = doc.get("choices")
@@ -4930,6 +4941,8 @@ def chunk_problem(doc):
         if delta is not None:
             if not isinstance(delta, dict):
                 return f"choices[{i}].delta is {json_kind(delta)}, not an object"
+            if "tool_calls" not in delta and delta.get("content").__class__ in _TEXT_TYPES:
+                continue  # (a token's text: most chunks of a stream)
             problem = message_problem(delta, f"choices[{i}].delta", stream=True)
             if problem:
                 return problem
@@ -5488,7 +5501,9 @@ class Round:
         if problem:
             raise UpstreamError("upstream sent a chunk that is not an OpenAI "
                                 f"chat.completion.chunk ({problem})", code="upstream_format")
-        add_usage(self.usage, doc.get("usage"))
+        usage = doc.get("usage")
+        if usage:
+            add_usage(self.usage, usage)
         shown = None
         for choice in doc.get("choices") or ():
             self.template = doc
@@ -8346,9 +8361,12 @@ class ResponsesRender(Render, Face):
             ("Content-Type", "text/event-stream"),
             ("X-Llmhost-Server", up.name if up is not None else "-")] + SSE_HEADERS)
         self.request.status = 200
-        snapshot = self.response("in_progress", [])
-        head = self.event("response.created", {"response": snapshot}) + \
-            self.event("response.in_progress", {"response": snapshot})
+        snapshot = json_bytes(self.response("in_progress", []))  # (encoded once for both)
+        head = b""
+        for kind in (b"response.created", b"response.in_progress"):
+            head += b'event: %s\ndata: {"type":"%s","response":%s,"sequence_number":%d}\n\n' % (
+                kind, kind, snapshot, self.seq)
+            self.seq += 1
         for kind, fields in self.held:
             head += self.event(kind, fields)
         self.held = []
