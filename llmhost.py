@@ -1222,12 +1222,15 @@ class ClientConnection:
             self.send(encode_chunk(data) if self.chunked else data)
 
     def end_stream(self, last=b""):
-        """End the stream, with a last piece of body in the same write."""
+        """End the stream, with a last piece of body in the same write (and with whatever
+        cork() held)."""
         if self.chunked:
             self.send(encode_chunk(last) + LAST_CHUNK if last else LAST_CHUNK)
         elif last:
             self.send(last)
         self.streaming = False
+        if self.corked is not None:
+            self.uncork()
 
 
 class HTTPServer:
@@ -1325,6 +1328,8 @@ class HTTPServer:
                 try:
                     keep_alive = await self.app.handle(request)
                 finally:
+                    if conn.corked is not None:  # (a stream's end uncorks; this is a net)
+                        conn.uncork()
                     conn.phase = "idle"
                     conn.upstream = None
                     self.in_flight -= 1
@@ -5583,6 +5588,7 @@ class ToolLoop:
                 usage = state["usage"]  # every round's, for /metrics and the access log
                 self.request.tokens = {kind: usage[kind + "_tokens"] for kind in (
                     "prompt", "completion") if type(usage.get(kind + "_tokens")) is int}
+                self.cork_the_end()
                 return render.finished(LoopEnd(state, current, texts,
                                                theirs if not last else None, last))
             # Calls that wait for the client's approval end the loop (the others of the round
@@ -5593,12 +5599,19 @@ class ToolLoop:
                 others = [call for call in mine if all(call is not ask for ask in asks)]
                 if others:
                     await self.run_calls(others, render)
+                self.cork_the_end()
                 return render.approval(LoopEnd(state, current, texts, None, False), asks)
             results = await self.run_calls(mine, render)
             core.extend_conversation(state, current.message or {
                 "role": "assistant", "content": current.text()}, mine, results)
             if await core.rebind(state, self.base, self.bindings):
                 render.tools(self.bindings)
+
+    def cork_the_end(self):
+        """A stream's closing events (an item's .done events, the final chunk or event) go out
+        in one write with its end (end_stream uncorks), not one write each."""
+        if self.stream:
+            self.request.conn.cork()
 
     async def run_calls(self, calls, render):
         """Run MCP calls, telling the renderer -> their results."""
