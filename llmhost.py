@@ -2095,6 +2095,9 @@ def import_mcp_json(doc):
     return imported, skipped, renamed
 
 
+# The APIs an entry may opt in to have relayed to the server's own endpoint ("native"), rather
+# than translated onto its chat completions: only for a server known to get them right (issue 17).
+NATIVE_APIS = ("responses", "messages")
 # field -> (check, what it must be). Unknown fields are refused so a typo cannot go unnoticed.
 SERVER_FIELDS = {
     "name": (lambda v: isinstance(v, str) and NAME_RE.fullmatch(v), "a name of 1-64 [A-Za-z0-9._-]"),
@@ -2116,6 +2119,9 @@ SERVER_FIELDS = {
     "vision": (lambda v: isinstance(v, bool), "true or false (its models read images)"),
     "stream_usage": (lambda v: isinstance(v, bool),
                      "true or false (ask it for a stream's usage, to count tokens)"),
+    "native": (lambda v: _is_str_list(v) and len(set(v)) == len(v) and set(v) <= set(NATIVE_APIS),
+               "a list of the APIs it speaks right itself, relayed untouched: "
+               + " and/or ".join(f'"{api}"' for api in NATIVE_APIS)),
     # managed entries: llmhost starts the server itself (instead of "url")
     "command": (lambda v: isinstance(v, str) and v.strip(), "a command line"),
     "ttl": (lambda v: (v == 0 and not isinstance(v, bool)) or _is_number(v),
@@ -10209,7 +10215,19 @@ def entry_api_key(entry, environ):
 
 # `add` options copied into an entry as given (both kinds of entry)
 SERVER_OPTIONS = ("alias", "api_key_env", "api_key", "timeout", "max_concurrency", "priority",
-                  "vision", "mcp")
+                  "vision", "mcp", "native")
+
+
+def parse_native(text):
+    """`--native responses,messages` -> the entry's "native" list (None if not given)."""
+    if text is None:
+        return None
+    apis = list(dict.fromkeys(a.strip() for a in text.split(",") if a.strip()))
+    unknown = [a for a in apis if a not in NATIVE_APIS]
+    if unknown or not apis:
+        raise CLIError(f"--native takes {' and/or '.join(NATIVE_APIS)}, comma-separated"
+                       f"{f', not {unknown[0]!r}' if unknown else ''}")
+    return apis
 
 
 def copy_options(args, entry, fields):
@@ -10236,6 +10254,7 @@ def cmd_add(args, environ):
         raise CLIError("use either --api-key-env or --api-key, not both")
     if args.api_key_env and not ENV_NAME_RE.fullmatch(args.api_key_env):
         raise CLIError(f"invalid environment variable name {args.api_key_env!r}")
+    args.native = parse_native(args.native)
     for field in ("timeout", "max_concurrency", "ttl", "start_timeout", "ready_path"):
         value = getattr(args, field)
         check, what = SERVER_FIELDS[field]
@@ -10396,6 +10415,8 @@ def cmd_list(args, environ):
         text = ", ".join(models[:4]) + (f" (+{len(models) - 4})" if len(models) > 4 else "")
         if e.get("discover"):
             text = (text + " " if text else "") + "[all listed]"
+        if e.get("native"):
+            text = (text + " " if text else "") + f"[native: {', '.join(e['native'])}]"
         rows.append([e["name"], hide_password(e.get("url") or f"(managed) {e['command']}"[:60]),
                      text or "-", auth_source(e)])
     print_table(rows, ["NAME", "URL", "MODELS", "AUTH"])
@@ -11483,6 +11504,10 @@ def build_parser():
                    help="give its models this MCP server's tools (repeatable)")
     p.add_argument("--vision", action="store_true", default=None,
                    help="its models read images: MCP tool images are given to them")
+    p.add_argument("--native", metavar="API[,API]",
+                   help="relay these APIs (responses, messages) to the server's own endpoint "
+                   "when llmhost runs no tools, instead of translating them onto its chat "
+                   "completions: only for a server that gets them right (OpenAI, Anthropic)")
     p.add_argument("--no-check", action="store_true", help="save without probing the server")
     managed = p.add_argument_group("servers llmhost starts itself (instead of URL)")
     managed.add_argument("--command", metavar="'CMD ... ${PORT}'",
