@@ -5,7 +5,7 @@ Register llama.cpp, vLLM, Ollama, LM Studio, TGI or any remote OpenAI-compatible
 registry (``servers.json``) and serve them all behind one ``/v1`` API: chat completions (text and
 images, streaming and not, tools), the Responses API (translated onto chat completions, stored
 responses in ``servers.json.responses.sqlite``), Anthropic's Messages API (translated onto chat
-completions), legacy completions, embeddings and rerank. One file, standard library only; the
+completions; both relayed as they are to an entry opted in with "native"), legacy completions, embeddings and rerank. One file, standard library only; the
 ``mcp`` package is imported only when an MCP server is used.
 
 Usage::
@@ -6723,7 +6723,8 @@ class MessagesSSE(MessagesRender):
 #          connect error, timeout, 429/502/503/504 before any byte -> mark it, try the next
 #          got status + headers -> point of no return: relay to the client
 #     -> client gone -> the upstream connection is aborted at once (generation stops)
-#     -> upstream dies mid-stream -> one OpenAI error event, end of stream; never [DONE]
+#     -> upstream dies mid-stream -> one error event of the face's API, end of stream; never
+#        [DONE] (a Responses or Messages request an entry takes natively is relayed so too)
 #
 # Errors become responses here (any HTTPError -> the OpenAI envelope) and in the HTTPServer
 # (protocol errors before the application ran). Response bytes are relayed untouched except
