@@ -5,7 +5,7 @@ Register llama.cpp, vLLM, Ollama, LM Studio, TGI or any remote OpenAI-compatible
 registry (``servers.json``) and serve them all behind one ``/v1`` API: chat completions (text and
 images, streaming and not, tools), the Responses API (translated onto chat completions, stored
 responses in ``servers.json.responses.sqlite``), Anthropic's Messages API (translated onto chat
-completions), legacy completions, embeddings and rerank. One file, standard library only; the
+completions; both relayed as they are to an entry opted in with "native"), legacy completions, embeddings and rerank. One file, standard library only; the
 ``mcp`` package is imported only when an MCP server is used.
 
 Usage::
@@ -2106,6 +2106,9 @@ def import_mcp_json(doc):
     return imported, skipped, renamed
 
 
+# The APIs an entry may opt in to have relayed to the server's own endpoint ("native"), rather
+# than translated onto its chat completions: only for a server known to get them right (issue 17).
+NATIVE_APIS = ("responses", "messages")
 # field -> (check, what it must be). Unknown fields are refused so a typo cannot go unnoticed.
 SERVER_FIELDS = {
     "name": (lambda v: isinstance(v, str) and NAME_RE.fullmatch(v), "a name of 1-64 [A-Za-z0-9._-]"),
@@ -2128,6 +2131,9 @@ SERVER_FIELDS = {
     "stream_usage": (lambda v: isinstance(v, bool),
                      "true or false (ask it for a stream's usage, to count tokens; default "
                      "true)"),
+    "native": (lambda v: _is_str_list(v) and len(set(v)) == len(v) and set(v) <= set(NATIVE_APIS),
+               "a list of the APIs it speaks right itself, relayed untouched: "
+               + " and/or ".join(f'"{api}"' for api in NATIVE_APIS)),
     # managed entries: llmhost starts the server itself (instead of "url")
     "command": (lambda v: isinstance(v, str) and v.strip(), "a command line"),
     "ttl": (lambda v: (v == 0 and not isinstance(v, bool)) or _is_number(v),
@@ -2370,6 +2376,7 @@ class Upstream:
         self.set_url(entry.get("url") or "http://127.0.0.1:0/v1")
         self.models = list(entry.get("models") or ())
         self.alias = entry.get("alias")
+        self.native = frozenset(entry.get("native", ()))  # APIs relayed to its own endpoints
         self.priority = entry.get("priority", 0)
         self.max_concurrency = entry.get("max_concurrency")
         self.timeout = entry.get("timeout") or UPSTREAM_TIMEOUT
@@ -2385,21 +2392,31 @@ class Upstream:
 
     def set_url(self, url):
         self.origin = Origin(url)
-        auth = f"Authorization: Bearer {check_header_value(self.api_key)}\r\n" \
-            if self.api_key else ""
+        key = check_header_value(self.api_key) if self.api_key else None
+        auth = f"Authorization: Bearer {key}\r\n" if key else ""
         # Built once per origin: the part of every upstream request head that never changes.
         # Accept-Encoding: identity, since without it any coding is acceptable (RFC 9110
         # §12.5.3) and llmhost reads some answers (tool loop, base64 embeddings, errors).
-        self.head_fixed = (f"Host: {self.origin.host_header}\r\n{auth}"
-                           f"User-Agent: llmhost/{__version__}\r\n"
-                           "Content-Type: application/json\r\nAccept-Encoding: identity\r\n")
+        host = f"Host: {self.origin.host_header}\r\n"
+        rest = (f"User-Agent: llmhost/{__version__}\r\n"
+                "Content-Type: application/json\r\nAccept-Encoding: identity\r\n")
+        self.head_fixed = host + auth + rest
+        # A Messages request relayed to the server's own /messages ("native"): Anthropic's API
+        # takes the key as x-api-key, and a Bearer as an OAuth token it refuses ("Invalid
+        # bearer token"); servers that copy the API (vLLM, llama.cpp, Ollama) read the Bearer
+        # form. So both, but x-api-key alone to Anthropic itself.
+        bearer = "" if self.origin.host.endswith(".anthropic.com") else auth
+        self.heads = {None: self.head_fixed, "responses": self.head_fixed,
+                      "messages": host + bearer + (f"x-api-key: {key}\r\n" if key else "")
+                      + rest}
 
-    def head(self, method, target, length=None, request_id=None):
+    def head(self, method, target, length=None, request_id=None, api=None, extra=""):
         """The head of a request to this server, the one place one is built: the fields every
-        request to it carries (head_fixed), the length of a body and the client request's id.
-        No field of the client's is ever copied."""
-        return ("%s %s HTTP/1.1\r\n%s%s%s\r\n" % (
-            method, target, self.head_fixed,
+        request to it carries (head_fixed; those of `api` for a request relayed to the server's
+        own endpoint of that API), the length of a body and the client request's id. No field
+        of the client's is copied, but the `extra` lines a native relay passes on."""
+        return ("%s %s HTTP/1.1\r\n%s%s%s%s\r\n" % (
+            method, target, self.heads[api], extra,
             "" if length is None else "Content-Length: %d\r\n" % length,
             "" if request_id is None else "X-Request-Id: %s\r\n" % request_id)
         ).encode("latin-1")
@@ -5002,6 +5019,23 @@ class Face:
         """The event that ends a stream that failed after its head went out."""
         return sse_event(exc.envelope())
 
+    # -- a relayed answer (chat's; a Responses or Messages one an entry's "native" API gave) --
+    def upstream_error(self, status, body):
+        """An upstream's error body in this API's envelope (passed as it is if it is one)."""
+        return error_envelope_bytes(status, body)
+
+    def stream_ended(self, data):
+        """Whether relayed SSE bytes hold the event that ends a whole stream of this API."""
+        return b"[DONE]" in data
+
+    def stream_error(self, exc, last):
+        """The event that ends a relayed stream that died; `last`: the bytes relayed last."""
+        return self.error_event(exc)
+
+    def native_fields(self, headers):
+        """Header lines of the client's request that an upstream of this API needs too."""
+        return ""
+
 
 OPENAI_FACE = Face()
 
@@ -5183,6 +5217,38 @@ def without_usage_event(data):
     return data, None
 
 
+class Native:
+    """A Responses or Messages request that the entries opted in to its API ("native") are
+    sent as the client gave it, at their own endpoint of that API (only the model renamed where
+    an entry serves it under another name), instead of the chat body other entries get; and
+    `deliver` (as send()'s) relays their answer. `only`: no other entry can answer it (it names
+    state that only such a server holds)."""
+
+    def __init__(self, api, body, raw, query, extra, deliver, only=False):
+        self.api = api
+        self.body = body
+        self.raw = raw
+        self.suffix = "/" + api + ("?" + query if query else "")
+        self.extra = extra  # header lines of the client's the API wants passed on
+        self.deliver = deliver
+        self.only = only
+
+    def takes(self, up):
+        return self.api in up.native
+
+    def payload(self, model):
+        return self.raw if model == self.body["model"] and self.raw else json_bytes(
+            dict(self.body, model=model))
+
+
+class Relayed:
+    """What a native relay's deliver returns through a loop made for chat answers: the client
+    has its answer; `keep_alive` says whether its connection stays open."""
+
+    def __init__(self, keep_alive):
+        self.keep_alive = keep_alive
+
+
 class Sender:
     """The send path, shared by every route and the tool loop: admit(), send(), complete()."""
 
@@ -5258,14 +5324,20 @@ class Sender:
         key = (up.name, kind)
         self.failures[key] = self.failures.get(key, 0) + 1
 
-    async def send(self, request, body, candidates, suffix, raw, deliver):
+    async def send(self, request, body, candidates, suffix, raw, deliver, native=None):
         """Send to each candidate in turn until one answers; `deliver(up, resp, body bytes or
         None for a stream, overhead ms)` then owns the answer (the point of no return). A client
-        that leaves meanwhile ends it with ClientGone, so no caller has to check for that."""
+        that leaves meanwhile ends it with ClientGone, so no caller has to check for that.
+        `native` (a Native): the entries opted in to its API get it instead (and only they
+        are tried if it says so)."""
         model = body["model"]
         conn = request.conn
+        if native is not None and native.only:
+            candidates = [c for c in candidates if native.takes(c[0])]
         if candidates[0][0].full():  # (an MCP tool loop's later rounds: a request taken in
             candidates = await self.wait_for_capacity(model, conn)  # waits for its model anew)
+            if native is not None and native.only:
+                candidates = [c for c in candidates if native.takes(c[0])]
         attempts = candidates[:MAX_ATTEMPTS]
         last_error = None
 
@@ -5275,8 +5347,11 @@ class Sender:
                 upstream_conn.abort()
 
         for i, (up, upstream_model) in enumerate(attempts):
+            relay = native if native is not None and native.takes(up) else None
             payload = raw
-            if up.stream_usage and wants_usage_added(body):
+            if relay is not None:
+                payload = relay.payload(upstream_model)
+            elif up.stream_usage and wants_usage_added(body):
                 payload = with_usage_asked(body, raw, upstream_model)
             elif upstream_model != model or not payload:
                 payload = json_bytes(dict(body, model=upstream_model))
@@ -5294,7 +5369,9 @@ class Sender:
                 sent = time.monotonic()
                 try:  # nothing has gone out yet, so a failure here is still retried
                     resp, data = await self.attempt(up, up.head(
-                        "POST", up.origin.base_path + suffix, len(payload), request.request_id),
+                        "POST", up.origin.base_path + (relay.suffix if relay else suffix),
+                        len(payload), request.request_id, relay and relay.api,
+                        relay.extra if relay else ""),
                         payload, attach, final=i == len(attempts) - 1)
                 except UpstreamError as exc:
                     if conn.gone:
@@ -5306,7 +5383,8 @@ class Sender:
                 if resp is None:
                     continue  # a refusal marked in attempt(): the next server
                 try:
-                    return await deliver(up, resp, data, (sent - request.received) * 1000)
+                    return await (relay.deliver if relay else deliver)(
+                        up, resp, data, (sent - request.received) * 1000)
                 finally:
                     if not resp.done and not resp.draining:
                         resp.close()  # not read to its end: the connection cannot be reused
@@ -5355,14 +5433,15 @@ class Sender:
         self.mark(up, health, f"HTTP {status}", resp.headers.get("retry-after"))
         return resp, data
 
-    async def complete(self, request, body, candidates):
+    async def complete(self, request, body, candidates, native=None):
         """One non-streamed chat completion through the router -> (status, body bytes, the
-        Retry-After of a refusal or None)."""
+        Retry-After of a refusal or None); or a native relay's Relayed."""
         async def deliver(up, resp, data, overhead):
             data = data if data is not None else await resp.read_all()
             return (resp.status, decode_content(data, content_encoding(resp)),
                     resp.headers.get("retry-after"))
-        return await self.send(request, body, candidates, "/chat/completions", None, deliver)
+        return await self.send(request, body, candidates, "/chat/completions", None, deliver,
+                               native)
 
 
 # =============================================================================
@@ -5541,9 +5620,10 @@ class ToolLoop:
     returns. `core` gives the send path (`sender`), the MCP hub (`mcp`), `run_mcp_calls` and
     `rebind`; `state` is the conversation and what the request gave (see mcp_rounds)."""
 
-    def __init__(self, core, request, base, bindings, state, stream):
+    def __init__(self, core, request, base, bindings, state, stream, native=None):
         self.core = core
         self.request = request
+        self.native = native  # a Native: the first round's native relay, if any
         self.base = base  # the request's body, without messages, with the tools offered
         self.bindings = bindings  # tool name -> MCP binding
         self.state = state
@@ -5574,7 +5654,10 @@ class ToolLoop:
         for number in range(rounds + 1):
             last = number == rounds
             current = Round(number, any(texts), state["usage"], template)
-            refusal = await self.one_round(current, self.round_body(number, last), render)
+            refusal = await self.one_round(current, self.round_body(number, last), render,
+                                           self.native if number == 0 else None)
+            if isinstance(refusal, Relayed):  # an entry answered in the client's API itself
+                return refusal.keep_alive
             if refusal is not None:
                 return render.refused(*refusal)
             template = current.template
@@ -5623,13 +5706,16 @@ class ToolLoop:
         render.results(calls, results)
         return results
 
-    async def one_round(self, current, body, render):
-        """Ask the model once -> None, or the (status, body, retry_after) that ends the loop."""
+    async def one_round(self, current, body, render, native=None):
+        """Ask the model once -> None, or the (status, body, retry_after) that ends the loop,
+        or Relayed when an entry took the request natively (`native`) and has answered it."""
         core = self.core
         candidates = core.router.resolve(self.base["model"])  # each round ordered anew
         if not self.stream:
-            status, data, retry_after = await core.sender.complete(self.request, body,
-                                                                   candidates)
+            answer = await core.sender.complete(self.request, body, candidates, native)
+            if isinstance(answer, Relayed):
+                return answer
+            status, data, retry_after = answer
             doc, message = completion_message(data) if status == 200 else (None, None)
             if message is None:
                 return status, data, retry_after
@@ -5682,7 +5768,7 @@ class ToolLoop:
                 conn.uncork()
 
         return await core.sender.send(self.request, body, candidates, "/chat/completions",
-                                      None, deliver)
+                                      None, deliver, native)
 
     def show(self, current, doc, render):
         if isinstance(doc, dict):  # every round's chunks carry the first's id: one completion
@@ -5713,7 +5799,9 @@ METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                     120.0, 300.0)
 _USAGE_NUMBER = re.compile(rb'\s*:\s*(\d+)')  # after a usage field's name
-_USAGE_KINDS = (("prompt", b'"prompt_tokens"'), ("completion", b'"completion_tokens"'))
+# (the Responses and Messages names too: their answers are relayed from a "native" entry)
+_USAGE_KINDS = (("prompt", b'"prompt_tokens"'), ("completion", b'"completion_tokens"'),
+                ("prompt", b'"input_tokens"'), ("completion", b'"output_tokens"'))
 
 
 def prometheus_label(value):
@@ -6055,6 +6143,7 @@ ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_erro
                          413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
                          502: "api_error", 503: "overloaded_error", 504: "timeout_error",
                          529: "overloaded_error"}
+ANTHROPIC_VERSION = "2023-06-01"  # the anthropic-version the SDKs send, for a client without one
 # chat finish_reason -> Messages stop_reason (a stop string is told apart in stop_reason())
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
                 "function_call": "tool_use", "content_filter": "refusal"}
@@ -6081,6 +6170,30 @@ class MessagesFace(Face):
 
     def error_event(self, exc):
         return named_event("error", anthropic_error(exc.status, exc.message))
+
+    def upstream_error(self, status, body):
+        """An error body of Anthropic's shape passes as it is; another (OpenAI's envelope, as
+        llama.cpp's /v1/messages answers) is told in Anthropic's."""
+        try:
+            doc = json_loads(body)
+        except (ValueError, UnicodeDecodeError):
+            doc = None
+        if isinstance(doc, dict) and doc.get("type") == "error" and isinstance(
+                doc.get("error"), dict) and isinstance(doc["error"].get("type"), str):
+            return body
+        return json_bytes(anthropic_error(status, "upstream: " + upstream_error_message(
+            status, body)[0]))
+
+    def stream_ended(self, data):
+        return b"message_stop" in data
+
+    def native_fields(self, headers):
+        """The client's anthropic-version (which Anthropic's API requires: the SDKs' own when
+        a client sent none) and anthropic-beta."""
+        return "anthropic-version: %s\r\n%s" % (
+            headers.get("anthropic-version", ANTHROPIC_VERSION),
+            "anthropic-beta: %s\r\n" % headers["anthropic-beta"]
+            if "anthropic-beta" in headers else "")
 
 
 MESSAGES_FACE = MessagesFace()
@@ -6656,7 +6769,8 @@ class MessagesSSE(MessagesRender):
 #          connect error, timeout, 429/502/503/504 before any byte -> mark it, try the next
 #          got status + headers -> point of no return: relay to the client
 #     -> client gone -> the upstream connection is aborted at once (generation stops)
-#     -> upstream dies mid-stream -> one OpenAI error event, end of stream; never [DONE]
+#     -> upstream dies mid-stream -> one error event of the face's API, end of stream; never
+#        [DONE] (a Responses or Messages request an entry takes natively is relayed so too)
 #
 # Errors become responses here (any HTTPError -> the OpenAI envelope) and in the HTTPServer
 # (protocol errors before the application ran). Response bytes are relayed untouched except
@@ -7243,7 +7357,25 @@ class Application:
         chat = messages_as_chat(body)
         render = (MessagesSSE if body.get("stream") else MessagesJSON)(
             request, body, self.mcp_max_rounds)
-        return await self.run_loop(request, chat, self.mcp_selection(chat), render)
+        selection = self.mcp_selection(chat)
+        return await self.run_loop(request, chat, selection, render, None if selection else
+                                   self.native_relay(request, "messages", body, MESSAGES_FACE))
+
+    def native_relay(self, request, api, body, face, only=False):
+        """A Native for a request of the face of `api` whose model has an entry opted in to that
+        API, or None. Only for a request llmhost runs no tools for (the caller's to know). Its
+        answer is relayed as chat's is (the bytes of a stream untouched), errors in `face`'s
+        envelope, a stream that dies ended with `face`'s error event."""
+        if not any(api in up.native for up, _ in self.router.pool(body["model"])):
+            return None
+
+        async def deliver(up, resp, data, overhead):
+            request.face = face  # (from here, an error's shape is the relayed API's own)
+            return Relayed(await self.relay(request, up, resp, data, None, overhead,
+                                            face=face))
+
+        return Native(api, body, request.body, request.query, face.native_fields(
+            request.headers), deliver, only)
 
     async def count_tokens(self, request):
         """An estimate (estimate_tokens): no upstream is asked, which the answer says."""
@@ -7255,25 +7387,28 @@ class Application:
                 {"input_tokens": estimate_tokens(chat, IMAGE_TOKENS_ANTHROPIC),
                  "estimate": True}))
 
-    async def forward(self, request, body, suffix, transform=None, raw=None):
-        """Route `body` (sent as `raw` when that is its unchanged encoding) and relay the answer."""
+    async def forward(self, request, body, suffix, transform=None, raw=None, native=None):
+        """Route `body` (sent as `raw` when that is its unchanged encoding) and relay the answer
+        (`native`: see Sender.send)."""
         model = body["model"]
         self.router.pool(model)  # an unknown model is a 404 before any wait
         conn = request.conn
 
         def deliver(up, resp, data, overhead):
-            strip = up.stream_usage and wants_usage_added(body)
+            strip = native is None and up.stream_usage and wants_usage_added(body)
             return self.relay(request, up, resp, data, transform, overhead, strip)
 
         await self.sender.admit(model, conn)
         try:  # ordered now, after the wait: health and load may have changed meanwhile
             return await self.sender.send(request, body, self.router.resolve(model), suffix,
-                                          raw, deliver)
+                                          raw, deliver, native)
         finally:
             self.admission.release()
 
-    async def relay(self, request, up, resp, body, transform, overhead, strip=False):
-        """Answer the client with `resp`: its buffered `body`, or (None) its SSE stream."""
+    async def relay(self, request, up, resp, body, transform, overhead, strip=False,
+                    face=OPENAI_FACE):
+        """Answer the client with `resp`: its buffered `body`, or (None) its SSE stream, an
+        error in `face`'s envelope (and a stream's end after a death its event)."""
         conn = request.conn
         status = resp.status
         ctype = resp.headers.get("content-type", "application/json")
@@ -7289,11 +7424,11 @@ class Application:
         request.status = status
         if body is None:
             return await self.relay_stream(request, up, resp, headers + SSE_HEADERS,
-                                           content_decoder(encoding), strip)
+                                           content_decoder(encoding), strip, face)
         if encoding and reads:
             body = decode_content(body, encoding)
         if status >= 400:
-            body = error_envelope_bytes(status, body)
+            body = face.upstream_error(status, body)
             headers[0] = JSON_TYPE[0]
             retry_after = resp.headers.get("retry-after")
             if retry_after:  # (parse_response_head refused control characters in it)
@@ -7304,7 +7439,8 @@ class Application:
             self.metrics.usage(request, body)
         return conn.respond(request, status, headers, body)
 
-    async def relay_stream(self, request, up, resp, headers, decoder=None, strip=False):
+    async def relay_stream(self, request, up, resp, headers, decoder=None, strip=False,
+                           face=OPENAI_FACE):
         """Relay SSE bytes as they arrive. Only whole events are passed on (the bytes up to the
         last blank line), so an error event after an upstream death is never glued to half of
         an event; upstreams send whole events per write, so this holds nothing back. Bytes that
@@ -7316,6 +7452,7 @@ class Application:
         keep_alive = None
         tail = b""
         pending = b""  # whole events read but not written yet
+        last = b""  # the last piece written: a stream's usage comes just before its end
         try:
             if resp.buffered():
                 pending = await read()
@@ -7331,8 +7468,8 @@ class Application:
                 return keep_alive
             keep_alive = conn.start_stream(request, resp.status, headers, pending)
             close_framed = resp.framing == "close"  # its end is the close, so a death looks
-            done_seen = close_framed and b"[DONE]" in pending  # like an end: was [DONE] sent?
-            last = pending  # the last piece written: a stream's usage comes just before its end
+            done_seen = close_framed and face.stream_ended(pending)  # like an end: was [DONE]
+            last = pending  # (or the API's last event) sent?
             pending = b""
             while True:
                 data = await read()
@@ -7349,13 +7486,14 @@ class Application:
                 conn.write_chunk(data)
                 last = data
                 if close_framed and not done_seen:
-                    done_seen = b"[DONE]" in data
+                    done_seen = face.stream_ended(data)
                 if transport.get_write_buffer_size() > RELAY_CHUNK:
                     await conn.drain()
-            error = cut_short(resp, done_seen or b"[DONE]" in pending + tail)
+            error = cut_short(resp, done_seen or face.stream_ended(pending + tail))
             if error is not None and not conn.gone:  # (a client that left closed it: not
                 self.router.failed(up, error.message)  # the upstream's fault)
-                pending += sse_event(error.envelope())  # (a half event in `tail` is dropped)
+                pending += face.stream_error(error, last + pending)  # (a half event in
+                # `tail` is dropped)
             else:
                 pending += tail
         except UpstreamError as exc:
@@ -7364,7 +7502,7 @@ class Application:
             self.router.failed(up, exc.message)
             if keep_alive is None:
                 raise
-            conn.write_chunk(sse_event(exc.envelope()))
+            conn.write_chunk(face.stream_error(exc, last + pending))
         except (ConnectionError, OSError):
             resp.close()
             return False
@@ -7575,23 +7713,26 @@ class Application:
             render = ChatJSON(request, self.mcp_max_rounds)
         return await self.run_loop(request, body, selection, render)
 
-    async def run_loop(self, request, body, selection, render):
+    async def run_loop(self, request, body, selection, render, native=None):
         """Any API's request, as a chat-completions `body`, through the one tool loop, rendered
         by `render` (whose `stream` says whether rounds are streamed). `selection` is
         mcp_selection()'s (servers, allowed, request_servers), or None: no MCP tools, so one
         round. The tool loop: ask the model; run the MCP tools it calls; give it the results;
-        ask again, up to mcp_max_rounds. Client tools in a round end the loop (see README)."""
+        ask again, up to mcp_max_rounds. Client tools in a round end the loop (see README).
+        `native` (a Native, only where no MCP tools run): the entries opted in to the face's
+        API get the client's request as it came, and their answer is relayed."""
         servers, allowed, request_servers = selection or ([], {}, [])
         pool = self.router.pool(body["model"])  # an unknown model: 404 before MCP servers start
         held = []
         try:
             for label, spec in request_servers:
                 held.append(await self.mcp.add_from_request(label, spec))
-            return await self.mcp_rounds(request, body, servers, allowed, pool, render)
+            return await self.mcp_rounds(request, body, servers, allowed, pool, render,
+                                         native)
         finally:
             self.mcp.release(held)
 
-    async def mcp_rounds(self, request, body, servers, allowed, pool, render):
+    async def mcp_rounds(self, request, body, servers, allowed, pool, render, native=None):
         tools = [t for t in body.get("tools") or () if not (isinstance(t, dict) and
                                                             t.get("type") == "mcp")]
         named = {t.get("server_label") for t in body.get("tools") or ()
@@ -7619,8 +7760,8 @@ class Application:
             base.pop("tool_choice", None)
         await self.sender.admit(base["model"], request.conn)  # later rounds hold their slot
         try:
-            return await ToolLoop(self, request, base, bindings, state, render.stream).run(
-                render)
+            return await ToolLoop(self, request, base, bindings, state, render.stream,
+                                  native).run(render)
         finally:
             self.admission.release()
 
@@ -8563,6 +8704,28 @@ class ResponsesRender(Render, Face):
         return self.failed(exc.message)
 
 
+class ResponsesRelayFace(Face):
+    """A Responses stream an entry's own /responses gave ("native"), relayed: it ends at
+    response.completed (or .incomplete, .failed); one that dies is ended with the API's error
+    event, numbered after the last event relayed."""
+
+    def stream_ended(self, data):
+        return b"response.completed" in data or b"response.incomplete" in data or \
+            b"response.failed" in data
+
+    def stream_error(self, exc, last):
+        numbers = re.findall(rb'"sequence_number"\s*:\s*(\d+)', last)
+        return b"event: error\n" + sse_event({
+            "type": "error", "code": exc.code or "server_error", "message": exc.message,
+            "param": None, "sequence_number": max(map(int, numbers)) + 1 if numbers else 0})
+
+    def error_event(self, exc):
+        return self.stream_error(exc, b"")
+
+
+RESPONSES_RELAY_FACE = ResponsesRelayFace()
+
+
 class ResponsesAPI:
     """The Responses routes of an Application; `store` is a ResponseStore, or None when serve
     keeps nothing (--no-store)."""
@@ -8672,17 +8835,21 @@ class ResponsesAPI:
 
     async def create(self, request):
         body = parse_json_body(request, "responses")
+        app = self.app
+        native = await self.native(request, body)
+        if native is not None and native.only:  # state only such an upstream has: no
+            return (await app.forward(request, body, None, native=native)).keep_alive
         store = self.store is not None and body.get("store") is not False
         chat, messages, head, items, names, approved = await self.translate(request, body)
-        app = self.app
         selection = app.mcp_selection(chat, approvals=True)
         render = ResponsesRender(request, body, new_item_id("resp"), body.get("stream") is True,
                                  rounds=app.mcp_max_rounds, names=names,
                                  rules=approval_rules(body.get("tools")), approved=approved,
                                  store=store)
         request.face = render  # (a stream that fails ends with response.failed)
-        keep_alive = await app.run_loop(request, chat, selection, render)
-        if render.final is None:  # refused: answered already
+        keep_alive = await app.run_loop(request, chat, selection, render,
+                                        None if selection else native)
+        if render.final is None:  # refused, or relayed natively: answered already
             return keep_alive
         if store:
             conversation = messages[head:]
@@ -8693,6 +8860,26 @@ class ResponsesAPI:
             except Exception as exc:  # (sqlite3.Error, OSError): the answer still goes out
                 logger().warning("response %s not stored: %s", render.id, exc)
         return render.deliver()
+
+    async def native(self, request, body):
+        """A Native for a request that an entry of its model opted in to "responses" may take
+        as it came, or None: none is, or llmhost runs tools for it (its MCP tools, attached or
+        named), or it continues a response llmhost made (previous_response_id of its store).
+        A response relayed so is the upstream's, which keeps it (llmhost stores none): a
+        request that names one llmhost does not know (or a conversation or prompt object,
+        OpenAI's own) is for such entries `only`."""
+        app = self.app
+        if not any("responses" in up.native for up, _ in app.router.pool(body["model"])) or \
+                app.mcp_selection({"model": body["model"], "tools": body.get("tools")},
+                                  approvals=True):
+            return None
+        previous = body.get("previous_response_id")
+        if isinstance(previous, str) and self.store is not None and await self.store_call(
+                self.store.get(previous, self.owner(request), "id")) is not None:
+            return None
+        only = isinstance(previous, str) or any(body.get(field) is not None
+                                           for field in ("conversation", "prompt"))
+        return app.native_relay(request, "responses", body, RESPONSES_RELAY_FACE, only)
 
     async def input_tokens(self, request):
         """POST /v1/responses/input_tokens: an estimate (a token per 4 characters): the
@@ -10258,7 +10445,19 @@ def entry_api_key(entry, environ):
 
 # `add` options copied into an entry as given (both kinds of entry)
 SERVER_OPTIONS = ("alias", "api_key_env", "api_key", "timeout", "max_concurrency", "priority",
-                  "vision", "mcp", "stream_usage")
+                  "vision", "mcp", "stream_usage", "native")
+
+
+def parse_native(text):
+    """`--native responses,messages` -> the entry's "native" list (None if not given)."""
+    if text is None:
+        return None
+    apis = list(dict.fromkeys(a.strip() for a in text.split(",") if a.strip()))
+    unknown = [a for a in apis if a not in NATIVE_APIS]
+    if unknown or not apis:
+        raise CLIError(f"--native takes {' and/or '.join(NATIVE_APIS)}, comma-separated"
+                       f"{f', not {unknown[0]!r}' if unknown else ''}")
+    return apis
 
 
 def copy_options(args, entry, fields):
@@ -10285,6 +10484,7 @@ def cmd_add(args, environ):
         raise CLIError("use either --api-key-env or --api-key, not both")
     if args.api_key_env and not ENV_NAME_RE.fullmatch(args.api_key_env):
         raise CLIError(f"invalid environment variable name {args.api_key_env!r}")
+    args.native = parse_native(args.native)
     for field in ("timeout", "max_concurrency", "ttl", "start_timeout", "ready_path"):
         value = getattr(args, field)
         check, what = SERVER_FIELDS[field]
@@ -10445,6 +10645,8 @@ def cmd_list(args, environ):
         text = ", ".join(models[:4]) + (f" (+{len(models) - 4})" if len(models) > 4 else "")
         if e.get("discover"):
             text = (text + " " if text else "") + "[all listed]"
+        if e.get("native"):
+            text = (text + " " if text else "") + f"[native: {', '.join(e['native'])}]"
         rows.append([e["name"], hide_password(e.get("url") or f"(managed) {e['command']}"[:60]),
                      text or "-", auth_source(e)])
     print_table(rows, ["NAME", "URL", "MODELS", "AUTH"])
@@ -11535,6 +11737,10 @@ def build_parser():
     p.add_argument("--no-stream-usage", dest="stream_usage", action="store_false",
                    default=None, help="do not ask it for a stream's usage (stream_options."
                    "include_usage), for a server that refuses the field")
+    p.add_argument("--native", metavar="API[,API]",
+                   help="relay these APIs (responses, messages) to the server's own endpoint "
+                   "when llmhost runs no tools, instead of translating them onto its chat "
+                   "completions: only for a server that gets them right (OpenAI, Anthropic)")
     p.add_argument("--no-check", action="store_true", help="save without probing the server")
     managed = p.add_argument_group("servers llmhost starts itself (instead of URL)")
     managed.add_argument("--command", metavar="'CMD ... ${PORT}'",

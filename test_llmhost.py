@@ -152,9 +152,11 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
             return self.send_json(200, [  # list, each embedding an array per pooled sequence
                 {"index": i, "embedding": [[0.5, -1.25, i + 0.0, 3.0]]}
                 for i in range(len(body["input"]) if isinstance(body["input"], list) else 1)])
-        path = self.path[len(fake.prefix):]
+        path = self.path[len(fake.prefix):].partition("?")[0]
         if path == "/chat/completions":
             return self.chat(body, step)
+        if path in ("/responses", "/messages"):  # an upstream's own APIs (entries' "native")
+            return self.native(path[1:], body, step)
         if path == "/completions":
             return self.send_json(200, {"id": "cmpl-1", "object": "text_completion",
                                         "model": body["model"], "choices": [
@@ -284,6 +286,58 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         self.event(b"[DONE]")
         if step.get("hold_end"):  # the chunked end comes later (when the test says), in a
             step["hold_end"].wait(TIMEOUT)  # write of its own
+        self.chunk(b"")
+
+
+    def native(self, api, body, step):
+        """The Responses or Messages API as a server that speaks it itself would answer:
+        "native: " and the last input's text, whole or as the API's events (each numbered, for
+        Responses); a step's drop_after kills the stream after that many text deltas."""
+        given = body.get("input") if api == "responses" else body["messages"][-1]["content"]
+        words = ("native: " + (given if isinstance(given, str) else "items")).split(" ")
+        text = " ".join(words)
+        usage = {"input_tokens": 11, "output_tokens": len(words)}
+        if api == "responses":
+            item = {"id": "msg_up", "type": "message", "role": "assistant", "status": "completed",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]}
+            whole = {"id": "resp_up", "object": "response", "created_at": 1, "status": "completed",
+                     "model": body["model"], "output": [item], "usage": dict(
+                         usage, total_tokens=11 + len(words))}
+            events = [("response.created", {"response": dict(whole, status="in_progress",
+                                                             output=[], usage=None)})]
+            events += [("response.output_text.delta", {
+                "item_id": "msg_up", "output_index": 0, "content_index": 0,
+                "delta": w if i == 0 else " " + w}) for i, w in enumerate(words)]
+            events.append(("response.completed", {"response": whole}))
+            events = [(name, dict(doc, type=name, sequence_number=n))
+                      for n, (name, doc) in enumerate(events)]
+        else:
+            whole = {"id": "msg_up", "type": "message", "role": "assistant",
+                     "model": body["model"], "content": [{"type": "text", "text": text}],
+                     "stop_reason": "end_turn", "stop_sequence": None, "usage": usage}
+            events = [("message_start", {"message": dict(whole, content=[], stop_reason=None)}),
+                      ("content_block_start", {"index": 0, "content_block": {
+                          "type": "text", "text": ""}})]
+            events += [("content_block_delta", {"index": 0, "delta": {
+                "type": "text_delta", "text": w if i == 0 else " " + w}})
+                for i, w in enumerate(words)]
+            events += [("content_block_stop", {"index": 0}),
+                       ("message_delta", {"delta": {"stop_reason": "end_turn",
+                                                    "stop_sequence": None}, "usage": usage}),
+                       ("message_stop", {})]
+            events = [(name, dict(doc, type=name)) for name, doc in events]
+        if not body.get("stream"):
+            return self.send_json(200, whole)
+        self.start_sse()
+        deltas = 0
+        for name, doc in events:
+            if name in ("response.output_text.delta", "content_block_delta"):
+                if step.get("drop_after") is not None and deltas >= step["drop_after"]:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)  # dies mid-stream
+                    return
+                deltas += 1
+            self.chunk(b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(doc).encode()))
         self.chunk(b"")
 
 
@@ -692,6 +746,10 @@ def test_shipped_servers_json_is_a_valid_empty_registry():
     ('{"version": 1, "servers": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
     ('{"version": 1, "servers": [{"name": "a", "command": "srv ${PORT}", "models": ["m"], '
      '"ttl": false}]}', "servers[0] (a).ttl"),
+    ('{"version": 1, "servers": [{"name": "a", "url": "http://x", "native": ["chat"]}]}',
+     'servers[0] (a).native: must be a list of the APIs'),
+    ('{"version": 1, "servers": [{"name": "a", "url": "http://x", "native": "messages"}]}',
+     'servers[0] (a).native'),
 ])
 def test_registry_errors_name_file_and_field(tmp_path, text, needle):
     path = tmp_path / "servers.json"
@@ -887,6 +945,10 @@ def test_add_sends_upstream_key_from_env(fake, registry):
     (["serve", "--max-concurrency", "0"], "--max-concurrency must be at least 1"),
     (["serve", "--queue-timeout", "-1"], "--queue-timeout must be at least 0"),
     (["remove", "ghost"], "no server named 'ghost'"),
+    (["add", "x", "http://127.0.0.1:1/v1", "--no-check", "--native", "responses,chat"],
+     "--native takes responses and/or messages, comma-separated, not 'chat'"),
+    (["add", "x", "http://127.0.0.1:1/v1", "--no-check", "--native", ","],
+     "--native takes responses and/or messages"),
     (["show", "ghost"], "no server named 'ghost'"),
 ])
 def test_cli_refusals_leave_file_untouched(registry, argv, needle):
@@ -956,6 +1018,20 @@ def test_list_show_remove(fake, registry):
     assert [e["name"] for e in llmhost.load_registry(registry)["servers"]] == ["b"]
     code, _, err = run_cli(registry, "remove", "a")
     assert code == 1 and "'a'" in err and "known: b" in err
+
+
+def test_add_native_round_trips_through_list_and_show(registry):
+    code, out, err = run_cli(registry, "add", "own", "http://127.0.0.1:1/v1", "--no-check",
+                             "--model", "m", "--native", "messages, responses,messages")
+    assert code == 0, err
+    (entry,) = llmhost.load_registry(registry)["servers"]
+    assert entry["native"] == ["messages", "responses"]
+    code, out, _ = run_cli(registry, "list", "--json")
+    assert json.loads(out)[0]["native"] == ["messages", "responses"]
+    code, out, _ = run_cli(registry, "list")
+    assert "[native: messages, responses]" in out
+    code, out, _ = run_cli(registry, "show", "own")
+    assert re.search(r"^native\s+messages, responses$", out, re.M), out
 
 
 def test_cli_runs_on_bare_python(tmp_path):
@@ -2606,6 +2682,191 @@ def test_messages_count_tokens_is_an_estimate_that_says_so(gateway, fake):
     assert fake.posts() == []  # an estimate: no upstream is asked
 
 
+# =============================================================================
+# Native pass-through: entries that get the Responses or Messages API as it came
+# =============================================================================
+
+NATIVE_BODIES = {"responses": {"input": "hi there", "metadata": {"k": "v"}},
+                 "messages": {"max_tokens": 64, "metadata": {"user_id": "u1"},
+                              "messages": [{"role": "user", "content": "hi there"}]}}
+
+
+def native_registry(tmp_path, fake, own=None, plain=None):
+    """`own`: an entry opted in to both APIs, with a key; `plain`: one that is not."""
+    return write_registry(tmp_path / "servers.json", [
+        dict({"name": "plain", "url": fake.url, "models": ["fake-model"]}, **plain or {}),
+        dict({"name": "own", "url": fake.url, "models": ["fake-model"], "alias": "own-api",
+              "api_key": "sk-up", "native": ["responses", "messages"]}, **own or {})])
+
+
+@pytest.fixture
+def native_gateway(fake, tmp_path):
+    running = Running(native_registry(tmp_path, fake))
+    yield running
+    running.stop()
+
+
+def face_text(api, raw, stream):
+    """The text of an answer of the API `api`, checking a stream's shape on the way."""
+    if not stream:
+        doc = json.loads(raw)
+        if api == "responses":
+            return doc, "".join(p["text"] for item in output_of(doc, "message")
+                                for p in item["content"])
+        return doc, "".join(b["text"] for b in doc["content"] if b["type"] == "text")
+    if api == "responses":
+        events = response_events(raw)
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+        assert events[-1]["type"] == "response.completed"
+        return events, "".join(e["delta"] for e in events
+                               if e["type"] == "response.output_text.delta")
+    events = named_events(raw)
+    assert events[0][0] == "message_start" and events[-1][0] == "message_stop"
+    return events, "".join(d["delta"]["text"] for name, d in events
+                           if name == "content_block_delta")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("api", ["responses", "messages"])
+def test_native_an_opted_in_entry_gets_the_request_as_it_came_and_its_answer_as_it_came(
+        native_gateway, fake, api, stream):
+    body = dict(NATIVE_BODIES[api], model="own-api", stream=stream)
+    query = "?beta=true" if api == "messages" else ""  # (Claude Code's)
+    status, headers, raw = post(native_gateway.port, f"/v1/{api}{query}", body, headers={
+        "anthropic-version": "2023-06-01", "anthropic-beta": "b-1,b-2"})
+    assert status == 200 and headers["x-llmhost-server"] == "own", raw
+    (sent,) = fake.posts()
+    assert sent["path"] == f"/v1/{api}{query}"
+    assert json.loads(sent["body"]) == dict(body, model="fake-model")  # (the alias' model)
+    assert sent["headers"]["authorization"] == "Bearer sk-up"
+    if api == "messages":  # (both key forms: Anthropic reads x-api-key, vLLM the Bearer)
+        assert sent["headers"]["x-api-key"] == "sk-up"
+        assert sent["headers"]["anthropic-version"] == "2023-06-01"
+        assert sent["headers"]["anthropic-beta"] == "b-1,b-2"
+    else:
+        assert not {"x-api-key", "anthropic-version", "anthropic-beta"} & set(sent["headers"])
+    got, text = face_text(api, raw, stream)
+    assert text == "native: hi there"
+    if not stream:  # the upstream's own object, its id too: nothing was made anew
+        assert got["id"] == ("resp_up" if api == "responses" else "msg_up")
+    # The same request for the model of the entry that is not opted in: translated.
+    fake.requests.clear()
+    status, headers, raw = post(native_gateway.port, f"/v1/{api}{query}",
+                                dict(body, model="fake-model"))
+    assert status == 200 and headers["x-llmhost-server"] == "plain"
+    assert [r["path"] for r in fake.posts()] == ["/v1/chat/completions"]
+    got, text = face_text(api, raw, stream)
+    assert text == "echo: hi there"
+
+
+def test_native_a_messages_request_without_anthropic_version_gets_the_sdks_and_anthropic_only_x_api_key(
+        tmp_path):
+    up = llmhost.Upstream({"name": "a", "url": "https://api.anthropic.com/v1"}, "sk-ant")
+    head = up.head("POST", "/v1/messages", 2, None, "messages",
+                   llmhost.MESSAGES_FACE.native_fields({})).decode()
+    assert "x-api-key: sk-ant\r\n" in head and "Authorization" not in head
+    assert "anthropic-version: 2023-06-01\r\n" in head and "anthropic-beta" not in head
+    chat = up.head("POST", "/v1/chat/completions", 2).decode()
+    assert "Authorization: Bearer sk-ant\r\n" in chat and "x-api-key" not in chat
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("api", ["responses", "messages"])
+@pytest.mark.parametrize("first", ["own", "plain"])
+def test_native_failover_between_a_native_and_a_translating_entry_keeps_the_faces_shapes(
+        fake, tmp_path, api, stream, first):
+    """One model, two entries: the first refuses (503), the other answers, each in its way,
+    and the client sees its API's shape either way."""
+    running = Running(native_registry(tmp_path, fake, own={"alias": None, "priority": 0 if
+                                                           first == "own" else 1}))
+    try:
+        fake.script({"status": 503})
+        status, headers, raw = post(running.port, f"/v1/{api}", dict(
+            NATIVE_BODIES[api], model="fake-model", stream=stream))
+        assert status == 200, raw
+        second = "plain" if first == "own" else "own"
+        assert headers["x-llmhost-server"] == second
+        paths = {"own": f"/v1/{api}", "plain": "/v1/chat/completions"}
+        assert [r["path"] for r in fake.posts()] == [paths[first], paths[second]]
+        got, text = face_text(api, raw, stream)
+        assert text == ("native: hi there" if second == "own" else "echo: hi there")
+        if not stream and api == "responses":
+            assert got["object"] == "response" and got["status"] == "completed"
+        elif not stream:
+            assert got["type"] == "message" and got["stop_reason"] == "end_turn"
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize("api", ["responses", "messages"])
+def test_native_a_stream_that_dies_ends_with_the_faces_error_event(native_gateway, fake, api):
+    fake.script({"drop_after": 1})
+    status, _, raw = post(native_gateway.port, f"/v1/{api}", dict(
+        NATIVE_BODIES[api], model="own-api", stream=True))
+    assert status == 200
+    if api == "responses":
+        events = response_events(raw)
+        assert [e["type"] for e in events] == ["response.created", "response.output_text.delta",
+                                               "error"]
+        assert events[-1]["sequence_number"] == 2  # numbered after the last relayed
+        assert events[-1]["code"] and "upstream" in events[-1]["message"]
+    else:
+        events = named_events(raw)
+        assert [name for name, _ in events] == ["message_start", "content_block_start",
+                                                "content_block_delta", "error"]
+        assert events[-1][1]["error"]["type"] == "api_error"
+    assert server_status(native_gateway.port, "own")["errors"] == 1
+
+
+ANTHROPIC_ERROR = {"type": "error", "error": {"type": "invalid_request_error",
+                                              "message": "max_tokens: 32000 > 8192"}}
+OPENAI_ERROR = {"error": {"message": "max_tokens is too large", "type": "invalid_request_error",
+                          "param": None, "code": None}}
+
+
+@pytest.mark.parametrize("api, given, expected", [
+    ("messages", ANTHROPIC_ERROR, ANTHROPIC_ERROR),  # an Anthropic server's: as it is
+    ("messages", OPENAI_ERROR, {"type": "error", "error": {  # llama.cpp's: in Anthropic's
+        "type": "invalid_request_error", "message": "upstream: max_tokens is too large"}}),
+    ("responses", OPENAI_ERROR, OPENAI_ERROR),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_native_an_upstream_error_comes_back_in_the_faces_envelope(native_gateway, fake, api,
+                                                                    given, expected, stream):
+    fake.script({"status": 400, "body": given})
+    status, headers, raw = post(native_gateway.port, f"/v1/{api}", dict(
+        NATIVE_BODIES[api], model="own-api", stream=stream))
+    assert status == 400 and headers["content-type"] == "application/json"
+    assert json.loads(raw) == expected
+    assert [r["path"] for r in fake.posts()] == [f"/v1/{api}"]
+
+
+def test_native_responses_state_an_upstream_holds_is_its_and_llmhosts_own_is_translated(
+        fake, tmp_path):
+    """A relayed response is stored by the upstream, not by llmhost: a previous_response_id
+    llmhost does not know goes to the native entries only (even ranked after another); one of
+    llmhost's own continues translated."""
+    running = Running(native_registry(tmp_path, fake, own={"alias": None, "priority": 1}))
+    try:
+        status, doc = rpost(running.port, {"model": "fake-model", "input": "hi there"})
+        assert status == 200 and fake.posts()[-1]["path"] == "/v1/chat/completions"
+        ours = doc["id"]
+        status, doc = rpost(running.port, {"model": "fake-model", "input": "more",
+                                           "previous_response_id": ours})
+        assert status == 200 and fake.posts()[-1]["path"] == "/v1/chat/completions"
+        sent = json.loads(fake.posts()[-1]["body"])
+        assert [m["content"] for m in sent["messages"]] == ["hi there", "echo: hi there", "more"]
+        status, doc = rpost(running.port, {"model": "fake-model", "input": "more",
+                                           "previous_response_id": "resp_up"})
+        assert status == 200 and doc["id"] == "resp_up"
+        assert fake.posts()[-1]["path"] == "/v1/responses"
+        assert json.loads(fake.posts()[-1]["body"])["previous_response_id"] == "resp_up"
+        status, headers, raw = request(running.port, "GET", "/v1/responses/resp_up")
+        assert status == 404  # (llmhost keeps no relayed response: the upstream has it)
+    finally:
+        running.stop()
+
+
 def mcp_ready(port, name="t"):
     """Whether MCP server `name` is connected: a request waits only MCP_ATTACHED_WAIT for an
     attached server still starting (a slow start under load), then goes on without it."""
@@ -2622,6 +2883,34 @@ def messages_agent(port, fake, steps, stream=False, **extra):
     if stream:
         body["stream"] = True
     return post(port, "/v1/messages", body, timeout=TIMEOUT * 3)
+
+
+@pytest.mark.parametrize("api", ["responses", "messages"])
+def test_native_an_opted_in_entry_is_translated_when_llmhost_runs_tools(mcp_env, api):
+    """MCP tools attached to the entry, or named by the request (an mcp tool, mcp_servers):
+    llmhost runs them, so the request goes the translated way; without them it is relayed."""
+    running, fake = mcp_env
+    assert wait_until(lambda: mcp_ready(running.port), TIMEOUT * 3)
+    named = {"responses": {"tools": [RESPONSES_MCP]},
+             "messages": {"mcp_servers": [{"type": "url", "name": "t"}]}}[api]
+    for model, extra in (("native-agent", {}), ("native-bare", named)):
+        fake.steps.clear()
+        fake.requests.clear()
+        fake.script({"calls": [("t__echo", {"text": "hi"})]})
+        status, _, raw = post(running.port, f"/v1/{api}", dict(
+            NATIVE_BODIES[api], model=model, **extra), timeout=TIMEOUT * 3)
+        doc = json.loads(raw)
+        assert status == 200, doc
+        assert [r["path"] for r in fake.posts()] == ["/v1/chat/completions"] * 2
+        if api == "responses":
+            assert output_of(doc, "mcp_call")[0]["output"] == "hi"
+        else:
+            assert [b["content"] for b in doc["content"] if b["type"] == "mcp_tool_result"] == [
+                [{"type": "text", "text": "hi"}]]
+    fake.requests.clear()
+    status, _, raw = post(running.port, f"/v1/{api}", dict(NATIVE_BODIES[api],
+                                                           model="native-bare"))
+    assert status == 200 and [r["path"] for r in fake.posts()] == [f"/v1/{api}"]
 
 
 MCP_ECHO_BLOCKS = [
@@ -3032,7 +3321,11 @@ def mcp_env(tmp_path_factory):
         {"name": "eyes", "url": fake.url, "models": ["fake-model"], "alias": "eyes",
          "mcp": ["t"], "vision": True},
         {"name": "shaky", "url": fake.url, "models": ["fake-model"], "alias": "shaky",
-         "mcp": ["t", "broken"]}],
+         "mcp": ["t", "broken"]},
+        {"name": "native-agent", "url": fake.url, "models": ["fake-model"],
+         "alias": "native-agent", "mcp": ["t"], "native": ["responses", "messages"]},
+        {"name": "native-bare", "url": fake.url, "models": ["fake-model"],
+         "alias": "native-bare", "native": ["responses", "messages"]}],
         mcp={"t": MCP_STDIO, "broken": {"command": "/nonexistent/mcp-server"}})
     running = Running(path)
     yield running, fake
