@@ -11694,6 +11694,13 @@ def cmd_status(args, environ):
              s["in_flight"], s["requests"], s["errors"], s["last_error"] or "-"]
             for s in doc["servers"]]
     print_table(rows, ["SERVER", "HEALTH", "IN-FLIGHT", "REQUESTS", "ERRORS", "LAST ERROR"])
+    clients = doc.get("mcp_clients")  # (a serve from before /mcp has none)
+    if clients and (clients["sessions"] or clients["streams"] or clients["requests"]):
+        print(f"\nMCP clients (/mcp): {len(clients['sessions'])} sessions, "
+              f"{clients['streams']} open streams, {clients['requests']} requests under way")
+        print_table([[s["client"] or "-", s["view"], s["version"], s["requests"], s["calls"],
+                      s["streams"], f"{s['idle_seconds']}s"] for s in clients["sessions"]],
+                    ["CLIENT", "PATH", "VERSION", "REQUESTS", "CALLS", "STREAMS", "IDLE"])
     return 0
 
 

@@ -4947,6 +4947,9 @@ def test_mcp_server_refusals_speak_http_and_json_rpc(front_env):
     status, _, raw = request(port, "GET", "/v1/mcp/servers", headers=key)
     sessions = json.loads(raw)["clients"]["sessions"]
     assert status == 200 and any(s["client"] == "raw 1" and s["view"] == "t" for s in sessions)
+    clients = get_status(port, headers=key)["mcp_clients"]
+    assert "p" not in clients["exposed"] and any(s["client"] == "raw 1" for s in
+                                                 clients["sessions"])
     assert request(port, "DELETE", "/mcp/t", headers=dict(key, **{"Mcp-Session-Id": sid}))[0] \
         == 200
     assert request(port, "POST", "/mcp/t", listing,
