@@ -25,7 +25,7 @@ storing prompts or keys in logs.
 
 Sections, in dependency order (grep the banners):
     Limits · Errors · Wire format · SSE · Connections · HTTP server · Upstream client ·
-    Registry · Router · Managed servers · Admission · Auth · MCP bridge · Chat format ·
+    Registry · Router · Managed servers · Admission · Auth · MCP bridge · MCP server · Chat format ·
     Send path · Tool loop · Metrics · Messages API · Application · Responses API · Serve ·
     Bench · Chat console · CLI
 """
