@@ -25,7 +25,7 @@ storing prompts or keys in logs.
 
 Sections, in dependency order (grep the banners):
     Limits · Errors · Wire format · SSE · Connections · HTTP server · Upstream client ·
-    Registry · Router · Managed servers · Admission · Auth · MCP bridge · Chat format ·
+    Registry · Router · Managed servers · Admission · Auth · MCP bridge · MCP server · Chat format ·
     Send path · Tool loop · Metrics · Messages API · Application · Responses API · Serve ·
     Bench · Chat console · CLI
 """
@@ -1977,7 +1977,7 @@ def url_under(url, prefix):
 # mcpServers entries: the shape Claude Desktop, Cursor, LM Studio and VS Code use.
 MCP_HTTP_TYPES = {"http": "http", "streamable-http": "http", "streamableHttp": "http", "sse": "sse"}
 MCP_ENTRY_KEYS = {"command", "args", "env", "cwd", "url", "headers", "type", "timeout",
-                  "sampling_model", "oauth"}
+                  "sampling_model", "oauth", "private"}
 # An HTTP server's OAuth settings (the `oauth` object); none is a secret: a client secret comes
 # from the environment variable client_secret_env names, a private key from the file client_key.
 MCP_OAUTH_KEYS = {
@@ -2032,6 +2032,8 @@ def validate_mcp_entry(name, entry):
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
         return [f"name {name!r}: use 1-64 letters, digits, '_', '-', '.', starting with a "
                 "letter or digit"]
+    if name in ("servers", "tools"):  # (/mcp/NAME serves it; these were /v1/mcp/'s aliases)
+        return [f"name {name!r} is reserved: /mcp/{name} is not an MCP server's; choose another"]
     if not isinstance(entry, dict):
         return [f"{name}: entry must be an object"]
     errors = [f"{name}: unknown key {k!r}" for k in sorted(set(entry) - MCP_ENTRY_KEYS)]
@@ -2060,6 +2062,8 @@ def validate_mcp_entry(name, entry):
         errors += [f"{name}: {k!r} is for command servers" for k in ("args", "env", "cwd") if k in entry]
         if "oauth" in entry:
             errors += validate_mcp_oauth(name, entry["oauth"])
+    if not isinstance(entry.get("private", False), bool):
+        errors.append(f"{name}: 'private' must be true or false")
     t = entry.get("timeout")
     if t is not None and not _is_number(t):
         errors.append(f"{name}: 'timeout' must be a positive number of seconds")
@@ -3242,6 +3246,22 @@ class MCPError(HTTPError):
         self.server = server
 
 
+class MCPRemoteError(MCPError):
+    """A request sent on to an MCP server failed there: its JSON-RPC error, a timeout
+    (MCP_TIMEOUT_CODE), a lost connection; `rpc` is the JSON-RPC error object to pass on."""
+
+    def __init__(self, code, message, data=None):
+        HTTPError.__init__(self, message)
+        self.server = None
+        self.rpc = {"code": code, "message": message}
+        if data is not None:
+            self.rpc["data"] = data
+
+
+MCP_TIMEOUT_CODE = -32001  # the SDK's REQUEST_TIMEOUT
+MCP_INTERNAL_CODE = -32603  # JSON-RPC's internal error
+
+
 # ---- pure helpers ----------------------------------------------------------------------------
 
 _ENV_REF = re.compile(r"\$\{(?:env:)?([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -3387,6 +3407,46 @@ def _sampling_to_openai(params):
         else:
             messages.append({"role": m.role, "content": parts})
     return messages
+
+
+def _complete(client, p):
+    import mcp_types as T
+    ref = p.get("ref") or {}
+    ref = (T.PromptReference if ref.get("type") == "ref/prompt" else
+           T.ResourceTemplateReference).model_validate(ref)
+    return client.complete(ref, p.get("argument") or {},
+                           (p.get("context") or {}).get("arguments"))
+
+
+# The requests a client of the MCP server face sends on to a server: method -> (client, params,
+# progress callback, timeout) -> the SDK's awaitable. (Resource subscriptions are legacy-era.)
+MCP_FORWARD = {
+    "tools/call": lambda client, p, progress, timeout: client.call_tool(
+        p["name"], p.get("arguments") or {}, read_timeout_seconds=timeout,
+        progress_callback=progress),
+    "resources/read": lambda client, p, progress, timeout: client.read_resource(p["uri"]),
+    "prompts/get": lambda client, p, progress, timeout: client.get_prompt(
+        p["name"], p.get("arguments") or None),
+    "completion/complete": lambda client, p, progress, timeout: _complete(client, p),
+    "resources/subscribe": lambda client, p, progress, timeout:
+        client.session.subscribe_resource(p["uri"]),
+    "resources/unsubscribe": lambda client, p, progress, timeout:
+        client.session.unsubscribe_resource(p["uri"]),
+}
+# what MCPHub.listing lists: kind -> (Client method, the page's attribute, the capability)
+MCP_LISTS = {"resources": ("list_resources", "resources", "resources"),
+             "templates": ("list_resource_templates", "resource_templates", "resources"),
+             "prompts": ("list_prompts", "prompts", "prompts")}
+
+
+# a 2026 server's listen-stream events (the SDK's classes, by name) -> the notification each is
+_LISTEN_EVENTS = {"ToolsListChanged": "notifications/tools/list_changed",
+                  "PromptsListChanged": "notifications/prompts/list_changed",
+                  "ResourcesListChanged": "notifications/resources/list_changed"}
+
+
+def _listen_method(event):
+    return _LISTEN_EVENTS.get(type(event).__name__)
 
 
 def _elicit_defaults(schema):
@@ -4087,6 +4147,12 @@ class MCPHub:
         self._tokens = MCPTokenStore(tokens) if tokens else None
         self._login = login
         self._closing = False
+        # The MCP server face's hooks (None without one): notice(server, method, params) is told
+        # a backend's notifications (list changes, resource updates, logs); asker(server,
+        # method, params) -> a result dict, or None for the answer given without a client
+        # (sampling by a model, elicitation declined), is asked a backend's sampling and
+        # elicitation requests first.
+        self.notice = self.asker = None
         self._adding = None  # asyncio.Lock: one add_from_request at a time (it awaits _retire)
         self._draining = {}  # retired servers finishing their calls -> the task that stops them
 
@@ -4237,7 +4303,19 @@ class MCPHub:
         import mcp_types as T
         name = c.name
 
+        async def asked(method, params, result_type):
+            """The answer of the MCP client whose call this is, if the face has one."""
+            out = await self.asker(name, method, _dump(params)) if self.asker else None
+            if out is None:
+                return None
+            if "error" in out:
+                return T.ErrorData.model_validate(out["error"])
+            return result_type.model_validate(out["result"])
+
         async def on_sampling(ctx, params):
+            answer = await asked("sampling/createMessage", params, T.CreateMessageResult)
+            if answer is not None:
+                return answer
             if self._sampler is None:
                 return T.ErrorData(code=T.INVALID_REQUEST, message="sampling is not available")
             request = {"messages": _sampling_to_openai(params), "max_tokens": params.max_tokens}
@@ -4256,6 +4334,9 @@ class MCPHub:
                                          stop_reason=out.get("stop_reason") or "endTurn")
 
         async def on_elicit(ctx, params):
+            answer = await asked("elicitation/create", params, T.ElicitResult)
+            if answer is not None:
+                return answer
             # No person is present: accept a form only when defaults answer every required field.
             content = None if getattr(params, "mode", "form") == "url" else _elicit_defaults(params.requested_schema)
             mcp_log().info("MCP %s: elicitation %s", name, "accepted with defaults" if content is not None else "declined")
@@ -4270,11 +4351,19 @@ class MCPHub:
         async def on_log(params):
             level = {"debug": 10, "info": 20, "notice": 20, "warning": 30, "error": 40}.get(params.level, 50)
             mcp_log().log(level, "MCP %s%s: %s", name, f" [{params.logger}]" if params.logger else "", params.data)
+            if self.notice is not None:
+                self.notice(name, "notifications/message", _dump(params))
+
+        # what the face tells its clients of (the GET stream, subscriptions/listen)
+        passed = (T.ToolListChangedNotification, T.PromptListChangedNotification,
+                  T.ResourceListChangedNotification, T.ResourceUpdatedNotification)
 
         async def on_message(msg):
             if isinstance(msg, T.ToolListChangedNotification):
                 mcp_log().info("MCP %s: tool list changed", name)
                 c.tools = None
+            if isinstance(msg, passed) and self.notice is not None:
+                self.notice(name, msg.method, _dump(msg.params) if msg.params else {})
             elif isinstance(msg, Exception):
                 mcp_log().debug("MCP %s: transport: %s", name, _describe_exc(msg))
 
@@ -4333,11 +4422,16 @@ class MCPHub:
         delay = 1.0
         while True:
             try:
-                async with client.listen(tools_list_changed=True) as sub:
+                async with client.listen(tools_list_changed=True, prompts_list_changed=True,
+                                         resources_list_changed=True) as sub:
                     delay = 1.0
-                    async for _event in sub:
-                        mcp_log().info("MCP %s: tool list changed", c.name)
-                        c.tools = None
+                    async for event in sub:
+                        method = _listen_method(event)
+                        if method == "notifications/tools/list_changed":
+                            mcp_log().info("MCP %s: tool list changed", c.name)
+                            c.tools = None
+                        if method and self.notice is not None:
+                            self.notice(c.name, method, {})
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -4627,19 +4721,92 @@ class MCPHub:
         """Run one tool. Returns {ok, content, text, parts, duration_ms, error}; raises MCPError
         only when the server cannot be started or reached."""
         c = self._conn(server)
+        return await self._counted(c, self._call(c, server, tool, arguments, timeout))
+
+    @staticmethod
+    async def _counted(c, coro):
+        """Await a call on `c`, counted in c.calls (a registry edit lets it finish first)."""
         c.calls += 1
         try:
-            return await self._call(c, server, tool, arguments, timeout)
+            return await coro
         finally:
             c.calls -= 1
             if not c.calls and c.drained is not None:
                 c.drained.set()
 
+    async def _send(self, c, server, request, timeout):
+        """`request(client)` (one request's awaitable) on the server's session, within `timeout`;
+        sent once more, on a new session, if an HTTP server refused ours (it restarted and
+        forgot it: the request was refused, not run). MCPError if it cannot be reached."""
+        client = await self._ensure(server)
+        try:
+            return await self._patient(c, request(client), timeout)
+        except Exception as e:
+            if not _session_refused(e, c.transport):
+                raise
+            if c.client is client:  # (another call may have renewed it already)
+                self._lost(c, e)
+        client = await self._ensure(server)
+        return await self._patient(c, request(client), timeout)
+
+    async def forward(self, server, method, params, progress=None):
+        """A request of the MCP server face's client (a method of MCP_FORWARD), sent on to
+        `server` within its call timeout -> the result as MCP JSON. `progress(done, total,
+        message)`: a tool call's progress. Raises MCPError (cannot be reached) or
+        MCPRemoteError (the server's JSON-RPC error, a timeout, a lost connection)."""
+        import asyncio
+        c = self._conn(server)
+        timeout = c.spec.get("timeout") or self._call_timeout
+        send = MCP_FORWARD[method]
+        try:
+            return _dump(await self._counted(c, self._send(
+                c, server, lambda client: send(client, params, progress, timeout), timeout)))
+        except (asyncio.TimeoutError, TimeoutError):
+            raise MCPRemoteError(MCP_TIMEOUT_CODE, f"{server}: {method} timed out after "
+                                                   f"{timeout:g} s") from None
+        except (MCPError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            raise self._remote_error(c, e) from None
+
+    def _remote_error(self, c, exc):
+        """An SDK failure of a forwarded request as the JSON-RPC error the face answers."""
+        error = getattr(exc, "error", None)
+        code = getattr(error, "code", None)
+        if code == MCP_TIMEOUT_CODE:
+            return MCPRemoteError(code, f"{c.name}: {error.message}")
+        lost = self._lost(c, exc)
+        if isinstance(code, int) and not lost:
+            return MCPRemoteError(code, error.message, getattr(error, "data", None))
+        return MCPRemoteError(MCP_INTERNAL_CODE, f"MCP server {c.name!r}: " +
+                              ("connection lost: " if lost else "") + c.why(exc))
+
+    async def listing(self, server, kind):
+        """Everything `server` lists of `kind` (tools, resources, resource templates, prompts;
+        see MCP_LISTS) as MCP JSON dicts; [] when it lacks the capability. Tools come from
+        the tool cache. Raises MCPError or MCPRemoteError as forward() does."""
+        import asyncio
+        c = self._conn(server)
+        if kind == "tools":
+            return [_dump(t) for t in await self._tools_of(server)]
+        method, attr, capability = MCP_LISTS[kind]
+        try:
+            client = await self._ensure(server)
+            if not getattr(client.server_capabilities, capability):
+                return []
+            return [_dump(x) for x in await self._walk(server, method, attr)]
+        except (asyncio.TimeoutError, TimeoutError):
+            raise MCPRemoteError(MCP_TIMEOUT_CODE, f"{server}: listing {kind} timed out") \
+                from None
+        except (MCPError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            raise self._remote_error(c, e) from None
+
     async def _call(self, c, server, tool, arguments, timeout):
         import asyncio
         timeout = timeout or c.spec.get("timeout") or self._call_timeout
         t0 = time.monotonic()
-        client = await self._ensure(server)
 
         async def progress(done, total, message):
             mcp_log().info("MCP %s/%s: progress %s/%s %s", server, tool, done, total if total is not None else "?",
@@ -4651,22 +4818,12 @@ class MCPHub:
                     "duration_ms": round((time.monotonic() - t0) * 1000, 1), "error": error}
 
         try:
-            try:
-                r = await self._patient(c, client.call_tool(
-                    tool, arguments or {}, read_timeout_seconds=timeout,
-                    progress_callback=progress), timeout)
-            except Exception as e:
-                if not _session_refused(e, c.transport):
-                    raise
-                if c.client is client:  # (another call may have renewed it already)
-                    self._lost(c, e)  # the server forgot our session (it restarted): the call
-                client = await self._ensure(server)  # was refused, not run: once more, anew
-                r = await self._patient(c, client.call_tool(
-                    tool, arguments or {}, read_timeout_seconds=timeout,
-                    progress_callback=progress), timeout)
+            r = await self._send(c, server, lambda client: client.call_tool(
+                tool, arguments or {}, read_timeout_seconds=timeout,
+                progress_callback=progress), timeout)
         except (asyncio.TimeoutError, TimeoutError):
             return result(False, f"Error: tool {tool} timed out after {timeout:g} s", error="timeout")
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, MCPError):
             raise  # the client went away: the SDK sends notifications/cancelled as this unwinds
         except Exception as e:
             if getattr(e, "code", None) == -32001:  # the SDK's own REQUEST_TIMEOUT
@@ -4694,16 +4851,11 @@ class MCPHub:
 
     async def resources(self, server):
         """{'resources': [...], 'templates': [...]} as MCP JSON dicts."""
-        caps = (await self._ensure(server)).server_capabilities
-        if not caps.resources:
-            return {"resources": [], "templates": []}
-        return {"resources": [_dump(r) for r in await self._walk(server, "list_resources", "resources")],
-                "templates": [_dump(r) for r in await self._walk(server, "list_resource_templates",
-                                                                  "resource_templates")]}
+        return {"resources": await self.listing(server, "resources"),
+                "templates": await self.listing(server, "templates")}
 
     async def prompts(self, server):
-        caps = (await self._ensure(server)).server_capabilities
-        return [_dump(p) for p in await self._walk(server, "list_prompts", "prompts")] if caps.prompts else []
+        return await self.listing(server, "prompts")
 
     async def read(self, server, uri):
         """resources/read: the ReadResourceResult as MCP JSON."""
@@ -4758,6 +4910,799 @@ async def with_mcp_server(name, entry, environ, action, tokens=None, login=None)
         return await action(hub)
     finally:
         await hub.aclose()
+
+
+# =============================================================================
+# MCP server
+# =============================================================================
+# Owns: llmhost as an MCP server (issue 19): /mcp, every exposed registered MCP server at once
+#   (tools and prompts named <server>__<name> as models see them, resource URIs kept and routed
+#   to their server), and /mcp/NAME, one server unprefixed; over streamable HTTP at both
+#   revisions clients use - 2025-11-25 (initialize, Mcp-Session-Id, the GET stream, DELETE) and
+#   2026-07-28 (stateless: each request's _meta says who asks; server/discover,
+#   subscriptions/listen) - and over stdio (`mcp serve --stdio`). One MCPFront answers every
+#   transport: JSON-RPC message in, JSON-RPC message out, notifications through `emit`.
+#   Backends are reached through the MCPHub's sessions: its tool cache, restarts and timeouts.
+# Raises: HTTPError for what HTTP refuses before any JSON-RPC (a server not exposed, an unknown
+#   session, a body that is no JSON-RPC); a request's failure is its JSON-RPC error, never an
+#   exception.
+# Never: hosts the SDK's server (starlette/ASGI); imports `mcp` (the hub does, when a backend
+#   is used); sends one client's log lines or sampling prompts to another client.
+
+MCP_HANDSHAKE_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
+MCP_MODERN_VERSION = "2026-07-28"
+MCP_META = "io.modelcontextprotocol/"  # the 2026 keys of _meta: protocolVersion, clientInfo...
+MCP_SESSIONS_MAX = 10000  # sessions held per process; the least recently used idle one goes
+MCP_ENDED_MAX = 10000  # ids ended by DELETE remembered (a 404 for them, as the spec asks)
+MCP_STREAM_PING = 15.0  # s between comments on an idle stream (the SDK's figure), for proxies
+MCP_STREAM_BUFFER = 1 << 20  # bytes a stream's client may leave unread before it is dropped
+MCP_ASK_TIMEOUT = 300.0  # s a client has to answer a sampling/elicitation request
+# what a result of 2026-07-28 has that one of the handshake era has not
+MCP_MODERN_RESULT_KEYS = ("resultType", "ttlMs", "cacheScope")
+# JSON-RPC errors of ours, and the HTTP status a 2026-07-28 answer gives each (the SDK's table)
+RPC_PARSE, RPC_INVALID, RPC_NO_METHOD, RPC_PARAMS = -32700, -32600, -32601, -32602
+RPC_NOT_FOUND, RPC_VERSION, RPC_CANCELLED = -32002, -32022, -32800
+RPC_HTTP_STATUS = {RPC_PARSE: 400, RPC_INVALID: 400, RPC_PARAMS: 400, RPC_VERSION: 400,
+                   RPC_NO_METHOD: 404}
+# methods that reach a backend: each takes an admission slot, as any request does
+MCP_ADMITTED = frozenset({"tools/list", "tools/call", "resources/list", "resources/read",
+                          "resources/templates/list", "prompts/list", "prompts/get",
+                          "completion/complete", "resources/subscribe",
+                          "resources/unsubscribe"})
+# the results that say how long a 2026-07-28 client may cache them (ttlMs, cacheScope)
+MCP_CACHEABLE = frozenset({"server/discover", "tools/list", "resources/list",
+                           "resources/templates/list", "prompts/list", "resources/read"})
+MCP_LIST_CHANGED = {"notifications/tools/list_changed": "toolsListChanged",
+                    "notifications/prompts/list_changed": "promptsListChanged",
+                    "notifications/resources/list_changed": "resourcesListChanged"}
+MCP_SSE = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
+           ("X-Accel-Buffering", "no")]
+
+
+class RPCError(Exception):
+    """A request's JSON-RPC error, raised inside MCPFront and answered as such."""
+
+    def __init__(self, code, message, data=None):
+        super().__init__(message)
+        self.rpc = {"code": code, "message": message}
+        if data is not None:
+            self.rpc["data"] = data
+
+
+def rpc_event(msg):
+    """One JSON-RPC message as an SSE event (streamable HTTP's framing)."""
+    return b"event: message\ndata: " + json_bytes(msg) + b"\n\n"
+
+
+def rpc_error(rid, code, message):
+    return {"jsonrpc": "2.0", "id": rid, "error": {"code": code, "message": message}}
+
+
+class MCPFace:
+    """What HTTP refusals of /mcp routes look like (401, 403, 404...): a JSON-RPC error, as an
+    MCP client reads them (the Application's faces are duck-typed on these two methods)."""
+
+    def error_body(self, exc):
+        return json_bytes(rpc_error(None, RPC_INVALID if exc.status < 500 else
+                                    MCP_INTERNAL_CODE, exc.message))
+
+    def error_event(self, exc):
+        return rpc_event(rpc_error(None, MCP_INTERNAL_CODE, exc.message))
+
+
+MCP_FACE = MCPFace()
+
+
+def mcp_session_sign(secret, payload):
+    import hashlib
+    import hmac
+    return hmac.new(secret, payload.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def mcp_template_matches(template, uri):
+    """Whether `uri` is one a resource template (RFC 6570, simple expansions) makes."""
+    parts = re.split(r"\{[^}]*\}", template)
+    pattern = "[^?#]*?".join(re.escape(p) for p in parts)
+    return re.fullmatch(pattern, uri) is not None
+
+
+class MCPSession:
+    """A 2025-11-25 client's session. Its id carries what the session needs (the version and
+    the capabilities that matter, signed), so any process of serve --workers takes it; what
+    lives here only - streams, calls under way, subscriptions - is this process's."""
+
+    def __init__(self, sid, view, version, caps, client):
+        self.id, self.view, self.version, self.caps, self.client = sid, view, version, caps, client
+        self.started = self.used = time.time()
+        self.requests = 0
+        self.calls = {}  # JSON-RPC id -> the task answering it (notifications/cancelled)
+        self.subscriptions = set()  # (server, uri) of resources/subscribe
+        self.outlets = set()  # its GET streams
+
+    def info(self):
+        return {"id": self.id[:12] + "...", "view": self.view or "*", "version": self.version,
+                "client": self.client, "requests": self.requests,
+                "calls": len(self.calls), "streams": len(self.outlets),
+                "started": round(self.started), "idle_seconds": round(time.time() - self.used)}
+
+
+class MCPExchange:
+    """One request being answered: who asks (`session`, or None at 2026-07-28), on which view
+    (a server's name, None for all), and `emit(msg)`, which sends a message before the answer
+    (progress, logs, a request to the client), or None where nothing can go."""
+
+    def __init__(self, view, session, rid, params, emit, modern):
+        self.view, self.session, self.rid, self.emit, self.modern = view, session, rid, emit, modern
+        meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
+        self.progress_token = meta.get("progressToken")
+        self.caps = session.caps if session is not None else \
+            meta.get(MCP_META + "clientCapabilities") or {}
+        self.log_level = meta.get(MCP_META + "logLevel") if modern else "legacy"
+        self.server = None  # the backend it is waiting for (logs and asks find it so)
+        self.method = None
+
+
+class MCPOutlet:
+    """A stream the client holds open for notifications: a GET stream (2025-11-25, every
+    list change of its view and the resources its session subscribed to) or a
+    subscriptions/listen response (2026-07-28: only what its filter asked for, each stamped
+    with the listen request's id)."""
+
+    def __init__(self, write, view, session=None, wanted=None, listen_id=None):
+        import asyncio
+        self.write, self.view, self.session = write, view, session
+        self.wanted, self.listen_id = wanted, listen_id
+        self.done = asyncio.Event()
+
+    def wants(self, server, method, params):
+        if self.view is not None and self.view != server:
+            return False
+        if method == "notifications/resources/updated":
+            uri = params.get("uri")
+            if self.session is not None:
+                return (server, uri) in self.session.subscriptions
+            return uri in (self.wanted.get("resourceSubscriptions") or ())
+        return self.wanted is None or bool(self.wanted.get(MCP_LIST_CHANGED.get(method)))
+
+    def send(self, method, params):
+        if self.listen_id is not None:
+            params = dict(params, _meta={MCP_META + "subscriptionId": self.listen_id})
+        self.write({"jsonrpc": "2.0", "method": method, "params": params})
+
+
+class MCPFront:
+    """The MCP server face over the hub; see the banner. `expose`: the names served (None:
+    all but private ones); `secret` signs session ids (shared by serve's workers, so each
+    takes the others' sessions); `workers`: requests to clients (sampling) are not sent,
+    since the answer may reach another process."""
+
+    def __init__(self, hub, admission=None, *, expose=None, secret=None, workers=False):
+        import contextvars
+        self.hub, self.admission = hub, admission
+        self.expose = None if expose is None else tuple(expose)
+        self.secret = secret or os.urandom(32)
+        self.workers = workers
+        self.sessions = {}  # id -> MCPSession (insertion order = least recently used first)
+        self.ended = {}  # ids ended by DELETE (ordered, bounded)
+        self.outlets = set()
+        self.exchanges = set()  # requests being answered (logs and asks go to their clients)
+        self.asks = {}  # id of a request we sent a client -> (its session, the future)
+        self.asked = 0
+        self.owners = {}  # resource URI -> the server that listed it (for /mcp)
+        self.current = contextvars.ContextVar("mcp_exchange", default=None)
+        self.closing = False
+        hub.notice, hub.asker = self.notice, self.ask
+        self.methods = {
+            "initialize": self.m_initialize, "server/discover": self.m_discover,
+            "ping": self.m_ping, "logging/setLevel": self.m_ping,
+            "tools/list": self.m_tools, "tools/call": self.m_call,
+            "resources/list": self.m_resources, "resources/templates/list": self.m_templates,
+            "resources/read": self.m_forward_uri, "resources/subscribe": self.m_subscribe,
+            "resources/unsubscribe": self.m_subscribe,
+            "prompts/list": self.m_prompts, "prompts/get": self.m_prompt,
+            "completion/complete": self.m_complete,
+        }
+
+    # ---- what is served ----
+
+    def exposed(self):
+        if self.expose is None:
+            return [name for name, spec in self.hub.specs().items() if not spec.get("private")]
+        return [name for name in self.hub.specs() if name in self.expose]
+
+    def servers(self, view):
+        return [view] if view is not None else self.exposed()
+
+    def capabilities(self):
+        return {"tools": {"listChanged": True}, "prompts": {"listChanged": True},
+                "resources": {"subscribe": True, "listChanged": True},
+                "completions": {}, "logging": {}}
+
+    def server_info(self, view):
+        return {"name": "llmhost" if view is None else f"llmhost/{view}",
+                "version": __version__}
+
+    # ---- sessions (2025-11-25) ----
+
+    def new_session(self, view, version, caps, client):
+        import secrets
+        flags = "".join(f for f, cap in (("s", "sampling"), ("e", "elicitation")) if cap in caps)
+        payload = f"{secrets.token_hex(12)}-{version.replace('-', '')}-{flags or 'n'}-{view or '*'}"
+        session = MCPSession(f"{payload}-{mcp_session_sign(self.secret, payload)}", view,
+                             version, caps, client)
+        self.keep(session)
+        return session
+
+    def keep(self, session):
+        if len(self.sessions) >= MCP_SESSIONS_MAX:
+            idle = next((s for s in self.sessions.values() if not s.outlets and not s.calls), None)
+            if idle is not None:
+                del self.sessions[idle.id]
+        self.sessions[session.id] = session
+
+    def session_of(self, sid, view):
+        """The session `sid` names on this view, recovered from the id if another process (or
+        an eviction) has it; None if the id is not one of ours or was ended."""
+        session = self.sessions.get(sid)
+        if session is None:
+            payload, _, mac = sid.rpartition("-")
+            import hmac
+            if sid in self.ended or not payload or \
+                    not hmac.compare_digest(mac, mcp_session_sign(self.secret, payload)):
+                return None
+            _, v, flags, where = payload.split("-", 3)
+            version = f"{v[:4]}-{v[4:6]}-{v[6:]}"
+            caps = {cap: {} for f, cap in (("s", "sampling"), ("e", "elicitation"))
+                    if f in flags}
+            session = MCPSession(sid, None if where == "*" else where, version, caps, None)
+            self.keep(session)
+        else:  # (most recently used last)
+            del self.sessions[sid]
+            self.sessions[sid] = session
+        if session.view != view:
+            return None
+        session.used = time.time()
+        return session
+
+    def end(self, session):
+        self.sessions.pop(session.id, None)
+        self.ended[session.id] = None
+        if len(self.ended) > MCP_ENDED_MAX:
+            del self.ended[next(iter(self.ended))]
+        for outlet in session.outlets:
+            outlet.done.set()
+        for task in session.calls.values():
+            task.cancel()
+
+    def status(self):
+        """The clients connected now, for /v1/mcp/servers and status."""
+        return {"exposed": self.exposed(),
+                "sessions": [s.info() for s in self.sessions.values()],
+                "streams": len(self.outlets), "requests": len(self.exchanges)}
+
+    # ---- one JSON-RPC message ----
+
+    async def answer(self, x, msg):
+        """The response to request `msg` (a dict), as a JSON-RPC message."""
+        token = self.current.set(x)
+        self.exchanges.add(x)
+        try:
+            handler = self.methods.get(msg["method"])
+            if handler is None:
+                raise RPCError(RPC_NO_METHOD, f"Method not found: {str(msg['method'])[:100]}")
+            params = msg.get("params") or {}
+            if not isinstance(params, dict):
+                raise RPCError(RPC_PARAMS, "params must be an object")
+            result = await handler(x, params)
+            if x.modern:
+                result.setdefault("resultType", "complete")
+                if msg["method"] in MCP_CACHEABLE:  # (held for 0 ms: lists change under us)
+                    result.setdefault("ttlMs", 0)
+                    result.setdefault("cacheScope", "private")
+            else:
+                for key in MCP_MODERN_RESULT_KEYS:
+                    result.pop(key, None)
+            return {"jsonrpc": "2.0", "id": x.rid, "result": result}
+        except RPCError as e:
+            return {"jsonrpc": "2.0", "id": x.rid, "error": e.rpc}
+        except MCPRemoteError as e:
+            return {"jsonrpc": "2.0", "id": x.rid, "error": e.rpc}
+        except MCPError as e:  # the server cannot be reached now
+            return rpc_error(x.rid, MCP_INTERNAL_CODE, e.message)
+        finally:
+            self.exchanges.discard(x)
+            self.current.reset(token)
+
+    def note(self, x, msg):
+        """A notification of the client's: cancellation; the rest needs nothing of us."""
+        if msg.get("method") == "notifications/cancelled" and x.session is not None:
+            task = x.session.calls.get((msg.get("params") or {}).get("requestId"))
+            if task is not None:
+                task.cancel()
+
+    def answered(self, session, msg):
+        """A client's answer to a request we sent it (sampling, elicitation)."""
+        pending = self.asks.get(msg.get("id"))
+        if pending is not None and pending[0] is session and not pending[1].done():
+            pending[1].set_result({k: msg[k] for k in ("result", "error") if k in msg})
+
+    @staticmethod
+    def need(params, key, kind=str):
+        value = params.get(key)
+        if not isinstance(value, kind):
+            raise RPCError(RPC_PARAMS, f"params.{key} must be a{'n object' if kind is dict else ' string'}")
+        return value
+
+    # ---- methods ----
+
+    async def m_initialize(self, x, params):
+        asked = params.get("protocolVersion")
+        version = asked if asked in MCP_HANDSHAKE_VERSIONS else MCP_HANDSHAKE_VERSIONS[-1]
+        caps = params.get("capabilities") if isinstance(params.get("capabilities"), dict) else {}
+        info = params.get("clientInfo") if isinstance(params.get("clientInfo"), dict) else {}
+        client = f"{info.get('name', '?')} {info.get('version', '')}".strip()[:100]
+        x.session = self.new_session(x.view, version, caps, client)
+        return {"protocolVersion": version, "capabilities": self.capabilities(),
+                "serverInfo": self.server_info(x.view)}
+
+    async def m_discover(self, x, params):
+        return {"supportedVersions": [MCP_MODERN_VERSION], "capabilities": self.capabilities(),
+                "_meta": {MCP_META + "serverInfo": self.server_info(x.view)}}
+
+    async def m_ping(self, x, params):
+        return {}
+
+    async def gather(self, x, kind):
+        """What every server of the view lists of `kind`: [(server, items)]. On /mcp a server
+        that fails is left out (and logged); on /mcp/NAME its error is the answer."""
+        import asyncio
+        servers = self.servers(x.view)
+        lists = await asyncio.gather(*(self.hub.listing(s, kind) for s in servers),
+                                     return_exceptions=True)
+        out = []
+        for server, items in zip(servers, lists):
+            if isinstance(items, BaseException):
+                if x.view is not None or not isinstance(items, MCPError):
+                    raise items
+                mcp_log().warning("MCP server %s left out of /mcp's %s: %s", server, kind,
+                                  items.message)
+                continue
+            out.append((server, items))
+        return out
+
+    async def named(self, x, kind):
+        """{name the client sees: (server, the server's name, the item)} for tools or prompts:
+        on /mcp/NAME the server's own names; on /mcp `<server>__<name>`, as models see tools."""
+        taken, out = set(), {}
+        for server, items in await self.gather(x, kind):
+            for item in items:
+                name = item["name"] if x.view is not None else \
+                    mcp_tool_name(server, item["name"], taken)
+                out[name] = (server, item["name"], item)
+        return out
+
+    async def m_tools(self, x, params):
+        return {"tools": [dict(item, name=name) if name != item["name"] else item
+                          for name, (_, _, item) in (await self.named(x, "tools")).items()]}
+
+    async def m_prompts(self, x, params):
+        return {"prompts": [dict(item, name=name) if name != item["name"] else item
+                            for name, (_, _, item) in (await self.named(x, "prompts")).items()]}
+
+    async def route(self, x, kind, name):
+        """-> (server, the server's name) of a tool or prompt the client names."""
+        if x.view is not None:
+            return x.view, name
+        found = (await self.named(x, kind)).get(name)
+        if found is None:
+            raise RPCError(RPC_PARAMS, f"Unknown {kind[:-1]}: {name[:100]}")
+        return found[0], found[1]
+
+    async def forward(self, x, server, method, params):
+        x.server = server
+        progress = None
+        if x.progress_token is not None and x.emit is not None:
+            async def progress(done, total, message):
+                note = {"progressToken": x.progress_token, "progress": done}
+                if total is not None:
+                    note["total"] = total
+                if message:
+                    note["message"] = message
+                x.emit({"jsonrpc": "2.0", "method": "notifications/progress", "params": note})
+        try:
+            return await self.hub.forward(server, method, params, progress)
+        finally:
+            x.server = None
+
+    async def m_call(self, x, params):
+        server, tool = await self.route(x, "tools", self.need(params, "name"))
+        arguments = params.get("arguments") or {}
+        if not isinstance(arguments, dict):
+            raise RPCError(RPC_PARAMS, "params.arguments must be an object")
+        return await self.forward(x, server, "tools/call", {"name": tool, "arguments": arguments})
+
+    async def m_prompt(self, x, params):
+        server, name = await self.route(x, "prompts", self.need(params, "name"))
+        return await self.forward(x, server, "prompts/get",
+                                  {"name": name, "arguments": params.get("arguments")})
+
+    async def m_resources(self, x, params):
+        out = []
+        for server, items in await self.gather(x, "resources"):
+            for item in items:
+                if len(self.owners) < MCP_SESSIONS_MAX or item["uri"] in self.owners:
+                    self.owners[item["uri"]] = server
+                out.append(item)
+        return {"resources": out}
+
+    async def m_templates(self, x, params):
+        return {"resourceTemplates": [item for _, items in await self.gather(x, "templates")
+                                      for item in items]}
+
+    async def owner(self, x, uri):
+        """The server of resource `uri` (on /mcp: the one that lists it, or whose template
+        makes it)."""
+        if x.view is not None:
+            return x.view
+        if self.owners.get(uri) in self.exposed():
+            return self.owners[uri]
+        for server, items in await self.gather(x, "resources"):
+            if any(item["uri"] == uri for item in items):
+                self.owners[uri] = server
+                return server
+        for server, items in await self.gather(x, "templates"):
+            if any(mcp_template_matches(item["uriTemplate"], uri) for item in items):
+                return server
+        raise RPCError(RPC_NOT_FOUND, f"Resource not found: {uri[:200]}")
+
+    async def m_forward_uri(self, x, params):
+        uri = self.need(params, "uri")
+        return await self.forward(x, await self.owner(x, uri), "resources/read", {"uri": uri})
+
+    async def m_subscribe(self, x, params):
+        uri = self.need(params, "uri")
+        server = await self.owner(x, uri)
+        subscribe = x.method == "resources/subscribe"
+        await self.forward(x, server, "resources/subscribe" if subscribe else
+                           "resources/unsubscribe", {"uri": uri})
+        if x.session is not None:
+            (x.session.subscriptions.add if subscribe else
+             x.session.subscriptions.discard)((server, uri))
+        return {}
+
+    async def m_complete(self, x, params):
+        ref = self.need(params, "ref", dict)
+        if ref.get("type") == "ref/prompt":
+            server, name = await self.route(x, "prompts", self.need(ref, "name"))
+            ref = dict(ref, name=name)
+        else:
+            uri = self.need(ref, "uri")
+            server = x.view
+            if server is None:
+                server = next((s for s, items in await self.gather(x, "templates")
+                               if any(i["uriTemplate"] == uri for i in items)), None)
+            if server is None:
+                raise RPCError(RPC_PARAMS, f"No resource template {uri[:200]}")
+        return await self.forward(x, server, "completion/complete", dict(params, ref=ref))
+
+    # ---- what backends send ----
+
+    def caller(self, server):
+        """The request waiting for `server` whose client a backend's log line or request is
+        for: the one whose task asks (a 2026 server's requests come inside its result), else
+        the only one waiting for that server; None when several clients are (which one's call
+        caused it is not said), so none gets another's data."""
+        x = self.current.get()
+        if x is not None and x.server == server:
+            return x
+        waiting = [x for x in self.exchanges if x.server == server]
+        clients = {id(x.session) if x.session is not None else id(x) for x in waiting}
+        return waiting[0] if len(clients) == 1 else None
+
+    def notice(self, server, method, params):
+        """A backend's notification: logs go to the client of the call they belong to; list
+        changes and resource updates to the streams that asked for them."""
+        if method == "notifications/message":
+            x = self.caller(server)
+            if x is not None and x.emit is not None and x.log_level:
+                x.emit({"jsonrpc": "2.0", "method": method, "params": params})
+            return
+        if server not in self.exposed():
+            return
+        for outlet in list(self.outlets):
+            if outlet.wants(server, method, params):
+                outlet.send(method, params)
+
+    async def ask(self, server, method, params):
+        """A backend's sampling or elicitation request, sent to the client whose call caused
+        it if that client declared the capability and can be asked (a 2025-11-25 session,
+        one process) -> its answer ({"result"} or {"error"}), or None (the hub answers)."""
+        import asyncio
+        x = self.caller(server)
+        capability = "sampling" if method.startswith("sampling/") else "elicitation"
+        if x is None or x.modern or x.emit is None or self.workers or \
+                capability not in (x.caps or {}):
+            return None
+        self.asked += 1
+        rid = f"llmhost-{self.asked}"
+        future = asyncio.get_running_loop().create_future()
+        self.asks[rid] = (x.session, future)
+        try:
+            x.emit({"jsonrpc": "2.0", "id": rid, "method": method, "params": params})
+            return await asyncio.wait_for(future, MCP_ASK_TIMEOUT)
+        except asyncio.TimeoutError:
+            return {"error": {"code": MCP_TIMEOUT_CODE, "message": "the client did not answer"}}
+        finally:
+            del self.asks[rid]
+
+    def close(self):
+        """Shutdown: streams end (their clients reconnect elsewhere or later)."""
+        self.closing = True
+        for outlet in list(self.outlets):
+            outlet.done.set()
+
+    # ---- streamable HTTP ----
+
+    def view_of(self, rest):
+        if rest is None:
+            return None
+        from urllib.parse import unquote
+        name = unquote(rest)
+        if name not in self.exposed():
+            raise NotFound(f"No MCP server {name!r} is served here; served: "
+                           f"{', '.join(self.exposed()) or 'none'}.")
+        return name
+
+    def session_header(self, request, view):
+        """The session a 2025-11-25 request names (400 without one, 404 for one we do not
+        have: the client then starts a new one, as the spec says)."""
+        sid = request.headers.get("mcp-session-id")
+        if sid is None:
+            raise BadRequest("Bad Request: No valid session ID provided")
+        session = self.session_of(sid, view)
+        if session is None:
+            raise NotFound("Session not found")
+        return session
+
+    async def http_post(self, request, rest=None):
+        import asyncio
+        view = self.view_of(rest)
+        conn = request.conn
+        try:
+            msg = json_loads(request.body)
+        except (ValueError, UnicodeDecodeError):
+            return self.reply(request, 400, rpc_error(None, RPC_PARSE, "Parse error"))
+        if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0":
+            return self.reply(request, 400, rpc_error(None, RPC_INVALID, "Invalid Request: one "
+                                                      "JSON-RPC 2.0 message per POST"))
+        method, params = msg.get("method"), msg.get("params")
+        params = params if isinstance(params, dict) else {}
+        meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
+        asked = meta.get(MCP_META + "protocolVersion") or \
+            request.headers.get("mcp-protocol-version")
+        modern = method != "initialize" and "mcp-session-id" not in request.headers and \
+            (MCP_META + "protocolVersion" in meta or asked == MCP_MODERN_VERSION)
+        session = None
+        if modern and asked != MCP_MODERN_VERSION:
+            return self.reply(request, 400, {"jsonrpc": "2.0", "id": msg.get("id"), "error": {
+                "code": RPC_VERSION, "message": "Unsupported protocol version", "data": {
+                    "supported": [MCP_MODERN_VERSION, *MCP_HANDSHAKE_VERSIONS],
+                    "requested": asked}}})
+        if not modern and method != "initialize":
+            session = self.session_header(request, view)
+            session.requests += 1
+        headers = [] if session is None else [("Mcp-Session-Id", session.id)]
+        if method is None or "id" not in msg:  # a response of the client's, or a notification
+            if method is None:
+                self.answered(session, msg)
+            else:
+                self.note(MCPExchange(view, session, None, params, None, modern), msg)
+            request.status = 202
+            return request.conn.respond(request, 202, headers)
+        if not isinstance(method, str):
+            return self.reply(request, 400, rpc_error(msg.get("id"), RPC_INVALID,
+                                                      "method must be a string"))
+        streams = "text/event-stream" in request.headers.get("accept", "")
+        out = {"streaming": False}
+
+        def emit(note):
+            if conn.gone:
+                return
+            if not out["streaming"]:
+                out["streaming"] = True
+                request.status = 200
+                out["keep_alive"] = conn.start_stream(request, 200, MCP_SSE + headers)
+            conn.write_chunk(rpc_event(note))
+
+        x = MCPExchange(view, session, msg["id"], params, emit if streams else None, modern)
+        x.method = method
+        if method == "subscriptions/listen":
+            if not modern or not streams:
+                return self.reply(request, 400, rpc_error(x.rid, RPC_INVALID, "subscriptions/"
+                                  "listen is of 2026-07-28 and answers as an SSE stream"))
+            return await self.listen(request, x, params, emit, out)
+        admitted = method in MCP_ADMITTED and self.admission is not None
+        if admitted:
+            await self.admission.acquire(conn)
+        try:
+            task = asyncio.ensure_future(self.answer(x, msg))
+            conn.on_gone = task.cancel
+            if session is not None:
+                session.calls[x.rid] = task
+            try:
+                response = await task
+            except asyncio.CancelledError:
+                if conn.gone or not task.cancelled():
+                    raise
+                response = rpc_error(x.rid, RPC_CANCELLED, "Request cancelled")
+            finally:
+                conn.on_gone = None
+                if session is not None:
+                    session.calls.pop(x.rid, None)
+        finally:
+            if admitted:
+                self.admission.release()
+        if x.session is not None and session is None:  # initialize made one
+            headers.append(("Mcp-Session-Id", x.session.id))
+            x.session.requests += 1
+        if conn.gone:
+            return False
+        if out["streaming"]:
+            conn.end_stream(rpc_event(response))
+            return out["keep_alive"]
+        status = RPC_HTTP_STATUS.get(response.get("error", {}).get("code"), 200) if modern \
+            else 200
+        return self.reply(request, status, response, headers)
+
+    def reply(self, request, status, doc, headers=()):
+        request.status = status
+        return request.conn.respond(request, status, JSON_TYPE + list(headers), json_bytes(doc))
+
+    async def hold(self, request, outlet, before=None):
+        """Keep a notification stream open until its client leaves, its session ends or serve
+        stops; a comment now and then keeps proxies from closing it. Holds no admission slot."""
+        import asyncio
+        conn = request.conn
+        self.outlets.add(outlet)
+        if outlet.session is not None:
+            outlet.session.outlets.add(outlet)
+        conn.on_gone = outlet.done.set
+        try:
+            if before is not None:
+                before()
+            while not outlet.done.is_set() and not self.closing:
+                try:
+                    await asyncio.wait_for(outlet.done.wait(), MCP_STREAM_PING)
+                except asyncio.TimeoutError:
+                    conn.write_chunk(b": ping\n\n")
+                if conn.transport.get_write_buffer_size() > MCP_STREAM_BUFFER:
+                    return False  # a client that stopped reading: dropped, not buffered
+        finally:
+            conn.on_gone = None
+            self.outlets.discard(outlet)
+            if outlet.session is not None:
+                outlet.session.outlets.discard(outlet)
+        return not conn.gone
+
+    async def http_get(self, request, rest=None):
+        """The 2025-11-25 GET stream: what the server says unasked (list changes, updates)."""
+        view = self.view_of(rest)
+        if "text/event-stream" not in request.headers.get("accept", ""):
+            raise HTTPError("Not Acceptable: the client must accept text/event-stream",
+                            status=406, code="not_acceptable")
+        if request.method == "HEAD":
+            raise MethodNotAllowed("HEAD is not allowed on an MCP endpoint.")
+        session = self.session_header(request, view)
+        conn = request.conn
+        request.status = 200
+        keep_alive = conn.start_stream(request, 200, MCP_SSE + [("Mcp-Session-Id", session.id)])
+
+        def write(msg):
+            if not conn.gone:
+                conn.write_chunk(rpc_event(msg))
+
+        if not await self.hold(request, MCPOutlet(write, view, session=session)):
+            return False
+        conn.end_stream()
+        return keep_alive
+
+    async def listen(self, request, x, params, emit, out):
+        """subscriptions/listen (2026-07-28): an acknowledgement, then the notifications its
+        filter asks for, until the client closes it; a stop of serve ends it with a result."""
+        wanted = params.get("notifications") if isinstance(params.get("notifications"), dict) \
+            else {}
+        honored = {k: True for k in MCP_LIST_CHANGED.values() if wanted.get(k)}
+        if isinstance(wanted.get("resourceSubscriptions"), list) and \
+                wanted["resourceSubscriptions"]:
+            honored["resourceSubscriptions"] = [u for u in wanted["resourceSubscriptions"]
+                                                if isinstance(u, str)]
+        meta = {MCP_META + "subscriptionId": x.rid}
+        outlet = MCPOutlet(emit, x.view, wanted=honored, listen_id=x.rid)
+        if not await self.hold(request, outlet, before=lambda: emit({
+                "jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged",
+                "params": {"notifications": honored, "_meta": meta}})):
+            return False
+        request.conn.end_stream(rpc_event({"jsonrpc": "2.0", "id": x.rid, "result": {
+            "_meta": meta, "resultType": "complete"}}))
+        return out["keep_alive"]
+
+    async def http_delete(self, request, rest=None):
+        session = self.session_header(request, self.view_of(rest))
+        self.end(session)
+        request.status = 200
+        return request.conn.respond(request, 200, [("Mcp-Session-Id", session.id)])
+
+    # ---- stdio (`mcp serve --stdio`) ----
+
+    async def serve_stdio(self, view, reader, write):
+        """Serve one client on a line-delimited JSON-RPC stream (MCP's stdio transport):
+        `reader` an asyncio StreamReader, `write(msg)` puts one message out. Requests are
+        answered concurrently, as they may take long; ends at EOF."""
+        import asyncio
+        session = None
+        outlet = None
+        tasks = set()
+
+        async def run(x, msg):
+            response = await self.answer(x, msg)
+            if session is not None:
+                session.calls.pop(x.rid, None)
+            write(response)
+
+        while True:
+            line = await reader.readline()
+            if not line:
+                break
+            try:
+                msg = json_loads(line)
+            except (ValueError, UnicodeDecodeError):
+                write(rpc_error(None, RPC_PARSE, "Parse error"))
+                continue
+            if not isinstance(msg, dict):
+                write(rpc_error(None, RPC_INVALID, "Invalid Request"))
+                continue
+            method, params = msg.get("method"), msg.get("params")
+            params = params if isinstance(params, dict) else {}
+            meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
+            modern = method != "initialize" and session is None
+            if method is None:
+                self.answered(session, msg)
+                continue
+            x = MCPExchange(view, session, msg.get("id"), params, write, modern)
+            x.method = method
+            if "id" not in msg:
+                self.note(x, msg)
+                continue
+            if modern and meta.get(MCP_META + "protocolVersion", MCP_MODERN_VERSION) != \
+                    MCP_MODERN_VERSION:
+                write({"jsonrpc": "2.0", "id": x.rid, "error": {
+                    "code": RPC_VERSION, "message": "Unsupported protocol version", "data": {
+                        "supported": [MCP_MODERN_VERSION, *MCP_HANDSHAKE_VERSIONS],
+                        "requested": meta.get(MCP_META + "protocolVersion")}}})
+                continue
+            if method == "initialize":
+                write(await self.answer(x, msg))
+                session = x.session
+                outlet = MCPOutlet(write, view, session=session)
+                self.outlets.add(outlet)
+                continue
+            if method == "subscriptions/listen":  # (on stdio: the stream's notifications)
+                wanted = params.get("notifications") or {}
+                self.outlets.add(MCPOutlet(write, view, wanted=wanted, listen_id=x.rid))
+                write({"jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged",
+                       "params": {"notifications": wanted,
+                                  "_meta": {MCP_META + "subscriptionId": x.rid}}})
+                continue
+            task = asyncio.ensure_future(run(x, msg))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            if session is not None:
+                session.calls[x.rid] = task
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if outlet is not None:
+            self.outlets.discard(outlet)
 
 
 # =============================================================================
@@ -6869,8 +7814,14 @@ LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "::1", "ip6-localhost"})
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Api-Key, X-Request-Id, OpenAI-Organization"
 # what browser code may read of an answer besides the CORS-safelisted fields
 CORS_EXPOSE = ("Access-Control-Expose-Headers",
-               "X-Request-Id, X-Llmhost-Server, X-Llmhost-Overhead-Ms, Retry-After")
+               "X-Request-Id, X-Llmhost-Server, X-Llmhost-Overhead-Ms, Retry-After, "
+               "Mcp-Session-Id")
 _FIELD_NAMES = re.compile(r"%s(?:[ \t]*,[ \t]*%s)*" % (_TOKEN.decode(), _TOKEN.decode()))
+
+
+def is_mcp_path(path):
+    """/mcp and /mcp/NAME: the MCP server face's, never aliases of /v1/mcp/..."""
+    return path == "/mcp" or path.startswith("/mcp/")
 
 
 def is_loopback_host(host):
@@ -7029,13 +7980,17 @@ class Application:
     def __init__(self, router, client, admission, *, api_keys=(), access_log=None,
                  allowed_hosts=None, cors_origins=(), mcp_environ=None, mcp_roots=(),
                  mcp_max_rounds=MCP_MAX_ROUNDS, mcp_allow_urls=(), processes=None,
-                 metrics_public=False, key_labels=None, mcp_tokens=None):
+                 metrics_public=False, key_labels=None, mcp_tokens=None, mcp_expose=None,
+                 mcp_secret=None, mcp_workers=False):
         self.router = router
         self.processes = processes  # ProcessManager for entries llmhost starts itself
         # MCP servers connect on first use; until then this costs nothing (no `mcp` import).
         # Their OAuth tokens are in the file mcp_tokens (serve refreshes them, never logs in).
         self.mcp = MCPHub({}, environ=mcp_environ or {}, sampler=self.sample, roots=mcp_roots,
                           tokens=mcp_tokens)
+        # llmhost as an MCP server: /mcp and /mcp/NAME (see MCP server)
+        self.mcp_front = MCPFront(self.mcp, admission, expose=mcp_expose, secret=mcp_secret,
+                                  workers=mcp_workers)
         self.mcp_max_rounds = mcp_max_rounds
         self.mcp_allow_urls = tuple(mcp_allow_urls)
         self.mcp_callers = {}  # MCP server -> {model: its requests' calls running} (sampling)
@@ -7071,12 +8026,18 @@ class Application:
             "/v1/health": {"GET": self.health},
             "/metrics": {"GET": self.metrics_page},
         }
+        front = self.mcp_front
+        mcp_methods = {"POST": front.http_post, "GET": front.http_get,
+                       "DELETE": front.http_delete}
+        self.routes["/mcp"] = mcp_methods
         self.prefix_routes = [
             ("/v1/models/", {"GET": self.model_detail}),
             ("/v1/processes/", {"POST": self.process_action}),
+            ("/mcp/", mcp_methods),
         ]
         # path or prefix -> the Face whose API it speaks (else OpenAI's)
-        self.faces = {"/v1/messages": MESSAGES_FACE, "/v1/messages/count_tokens": MESSAGES_FACE}
+        self.faces = {"/v1/messages": MESSAGES_FACE, "/v1/messages/count_tokens": MESSAGES_FACE,
+                      "/mcp": MCP_FACE, "/mcp/": MCP_FACE}
         self.open_routes = {"/health", "/v1/health"}
         if metrics_public:  # a scraper without the key; the rest stays behind it
             self.open_routes.add("/metrics")
@@ -7149,7 +8110,8 @@ class Application:
         """The Host and Origin checks, refused in the error shape of the API the path names
         (its face: route() finds the same one, but these come first)."""
         path = request.path
-        request.face = self.faces.get(path if path.startswith("/v1/") else "/v1" + path)
+        request.face = MCP_FACE if is_mcp_path(path) else \
+            self.faces.get(path if path.startswith("/v1/") else "/v1" + path)
         self.check_host(request)
         self.check_origin(request)
 
@@ -7201,8 +8163,8 @@ class Application:
         is refused with (its path, API key or method): all known from its head."""
         path = request.path
         methods = self.routes.get(path)
-        if methods is None and not path.startswith("/v1/"):
-            path = "/v1" + path  # clients configured without /v1 still work
+        if methods is None and not path.startswith("/v1/") and not is_mcp_path(path):
+            path = "/v1" + path  # clients configured without /v1 still work (not /mcp/...)
             methods = self.routes.get(path)
         rest = None  # (a model id, a process's action)
         where = path
@@ -7305,7 +8267,8 @@ class Application:
             "version": __version__, "pid": os.getpid(),
             "uptime_seconds": round(time.time() - self.started, 1),
             "in_flight": adm.active, "queued": adm.queued(), "max_concurrency": adm.limit,
-            "rejected": adm.rejected, "servers": servers})
+            "rejected": adm.rejected, "servers": servers,
+            "mcp_clients": self.mcp_front.status()})
 
     async def process_action(self, request, rest):
         """POST /v1/processes/NAME/load or /unload: start or stop a managed server now."""
@@ -7526,7 +8489,8 @@ class Application:
 
     # -- MCP: tools executed by llmhost --------------------------------------------------
     async def mcp_servers(self, request):
-        return self.reply_json(request, {"object": "list", "data": self.mcp.status()})
+        return self.reply_json(request, {"object": "list", "data": self.mcp.status(),
+                                         "clients": self.mcp_front.status()})
 
     async def mcp_tools(self, request):
         """Every registered MCP server's tools; with ?model=NAME, those that model's requests
@@ -9077,7 +10041,7 @@ class Gateway:
                  mcp_allow_urls=(), mcp_roots=(), max_running=None, parent=None,
                  last_good=None, discover_ports=None, store_responses=True,
                  metrics_public=False, key_labels=None, metrics_dir=None,
-                 clock=time.monotonic):
+                 mcp_expose=None, mcp_secret=None, mcp_workers=False, clock=time.monotonic):
         self.registry = registry
         self.parent = parent  # pid of the `serve --workers N` that started this worker
         self.last_good = last_good  # (a worker of serve --workers) serve's last good (doc, keys)
@@ -9093,7 +10057,8 @@ class Gateway:
                                mcp_roots=mcp_roots, mcp_max_rounds=mcp_max_rounds,
                                mcp_allow_urls=mcp_allow_urls, processes=self.processes,
                                metrics_public=metrics_public, key_labels=key_labels,
-                               mcp_tokens=tokens_path(registry))
+                               mcp_tokens=tokens_path(registry), mcp_expose=mcp_expose,
+                               mcp_secret=mcp_secret, mcp_workers=mcp_workers)
         # Stored responses (/v1/responses) live beside the registry, as its other state does.
         self.responses = ResponsesAPI(self.app, ResponseStore(
             os.path.abspath(registry) + ".responses.sqlite") if store_responses else None)
@@ -9299,6 +10264,7 @@ class Gateway:
             self.probing.discard(up.name)
 
     async def stop(self, timeout=SHUTDOWN_TIMEOUT):
+        self.app.mcp_front.close()  # (its streams would hold the shutdown for its timeout)
         await self.http.shutdown(timeout)
         for task in list(self.tasks):
             task.cancel()
@@ -10747,7 +11713,11 @@ def cmd_serve(args, environ):
                    max_running=args.max_running,
                    mcp_allow_urls=args.mcp_allow_url or (), mcp_roots=args.root or (),
                    store_responses=not args.no_store, metrics_public=args.metrics_public,
-                   key_labels=key_labels)
+                   key_labels=key_labels,
+                   mcp_expose=[n.strip() for n in args.mcp_expose.split(",") if n.strip()]
+                   if args.mcp_expose is not None else None,
+                   # signs /mcp session ids: every worker takes every worker's sessions
+                   mcp_secret=os.urandom(32), mcp_workers=workers > 1)
     logging.getLogger("mcp").setLevel(logging.WARNING)  # the SDK logs tracebacks at INFO
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per MCP HTTP message
     for handler in logging.getLogger().handlers:
@@ -10975,6 +11945,13 @@ def cmd_status(args, environ):
              s["in_flight"], s["requests"], s["errors"], s["last_error"] or "-"]
             for s in doc["servers"]]
     print_table(rows, ["SERVER", "HEALTH", "IN-FLIGHT", "REQUESTS", "ERRORS", "LAST ERROR"])
+    clients = doc.get("mcp_clients")  # (a serve from before /mcp has none)
+    if clients and (clients["sessions"] or clients["streams"] or clients["requests"]):
+        print(f"\nMCP clients (/mcp): {len(clients['sessions'])} sessions, "
+              f"{clients['streams']} open streams, {clients['requests']} requests under way")
+        print_table([[s["client"] or "-", s["view"], s["version"], s["requests"], s["calls"],
+                      s["streams"], f"{s['idle_seconds']}s"] for s in clients["sessions"]],
+                    ["CLIENT", "PATH", "VERSION", "REQUESTS", "CALLS", "STREAMS", "IDLE"])
     return 0
 
 
@@ -11330,6 +12307,8 @@ def cmd_mcp_add(args, environ):
         entry["cwd"] = os.getcwd()
         print(f"note: {relative[0]!r} is a path from this folder: saved with cwd {entry['cwd']}"
               " (--cwd DIR to choose)", file=sys.stderr)
+    if args.private:
+        entry["private"] = True
     errors = validate_mcp_entry(args.name, entry)
     if errors:
         raise CLIError("; ".join(errors))
@@ -11350,6 +12329,38 @@ def cmd_mcp_add(args, environ):
     listed = f": {len(tools)} tool{'s' if len(tools) != 1 else ''} ({shown})" if tools else ""
     print(f"added MCP server {args.name}{listed}{' [not checked]' if args.no_check else ''}")
     return 0
+
+
+def cmd_mcp_serve(args, environ):
+    """llmhost as a stdio MCP server: one registered server (any transport) or all of them,
+    for clients that only start stdio servers (Claude Desktop's config). Logs go to stderr;
+    stdout carries only JSON-RPC."""
+    import asyncio
+    doc = load_registry(registry_path(args, environ))
+    specs = doc["mcpServers"]
+    if args.name is not None and args.name not in specs:
+        raise CLIError(f"no MCP server named {args.name!r}; registered: "
+                       f"{', '.join(specs) or 'none'}")
+
+    async def serve():
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=MAX_BODY_BYTES)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        out = sys.stdout.buffer
+
+        def write(msg):
+            out.write(json_bytes(msg) + b"\n")
+            out.flush()
+
+        hub = MCPHub(specs, environ=environ, sampler=no_model_to_sample,
+                     tokens=tokens_path(registry_path(args, environ)))
+        front = MCPFront(hub, expose=None if args.name is None else [args.name])
+        try:
+            await front.serve_stdio(args.name, reader, write)
+        finally:
+            await hub.aclose()
+
+    return run_mcp(serve()) or 0
 
 
 def cmd_mcp_remove(args, environ):
@@ -11637,7 +12648,17 @@ def add_mcp_parsers(sub):
     p.add_argument("--sampling-model", metavar="MODEL",
                    help="model that answers this server's sampling requests")
     p.add_argument("--no-check", action="store_true", help="save without connecting")
+    p.add_argument("--private", action="store_true",
+                   help="keep it out of /mcp (llmhost as an MCP server); models still get it")
     p.set_defaults(func=cmd_mcp_add)
+
+    p = msub.add_parser("serve", help="llmhost as an MCP server on stdin/stdout: one "
+                        "registered server (NAME) or all of them (for stdio-only clients)")
+    p.add_argument("name", nargs="?", help="one registered MCP server (default: all, as /mcp)")
+    p.add_argument("--stdio", action="store_true", required=True,
+                   help="speak MCP's stdio transport (the only one `mcp serve` has: for HTTP, "
+                   "`serve` has /mcp)")
+    p.set_defaults(func=cmd_mcp_serve)
 
     p = msub.add_parser("remove", help="unregister an MCP server")
     p.add_argument("name")
@@ -11800,6 +12821,9 @@ def build_parser():
                    help=f"model/tool rounds per request (default {MCP_MAX_ROUNDS})")
     p.add_argument("--mcp-allow-url", action="append", metavar="PREFIX",
                    help="allow requests to name MCP servers by a server_url with this prefix")
+    p.add_argument("--mcp-expose", metavar="NAME,...",
+                   help="the registered MCP servers /mcp serves to MCP clients (default: all "
+                   "but those marked private)")
     p.add_argument("--root", action="append", metavar="PATH",
                    help="a folder offered to MCP servers as a root (default: none)")
     p.add_argument("--no-store", action="store_true",

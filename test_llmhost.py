@@ -5151,6 +5151,323 @@ def http_json_rpc(url, method):
         return answer.read().decode()
 
 
+# =============================================================================
+# MCP server: llmhost as one (/mcp, /mcp/NAME, mcp serve --stdio), reached by the SDK's client
+# =============================================================================
+
+def sdk_client(url, mode, key=None, **kw):
+    """The SDK's own client over streamable HTTP (`mode`: "legacy" for 2025-11-25, "auto"
+    lands on 2026-07-28 with a server that speaks it)."""
+    import httpx2
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"} if key else None,
+                              timeout=httpx2.Timeout(TIMEOUT * 3))
+    return Client(streamable_http_client(url, http_client=http), mode=mode, **kw)
+
+
+@pytest.fixture(scope="module")
+def front_env(tmp_path_factory):
+    """llmhost serving a stdio backend `t`, an HTTP backend `h` and a private one `p`."""
+    proc, port = start_mcp_http("http")
+    path = write_registry(tmp_path_factory.mktemp("front") / "servers.json", [], mcp={
+        "t": MCP_STDIO, "h": {"url": f"http://127.0.0.1:{port}/mcp"},
+        "p": dict(MCP_STDIO, private=True)})
+    running = Running(path, api_keys=["sesame"])
+    yield running, path
+    running.stop(timeout=5)
+    proc.terminate()
+    proc.wait(TIMEOUT)
+
+
+MODES = {"legacy": "2025-11-25", "auto": "2026-07-28"}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("path, prefix", [("/mcp/t", ""), ("/mcp/h", ""), ("/mcp", "h__")])
+def test_mcp_server_lists_calls_reads_and_prompts_at_both_revisions(front_env, mode, path,
+                                                                    prefix):
+    running, _ = front_env
+    progress = []
+
+    async def on_progress(done, total, message):
+        progress.append((done, total, message))
+
+    async def session():
+        async with sdk_client(f"http://127.0.0.1:{running.port}{path}", mode, "sesame") as c:
+            assert c.protocol_version == MODES[mode]
+            tools = [t.name for t in (await c.list_tools()).tools]
+            echo = await c.call_tool(f"{prefix}echo", {"text": "through llmhost"})
+            chatty = await c.call_tool(f"{prefix}chatty", {}, progress_callback=on_progress)
+            failed = await c.call_tool(f"{prefix}boom", {})
+            read = await c.read_resource("test://hello")
+            prompts = [p.name for p in (await c.list_prompts()).prompts]
+            prompt = await c.get_prompt(f"{prefix}greet", {"who": "Ada"})
+            resources = [str(r.uri) for r in (await c.list_resources()).resources]
+            return tools, echo, chatty, failed, read, prompts, prompt, resources
+
+    tools, echo, chatty, failed, read, prompts, prompt, resources = asyncio.run(session())
+    assert f"{prefix}echo" in tools and f"{prefix}weather" in tools
+    if path == "/mcp":  # every exposed server, prefixed as models see them; never the private
+        assert "t__echo" in tools and not any(t.startswith("p__") for t in tools)
+        assert set(prompts) == {"t__greet", "h__greet"}
+        assert resources == ["test://hello", "test://hello"]
+    else:
+        assert prompts == ["greet"] and resources == ["test://hello"]
+    assert echo.content[0].text == "through llmhost" and not echo.is_error
+    assert echo.structured_content == {"result": "through llmhost"}
+    assert chatty.content[0].text == "chatty done" and progress == [(1.0, 2.0, "half way")]
+    assert failed.is_error and "boom" in failed.content[0].text
+    assert read.contents[0].text == "hello resource"
+    assert prompt.messages[0].content.text == "Say hello to Ada"
+
+
+def test_mcp_server_refusals_speak_http_and_json_rpc(front_env):
+    running, path = front_env
+    port = running.port
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "1"}}}
+    accept = {"Accept": "application/json, text/event-stream"}
+    key = dict(accept, Authorization="Bearer sesame")
+    status, headers, raw = request(port, "POST", "/mcp/t", init, headers=accept)
+    assert status == 401 and headers["www-authenticate"].startswith("Bearer")
+    assert json.loads(raw)["error"]["code"] == -32600
+    # /mcp/servers and /mcp/tools are no aliases of /v1/mcp/... any more; private: not served
+    for where in ("/mcp/servers", "/mcp/tools", "/mcp/p", "/mcp/nobody"):
+        assert request(port, "POST", where, init, headers=key)[0] == 404, where
+    status, headers, raw = request(port, "POST", "/mcp/t", init, headers=key)
+    assert status == 200 and json.loads(raw)["result"]["protocolVersion"] == "2025-11-25"
+    sid = headers["mcp-session-id"]
+    listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+    assert request(port, "POST", "/mcp/t", listing, headers=key)[0] == 400  # no session
+    status, _, raw = request(port, "POST", "/mcp/t", listing,
+                             headers=dict(key, **{"Mcp-Session-Id": sid}))
+    assert status == 200 and "echo" in [t["name"] for t in json.loads(raw)["result"]["tools"]]
+    # a session is of the path it began on, and a forged or ended one is unknown (404)
+    assert request(port, "POST", "/mcp/h", listing,
+                   headers=dict(key, **{"Mcp-Session-Id": sid}))[0] == 404
+    assert request(port, "POST", "/mcp/t", listing,
+                   headers=dict(key, **{"Mcp-Session-Id": sid[:-1] + "0"}))[0] == 404
+    status, _, raw = request(port, "GET", "/v1/mcp/servers", headers=key)
+    sessions = json.loads(raw)["clients"]["sessions"]
+    assert status == 200 and any(s["client"] == "raw 1" and s["view"] == "t" for s in sessions)
+    clients = get_status(port, headers=key)["mcp_clients"]
+    assert "p" not in clients["exposed"] and any(s["client"] == "raw 1" for s in
+                                                 clients["sessions"])
+    assert request(port, "DELETE", "/mcp/t", headers=dict(key, **{"Mcp-Session-Id": sid}))[0] \
+        == 200
+    assert request(port, "POST", "/mcp/t", listing,
+                   headers=dict(key, **{"Mcp-Session-Id": sid}))[0] == 404
+    unknown = {"jsonrpc": "2.0", "id": 3, "method": "no/such", "params": {"_meta": {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28"}}}
+    status, _, raw = request(port, "POST", "/mcp/t", unknown, headers=key)
+    assert status == 404 and json.loads(raw)["error"]["code"] == -32601
+    unknown["params"]["_meta"]["io.modelcontextprotocol/protocolVersion"] = "2099-01-01"
+    status, _, raw = request(port, "POST", "/mcp/t", unknown, headers=key)
+    assert status == 400 and json.loads(raw)["error"]["code"] == -32022
+    assert request(port, "POST", "/mcp/t", b"{nope", headers=key)[0] == 400
+    assert llmhost.validate_mcp_entry("servers", MCP_STDIO) and \
+        llmhost.validate_mcp_entry("tools", MCP_STDIO)
+    assert llmhost.validate_mcp_entry("x", dict(MCP_STDIO, private="yes"))
+
+
+def test_mcp_server_expose_chooses_what_slash_mcp_serves(tmp_path):
+    path = write_registry(tmp_path / "s.json", [], mcp={"t": MCP_STDIO, "u": MCP_STDIO})
+    running = Running(path, mcp_expose=["u"])
+    try:
+        async def session():
+            async with sdk_client(f"http://127.0.0.1:{running.port}/mcp", "auto") as c:
+                return [t.name for t in (await c.list_tools()).tools]
+
+        tools = asyncio.run(session())
+        assert "u__echo" in tools and not any(t.startswith("t__") for t in tools)
+        assert request(running.port, "POST", "/mcp/t", {"jsonrpc": "2.0", "id": 1,
+                                                         "method": "ping"})[0] == 404
+    finally:
+        running.stop(timeout=5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mcp_server_tells_clients_of_a_changed_tool_list(tmp_path, mode):
+    """A backend's tools/list_changed reaches a 2025-11-25 client on its GET stream and a
+    2026-07-28 client on its subscriptions/listen stream."""
+    path = write_registry(tmp_path / "s.json", [], mcp={"t": MCP_STDIO})
+    running = Running(path)
+    changed = []
+
+    async def session():
+        told = asyncio.Event()
+
+        async def on_message(msg):
+            if type(msg).__name__ == "ToolListChangedNotification":
+                told.set()
+
+        url = f"http://127.0.0.1:{running.port}/mcp/t"
+        async with sdk_client(url, mode, message_handler=on_message) as c:
+            if mode == "legacy":
+                # the GET stream is open once the server holds it (its session's outlet)
+                while not running.gateway.app.mcp_front.outlets:
+                    await asyncio.sleep(0.02)
+                assert (await c.call_tool("grow", {})).content[0].text == "grown"
+                await asyncio.wait_for(told.wait(), TIMEOUT)
+            else:
+                async with c.listen(tools_list_changed=True) as sub:
+                    assert (await c.call_tool("grow", {})).content[0].text == "grown"
+                    async for event in sub:
+                        changed.append(type(event).__name__)
+                        break
+            changed.append([t.name for t in (await c.list_tools()).tools])
+
+    try:
+        asyncio.run(asyncio.wait_for(session(), TIMEOUT * 3))
+    finally:
+        running.stop(timeout=5)
+    assert "extra" in changed[-1]
+    if mode == "auto":
+        assert changed[0] == "ToolsListChanged"
+
+
+def test_mcp_server_forwards_sampling_to_a_client_that_can(tmp_path):
+    """A backend's sampling request goes to the client whose call caused it when it declared
+    sampling; one that did not gets today's answer (no model here: an error result)."""
+    import mcp_types as MT
+    path = write_registry(tmp_path / "s.json", [], mcp={"t": MCP_STDIO})
+    running = Running(path)
+
+    async def sample(ctx, params):
+        return MT.CreateMessageResult(role="assistant", model="client-model",
+                                      content=MT.TextContent(text="from the client"))
+
+    async def session(**kw):
+        from mcp.shared.exceptions import MCPError
+        url = f"http://127.0.0.1:{running.port}/mcp/t"
+        async with sdk_client(url, "legacy", **kw) as c:
+            try:
+                return (await c.call_tool("summarize", {"topic": "bees"})).content[0].text
+            except MCPError as e:  # the backend's error: our sampling failed
+                return e.error.message
+
+    try:
+        asked = asyncio.run(session(sampling_callback=sample))
+        unasked = asyncio.run(session())
+    finally:
+        running.stop(timeout=5)
+    assert asked == "model=client-model text=from the client"
+    assert "no model to sample with" in unasked  # (as before: serve's models answer)
+
+
+def test_mcp_server_a_backend_killed_mid_call_is_an_error_then_back(tmp_path):
+    """An HTTP backend killed while a call runs: the client gets a JSON-RPC error (not a hang);
+    once it is back (same port), the next call works."""
+    from mcp.shared.exceptions import MCPError
+    proc, port = start_mcp_http("http")
+    path = write_registry(tmp_path / "s.json", [], mcp={
+        "h": {"url": f"http://127.0.0.1:{port}/mcp"}, "t": MCP_STDIO})
+    running = Running(path)
+    note = tmp_path / "started"
+
+    async def session(mode):
+        url = f"http://127.0.0.1:{running.port}/mcp/h"
+        async with sdk_client(url, mode) as c:
+            call = asyncio.ensure_future(c.call_tool("slow", {"seconds": 30, "note": str(note)}))
+            while not note.exists():
+                await asyncio.sleep(0.02)
+            proc.kill()
+            try:
+                await asyncio.wait_for(call, TIMEOUT)
+            except MCPError as e:
+                return e.error.code, e.error.message
+            return None, call.result()
+
+    try:
+        code, message = asyncio.run(session("auto"))
+        assert code == llmhost.MCP_INTERNAL_CODE and "connection" in message.lower(), message
+        proc.wait(TIMEOUT)
+        proc, _ = start_mcp_http("http", str(port))
+
+        async def again():
+            async with sdk_client(f"http://127.0.0.1:{running.port}/mcp/h", "legacy") as c:
+                return await c.call_tool("echo", {"text": "back"})
+
+        assert asyncio.run(again()).content[0].text == "back"
+
+        async def stdio_dies():  # a stdio backend that exits mid-call: an error, then back
+            async with sdk_client(f"http://127.0.0.1:{running.port}/mcp/t", "legacy") as c:
+                try:
+                    await c.call_tool("die", {})
+                    died = None
+                except MCPError as e:
+                    died = e.error.message
+                return died, await c.call_tool("echo", {"text": "restarted"})
+
+        died, after = asyncio.run(stdio_dies())
+        assert died and "connection" in died.lower() and after.content[0].text == "restarted"
+    finally:
+        running.stop(timeout=5)
+        proc.kill()
+        proc.wait(TIMEOUT)
+
+
+def test_mcp_server_fifty_clients_at_once(front_env):
+    running, _ = front_env
+
+    async def one(i):
+        mode = "legacy" if i % 2 else "auto"
+        async with sdk_client(f"http://127.0.0.1:{running.port}/mcp", mode, "sesame") as c:
+            r = await c.call_tool("h__echo" if i % 3 else "t__echo", {"text": f"client {i}"})
+            return r.content[0].text
+
+    async def all_of_them():
+        return await asyncio.gather(*(one(i) for i in range(50)))
+
+    assert asyncio.run(asyncio.wait_for(all_of_them(), TIMEOUT * 6)) == \
+        [f"client {i}" for i in range(50)]
+
+
+def test_mcp_server_cancelled_call_ends_its_request(front_env):
+    """A client that cancels a call (notifications/cancelled at 2025-11-25, closing the
+    stream at 2026-07-28) ends llmhost's request for it; the client stays usable."""
+    running, _ = front_env
+    front = running.gateway.app.mcp_front
+
+    async def session(mode):
+        async with sdk_client(f"http://127.0.0.1:{running.port}/mcp/h", mode, "sesame") as c:
+            call = asyncio.ensure_future(c.call_tool("slow", {"seconds": 30}))
+            while not front.exchanges:
+                await asyncio.sleep(0.02)
+            call.cancel()
+            await asyncio.gather(call, return_exceptions=True)
+            while front.exchanges:
+                await asyncio.sleep(0.02)
+            return (await c.call_tool("echo", {"text": "still here"})).content[0].text
+
+    for mode in MODES:
+        assert asyncio.run(asyncio.wait_for(session(mode), TIMEOUT)) == "still here"
+
+
+def test_mcp_serve_stdio_bridges_an_http_server_to_a_stdio_client(front_env):
+    from mcp import Client, StdioServerParameters
+    _, path = front_env
+
+    async def session(name, tool, mode):
+        params = StdioServerParameters(command=sys.executable, args=[
+            os.path.join(HERE, "llmhost.py"), "--registry", path, "mcp", "serve", "--stdio",
+            *name])
+        async with Client(params, mode=mode) as c:
+            tools = [t.name for t in (await c.list_tools()).tools]
+            r = await c.call_tool(tool, {"text": "over stdio"})
+            read = await c.read_resource("test://hello")
+            return c.protocol_version, tools, r.content[0].text, read.contents[0].text
+
+    for mode in MODES:
+        version, tools, text, read = asyncio.run(session(["h"], "echo", mode))
+        assert version == MODES[mode] and "echo" in tools and text == "over stdio"
+        assert read == "hello resource"
+    version, tools, text, _ = asyncio.run(session([], "h__echo", "auto"))
+    assert "t__echo" in tools and "h__echo" in tools and text == "over stdio"
+
+
 
 # =============================================================================
 # Managed servers: started on demand, stopped when idle
