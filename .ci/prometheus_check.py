@@ -61,11 +61,43 @@ def traffic(port, until):
         time.sleep(0.02)
 
 
+SCRAPE_MODELS = 60  # each model's requests make ~20 series (a counter, a histogram, tokens)
+SCRAPE_BUDGET_MS = 10.0
+
+
+def scrape_timing(port, models):
+    """A scrape of 1,000 series or more answers in under SCRAPE_BUDGET_MS (the median of 50,
+    over one keep-alive connection, as Prometheus scrapes)."""
+    import http.client
+    import statistics
+    for model in models:
+        call(port, "/v1/chat/completions", dict(t.CHAT, model=model))
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    times = []
+    for _ in range(50):
+        start = time.perf_counter()
+        conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        times.append((time.perf_counter() - start) * 1000)
+        assert resp.status == 200, text[:200]
+    conn.close()
+    series = sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+    times.sort()
+    median = statistics.median(times)
+    print(f"scrape of {series} series: median {median:.2f} ms, p90 {times[44]:.2f} ms, "
+          f"max {times[-1]:.2f} ms (50 scrapes)")
+    if series < 1000 or median >= SCRAPE_BUDGET_MS:
+        sys.exit(f"want >= 1000 series in under {SCRAPE_BUDGET_MS} ms")
+
+
 def main():
     work = tempfile.mkdtemp(prefix="llmhost-prom-")
     fake = t.FakeUpstream()
+    many = [f"model-{i}" for i in range(SCRAPE_MODELS)]  # (for the scrape timing: series)
     registry = t.write_registry(os.path.join(work, "servers.json"),
-                                [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
+                                [{"name": "local", "url": fake.url, "models": ["fake-model"]},
+                                 {"name": "many", "url": fake.url, "models": many}])
     port = free_port()
     serve = subprocess.Popen([sys.executable, "-I", "-S", os.path.join(ROOT, "llmhost.py"),
                               "--registry", registry, "serve", "--port", str(port), "--api-key",
@@ -83,6 +115,7 @@ def main():
               (check.stdout + check.stderr).decode().strip() or "no problem")
         if check.returncode != 0:
             sys.exit(1)
+        scrape_timing(port, many)
         if not shutil.which("prometheus"):
             print("prometheus not installed: scrape check skipped")
             return
@@ -117,7 +150,7 @@ scrape_configs:
         assert up and up[0]["value"][1] == "1", up
         rate = query("sum by (model) (rate(llmhost_requests_total[5s]))")
         print("request rate per model:", {r["metric"].get("model", ""): r["value"][1]
-                                          for r in rate})
+                                          for r in rate if float(r["value"][1])})
         assert {"fake-model", "unknown"} <= {r["metric"].get("model") for r in rate}, rate
         p95 = query("histogram_quantile(0.95, sum by (le, model) "
                     "(rate(llmhost_stream_first_byte_seconds_bucket[5s])))")
