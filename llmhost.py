@@ -2249,10 +2249,8 @@ def registry_text(doc):
 def save_registry(path, doc):
     """Atomic replace: readers see the old file or the new one, never half of either. A
     symlinked registry stays a link: its target is what gets replaced."""
-    import tempfile
     validate_registry(doc, path)
     path = os.path.realpath(path)
-    folder = os.path.dirname(path)
     # literal secrets (an api_key, or env/header values that are not just ${VAR}): owner-only
     maps = [e.get("env", {}) for e in doc["servers"]] + [
         m for e in doc["mcpServers"].values() for m in (e.get("env", {}), e.get("headers", {}))]
@@ -2268,10 +2266,19 @@ def save_registry(path, doc):
         mode = 0o666 & ~umask
     if has_literal_key:
         mode = 0o600  # a literal upstream key: only the owner may read the file
-    fd, tmp = tempfile.mkstemp(prefix=".servers.", suffix=".tmp", dir=folder)
+    replace_file(path, registry_text(doc), mode, ".servers.", owner)
+
+
+def replace_file(path, text, mode, prefix, owner=None):
+    """Replace `path` (a real path, not a link) by `text`, atomically: a temp file beside it
+    (of `mode`, and of `owner` (uid, gid) where that is not us), fsynced, renamed over it, the
+    rename made durable. Readers see the old file or the new one, never half of either."""
+    import tempfile
+    folder = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(registry_text(doc))
+            f.write(text)
             f.flush()
             if owner is not None and owner != (os.geteuid(), os.getegid()):
                 try:  # root editing a service user's file: it stays theirs (as sed -i and
@@ -3519,26 +3526,11 @@ class MCPTokenStore:
         return dict((self.read()["servers"].get(name) or {}).get(url) or {})
 
     def _write(self, doc):
-        import tempfile
         path = os.path.realpath(self.path)
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=".servers.tokens.", suffix=".tmp",
-                                       dir=os.path.dirname(path))  # (mkstemp makes it 0600)
+        try:  # (owner-only: tokens)
+            replace_file(path, json.dumps(doc, indent=2) + "\n", 0o600, ".servers.tokens.")
         except OSError as exc:
             raise RegistryError(f"cannot write {path}: {exc.strerror or exc}") from None
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(doc, f, indent=2)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
 
     def _change(self, change):
         doc = self.read()
@@ -4038,40 +4030,22 @@ class MCPState:
 # _MCPConn.move). A failed start is marked twice: by its owner task as it ends, then by
 # _ensure(), which knows whether it was the server's failure or its caller's leaving.
 MCP_MOVES = {
-    MCPState.IDLE: frozenset({
-        # A call, a tool listing or warm() needs it.
-        MCPState.CONNECTING,
-        # Shutdown of one never started, or whose session ended.
-        MCPState.CLOSED,
-    }),
-    MCPState.CONNECTING: frozenset({
-        # Its Client is entered.
-        MCPState.READY,
-        # Its owner task ended without a session: an error, a timeout, a cancelled start.
-        MCPState.FAILED,
-        # Its owner task ended during shutdown.
-        MCPState.CLOSED,
-    }),
-    MCPState.READY: frozenset({
-        # Its session ended (lost, or stopped by a registry edit); the next use restarts it.
-        MCPState.IDLE,
-        # Its session ended during shutdown.
-        MCPState.CLOSED,
-    }),
-    MCPState.FAILED: frozenset({
-        # Tried again once its backoff is over.
-        MCPState.CONNECTING,
-        # _ensure() marks the start its owner task marked, with the reason.
-        MCPState.FAILED,
-        # _ensure() unmarks it: the start was cancelled because its caller left.
-        MCPState.IDLE,
-        # Shutdown.
-        MCPState.CLOSED,
-    }),
-    MCPState.CLOSED: frozenset({
-        # aclose() marks every one, some of which their owner task marked already.
-        MCPState.CLOSED,
-    }),
+    # -> CONNECTING: a call, a tool listing or warm() needs it. -> CLOSED: shutdown of one
+    # never started, or whose session ended.
+    MCPState.IDLE: frozenset((MCPState.CONNECTING, MCPState.CLOSED)),
+    # -> READY: its Client is entered. -> FAILED: its owner task ended without a session (an
+    # error, a timeout, a cancelled start). -> CLOSED: its owner task ended during shutdown.
+    MCPState.CONNECTING: frozenset((MCPState.READY, MCPState.FAILED, MCPState.CLOSED)),
+    # -> IDLE: its session ended (lost, or stopped by a registry edit); the next use restarts
+    # it. -> CLOSED: its session ended during shutdown.
+    MCPState.READY: frozenset((MCPState.IDLE, MCPState.CLOSED)),
+    # -> CONNECTING: tried again once its backoff is over. -> FAILED: _ensure() marks the start
+    # its owner task marked, with the reason. -> IDLE: _ensure() unmarks it (the start was
+    # cancelled because its caller left). -> CLOSED: shutdown.
+    MCPState.FAILED: frozenset((MCPState.CONNECTING, MCPState.FAILED, MCPState.IDLE,
+                                MCPState.CLOSED)),
+    # -> CLOSED: aclose() marks every one, some of which their owner task marked already.
+    MCPState.CLOSED: frozenset((MCPState.CLOSED,)),
 }
 
 
