@@ -3344,6 +3344,20 @@ def agent_chat(port, calls_script, fake, stream=False, **extra):
     return status, headers, raw
 
 
+def start_mcp_server(running, name="t"):
+    """Start MCP server `name` and wait until it is up (GET /v1/mcp/tools?model= lists its
+    tools): under load a stdio server's start can take longer than a chat request waits for
+    an attached one (MCP_ATTACHED_WAIT), which then goes without its tools."""
+    def ready():
+        servers = json.loads(request(running.port, "GET", "/v1/mcp/servers")[2])["data"]
+        return any(s["name"] == name and s["state"] == "ready" for s in servers)
+    if not ready():
+        model = next(m for m in running.gateway.router.table if any(
+            name in up.entry.get("mcp", ()) for up, _ in running.gateway.router.table[m]))
+        request(running.port, "GET", "/v1/mcp/tools?model=" + model, timeout=TIMEOUT * 3)
+        assert wait_until(ready, TIMEOUT * 3)
+
+
 def test_mcp_one_round_non_stream(mcp_env):
     running, fake = mcp_env
     status, _, raw = agent_chat(running.port, [{"calls": [("t__echo", {"text": "hi"})]}], fake)
@@ -3367,12 +3381,7 @@ def test_mcp_one_round_non_stream(mcp_env):
 def test_metrics_count_mcp_calls_by_server_tool_and_outcome(mcp_env):
     running, fake = mcp_env
 
-    def ready():
-        servers = json.loads(request(running.port, "GET", "/v1/mcp/servers")[2])["data"]
-        return any(s["name"] == "t" and s["state"] == "ready" for s in servers)
-    if not ready():  # (started on first use; under load it may take more than a request waits)
-        agent_chat(running.port, [{"calls": [("t__echo", {"text": "warm"})]}], fake)
-        assert wait_until(ready, TIMEOUT * 3)
+    start_mcp_server(running)
     _, before = scrape(running.port)  # (the module's server has run other tests' calls)
     status, _, raw = agent_chat(running.port, [{"calls": [("t__echo", {"text": "hi"}),
                                                           ("made_up", {})]}], fake)
@@ -3660,11 +3669,12 @@ def test_mcp_an_attached_server_that_hangs_delays_one_request_not_each(fake, tmp
     running = Running(registry)
     took = []
     try:
-        fake.script({"calls": [("t__echo", {"text": "x"})]})  # `t` is up first (its start can
-        status, doc = jpost(running.port, "/v1/chat/completions", CHAT, timeout=60)  # take
-        assert doc["choices"][0]["message"]["content"] == "tool result: x", doc  # seconds on a
-        running.gateway.app.mcp._connect_timeout = 6.0  # busy CPU): what is timed below is
-        servers[0]["mcp"].append("stuck")  # `stuck`'s connect, cut to 6 s (30 s in serve)
+        start_mcp_server(running)  # `t` is up first (its start can take seconds on a busy
+        fake.script({"calls": [("t__echo", {"text": "x"})]})  # CPU)
+        status, doc = jpost(running.port, "/v1/chat/completions", CHAT, timeout=60)
+        assert doc["choices"][0]["message"]["content"] == "tool result: x", doc
+        running.gateway.app.mcp._connect_timeout = 6.0  # what is timed below is `stuck`'s
+        servers[0]["mcp"].append("stuck")  # connect, cut to 6 s (30 s in serve)
         write_registry(registry, servers, mcp=mcp)
         running.call(running.gateway.reload())
         for _ in range(3):
@@ -3885,6 +3895,8 @@ def test_mcp_sampling_goes_to_the_model_of_the_calling_request_not_the_last_call
         {"name": "a", "url": fake.url, "models": ["model-a"], "mcp": ["t"]},
         {"name": "b", "url": fake.url, "models": ["model-b"], "mcp": ["t"]}], mcp={"t": MCP_STDIO}))
     try:
+        start_mcp_server(running)
+
         def chat(model, results):
             body = {"model": model, "messages": [{"role": "user", "content": "go"}]}
             results[model] = post(running.port, "/v1/chat/completions", body, timeout=TIMEOUT * 3)
