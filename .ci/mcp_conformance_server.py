@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -53,6 +54,7 @@ def scored(conformance, revision):
 
 def run_suite(conformance, url, revision, out):
     """-> {scenario: (passed, failed)} of one `conformance server --requirements` run."""
+    shutil.rmtree(out, ignore_errors=True)  # (each run adds folders named by the time)
     subprocess.run([conformance, "server", "--url", url, "--requirements", revision,
                     "-o", out, "--timeout", "60000"], stdout=open(out + ".log", "w"),
                    stderr=subprocess.STDOUT, check=False)
