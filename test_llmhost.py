@@ -5599,11 +5599,22 @@ def test_mcp_server_refusals_speak_http_and_json_rpc(front_env):
                    headers=dict(key, **{"Mcp-Session-Id": sid}))[0] == 404
     unknown = {"jsonrpc": "2.0", "id": 3, "method": "no/such", "params": {"_meta": {
         "io.modelcontextprotocol/protocolVersion": "2026-07-28"}}}
+    status, _, raw = request(port, "POST", "/mcp/t", unknown, headers=key)  # no capabilities
+    assert status == 400 and json.loads(raw)["error"]["code"] == -32602
+    unknown["params"]["_meta"]["io.modelcontextprotocol/clientCapabilities"] = {}
     status, _, raw = request(port, "POST", "/mcp/t", unknown, headers=key)
     assert status == 404 and json.loads(raw)["error"]["code"] == -32601
+    removed = dict(unknown, method="ping")  # (a method of the handshake era only)
+    status, _, raw = request(port, "POST", "/mcp/t", removed, headers=key)
+    assert status == 404 and json.loads(raw)["error"]["code"] == -32601
+    status, _, raw = request(port, "POST", "/mcp/t", unknown, headers=dict(
+        key, **{"MCP-Protocol-Version": "2025-11-25"}))
+    assert status == 400 and json.loads(raw)["error"]["code"] == -32020  # header vs _meta
     unknown["params"]["_meta"]["io.modelcontextprotocol/protocolVersion"] = "2099-01-01"
     status, _, raw = request(port, "POST", "/mcp/t", unknown, headers=key)
-    assert status == 400 and json.loads(raw)["error"]["code"] == -32022
+    assert status == 400 and json.loads(raw)["error"] == {
+        "code": -32022, "message": "Unsupported protocol version",
+        "data": {"supported": ["2026-07-28"], "requested": "2099-01-01"}}
     assert request(port, "POST", "/mcp/t", b"{nope", headers=key)[0] == 400
     assert llmhost.validate_mcp_entry("servers", MCP_STDIO) and \
         llmhost.validate_mcp_entry("tools", MCP_STDIO)
