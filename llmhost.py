@@ -3267,6 +3267,7 @@ class MCPRemoteError(MCPError):
 
 MCP_TIMEOUT_CODE = -32001  # the SDK's REQUEST_TIMEOUT
 MCP_INTERNAL_CODE = -32603  # JSON-RPC's internal error
+MCP_PARAMS_CODE = -32602  # JSON-RPC's invalid params
 
 
 # ---- pure helpers ----------------------------------------------------------------------------
@@ -3439,6 +3440,25 @@ MCP_FORWARD = {
         client.session.subscribe_resource(p["uri"]),
     "resources/unsubscribe": lambda client, p, progress, timeout:
         client.session.unsubscribe_resource(p["uri"]),
+}
+# The same requests, from a 2026-07-28 client to a 2026-07-28 server, as a relay: the client's
+# inputResponses and requestState go on, and an InputRequiredResult comes back to it (which the
+# client answers and retries with), where MCP_FORWARD's Client methods would answer it with the
+# hub's callbacks. `q` is the request's params as the SDK's model (validated before sending).
+MCP_RELAY = {
+    "tools/call": ("CallToolRequestParams", lambda client, q, progress, timeout:
+                   client.session.call_tool(
+                       q.name, q.arguments or {}, read_timeout_seconds=timeout,
+                       progress_callback=progress, input_responses=q.input_responses,
+                       request_state=q.request_state, allow_input_required=True)),
+    "resources/read": ("ReadResourceRequestParams", lambda client, q, progress, timeout:
+                       client.session.read_resource(
+                           str(q.uri), input_responses=q.input_responses,
+                           request_state=q.request_state, allow_input_required=True)),
+    "prompts/get": ("GetPromptRequestParams", lambda client, q, progress, timeout:
+                    client.session.get_prompt(
+                        q.name, q.arguments or None, input_responses=q.input_responses,
+                        request_state=q.request_state, allow_input_required=True)),
 }
 # what MCPHub.listing lists: kind -> (Client method, the page's attribute, the capability)
 MCP_LISTS = {"resources": ("list_resources", "resources", "resources"),
@@ -4723,15 +4743,22 @@ class MCPHub:
         client = await self._ensure(server)
         return await self._patient(c, request(client), timeout)
 
-    async def forward(self, server, method, params, progress=None):
+    async def forward(self, server, method, params, progress=None, relay=False):
         """A request of the MCP server face's client (a method of MCP_FORWARD), sent on to
         `server` within its call timeout -> the result as MCP JSON. `progress(done, total,
-        message)`: a tool call's progress. Raises MCPError (cannot be reached) or
-        MCPRemoteError (the server's JSON-RPC error, a timeout, a lost connection)."""
+        message)`: a tool call's progress. `relay`: the client speaks 2026-07-28, so when the
+        server does too, the request goes as MCP_RELAY sends it (its InputRequiredResult is
+        the client's to answer). Raises MCPError (cannot be reached), MCPRemoteError (the
+        server's JSON-RPC error, a timeout, a lost connection, params the SDK refuses)."""
         import asyncio
         c = self._conn(server)
         timeout = c.spec.get("timeout") or self._call_timeout
         send = MCP_FORWARD[method]
+        if relay and method in MCP_RELAY:
+            from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+            await self._ensure(server)
+            if c.era in MODERN_PROTOCOL_VERSIONS:
+                send = self._relay(method, params)
         try:
             return _dump(await self._counted(c, self._send(
                 c, server, lambda client: send(client, params, progress, timeout), timeout)))
@@ -4742,6 +4769,20 @@ class MCPHub:
             raise
         except Exception as e:
             raise self._remote_error(c, e) from None
+
+    @staticmethod
+    def _relay(method, params):
+        """MCP_RELAY's sender of `method` with `params` checked against the SDK's model first
+        (a malformed inputResponses is the client's error, not a lost session)."""
+        import mcp_types
+        from pydantic import ValidationError
+        model, send = MCP_RELAY[method]
+        try:
+            q = getattr(mcp_types, model).model_validate(params)
+        except ValidationError as e:
+            raise MCPRemoteError(MCP_PARAMS_CODE, f"Invalid params: {e.errors()[0]['msg']}",
+                                 {"errors": len(e.errors())}) from None
+        return lambda client, p, progress, timeout: send(client, q, progress, timeout)
 
     def _remote_error(self, c, exc):
         """An SDK failure of a forwarded request as the JSON-RPC error the face answers."""
@@ -4914,10 +4955,14 @@ MCP_ASK_TIMEOUT = 300.0  # s a client has to answer a sampling/elicitation reque
 # what a result of 2026-07-28 has that one of the handshake era has not
 MCP_MODERN_RESULT_KEYS = ("resultType", "ttlMs", "cacheScope")
 # JSON-RPC errors of ours, and the HTTP status a 2026-07-28 answer gives each (the SDK's table)
-RPC_PARSE, RPC_INVALID, RPC_NO_METHOD, RPC_PARAMS = -32700, -32600, -32601, -32602
+RPC_PARSE, RPC_INVALID, RPC_NO_METHOD, RPC_PARAMS = -32700, -32600, -32601, MCP_PARAMS_CODE
 RPC_NOT_FOUND, RPC_VERSION, RPC_CANCELLED = -32002, -32022, -32800
+RPC_HEADER_MISMATCH, RPC_CAPABILITY = -32020, -32021
 RPC_HTTP_STATUS = {RPC_PARSE: 400, RPC_INVALID: 400, RPC_PARAMS: 400, RPC_VERSION: 400,
-                   RPC_NO_METHOD: 404}
+                   RPC_HEADER_MISMATCH: 400, RPC_CAPABILITY: 400, RPC_NO_METHOD: 404}
+# methods 2026-07-28 removed (the handshake, and what lived on a session): "method not found"
+MCP_REMOVED = frozenset({"initialize", "ping", "logging/setLevel", "resources/subscribe",
+                         "resources/unsubscribe"})
 # methods that reach a backend: each takes an admission slot, as any request does
 MCP_ADMITTED = frozenset({"tools/list", "tools/call", "resources/list", "resources/read",
                           "resources/templates/list", "prompts/list", "prompts/get",
@@ -4926,6 +4971,8 @@ MCP_ADMITTED = frozenset({"tools/list", "tools/call", "resources/list", "resourc
 # the results that say how long a 2026-07-28 client may cache them (ttlMs, cacheScope)
 MCP_CACHEABLE = frozenset({"server/discover", "tools/list", "resources/list",
                            "resources/templates/list", "prompts/list", "resources/read"})
+# what a 2026-07-28 client retries a request with, answering an InputRequiredResult (SEP-2322)
+MCP_INPUT_KEYS = ("inputResponses", "requestState")
 MCP_LIST_CHANGED = {"notifications/tools/list_changed": "toolsListChanged",
                     "notifications/prompts/list_changed": "promptsListChanged",
                     "notifications/resources/list_changed": "resourcesListChanged"}
@@ -4948,8 +4995,34 @@ def rpc_event(msg):
     return b"event: message\ndata: " + json_bytes(msg) + b"\n\n"
 
 
-def rpc_error(rid, code, message):
-    return {"jsonrpc": "2.0", "id": rid, "error": {"code": code, "message": message}}
+def rpc_error(rid, code, message, data=None):
+    error = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    return {"jsonrpc": "2.0", "id": rid, "error": error}
+
+
+def mcp_modern_refusal(msg, meta, header=None):
+    """The error a 2026-07-28 request earns before it is run, or None: its _meta must say the
+    version (which the MCP-Protocol-Version header, if any, repeats) and the capabilities,
+    and the method must be one of the revision's."""
+    rid, stamped = msg.get("id"), meta.get(MCP_META + "protocolVersion")
+    if header is not None and stamped is not None and header != stamped:
+        return rpc_error(rid, RPC_HEADER_MISMATCH, "MCP-Protocol-Version header does not match "
+                         "_meta", {"header": header, "meta": stamped})
+    if stamped is None:
+        return rpc_error(rid, RPC_PARAMS, f"Invalid params: _meta.{MCP_META}protocolVersion "
+                         "is required")
+    if stamped != MCP_MODERN_VERSION:
+        return rpc_error(rid, RPC_VERSION, "Unsupported protocol version", {
+            "supported": [MCP_MODERN_VERSION], "requested": stamped})
+    if not isinstance(meta.get(MCP_META + "clientCapabilities"), dict):
+        return rpc_error(rid, RPC_PARAMS, f"Invalid params: _meta.{MCP_META}clientCapabilities "
+                         "is required")
+    if msg.get("method") in MCP_REMOVED:
+        return rpc_error(rid, RPC_NO_METHOD, f"Method not found: {msg['method']} is not of "
+                         f"{MCP_MODERN_VERSION}")
+    return None
 
 
 class MCPFace:
@@ -5007,6 +5080,7 @@ class MCPExchange:
 
     def __init__(self, view, session, rid, params, emit, modern):
         self.view, self.session, self.rid, self.emit, self.modern = view, session, rid, emit, modern
+        self.params = params
         meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
         self.progress_token = meta.get("progressToken")
         self.caps = session.caps if session is not None else \
@@ -5283,8 +5357,10 @@ class MCPFront:
                 if message:
                     note["message"] = message
                 x.emit({"jsonrpc": "2.0", "method": "notifications/progress", "params": note})
+        if x.modern:  # (the answers to an InputRequiredResult the server gave before)
+            params = dict(params, **{k: x.params[k] for k in MCP_INPUT_KEYS if k in x.params})
         try:
-            return await self.hub.forward(server, method, params, progress)
+            return await self.hub.forward(server, method, params, progress, relay=x.modern)
         finally:
             x.server = None
 
@@ -5452,16 +5528,14 @@ class MCPFront:
         method, params = msg.get("method"), msg.get("params")
         params = params if isinstance(params, dict) else {}
         meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
-        asked = meta.get(MCP_META + "protocolVersion") or \
-            request.headers.get("mcp-protocol-version")
-        modern = method != "initialize" and "mcp-session-id" not in request.headers and \
-            (MCP_META + "protocolVersion" in meta or asked == MCP_MODERN_VERSION)
+        header = request.headers.get("mcp-protocol-version")
+        modern = "mcp-session-id" not in request.headers and \
+            (MCP_META + "protocolVersion" in meta or
+             header == MCP_MODERN_VERSION and method != "initialize")
         session = None
-        if modern and asked != MCP_MODERN_VERSION:
-            return self.reply(request, 400, {"jsonrpc": "2.0", "id": msg.get("id"), "error": {
-                "code": RPC_VERSION, "message": "Unsupported protocol version", "data": {
-                    "supported": [MCP_MODERN_VERSION, *MCP_HANDSHAKE_VERSIONS],
-                    "requested": asked}}})
+        refusal = mcp_modern_refusal(msg, meta, header) if modern and "id" in msg else None
+        if refusal is not None:
+            return self.reply(request, RPC_HTTP_STATUS[refusal["error"]["code"]], refusal)
         if not modern and method != "initialize":
             session = self.session_header(request, view)
             session.requests += 1
@@ -5647,12 +5721,11 @@ class MCPFront:
             if "id" not in msg:
                 self.note(x, msg)
                 continue
-            if modern and meta.get(MCP_META + "protocolVersion", MCP_MODERN_VERSION) != \
-                    MCP_MODERN_VERSION:
-                write({"jsonrpc": "2.0", "id": x.rid, "error": {
-                    "code": RPC_VERSION, "message": "Unsupported protocol version", "data": {
-                        "supported": [MCP_MODERN_VERSION, *MCP_HANDSHAKE_VERSIONS],
-                        "requested": meta.get(MCP_META + "protocolVersion")}}})
+            # (a stdio client that stamps no version is taken as 2026-07-28's, as before)
+            stamped = MCP_META + "protocolVersion" in meta
+            refusal = mcp_modern_refusal(msg, meta) if modern and stamped else None
+            if refusal is not None:
+                write(refusal)
                 continue
             if method == "initialize":
                 write(await self.answer(x, msg))

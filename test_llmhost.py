@@ -3183,6 +3183,344 @@ def run_mcp_test_server(argv):
     anyio.run(uvicorn.Server(config).serve, [sock])
 
 
+# A 44-byte WAV file: RIFF header, 8 kHz mono 8-bit, no samples (the suite checks only its shape).
+WAV_EMPTY = "UklGRiQAAABXQVZFZm10IBAAAAABAAEAQB8AAEAfAAABAAgAZGF0YQAAAAA="
+CONFORMANCE_ENUMS = {
+    "untitledSingle": {"type": "string", "enum": ["option1", "option2", "option3"]},
+    "titledSingle": {"type": "string", "oneOf": [
+        {"const": "value1", "title": "First Option"}, {"const": "value2", "title": "Second Option"},
+        {"const": "value3", "title": "Third Option"}]},
+    "legacyEnum": {"type": "string", "enum": ["opt1", "opt2", "opt3"],
+                   "enumNames": ["Option One", "Option Two", "Option Three"]},
+    "untitledMulti": {"type": "array", "items": {"type": "string",
+                                                 "enum": ["option1", "option2", "option3"]}},
+    "titledMulti": {"type": "array", "items": {"anyOf": [
+        {"const": "value1", "title": "First Choice"}, {"const": "value2", "title": "Second Choice"},
+        {"const": "value3", "title": "Third Choice"}]}},
+}
+CONFORMANCE_DEFAULTS = {
+    "name": {"type": "string", "default": "John Doe"},
+    "age": {"type": "integer", "default": 30},
+    "score": {"type": "number", "default": 95.5},
+    "status": {"type": "string", "enum": ["active", "inactive", "pending"], "default": "active"},
+    "verified": {"type": "boolean", "default": True},
+}
+
+
+def conformance_form(message, properties, required=()):
+    return {"method": "elicitation/create", "params": {"message": message, "requestedSchema": {
+        "type": "object", "properties": properties, "required": list(required)}}}
+
+
+def conformance_sample(text, max_tokens):
+    return {"method": "sampling/createMessage", "params": {"messages": [{
+        "role": "user", "content": {"type": "text", "text": text}}], "maxTokens": max_tokens}}
+
+
+ROOTS_LIST = {"method": "roots/list", "params": {}}
+
+
+def run_mcp_conformance_fixture(argv):
+    """`python3 test_llmhost.py mcp-fixture [PORT]`: the server fixture of the MCP conformance
+    suite (npm @modelcontextprotocol/conformance 0.2.0-alpha.12): the tools, resources and
+    prompts its server scenarios call for at 2025-11-25 and 2026-07-28, over streamable HTTP on
+    127.0.0.1 (prints "PORT n"). Built on the SDK's low-level Server, whose results are the
+    wire's: a 2026-07-28 client gets InputRequiredResults (requestState sealed by the SDK's
+    RequestStateBoundary), a 2025-11-25 one the same questions as requests of the server's."""
+    import anyio
+    import mcp_types as T
+    import uvicorn
+    from mcp.server.lowlevel import Server
+    from mcp.server.request_state import RequestStateBoundary, RequestStateSecurity
+    from mcp.server.subscriptions import (InMemorySubscriptionBus, ListenHandler,
+                                          PromptsListChanged, ToolsListChanged)
+    from mcp.shared.exceptions import MCPError
+    from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+
+    bus = InMemorySubscriptionBus()
+
+    def text(t):
+        return {"content": [{"type": "text", "text": t}]}
+
+    def dump(model):
+        return model.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+    async def ask_now(ctx, request):
+        """A question as a request of the server's (2025-11-25) -> the answer as JSON."""
+        p, session = request["params"], ctx.session
+        if request["method"] == "elicitation/create":
+            return dump(await session.elicit_form(p["message"], p["requestedSchema"],
+                                                  related_request_id=ctx.request_id))
+        if request["method"] == "roots/list":
+            return dump(await session.list_roots())
+        return dump(await session.create_message(
+            [T.SamplingMessage.model_validate(m) for m in p["messages"]],
+            max_tokens=p["maxTokens"], related_request_id=ctx.request_id))
+
+    async def answers(ctx, params, questions, state=None):
+        """{key: answer} for `questions` ({key: request}), or the InputRequiredResult that asks
+        a 2026-07-28 client what it has not answered (an answer that is no object is none)."""
+        if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+            return {key: await ask_now(ctx, q) for key, q in questions.items()}
+        given = params.input_responses or {}
+        given = {k: dump(v) if hasattr(v, "model_dump") else v for k, v in given.items()}
+        missing = {k: q for k, q in questions.items() if not isinstance(given.get(k), dict)}
+        if missing or (state is not None and params.request_state != state):
+            return T.InputRequiredResult(input_requests=missing or questions,
+                                         request_state=state)
+        return {k: given[k] for k in questions}
+
+    def answered(make):
+        """A tool that asks `questions` first: make(ctx, args) -> (questions, state, finish),
+        finish(answers) -> the tool's result."""
+        async def tool(ctx, args, params):
+            questions, state, finish = make(ctx, args)
+            got = await answers(ctx, params, questions, state)
+            return got if isinstance(got, T.InputRequiredResult) else text(finish(got))
+        return tool
+
+    def said(answer):
+        return f"action={answer.get('action')}, content={json.dumps(answer.get('content'))}"
+
+    async def with_logging(ctx, args, params):
+        for i, line in enumerate(("Tool execution started", "Tool processing data",
+                                  "Tool execution completed")):
+            if i:
+                await anyio.sleep(0.05)
+            await ctx.session.send_log_message("info", line, related_request_id=ctx.request_id)
+        return text("Logging test completed")
+
+    async def with_progress(ctx, args, params):
+        for i, done in enumerate((0, 50, 100)):  # (none is sent if the call gave no token)
+            if i:
+                await anyio.sleep(0.05)
+            await ctx.session.report_progress(done, 100)
+        return text("Progress test completed")
+
+    step1 = {"step1": conformance_form("Step 1: What is your name?",
+                                       {"name": {"type": "string"}}, ["name"])}
+    step2 = {"step2": conformance_form("Step 2: What is your favorite color?",
+                                       {"color": {"type": "string"}}, ["color"])}
+
+    async def multi_round(ctx, args, params):
+        """Step 1's question, then (its answer in hand) step 2's, each round its own state."""
+        if params.request_state != "round-2":
+            got = await answers(ctx, params, step1, "round-1")
+            if isinstance(got, T.InputRequiredResult):
+                return got
+            if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+                return T.InputRequiredResult(input_requests=step2, request_state="round-2")
+        got = await answers(ctx, params, step2, "round-2")
+        if isinstance(got, T.InputRequiredResult):
+            return got
+        return text(f"Both steps done: color={(got['step2'].get('content') or {}).get('color')}")
+
+    def client_caps(ctx):
+        caps = ctx.meta.get("io.modelcontextprotocol/clientCapabilities") if ctx.meta else None
+        return caps if isinstance(caps, dict) else {}
+
+    async def needs_sampling(ctx, args, params):
+        if "sampling" not in client_caps(ctx):
+            raise MCPError(T.MISSING_REQUIRED_CLIENT_CAPABILITY, "This tool needs sampling",
+                           {"requiredCapabilities": {"sampling": {}}})
+        return text("sampling is declared")
+
+    def changes(event, legacy):
+        async def tool(ctx, args, params):
+            if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+                await bus.publish(event())
+            else:
+                await legacy(ctx.session)()
+            return text("list changed")
+        return tool
+
+    def capabilities(ctx, args):
+        caps = client_caps(ctx)
+        questions = {}
+        if "sampling" in caps:
+            questions["question"] = conformance_sample("What is 2+2?", 10)
+        if "elicitation" in caps:
+            questions["user_name"] = conformance_form("What is your name?",
+                                                      {"name": {"type": "string"}}, ["name"])
+        return questions, None, lambda got: f"answered: {', '.join(sorted(got))}"
+
+    name_form = conformance_form("What is your name?", {"name": {"type": "string"}}, ["name"])
+    tools_elicit = answered(lambda ctx, a: ({"user_name": name_form}, None, lambda got:
+                                           f"Hello, {(got['user_name'].get('content') or {}).get('name')}!"))
+    tools = {
+        "test_simple_text": lambda ctx, a, p: text("This is a simple text response for testing."),
+        "test_image_content": lambda ctx, a, p: {"content": [
+            {"type": "image", "data": PNG_1PX, "mimeType": "image/png"}]},
+        "test_audio_content": lambda ctx, a, p: {"content": [
+            {"type": "audio", "data": WAV_EMPTY, "mimeType": "audio/wav"}]},
+        "test_embedded_resource": lambda ctx, a, p: {"content": [{"type": "resource", "resource": {
+            "uri": "test://embedded-resource", "mimeType": "text/plain",
+            "text": "This is an embedded resource content."}}]},
+        "test_multiple_content_types": lambda ctx, a, p: {"content": [
+            {"type": "text", "text": "Multiple content types test:"},
+            {"type": "image", "data": PNG_1PX, "mimeType": "image/png"},
+            {"type": "resource", "resource": {"uri": "test://mixed-content-resource",
+                                              "mimeType": "application/json",
+                                              "text": '{"test":"data","value":123}'}}]},
+        "test_tool_with_logging": with_logging,
+        "test_tool_with_progress": with_progress,
+        "test_error_handling": lambda ctx, a, p: dict(
+            text("This tool intentionally returns an error for testing"), isError=True),
+        "test_sampling": answered(lambda ctx, a: (
+            {"sample": conformance_sample(a.get("prompt", ""), 100)}, None,
+            lambda got: f"LLM response: {(got['sample'].get('content') or {}).get('text')}")),
+        "test_elicitation": answered(lambda ctx, a: (
+            {"form": conformance_form(a.get("message", ""), {
+                "username": {"type": "string", "description": "User's response"},
+                "email": {"type": "string", "description": "User's email address"}},
+                ["username", "email"])}, None,
+            lambda got: f"User response: {said(got['form'])}")),
+        "test_elicitation_sep1034_defaults": answered(lambda ctx, a: (
+            {"form": conformance_form("Please review and update the form fields with defaults",
+                                      CONFORMANCE_DEFAULTS)}, None,
+            lambda got: f"Elicitation completed: {said(got['form'])}")),
+        "test_elicitation_sep1330_enums": answered(lambda ctx, a: (
+            {"form": conformance_form("Please select options from the enum fields",
+                                      CONFORMANCE_ENUMS)}, None,
+            lambda got: f"Elicitation completed: {said(got['form'])}")),
+        "test_input_required_result_elicitation": tools_elicit,
+        "test_input_required_result_sampling": answered(lambda ctx, a: (
+            {"capital_question": conformance_sample("What is the capital of France?", 100)},
+            None, lambda got: f"Sampled: {(got['capital_question'].get('content') or {}).get('text')}")),
+        "test_input_required_result_list_roots": answered(lambda ctx, a: (
+            {"client_roots": ROOTS_LIST}, None,
+            lambda got: "Roots: " + " ".join(r.get("uri", "?") for r in
+                                             got["client_roots"].get("roots") or []))),
+        "test_input_required_result_request_state": answered(lambda ctx, a: (
+            {"confirm": conformance_form("Please confirm", {"ok": {"type": "boolean"}}, ["ok"])},
+            "confirm-pending", lambda got: "state-ok: confirmed")),
+        "test_input_required_result_multiple_inputs": answered(lambda ctx, a: (
+            {"user_name": name_form, "greeting": conformance_sample("Generate a greeting", 50),
+             "client_roots": ROOTS_LIST}, "all-three", lambda got: "state-ok: all answered")),
+        "test_input_required_result_multi_round": multi_round,
+        "test_input_required_result_tampered_state": answered(lambda ctx, a: (
+            {"user_name": name_form}, "sealed", lambda got: "state-ok")),
+        "test_input_required_result_capabilities": answered(capabilities),
+        # the diagnostic tools of the server-stateless scenario (2026-07-28)
+        "test_missing_capability": needs_sampling,
+        "test_streaming_elicitation": tools_elicit,
+        "test_logging_tool": with_logging,
+        "test_trigger_tool_change": changes(ToolsListChanged,
+                                            lambda s: s.send_tool_list_changed),
+        "test_trigger_prompt_change": changes(PromptsListChanged,
+                                              lambda s: s.send_prompt_list_changed),
+    }
+    schemas = {"test_sampling": ("prompt",), "test_elicitation": ("message",)}
+
+    async def list_tools(ctx, params):
+        return T.ListToolsResult(tools=[T.Tool(
+            name=name, description=f"Conformance fixture: {name}", input_schema={
+                "type": "object", "properties": {a: {"type": "string"} for a in
+                                                 schemas.get(name, ())},
+                "required": list(schemas.get(name, ()))}) for name in tools])
+
+    async def call_tool(ctx, params):
+        tool = tools.get(params.name)
+        if tool is None:
+            raise MCPError(T.INVALID_PARAMS, f"Unknown tool: {params.name}")
+        out = tool(ctx, params.arguments or {}, params)
+        out = await out if hasattr(out, "__await__") else out
+        return out if isinstance(out, T.InputRequiredResult) else \
+            T.CallToolResult.model_validate(out)
+
+    resources = {
+        "test://static-text": ("Static text", {"mimeType": "text/plain",
+                               "text": "This is the content of the static text resource."}),
+        "test://static-binary": ("Static binary", {"mimeType": "image/png", "blob": PNG_1PX}),
+        "test://watched-resource": ("Watched", {"mimeType": "text/plain", "text": "watched"}),
+    }
+
+    async def list_resources(ctx, params):
+        return T.ListResourcesResult(resources=[T.Resource(
+            uri=uri, name=name, description=f"Conformance fixture: {name}",
+            mime_type=body["mimeType"]) for uri, (name, body) in resources.items()])
+
+    async def list_templates(ctx, params):
+        return T.ListResourceTemplatesResult(resource_templates=[T.ResourceTemplate(
+            uri_template="test://template/{id}/data", name="Template",
+            description="Conformance fixture: a template", mime_type="application/json")])
+
+    async def read_resource(ctx, params):
+        uri = str(params.uri)
+        found = re.fullmatch(r"test://template/([^/]+)/data", uri)
+        if found:
+            body = {"mimeType": "application/json", "text": json.dumps(
+                {"id": found[1], "templateTest": True, "data": f"Data for ID: {found[1]}"})}
+        elif uri in resources:
+            body = resources[uri][1]
+        else:
+            raise MCPError(T.INVALID_PARAMS, "Resource not found", {"uri": uri})
+        return T.ReadResourceResult.model_validate({"contents": [dict(body, uri=uri)]})
+
+    async def nothing(ctx, params):
+        return T.EmptyResult()
+
+    def user(content):
+        return {"role": "user", "content": content}
+
+    prompts = {
+        "test_simple_prompt": ((), lambda a: [user(
+            {"type": "text", "text": "This is a simple prompt for testing."})]),
+        "test_prompt_with_arguments": (("arg1", "arg2"), lambda a: [user({
+            "type": "text", "text": f"Prompt with arguments: arg1='{a.get('arg1')}', "
+                                    f"arg2='{a.get('arg2')}'"})]),
+        "test_prompt_with_embedded_resource": (("resourceUri",), lambda a: [
+            user({"type": "resource", "resource": {"uri": a.get("resourceUri"),
+                  "mimeType": "text/plain", "text": "Embedded resource content for testing."}}),
+            user({"type": "text", "text": "Please process the embedded resource above."})]),
+        "test_prompt_with_image": ((), lambda a: [
+            user({"type": "image", "data": PNG_1PX, "mimeType": "image/png"}),
+            user({"type": "text", "text": "Please analyze the image above."})]),
+        "test_input_required_result_prompt": ((), None),
+    }
+
+    async def list_prompts(ctx, params):
+        return T.ListPromptsResult(prompts=[T.Prompt(
+            name=name, description=f"Conformance fixture: {name}",
+            arguments=[T.PromptArgument(name=a, required=True) for a in args])
+            for name, (args, _) in prompts.items()])
+
+    async def get_prompt(ctx, params):
+        if params.name not in prompts:
+            raise MCPError(T.INVALID_PARAMS, f"Unknown prompt: {params.name}")
+        make = prompts[params.name][1]
+        if make is None:
+            got = await answers(ctx, params, {"user_context": conformance_form(
+                "What context should the prompt use?", {"context": {"type": "string"}},
+                ["context"])})
+            if isinstance(got, T.InputRequiredResult):
+                return got
+            context = (got["user_context"].get("content") or {}).get("context")
+            make = lambda a: [user({"type": "text", "text": f"Context: {context}"})]  # noqa: E731
+        return T.GetPromptResult.model_validate({"messages": make(params.arguments or {})})
+
+    async def complete(ctx, params):
+        return T.CompleteResult(completion=T.Completion(values=["paris", "park", "party"],
+                                                        total=3, has_more=False))
+
+    server = Server("conformance-fixture", version="1.0", on_list_tools=list_tools,
+                    on_call_tool=call_tool, on_list_resources=list_resources,
+                    on_list_resource_templates=list_templates, on_read_resource=read_resource,
+                    on_subscribe_resource=nothing, on_unsubscribe_resource=nothing,
+                    on_list_prompts=list_prompts, on_get_prompt=get_prompt,
+                    on_completion=complete, on_set_logging_level=nothing,
+                    on_subscriptions_listen=ListenHandler(bus))
+    server.middleware.append(RequestStateBoundary(RequestStateSecurity.ephemeral(),
+                                                  default_audience="conformance-fixture"))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", int(argv[0]) if argv else 0))
+    sock.listen(128)
+    print(f"PORT {sock.getsockname()[1]}", flush=True)
+    config = uvicorn.Config(server.streamable_http_app(), log_level="warning", lifespan="on")
+    anyio.run(uvicorn.Server(config).serve, [sock])
+
+
 def mcp_oauth_settings(issuer, port, path):
     """MCPServer keyword arguments that make it take only tokens of the authorization server
     `issuer` with scope mcp, checked by introspection (RFC 7662), with the SDK's server auth: a
@@ -5273,11 +5611,22 @@ def test_mcp_server_refusals_speak_http_and_json_rpc(front_env):
                    headers=dict(key, **{"Mcp-Session-Id": sid}))[0] == 404
     unknown = {"jsonrpc": "2.0", "id": 3, "method": "no/such", "params": {"_meta": {
         "io.modelcontextprotocol/protocolVersion": "2026-07-28"}}}
+    status, _, raw = request(port, "POST", "/mcp/t", unknown, headers=key)  # no capabilities
+    assert status == 400 and json.loads(raw)["error"]["code"] == -32602
+    unknown["params"]["_meta"]["io.modelcontextprotocol/clientCapabilities"] = {}
     status, _, raw = request(port, "POST", "/mcp/t", unknown, headers=key)
     assert status == 404 and json.loads(raw)["error"]["code"] == -32601
+    removed = dict(unknown, method="ping")  # (a method of the handshake era only)
+    status, _, raw = request(port, "POST", "/mcp/t", removed, headers=key)
+    assert status == 404 and json.loads(raw)["error"]["code"] == -32601
+    status, _, raw = request(port, "POST", "/mcp/t", unknown, headers=dict(
+        key, **{"MCP-Protocol-Version": "2025-11-25"}))
+    assert status == 400 and json.loads(raw)["error"]["code"] == -32020  # header vs _meta
     unknown["params"]["_meta"]["io.modelcontextprotocol/protocolVersion"] = "2099-01-01"
     status, _, raw = request(port, "POST", "/mcp/t", unknown, headers=key)
-    assert status == 400 and json.loads(raw)["error"]["code"] == -32022
+    assert status == 400 and json.loads(raw)["error"] == {
+        "code": -32022, "message": "Unsupported protocol version",
+        "data": {"supported": ["2026-07-28"], "requested": "2099-01-01"}}
     assert request(port, "POST", "/mcp/t", b"{nope", headers=key)[0] == 400
     assert llmhost.validate_mcp_entry("servers", MCP_STDIO) and \
         llmhost.validate_mcp_entry("tools", MCP_STDIO)
@@ -5809,6 +6158,9 @@ def wait_line(proc, needle, timeout=TIMEOUT):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["mcp-server"]:
     run_mcp_test_server(sys.argv[2:])
+
+if __name__ == "__main__" and sys.argv[1:2] == ["mcp-fixture"]:
+    run_mcp_conformance_fixture(sys.argv[2:])
 
 if __name__ == "__main__" and sys.argv[1:2] == ["browser"]:  # (see OAUTH_BROWSER)
     with urllib.request.urlopen(sys.argv[2], timeout=TIMEOUT) as answer:
