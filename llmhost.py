@@ -6584,21 +6584,24 @@ class Round:
         for choice in doc.get("choices") or ():
             self.template = doc
             delta = choice.get("delta") or {}
-            for part in delta.pop("tool_calls", None) or ():
+            calls = delta.pop("tool_calls", None)
+            for part in calls or ():
                 call = self.calls.setdefault(part.get("index", 0), {
                     "id": None, "type": "function", "function": {"name": "", "arguments": ""}})
                 call["id"] = part.get("id") or call["id"]
                 fn = part.get("function") or {}
                 call["function"]["name"] += fn.get("name") or ""
                 call["function"]["arguments"] += fn.get("arguments") or ""
-            if choice.get("finish_reason"):
-                self.finish = choice["finish_reason"]
-            if delta.get("content"):
-                self.content.append(delta["content"])
+            finish = choice.get("finish_reason")
+            if finish:
+                self.finish = finish
+            content = delta.get("content")
+            if content:  # (most chunks: a token's text, which a client shows)
+                self.content.append(content)
                 if self.shown_before and len(self.content) == 1 and \
-                        isinstance(delta["content"], str):  # (as LoopEnd.text joins them)
-                    delta["content"] = ROUND_SEPARATOR + delta["content"]
-            if not any(v for k, v in delta.items() if k != "role") and \
+                        isinstance(content, str):  # (as LoopEnd.text joins them)
+                    delta["content"] = ROUND_SEPARATOR + content
+            elif not any(v for k, v in delta.items() if k != "role") and \
                     not (self.number == 0 and "role" in delta):
                 continue  # nothing a client would show
             choice["finish_reason"] = None
