@@ -5597,8 +5597,9 @@ def test_mcp_server_refusals_speak_http_and_json_rpc(front_env):
     # a session is of the path it began on, and a forged or ended one is unknown (404)
     assert request(port, "POST", "/mcp/h", listing,
                    headers=dict(key, **{"Mcp-Session-Id": sid}))[0] == 404
+    forged = sid[:-1] + ("1" if sid.endswith("0") else "0")  # (its last signature digit)
     assert request(port, "POST", "/mcp/t", listing,
-                   headers=dict(key, **{"Mcp-Session-Id": sid[:-1] + "0"}))[0] == 404
+                   headers=dict(key, **{"Mcp-Session-Id": forged}))[0] == 404
     status, _, raw = request(port, "GET", "/v1/mcp/servers", headers=key)
     sessions = json.loads(raw)["clients"]["sessions"]
     assert status == 200 and any(s["client"] == "raw 1" and s["view"] == "t" for s in sessions)
