@@ -6151,6 +6151,8 @@ def normalize_rerank(body, model, texts, top_n, return_documents):
 # API the client speaks.
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+# llama.cpp's 500 for an input its model cannot read (see Sender.attempt)
+_INPUT_REFUSED = re.compile(rb"(?:image|audio|video) input is not supported")
 
 
 def after_answer(status, final):
@@ -6421,6 +6423,15 @@ class Sender:
                 except ValueError:
                     raise UpstreamError("upstream closed the connection mid-answer",
                                         code="upstream_closed") from None
+            if status == 500 and _INPUT_REFUSED.search(data, 0, 4000):
+                # llama.cpp answers an input its model cannot read (an image for a text-only
+                # model) with a 500: the request's fault, not the server's, which must not
+                # cool down (a client's retries would cool it for everyone)
+                resp.status, health = 400, "ok"
+                data = json_bytes({"error": {
+                    "message": "upstream: " + upstream_error_message(500, data)[0],
+                    "type": "invalid_request_error", "param": "messages",
+                    "code": "unsupported_input"}})
         # (marked once it is at hand: one that dies on the way is a failure, not a success)
         self.mark(up, health, f"HTTP {status}", resp.headers.get("retry-after"))
         return resp, data

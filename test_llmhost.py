@@ -1494,6 +1494,31 @@ def test_upstream_errors_passed_on_in_envelope(gateway, fake, step, status, frag
     assert doc["error"]["type"] in ("server_error", "invalid_request_error")
 
 
+def test_an_input_the_model_cannot_read_is_a_400_and_cools_no_server(gateway, fake):
+    """llama.cpp answers an image sent to a text-only model with a 500 (its runtime_error):
+    the request's fault, so a 400 in the face's envelope, and the server, whatever a client's
+    retries, stays up for everyone."""
+    refusal = {"status": 500, "body": {"error": {
+        "code": 500, "type": "server_error", "message": "image input is not supported - hint: "
+        "if this is unexpected, you may need to provide the mmproj"}}}
+    for _ in range(llmhost.FAILURES_BEFORE_COOLDOWN + 1):
+        fake.script(refusal)
+        status, doc = jpost(gateway.port, "/v1/chat/completions", CHAT)
+        assert status == 400 and doc["error"]["type"] == "invalid_request_error", doc
+        assert "image input is not supported" in doc["error"]["message"]
+    fake.script(refusal)
+    status, _, raw = post(gateway.port, "/v1/messages", {
+        "model": "fake-model", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]})
+    doc = json.loads(raw)
+    assert status == 400 and doc["error"]["type"] == "invalid_request_error", doc
+    local = json.loads(request(gateway.port, "GET", "/v1/status")[2])["servers"][0]
+    assert local["errors"] == 0 and local["cooldown_seconds"] == 0, local
+    fake.script({"status": 500})  # any other 500 is still the server's failure
+    assert jpost(gateway.port, "/v1/chat/completions", CHAT)[0] == 500
+    local = json.loads(request(gateway.port, "GET", "/v1/status")[2])["servers"][0]
+    assert local["errors"] == 1, local
+
+
 def test_upstream_unreachable_is_502_and_timeout_504(tmp_path, fake):
     path = write_registry(tmp_path / "s.json", [
         {"name": "dead", "url": "http://127.0.0.1:1/v1", "models": ["dead-model"]},
