@@ -6429,7 +6429,7 @@ class Sender:
                 # cool down (a client's retries would cool it for everyone)
                 resp.status, health = 400, "ok"
                 data = json_bytes({"error": {
-                    "message": "upstream: " + upstream_error_message(500, data)[0],
+                    "message": upstream_error_message(500, data)[0],
                     "type": "invalid_request_error", "param": "messages",
                     "code": "unsupported_input"}})
         # (marked once it is at hand: one that dies on the way is a failure, not a success)
