@@ -3035,6 +3035,18 @@ PNG_1PX = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAC
            "AABJRU5ErkJggg==")
 
 
+def mcp_test_listener(port):
+    """A listening socket on 127.0.0.1 for uvicorn, made as uvicorn makes its own: with proto
+    IPPROTO_TCP, for asyncio disables Nagle's algorithm only on sockets that say so. A
+    `socket.socket()` (proto 0) kept it on: a JSON answer's body (sent after its headers) then
+    waited for the client's delayed ACK, 40 ms on every call of a kept-alive connection."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(128)
+    return sock
+
+
 def run_mcp_test_server(argv):
     """`python3 test_llmhost.py mcp-server stdio|http|sse|http-oauth ISSUER|sse-oauth ISSUER`:
     tools returning text, structured content, an image, an error; a slow one; one that samples,
@@ -3051,11 +3063,10 @@ def run_mcp_test_server(argv):
     from pydantic import BaseModel, Field
 
     sock, protection = None, {}
-    if argv[0] != "stdio":
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", int(argv[1]) if argv[1:] and not argv[0].endswith("-oauth") else 0))
-        sock.listen(128)  # before PORT is said: a client may connect while uvicorn starts
+    if argv[0] != "stdio":  # (listening before PORT is said: a client may connect while
+        # uvicorn starts)
+        sock = mcp_test_listener(int(argv[1]) if argv[1:] and not argv[0].endswith("-oauth")
+                                 else 0)
     path = "/sse" if argv[0].startswith("sse") else "/mcp"  # (what clients connect to)
     if argv[0].endswith("-oauth"):
         protection = mcp_oauth_settings(argv[1], sock.getsockname()[1], path)
@@ -3537,10 +3548,7 @@ def run_mcp_conformance_fixture(argv):
                     on_subscriptions_listen=ListenHandler(bus))
     server.middleware.append(RequestStateBoundary(RequestStateSecurity.ephemeral(),
                                                   default_audience="conformance-fixture"))
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", int(argv[0]) if argv else 0))
-    sock.listen(128)
+    sock = mcp_test_listener(int(argv[0]) if argv else 0)
     print(f"PORT {sock.getsockname()[1]}", flush=True)
     config = uvicorn.Config(server.streamable_http_app(), log_level="warning", lifespan="on")
     anyio.run(uvicorn.Server(config).serve, [sock])
