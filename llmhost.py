@@ -1214,7 +1214,7 @@ class ClientConnection:
 
     def uncork(self):
         parts, self.corked = self.corked, None
-        if parts:
+        if parts and not self.transport.is_closing():  # (a client gone: nothing to send)
             self.transport.write(b"".join(parts))
 
     def write_chunk(self, data):
