@@ -3649,11 +3649,7 @@ def legacy_only(app):
     async def legacy(scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST":
             return await app(scope, receive, send)
-        body, more = b"", True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await asgi_body(receive)
         try:
             doc = json.loads(body)
         except ValueError:
@@ -3665,15 +3661,7 @@ def legacy_only(app):
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(out)).encode())]})
             return await send({"type": "http.response.body", "body": out})
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await app(scope, replay, send)
+        return await app(scope, asgi_replay(receive, body), send)
     return legacy
 
 

@@ -57,20 +57,25 @@ async def measure(url, mode, calls, warmup=30):
         return c.protocol_version, times
 
 
+def serve_in_front(name, port):
+    """`serve` with one registered MCP server, NAME, the HTTP one on 127.0.0.1:PORT (a temp
+    registry) -> (its process, its port)."""
+    registry = os.path.join(tempfile.mkdtemp(prefix="llmhost-bench-mcp-"), "servers.json")
+    with open(registry, "w") as f:
+        json.dump({"version": 1, "servers": [], "mcpServers": {
+            name: {"url": f"http://127.0.0.1:{port}/mcp"}}}, f)
+    gateway_port = free_port()
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "llmhost.py"), "--registry",
+                             registry, "serve", "--port", str(gateway_port), "--no-discover",
+                             "--no-access-log", "--log-level", "warning"]), gateway_port
+
+
 def main():
     calls = int(sys.argv[1]) if len(sys.argv) > 1 else 300
     backend = subprocess.Popen([sys.executable, os.path.join(ROOT, "test_llmhost.py"),
                                 "mcp-server", "http"], stdout=subprocess.PIPE, text=True)
     port = int(backend.stdout.readline().split()[1])
-    folder = tempfile.mkdtemp(prefix="llmhost-bench-mcp-")
-    registry = os.path.join(folder, "servers.json")
-    with open(registry, "w") as f:
-        json.dump({"version": 1, "servers": [], "mcpServers": {
-            "h": {"url": f"http://127.0.0.1:{port}/mcp"}}}, f)
-    gateway_port = free_port()
-    serve = subprocess.Popen([sys.executable, os.path.join(ROOT, "llmhost.py"), "--registry",
-                              registry, "serve", "--port", str(gateway_port), "--no-discover",
-                              "--no-access-log", "--log-level", "warning"])
+    serve, gateway_port = serve_in_front("h", port)
     try:
         wait_port(gateway_port, serve)
         rows = []

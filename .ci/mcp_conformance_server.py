@@ -14,12 +14,11 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from bench_mcp import free_port, wait_port  # noqa: E402  (its neighbour in .ci)
+from bench_mcp import serve_in_front, wait_port  # noqa: E402  (its neighbour in .ci)
 
 REVISIONS = ("2025-11-25", "2026-07-28")
 BAD = ("FAILURE",)
@@ -57,15 +56,7 @@ def main():
     fixture = subprocess.Popen([sys.executable, os.path.join(ROOT, "test_llmhost.py"),
                                 "mcp-fixture"], stdout=subprocess.PIPE, text=True)
     port = int(fixture.stdout.readline().split()[1])
-    folder = tempfile.mkdtemp(prefix="llmhost-mcp-conformance-")
-    registry = os.path.join(folder, "servers.json")
-    with open(registry, "w") as f:
-        json.dump({"version": 1, "servers": [], "mcpServers": {
-            "fixture": {"url": f"http://127.0.0.1:{port}/mcp"}}}, f)
-    gateway = free_port()
-    serve = subprocess.Popen([sys.executable, os.path.join(ROOT, "llmhost.py"), "--registry",
-                              registry, "serve", "--port", str(gateway), "--no-discover",
-                              "--no-access-log", "--log-level", "warning"])
+    serve, gateway = serve_in_front("fixture", port)
     ok = True
     try:
         wait_port(port, fixture)
