@@ -3268,6 +3268,7 @@ class MCPRemoteError(MCPError):
 MCP_TIMEOUT_CODE = -32001  # the SDK's REQUEST_TIMEOUT
 MCP_INTERNAL_CODE = -32603  # JSON-RPC's internal error
 MCP_PARAMS_CODE = -32602  # JSON-RPC's invalid params
+MCP_META = "io.modelcontextprotocol/"  # the 2026 keys of _meta: protocolVersion, clientInfo...
 
 
 # ---- pure helpers ----------------------------------------------------------------------------
@@ -3444,21 +3445,26 @@ MCP_FORWARD = {
 # The same requests, from a 2026-07-28 client to a 2026-07-28 server, as a relay: the client's
 # inputResponses and requestState go on, and an InputRequiredResult comes back to it (which the
 # client answers and retries with), where MCP_FORWARD's Client methods would answer it with the
-# hub's callbacks. `q` is the request's params as the SDK's model (validated before sending).
+# hub's callbacks. `q` is the request's params as the SDK's model (validated before sending);
+# its _meta holds only MCP_CALLER_CAPS, the client's capabilities (the server's questions are
+# the client's to answer, so the server must know what the client can answer).
 MCP_RELAY = {
     "tools/call": ("CallToolRequestParams", lambda client, q, progress, timeout:
                    client.session.call_tool(
                        q.name, q.arguments or {}, read_timeout_seconds=timeout,
                        progress_callback=progress, input_responses=q.input_responses,
-                       request_state=q.request_state, allow_input_required=True)),
+                       request_state=q.request_state, meta=q.meta,
+                       allow_input_required=True)),
     "resources/read": ("ReadResourceRequestParams", lambda client, q, progress, timeout:
                        client.session.read_resource(
                            str(q.uri), input_responses=q.input_responses,
-                           request_state=q.request_state, allow_input_required=True)),
+                           request_state=q.request_state, meta=q.meta,
+                           allow_input_required=True)),
     "prompts/get": ("GetPromptRequestParams", lambda client, q, progress, timeout:
                     client.session.get_prompt(
                         q.name, q.arguments or None, input_responses=q.input_responses,
-                        request_state=q.request_state, allow_input_required=True)),
+                        request_state=q.request_state, meta=q.meta,
+                        allow_input_required=True)),
 }
 # what MCPHub.listing lists: kind -> (Client method, the page's attribute, the capability)
 MCP_LISTS = {"resources": ("list_resources", "resources", "resources"),
@@ -3959,10 +3965,19 @@ def mcp_oauth_provider(c, url, oauth, store, login, secret=None, key=None):
     return auth
 
 
+# A key of llmhost's in a request's _meta, put there by the hub and taken out again on the
+# transport's write stream: the capabilities of the MCP client whose request it relays, which
+# then replace the hub's own in io.modelcontextprotocol/clientCapabilities (the SDK stamps the
+# Client's capabilities on every 2026-07-28 request, and has no per-request override).
+MCP_CALLER_CAPS = "dev.llmhost/callerCapabilities"
+
+
 def _results_complete_by_default(transport):
-    """SEP-2322: a result without `resultType` is complete. The 2.3.0 SDK checks 2026-07-28
-    results against a schema that requires it, so each result that lacks it gets it here, on
-    the transport's read stream (results of earlier revisions pass their check with it too)."""
+    """The transport's streams as the hub needs them. Read side, SEP-2322: a result without
+    `resultType` is complete (the 2.3.0 SDK checks 2026-07-28 results against a schema that
+    requires it, so each result that lacks it gets it here; results of earlier revisions pass
+    their check with it too). Write side: a request carrying MCP_CALLER_CAPS goes with those
+    capabilities instead of the hub's (a relay says what its client can do, not the hub)."""
 
     class Reader:
         def __init__(self, stream):
@@ -3997,12 +4012,37 @@ def _results_complete_by_default(transport):
         async def __aexit__(self, *exc):
             return await self._stream.__aexit__(*exc)
 
+    class Writer:
+        def __init__(self, stream):
+            self._stream = stream
+
+        def __getattr__(self, name):
+            return getattr(self._stream, name)
+
+        async def send(self, item):
+            params = getattr(getattr(item, "message", None), "params", None)
+            meta = params.get("_meta") if isinstance(params, dict) else None
+            if isinstance(meta, dict) and MCP_CALLER_CAPS in meta:
+                caps = meta.pop(MCP_CALLER_CAPS)
+                if MCP_META + "clientCapabilities" in meta:  # (2026-07-28 only)
+                    meta[MCP_META + "clientCapabilities"] = caps
+                if not meta:
+                    del params["_meta"]
+            await self._stream.send(item)
+
+        async def __aenter__(self):
+            await self._stream.__aenter__()
+            return self
+
+        async def __aexit__(self, *exc):
+            return await self._stream.__aexit__(*exc)
+
     import contextlib
 
     @contextlib.asynccontextmanager
     async def tagged():
         async with transport as (read, write):
-            yield Reader(read), write
+            yield Reader(read), Writer(write)
 
     return tagged()
 
@@ -4743,22 +4783,23 @@ class MCPHub:
         client = await self._ensure(server)
         return await self._patient(c, request(client), timeout)
 
-    async def forward(self, server, method, params, progress=None, relay=False):
+    async def forward(self, server, method, params, progress=None, relay=None):
         """A request of the MCP server face's client (a method of MCP_FORWARD), sent on to
         `server` within its call timeout -> the result as MCP JSON. `progress(done, total,
-        message)`: a tool call's progress. `relay`: the client speaks 2026-07-28, so when the
-        server does too, the request goes as MCP_RELAY sends it (its InputRequiredResult is
-        the client's to answer). Raises MCPError (cannot be reached), MCPRemoteError (the
+        message)`: a tool call's progress. `relay`: the capabilities of a client that speaks
+        2026-07-28 (None for one that does not): when the server speaks it too, the request
+        goes as MCP_RELAY sends it, with those capabilities (its InputRequiredResult is the
+        client's to answer). Raises MCPError (cannot be reached), MCPRemoteError (the
         server's JSON-RPC error, a timeout, a lost connection, params the SDK refuses)."""
         import asyncio
         c = self._conn(server)
         timeout = c.spec.get("timeout") or self._call_timeout
         send = MCP_FORWARD[method]
-        if relay and method in MCP_RELAY:
+        if relay is not None and method in MCP_RELAY:
             from mcp_types.version import MODERN_PROTOCOL_VERSIONS
             await self._ensure(server)
             if c.era in MODERN_PROTOCOL_VERSIONS:
-                send = self._relay(method, params)
+                send = self._relay(method, dict(params, _meta={MCP_CALLER_CAPS: relay}))
         try:
             return _dump(await self._counted(c, self._send(
                 c, server, lambda client: send(client, params, progress, timeout), timeout)))
@@ -4946,7 +4987,6 @@ async def with_mcp_server(name, entry, environ, action, tokens=None, login=None)
 
 MCP_HANDSHAKE_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
 MCP_MODERN_VERSION = "2026-07-28"
-MCP_META = "io.modelcontextprotocol/"  # the 2026 keys of _meta: protocolVersion, clientInfo...
 MCP_SESSIONS_MAX = 10000  # sessions held per process; the least recently used idle one goes
 MCP_ENDED_MAX = 10000  # ids ended by DELETE remembered (a 404 for them, as the spec asks)
 MCP_STREAM_PING = 15.0  # s between comments on an idle stream (the SDK's figure), for proxies
@@ -5360,7 +5400,8 @@ class MCPFront:
         if x.modern:  # (the answers to an InputRequiredResult the server gave before)
             params = dict(params, **{k: x.params[k] for k in MCP_INPUT_KEYS if k in x.params})
         try:
-            return await self.hub.forward(server, method, params, progress, relay=x.modern)
+            return await self.hub.forward(server, method, params, progress,
+                                          relay=x.caps if x.modern else None)
         finally:
             x.server = None
 

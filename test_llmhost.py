@@ -5852,6 +5852,88 @@ def test_mcp_serve_stdio_bridges_an_http_server_to_a_stdio_client(front_env):
 
 
 
+@pytest.fixture(scope="module")
+def fixture_env(tmp_path_factory):
+    """llmhost in front of the conformance fixture (`fixture`, over HTTP) and the stdio test
+    server (`t`): -> (running, the fixture's own URL)."""
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "mcp-fixture"],
+                            stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("PORT "), line
+    url = f"http://127.0.0.1:{int(line.split()[1])}/mcp"
+    path = write_registry(tmp_path_factory.mktemp("fixture") / "servers.json", [], mcp={
+        "fixture": {"url": url}, "t": MCP_STDIO})
+    running = Running(path)
+    yield running, url
+    running.stop(timeout=5)
+    proc.terminate()
+    proc.wait(TIMEOUT)
+
+
+MCP_NAMED = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+
+
+def modern_post(port, path, method, params=None, caps=None, headers=None, rid=1):
+    """One 2026-07-28 request as a raw POST, with the Mcp-Method and Mcp-Name headers its
+    body calls for (`headers` adds to or replaces them; None as a value leaves one out)
+    -> (status, the JSON-RPC answer: the response, or the last event of a stream)."""
+    params = dict(params or {}, _meta={
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "1"},
+        "io.modelcontextprotocol/clientCapabilities": caps or {}})
+    sent = {"Accept": "application/json, text/event-stream", "Mcp-Method": method,
+            "MCP-Protocol-Version": "2026-07-28"}
+    if method in MCP_NAMED:
+        sent["Mcp-Name"] = params[MCP_NAMED[method]]
+    sent.update(headers or {})
+    status, got, raw = request(port, "POST", path, {"jsonrpc": "2.0", "id": rid,
+                                                    "method": method, "params": params},
+                               headers={k: v for k, v in sent.items() if v is not None})
+    if got.get("content-type", "").startswith("text/event-stream"):
+        raw = [line[6:] for line in raw.decode().splitlines() if line.startswith("data: ")][-1]
+    return status, json.loads(raw)
+
+
+def test_mcp_server_relays_the_capabilities_of_the_client_that_asks(fixture_env):
+    """A 2026-07-28 request relayed to a 2026-07-28 backend carries the capabilities its own
+    client declared, not llmhost's (which declares sampling and elicitation): the backend
+    refuses a tool that needs one the client lacks (-32021, HTTP 400) and asks a client only
+    what it can answer."""
+    running, _ = fixture_env
+    port = running.port
+    for path, tool in (("/mcp/fixture", "test_missing_capability"),
+                       ("/mcp", "fixture__test_missing_capability")):
+        status, doc = modern_post(port, path, "tools/call", {"name": tool})
+        assert status == 400 and doc["error"]["code"] == -32021, doc
+        status, doc = modern_post(port, path, "tools/call", {"name": tool},
+                                  caps={"sampling": {}})
+        assert status == 200 and doc["result"]["content"][0]["text"] == \
+            "sampling is declared", doc
+    asks = {}
+    for caps in ({}, {"elicitation": {}}, {"sampling": {}, "elicitation": {}}):
+        status, doc = modern_post(port, "/mcp/fixture", "tools/call", {
+            "name": "test_input_required_result_capabilities"}, caps=caps)
+        asks[tuple(caps)] = sorted(doc["result"].get("inputRequests") or ())
+    assert asks == {(): [], ("elicitation",): ["user_name"],
+                    ("sampling", "elicitation"): ["question", "user_name"]}
+
+    async def sdk(**kw):  # the SDK's client: declares what its callbacks make it declare
+        from mcp.shared.exceptions import MCPError
+        async with sdk_client(f"http://127.0.0.1:{port}/mcp/fixture", "auto", **kw) as c:
+            try:
+                return (await c.call_tool("test_missing_capability", {})).content[0].text
+            except MCPError as e:
+                return e.error.code
+
+    async def sample(ctx, params):
+        import mcp_types as MT
+        return MT.CreateMessageResult(role="assistant", model="m",
+                                      content=MT.TextContent(text="4"))
+
+    assert asyncio.run(sdk()) == -32021
+    assert asyncio.run(sdk(sampling_callback=sample)) == "sampling is declared"
+
+
 # =============================================================================
 # Managed servers: started on demand, stopped when idle
 # =============================================================================
