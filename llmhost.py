@@ -3418,6 +3418,16 @@ def _sampling_to_openai(params):
     return messages
 
 
+def _legacy_only(method, *args):
+    """A call of an SDK method that warns it was removed in 2026-07-28: the hub calls it only
+    on sessions of the handshake era, where it is not (the warning is given as the call
+    makes its coroutine, so catching it here is synchronous)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (the SDK's MCPDeprecationWarning)
+        return method(*args)
+
+
 def _complete(client, p):
     import mcp_types as T
     ref = p.get("ref") or {}
@@ -3438,9 +3448,9 @@ MCP_FORWARD = {
         p["name"], p.get("arguments") or None),
     "completion/complete": lambda client, p, progress, timeout: _complete(client, p),
     "resources/subscribe": lambda client, p, progress, timeout:
-        client.session.subscribe_resource(p["uri"]),
+        _legacy_only(client.session.subscribe_resource, p["uri"]),
     "resources/unsubscribe": lambda client, p, progress, timeout:
-        client.session.unsubscribe_resource(p["uri"]),
+        _legacy_only(client.session.unsubscribe_resource, p["uri"]),
 }
 # The same requests, from a 2026-07-28 client to a 2026-07-28 server, as a relay: the client's
 # inputResponses and requestState go on, and an InputRequiredResult comes back to it (which the
@@ -4189,6 +4199,8 @@ class MCPHub:
         self.notice = self.asker = None
         self._adding = None  # asyncio.Lock: one add_from_request at a time (it awaits _retire)
         self._draining = {}  # retired servers finishing their calls -> the task that stops them
+        # (server, uri) -> [subscribers, a future set once subscribed, the watching task or None]
+        self._subscribed = {}
 
     # ---- connection lifecycle (owner task per server) ----
 
@@ -4659,6 +4671,10 @@ class MCPHub:
                 c.warming.cancel()
         for c in list(self._draining):
             c.drained.set()  # their calls are cut now: shutdown does not wait for them
+        watching = [entry[2] for entry in self._subscribed.values() if entry[2] is not None]
+        for task in watching:
+            task.cancel()
+        await asyncio.gather(*watching, return_exceptions=True)
         await asyncio.gather(*(self._stop(c) for c in self._conns.values()),
                              *self._draining.values(), return_exceptions=True)
         for c in self._conns.values():
@@ -4836,6 +4852,94 @@ class MCPHub:
             return MCPRemoteError(code, error.message, getattr(error, "data", None))
         return MCPRemoteError(MCP_INTERNAL_CODE, f"MCP server {c.name!r}: " +
                               ("connection lost: " if lost else "") + c.why(exc))
+
+    async def subscribe(self, server, uri):
+        """One more subscriber to updates of resource `uri` of `server` (the face counts one a
+        session or listen stream). The first subscribes: resources/subscribe to a server of
+        the handshake era; to a 2026-07-28 one, which removed that method, a subscriptions/
+        listen stream of that URI, kept (and opened again if lost) until the last subscriber
+        leaves. Updates reach notice() as notifications/resources/updated either way. Raises
+        MCPError or MCPRemoteError as forward() does: the server refused."""
+        import asyncio
+        entry = self._subscribed.get((server, uri))
+        if entry is not None:
+            entry[0] += 1
+            try:
+                return await asyncio.shield(entry[1])
+            except BaseException:
+                entry[0] -= 1
+                raise
+        entry = self._subscribed[(server, uri)] = [
+            1, asyncio.get_running_loop().create_future(), None]
+        try:
+            from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+            c = self._conn(server)
+            await self._ensure(server)
+            if c.era in MODERN_PROTOCOL_VERSIONS:
+                acked = asyncio.get_running_loop().create_future()
+                entry[2] = asyncio.create_task(self._watch(server, uri, acked),
+                                               name=f"mcp-watch-{server}")
+                await asyncio.shield(acked)
+            else:
+                await self.forward(server, "resources/subscribe", {"uri": uri})
+        except BaseException as e:
+            if self._subscribed.get((server, uri)) is entry:
+                del self._subscribed[(server, uri)]
+            if entry[2] is not None:
+                entry[2].cancel()
+            if not entry[1].done():
+                entry[1].set_exception(e if isinstance(e, Exception) else MCPError(
+                    server, "the subscription was cut short"))
+                entry[1].exception()  # (retrieved: a lone subscriber raises it below)
+            raise
+        entry[1].set_result(None)
+
+    async def unsubscribe(self, server, uri):
+        """One subscriber fewer (see subscribe); the last one ends the subscription."""
+        import asyncio
+        entry = self._subscribed.get((server, uri))
+        if entry is None or not entry[1].done():
+            return  # (never subscribed, or still subscribing: its failure says so)
+        entry[0] -= 1
+        if entry[0] > 0:
+            return
+        del self._subscribed[(server, uri)]
+        if entry[2] is not None:
+            entry[2].cancel()
+            await asyncio.gather(entry[2], return_exceptions=True)
+        elif server in self._conns and self._alive(self._conns[server]):
+            await self.forward(server, "resources/unsubscribe", {"uri": uri})
+
+    async def _watch(self, server, uri, acked):
+        """A 2026-07-28 server's updates of `uri`, on a listen stream of that URI alone; one
+        that is lost (a restart) is listened to again, with backoff, as _listen does. The
+        first acknowledgement (or refusal) settles `acked`."""
+        import asyncio
+        delay = 1.0
+        while True:
+            try:
+                client = await self._ensure(server)
+                async with client.listen(resource_subscriptions=[uri]) as sub:
+                    if not acked.done():
+                        acked.set_result(None)
+                    delay = 1.0
+                    async for event in sub:
+                        if type(event).__name__ == "ResourceUpdated" and self.notice:
+                            self.notice(server, "notifications/resources/updated",
+                                        {"uri": event.uri})
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if not acked.done():
+                    acked.set_exception(e if isinstance(e, MCPError) else
+                                        self._remote_error(self._conn(server), e))
+                    return
+                if self._closing or server not in self._conns:
+                    return
+                mcp_log().debug("MCP %s: listen stream of %s ended: %s", server, uri,
+                                _describe_exc(e))
+            await asyncio.sleep(delay)
+            delay = min(MCP_BACKOFF_MAX, delay * 2)
 
     async def listing(self, server, kind):
         """Everything `server` lists of `kind` (tools, resources, resource templates, prompts;
@@ -5140,16 +5244,16 @@ class MCPOutlet:
         import asyncio
         self.write, self.view, self.session = write, view, session
         self.wanted, self.listen_id = wanted, listen_id
+        self.resources = set()  # a listen stream's (server, uri) subscribed at the backends
         self.done = asyncio.Event()
 
     def wants(self, server, method, params):
         if self.view is not None and self.view != server:
             return False
         if method == "notifications/resources/updated":
-            uri = params.get("uri")
-            if self.session is not None:
-                return (server, uri) in self.session.subscriptions
-            return uri in (self.wanted.get("resourceSubscriptions") or ())
+            resources = self.session.subscriptions if self.session is not None else \
+                self.resources
+            return (server, params.get("uri")) in resources
         return self.wanted is None or bool(self.wanted.get(MCP_LIST_CHANGED.get(method)))
 
     def send(self, method, params):
@@ -5226,7 +5330,20 @@ class MCPFront:
             idle = next((s for s in self.sessions.values() if not s.outlets and not s.calls), None)
             if idle is not None:
                 del self.sessions[idle.id]
+                self.release(idle.subscriptions)
         self.sessions[session.id] = session
+
+    def release(self, resources):
+        """These (server, uri) have one subscriber fewer (a session ended, a listen stream
+        closed): the hub unsubscribes at the backend after the last, in the background."""
+        import asyncio
+        pairs = list(resources)
+        resources.clear()
+        if pairs:
+            return asyncio.ensure_future(asyncio.gather(*(
+                self.hub.unsubscribe(server, uri) for server, uri in pairs),
+                return_exceptions=True))
+        return None
 
     def session_of(self, sid, view):
         """The session `sid` names on this view, recovered from the id if another process (or
@@ -5261,6 +5378,7 @@ class MCPFront:
             outlet.done.set()
         for task in session.calls.values():
             task.cancel()
+        self.release(session.subscriptions)
 
     def status(self):
         """The clients connected now, for /v1/mcp/servers and status."""
@@ -5451,14 +5569,29 @@ class MCPFront:
         return await self.forward(x, await self.owner(x, uri), "resources/read", {"uri": uri})
 
     async def m_subscribe(self, x, params):
+        """resources/subscribe and unsubscribe (2025-11-25): the session's subscriptions,
+        each one subscriber at the hub (which maps it onto a 2026-07-28 backend's listen
+        stream). Subscribing twice is once; unsubscribing what is not subscribed, nothing."""
         uri = self.need(params, "uri")
+        if x.session is None:
+            raise RPCError(RPC_NO_METHOD, f"Method not found: {x.method} is not of "
+                           f"{MCP_MODERN_VERSION}")
         server = await self.owner(x, uri)
-        subscribe = x.method == "resources/subscribe"
-        await self.forward(x, server, "resources/subscribe" if subscribe else
-                           "resources/unsubscribe", {"uri": uri})
-        if x.session is not None:
-            (x.session.subscriptions.add if subscribe else
-             x.session.subscriptions.discard)((server, uri))
+        if x.method == "resources/unsubscribe":
+            if (server, uri) in x.session.subscriptions:
+                x.session.subscriptions.discard((server, uri))
+                await self.hub.unsubscribe(server, uri)
+            return {}
+        if (server, uri) not in x.session.subscriptions:
+            x.server = server
+            try:
+                await self.hub.subscribe(server, uri)
+            finally:
+                x.server = None
+            if x.session.id in self.sessions and (server, uri) not in x.session.subscriptions:
+                x.session.subscriptions.add((server, uri))
+            else:  # (ended meanwhile, or subscribed by another request meanwhile)
+                self.release([(server, uri)])
         return {}
 
     async def m_complete(self, x, params):
@@ -5701,19 +5834,40 @@ class MCPFront:
         wanted = params.get("notifications") if isinstance(params.get("notifications"), dict) \
             else {}
         honored = {k: True for k in MCP_LIST_CHANGED.values() if wanted.get(k)}
-        if isinstance(wanted.get("resourceSubscriptions"), list) and \
-                wanted["resourceSubscriptions"]:
-            honored["resourceSubscriptions"] = [u for u in wanted["resourceSubscriptions"]
-                                                if isinstance(u, str)]
         meta = {MCP_META + "subscriptionId": x.rid}
         outlet = MCPOutlet(emit, x.view, wanted=honored, listen_id=x.rid)
-        if not await self.hold(request, outlet, before=lambda: emit({
-                "jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged",
-                "params": {"notifications": honored, "_meta": meta}})):
-            return False
+        try:
+            uris = await self.watch(x, wanted.get("resourceSubscriptions"), outlet.resources)
+            if uris:
+                honored["resourceSubscriptions"] = uris
+            if not await self.hold(request, outlet, before=lambda: emit({
+                    "jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged",
+                    "params": {"notifications": honored, "_meta": meta}})):
+                return False
+        finally:
+            self.release(outlet.resources)
         request.conn.end_stream(rpc_event({"jsonrpc": "2.0", "id": x.rid, "result": {
             "_meta": meta, "resultType": "complete"}}))
         return out["keep_alive"]
+
+    async def watch(self, x, uris, resources):
+        """A listen stream's resourceSubscriptions, each subscribed at the server that has
+        it (added to `resources` as (server, uri)) -> the URIs honored: not those no server
+        of the view has, nor those their server refused."""
+        honored = []
+        for uri in uris if isinstance(uris, list) else ():
+            if not isinstance(uri, str) or uri in honored:
+                continue
+            try:
+                server = await self.owner(x, uri)
+                await self.hub.subscribe(server, uri)
+            except (RPCError, MCPError) as e:
+                mcp_log().info("MCP listen: %s not subscribed: %s", uri[:200],
+                               getattr(e, "message", None) or e)
+                continue
+            resources.add((server, uri))
+            honored.append(uri)
+        return honored
 
     async def http_delete(self, request, rest=None):
         session = self.session_header(request, self.view_of(rest))
@@ -5731,6 +5885,7 @@ class MCPFront:
         session = None
         outlet = None
         tasks = set()
+        listens = []  # its subscriptions/listen streams
 
         async def run(x, msg):
             response = await self.answer(x, msg)
@@ -5776,9 +5931,16 @@ class MCPFront:
                 continue
             if method == "subscriptions/listen":  # (on stdio: the stream's notifications)
                 wanted = params.get("notifications") or {}
-                self.outlets.add(MCPOutlet(write, view, wanted=wanted, listen_id=x.rid))
+                wanted = wanted if isinstance(wanted, dict) else {}
+                listening = MCPOutlet(write, view, wanted=wanted, listen_id=x.rid)
+                uris = await self.watch(x, wanted.get("resourceSubscriptions"),
+                                        listening.resources)
+                honored = dict(wanted, resourceSubscriptions=uris) if uris else \
+                    {k: v for k, v in wanted.items() if k != "resourceSubscriptions"}
+                listens.append(listening)
+                self.outlets.add(listening)
                 write({"jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged",
-                       "params": {"notifications": wanted,
+                       "params": {"notifications": honored,
                                   "_meta": {MCP_META + "subscriptionId": x.rid}}})
                 continue
             task = asyncio.ensure_future(run(x, msg))
@@ -5791,6 +5953,11 @@ class MCPFront:
         await asyncio.gather(*tasks, return_exceptions=True)
         if outlet is not None:
             self.outlets.discard(outlet)
+        for listening in listens:
+            self.outlets.discard(listening)
+            self.release(listening.resources)
+        if session is not None:
+            self.end(session)
 
 
 # =============================================================================

@@ -3257,23 +3257,29 @@ ROOTS_LIST = {"method": "roots/list", "params": {}}
 
 
 def run_mcp_conformance_fixture(argv):
-    """`python3 test_llmhost.py mcp-fixture [PORT]`: the server fixture of the MCP conformance
-    suite (npm @modelcontextprotocol/conformance 0.2.0-alpha.12): the tools, resources and
-    prompts its server scenarios call for at 2025-11-25 and 2026-07-28, over streamable HTTP on
-    127.0.0.1 (prints "PORT n"). Built on the SDK's low-level Server, whose results are the
-    wire's: a 2026-07-28 client gets InputRequiredResults (requestState sealed by the SDK's
-    RequestStateBoundary), a 2025-11-25 one the same questions as requests of the server's."""
+    """`python3 test_llmhost.py mcp-fixture [legacy] [PORT]`: the server fixture of the MCP
+    conformance suite (npm @modelcontextprotocol/conformance 0.2.0-alpha.12): the tools,
+    resources and prompts its server scenarios call for at 2025-11-25 and 2026-07-28, over
+    streamable HTTP on 127.0.0.1 (prints "PORT n"); `legacy`: at 2025-11-25 only (see
+    legacy_only). Built on the SDK's low-level Server, whose results are the wire's: a
+    2026-07-28 client gets InputRequiredResults (requestState sealed by the SDK's
+    RequestStateBoundary), a 2025-11-25 one the same questions as requests of the server's.
+    Besides, for llmhost's own tests: test_trigger_resource_update (an update of
+    test://watched-resource, to its subscribers)."""
     import anyio
     import mcp_types as T
     import uvicorn
     from mcp.server.lowlevel import Server
     from mcp.server.request_state import RequestStateBoundary, RequestStateSecurity
     from mcp.server.subscriptions import (InMemorySubscriptionBus, ListenHandler,
-                                          PromptsListChanged, ToolsListChanged)
+                                          PromptsListChanged, ResourceUpdated,
+                                          ToolsListChanged)
     from mcp.shared.exceptions import MCPError
     from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
     bus = InMemorySubscriptionBus()
+    legacy = argv[:1] == ["legacy"]
+    argv = argv[legacy:]
 
     def text(t):
         return {"content": [{"type": "text", "text": t}]}
@@ -3445,6 +3451,9 @@ def run_mcp_conformance_fixture(argv):
                                             lambda s: s.send_tool_list_changed),
         "test_trigger_prompt_change": changes(PromptsListChanged,
                                               lambda s: s.send_prompt_list_changed),
+        "test_trigger_resource_update": changes(
+            lambda: ResourceUpdated(uri="test://watched-resource"),
+            lambda s: lambda: s.send_resource_updated("test://watched-resource")),
     }
     schemas = {"test_sampling": ("prompt",), "test_elicitation": ("message",)}
 
@@ -3550,7 +3559,9 @@ def run_mcp_conformance_fixture(argv):
                                                   default_audience="conformance-fixture"))
     sock = mcp_test_listener(int(argv[0]) if argv else 0)
     print(f"PORT {sock.getsockname()[1]}", flush=True)
-    config = uvicorn.Config(server.streamable_http_app(), log_level="warning", lifespan="on")
+    app = server.streamable_http_app()
+    config = uvicorn.Config(legacy_only(app) if legacy else app, log_level="warning",
+                            lifespan="on")
     anyio.run(uvicorn.Server(config).serve, [sock])
 
 
@@ -5854,20 +5865,25 @@ def test_mcp_serve_stdio_bridges_an_http_server_to_a_stdio_client(front_env):
 
 @pytest.fixture(scope="module")
 def fixture_env(tmp_path_factory):
-    """llmhost in front of the conformance fixture (`fixture`, over HTTP) and the stdio test
-    server (`t`): -> (running, the fixture's own URL)."""
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "mcp-fixture"],
-                            stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    assert line.startswith("PORT "), line
-    url = f"http://127.0.0.1:{int(line.split()[1])}/mcp"
+    """llmhost in front of the conformance fixture (`fixture`, over HTTP), the same at
+    2025-11-25 only (`old`) and the stdio test server (`t`): -> (running, the fixture's own
+    URL)."""
+    procs, urls = [], []
+    for extra in ([], ["legacy"]):
+        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__),
+                                       "mcp-fixture", *extra], stdout=subprocess.PIPE,
+                                      text=True))
+        line = procs[-1].stdout.readline()
+        assert line.startswith("PORT "), line
+        urls.append(f"http://127.0.0.1:{int(line.split()[1])}/mcp")
     path = write_registry(tmp_path_factory.mktemp("fixture") / "servers.json", [], mcp={
-        "fixture": {"url": url}, "t": MCP_STDIO})
+        "fixture": {"url": urls[0]}, "old": {"url": urls[1]}, "t": MCP_STDIO})
     running = Running(path)
-    yield running, url
+    yield running, urls[0]
     running.stop(timeout=5)
-    proc.terminate()
-    proc.wait(TIMEOUT)
+    for proc in procs:
+        proc.terminate()
+        proc.wait(TIMEOUT)
 
 
 MCP_NAMED = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
@@ -5932,6 +5948,58 @@ def test_mcp_server_relays_the_capabilities_of_the_client_that_asks(fixture_env)
 
     assert asyncio.run(sdk()) == -32021
     assert asyncio.run(sdk(sampling_callback=sample)) == "sampling is declared"
+
+
+@pytest.mark.filterwarnings("ignore:resources/.*subscribe is removed")  # (a's, 2025-11-25)
+@pytest.mark.parametrize("backend", ["fixture", "old"])
+def test_mcp_server_resource_subscriptions_at_both_revisions(fixture_env, backend):
+    """A 2025-11-25 client's resources/subscribe and a 2026-07-28 client's listen stream of
+    a resource each get its updates, whichever revision the backend speaks: one of 2025-11-25
+    is sent resources/subscribe once for both; one of 2026-07-28 (which has no such method)
+    gets a listen stream of that URI from llmhost. The subscription ends with its last
+    subscriber."""
+    import mcp_types as MT
+    running, _ = fixture_env
+    front, hub = running.gateway.app.mcp_front, running.gateway.app.mcp_front.hub
+    url = f"http://127.0.0.1:{running.port}/mcp/{backend}"
+    uri, key = "test://watched-resource", (backend, "test://watched-resource")
+
+    async def wait_for(predicate):
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+    async def session():
+        updated = asyncio.Event()
+
+        async def on_message(msg):
+            if isinstance(msg, MT.ResourceUpdatedNotification) and str(msg.params.uri) == uri:
+                updated.set()
+
+        async with sdk_client(url, "legacy", message_handler=on_message,
+                              client_info=MT.Implementation(name="sub-a", version="1")) as a, \
+                sdk_client(url, "auto") as b, sdk_client(url, "legacy") as c:
+            assert b.protocol_version == "2026-07-28"
+            await wait_for(lambda: any(o.session is not None and o.session.client == "sub-a 1"
+                                       for o in front.outlets))  # (a's GET stream is held)
+            await a.session.subscribe_resource(uri)
+            await a.session.subscribe_resource(uri)  # (twice is once)
+            assert hub._subscribed[key][0] == 1
+            async with b.listen(resource_subscriptions=[uri]) as sub:
+                assert sub.honored.resource_subscriptions == [uri]
+                assert hub._subscribed[key][0] == 2
+                await c.call_tool("test_trigger_resource_update", {})
+                await asyncio.wait_for(updated.wait(), TIMEOUT)
+                event = await asyncio.wait_for(sub.__anext__(), TIMEOUT)
+                assert type(event).__name__ == "ResourceUpdated" and event.uri == uri
+                await a.session.unsubscribe_resource(uri)
+                assert hub._subscribed[key][0] == 1
+                watcher = hub._subscribed[key][2]
+                assert (watcher is not None) == (backend == "fixture")
+            await wait_for(lambda: key not in hub._subscribed)  # (b's stream closed)
+            assert watcher is None or watcher.done()
+            await a.session.unsubscribe_resource(uri)  # (not subscribed: nothing to do)
+
+    asyncio.run(asyncio.wait_for(session(), TIMEOUT * 3))
 
 
 # =============================================================================
