@@ -5107,6 +5107,9 @@ RPC_HTTP_STATUS = {RPC_PARSE: 400, RPC_INVALID: 400, RPC_PARAMS: 400, RPC_VERSIO
 # methods 2026-07-28 removed (the handshake, and what lived on a session): "method not found"
 MCP_REMOVED = frozenset({"initialize", "ping", "logging/setLevel", "resources/subscribe",
                          "resources/unsubscribe"})
+# the methods whose request names something, and the param that names it: the Mcp-Name header
+# repeats it (SEP-2243)
+MCP_NAMED = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 # methods that reach a backend: each takes an admission slot, as any request does
 MCP_ADMITTED = frozenset({"tools/list", "tools/call", "resources/list", "resources/read",
                           "resources/templates/list", "prompts/list", "prompts/get",
@@ -5146,25 +5149,54 @@ def rpc_error(rid, code, message, data=None):
     return {"jsonrpc": "2.0", "id": rid, "error": error}
 
 
-def mcp_modern_refusal(msg, meta, header=None):
-    """The error a 2026-07-28 request earns before it is run, or None: its _meta must say the
-    version (which the MCP-Protocol-Version header, if any, repeats) and the capabilities,
-    and the method must be one of the revision's."""
-    rid, stamped = msg.get("id"), meta.get(MCP_META + "protocolVersion")
-    if header is not None and stamped is not None and header != stamped:
-        return rpc_error(rid, RPC_HEADER_MISMATCH, "MCP-Protocol-Version header does not match "
-                         "_meta", {"header": header, "meta": stamped})
-    if stamped is None:
-        return rpc_error(rid, RPC_PARAMS, f"Invalid params: _meta.{MCP_META}protocolVersion "
-                         "is required")
+def mcp_header_value(value):
+    """An Mcp-Name header's value as the body has it: as sent, or the text of a
+    `=?base64?...?=` sentinel (how a client sends what a header cannot carry); None for a
+    sentinel that is not canonical base64 of UTF-8, which then matches nothing."""
+    import base64
+    import binascii
+    found = re.fullmatch(r"=\?base64\?(.*)\?=", value or "")
+    if found is None:
+        return value
+    try:
+        raw = base64.b64decode(found[1], validate=True)
+        return raw.decode() if base64.b64encode(raw).decode() == found[1] else None
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+
+
+def mcp_modern_refusal(msg, meta, headers=None):
+    """The error a 2026-07-28 request earns before it is run, or None, the SDK's ladder
+    (first failure wins): _meta must carry the version and the capabilities; over HTTP
+    (`headers` given) MCP-Protocol-Version, Mcp-Method and, for the methods that name
+    something, Mcp-Name must repeat the body (SEP-2243: routing intermediaries read them);
+    the version must be ours; the method must be one of the revision's."""
+    rid, method = msg.get("id"), msg.get("method")
+    stamped = meta.get(MCP_META + "protocolVersion")
+    for key in ("protocolVersion", "clientCapabilities"):
+        full = MCP_META + key
+        if full not in meta or key == "clientCapabilities" and not isinstance(meta[full], dict):
+            return rpc_error(rid, RPC_PARAMS, f"Invalid params: _meta.{MCP_META}{key} is "
+                             "required")
+    if headers is not None:
+        params = msg.get("params") if isinstance(msg.get("params"), dict) else {}
+        named = params.get(MCP_NAMED.get(method)) if method in MCP_NAMED else None
+        for header, body, differ in (
+                ("MCP-Protocol-Version", stamped, headers.get("mcp-protocol-version") != stamped),
+                ("Mcp-Method", method, headers.get("mcp-method") != method),
+                ("Mcp-Name", named, named is not None and
+                 mcp_header_value(headers.get("mcp-name")) != named)):
+            if differ:
+                return rpc_error(rid, RPC_HEADER_MISMATCH, f"{header} header does not match "
+                                 "the request body", {"header": header, "body": body})
+    if not isinstance(stamped, str):
+        return rpc_error(rid, RPC_PARAMS, "Invalid params: the protocol version must be a "
+                         "string")
     if stamped != MCP_MODERN_VERSION:
         return rpc_error(rid, RPC_VERSION, "Unsupported protocol version", {
             "supported": [MCP_MODERN_VERSION], "requested": stamped})
-    if not isinstance(meta.get(MCP_META + "clientCapabilities"), dict):
-        return rpc_error(rid, RPC_PARAMS, f"Invalid params: _meta.{MCP_META}clientCapabilities "
-                         "is required")
-    if msg.get("method") in MCP_REMOVED:
-        return rpc_error(rid, RPC_NO_METHOD, f"Method not found: {msg['method']} is not of "
+    if method in MCP_REMOVED:
+        return rpc_error(rid, RPC_NO_METHOD, f"Method not found: {method} is not of "
                          f"{MCP_MODERN_VERSION}")
     return None
 
@@ -5707,7 +5739,8 @@ class MCPFront:
             (MCP_META + "protocolVersion" in meta or
              header == MCP_MODERN_VERSION and method != "initialize")
         session = None
-        refusal = mcp_modern_refusal(msg, meta, header) if modern and "id" in msg else None
+        refusal = mcp_modern_refusal(msg, meta, request.headers) if modern and "id" in msg \
+            else None
         if refusal is not None:
             return self.reply(request, RPC_HTTP_STATUS[refusal["error"]["code"]], refusal)
         if not modern and method != "initialize":

@@ -5644,19 +5644,22 @@ def test_mcp_server_refusals_speak_http_and_json_rpc(front_env):
                    headers=dict(key, **{"Mcp-Session-Id": sid}))[0] == 404
     unknown = {"jsonrpc": "2.0", "id": 3, "method": "no/such", "params": {"_meta": {
         "io.modelcontextprotocol/protocolVersion": "2026-07-28"}}}
-    status, _, raw = request(port, "POST", "/mcp/t", unknown, headers=key)  # no capabilities
+    modern = dict(key, **{"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "no/such"})
+    status, _, raw = request(port, "POST", "/mcp/t", unknown, headers=modern)  # no capabilities
     assert status == 400 and json.loads(raw)["error"]["code"] == -32602
     unknown["params"]["_meta"]["io.modelcontextprotocol/clientCapabilities"] = {}
-    status, _, raw = request(port, "POST", "/mcp/t", unknown, headers=key)
+    status, _, raw = request(port, "POST", "/mcp/t", unknown, headers=modern)
     assert status == 404 and json.loads(raw)["error"]["code"] == -32601
     removed = dict(unknown, method="ping")  # (a method of the handshake era only)
-    status, _, raw = request(port, "POST", "/mcp/t", removed, headers=key)
+    status, _, raw = request(port, "POST", "/mcp/t", removed,
+                             headers=dict(modern, **{"Mcp-Method": "ping"}))
     assert status == 404 and json.loads(raw)["error"]["code"] == -32601
     status, _, raw = request(port, "POST", "/mcp/t", unknown, headers=dict(
-        key, **{"MCP-Protocol-Version": "2025-11-25"}))
+        modern, **{"MCP-Protocol-Version": "2025-11-25"}))
     assert status == 400 and json.loads(raw)["error"]["code"] == -32020  # header vs _meta
     unknown["params"]["_meta"]["io.modelcontextprotocol/protocolVersion"] = "2099-01-01"
-    status, _, raw = request(port, "POST", "/mcp/t", unknown, headers=key)
+    status, _, raw = request(port, "POST", "/mcp/t", unknown, headers=dict(
+        modern, **{"MCP-Protocol-Version": "2099-01-01"}))
     assert status == 400 and json.loads(raw)["error"] == {
         "code": -32022, "message": "Unsupported protocol version",
         "data": {"supported": ["2026-07-28"], "requested": "2099-01-01"}}
@@ -5901,7 +5904,9 @@ def modern_post(port, path, method, params=None, caps=None, headers=None, rid=1)
             "MCP-Protocol-Version": "2026-07-28"}
     if method in MCP_NAMED:
         sent["Mcp-Name"] = params[MCP_NAMED[method]]
-    sent.update(headers or {})
+    for name, value in (headers or {}).items():  # (a name in other case replaces it)
+        sent = {k: v for k, v in sent.items() if k.lower() != name.lower()}
+        sent[name] = value
     status, got, raw = request(port, "POST", path, {"jsonrpc": "2.0", "id": rid,
                                                     "method": method, "params": params},
                                headers={k: v for k, v in sent.items() if v is not None})
@@ -5948,6 +5953,36 @@ def test_mcp_server_relays_the_capabilities_of_the_client_that_asks(fixture_env)
 
     assert asyncio.run(sdk()) == -32021
     assert asyncio.run(sdk(sampling_callback=sample)) == "sampling is declared"
+
+
+@pytest.mark.parametrize("path, tool", [("/mcp/fixture", "test_simple_text"),
+                                        ("/mcp", "fixture__test_simple_text")])
+def test_mcp_server_checks_the_routing_headers_against_the_body(fixture_env, path, tool):
+    """SEP-2243: at 2026-07-28 Mcp-Method (every request) and Mcp-Name (tools/call,
+    prompts/get, resources/read) repeat the body, as MCP-Protocol-Version repeats _meta, for
+    intermediaries that route on them: one missing or different is -32020, HTTP 400, before
+    anything is run. Header names are case-insensitive, values exact but for the spaces
+    around them; a name a header cannot carry comes in the =?base64?...?= form."""
+    running, _ = fixture_env
+    port, call = running.port, {"name": tool}
+    refused = [({"Mcp-Method": "prompts/list"}, "tools/list", {}),
+               ({"Mcp-Method": None}, "tools/list", {}),
+               ({"Mcp-Method": "TOOLS/LIST"}, "tools/list", {}),
+               ({"Mcp-Name": "wrong_tool_name"}, "tools/call", call),
+               ({"Mcp-Name": None}, "tools/call", call),
+               ({"Mcp-Method": "tasks/get"}, "tools/call", call),
+               ({"Mcp-Name": "test://other"}, "resources/read", {"uri": "test://static-text"}),
+               ({"MCP-Protocol-Version": None}, "tools/list", {})]
+    for headers, method, params in refused:
+        status, doc = modern_post(port, path, method, params, headers=headers)
+        assert status == 400 and doc["error"]["code"] == -32020, (headers, doc)
+    encoded = "=?base64?" + base64.b64encode(tool.encode()).decode() + "?="
+    for headers in ({}, {"Mcp-Name": f"  {tool}  "}, {"mcp-method": "tools/call"},
+                    {"MCP-METHOD": "tools/call"}, {"Mcp-Name": encoded}):
+        status, doc = modern_post(port, path, "tools/call", call, headers=headers)
+        assert status == 200 and doc["result"]["content"][0]["text"] == \
+            "This is a simple text response for testing.", (headers, doc)
+    assert llmhost.mcp_header_value("=?base64?dGVzdA=?=") is None  # (not canonical)
 
 
 @pytest.mark.filterwarnings("ignore:resources/.*subscribe is removed")  # (a's, 2025-11-25)
