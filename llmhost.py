@@ -5432,12 +5432,20 @@ class MCPFront:
             if not isinstance(params, dict):
                 raise RPCError(RPC_PARAMS, "params must be an object")
             result = await handler(x, params)
+            # The server that answers is llmhost, not the backend whose result this may be:
+            # a 2026-07-28 result is stamped with our serverInfo, an earlier one has none.
+            meta = result.get("_meta") if isinstance(result.get("_meta"), dict) else {}
+            meta.pop(MCP_META + "serverInfo", None)
             if x.modern:
+                result["_meta"] = dict(meta, **{MCP_META + "serverInfo":
+                                                self.server_info(x.view)})
                 result.setdefault("resultType", "complete")
                 if msg["method"] in MCP_CACHEABLE:  # (held for 0 ms: lists change under us)
                     result.setdefault("ttlMs", 0)
                     result.setdefault("cacheScope", "private")
             else:
+                if not meta:
+                    result.pop("_meta", None)
                 for key in MCP_MODERN_RESULT_KEYS:
                     result.pop(key, None)
             return {"jsonrpc": "2.0", "id": x.rid, "result": result}
@@ -5484,8 +5492,7 @@ class MCPFront:
                 "serverInfo": self.server_info(x.view)}
 
     async def m_discover(self, x, params):
-        return {"supportedVersions": [MCP_MODERN_VERSION], "capabilities": self.capabilities(),
-                "_meta": {MCP_META + "serverInfo": self.server_info(x.view)}}
+        return {"supportedVersions": [MCP_MODERN_VERSION], "capabilities": self.capabilities()}
 
     async def m_ping(self, x, params):
         return {}

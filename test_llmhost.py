@@ -5985,6 +5985,32 @@ def test_mcp_server_checks_the_routing_headers_against_the_body(fixture_env, pat
     assert llmhost.mcp_header_value("=?base64?dGVzdA=?=") is None  # (not canonical)
 
 
+def test_mcp_server_results_name_llmhost_not_the_backend(fixture_env):
+    """A backend's result carries its serverInfo in _meta (2026-07-28): the client is
+    answered by llmhost, so at 2026-07-28 each result names llmhost (as server/discover
+    does), and at 2025-11-25 (where serverInfo is initialize's) none names anybody."""
+    running, _ = fixture_env
+    info = "io.modelcontextprotocol/serverInfo"
+    for path, name, tool in (("/mcp/fixture", "llmhost/fixture", "test_simple_text"),
+                             ("/mcp", "llmhost", "fixture__test_simple_text")):
+        for method, params in (("server/discover", {}), ("tools/list", {}),
+                               ("tools/call", {"name": tool})):
+            status, doc = modern_post(running.port, path, method, params)
+            assert status == 200 and doc["result"]["_meta"][info] == {
+                "name": name, "version": llmhost.__version__}, (method, doc)
+    accept = {"Accept": "application/json, text/event-stream"}
+    status, headers, _ = request(running.port, "POST", "/mcp/fixture", {
+        "jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "raw", "version": "1"}}}, headers=accept)
+    status, _, raw = request(running.port, "POST", "/mcp/fixture", {
+        "jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+            "name": "test_simple_text"}}, headers=dict(accept, **{
+                "Mcp-Session-Id": headers["mcp-session-id"]}))
+    result = json.loads(raw)["result"]
+    assert status == 200 and result["content"][0]["type"] == "text" and "_meta" not in result
+
+
 @pytest.mark.filterwarnings("ignore:resources/.*subscribe is removed")  # (a's, 2025-11-25)
 @pytest.mark.parametrize("backend", ["fixture", "old"])
 def test_mcp_server_resource_subscriptions_at_both_revisions(fixture_env, backend):
