@@ -4941,6 +4941,28 @@ class MCPHub:
             await asyncio.sleep(delay)
             delay = min(MCP_BACKOFF_MAX, delay * 2)
 
+    async def page(self, server, kind, cursor=None):
+        """One page of what `server` lists of `kind` (resources or templates: see MCP_LISTS),
+        from `cursor` (None: the first) -> (MCP JSON dicts, the server's next cursor or
+        None); ([], None) when it lacks the capability. Raises as listing() does."""
+        import asyncio
+        c = self._conn(server)
+        method, attr, capability = MCP_LISTS[kind]
+        try:
+            client = await self._ensure(server)
+            if not getattr(client.server_capabilities, capability):
+                return [], None
+            result = await self._patient(c, getattr(client, method)(cursor=cursor),
+                                         self._connect_timeout)
+            return [_dump(x) for x in getattr(result, attr)], result.next_cursor or None
+        except (asyncio.TimeoutError, TimeoutError):
+            raise MCPRemoteError(MCP_TIMEOUT_CODE, f"{server}: listing {kind} timed out") \
+                from None
+        except (MCPError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            raise self._remote_error(c, e) from None
+
     async def listing(self, server, kind):
         """Everything `server` lists of `kind` (tools, resources, resource templates, prompts;
         see MCP_LISTS) as MCP JSON dicts; [] when it lacks the capability. Tools come from
@@ -5574,18 +5596,63 @@ class MCPFront:
         return await self.forward(x, server, "prompts/get",
                                   {"name": name, "arguments": params.get("arguments")})
 
+    async def paged(self, x, kind, params):
+        """One page of resources or templates -> (items, [(server, items)], next cursor). The
+        client's cursor is routed to the backends: on /mcp/NAME it is the server's, passed on
+        as it is, and so is the server's next one; on /mcp ours says where each server that
+        has more is ({server: its cursor}, encoded), and one page of /mcp is the next page
+        of each of them (the first: of every server). A server that fails is left out of
+        /mcp's page, as gather() leaves it out."""
+        import asyncio
+        import base64
+        cursor = params.get("cursor")
+        if cursor is not None and not isinstance(cursor, str):
+            raise RPCError(RPC_PARAMS, "Invalid params: cursor must be a string")
+        if x.view is not None:
+            items, after = await self.hub.page(x.view, kind, cursor)
+            return [(x.view, items)], after
+        if cursor is None:
+            where = {server: None for server in self.exposed()}
+        else:
+            try:
+                where = json_loads(base64.urlsafe_b64decode(cursor.encode()))
+                if not isinstance(where, dict) or not all(
+                        isinstance(v, str) for v in where.values()):
+                    raise ValueError(cursor)
+            except (ValueError, UnicodeError):
+                raise RPCError(RPC_PARAMS, "Invalid params: unknown cursor") from None
+            exposed = self.exposed()
+            where = {server: at for server, at in where.items() if server in exposed}
+        pages = await asyncio.gather(*(self.hub.page(server, kind, at)
+                                       for server, at in where.items()),
+                                     return_exceptions=True)
+        out, after = [], {}
+        for server, got in zip(where, pages):
+            if isinstance(got, BaseException):
+                if not isinstance(got, MCPError):
+                    raise got
+                mcp_log().warning("MCP server %s left out of /mcp's %s: %s", server, kind,
+                                  got.message)
+                continue
+            out.append((server, got[0]))
+            if got[1] is not None:
+                after[server] = got[1]
+        return out, base64.urlsafe_b64encode(json_bytes(after)).decode() if after else None
+
     async def m_resources(self, x, params):
         out = []
-        for server, items in await self.gather(x, "resources"):
+        pages, after = await self.paged(x, "resources", params)
+        for server, items in pages:
             for item in items:
                 if len(self.owners) < MCP_SESSIONS_MAX or item["uri"] in self.owners:
                     self.owners[item["uri"]] = server
                 out.append(item)
-        return {"resources": out}
+        return dict({"resources": out}, **({"nextCursor": after} if after else {}))
 
     async def m_templates(self, x, params):
-        return {"resourceTemplates": [item for _, items in await self.gather(x, "templates")
-                                      for item in items]}
+        pages, after = await self.paged(x, "templates", params)
+        return dict({"resourceTemplates": [item for _, items in pages for item in items]},
+                    **({"nextCursor": after} if after else {}))
 
     async def owner(self, x, uri):
         """The server of resource `uri` (on /mcp: the one that lists it, or whose template

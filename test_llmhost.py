@@ -3265,7 +3265,8 @@ def run_mcp_conformance_fixture(argv):
     2026-07-28 client gets InputRequiredResults (requestState sealed by the SDK's
     RequestStateBoundary), a 2025-11-25 one the same questions as requests of the server's.
     Besides, for llmhost's own tests: test_trigger_resource_update (an update of
-    test://watched-resource, to its subscribers)."""
+    test://watched-resource, to its subscribers), and resources listed
+    $LLMHOST_TEST_MCP_PAGE a page if that is set (cursors "at:N")."""
     import anyio
     import mcp_types as T
     import uvicorn
@@ -3480,10 +3481,18 @@ def run_mcp_conformance_fixture(argv):
         "test://watched-resource": ("Watched", {"mimeType": "text/plain", "text": "watched"}),
     }
 
+    page = int(os.environ.get("LLMHOST_TEST_MCP_PAGE") or 0)  # resources a page (0: all)
+
     async def list_resources(ctx, params):
-        return T.ListResourcesResult(resources=[T.Resource(
-            uri=uri, name=name, description=f"Conformance fixture: {name}",
-            mime_type=body["mimeType"]) for uri, (name, body) in resources.items()])
+        listed = [T.Resource(uri=uri, name=name, description=f"Conformance fixture: {name}",
+                             mime_type=body["mimeType"]) for uri, (name, body) in
+                  resources.items()]
+        if not page:
+            return T.ListResourcesResult(resources=listed)
+        at = int(((params.cursor if params else None) or "at:0")[3:])
+        more = at + page < len(listed)
+        return T.ListResourcesResult(resources=listed[at:at + page],
+                                     next_cursor=f"at:{at + page}" if more else None)
 
     async def list_templates(ctx, params):
         return T.ListResourceTemplatesResult(resource_templates=[T.ResourceTemplate(
@@ -6009,6 +6018,50 @@ def test_mcp_server_results_name_llmhost_not_the_backend(fixture_env):
                 "Mcp-Session-Id": headers["mcp-session-id"]}))
     result = json.loads(raw)["result"]
     assert status == 200 and result["content"][0]["type"] == "text" and "_meta" not in result
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mcp_server_pages_are_the_backends_pages(tmp_path, mode):
+    """resources/list is paged as the backends page it: on /mcp/NAME the client's cursor
+    goes to the server and the server's comes back, as they are; on /mcp a page holds the
+    next page of each server that has more, and the cursor says where each one is."""
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "mcp-fixture"],
+                            stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, LLMHOST_TEST_MCP_PAGE="1"))
+    line = proc.stdout.readline()
+    assert line.startswith("PORT "), line
+    path = write_registry(tmp_path / "s.json", [], mcp={
+        "paged": {"url": f"http://127.0.0.1:{int(line.split()[1])}/mcp"}, "t": MCP_STDIO})
+    running = Running(path)
+    fixture = ["test://static-text", "test://static-binary", "test://watched-resource"]
+
+    async def walk(where):
+        pages, cursors = [], []
+        async with sdk_client(f"http://127.0.0.1:{running.port}{where}", mode) as c:
+            cursor = None
+            while True:
+                page = await c.list_resources(cursor=cursor)
+                pages.append([str(r.uri) for r in page.resources])
+                cursor = page.next_cursor
+                if cursor is None:
+                    break
+                cursors.append(cursor)
+            read = await c.read_resource(pages[-1][-1])  # (routed by a later page's URI)
+        return pages, cursors, read.contents[0].text
+
+    try:
+        pages, cursors, read = asyncio.run(walk("/mcp/paged"))
+        assert pages == [[uri] for uri in fixture] and cursors == ["at:1", "at:2"]
+        assert read == "watched"
+        pages, cursors, read = asyncio.run(walk("/mcp"))
+        assert pages == [[fixture[0], "test://hello"], [fixture[1]], [fixture[2]]], pages
+        assert read == "watched"
+        status, doc = modern_post(running.port, "/mcp", "resources/list", {"cursor": "nope"})
+        assert status == 400 and doc["error"]["code"] == -32602
+    finally:
+        running.stop(timeout=5)
+        proc.terminate()
+        proc.wait(TIMEOUT)
 
 
 @pytest.mark.filterwarnings("ignore:resources/.*subscribe is removed")  # (a's, 2025-11-25)
