@@ -5879,6 +5879,11 @@ class MCPFront:
         if out["streaming"]:
             conn.end_stream(rpc_event(response))
             return out["keep_alive"]
+        if streams and not modern:
+            # 2025-11-25: an SSE stream of one event, as the SDK's and the TypeScript SDK's
+            # servers answer a client that accepts one (sent whole, with its length)
+            request.status = 200
+            return conn.respond(request, 200, MCP_SSE + headers, rpc_event(response))
         status = RPC_HTTP_STATUS.get(response.get("error", {}).get("code"), 200) if modern \
             else 200
         return self.reply(request, status, response, headers)

@@ -5628,12 +5628,15 @@ def test_mcp_server_refusals_speak_http_and_json_rpc(front_env):
     for where in ("/mcp/servers", "/mcp/tools", "/mcp/p", "/mcp/nobody"):
         assert request(port, "POST", where, init, headers=key)[0] == 404, where
     status, headers, raw = request(port, "POST", "/mcp/t", init, headers=key)
-    assert status == 200 and json.loads(raw)["result"]["protocolVersion"] == "2025-11-25"
+    assert status == 200 and rpc_answer(headers, raw)["result"]["protocolVersion"] == \
+        "2025-11-25"
+    assert headers["content-type"] == "text/event-stream"  # (the client accepts it)
     sid = headers["mcp-session-id"]
     listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
     assert request(port, "POST", "/mcp/t", listing, headers=key)[0] == 400  # no session
-    status, _, raw = request(port, "POST", "/mcp/t", listing,
-                             headers=dict(key, **{"Mcp-Session-Id": sid}))
+    status, headers, raw = request(port, "POST", "/mcp/t", listing, headers={
+        "Authorization": "Bearer sesame", "Accept": "application/json", "Mcp-Session-Id": sid})
+    assert headers["content-type"] == "application/json"  # (it accepts nothing else)
     assert status == 200 and "echo" in [t["name"] for t in json.loads(raw)["result"]["tools"]]
     # a session is of the path it began on, and a forged or ended one is unknown (404)
     assert request(port, "POST", "/mcp/h", listing,
@@ -5919,9 +5922,14 @@ def modern_post(port, path, method, params=None, caps=None, headers=None, rid=1)
     status, got, raw = request(port, "POST", path, {"jsonrpc": "2.0", "id": rid,
                                                     "method": method, "params": params},
                                headers={k: v for k, v in sent.items() if v is not None})
-    if got.get("content-type", "").startswith("text/event-stream"):
+    return status, rpc_answer(got, raw)
+
+
+def rpc_answer(headers, raw):
+    """The JSON-RPC answer in a response: its JSON body, or the last event of its stream."""
+    if headers.get("content-type", "").startswith("text/event-stream"):
         raw = [line[6:] for line in raw.decode().splitlines() if line.startswith("data: ")][-1]
-    return status, json.loads(raw)
+    return json.loads(raw)
 
 
 def test_mcp_server_relays_the_capabilities_of_the_client_that_asks(fixture_env):
@@ -6012,11 +6020,11 @@ def test_mcp_server_results_name_llmhost_not_the_backend(fixture_env):
         "jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
             "protocolVersion": "2025-11-25", "capabilities": {},
             "clientInfo": {"name": "raw", "version": "1"}}}, headers=accept)
-    status, _, raw = request(running.port, "POST", "/mcp/fixture", {
+    status, got, raw = request(running.port, "POST", "/mcp/fixture", {
         "jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
             "name": "test_simple_text"}}, headers=dict(accept, **{
                 "Mcp-Session-Id": headers["mcp-session-id"]}))
-    result = json.loads(raw)["result"]
+    result = rpc_answer(got, raw)["result"]
     assert status == 200 and result["content"][0]["type"] == "text" and "_meta" not in result
 
 
