@@ -3438,7 +3438,8 @@ def _complete(client, p):
 
 
 # The requests a client of the MCP server face sends on to a server: method -> (client, params,
-# progress callback, timeout) -> the SDK's awaitable. (Resource subscriptions are legacy-era.)
+# progress callback, timeout) -> the SDK's awaitable. (resources/subscribe: to servers of the
+# handshake era only; MCPHub.subscribe does it otherwise for 2026-07-28 ones.)
 MCP_FORWARD = {
     "tools/call": lambda client, p, progress, timeout: client.call_tool(
         p["name"], p.get("arguments") or {}, read_timeout_seconds=timeout,
@@ -5597,7 +5598,7 @@ class MCPFront:
                                   {"name": name, "arguments": params.get("arguments")})
 
     async def paged(self, x, kind, params):
-        """One page of resources or templates -> (items, [(server, items)], next cursor). The
+        """One page of resources or templates -> ([(server, items)], next cursor). The
         client's cursor is routed to the backends: on /mcp/NAME it is the server's, passed on
         as it is, and so is the server's next one; on /mcp ours says where each server that
         has more is ({server: its cursor}, encoded), and one page of /mcp is the next page
