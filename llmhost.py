@@ -3295,6 +3295,7 @@ class MCPRemoteError(MCPError):
 MCP_TIMEOUT_CODE = -32001  # the SDK's REQUEST_TIMEOUT
 MCP_INTERNAL_CODE = -32603  # JSON-RPC's internal error
 MCP_PARAMS_CODE = -32602  # JSON-RPC's invalid params
+MCP_META = "io.modelcontextprotocol/"  # the 2026 keys of _meta: protocolVersion, clientInfo...
 
 
 # ---- pure helpers ----------------------------------------------------------------------------
@@ -3444,6 +3445,16 @@ def _sampling_to_openai(params):
     return messages
 
 
+def _legacy_only(method, *args):
+    """A call of an SDK method that warns it was removed in 2026-07-28: the hub calls it only
+    on sessions of the handshake era, where it is not (the warning is given as the call
+    makes its coroutine, so catching it here is synchronous)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (the SDK's MCPDeprecationWarning)
+        return method(*args)
+
+
 def _complete(client, p):
     import mcp_types as T
     ref = p.get("ref") or {}
@@ -3454,7 +3465,8 @@ def _complete(client, p):
 
 
 # The requests a client of the MCP server face sends on to a server: method -> (client, params,
-# progress callback, timeout) -> the SDK's awaitable. (Resource subscriptions are legacy-era.)
+# progress callback, timeout) -> the SDK's awaitable. (resources/subscribe: to servers of the
+# handshake era only; MCPHub.subscribe does it otherwise for 2026-07-28 ones.)
 MCP_FORWARD = {
     "tools/call": lambda client, p, progress, timeout: client.call_tool(
         p["name"], p.get("arguments") or {}, read_timeout_seconds=timeout,
@@ -3464,28 +3476,33 @@ MCP_FORWARD = {
         p["name"], p.get("arguments") or None),
     "completion/complete": lambda client, p, progress, timeout: _complete(client, p),
     "resources/subscribe": lambda client, p, progress, timeout:
-        client.session.subscribe_resource(p["uri"]),
+        _legacy_only(client.session.subscribe_resource, p["uri"]),
     "resources/unsubscribe": lambda client, p, progress, timeout:
-        client.session.unsubscribe_resource(p["uri"]),
+        _legacy_only(client.session.unsubscribe_resource, p["uri"]),
 }
 # The same requests, from a 2026-07-28 client to a 2026-07-28 server, as a relay: the client's
 # inputResponses and requestState go on, and an InputRequiredResult comes back to it (which the
 # client answers and retries with), where MCP_FORWARD's Client methods would answer it with the
-# hub's callbacks. `q` is the request's params as the SDK's model (validated before sending).
+# hub's callbacks. `q` is the request's params as the SDK's model (validated before sending);
+# its _meta holds only MCP_CALLER_CAPS, the client's capabilities (the server's questions are
+# the client's to answer, so the server must know what the client can answer).
 MCP_RELAY = {
     "tools/call": ("CallToolRequestParams", lambda client, q, progress, timeout:
                    client.session.call_tool(
                        q.name, q.arguments or {}, read_timeout_seconds=timeout,
                        progress_callback=progress, input_responses=q.input_responses,
-                       request_state=q.request_state, allow_input_required=True)),
+                       request_state=q.request_state, meta=q.meta,
+                       allow_input_required=True)),
     "resources/read": ("ReadResourceRequestParams", lambda client, q, progress, timeout:
                        client.session.read_resource(
                            str(q.uri), input_responses=q.input_responses,
-                           request_state=q.request_state, allow_input_required=True)),
+                           request_state=q.request_state, meta=q.meta,
+                           allow_input_required=True)),
     "prompts/get": ("GetPromptRequestParams", lambda client, q, progress, timeout:
                     client.session.get_prompt(
                         q.name, q.arguments or None, input_responses=q.input_responses,
-                        request_state=q.request_state, allow_input_required=True)),
+                        request_state=q.request_state, meta=q.meta,
+                        allow_input_required=True)),
 }
 # what MCPHub.listing lists: kind -> (Client method, the page's attribute, the capability)
 MCP_LISTS = {"resources": ("list_resources", "resources", "resources"),
@@ -3986,10 +4003,19 @@ def mcp_oauth_provider(c, url, oauth, store, login, secret=None, key=None):
     return auth
 
 
+# A key of llmhost's in a request's _meta, put there by the hub and taken out again on the
+# transport's write stream: the capabilities of the MCP client whose request it relays, which
+# then replace the hub's own in io.modelcontextprotocol/clientCapabilities (the SDK stamps the
+# Client's capabilities on every 2026-07-28 request, and has no per-request override).
+MCP_CALLER_CAPS = "dev.llmhost/callerCapabilities"
+
+
 def _results_complete_by_default(transport):
-    """SEP-2322: a result without `resultType` is complete. The 2.3.0 SDK checks 2026-07-28
-    results against a schema that requires it, so each result that lacks it gets it here, on
-    the transport's read stream (results of earlier revisions pass their check with it too)."""
+    """The transport's streams as the hub needs them. Read side, SEP-2322: a result without
+    `resultType` is complete (the 2.3.0 SDK checks 2026-07-28 results against a schema that
+    requires it, so each result that lacks it gets it here; results of earlier revisions pass
+    their check with it too). Write side: a request carrying MCP_CALLER_CAPS goes with those
+    capabilities instead of the hub's (a relay says what its client can do, not the hub)."""
 
     class Reader:
         def __init__(self, stream):
@@ -4024,12 +4050,37 @@ def _results_complete_by_default(transport):
         async def __aexit__(self, *exc):
             return await self._stream.__aexit__(*exc)
 
+    class Writer:
+        def __init__(self, stream):
+            self._stream = stream
+
+        def __getattr__(self, name):
+            return getattr(self._stream, name)
+
+        async def send(self, item):
+            params = getattr(getattr(item, "message", None), "params", None)
+            meta = params.get("_meta") if isinstance(params, dict) else None
+            if isinstance(meta, dict) and MCP_CALLER_CAPS in meta:
+                caps = meta.pop(MCP_CALLER_CAPS)
+                if MCP_META + "clientCapabilities" in meta:  # (2026-07-28 only)
+                    meta[MCP_META + "clientCapabilities"] = caps
+                if not meta:
+                    del params["_meta"]
+            await self._stream.send(item)
+
+        async def __aenter__(self):
+            await self._stream.__aenter__()
+            return self
+
+        async def __aexit__(self, *exc):
+            return await self._stream.__aexit__(*exc)
+
     import contextlib
 
     @contextlib.asynccontextmanager
     async def tagged():
         async with transport as (read, write):
-            yield Reader(read), write
+            yield Reader(read), Writer(write)
 
     return tagged()
 
@@ -4176,6 +4227,8 @@ class MCPHub:
         self.notice = self.asker = None
         self._adding = None  # asyncio.Lock: one add_from_request at a time (it awaits _retire)
         self._draining = {}  # retired servers finishing their calls -> the task that stops them
+        # (server, uri) -> [subscribers, a future set once subscribed, the watching task or None]
+        self._subscribed = {}
 
     # ---- connection lifecycle (owner task per server) ----
 
@@ -4646,6 +4699,10 @@ class MCPHub:
                 c.warming.cancel()
         for c in list(self._draining):
             c.drained.set()  # their calls are cut now: shutdown does not wait for them
+        watching = [entry[2] for entry in self._subscribed.values() if entry[2] is not None]
+        for task in watching:
+            task.cancel()
+        await asyncio.gather(*watching, return_exceptions=True)
         await asyncio.gather(*(self._stop(c) for c in self._conns.values()),
                              *self._draining.values(), return_exceptions=True)
         for c in self._conns.values():
@@ -4770,22 +4827,23 @@ class MCPHub:
         client = await self._ensure(server)
         return await self._patient(c, request(client), timeout)
 
-    async def forward(self, server, method, params, progress=None, relay=False):
+    async def forward(self, server, method, params, progress=None, relay=None):
         """A request of the MCP server face's client (a method of MCP_FORWARD), sent on to
         `server` within its call timeout -> the result as MCP JSON. `progress(done, total,
-        message)`: a tool call's progress. `relay`: the client speaks 2026-07-28, so when the
-        server does too, the request goes as MCP_RELAY sends it (its InputRequiredResult is
-        the client's to answer). Raises MCPError (cannot be reached), MCPRemoteError (the
+        message)`: a tool call's progress. `relay`: the capabilities of a client that speaks
+        2026-07-28 (None for one that does not): when the server speaks it too, the request
+        goes as MCP_RELAY sends it, with those capabilities (its InputRequiredResult is the
+        client's to answer). Raises MCPError (cannot be reached), MCPRemoteError (the
         server's JSON-RPC error, a timeout, a lost connection, params the SDK refuses)."""
         import asyncio
         c = self._conn(server)
         timeout = c.spec.get("timeout") or self._call_timeout
         send = MCP_FORWARD[method]
-        if relay and method in MCP_RELAY:
+        if relay is not None and method in MCP_RELAY:
             from mcp_types.version import MODERN_PROTOCOL_VERSIONS
             await self._ensure(server)
             if c.era in MODERN_PROTOCOL_VERSIONS:
-                send = self._relay(method, params)
+                send = self._relay(method, dict(params, _meta={MCP_CALLER_CAPS: relay}))
         try:
             return _dump(await self._counted(c, self._send(
                 c, server, lambda client: send(client, params, progress, timeout), timeout)))
@@ -4822,6 +4880,116 @@ class MCPHub:
             return MCPRemoteError(code, error.message, getattr(error, "data", None))
         return MCPRemoteError(MCP_INTERNAL_CODE, f"MCP server {c.name!r}: " +
                               ("connection lost: " if lost else "") + c.why(exc))
+
+    async def subscribe(self, server, uri):
+        """One more subscriber to updates of resource `uri` of `server` (the face counts one a
+        session or listen stream). The first subscribes: resources/subscribe to a server of
+        the handshake era; to a 2026-07-28 one, which removed that method, a subscriptions/
+        listen stream of that URI, kept (and opened again if lost) until the last subscriber
+        leaves. Updates reach notice() as notifications/resources/updated either way. Raises
+        MCPError or MCPRemoteError as forward() does: the server refused."""
+        import asyncio
+        entry = self._subscribed.get((server, uri))
+        if entry is not None:
+            entry[0] += 1
+            try:
+                return await asyncio.shield(entry[1])
+            except BaseException:
+                entry[0] -= 1
+                raise
+        entry = self._subscribed[(server, uri)] = [
+            1, asyncio.get_running_loop().create_future(), None]
+        try:
+            from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+            c = self._conn(server)
+            await self._ensure(server)
+            if c.era in MODERN_PROTOCOL_VERSIONS:
+                acked = asyncio.get_running_loop().create_future()
+                entry[2] = asyncio.create_task(self._watch(server, uri, acked),
+                                               name=f"mcp-watch-{server}")
+                await asyncio.shield(acked)
+            else:
+                await self.forward(server, "resources/subscribe", {"uri": uri})
+        except BaseException as e:
+            if self._subscribed.get((server, uri)) is entry:
+                del self._subscribed[(server, uri)]
+            if entry[2] is not None:
+                entry[2].cancel()
+            if not entry[1].done():
+                entry[1].set_exception(e if isinstance(e, Exception) else MCPError(
+                    server, "the subscription was cut short"))
+                entry[1].exception()  # (retrieved: a lone subscriber raises it below)
+            raise
+        entry[1].set_result(None)
+
+    async def unsubscribe(self, server, uri):
+        """One subscriber fewer (see subscribe); the last one ends the subscription."""
+        import asyncio
+        entry = self._subscribed.get((server, uri))
+        if entry is None or not entry[1].done():
+            return  # (never subscribed, or still subscribing: its failure says so)
+        entry[0] -= 1
+        if entry[0] > 0:
+            return
+        del self._subscribed[(server, uri)]
+        if entry[2] is not None:
+            entry[2].cancel()
+            await asyncio.gather(entry[2], return_exceptions=True)
+        elif server in self._conns and self._alive(self._conns[server]):
+            await self.forward(server, "resources/unsubscribe", {"uri": uri})
+
+    async def _watch(self, server, uri, acked):
+        """A 2026-07-28 server's updates of `uri`, on a listen stream of that URI alone; one
+        that is lost (a restart) is listened to again, with backoff, as _listen does. The
+        first acknowledgement (or refusal) settles `acked`."""
+        import asyncio
+        delay = 1.0
+        while True:
+            try:
+                client = await self._ensure(server)
+                async with client.listen(resource_subscriptions=[uri]) as sub:
+                    if not acked.done():
+                        acked.set_result(None)
+                    delay = 1.0
+                    async for event in sub:
+                        if type(event).__name__ == "ResourceUpdated" and self.notice:
+                            self.notice(server, "notifications/resources/updated",
+                                        {"uri": event.uri})
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if not acked.done():
+                    acked.set_exception(e if isinstance(e, MCPError) else
+                                        self._remote_error(self._conn(server), e))
+                    return
+                if self._closing or server not in self._conns:
+                    return
+                mcp_log().debug("MCP %s: listen stream of %s ended: %s", server, uri,
+                                _describe_exc(e))
+            await asyncio.sleep(delay)
+            delay = min(MCP_BACKOFF_MAX, delay * 2)
+
+    async def page(self, server, kind, cursor=None):
+        """One page of what `server` lists of `kind` (resources or templates: see MCP_LISTS),
+        from `cursor` (None: the first) -> (MCP JSON dicts, the server's next cursor or
+        None); ([], None) when it lacks the capability. Raises as listing() does."""
+        import asyncio
+        c = self._conn(server)
+        method, attr, capability = MCP_LISTS[kind]
+        try:
+            client = await self._ensure(server)
+            if not getattr(client.server_capabilities, capability):
+                return [], None
+            result = await self._patient(c, getattr(client, method)(cursor=cursor),
+                                         self._connect_timeout)
+            return [_dump(x) for x in getattr(result, attr)], result.next_cursor or None
+        except (asyncio.TimeoutError, TimeoutError):
+            raise MCPRemoteError(MCP_TIMEOUT_CODE, f"{server}: listing {kind} timed out") \
+                from None
+        except (MCPError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            raise self._remote_error(c, e) from None
 
     async def listing(self, server, kind):
         """Everything `server` lists of `kind` (tools, resources, resource templates, prompts;
@@ -4973,7 +5141,6 @@ async def with_mcp_server(name, entry, environ, action, tokens=None, login=None)
 
 MCP_HANDSHAKE_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
 MCP_MODERN_VERSION = "2026-07-28"
-MCP_META = "io.modelcontextprotocol/"  # the 2026 keys of _meta: protocolVersion, clientInfo...
 MCP_SESSIONS_MAX = 10000  # sessions held per process; the least recently used idle one goes
 MCP_ENDED_MAX = 10000  # ids ended by DELETE remembered (a 404 for them, as the spec asks)
 MCP_STREAM_PING = 15.0  # s between comments on an idle stream (the SDK's figure), for proxies
@@ -4990,6 +5157,9 @@ RPC_HTTP_STATUS = {RPC_PARSE: 400, RPC_INVALID: 400, RPC_PARAMS: 400, RPC_VERSIO
 # methods 2026-07-28 removed (the handshake, and what lived on a session): "method not found"
 MCP_REMOVED = frozenset({"initialize", "ping", "logging/setLevel", "resources/subscribe",
                          "resources/unsubscribe"})
+# the methods whose request names something, and the param that names it: the Mcp-Name header
+# repeats it (SEP-2243)
+MCP_NAMED = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 # methods that reach a backend: each takes an admission slot, as any request does
 MCP_ADMITTED = frozenset({"tools/list", "tools/call", "resources/list", "resources/read",
                           "resources/templates/list", "prompts/list", "prompts/get",
@@ -5029,25 +5199,54 @@ def rpc_error(rid, code, message, data=None):
     return {"jsonrpc": "2.0", "id": rid, "error": error}
 
 
-def mcp_modern_refusal(msg, meta, header=None):
-    """The error a 2026-07-28 request earns before it is run, or None: its _meta must say the
-    version (which the MCP-Protocol-Version header, if any, repeats) and the capabilities,
-    and the method must be one of the revision's."""
-    rid, stamped = msg.get("id"), meta.get(MCP_META + "protocolVersion")
-    if header is not None and stamped is not None and header != stamped:
-        return rpc_error(rid, RPC_HEADER_MISMATCH, "MCP-Protocol-Version header does not match "
-                         "_meta", {"header": header, "meta": stamped})
-    if stamped is None:
-        return rpc_error(rid, RPC_PARAMS, f"Invalid params: _meta.{MCP_META}protocolVersion "
-                         "is required")
+def mcp_header_value(value):
+    """An Mcp-Name header's value as the body has it: as sent, or the text of a
+    `=?base64?...?=` sentinel (how a client sends what a header cannot carry); None for a
+    sentinel that is not canonical base64 of UTF-8, which then matches nothing."""
+    import base64
+    import binascii
+    found = re.fullmatch(r"=\?base64\?(.*)\?=", value or "")
+    if found is None:
+        return value
+    try:
+        raw = base64.b64decode(found[1], validate=True)
+        return raw.decode() if base64.b64encode(raw).decode() == found[1] else None
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+
+
+def mcp_modern_refusal(msg, meta, headers=None):
+    """The error a 2026-07-28 request earns before it is run, or None, the SDK's ladder
+    (first failure wins): _meta must carry the version and the capabilities; over HTTP
+    (`headers` given) MCP-Protocol-Version, Mcp-Method and, for the methods that name
+    something, Mcp-Name must repeat the body (SEP-2243: routing intermediaries read them);
+    the version must be ours; the method must be one of the revision's."""
+    rid, method = msg.get("id"), msg.get("method")
+    stamped = meta.get(MCP_META + "protocolVersion")
+    for key in ("protocolVersion", "clientCapabilities"):
+        full = MCP_META + key
+        if full not in meta or key == "clientCapabilities" and not isinstance(meta[full], dict):
+            return rpc_error(rid, RPC_PARAMS, f"Invalid params: _meta.{MCP_META}{key} is "
+                             "required")
+    if headers is not None:
+        params = msg.get("params") if isinstance(msg.get("params"), dict) else {}
+        named = params.get(MCP_NAMED.get(method)) if method in MCP_NAMED else None
+        for header, body, differ in (
+                ("MCP-Protocol-Version", stamped, headers.get("mcp-protocol-version") != stamped),
+                ("Mcp-Method", method, headers.get("mcp-method") != method),
+                ("Mcp-Name", named, named is not None and
+                 mcp_header_value(headers.get("mcp-name")) != named)):
+            if differ:
+                return rpc_error(rid, RPC_HEADER_MISMATCH, f"{header} header does not match "
+                                 "the request body", {"header": header, "body": body})
+    if not isinstance(stamped, str):
+        return rpc_error(rid, RPC_PARAMS, "Invalid params: the protocol version must be a "
+                         "string")
     if stamped != MCP_MODERN_VERSION:
         return rpc_error(rid, RPC_VERSION, "Unsupported protocol version", {
             "supported": [MCP_MODERN_VERSION], "requested": stamped})
-    if not isinstance(meta.get(MCP_META + "clientCapabilities"), dict):
-        return rpc_error(rid, RPC_PARAMS, f"Invalid params: _meta.{MCP_META}clientCapabilities "
-                         "is required")
-    if msg.get("method") in MCP_REMOVED:
-        return rpc_error(rid, RPC_NO_METHOD, f"Method not found: {msg['method']} is not of "
+    if method in MCP_REMOVED:
+        return rpc_error(rid, RPC_NO_METHOD, f"Method not found: {method} is not of "
                          f"{MCP_MODERN_VERSION}")
     return None
 
@@ -5127,16 +5326,16 @@ class MCPOutlet:
         import asyncio
         self.write, self.view, self.session = write, view, session
         self.wanted, self.listen_id = wanted, listen_id
+        self.resources = set()  # a listen stream's (server, uri) subscribed at the backends
         self.done = asyncio.Event()
 
     def wants(self, server, method, params):
         if self.view is not None and self.view != server:
             return False
         if method == "notifications/resources/updated":
-            uri = params.get("uri")
-            if self.session is not None:
-                return (server, uri) in self.session.subscriptions
-            return uri in (self.wanted.get("resourceSubscriptions") or ())
+            resources = self.session.subscriptions if self.session is not None else \
+                self.resources
+            return (server, params.get("uri")) in resources
         return self.wanted is None or bool(self.wanted.get(MCP_LIST_CHANGED.get(method)))
 
     def send(self, method, params):
@@ -5213,7 +5412,20 @@ class MCPFront:
             idle = next((s for s in self.sessions.values() if not s.outlets and not s.calls), None)
             if idle is not None:
                 del self.sessions[idle.id]
+                self.release(idle.subscriptions)
         self.sessions[session.id] = session
+
+    def release(self, resources):
+        """These (server, uri) have one subscriber fewer (a session ended, a listen stream
+        closed): the hub unsubscribes at the backend after the last, in the background."""
+        import asyncio
+        pairs = list(resources)
+        resources.clear()
+        if pairs:
+            return asyncio.ensure_future(asyncio.gather(*(
+                self.hub.unsubscribe(server, uri) for server, uri in pairs),
+                return_exceptions=True))
+        return None
 
     def session_of(self, sid, view):
         """The session `sid` names on this view, recovered from the id if another process (or
@@ -5248,6 +5460,7 @@ class MCPFront:
             outlet.done.set()
         for task in session.calls.values():
             task.cancel()
+        self.release(session.subscriptions)
 
     def status(self):
         """The clients connected now, for /v1/mcp/servers and status."""
@@ -5269,12 +5482,20 @@ class MCPFront:
             if not isinstance(params, dict):
                 raise RPCError(RPC_PARAMS, "params must be an object")
             result = await handler(x, params)
+            # The server that answers is llmhost, not the backend whose result this may be:
+            # a 2026-07-28 result is stamped with our serverInfo, an earlier one has none.
+            meta = result.get("_meta") if isinstance(result.get("_meta"), dict) else {}
+            meta.pop(MCP_META + "serverInfo", None)
             if x.modern:
+                result["_meta"] = dict(meta, **{MCP_META + "serverInfo":
+                                                self.server_info(x.view)})
                 result.setdefault("resultType", "complete")
                 if msg["method"] in MCP_CACHEABLE:  # (held for 0 ms: lists change under us)
                     result.setdefault("ttlMs", 0)
                     result.setdefault("cacheScope", "private")
             else:
+                if not meta:
+                    result.pop("_meta", None)
                 for key in MCP_MODERN_RESULT_KEYS:
                     result.pop(key, None)
             return {"jsonrpc": "2.0", "id": x.rid, "result": result}
@@ -5321,8 +5542,7 @@ class MCPFront:
                 "serverInfo": self.server_info(x.view)}
 
     async def m_discover(self, x, params):
-        return {"supportedVersions": [MCP_MODERN_VERSION], "capabilities": self.capabilities(),
-                "_meta": {MCP_META + "serverInfo": self.server_info(x.view)}}
+        return {"supportedVersions": [MCP_MODERN_VERSION], "capabilities": self.capabilities()}
 
     async def m_ping(self, x, params):
         return {}
@@ -5387,7 +5607,8 @@ class MCPFront:
         if x.modern:  # (the answers to an InputRequiredResult the server gave before)
             params = dict(params, **{k: x.params[k] for k in MCP_INPUT_KEYS if k in x.params})
         try:
-            return await self.hub.forward(server, method, params, progress, relay=x.modern)
+            return await self.hub.forward(server, method, params, progress,
+                                          relay=x.caps if x.modern else None)
         finally:
             x.server = None
 
@@ -5403,18 +5624,63 @@ class MCPFront:
         return await self.forward(x, server, "prompts/get",
                                   {"name": name, "arguments": params.get("arguments")})
 
+    async def paged(self, x, kind, params):
+        """One page of resources or templates -> ([(server, items)], next cursor). The
+        client's cursor is routed to the backends: on /mcp/NAME it is the server's, passed on
+        as it is, and so is the server's next one; on /mcp ours says where each server that
+        has more is ({server: its cursor}, encoded), and one page of /mcp is the next page
+        of each of them (the first: of every server). A server that fails is left out of
+        /mcp's page, as gather() leaves it out."""
+        import asyncio
+        import base64
+        cursor = params.get("cursor")
+        if cursor is not None and not isinstance(cursor, str):
+            raise RPCError(RPC_PARAMS, "Invalid params: cursor must be a string")
+        if x.view is not None:
+            items, after = await self.hub.page(x.view, kind, cursor)
+            return [(x.view, items)], after
+        if cursor is None:
+            where = {server: None for server in self.exposed()}
+        else:
+            try:
+                where = json_loads(base64.urlsafe_b64decode(cursor.encode()))
+                if not isinstance(where, dict) or not all(
+                        isinstance(v, str) for v in where.values()):
+                    raise ValueError(cursor)
+            except (ValueError, UnicodeError):
+                raise RPCError(RPC_PARAMS, "Invalid params: unknown cursor") from None
+            exposed = self.exposed()
+            where = {server: at for server, at in where.items() if server in exposed}
+        pages = await asyncio.gather(*(self.hub.page(server, kind, at)
+                                       for server, at in where.items()),
+                                     return_exceptions=True)
+        out, after = [], {}
+        for server, got in zip(where, pages):
+            if isinstance(got, BaseException):
+                if not isinstance(got, MCPError):
+                    raise got
+                mcp_log().warning("MCP server %s left out of /mcp's %s: %s", server, kind,
+                                  got.message)
+                continue
+            out.append((server, got[0]))
+            if got[1] is not None:
+                after[server] = got[1]
+        return out, base64.urlsafe_b64encode(json_bytes(after)).decode() if after else None
+
     async def m_resources(self, x, params):
         out = []
-        for server, items in await self.gather(x, "resources"):
+        pages, after = await self.paged(x, "resources", params)
+        for server, items in pages:
             for item in items:
                 if len(self.owners) < MCP_SESSIONS_MAX or item["uri"] in self.owners:
                     self.owners[item["uri"]] = server
                 out.append(item)
-        return {"resources": out}
+        return dict({"resources": out}, **({"nextCursor": after} if after else {}))
 
     async def m_templates(self, x, params):
-        return {"resourceTemplates": [item for _, items in await self.gather(x, "templates")
-                                      for item in items]}
+        pages, after = await self.paged(x, "templates", params)
+        return dict({"resourceTemplates": [item for _, items in pages for item in items]},
+                    **({"nextCursor": after} if after else {}))
 
     async def owner(self, x, uri):
         """The server of resource `uri` (on /mcp: the one that lists it, or whose template
@@ -5437,14 +5703,29 @@ class MCPFront:
         return await self.forward(x, await self.owner(x, uri), "resources/read", {"uri": uri})
 
     async def m_subscribe(self, x, params):
+        """resources/subscribe and unsubscribe (2025-11-25): the session's subscriptions,
+        each one subscriber at the hub (which maps it onto a 2026-07-28 backend's listen
+        stream). Subscribing twice is once; unsubscribing what is not subscribed, nothing."""
         uri = self.need(params, "uri")
+        if x.session is None:
+            raise RPCError(RPC_NO_METHOD, f"Method not found: {x.method} is not of "
+                           f"{MCP_MODERN_VERSION}")
         server = await self.owner(x, uri)
-        subscribe = x.method == "resources/subscribe"
-        await self.forward(x, server, "resources/subscribe" if subscribe else
-                           "resources/unsubscribe", {"uri": uri})
-        if x.session is not None:
-            (x.session.subscriptions.add if subscribe else
-             x.session.subscriptions.discard)((server, uri))
+        if x.method == "resources/unsubscribe":
+            if (server, uri) in x.session.subscriptions:
+                x.session.subscriptions.discard((server, uri))
+                await self.hub.unsubscribe(server, uri)
+            return {}
+        if (server, uri) not in x.session.subscriptions:
+            x.server = server
+            try:
+                await self.hub.subscribe(server, uri)
+            finally:
+                x.server = None
+            if x.session.id in self.sessions and (server, uri) not in x.session.subscriptions:
+                x.session.subscriptions.add((server, uri))
+            else:  # (ended meanwhile, or subscribed by another request meanwhile)
+                self.release([(server, uri)])
         return {}
 
     async def m_complete(self, x, params):
@@ -5560,7 +5841,8 @@ class MCPFront:
             (MCP_META + "protocolVersion" in meta or
              header == MCP_MODERN_VERSION and method != "initialize")
         session = None
-        refusal = mcp_modern_refusal(msg, meta, header) if modern and "id" in msg else None
+        refusal = mcp_modern_refusal(msg, meta, request.headers) if modern and "id" in msg \
+            else None
         if refusal is not None:
             return self.reply(request, RPC_HTTP_STATUS[refusal["error"]["code"]], refusal)
         if not modern and method != "initialize":
@@ -5625,6 +5907,11 @@ class MCPFront:
         if out["streaming"]:
             conn.end_stream(rpc_event(response))
             return out["keep_alive"]
+        if streams and not modern:
+            # 2025-11-25: an SSE stream of one event, as the SDK's and the TypeScript SDK's
+            # servers answer a client that accepts one (sent whole, with its length)
+            request.status = 200
+            return conn.respond(request, 200, MCP_SSE + headers, rpc_event(response))
         status = RPC_HTTP_STATUS.get(response.get("error", {}).get("code"), 200) if modern \
             else 200
         return self.reply(request, status, response, headers)
@@ -5687,19 +5974,40 @@ class MCPFront:
         wanted = params.get("notifications") if isinstance(params.get("notifications"), dict) \
             else {}
         honored = {k: True for k in MCP_LIST_CHANGED.values() if wanted.get(k)}
-        if isinstance(wanted.get("resourceSubscriptions"), list) and \
-                wanted["resourceSubscriptions"]:
-            honored["resourceSubscriptions"] = [u for u in wanted["resourceSubscriptions"]
-                                                if isinstance(u, str)]
         meta = {MCP_META + "subscriptionId": x.rid}
         outlet = MCPOutlet(emit, x.view, wanted=honored, listen_id=x.rid)
-        if not await self.hold(request, outlet, before=lambda: emit({
-                "jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged",
-                "params": {"notifications": honored, "_meta": meta}})):
-            return False
+        try:
+            uris = await self.watch(x, wanted.get("resourceSubscriptions"), outlet.resources)
+            if uris:
+                honored["resourceSubscriptions"] = uris
+            if not await self.hold(request, outlet, before=lambda: emit({
+                    "jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged",
+                    "params": {"notifications": honored, "_meta": meta}})):
+                return False
+        finally:
+            self.release(outlet.resources)
         request.conn.end_stream(rpc_event({"jsonrpc": "2.0", "id": x.rid, "result": {
             "_meta": meta, "resultType": "complete"}}))
         return out["keep_alive"]
+
+    async def watch(self, x, uris, resources):
+        """A listen stream's resourceSubscriptions, each subscribed at the server that has
+        it (added to `resources` as (server, uri)) -> the URIs honored: not those no server
+        of the view has, nor those their server refused."""
+        honored = []
+        for uri in uris if isinstance(uris, list) else ():
+            if not isinstance(uri, str) or uri in honored:
+                continue
+            try:
+                server = await self.owner(x, uri)
+                await self.hub.subscribe(server, uri)
+            except (RPCError, MCPError) as e:
+                mcp_log().info("MCP listen: %s not subscribed: %s", uri[:200],
+                               getattr(e, "message", None) or e)
+                continue
+            resources.add((server, uri))
+            honored.append(uri)
+        return honored
 
     async def http_delete(self, request, rest=None):
         session = self.session_header(request, self.view_of(rest))
@@ -5717,6 +6025,7 @@ class MCPFront:
         session = None
         outlet = None
         tasks = set()
+        listens = []  # its subscriptions/listen streams
 
         async def run(x, msg):
             response = await self.answer(x, msg)
@@ -5762,9 +6071,16 @@ class MCPFront:
                 continue
             if method == "subscriptions/listen":  # (on stdio: the stream's notifications)
                 wanted = params.get("notifications") or {}
-                self.outlets.add(MCPOutlet(write, view, wanted=wanted, listen_id=x.rid))
+                wanted = wanted if isinstance(wanted, dict) else {}
+                listening = MCPOutlet(write, view, wanted=wanted, listen_id=x.rid)
+                uris = await self.watch(x, wanted.get("resourceSubscriptions"),
+                                        listening.resources)
+                honored = dict(wanted, resourceSubscriptions=uris) if uris else \
+                    {k: v for k, v in wanted.items() if k != "resourceSubscriptions"}
+                listens.append(listening)
+                self.outlets.add(listening)
                 write({"jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged",
-                       "params": {"notifications": wanted,
+                       "params": {"notifications": honored,
                                   "_meta": {MCP_META + "subscriptionId": x.rid}}})
                 continue
             task = asyncio.ensure_future(run(x, msg))
@@ -5777,6 +6093,11 @@ class MCPFront:
         await asyncio.gather(*tasks, return_exceptions=True)
         if outlet is not None:
             self.outlets.discard(outlet)
+        for listening in listens:
+            self.outlets.discard(listening)
+            self.release(listening.resources)
+        if session is not None:
+            self.end(session)
 
 
 # =============================================================================

@@ -3257,23 +3257,30 @@ ROOTS_LIST = {"method": "roots/list", "params": {}}
 
 
 def run_mcp_conformance_fixture(argv):
-    """`python3 test_llmhost.py mcp-fixture [PORT]`: the server fixture of the MCP conformance
-    suite (npm @modelcontextprotocol/conformance 0.2.0-alpha.12): the tools, resources and
-    prompts its server scenarios call for at 2025-11-25 and 2026-07-28, over streamable HTTP on
-    127.0.0.1 (prints "PORT n"). Built on the SDK's low-level Server, whose results are the
-    wire's: a 2026-07-28 client gets InputRequiredResults (requestState sealed by the SDK's
-    RequestStateBoundary), a 2025-11-25 one the same questions as requests of the server's."""
+    """`python3 test_llmhost.py mcp-fixture [legacy] [PORT]`: the server fixture of the MCP
+    conformance suite (npm @modelcontextprotocol/conformance 0.2.0-alpha.12): the tools,
+    resources and prompts its server scenarios call for at 2025-11-25 and 2026-07-28, over
+    streamable HTTP on 127.0.0.1 (prints "PORT n"); `legacy`: at 2025-11-25 only (see
+    legacy_only). Built on the SDK's low-level Server, whose results are the wire's: a
+    2026-07-28 client gets InputRequiredResults (requestState sealed by the SDK's
+    RequestStateBoundary), a 2025-11-25 one the same questions as requests of the server's.
+    Besides, for llmhost's own tests: test_trigger_resource_update (an update of
+    test://watched-resource, to its subscribers), and resources listed
+    $LLMHOST_TEST_MCP_PAGE a page if that is set (cursors "at:N")."""
     import anyio
     import mcp_types as T
     import uvicorn
     from mcp.server.lowlevel import Server
     from mcp.server.request_state import RequestStateBoundary, RequestStateSecurity
     from mcp.server.subscriptions import (InMemorySubscriptionBus, ListenHandler,
-                                          PromptsListChanged, ToolsListChanged)
+                                          PromptsListChanged, ResourceUpdated,
+                                          ToolsListChanged)
     from mcp.shared.exceptions import MCPError
     from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
     bus = InMemorySubscriptionBus()
+    legacy = argv[:1] == ["legacy"]
+    argv = argv[legacy:]
 
     def text(t):
         return {"content": [{"type": "text", "text": t}]}
@@ -3445,6 +3452,9 @@ def run_mcp_conformance_fixture(argv):
                                             lambda s: s.send_tool_list_changed),
         "test_trigger_prompt_change": changes(PromptsListChanged,
                                               lambda s: s.send_prompt_list_changed),
+        "test_trigger_resource_update": changes(
+            lambda: ResourceUpdated(uri="test://watched-resource"),
+            lambda s: lambda: s.send_resource_updated("test://watched-resource")),
     }
     schemas = {"test_sampling": ("prompt",), "test_elicitation": ("message",)}
 
@@ -3471,10 +3481,18 @@ def run_mcp_conformance_fixture(argv):
         "test://watched-resource": ("Watched", {"mimeType": "text/plain", "text": "watched"}),
     }
 
+    page = int(os.environ.get("LLMHOST_TEST_MCP_PAGE") or 0)  # resources a page (0: all)
+
     async def list_resources(ctx, params):
-        return T.ListResourcesResult(resources=[T.Resource(
-            uri=uri, name=name, description=f"Conformance fixture: {name}",
-            mime_type=body["mimeType"]) for uri, (name, body) in resources.items()])
+        listed = [T.Resource(uri=uri, name=name, description=f"Conformance fixture: {name}",
+                             mime_type=body["mimeType"]) for uri, (name, body) in
+                  resources.items()]
+        if not page:
+            return T.ListResourcesResult(resources=listed)
+        at = int(((params.cursor if params else None) or "at:0")[3:])
+        more = at + page < len(listed)
+        return T.ListResourcesResult(resources=listed[at:at + page],
+                                     next_cursor=f"at:{at + page}" if more else None)
 
     async def list_templates(ctx, params):
         return T.ListResourceTemplatesResult(resource_templates=[T.ResourceTemplate(
@@ -3550,7 +3568,9 @@ def run_mcp_conformance_fixture(argv):
                                                   default_audience="conformance-fixture"))
     sock = mcp_test_listener(int(argv[0]) if argv else 0)
     print(f"PORT {sock.getsockname()[1]}", flush=True)
-    config = uvicorn.Config(server.streamable_http_app(), log_level="warning", lifespan="on")
+    app = server.streamable_http_app()
+    config = uvicorn.Config(legacy_only(app) if legacy else app, log_level="warning",
+                            lifespan="on")
     anyio.run(uvicorn.Server(config).serve, [sock])
 
 
@@ -5608,12 +5628,15 @@ def test_mcp_server_refusals_speak_http_and_json_rpc(front_env):
     for where in ("/mcp/servers", "/mcp/tools", "/mcp/p", "/mcp/nobody"):
         assert request(port, "POST", where, init, headers=key)[0] == 404, where
     status, headers, raw = request(port, "POST", "/mcp/t", init, headers=key)
-    assert status == 200 and json.loads(raw)["result"]["protocolVersion"] == "2025-11-25"
+    assert status == 200 and rpc_answer(headers, raw)["result"]["protocolVersion"] == \
+        "2025-11-25"
+    assert headers["content-type"] == "text/event-stream"  # (the client accepts it)
     sid = headers["mcp-session-id"]
     listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
     assert request(port, "POST", "/mcp/t", listing, headers=key)[0] == 400  # no session
-    status, _, raw = request(port, "POST", "/mcp/t", listing,
-                             headers=dict(key, **{"Mcp-Session-Id": sid}))
+    status, headers, raw = request(port, "POST", "/mcp/t", listing, headers={
+        "Authorization": "Bearer sesame", "Accept": "application/json", "Mcp-Session-Id": sid})
+    assert headers["content-type"] == "application/json"  # (it accepts nothing else)
     assert status == 200 and "echo" in [t["name"] for t in json.loads(raw)["result"]["tools"]]
     # a session is of the path it began on, and a forged or ended one is unknown (404)
     assert request(port, "POST", "/mcp/h", listing,
@@ -5633,19 +5656,22 @@ def test_mcp_server_refusals_speak_http_and_json_rpc(front_env):
                    headers=dict(key, **{"Mcp-Session-Id": sid}))[0] == 404
     unknown = {"jsonrpc": "2.0", "id": 3, "method": "no/such", "params": {"_meta": {
         "io.modelcontextprotocol/protocolVersion": "2026-07-28"}}}
-    status, _, raw = request(port, "POST", "/mcp/t", unknown, headers=key)  # no capabilities
+    modern = dict(key, **{"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "no/such"})
+    status, _, raw = request(port, "POST", "/mcp/t", unknown, headers=modern)  # no capabilities
     assert status == 400 and json.loads(raw)["error"]["code"] == -32602
     unknown["params"]["_meta"]["io.modelcontextprotocol/clientCapabilities"] = {}
-    status, _, raw = request(port, "POST", "/mcp/t", unknown, headers=key)
+    status, _, raw = request(port, "POST", "/mcp/t", unknown, headers=modern)
     assert status == 404 and json.loads(raw)["error"]["code"] == -32601
     removed = dict(unknown, method="ping")  # (a method of the handshake era only)
-    status, _, raw = request(port, "POST", "/mcp/t", removed, headers=key)
+    status, _, raw = request(port, "POST", "/mcp/t", removed,
+                             headers=dict(modern, **{"Mcp-Method": "ping"}))
     assert status == 404 and json.loads(raw)["error"]["code"] == -32601
     status, _, raw = request(port, "POST", "/mcp/t", unknown, headers=dict(
-        key, **{"MCP-Protocol-Version": "2025-11-25"}))
+        modern, **{"MCP-Protocol-Version": "2025-11-25"}))
     assert status == 400 and json.loads(raw)["error"]["code"] == -32020  # header vs _meta
     unknown["params"]["_meta"]["io.modelcontextprotocol/protocolVersion"] = "2099-01-01"
-    status, _, raw = request(port, "POST", "/mcp/t", unknown, headers=key)
+    status, _, raw = request(port, "POST", "/mcp/t", unknown, headers=dict(
+        modern, **{"MCP-Protocol-Version": "2099-01-01"}))
     assert status == 400 and json.loads(raw)["error"] == {
         "code": -32022, "message": "Unsupported protocol version",
         "data": {"supported": ["2026-07-28"], "requested": "2099-01-01"}}
@@ -5850,6 +5876,252 @@ def test_mcp_serve_stdio_bridges_an_http_server_to_a_stdio_client(front_env):
     version, tools, text, _ = asyncio.run(session([], "h__echo", "auto"))
     assert "t__echo" in tools and "h__echo" in tools and text == "over stdio"
 
+
+
+@pytest.fixture(scope="module")
+def fixture_env(tmp_path_factory):
+    """llmhost in front of the conformance fixture (`fixture`, over HTTP), the same at
+    2025-11-25 only (`old`) and the stdio test server (`t`): -> (running, the fixture's own
+    URL)."""
+    procs, urls = [], []
+    for extra in ([], ["legacy"]):
+        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__),
+                                       "mcp-fixture", *extra], stdout=subprocess.PIPE,
+                                      text=True))
+        line = procs[-1].stdout.readline()
+        assert line.startswith("PORT "), line
+        urls.append(f"http://127.0.0.1:{int(line.split()[1])}/mcp")
+    path = write_registry(tmp_path_factory.mktemp("fixture") / "servers.json", [], mcp={
+        "fixture": {"url": urls[0]}, "old": {"url": urls[1]}, "t": MCP_STDIO})
+    running = Running(path)
+    yield running, urls[0]
+    running.stop(timeout=5)
+    for proc in procs:
+        proc.terminate()
+        proc.wait(TIMEOUT)
+
+
+MCP_NAMED = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+
+
+def modern_post(port, path, method, params=None, caps=None, headers=None, rid=1):
+    """One 2026-07-28 request as a raw POST, with the Mcp-Method and Mcp-Name headers its
+    body calls for (`headers` adds to or replaces them; None as a value leaves one out)
+    -> (status, the JSON-RPC answer: the response, or the last event of a stream)."""
+    params = dict(params or {}, _meta={
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientInfo": {"name": "raw", "version": "1"},
+        "io.modelcontextprotocol/clientCapabilities": caps or {}})
+    sent = {"Accept": "application/json, text/event-stream", "Mcp-Method": method,
+            "MCP-Protocol-Version": "2026-07-28"}
+    if method in MCP_NAMED:
+        sent["Mcp-Name"] = params[MCP_NAMED[method]]
+    for name, value in (headers or {}).items():  # (a name in other case replaces it)
+        sent = {k: v for k, v in sent.items() if k.lower() != name.lower()}
+        sent[name] = value
+    status, got, raw = request(port, "POST", path, {"jsonrpc": "2.0", "id": rid,
+                                                    "method": method, "params": params},
+                               headers={k: v for k, v in sent.items() if v is not None})
+    return status, rpc_answer(got, raw)
+
+
+def rpc_answer(headers, raw):
+    """The JSON-RPC answer in a response: its JSON body, or the last event of its stream."""
+    if headers.get("content-type", "").startswith("text/event-stream"):
+        raw = [line[6:] for line in raw.decode().splitlines() if line.startswith("data: ")][-1]
+    return json.loads(raw)
+
+
+def test_mcp_server_relays_the_capabilities_of_the_client_that_asks(fixture_env):
+    """A 2026-07-28 request relayed to a 2026-07-28 backend carries the capabilities its own
+    client declared, not llmhost's (which declares sampling and elicitation): the backend
+    refuses a tool that needs one the client lacks (-32021, HTTP 400) and asks a client only
+    what it can answer."""
+    running, _ = fixture_env
+    port = running.port
+    for path, tool in (("/mcp/fixture", "test_missing_capability"),
+                       ("/mcp", "fixture__test_missing_capability")):
+        status, doc = modern_post(port, path, "tools/call", {"name": tool})
+        assert status == 400 and doc["error"]["code"] == -32021, doc
+        status, doc = modern_post(port, path, "tools/call", {"name": tool},
+                                  caps={"sampling": {}})
+        assert status == 200 and doc["result"]["content"][0]["text"] == \
+            "sampling is declared", doc
+    asks = {}
+    for caps in ({}, {"elicitation": {}}, {"sampling": {}, "elicitation": {}}):
+        status, doc = modern_post(port, "/mcp/fixture", "tools/call", {
+            "name": "test_input_required_result_capabilities"}, caps=caps)
+        asks[tuple(caps)] = sorted(doc["result"].get("inputRequests") or ())
+    assert asks == {(): [], ("elicitation",): ["user_name"],
+                    ("sampling", "elicitation"): ["question", "user_name"]}
+
+    async def sdk(**kw):  # the SDK's client: declares what its callbacks make it declare
+        from mcp.shared.exceptions import MCPError
+        async with sdk_client(f"http://127.0.0.1:{port}/mcp/fixture", "auto", **kw) as c:
+            try:
+                return (await c.call_tool("test_missing_capability", {})).content[0].text
+            except MCPError as e:
+                return e.error.code
+
+    async def sample(ctx, params):
+        import mcp_types as MT
+        return MT.CreateMessageResult(role="assistant", model="m",
+                                      content=MT.TextContent(text="4"))
+
+    assert asyncio.run(sdk()) == -32021
+    assert asyncio.run(sdk(sampling_callback=sample)) == "sampling is declared"
+
+
+@pytest.mark.parametrize("path, tool", [("/mcp/fixture", "test_simple_text"),
+                                        ("/mcp", "fixture__test_simple_text")])
+def test_mcp_server_checks_the_routing_headers_against_the_body(fixture_env, path, tool):
+    """SEP-2243: at 2026-07-28 Mcp-Method (every request) and Mcp-Name (tools/call,
+    prompts/get, resources/read) repeat the body, as MCP-Protocol-Version repeats _meta, for
+    intermediaries that route on them: one missing or different is -32020, HTTP 400, before
+    anything is run. Header names are case-insensitive, values exact but for the spaces
+    around them; a name a header cannot carry comes in the =?base64?...?= form."""
+    running, _ = fixture_env
+    port, call = running.port, {"name": tool}
+    refused = [({"Mcp-Method": "prompts/list"}, "tools/list", {}),
+               ({"Mcp-Method": None}, "tools/list", {}),
+               ({"Mcp-Method": "TOOLS/LIST"}, "tools/list", {}),
+               ({"Mcp-Name": "wrong_tool_name"}, "tools/call", call),
+               ({"Mcp-Name": None}, "tools/call", call),
+               ({"Mcp-Method": "tasks/get"}, "tools/call", call),
+               ({"Mcp-Name": "test://other"}, "resources/read", {"uri": "test://static-text"}),
+               ({"MCP-Protocol-Version": None}, "tools/list", {})]
+    for headers, method, params in refused:
+        status, doc = modern_post(port, path, method, params, headers=headers)
+        assert status == 400 and doc["error"]["code"] == -32020, (headers, doc)
+    encoded = "=?base64?" + base64.b64encode(tool.encode()).decode() + "?="
+    for headers in ({}, {"Mcp-Name": f"  {tool}  "}, {"mcp-method": "tools/call"},
+                    {"MCP-METHOD": "tools/call"}, {"Mcp-Name": encoded}):
+        status, doc = modern_post(port, path, "tools/call", call, headers=headers)
+        assert status == 200 and doc["result"]["content"][0]["text"] == \
+            "This is a simple text response for testing.", (headers, doc)
+    assert llmhost.mcp_header_value("=?base64?dGVzdA=?=") is None  # (not canonical)
+
+
+def test_mcp_server_results_name_llmhost_not_the_backend(fixture_env):
+    """A backend's result carries its serverInfo in _meta (2026-07-28): the client is
+    answered by llmhost, so at 2026-07-28 each result names llmhost (as server/discover
+    does), and at 2025-11-25 (where serverInfo is initialize's) none names anybody."""
+    running, _ = fixture_env
+    info = "io.modelcontextprotocol/serverInfo"
+    for path, name, tool in (("/mcp/fixture", "llmhost/fixture", "test_simple_text"),
+                             ("/mcp", "llmhost", "fixture__test_simple_text")):
+        for method, params in (("server/discover", {}), ("tools/list", {}),
+                               ("tools/call", {"name": tool})):
+            status, doc = modern_post(running.port, path, method, params)
+            assert status == 200 and doc["result"]["_meta"][info] == {
+                "name": name, "version": llmhost.__version__}, (method, doc)
+    accept = {"Accept": "application/json, text/event-stream"}
+    status, headers, _ = request(running.port, "POST", "/mcp/fixture", {
+        "jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "raw", "version": "1"}}}, headers=accept)
+    status, got, raw = request(running.port, "POST", "/mcp/fixture", {
+        "jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+            "name": "test_simple_text"}}, headers=dict(accept, **{
+                "Mcp-Session-Id": headers["mcp-session-id"]}))
+    result = rpc_answer(got, raw)["result"]
+    assert status == 200 and result["content"][0]["type"] == "text" and "_meta" not in result
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mcp_server_pages_are_the_backends_pages(tmp_path, mode):
+    """resources/list is paged as the backends page it: on /mcp/NAME the client's cursor
+    goes to the server and the server's comes back, as they are; on /mcp a page holds the
+    next page of each server that has more, and the cursor says where each one is."""
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "mcp-fixture"],
+                            stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, LLMHOST_TEST_MCP_PAGE="1"))
+    line = proc.stdout.readline()
+    assert line.startswith("PORT "), line
+    path = write_registry(tmp_path / "s.json", [], mcp={
+        "paged": {"url": f"http://127.0.0.1:{int(line.split()[1])}/mcp"}, "t": MCP_STDIO})
+    running = Running(path)
+    fixture = ["test://static-text", "test://static-binary", "test://watched-resource"]
+
+    async def walk(where):
+        pages, cursors = [], []
+        async with sdk_client(f"http://127.0.0.1:{running.port}{where}", mode) as c:
+            cursor = None
+            while True:
+                page = await c.list_resources(cursor=cursor)
+                pages.append([str(r.uri) for r in page.resources])
+                cursor = page.next_cursor
+                if cursor is None:
+                    break
+                cursors.append(cursor)
+            read = await c.read_resource(pages[-1][-1])  # (routed by a later page's URI)
+        return pages, cursors, read.contents[0].text
+
+    try:
+        pages, cursors, read = asyncio.run(walk("/mcp/paged"))
+        assert pages == [[uri] for uri in fixture] and cursors == ["at:1", "at:2"]
+        assert read == "watched"
+        pages, cursors, read = asyncio.run(walk("/mcp"))
+        assert pages == [[fixture[0], "test://hello"], [fixture[1]], [fixture[2]]], pages
+        assert read == "watched"
+        status, doc = modern_post(running.port, "/mcp", "resources/list", {"cursor": "nope"})
+        assert status == 400 and doc["error"]["code"] == -32602
+    finally:
+        running.stop(timeout=5)
+        proc.terminate()
+        proc.wait(TIMEOUT)
+
+
+@pytest.mark.filterwarnings("ignore:resources/.*subscribe is removed")  # (a's, 2025-11-25)
+@pytest.mark.parametrize("backend", ["fixture", "old"])
+def test_mcp_server_resource_subscriptions_at_both_revisions(fixture_env, backend):
+    """A 2025-11-25 client's resources/subscribe and a 2026-07-28 client's listen stream of
+    a resource each get its updates, whichever revision the backend speaks: one of 2025-11-25
+    is sent resources/subscribe once for both; one of 2026-07-28 (which has no such method)
+    gets a listen stream of that URI from llmhost. The subscription ends with its last
+    subscriber."""
+    import mcp_types as MT
+    running, _ = fixture_env
+    front, hub = running.gateway.app.mcp_front, running.gateway.app.mcp_front.hub
+    url = f"http://127.0.0.1:{running.port}/mcp/{backend}"
+    uri, key = "test://watched-resource", (backend, "test://watched-resource")
+
+    async def wait_for(predicate):
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+    async def session():
+        updated = asyncio.Event()
+
+        async def on_message(msg):
+            if isinstance(msg, MT.ResourceUpdatedNotification) and str(msg.params.uri) == uri:
+                updated.set()
+
+        async with sdk_client(url, "legacy", message_handler=on_message,
+                              client_info=MT.Implementation(name="sub-a", version="1")) as a, \
+                sdk_client(url, "auto") as b, sdk_client(url, "legacy") as c:
+            assert b.protocol_version == "2026-07-28"
+            await wait_for(lambda: any(o.session is not None and o.session.client == "sub-a 1"
+                                       for o in front.outlets))  # (a's GET stream is held)
+            await a.session.subscribe_resource(uri)
+            await a.session.subscribe_resource(uri)  # (twice is once)
+            assert hub._subscribed[key][0] == 1
+            async with b.listen(resource_subscriptions=[uri]) as sub:
+                assert sub.honored.resource_subscriptions == [uri]
+                assert hub._subscribed[key][0] == 2
+                await c.call_tool("test_trigger_resource_update", {})
+                await asyncio.wait_for(updated.wait(), TIMEOUT)
+                event = await asyncio.wait_for(sub.__anext__(), TIMEOUT)
+                assert type(event).__name__ == "ResourceUpdated" and event.uri == uri
+                await a.session.unsubscribe_resource(uri)
+                assert hub._subscribed[key][0] == 1
+                watcher = hub._subscribed[key][2]
+                assert (watcher is not None) == (backend == "fixture")
+            await wait_for(lambda: key not in hub._subscribed)  # (b's stream closed)
+            assert watcher is None or watcher.done()
+            await a.session.unsubscribe_resource(uri)  # (not subscribed: nothing to do)
+
+    asyncio.run(asyncio.wait_for(session(), TIMEOUT * 3))
 
 
 # =============================================================================
