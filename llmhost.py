@@ -4973,38 +4973,34 @@ class MCPHub:
         """One page of what `server` lists of `kind` (resources or templates: see MCP_LISTS),
         from `cursor` (None: the first) -> (MCP JSON dicts, the server's next cursor or
         None); ([], None) when it lacks the capability. Raises as listing() does."""
-        import asyncio
-        c = self._conn(server)
-        method, attr, capability = MCP_LISTS[kind]
-        try:
-            client = await self._ensure(server)
-            if not getattr(client.server_capabilities, capability):
-                return [], None
-            result = await self._patient(c, getattr(client, method)(cursor=cursor),
-                                         self._connect_timeout)
+        async def one(client, method, attr):
+            result = await self._patient(self._conn(server), getattr(client, method)(
+                cursor=cursor), self._connect_timeout)
             return [_dump(x) for x in getattr(result, attr)], result.next_cursor or None
-        except (asyncio.TimeoutError, TimeoutError):
-            raise MCPRemoteError(MCP_TIMEOUT_CODE, f"{server}: listing {kind} timed out") \
-                from None
-        except (MCPError, asyncio.CancelledError):
-            raise
-        except Exception as e:
-            raise self._remote_error(c, e) from None
+        return await self._list_call(server, kind, one, ([], None))
 
     async def listing(self, server, kind):
         """Everything `server` lists of `kind` (tools, resources, resource templates, prompts;
         see MCP_LISTS) as MCP JSON dicts; [] when it lacks the capability. Tools come from
         the tool cache. Raises MCPError or MCPRemoteError as forward() does."""
-        import asyncio
-        c = self._conn(server)
         if kind == "tools":
             return [_dump(t) for t in await self._tools_of(server)]
+
+        async def every(client, method, attr):
+            return [_dump(x) for x in await self._walk(server, method, attr)]
+        return await self._list_call(server, kind, every, [])
+
+    async def _list_call(self, server, kind, fetch, empty):
+        """`fetch(client, method, attr)` of a list of `kind` (see MCP_LISTS) at `server`, or
+        `empty` when it lacks the capability; errors as MCPError or MCPRemoteError."""
+        import asyncio
+        c = self._conn(server)
         method, attr, capability = MCP_LISTS[kind]
         try:
             client = await self._ensure(server)
             if not getattr(client.server_capabilities, capability):
-                return []
-            return [_dump(x) for x in await self._walk(server, method, attr)]
+                return empty
+            return await fetch(client, method, attr)
         except (asyncio.TimeoutError, TimeoutError):
             raise MCPRemoteError(MCP_TIMEOUT_CODE, f"{server}: listing {kind} timed out") \
                 from None
