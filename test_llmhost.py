@@ -4722,6 +4722,15 @@ def mcp_cli(registry, *argv):
                            registry, "mcp", *argv], capture_output=True, text=True, timeout=60)
 
 
+def at_once(*calls):
+    """Call each of `calls` (no arguments) in a thread of its own, all at once -> their results
+    in order. For CLI processes that do not depend on each other: each spends about a second
+    of CPU importing the mcp SDK, and two cores run two of those in the time of one."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return [future.result() for future in [pool.submit(call) for call in calls]]
+
+
 MCP_STDIO_ARGV = [MCP_STDIO["command"]] + MCP_STDIO["args"]  # (after `mcp add NAME --`)
 
 
@@ -4808,8 +4817,11 @@ def test_mcp_cli_remove_removes_a_server_and_fails_for_one_not_there(mcp_cli_reg
 def test_mcp_cli_tool_names_that_clash_once_sanitised_get_serves_hash_suffix(tmp_path):
     """As serve names them: the listing shows models' names."""
     registry = write_registry(tmp_path / "servers.json", [], mcp={"t": MCP_STDIO})
-    assert mcp_cli(registry, "add", "a.b", "--", *MCP_STDIO_ARGV).returncode == 0
-    assert mcp_cli(registry, "add", "a_b", "--", *MCP_STDIO_ARGV).returncode == 0
+    # (in either order: the second of the two in the registry is the one with the suffix)
+    assert [r.returncode for r in at_once(
+        lambda: mcp_cli(registry, "add", "a.b", "--", *MCP_STDIO_ARGV),
+        lambda: mcp_cli(registry, "add", "a_b", "--", *MCP_STDIO_ARGV))] == [0, 0]
+    assert sorted(llmhost.load_registry(registry)["mcpServers"]) == ["a.b", "a_b", "t"]
     names = [t["openai_name"] for t in json.loads(mcp_cli(registry, "tools", "--json").stdout)
              if t["name"] == "echo"]
     assert names[:2] == ["t__echo", "a_b__echo"] and re.fullmatch(r"a_b__echo_[0-9a-f]{8}",
@@ -4826,12 +4838,15 @@ def catches(pid, sig):
 def test_mcp_cli_stopped_by_sigterm_stops_its_stdio_server(tmp_path):
     """As Ctrl-C does (timeout(1) and systemd send SIGTERM): a server that hangs at start and
     ignores its closed stdin is not left running."""
-    marker = f"{time.time() % 1000:.6f}"  # a `sleep` of our own, found by its argument
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
-                             str(tmp_path / "s.json"), "mcp", "tools", "--", "sleep", marker],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Two processes, started at once (each imports the SDK): one for a SIGTERM, one for two.
+    # Each has a `sleep` of its own, found by its argument.
+    markers = [f"{time.time() % 1000:.6f}{i}" for i in (1, 2)]  # (seconds still)
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
+                               str(tmp_path / "s.json"), "mcp", "tools", "--", "sleep", marker],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for marker in markers]
 
-    def sleeping():
+    def sleeping(marker):
         found = []
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
@@ -4842,21 +4857,24 @@ def test_mcp_cli_stopped_by_sigterm_stops_its_stdio_server(tmp_path):
                 pass  # (gone meanwhile)
         return found
     try:
-        assert wait_until(lambda: sleeping() != [])
+        proc, marker = procs[0], markers[0]
+        assert wait_until(lambda: sleeping(marker) != [])
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(TIMEOUT) == 128 + signal.SIGTERM
-        assert wait_until(lambda: sleeping() == [], 5)
-        proc = subprocess.Popen(proc.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        assert wait_until(lambda: sleeping() != [])
+        assert wait_until(lambda: sleeping(marker) == [], 5)
+        proc, marker = procs[1], markers[1]
+        assert wait_until(lambda: sleeping(marker) != [])
         assert catches(proc.pid, signal.SIGTERM)
         proc.send_signal(signal.SIGTERM)
         assert wait_until(lambda: not catches(proc.pid, signal.SIGTERM))  # taken: cleaning up
         proc.send_signal(signal.SIGTERM)  # a second one during the cleanup: gone at once
         assert proc.wait(2) == -signal.SIGTERM
     finally:
-        proc.kill()
-        for pid in sleeping():
-            os.kill(int(pid), signal.SIGKILL)
+        for proc, marker in zip(procs, markers):
+            proc.kill()
+            proc.wait(TIMEOUT)
+            for pid in sleeping(marker):
+                os.kill(int(pid), signal.SIGKILL)
 
 
 def test_mcp_add_with_a_relative_path_saves_the_folder_it_is_from(tmp_path):
@@ -5398,14 +5416,16 @@ def test_mcp_oauth_no_token_or_secret_is_ever_shown(tmp_path, oauth_server, fake
         {"name": "local", "url": fake.url, "models": ["fake-model"]}])
     env = {"M2M_SECRET": auth.clients["m2m"], "WRONG_SECRET": "wrong-" + os.urandom(8).hex()}
     shown = []
-    for argv in (["add", "docs", "--url", url], ["add", "m2m", "--url", url,
-                 "--client-credentials", "--client-id", "m2m", "--client-secret-env",
-                 "M2M_SECRET"], ["attach", "docs", "local"], ["attach", "m2m", "local"],
-                 ["call", "docs", "secret"], ["list"], ["list", "--json"], ["tools", "--json"],
-                 ["add", "bad", "--url", url, "--client-id", "m2m", "--client-secret-env",
-                  "WRONG_SECRET"]):
-        result = oauth_cli(registry, *argv, env=env)
-        shown += [result.stdout, result.stderr]
+    # (three rounds: what a round's commands need, the rounds before it did)
+    for round_ in ([["add", "docs", "--url", url], ["add", "m2m", "--url", url,
+                     "--client-credentials", "--client-id", "m2m", "--client-secret-env",
+                     "M2M_SECRET"]], [["attach", "docs", "local"], ["attach", "m2m", "local"],
+                    ["call", "docs", "secret"]], [["list"], ["list", "--json"],
+                    ["tools", "--json"], ["add", "bad", "--url", url, "--client-id", "m2m",
+                                          "--client-secret-env", "WRONG_SECRET"]]):
+        for result in at_once(*[lambda argv=argv: oauth_cli(registry, *argv, env=env)
+                                for argv in round_]):
+            shown += [result.stdout, result.stderr]
     assert "secret ok" in shown[8] and "MCP server 'bad'" in shown[-1], shown  # (one fails)
     expire_in_file(registry, "docs", url)
     auth.expire_access_tokens()
@@ -5500,17 +5520,18 @@ def test_mcp_login_takes_the_redirect_of_its_own_login_or_an_address_pasted_back
 
 
 def test_mcp_cli_read_and_prompt(mcp_cli_registry, mcp_http_server, tmp_path):
-    result = mcp_cli(mcp_cli_registry, "read", "t", "test://hello")
-    assert result.returncode == 0 and result.stdout == "hello resource\n", result.stderr
-    result = mcp_cli(mcp_cli_registry, "read", "t", "test://hello", "--json")
-    assert json.loads(result.stdout)["contents"][0]["uri"] == "test://hello"
-    result = mcp_cli(mcp_cli_registry, "prompt", "w", "greet", '{"who": "Ada"}')
-    assert result.returncode == 0 and "user: Say hello to Ada" in result.stdout, result.stderr
-    result = mcp_cli(str(tmp_path / "x.json"), "prompt", "--url", mcp_http_server, "greet",
-                     '{"who": 1}')
-    assert result.returncode == 1 and "a JSON object of strings" in result.stderr
-    result = mcp_cli(mcp_cli_registry, "read", "w", "test://nothing-here")
-    assert result.returncode == 1 and "reading test://nothing-here failed" in result.stderr
+    text, as_json, prompt, bad_prompt, missing = at_once(  # (none changes anything)
+        lambda: mcp_cli(mcp_cli_registry, "read", "t", "test://hello"),
+        lambda: mcp_cli(mcp_cli_registry, "read", "t", "test://hello", "--json"),
+        lambda: mcp_cli(mcp_cli_registry, "prompt", "w", "greet", '{"who": "Ada"}'),
+        lambda: mcp_cli(str(tmp_path / "x.json"), "prompt", "--url", mcp_http_server, "greet",
+                        '{"who": 1}'),
+        lambda: mcp_cli(mcp_cli_registry, "read", "w", "test://nothing-here"))
+    assert text.returncode == 0 and text.stdout == "hello resource\n", text.stderr
+    assert json.loads(as_json.stdout)["contents"][0]["uri"] == "test://hello"
+    assert prompt.returncode == 0 and "user: Say hello to Ada" in prompt.stdout, prompt.stderr
+    assert bad_prompt.returncode == 1 and "a JSON object of strings" in bad_prompt.stderr
+    assert missing.returncode == 1 and "reading test://nothing-here failed" in missing.stderr
 
 
 def test_mcp_a_result_without_result_type_is_complete(tmp_path):
@@ -5869,12 +5890,15 @@ def test_mcp_serve_stdio_bridges_an_http_server_to_a_stdio_client(front_env):
             read = await c.read_resource("test://hello")
             return c.protocol_version, tools, r.content[0].text, read.contents[0].text
 
-    for mode in MODES:
-        version, tools, text, read = asyncio.run(session(["h"], "echo", mode))
+    async def sessions():  # (at once: each process imports the SDK, a second of CPU)
+        return await asyncio.gather(session([], "h__echo", "auto"),
+                                    *(session(["h"], "echo", mode) for mode in MODES))
+
+    (_, tools, text, _), *each = asyncio.run(sessions())
+    assert "t__echo" in tools and "h__echo" in tools and text == "over stdio"
+    for mode, (version, tools, text, read) in zip(MODES, each):
         assert version == MODES[mode] and "echo" in tools and text == "over stdio"
         assert read == "hello resource"
-    version, tools, text, _ = asyncio.run(session([], "h__echo", "auto"))
-    assert "t__echo" in tools and "h__echo" in tools and text == "over stdio"
 
 
 
@@ -9135,16 +9159,19 @@ def test_no_url_password_appears_in_any_output(fake, tmp_path):
             status, _, raw = request(port, "GET", path)
             assert status == 200
             outputs.append(raw.decode())
-        assert cli("list").returncode == 0 and "docs" in cli("mcp", "list", "--json").stdout
-        cli("list", "--json")
-        cli("show", "a")
-        assert "HTTPStatusError" in cli("mcp", "tools", "docs").stderr  # (it names the URL)
+        listed, mcp_listed, _, _, tools = at_once(  # (none changes anything)
+            lambda: cli("list"), lambda: cli("mcp", "list", "--json"),
+            lambda: cli("list", "--json"), lambda: cli("show", "a"),
+            lambda: cli("mcp", "tools", "docs"))
+        assert listed.returncode == 0 and "docs" in mcp_listed.stdout
+        assert "HTTPStatusError" in tools.stderr  # (it names the URL)
         write_registry(registry, bad, mcp)
         assert reloaded.wait(TIMEOUT)  # (the file is watched about once a second)
-        assert cli("list").returncode == 1 and "user:***@" in outputs[-1]
-        cli("show", "a")
-        cli("list", "--json")
-        assert cli("add", "b", bad[0]["url"], "--no-check").returncode == 1
+        listed, _, _, added = at_once(
+            lambda: cli("list"), lambda: cli("show", "a"), lambda: cli("list", "--json"),
+            lambda: cli("add", "b", bad[0]["url"], "--no-check"))
+        assert listed.returncode == 1 and "user:***@" in listed.stderr
+        assert added.returncode == 1
     finally:
         proc.terminate()
         proc.wait(TIMEOUT)
