@@ -3099,12 +3099,24 @@ def run_mcp_test_server(argv):
     def boom() -> str:
         raise ValueError("kaboom")
 
+    async def pause(seconds, until):
+        """`seconds`; with `until` (a path), till the test makes that file (at most
+        `seconds`) -> whether it did: a state held as long as the test needs, not longer."""
+        if not until:
+            await anyio.sleep(seconds)
+            return False
+        with anyio.move_on_after(seconds):
+            while not os.path.exists(until):
+                await anyio.sleep(0.01)
+        return os.path.exists(until)
+
     @srv.tool(description="Sleeps.")
-    async def slow(seconds: float, note: str = "") -> str:
+    async def slow(seconds: float, note: str = "", until: str = "") -> str:
         if note:  # a file a test waits for: the call is under way
             with open(note, "a") as f:
                 f.write("started\n")
-        await anyio.sleep(seconds)
+        if await pause(seconds, until):
+            return "released"
         return f"slept {seconds}"
 
     @srv.tool(description="Exits the server process.")
@@ -3140,13 +3152,14 @@ def run_mcp_test_server(argv):
     def summarize(topic: str, answer: Annotated[CreateMessageResult, Resolve(ask_model)]) -> str:
         return f"model={answer.model} text={answer.content.text}"
 
-    async def ask_model_later(topic: str, seconds: float) -> Sample:
-        await anyio.sleep(seconds)
+    async def ask_model_later(topic: str, seconds: float, until: str = "") -> Sample:
+        await pause(seconds, until)
         return ask_model(topic)
 
     @srv.tool(description="Waits, then asks the client's model (sampling).")
     def summarize_later(topic: str, seconds: float,
-                        answer: Annotated[CreateMessageResult, Resolve(ask_model_later)]) -> str:
+                        answer: Annotated[CreateMessageResult, Resolve(ask_model_later)],
+                        until: str = "") -> str:
         return f"model={answer.model} text={answer.content.text}"
 
     @srv.tool(description="Elicits a form where every field has a default.")
@@ -4157,9 +4170,10 @@ def test_mcp_editing_a_server_lets_its_running_calls_finish(fake, tmp_path):
     try:
         fake.script({"calls": [("t__pid", {})]})  # started, and its pid noted
         before = jpost(running.port, "/v1/chat/completions", CHAT)[1]["choices"][0]
-        # long enough for the edited entry's new process to start (over a second on a slow CI box)
-        started = tmp_path / "slow-started"
-        fake.script({"calls": [("t__slow", {"seconds": 5.0, "note": str(started)})]})
+        # held until the edited entry's new process has answered (over a second on a slow box)
+        started, release = tmp_path / "slow-started", tmp_path / "release"
+        fake.script({"calls": [("t__slow", {"seconds": 60, "note": str(started),
+                                            "until": str(release)})]})
         threads, results = held_requests(running.port, 1)
         assert wait_until(started.exists)  # the model asked for the call, which is running
         write_registry(registry, servers, mcp={"t": dict(MCP_STDIO, timeout=90)})
@@ -4168,10 +4182,11 @@ def test_mcp_editing_a_server_lets_its_running_calls_finish(fake, tmp_path):
         after = jpost(running.port, "/v1/chat/completions", CHAT)[1]["choices"][0]
         assert after["message"]["content"] != before["message"]["content"]  # a new process
         assert results == []
+        release.touch()
         threads[0].join(TIMEOUT)
         status, raw = results[0][0], results[0][2]
         assert status == 200  # the old process finished the call it had: nothing was cut
-        assert json.loads(raw)["choices"][0]["message"]["content"] == "tool result: slept 5.0"
+        assert json.loads(raw)["choices"][0]["message"]["content"] == "tool result: released"
         old_pid = int(before["message"]["content"].split(": ")[1])
         assert wait_until(lambda: not pid_alive(old_pid))  # ... and then it was stopped
     finally:
@@ -4280,18 +4295,27 @@ def test_mcp_sampling_goes_to_the_model_of_the_calling_request_not_the_last_call
             body = {"model": model, "messages": [{"role": "user", "content": "go"}]}
             results[model] = post(running.port, "/v1/chat/completions", body, timeout=TIMEOUT * 3)
 
+        # a's sampling request waits for a release, made when b's call is done, or under way
+        b_started, b_release = tmp_path / "b-started", tmp_path / "b-release"
         for b_call, expected in [(("t__echo", {"text": "b"}), "model-a"),  # b's done by then
-                                 (("t__slow", {"seconds": 3}), None)]:  # b's still running
+                                 (("t__slow", {"seconds": 60, "note": str(b_started),
+                                               "until": str(b_release)}), None)]:  # running
+            a_release = tmp_path / f"a-release-{expected}"
             fake.steps.clear()
             fake.requests.clear()
-            fake.script({"calls": [("t__summarize_later", {"topic": "cats", "seconds": 1.5})]},
+            fake.script({"calls": [("t__summarize_later", {"topic": "cats", "seconds": 60,
+                                                           "until": str(a_release)})]},
                         {"calls": [b_call]}, {}, {}, {})
             results = {}
             a = threading.Thread(target=chat, args=("model-a", results))
             a.start()
             assert wait_until(fake.posts)  # a has taken the first step
-            chat("model-b", results) if expected else \
+            if expected:
+                chat("model-b", results)
+            else:
                 threading.Thread(target=chat, args=("model-b", results)).start()
+                assert wait_until(b_started.exists, TIMEOUT * 3)
+            a_release.touch()
             a.join(TIMEOUT * 3)
             content = json.loads(results["model-a"][2])["choices"][0]["message"]["content"]
             sampled = [json.loads(r["body"])["model"] for r in fake.posts()
@@ -4303,6 +4327,7 @@ def test_mcp_sampling_goes_to_the_model_of_the_calling_request_not_the_last_call
                 assert sampled == [], fake.posts()
                 assert "requests for 2 models are calling its tools; set sampling_model" in \
                     content, content
+                b_release.touch()
                 assert wait_until(lambda: "model-b" in results)
     finally:
         running.stop(timeout=5)
@@ -4686,8 +4711,9 @@ def test_mcp_server_url_in_use_is_not_replaced(mcp_http_server, fake, tmp_path):
     tool = {"type": "mcp", "server_label": "web", "server_url": mcp_http_server}
     other = dict(tool, headers={"X-Other": "1"})
     try:
-        started = tmp_path / "slow-started"
-        fake.script({"calls": [("web__slow", {"seconds": 3.0, "note": str(started)})]}, {})
+        started, release = tmp_path / "slow-started", tmp_path / "release"
+        fake.script({"calls": [("web__slow", {"seconds": 60, "note": str(started),
+                                              "until": str(release)})]}, {})
         first = {}
         thread = threading.Thread(target=lambda: first.update(doc=jpost(
             running.port, "/v1/chat/completions", dict(CHAT, tools=[tool]))))
@@ -4695,10 +4721,11 @@ def test_mcp_server_url_in_use_is_not_replaced(mcp_http_server, fake, tmp_path):
         assert wait_until(started.exists)  # the slow call is under way
         status, doc = jpost(running.port, "/v1/chat/completions", dict(CHAT, tools=[other]))
         assert status == 409 and doc["error"]["code"] == "mcp_label_in_use", doc
+        release.touch()
         thread.join(TIMEOUT)
         status, doc = first["doc"]
         assert status == 200 and doc["mcp_calls"][0]["ok"], doc
-        assert doc["choices"][0]["message"]["content"] == "tool result: slept 3.0"
+        assert doc["choices"][0]["message"]["content"] == "tool result: released"
         status, doc = jpost(running.port, "/v1/chat/completions", dict(CHAT, tools=[other]))
         assert status == 200, doc  # no longer in use: replaced
     finally:
