@@ -5170,7 +5170,11 @@ class FakeAuthServer:
 
 
 # A browser whose user is logged in and consents: it follows the redirect to llmhost's listener.
-OAUTH_BROWSER = f"{shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(__file__))} browser %s"
+# (A line of Python, not this file: that would compile it and import pytest, llmhost and the
+# SDK's types first, half a second of CPU per login; no ":", which $BROWSER's list splits at.)
+OAUTH_BROWSER = " ".join(shlex.quote(arg) for arg in [
+    sys.executable, "-c", "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], "
+    f"timeout={TIMEOUT}).read()", "%s"])
 
 
 def oauth_cli(registry, *argv, env=None):
@@ -6508,10 +6512,6 @@ if __name__ == "__main__" and sys.argv[1:2] == ["mcp-server"]:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["mcp-fixture"]:
     run_mcp_conformance_fixture(sys.argv[2:])
-
-if __name__ == "__main__" and sys.argv[1:2] == ["browser"]:  # (see OAUTH_BROWSER)
-    with urllib.request.urlopen(sys.argv[2], timeout=TIMEOUT) as answer:
-        answer.read()
 
 if __name__ == "__main__" and sys.argv[1:2] == ["fake-upstream"]:
     upstream = FakeUpstream(models=sys.argv[3:] or ["fake-model"], port=int(sys.argv[2]))
