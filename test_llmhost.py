@@ -8835,6 +8835,10 @@ def test_a_client_that_stops_reading_is_closed_and_frees_its_slot(gateway, fake,
                 c.transport.get_write_buffer_size() for c in gateway.gateway.http.connections))
             assert wait_until(lambda: get_status(gateway.port)["in_flight"] == 0, 10)
             assert server_status(gateway.port, "local")["in_flight"] == 0
+            # ... and closed: a whole answer in llmhost's buffer has ended its request, but
+            # not the connection (before this wait, the drain below could race the close and
+            # take all 8 MB through the small window, five seconds)
+            assert wait_until(lambda: not gateway.gateway.http.connections)
             try:  # what had come before is dropped with it, or read: then the close
                 while s.recv(65536):
                     pass
