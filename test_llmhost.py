@@ -4760,6 +4760,21 @@ def at_once(*calls):
         return [future.result() for future in [pool.submit(call) for call in calls]]
 
 
+def in_background(call):
+    """Start `call` (no arguments) in a thread of its own -> its Future, for .result(timeout)."""
+    from concurrent.futures import Future
+    future = Future()
+
+    def run():
+        try:
+            future.set_result(call())
+        except BaseException as exc:  # noqa: BLE001 -- raised by .result()
+            future.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True).start()
+    return future
+
+
 MCP_STDIO_ARGV = [MCP_STDIO["command"]] + MCP_STDIO["args"]  # (after `mcp add NAME --`)
 
 
@@ -8767,6 +8782,18 @@ def test_body_timeout_is_for_silence_not_for_the_whole_upload(gateway, monkeypat
     monkeypatch.setattr(llmhost, "BODY_TIMEOUT", 1.0)
     monkeypatch.setattr(llmhost, "BODY_MIN_RATE", 10)  # (bytes/s: this upload's is ~60)
     body = json.dumps(CHAT).encode()
+
+    def chunked():  # the same in one chunk, on a connection of its own, meanwhile
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=TIMEOUT) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(body))
+            for i in range(0, len(body), len(body) // 5 + 1):
+                time.sleep(0.3)  # (pacing, as below)
+                s.sendall(body[i:i + len(body) // 5 + 1])
+            s.sendall(b"\r\n0\r\n\r\n")
+            return parse_response(s.recv(65536))[0]
+
+    other = in_background(chunked)
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=TIMEOUT) as s:
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
                   b"Content-Length: %d\r\n\r\n" % len(body))
@@ -8782,14 +8809,7 @@ def test_body_timeout_is_for_silence_not_for_the_whole_upload(gateway, monkeypat
         started = time.monotonic()
         assert s.recv(65536).startswith(b"HTTP/1.1 408 ")
         assert time.monotonic() - started < 3
-    with socket.create_connection(("127.0.0.1", gateway.port), timeout=TIMEOUT) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"  # the same in one
-                  b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(body))  # chunk
-        for i in range(0, len(body), len(body) // 5 + 1):
-            time.sleep(0.3)  # (pacing, as above)
-            s.sendall(body[i:i + len(body) // 5 + 1])
-        s.sendall(b"\r\n0\r\n\r\n")
-        assert parse_response(s.recv(65536))[0] == 200
+    assert other.result(TIMEOUT) == 200
 
 
 def test_a_body_that_trickles_below_the_minimum_rate_gets_408(gateway, monkeypatch):
@@ -8858,7 +8878,8 @@ def test_a_slow_client_that_keeps_reading_gets_all_of_a_big_answer(gateway, fake
     monkeypatch.setattr(llmhost, "SEND_TIMEOUT", 1.0)
     monkeypatch.setattr(llmhost, "KEEPALIVE_IDLE", 0.5)
     body = json.dumps(dict(CHAT, messages=[{"role": "user", "content": "x " * 2_000_000}]))
-    for pause in (0.0, 0.8):
+
+    def one(pause, reading=None):  # (the passes overlap: the second begins once the first reads)
         fake.script({"delay": 0.5})
         asked = len(fake.posts())
         with socket.socket() as s:
@@ -8871,6 +8892,8 @@ def test_a_slow_client_that_keeps_reading_gets_all_of_a_big_answer(gateway, fake
             for conn in gateway.gateway.http.connections:  # (while the upstream thinks) so
                 conn.transport.get_extra_info("socket").setsockopt(  # the answer waits in
                     socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)  # llmhost, not the kernel
+            if reading is not None:
+                reading.set()
             received = b""
             started = time.monotonic()
             total = None  # head and body, once the head is in
@@ -8889,6 +8912,12 @@ def test_a_slow_client_that_keeps_reading_gets_all_of_a_big_answer(gateway, fake
             status, _, data, _ = parse_response(received)
             assert status == 200 and json.loads(data)["choices"][0]["message"]["content"] \
                 .startswith("echo: x x")
+
+    reading = threading.Event()
+    first = in_background(lambda: one(0.0, reading))
+    assert reading.wait(TIMEOUT)
+    one(0.8)
+    first.result(TIMEOUT)
 
 
 def test_two_hundred_slowloris_connections_do_not_block_service(gateway):
