@@ -5858,7 +5858,18 @@ def test_mcp_server_a_backend_killed_mid_call_is_an_error_then_back(tmp_path):
                 return e.error.code, e.error.message
             return None, call.result()
 
+    async def stdio_dies():  # a stdio backend that exits mid-call: an error, then back
+        async with sdk_client(f"http://127.0.0.1:{running.port}/mcp/t", "legacy") as c:
+            try:
+                await c.call_tool("die", {})
+                died = None
+            except MCPError as e:
+                died = e.error.message
+            return died, await c.call_tool("echo", {"text": "restarted"})
+
     try:
+        # (`t` meanwhile, in a thread: its two starts overlap h's kill and restart)
+        stdio = in_background(lambda: asyncio.run(asyncio.wait_for(stdio_dies(), TIMEOUT * 6)))
         code, message = asyncio.run(session("auto"))
         assert code == llmhost.MCP_INTERNAL_CODE and "connection" in message.lower(), message
         proc.wait(TIMEOUT)
@@ -5869,17 +5880,7 @@ def test_mcp_server_a_backend_killed_mid_call_is_an_error_then_back(tmp_path):
                 return await c.call_tool("echo", {"text": "back"})
 
         assert asyncio.run(again()).content[0].text == "back"
-
-        async def stdio_dies():  # a stdio backend that exits mid-call: an error, then back
-            async with sdk_client(f"http://127.0.0.1:{running.port}/mcp/t", "legacy") as c:
-                try:
-                    await c.call_tool("die", {})
-                    died = None
-                except MCPError as e:
-                    died = e.error.message
-                return died, await c.call_tool("echo", {"text": "restarted"})
-
-        died, after = asyncio.run(stdio_dies())
+        died, after = stdio.result(TIMEOUT * 6)
         assert died and "connection" in died.lower() and after.content[0].text == "restarted"
     finally:
         running.stop(timeout=5)
