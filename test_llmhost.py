@@ -6101,19 +6101,30 @@ def test_mcp_server_results_name_llmhost_not_the_backend(fixture_env):
     assert status == 200 and result["content"][0]["type"] == "text" and "_meta" not in result
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_mcp_server_pages_are_the_backends_pages(tmp_path, mode):
-    """resources/list is paged as the backends page it: on /mcp/NAME the client's cursor
-    goes to the server and the server's comes back, as they are; on /mcp a page holds the
-    next page of each server that has more, and the cursor says where each one is."""
+@pytest.fixture(scope="module")
+def paged_env(tmp_path_factory):
+    """llmhost in front of the conformance fixture paging its resources one a page (`paged`)
+    and the stdio test server (`t`), for both revisions' clients: the cursors hold no state."""
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "mcp-fixture"],
                             stdout=subprocess.PIPE, text=True,
                             env=dict(os.environ, LLMHOST_TEST_MCP_PAGE="1"))
     line = proc.stdout.readline()
     assert line.startswith("PORT "), line
-    path = write_registry(tmp_path / "s.json", [], mcp={
+    path = write_registry(tmp_path_factory.mktemp("paged") / "s.json", [], mcp={
         "paged": {"url": f"http://127.0.0.1:{int(line.split()[1])}/mcp"}, "t": MCP_STDIO})
     running = Running(path)
+    yield running
+    running.stop(timeout=5)
+    proc.terminate()
+    proc.wait(TIMEOUT)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mcp_server_pages_are_the_backends_pages(paged_env, mode):
+    """resources/list is paged as the backends page it: on /mcp/NAME the client's cursor
+    goes to the server and the server's comes back, as they are; on /mcp a page holds the
+    next page of each server that has more, and the cursor says where each one is."""
+    running = paged_env
     fixture = ["test://static-text", "test://static-binary", "test://watched-resource"]
 
     async def walk(where):
@@ -6130,19 +6141,14 @@ def test_mcp_server_pages_are_the_backends_pages(tmp_path, mode):
             read = await c.read_resource(pages[-1][-1])  # (routed by a later page's URI)
         return pages, cursors, read.contents[0].text
 
-    try:
-        pages, cursors, read = asyncio.run(walk("/mcp/paged"))
-        assert pages == [[uri] for uri in fixture] and cursors == ["at:1", "at:2"]
-        assert read == "watched"
-        pages, cursors, read = asyncio.run(walk("/mcp"))
-        assert pages == [[fixture[0], "test://hello"], [fixture[1]], [fixture[2]]], pages
-        assert read == "watched"
-        status, doc = modern_post(running.port, "/mcp", "resources/list", {"cursor": "nope"})
-        assert status == 400 and doc["error"]["code"] == -32602
-    finally:
-        running.stop(timeout=5)
-        proc.terminate()
-        proc.wait(TIMEOUT)
+    pages, cursors, read = asyncio.run(walk("/mcp/paged"))
+    assert pages == [[uri] for uri in fixture] and cursors == ["at:1", "at:2"]
+    assert read == "watched"
+    pages, cursors, read = asyncio.run(walk("/mcp"))
+    assert pages == [[fixture[0], "test://hello"], [fixture[1]], [fixture[2]]], pages
+    assert read == "watched"
+    status, doc = modern_post(running.port, "/mcp", "resources/list", {"cursor": "nope"})
+    assert status == 400 and doc["error"]["code"] == -32602
 
 
 @pytest.mark.filterwarnings("ignore:resources/.*subscribe is removed")  # (a's, 2025-11-25)
