@@ -3099,12 +3099,24 @@ def run_mcp_test_server(argv):
     def boom() -> str:
         raise ValueError("kaboom")
 
+    async def pause(seconds, until):
+        """`seconds`; with `until` (a path), till the test makes that file (at most
+        `seconds`) -> whether it did: a state held as long as the test needs, not longer."""
+        if not until:
+            await anyio.sleep(seconds)
+            return False
+        with anyio.move_on_after(seconds):
+            while not os.path.exists(until):
+                await anyio.sleep(0.01)
+        return os.path.exists(until)
+
     @srv.tool(description="Sleeps.")
-    async def slow(seconds: float, note: str = "") -> str:
+    async def slow(seconds: float, note: str = "", until: str = "") -> str:
         if note:  # a file a test waits for: the call is under way
             with open(note, "a") as f:
                 f.write("started\n")
-        await anyio.sleep(seconds)
+        if await pause(seconds, until):
+            return "released"
         return f"slept {seconds}"
 
     @srv.tool(description="Exits the server process.")
@@ -3140,13 +3152,14 @@ def run_mcp_test_server(argv):
     def summarize(topic: str, answer: Annotated[CreateMessageResult, Resolve(ask_model)]) -> str:
         return f"model={answer.model} text={answer.content.text}"
 
-    async def ask_model_later(topic: str, seconds: float) -> Sample:
-        await anyio.sleep(seconds)
+    async def ask_model_later(topic: str, seconds: float, until: str = "") -> Sample:
+        await pause(seconds, until)
         return ask_model(topic)
 
     @srv.tool(description="Waits, then asks the client's model (sampling).")
     def summarize_later(topic: str, seconds: float,
-                        answer: Annotated[CreateMessageResult, Resolve(ask_model_later)]) -> str:
+                        answer: Annotated[CreateMessageResult, Resolve(ask_model_later)],
+                        until: str = "") -> str:
         return f"model={answer.model} text={answer.content.text}"
 
     @srv.tool(description="Elicits a form where every field has a default.")
@@ -4041,7 +4054,9 @@ def test_mcp_an_attached_server_that_fails_is_left_out(mcp_env, caplog):
                for r in caplog.records)
 
 
-def test_mcp_an_attached_server_that_hangs_delays_one_request_not_each(fake, tmp_path, caplog):
+def test_mcp_an_attached_server_that_hangs_delays_one_request_not_each(fake, tmp_path, caplog,
+                                                                      monkeypatch):
+    monkeypatch.setattr(llmhost, "MCP_ATTACHED_WAIT", 2.5)  # (5 s in serve)
     mcp = {"t": MCP_STDIO, "stuck": {"command": "sleep", "args": ["60"]}}  # `stuck` never answers
     servers = [{"name": "local", "url": fake.url, "models": ["fake-model"], "mcp": ["t"]}]
     registry = write_registry(tmp_path / "s.json", servers, mcp=mcp)
@@ -4052,8 +4067,8 @@ def test_mcp_an_attached_server_that_hangs_delays_one_request_not_each(fake, tmp
         fake.script({"calls": [("t__echo", {"text": "x"})]})  # CPU)
         status, doc = jpost(running.port, "/v1/chat/completions", CHAT, timeout=60)
         assert doc["choices"][0]["message"]["content"] == "tool result: x", doc
-        running.gateway.app.mcp._connect_timeout = 6.0  # what is timed below is `stuck`'s
-        servers[0]["mcp"].append("stuck")  # connect, cut to 6 s (30 s in serve)
+        running.gateway.app.mcp._connect_timeout = 3.5  # what is timed below is `stuck`'s
+        servers[0]["mcp"].append("stuck")  # connect, cut to 3.5 s (30 s in serve)
         write_registry(registry, servers, mcp=mcp)
         running.call(running.gateway.reload())
         for _ in range(3):
@@ -4062,9 +4077,9 @@ def test_mcp_an_attached_server_that_hangs_delays_one_request_not_each(fake, tmp
             status, doc = jpost(running.port, "/v1/chat/completions", CHAT, timeout=30)
             took.append(time.monotonic() - started)
             assert doc["choices"][0]["message"]["content"] == "tool result: x", doc
-        # the first waits for the start the reload began until MCP_ATTACHED_WAIT (5 s) after
+        # the first waits for the start the reload began until MCP_ATTACHED_WAIT (2.5 s) after
         # it began, not all of the connect timeout; the next do not wait: it is still starting
-        assert 3.0 <= took[0] < 5.9 and max(took[1:]) < 1.5, took  # (then retried aside)
+        assert 1.0 <= took[0] < 3.4 and max(took[1:]) < 1.5, took  # (then retried aside)
     finally:
         running.stop(timeout=5)
     # the shutdown cut `stuck`'s start: it stays closed (before: the cut start marked it idle
@@ -4157,9 +4172,10 @@ def test_mcp_editing_a_server_lets_its_running_calls_finish(fake, tmp_path):
     try:
         fake.script({"calls": [("t__pid", {})]})  # started, and its pid noted
         before = jpost(running.port, "/v1/chat/completions", CHAT)[1]["choices"][0]
-        # long enough for the edited entry's new process to start (over a second on a slow CI box)
-        started = tmp_path / "slow-started"
-        fake.script({"calls": [("t__slow", {"seconds": 5.0, "note": str(started)})]})
+        # held until the edited entry's new process has answered (over a second on a slow box)
+        started, release = tmp_path / "slow-started", tmp_path / "release"
+        fake.script({"calls": [("t__slow", {"seconds": 60, "note": str(started),
+                                            "until": str(release)})]})
         threads, results = held_requests(running.port, 1)
         assert wait_until(started.exists)  # the model asked for the call, which is running
         write_registry(registry, servers, mcp={"t": dict(MCP_STDIO, timeout=90)})
@@ -4168,10 +4184,11 @@ def test_mcp_editing_a_server_lets_its_running_calls_finish(fake, tmp_path):
         after = jpost(running.port, "/v1/chat/completions", CHAT)[1]["choices"][0]
         assert after["message"]["content"] != before["message"]["content"]  # a new process
         assert results == []
+        release.touch()
         threads[0].join(TIMEOUT)
         status, raw = results[0][0], results[0][2]
         assert status == 200  # the old process finished the call it had: nothing was cut
-        assert json.loads(raw)["choices"][0]["message"]["content"] == "tool result: slept 5.0"
+        assert json.loads(raw)["choices"][0]["message"]["content"] == "tool result: released"
         old_pid = int(before["message"]["content"].split(": ")[1])
         assert wait_until(lambda: not pid_alive(old_pid))  # ... and then it was stopped
     finally:
@@ -4280,18 +4297,27 @@ def test_mcp_sampling_goes_to_the_model_of_the_calling_request_not_the_last_call
             body = {"model": model, "messages": [{"role": "user", "content": "go"}]}
             results[model] = post(running.port, "/v1/chat/completions", body, timeout=TIMEOUT * 3)
 
+        # a's sampling request waits for a release, made when b's call is done, or under way
+        b_started, b_release = tmp_path / "b-started", tmp_path / "b-release"
         for b_call, expected in [(("t__echo", {"text": "b"}), "model-a"),  # b's done by then
-                                 (("t__slow", {"seconds": 3}), None)]:  # b's still running
+                                 (("t__slow", {"seconds": 60, "note": str(b_started),
+                                               "until": str(b_release)}), None)]:  # running
+            a_release = tmp_path / f"a-release-{expected}"
             fake.steps.clear()
             fake.requests.clear()
-            fake.script({"calls": [("t__summarize_later", {"topic": "cats", "seconds": 1.5})]},
+            fake.script({"calls": [("t__summarize_later", {"topic": "cats", "seconds": 60,
+                                                           "until": str(a_release)})]},
                         {"calls": [b_call]}, {}, {}, {})
             results = {}
             a = threading.Thread(target=chat, args=("model-a", results))
             a.start()
             assert wait_until(fake.posts)  # a has taken the first step
-            chat("model-b", results) if expected else \
+            if expected:
+                chat("model-b", results)
+            else:
                 threading.Thread(target=chat, args=("model-b", results)).start()
+                assert wait_until(b_started.exists, TIMEOUT * 3)
+            a_release.touch()
             a.join(TIMEOUT * 3)
             content = json.loads(results["model-a"][2])["choices"][0]["message"]["content"]
             sampled = [json.loads(r["body"])["model"] for r in fake.posts()
@@ -4303,6 +4329,7 @@ def test_mcp_sampling_goes_to_the_model_of_the_calling_request_not_the_last_call
                 assert sampled == [], fake.posts()
                 assert "requests for 2 models are calling its tools; set sampling_model" in \
                     content, content
+                b_release.touch()
                 assert wait_until(lambda: "model-b" in results)
     finally:
         running.stop(timeout=5)
@@ -4686,8 +4713,9 @@ def test_mcp_server_url_in_use_is_not_replaced(mcp_http_server, fake, tmp_path):
     tool = {"type": "mcp", "server_label": "web", "server_url": mcp_http_server}
     other = dict(tool, headers={"X-Other": "1"})
     try:
-        started = tmp_path / "slow-started"
-        fake.script({"calls": [("web__slow", {"seconds": 3.0, "note": str(started)})]}, {})
+        started, release = tmp_path / "slow-started", tmp_path / "release"
+        fake.script({"calls": [("web__slow", {"seconds": 60, "note": str(started),
+                                              "until": str(release)})]}, {})
         first = {}
         thread = threading.Thread(target=lambda: first.update(doc=jpost(
             running.port, "/v1/chat/completions", dict(CHAT, tools=[tool]))))
@@ -4695,10 +4723,11 @@ def test_mcp_server_url_in_use_is_not_replaced(mcp_http_server, fake, tmp_path):
         assert wait_until(started.exists)  # the slow call is under way
         status, doc = jpost(running.port, "/v1/chat/completions", dict(CHAT, tools=[other]))
         assert status == 409 and doc["error"]["code"] == "mcp_label_in_use", doc
+        release.touch()
         thread.join(TIMEOUT)
         status, doc = first["doc"]
         assert status == 200 and doc["mcp_calls"][0]["ok"], doc
-        assert doc["choices"][0]["message"]["content"] == "tool result: slept 3.0"
+        assert doc["choices"][0]["message"]["content"] == "tool result: released"
         status, doc = jpost(running.port, "/v1/chat/completions", dict(CHAT, tools=[other]))
         assert status == 200, doc  # no longer in use: replaced
     finally:
@@ -4720,6 +4749,30 @@ def mcp_cli(registry, *argv):
     """`python3 llmhost.py --registry REGISTRY mcp ARGV...` as a user runs it."""
     return subprocess.run([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
                            registry, "mcp", *argv], capture_output=True, text=True, timeout=60)
+
+
+def at_once(*calls):
+    """Call each of `calls` (no arguments) in a thread of its own, all at once -> their results
+    in order. For CLI processes that do not depend on each other: each spends about a second
+    of CPU importing the mcp SDK, and two cores run two of those in the time of one."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return [future.result() for future in [pool.submit(call) for call in calls]]
+
+
+def in_background(call):
+    """Start `call` (no arguments) in a thread of its own -> its Future, for .result(timeout)."""
+    from concurrent.futures import Future
+    future = Future()
+
+    def run():
+        try:
+            future.set_result(call())
+        except BaseException as exc:  # noqa: BLE001 -- raised by .result()
+            future.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True).start()
+    return future
 
 
 MCP_STDIO_ARGV = [MCP_STDIO["command"]] + MCP_STDIO["args"]  # (after `mcp add NAME --`)
@@ -4808,8 +4861,11 @@ def test_mcp_cli_remove_removes_a_server_and_fails_for_one_not_there(mcp_cli_reg
 def test_mcp_cli_tool_names_that_clash_once_sanitised_get_serves_hash_suffix(tmp_path):
     """As serve names them: the listing shows models' names."""
     registry = write_registry(tmp_path / "servers.json", [], mcp={"t": MCP_STDIO})
-    assert mcp_cli(registry, "add", "a.b", "--", *MCP_STDIO_ARGV).returncode == 0
-    assert mcp_cli(registry, "add", "a_b", "--", *MCP_STDIO_ARGV).returncode == 0
+    # (in either order: the second of the two in the registry is the one with the suffix)
+    assert [r.returncode for r in at_once(
+        lambda: mcp_cli(registry, "add", "a.b", "--", *MCP_STDIO_ARGV),
+        lambda: mcp_cli(registry, "add", "a_b", "--", *MCP_STDIO_ARGV))] == [0, 0]
+    assert sorted(llmhost.load_registry(registry)["mcpServers"]) == ["a.b", "a_b", "t"]
     names = [t["openai_name"] for t in json.loads(mcp_cli(registry, "tools", "--json").stdout)
              if t["name"] == "echo"]
     assert names[:2] == ["t__echo", "a_b__echo"] and re.fullmatch(r"a_b__echo_[0-9a-f]{8}",
@@ -4826,12 +4882,15 @@ def catches(pid, sig):
 def test_mcp_cli_stopped_by_sigterm_stops_its_stdio_server(tmp_path):
     """As Ctrl-C does (timeout(1) and systemd send SIGTERM): a server that hangs at start and
     ignores its closed stdin is not left running."""
-    marker = f"{time.time() % 1000:.6f}"  # a `sleep` of our own, found by its argument
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
-                             str(tmp_path / "s.json"), "mcp", "tools", "--", "sleep", marker],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Two processes, started at once (each imports the SDK): one for a SIGTERM, one for two.
+    # Each has a `sleep` of its own, found by its argument.
+    markers = [f"{time.time() % 1000:.6f}{i}" for i in (1, 2)]  # (seconds still)
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
+                               str(tmp_path / "s.json"), "mcp", "tools", "--", "sleep", marker],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for marker in markers]
 
-    def sleeping():
+    def sleeping(marker):
         found = []
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
@@ -4842,21 +4901,24 @@ def test_mcp_cli_stopped_by_sigterm_stops_its_stdio_server(tmp_path):
                 pass  # (gone meanwhile)
         return found
     try:
-        assert wait_until(lambda: sleeping() != [])
+        proc, marker = procs[0], markers[0]
+        assert wait_until(lambda: sleeping(marker) != [])
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(TIMEOUT) == 128 + signal.SIGTERM
-        assert wait_until(lambda: sleeping() == [], 5)
-        proc = subprocess.Popen(proc.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        assert wait_until(lambda: sleeping() != [])
+        assert wait_until(lambda: sleeping(marker) == [], 5)
+        proc, marker = procs[1], markers[1]
+        assert wait_until(lambda: sleeping(marker) != [])
         assert catches(proc.pid, signal.SIGTERM)
         proc.send_signal(signal.SIGTERM)
         assert wait_until(lambda: not catches(proc.pid, signal.SIGTERM))  # taken: cleaning up
         proc.send_signal(signal.SIGTERM)  # a second one during the cleanup: gone at once
         assert proc.wait(2) == -signal.SIGTERM
     finally:
-        proc.kill()
-        for pid in sleeping():
-            os.kill(int(pid), signal.SIGKILL)
+        for proc, marker in zip(procs, markers):
+            proc.kill()
+            proc.wait(TIMEOUT)
+            for pid in sleeping(marker):
+                os.kill(int(pid), signal.SIGKILL)
 
 
 def test_mcp_add_with_a_relative_path_saves_the_folder_it_is_from(tmp_path):
@@ -5123,7 +5185,11 @@ class FakeAuthServer:
 
 
 # A browser whose user is logged in and consents: it follows the redirect to llmhost's listener.
-OAUTH_BROWSER = f"{shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(__file__))} browser %s"
+# (A line of Python, not this file: that would compile it and import pytest, llmhost and the
+# SDK's types first, half a second of CPU per login; no ":", which $BROWSER's list splits at.)
+OAUTH_BROWSER = " ".join(shlex.quote(arg) for arg in [
+    sys.executable, "-c", "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], "
+    f"timeout={TIMEOUT}).read()", "%s"])
 
 
 def oauth_cli(registry, *argv, env=None):
@@ -5398,14 +5464,16 @@ def test_mcp_oauth_no_token_or_secret_is_ever_shown(tmp_path, oauth_server, fake
         {"name": "local", "url": fake.url, "models": ["fake-model"]}])
     env = {"M2M_SECRET": auth.clients["m2m"], "WRONG_SECRET": "wrong-" + os.urandom(8).hex()}
     shown = []
-    for argv in (["add", "docs", "--url", url], ["add", "m2m", "--url", url,
-                 "--client-credentials", "--client-id", "m2m", "--client-secret-env",
-                 "M2M_SECRET"], ["attach", "docs", "local"], ["attach", "m2m", "local"],
-                 ["call", "docs", "secret"], ["list"], ["list", "--json"], ["tools", "--json"],
-                 ["add", "bad", "--url", url, "--client-id", "m2m", "--client-secret-env",
-                  "WRONG_SECRET"]):
-        result = oauth_cli(registry, *argv, env=env)
-        shown += [result.stdout, result.stderr]
+    # (three rounds: what a round's commands need, the rounds before it did)
+    for round_ in ([["add", "docs", "--url", url], ["add", "m2m", "--url", url,
+                     "--client-credentials", "--client-id", "m2m", "--client-secret-env",
+                     "M2M_SECRET"]], [["attach", "docs", "local"], ["attach", "m2m", "local"],
+                    ["call", "docs", "secret"]], [["list"], ["list", "--json"],
+                    ["tools", "--json"], ["add", "bad", "--url", url, "--client-id", "m2m",
+                                          "--client-secret-env", "WRONG_SECRET"]]):
+        for result in at_once(*[lambda argv=argv: oauth_cli(registry, *argv, env=env)
+                                for argv in round_]):
+            shown += [result.stdout, result.stderr]
     assert "secret ok" in shown[8] and "MCP server 'bad'" in shown[-1], shown  # (one fails)
     expire_in_file(registry, "docs", url)
     auth.expire_access_tokens()
@@ -5500,17 +5568,18 @@ def test_mcp_login_takes_the_redirect_of_its_own_login_or_an_address_pasted_back
 
 
 def test_mcp_cli_read_and_prompt(mcp_cli_registry, mcp_http_server, tmp_path):
-    result = mcp_cli(mcp_cli_registry, "read", "t", "test://hello")
-    assert result.returncode == 0 and result.stdout == "hello resource\n", result.stderr
-    result = mcp_cli(mcp_cli_registry, "read", "t", "test://hello", "--json")
-    assert json.loads(result.stdout)["contents"][0]["uri"] == "test://hello"
-    result = mcp_cli(mcp_cli_registry, "prompt", "w", "greet", '{"who": "Ada"}')
-    assert result.returncode == 0 and "user: Say hello to Ada" in result.stdout, result.stderr
-    result = mcp_cli(str(tmp_path / "x.json"), "prompt", "--url", mcp_http_server, "greet",
-                     '{"who": 1}')
-    assert result.returncode == 1 and "a JSON object of strings" in result.stderr
-    result = mcp_cli(mcp_cli_registry, "read", "w", "test://nothing-here")
-    assert result.returncode == 1 and "reading test://nothing-here failed" in result.stderr
+    text, as_json, prompt, bad_prompt, missing = at_once(  # (none changes anything)
+        lambda: mcp_cli(mcp_cli_registry, "read", "t", "test://hello"),
+        lambda: mcp_cli(mcp_cli_registry, "read", "t", "test://hello", "--json"),
+        lambda: mcp_cli(mcp_cli_registry, "prompt", "w", "greet", '{"who": "Ada"}'),
+        lambda: mcp_cli(str(tmp_path / "x.json"), "prompt", "--url", mcp_http_server, "greet",
+                        '{"who": 1}'),
+        lambda: mcp_cli(mcp_cli_registry, "read", "w", "test://nothing-here"))
+    assert text.returncode == 0 and text.stdout == "hello resource\n", text.stderr
+    assert json.loads(as_json.stdout)["contents"][0]["uri"] == "test://hello"
+    assert prompt.returncode == 0 and "user: Say hello to Ada" in prompt.stdout, prompt.stderr
+    assert bad_prompt.returncode == 1 and "a JSON object of strings" in bad_prompt.stderr
+    assert missing.returncode == 1 and "reading test://nothing-here failed" in missing.stderr
 
 
 def test_mcp_a_result_without_result_type_is_complete(tmp_path):
@@ -5789,7 +5858,18 @@ def test_mcp_server_a_backend_killed_mid_call_is_an_error_then_back(tmp_path):
                 return e.error.code, e.error.message
             return None, call.result()
 
+    async def stdio_dies():  # a stdio backend that exits mid-call: an error, then back
+        async with sdk_client(f"http://127.0.0.1:{running.port}/mcp/t", "legacy") as c:
+            try:
+                await c.call_tool("die", {})
+                died = None
+            except MCPError as e:
+                died = e.error.message
+            return died, await c.call_tool("echo", {"text": "restarted"})
+
     try:
+        # (`t` meanwhile, in a thread: its two starts overlap h's kill and restart)
+        stdio = in_background(lambda: asyncio.run(asyncio.wait_for(stdio_dies(), TIMEOUT * 6)))
         code, message = asyncio.run(session("auto"))
         assert code == llmhost.MCP_INTERNAL_CODE and "connection" in message.lower(), message
         proc.wait(TIMEOUT)
@@ -5800,17 +5880,7 @@ def test_mcp_server_a_backend_killed_mid_call_is_an_error_then_back(tmp_path):
                 return await c.call_tool("echo", {"text": "back"})
 
         assert asyncio.run(again()).content[0].text == "back"
-
-        async def stdio_dies():  # a stdio backend that exits mid-call: an error, then back
-            async with sdk_client(f"http://127.0.0.1:{running.port}/mcp/t", "legacy") as c:
-                try:
-                    await c.call_tool("die", {})
-                    died = None
-                except MCPError as e:
-                    died = e.error.message
-                return died, await c.call_tool("echo", {"text": "restarted"})
-
-        died, after = asyncio.run(stdio_dies())
+        died, after = stdio.result(TIMEOUT * 6)
         assert died and "connection" in died.lower() and after.content[0].text == "restarted"
     finally:
         running.stop(timeout=5)
@@ -5869,12 +5939,15 @@ def test_mcp_serve_stdio_bridges_an_http_server_to_a_stdio_client(front_env):
             read = await c.read_resource("test://hello")
             return c.protocol_version, tools, r.content[0].text, read.contents[0].text
 
-    for mode in MODES:
-        version, tools, text, read = asyncio.run(session(["h"], "echo", mode))
+    async def sessions():  # (at once: each process imports the SDK, a second of CPU)
+        return await asyncio.gather(session([], "h__echo", "auto"),
+                                    *(session(["h"], "echo", mode) for mode in MODES))
+
+    (_, tools, text, _), *each = asyncio.run(sessions())
+    assert "t__echo" in tools and "h__echo" in tools and text == "over stdio"
+    for mode, (version, tools, text, read) in zip(MODES, each):
         assert version == MODES[mode] and "echo" in tools and text == "over stdio"
         assert read == "hello resource"
-    version, tools, text, _ = asyncio.run(session([], "h__echo", "auto"))
-    assert "t__echo" in tools and "h__echo" in tools and text == "over stdio"
 
 
 
@@ -6028,19 +6101,30 @@ def test_mcp_server_results_name_llmhost_not_the_backend(fixture_env):
     assert status == 200 and result["content"][0]["type"] == "text" and "_meta" not in result
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_mcp_server_pages_are_the_backends_pages(tmp_path, mode):
-    """resources/list is paged as the backends page it: on /mcp/NAME the client's cursor
-    goes to the server and the server's comes back, as they are; on /mcp a page holds the
-    next page of each server that has more, and the cursor says where each one is."""
+@pytest.fixture(scope="module")
+def paged_env(tmp_path_factory):
+    """llmhost in front of the conformance fixture paging its resources one a page (`paged`)
+    and the stdio test server (`t`), for both revisions' clients: the cursors hold no state."""
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "mcp-fixture"],
                             stdout=subprocess.PIPE, text=True,
                             env=dict(os.environ, LLMHOST_TEST_MCP_PAGE="1"))
     line = proc.stdout.readline()
     assert line.startswith("PORT "), line
-    path = write_registry(tmp_path / "s.json", [], mcp={
+    path = write_registry(tmp_path_factory.mktemp("paged") / "s.json", [], mcp={
         "paged": {"url": f"http://127.0.0.1:{int(line.split()[1])}/mcp"}, "t": MCP_STDIO})
     running = Running(path)
+    yield running
+    running.stop(timeout=5)
+    proc.terminate()
+    proc.wait(TIMEOUT)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mcp_server_pages_are_the_backends_pages(paged_env, mode):
+    """resources/list is paged as the backends page it: on /mcp/NAME the client's cursor
+    goes to the server and the server's comes back, as they are; on /mcp a page holds the
+    next page of each server that has more, and the cursor says where each one is."""
+    running = paged_env
     fixture = ["test://static-text", "test://static-binary", "test://watched-resource"]
 
     async def walk(where):
@@ -6057,19 +6141,14 @@ def test_mcp_server_pages_are_the_backends_pages(tmp_path, mode):
             read = await c.read_resource(pages[-1][-1])  # (routed by a later page's URI)
         return pages, cursors, read.contents[0].text
 
-    try:
-        pages, cursors, read = asyncio.run(walk("/mcp/paged"))
-        assert pages == [[uri] for uri in fixture] and cursors == ["at:1", "at:2"]
-        assert read == "watched"
-        pages, cursors, read = asyncio.run(walk("/mcp"))
-        assert pages == [[fixture[0], "test://hello"], [fixture[1]], [fixture[2]]], pages
-        assert read == "watched"
-        status, doc = modern_post(running.port, "/mcp", "resources/list", {"cursor": "nope"})
-        assert status == 400 and doc["error"]["code"] == -32602
-    finally:
-        running.stop(timeout=5)
-        proc.terminate()
-        proc.wait(TIMEOUT)
+    pages, cursors, read = asyncio.run(walk("/mcp/paged"))
+    assert pages == [[uri] for uri in fixture] and cursors == ["at:1", "at:2"]
+    assert read == "watched"
+    pages, cursors, read = asyncio.run(walk("/mcp"))
+    assert pages == [[fixture[0], "test://hello"], [fixture[1]], [fixture[2]]], pages
+    assert read == "watched"
+    status, doc = modern_post(running.port, "/mcp", "resources/list", {"cursor": "nope"})
+    assert status == 400 and doc["error"]["code"] == -32602
 
 
 @pytest.mark.filterwarnings("ignore:resources/.*subscribe is removed")  # (a's, 2025-11-25)
@@ -6455,10 +6534,6 @@ if __name__ == "__main__" and sys.argv[1:2] == ["mcp-server"]:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["mcp-fixture"]:
     run_mcp_conformance_fixture(sys.argv[2:])
-
-if __name__ == "__main__" and sys.argv[1:2] == ["browser"]:  # (see OAUTH_BROWSER)
-    with urllib.request.urlopen(sys.argv[2], timeout=TIMEOUT) as answer:
-        answer.read()
 
 if __name__ == "__main__" and sys.argv[1:2] == ["fake-upstream"]:
     upstream = FakeUpstream(models=sys.argv[3:] or ["fake-model"], port=int(sys.argv[2]))
@@ -7474,7 +7549,8 @@ def test_registry_file_problems_are_messages(tmp_path):
     assert f"cannot write {missing}: the folder" in err and ".lock" not in err
 
 
-def test_live_registry_add_and_remove(fake, tmp_path, caplog):
+def test_live_registry_add_and_remove(fake, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(llmhost, "WATCH_INTERVAL", llmhost.TICK)  # (each sweep, not second)
     path = write_registry(tmp_path / "s.json", [])
     running = Running(path)
 
@@ -7482,7 +7558,7 @@ def test_live_registry_add_and_remove(fake, tmp_path, caplog):
         return [m["id"] for m in json.loads(request(running.port, "GET", "/v1/models")[2])["data"]]
 
     def wait_for(expected):
-        wait_until(lambda: model_ids() == expected, 3.0)  # (a watch each second, on a busy box)
+        wait_until(lambda: model_ids() == expected, 3.0)  # (a few watches, on a busy box)
         return model_ids()
 
     def kept(why):  # the watch saw the edit, and said why it kept the last good registry
@@ -8714,6 +8790,18 @@ def test_body_timeout_is_for_silence_not_for_the_whole_upload(gateway, monkeypat
     monkeypatch.setattr(llmhost, "BODY_TIMEOUT", 1.0)
     monkeypatch.setattr(llmhost, "BODY_MIN_RATE", 10)  # (bytes/s: this upload's is ~60)
     body = json.dumps(CHAT).encode()
+
+    def chunked():  # the same in one chunk, on a connection of its own, meanwhile
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=TIMEOUT) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(body))
+            for i in range(0, len(body), len(body) // 5 + 1):
+                time.sleep(0.3)  # (pacing, as below)
+                s.sendall(body[i:i + len(body) // 5 + 1])
+            s.sendall(b"\r\n0\r\n\r\n")
+            return parse_response(s.recv(65536))[0]
+
+    other = in_background(chunked)
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=TIMEOUT) as s:
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
                   b"Content-Length: %d\r\n\r\n" % len(body))
@@ -8729,14 +8817,7 @@ def test_body_timeout_is_for_silence_not_for_the_whole_upload(gateway, monkeypat
         started = time.monotonic()
         assert s.recv(65536).startswith(b"HTTP/1.1 408 ")
         assert time.monotonic() - started < 3
-    with socket.create_connection(("127.0.0.1", gateway.port), timeout=TIMEOUT) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"  # the same in one
-                  b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(body))  # chunk
-        for i in range(0, len(body), len(body) // 5 + 1):
-            time.sleep(0.3)  # (pacing, as above)
-            s.sendall(body[i:i + len(body) // 5 + 1])
-        s.sendall(b"\r\n0\r\n\r\n")
-        assert parse_response(s.recv(65536))[0] == 200
+    assert other.result(TIMEOUT) == 200
 
 
 def test_a_body_that_trickles_below_the_minimum_rate_gets_408(gateway, monkeypatch):
@@ -8782,6 +8863,10 @@ def test_a_client_that_stops_reading_is_closed_and_frees_its_slot(gateway, fake,
                 c.transport.get_write_buffer_size() for c in gateway.gateway.http.connections))
             assert wait_until(lambda: get_status(gateway.port)["in_flight"] == 0, 10)
             assert server_status(gateway.port, "local")["in_flight"] == 0
+            # ... and closed: a whole answer in llmhost's buffer has ended its request, but
+            # not the connection (before this wait, the drain below could race the close and
+            # take all 8 MB through the small window, five seconds)
+            assert wait_until(lambda: not gateway.gateway.http.connections)
             try:  # what had come before is dropped with it, or read: then the close
                 while s.recv(65536):
                     pass
@@ -8801,7 +8886,8 @@ def test_a_slow_client_that_keeps_reading_gets_all_of_a_big_answer(gateway, fake
     monkeypatch.setattr(llmhost, "SEND_TIMEOUT", 1.0)
     monkeypatch.setattr(llmhost, "KEEPALIVE_IDLE", 0.5)
     body = json.dumps(dict(CHAT, messages=[{"role": "user", "content": "x " * 2_000_000}]))
-    for pause in (0.0, 0.8):
+
+    def one(pause, reading=None):  # (the passes overlap: the second begins once the first reads)
         fake.script({"delay": 0.5})
         asked = len(fake.posts())
         with socket.socket() as s:
@@ -8814,6 +8900,8 @@ def test_a_slow_client_that_keeps_reading_gets_all_of_a_big_answer(gateway, fake
             for conn in gateway.gateway.http.connections:  # (while the upstream thinks) so
                 conn.transport.get_extra_info("socket").setsockopt(  # the answer waits in
                     socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)  # llmhost, not the kernel
+            if reading is not None:
+                reading.set()
             received = b""
             started = time.monotonic()
             total = None  # head and body, once the head is in
@@ -8832,6 +8920,12 @@ def test_a_slow_client_that_keeps_reading_gets_all_of_a_big_answer(gateway, fake
             status, _, data, _ = parse_response(received)
             assert status == 200 and json.loads(data)["choices"][0]["message"]["content"] \
                 .startswith("echo: x x")
+
+    reading = threading.Event()
+    first = in_background(lambda: one(0.0, reading))
+    assert reading.wait(TIMEOUT)
+    one(0.8)
+    first.result(TIMEOUT)
 
 
 def test_two_hundred_slowloris_connections_do_not_block_service(gateway):
@@ -9135,16 +9229,19 @@ def test_no_url_password_appears_in_any_output(fake, tmp_path):
             status, _, raw = request(port, "GET", path)
             assert status == 200
             outputs.append(raw.decode())
-        assert cli("list").returncode == 0 and "docs" in cli("mcp", "list", "--json").stdout
-        cli("list", "--json")
-        cli("show", "a")
-        assert "HTTPStatusError" in cli("mcp", "tools", "docs").stderr  # (it names the URL)
+        listed, mcp_listed, _, _, tools = at_once(  # (none changes anything)
+            lambda: cli("list"), lambda: cli("mcp", "list", "--json"),
+            lambda: cli("list", "--json"), lambda: cli("show", "a"),
+            lambda: cli("mcp", "tools", "docs"))
+        assert listed.returncode == 0 and "docs" in mcp_listed.stdout
+        assert "HTTPStatusError" in tools.stderr  # (it names the URL)
         write_registry(registry, bad, mcp)
         assert reloaded.wait(TIMEOUT)  # (the file is watched about once a second)
-        assert cli("list").returncode == 1 and "user:***@" in outputs[-1]
-        cli("show", "a")
-        cli("list", "--json")
-        assert cli("add", "b", bad[0]["url"], "--no-check").returncode == 1
+        listed, _, _, added = at_once(
+            lambda: cli("list"), lambda: cli("show", "a"), lambda: cli("list", "--json"),
+            lambda: cli("add", "b", bad[0]["url"], "--no-check"))
+        assert listed.returncode == 1 and "user:***@" in listed.stderr
+        assert added.returncode == 1
     finally:
         proc.terminate()
         proc.wait(TIMEOUT)
