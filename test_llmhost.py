@@ -6722,6 +6722,22 @@ def test_the_mcp_loop_names_what_it_cannot_read_in_an_answer(tmp_path, caplog):
         upstream.close()
 
 
+@pytest.mark.parametrize("data", [
+    '{"a":1}', ' {"a": [1, "x"]} ', '{"a":1}\t', '{"a":1}x', '{"a":1}{}', "", " ", "NaN",
+    '"\\ud800"', "\ufeff{}", "[" * 100000, '{"a":', "[1,]", "tok"])
+def test_event_json_is_json_loads(data):
+    """The tool loop's decoder of an upstream event gives what json_loads gives, and raises a
+    ValueError where it does (whitespace around the object, extra data, too deep a nesting)."""
+    try:
+        expected = llmhost.json_loads(data)
+    except ValueError as exc:
+        with pytest.raises(ValueError) as caught:
+            llmhost.event_json(data)
+        assert str(caught.value) == str(exc)
+    else:
+        assert repr(llmhost.event_json(data)) == repr(expected)  # (NaN is not NaN)
+
+
 def test_an_upstream_head_with_bare_lf_lines_is_read_and_a_bare_cr_refused(tmp_path):
     """Lines ending in a bare LF are taken from an upstream, as nginx takes them (before: its
     head's CRLF end never came, and the client waited the whole upstream timeout for a 504),
