@@ -9399,6 +9399,27 @@ def owns(owner, row_owner):
 TEXT_DELTA_EVENT = (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
                     b'"item_id":"%s","output_index":%d,"content_index":0,"delta":%s,'
                     b'"logprobs":[],"sequence_number":%d}\n\n')
+# A message item's events before its first text and after its last, as event() makes them,
+# field for field: (output_index, item id, sequence number, item id, output_index, number).
+MESSAGE_ADDED_EVENTS = (
+    b'event: response.output_item.added\ndata: {"type":"response.output_item.added",'
+    b'"output_index":%d,"item":{"id":"%s","type":"message","role":"assistant",'
+    b'"status":"in_progress","content":[]},"sequence_number":%d}\n\n'
+    b'event: response.content_part.added\ndata: {"type":"response.content_part.added",'
+    b'"item_id":"%s","output_index":%d,"content_index":0,"part":{"type":"output_text",'
+    b'"text":"","annotations":[]},"sequence_number":%d}\n\n')
+# (item id, output_index, text, number; item id, output_index, text, number; output_index,
+# item id, status, text, number)
+MESSAGE_DONE_EVENTS = (
+    b'event: response.output_text.done\ndata: {"type":"response.output_text.done",'
+    b'"item_id":"%s","output_index":%d,"content_index":0,"text":%s,"logprobs":[],'
+    b'"sequence_number":%d}\n\n'
+    b'event: response.content_part.done\ndata: {"type":"response.content_part.done",'
+    b'"item_id":"%s","output_index":%d,"content_index":0,"part":{"type":"output_text",'
+    b'"text":%s,"annotations":[]},"sequence_number":%d}\n\n'
+    b'event: response.output_item.done\ndata: {"type":"response.output_item.done",'
+    b'"output_index":%d,"item":{"id":"%s","type":"message","role":"assistant","status":"%s",'
+    b'"content":[{"type":"output_text","text":%s,"annotations":[]}]},"sequence_number":%d}\n\n')
 
 
 class ResponsesRender(Render, Face):
@@ -9482,8 +9503,21 @@ class ResponsesRender(Render, Face):
         return dict(item_id=item["id"], output_index=self.where[item["id"]], **fields)
 
     # -- streamed text -------------------------------------------------------------------------
+    def templated(self):
+        """Whether the events go out now (streamed, begun, the client there): the frequent
+        ones are then written from a template, not built and encoded as dicts."""
+        return self.stream and self.started and not self.conn.gone
+
     def open_item(self, item, part):
         self.item, self.pieces = item, []
+        if item["type"] == "message" and self.templated():
+            index = self.where[item["id"]] = len(self.output)
+            self.output.append(item)
+            rid = item["id"].encode()
+            self.conn.write_chunk(MESSAGE_ADDED_EVENTS % (index, rid, self.seq, rid, index,
+                                                          self.seq + 1))
+            self.seq += 2
+            return
         self.add(item)
         self.emit("response.content_part.added", **self.at(item, content_index=0, part=part))
 
@@ -9492,6 +9526,16 @@ class ResponsesRender(Render, Face):
         if item is None:
             return
         text = "".join(self.pieces)
+        if item["type"] == "message" and self.templated():
+            part = {"type": "output_text", "text": text, "annotations": []}
+            item.update(content=[part], status=status)
+            rid, index, encoded, seq = item["id"].encode(), self.where[item["id"]], \
+                json_bytes(text), self.seq
+            self.conn.write_chunk(MESSAGE_DONE_EVENTS % (
+                rid, index, encoded, seq, rid, index, encoded, seq + 1,
+                index, rid, status.encode(), encoded, seq + 2))
+            self.seq += 3
+            return
         if item["type"] == "message":
             part = {"type": "output_text", "text": text, "annotations": []}
             self.emit("response.output_text.done", **self.at(item, content_index=0, text=text,
@@ -9524,7 +9568,7 @@ class ResponsesRender(Render, Face):
                                 "role": "assistant", "status": "in_progress", "content": []},
                                {"type": "output_text", "text": "", "annotations": []})
         self.pieces.append(text)
-        if reasoning or not self.stream or not self.started or self.conn.gone:
+        if reasoning or not self.templated():
             self.emit("response.reasoning_text.delta" if reasoning else
                       "response.output_text.delta", **self.at(
                           self.item, content_index=0, delta=text,
