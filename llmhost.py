@@ -6594,6 +6594,23 @@ class Round:
         it (tool calls out, no finish yet), or None if it shows nothing."""
         if not isinstance(doc, dict):
             raise UpstreamError("upstream sent an event that is not a JSON object")
+        choices = doc.get("choices")
+        if choices.__class__ is list and len(choices) == 1 and not doc.get("error") and \
+                not doc.get("usage"):  # (the chunk most of a stream is: read at once)
+            choice = choices[0]
+            delta = choice.get("delta") if choice.__class__ is dict else None
+            content = delta.get("content") if delta.__class__ is dict else None
+            if content and content.__class__ is str and "tool_calls" not in delta and \
+                    (self.content or not self.shown_before):
+                # a token's text, and no call: what the loop below makes of it, in short
+                self.template = doc
+                finish = choice.get("finish_reason")
+                if finish:
+                    self.finish = finish
+                self.content.append(content)
+                choice["finish_reason"] = None
+                doc.pop("usage", None)
+                return doc
         if doc.get("error"):  # ends the stream with our one error event
             error = doc["error"]
             raise UpstreamError("upstream: " + str(error.get("message", error)
