@@ -9413,9 +9413,10 @@ def owns(owner, row_owner):
     return not owner or not row_owner or hmac.compare_digest(owner, row_owner)
 
 
-TEXT_DELTA_EVENT = (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
-                    b'"item_id":"%s","output_index":%d,"content_index":0,"delta":%s,'
-                    b'"logprobs":[],"sequence_number":%d}\n\n')
+# (the head: item id, output_index; then the text; the tail: sequence number)
+TEXT_DELTA_HEAD = (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+                   b'"item_id":"%s","output_index":%d,"content_index":0,"delta":')
+TEXT_DELTA_TAIL = b',"logprobs":[],"sequence_number":%d}\n\n'
 # A message item's events before its first text and after its last, as event() makes them,
 # field for field: (output_index, item id, sequence number, item id, output_index, number).
 MESSAGE_ADDED_EVENTS = (
@@ -9461,6 +9462,7 @@ class ResponsesRender(Render, Face):
         self.output = []
         self.where = {}  # item id -> its output_index
         self.item = None  # the message or reasoning item whose text is streaming
+        self.delta_head = None  # its text deltas' template head (a message streamed)
         self.pieces = []  # its text so far
         self.bindings = {}
         self.running = []  # the mcp_call items of the calls running
@@ -9534,12 +9536,13 @@ class ResponsesRender(Render, Face):
             self.conn.write_chunk(MESSAGE_ADDED_EVENTS % (index, rid, self.seq, rid, index,
                                                           self.seq + 1))
             self.seq += 2
+            self.delta_head = TEXT_DELTA_HEAD % (rid, index)
             return
         self.add(item)
         self.emit("response.content_part.added", **self.at(item, content_index=0, part=part))
 
     def close_item(self, status="completed"):
-        item, self.item = self.item, None
+        item, self.item, self.delta_head = self.item, None, None
         if item is None:
             return
         text = "".join(self.pieces)
@@ -9566,6 +9569,13 @@ class ResponsesRender(Render, Face):
         self.done(item)
 
     def text(self, text, reasoning=False):
+        if self.delta_head is not None and not reasoning and not self.conn.gone:
+            # The event a stream has most of, written from a template: what event() would
+            # make, field for field, without building and encoding a dict per token.
+            self.pieces.append(text)
+            self.conn.write_chunk(self.delta_head + json_bytes(text) + TEXT_DELTA_TAIL % self.seq)
+            self.seq += 1
+            return
         kind = "reasoning" if reasoning else "message"
         if self.item is None or self.item["type"] != kind:
             self.close_item()
@@ -9584,18 +9594,13 @@ class ResponsesRender(Render, Face):
                 self.open_item({"id": new_item_id("msg"), "type": "message",
                                 "role": "assistant", "status": "in_progress", "content": []},
                                {"type": "output_text", "text": "", "annotations": []})
+        if self.delta_head is not None and not self.conn.gone:  # (a message just opened)
+            return self.text(text)
         self.pieces.append(text)
-        if reasoning or not self.templated():
-            self.emit("response.reasoning_text.delta" if reasoning else
-                      "response.output_text.delta", **self.at(
-                          self.item, content_index=0, delta=text,
-                          **({} if reasoning else {"logprobs": []})))
-            return
-        # The event a stream has most of, written from a template: what event() would make,
-        # field for field, without building and encoding a dict per token.
-        self.conn.write_chunk(TEXT_DELTA_EVENT % (
-            self.item["id"].encode(), self.where[self.item["id"]], json_bytes(text), self.seq))
-        self.seq += 1
+        self.emit("response.reasoning_text.delta" if reasoning else
+                  "response.output_text.delta", **self.at(
+                      self.item, content_index=0, delta=text,
+                      **({} if reasoning else {"logprobs": []})))
 
     def whole_text(self, text, reasoning=False, status="completed"):
         """A text not streamed, as the item it makes."""
