@@ -7666,6 +7666,24 @@ class MessagesJSON(MessagesRender):
                 "usage": anthropic_usage(end.usage)}))
 
 
+# A stream's events that carry no text of their own, as named_event() makes them, field for
+# field: message_start (message id, model) with its ping; a text block's start and a block's
+# stop (index); the end (stop_reason, stop_sequence, input and output tokens).
+MESSAGE_START_EVENTS = (
+    b'event: message_start\ndata: {"type":"message_start","message":{"id":"%s","type":"message",'
+    b'"role":"assistant","model":%s,"content":[],"stop_reason":null,"stop_sequence":null,'
+    b'"usage":{"input_tokens":0,"output_tokens":0,"cache_creation_input_tokens":0,'
+    b'"cache_read_input_tokens":0}}}\n\nevent: ping\ndata: {"type":"ping"}\n\n')
+TEXT_BLOCK_START_EVENT = (b'event: content_block_start\ndata: {"type":"content_block_start",'
+                          b'"index":%d,"content_block":{"type":"text","text":""}}\n\n')
+BLOCK_STOP_EVENT = b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n'
+MESSAGE_END_EVENTS = (
+    b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":%s,'
+    b'"stop_sequence":%s},"usage":{"input_tokens":%d,"output_tokens":%d,'
+    b'"cache_creation_input_tokens":0,"cache_read_input_tokens":0}}\n\n'
+    b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+
+
 class MessagesSSE(MessagesRender):
     """A tool loop rendered as Anthropic's event stream: message_start (and a ping) once the
     upstream answered; a content block per run of thinking or text, its deltas as they come;
@@ -7693,13 +7711,9 @@ class MessagesSSE(MessagesRender):
     def opened(self, up):
         if self.conn.streaming:
             return
-        message = {"id": self.id, "type": "message", "role": "assistant", "model": self.model,
-                   "content": [], "stop_reason": None, "stop_sequence": None,
-                   "usage": anthropic_usage(None)}
         self.keep_alive = self.conn.start_stream(self.request, 200, [
             ("Content-Type", "text/event-stream"), ("X-Llmhost-Server", up.name)] + SSE_HEADERS,
-            named_event("message_start", {"type": "message_start", "message": message}) +
-            named_event("ping", {"type": "ping"}))
+            MESSAGE_START_EVENTS % (self.id.encode(), json_bytes(self.model)))
         self.request.status = 200
 
     def begin(self, kind, block):
@@ -7709,6 +7723,9 @@ class MessagesSSE(MessagesRender):
         self.close()
         self.index += 1
         self.open = kind
+        if kind == "text":
+            self.out.append(TEXT_BLOCK_START_EVENT % self.index)
+            return
         self.send("content_block_start", {"index": self.index, "content_block": block})
 
     def close(self):
@@ -7716,7 +7733,7 @@ class MessagesSSE(MessagesRender):
             self.send("content_block_delta", {"index": self.index, "delta": {
                 "type": "signature_delta", "signature": ""}})
         if self.open is not None:
-            self.send("content_block_stop", {"index": self.index})
+            self.out.append(BLOCK_STOP_EVENT % self.index)
         self.open = None
 
     def whole(self, block, partial_json=None):
@@ -7727,7 +7744,7 @@ class MessagesSSE(MessagesRender):
         if partial_json is not None:
             self.send("content_block_delta", {"index": self.index, "delta": {
                 "type": "input_json_delta", "partial_json": partial_json}})
-        self.send("content_block_stop", {"index": self.index})
+        self.out.append(BLOCK_STOP_EVENT % self.index)
 
     def delta(self, doc, text, reasoning):
         if reasoning is None:  # (vLLM's newer name, and Ollama's)
@@ -7787,9 +7804,8 @@ class MessagesSSE(MessagesRender):
             self.whole(dict(use, input={}), json_bytes(use["input"]).decode())
         reason, sequence = stop_reason(end, self.stops)
         usage = anthropic_usage(end.usage)
-        self.send("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence},
-                                    "usage": usage})
-        self.send("message_stop", {})
+        self.out.append(MESSAGE_END_EVENTS % (json_bytes(reason), json_bytes(sequence),
+                                              usage["input_tokens"], usage["output_tokens"]))
         self.conn.end_stream(b"".join(self.out))
         return self.keep_alive
 

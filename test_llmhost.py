@@ -2578,6 +2578,35 @@ def test_messages_stream_events_in_order_and_deltas_before_the_end(gateway, fake
     assert sent_body(fake)["stream"] is True  # (with include_usage: the usage above)
 
 
+def test_messages_templated_events_are_the_bytes_named_event_makes(gateway, fake):
+    """The events a stream writes from templates (message_start and its ping, a text block's
+    start, a block's stop, message_delta and message_stop) are, byte for byte and key for key,
+    what named_event() makes of the doc the API defines."""
+    fake.script({"reasoning": "think first"})
+    status, _, raw = post(gateway.port, "/v1/messages", dict(MSG, stream=True))
+    assert status == 200
+    blocks = [block + b"\n\n" for block in raw.split(b"\n\n") if block]
+    events = named_events(raw)
+    assert len(blocks) == len(events)
+    for block, (name, data) in zip(blocks, events):
+        assert block == llmhost.named_event(name, data), block
+    usage = ["input_tokens", "output_tokens", "cache_creation_input_tokens",
+             "cache_read_input_tokens"]
+    keys = {name: data for name, data in events}
+    assert list(keys["message_start"]["message"]) == [
+        "id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage"]
+    assert list(keys["message_start"]["message"]["usage"]) == usage
+    starts = [data for name, data in events if name == "content_block_start"]
+    assert starts[1] == {"type": "content_block_start", "index": 1,
+                         "content_block": {"type": "text", "text": ""}}
+    assert events[-3] == ("content_block_stop", {"type": "content_block_stop", "index": 1})
+    assert list(events[-2][1]) == ["type", "delta", "usage"] and \
+        list(events[-2][1]["delta"]) == ["stop_reason", "stop_sequence"] and \
+        list(events[-2][1]["usage"]) == usage
+    assert [(name, list(data)) for name, data in events if name == "content_block_start"] == [
+        ("content_block_start", ["type", "index", "content_block"])] * 2
+
+
 def test_messages_an_upstream_dying_mid_stream_ends_with_an_error_event(gateway, fake):
     fake.script({"drop_after": 1})
     status, _, raw = post(gateway.port, "/v1/messages", dict(MSG, stream=True))
