@@ -1889,11 +1889,16 @@ def test_responses_stream_events_in_order_with_sequence_numbers(gateway, fake):
     assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
 
 
-@pytest.mark.parametrize("finish", ["stop", "length"])
-def test_responses_templated_events_are_the_bytes_event_makes(gateway, fake, monkeypatch, finish):
+@pytest.mark.parametrize("finish, tools", [("stop", False), ("length", False), (None, True)])
+def test_responses_templated_events_are_the_bytes_event_makes(gateway, fake, monkeypatch, finish,
+                                                             tools):
     """The events a stream writes from templates (a message's added, delta and done events)
     are, byte for byte, what the renderer's generic event() makes of the same fields."""
-    body = {"model": "fake-model", "input": 'say "h\u00e9" \\ \u2603 \U0001f600\nnow'}
+    body = {"model": "fake-model", "input": 'say "h\u00e9" \\ \u2603 \U0001f600\nnow',
+            "instructions": "Be brief, \u00e9.", "metadata": {"k": "v\u2603"}, "temperature": 0.5,
+            "top_p": 0.9, "user": "u1", "max_output_tokens": 50}
+    if tools:  # (the fake calls the first tool given)
+        body["tools"] = [weather_tool()]
     raws = []
     for generic in (False, True):
         if generic:
@@ -1901,12 +1906,13 @@ def test_responses_templated_events_are_the_bytes_event_makes(gateway, fake, mon
         fake.script({"reasoning": "think first", "finish": finish})
         status, _, raw = post(gateway.port, "/v1/responses", dict(body, stream=True))
         assert status == 200, raw
-        raws.append(re.sub(rb'"(resp|rs|msg)_[0-9a-f]{48}"', rb'"\1_"', re.sub(
+        raws.append(re.sub(rb'"(resp|rs|msg|fc)_[0-9a-f]{48}"', rb'"\1_"', re.sub(
             rb'"(created_at|completed_at)":\d+', rb'"\1":0', raw)))
     assert raws[0] == raws[1]
     kinds = [e["type"] for e in response_events(raws[0])]
-    assert kinds.count("response.output_text.delta") == 6 and kinds[-1] == (
-        "response.completed" if finish == "stop" else "response.incomplete")
+    assert kinds.count("response.output_text.delta") == (0 if tools else 6)
+    assert ("response.function_call_arguments.done" in kinds) == tools
+    assert kinds[-1] == ("response.incomplete" if finish == "length" else "response.completed")
 
 
 def test_responses_stream_sends_text_as_it_comes_and_a_death_ends_it_with_response_failed(
