@@ -6872,6 +6872,20 @@ class Render:
 
 ROUND_SEPARATOR = "\n\n"  # between the texts of a tool loop's rounds, in the one answer
 
+# The C scanner that json.loads ends in, called without loads()' and decode()'s Python steps:
+# they were half the cost of decoding a token's chunk, which a streamed round does per event.
+_SCAN_JSON = json.scanner.make_scanner(json.JSONDecoder())
+
+
+def event_json(data):
+    """An upstream SSE event's data as JSON: what json_loads(data) gives, and raises (anything
+    the scanner does not take whole, as whitespace around it, goes through json_loads)."""
+    try:
+        doc, end = _SCAN_JSON(data, 0)
+    except (StopIteration, ValueError, RecursionError):
+        return json_loads(data)
+    return doc if end == len(data) else json_loads(data)
+
 
 class LoopEnd:
     """How a tool loop ended, for the renderer: the last round's answer (`doc`, `message` of a
@@ -6934,6 +6948,23 @@ class Round:
         it (tool calls out, no finish yet), or None if it shows nothing."""
         if not isinstance(doc, dict):
             raise UpstreamError("upstream sent an event that is not a JSON object")
+        choices = doc.get("choices")
+        if choices.__class__ is list and len(choices) == 1 and not doc.get("error") and \
+                not doc.get("usage"):  # (the chunk most of a stream is: read at once)
+            choice = choices[0]
+            delta = choice.get("delta") if choice.__class__ is dict else None
+            content = delta.get("content") if delta.__class__ is dict else None
+            if content and content.__class__ is str and "tool_calls" not in delta and \
+                    (self.content or not self.shown_before):
+                # a token's text, and no call: what the loop below makes of it, in short
+                self.template = doc
+                finish = choice.get("finish_reason")
+                if finish:
+                    self.finish = finish
+                self.content.append(content)
+                choice["finish_reason"] = None
+                doc.pop("usage", None)
+                return doc
         if doc.get("error"):  # ends the stream with our one error event
             error = doc["error"]
             raise UpstreamError("upstream: " + str(error.get("message", error)
@@ -7119,7 +7150,7 @@ class ToolLoop:
                             done = True
                             continue
                         try:
-                            doc = json_loads(event)
+                            doc = event_json(event)
                         except ValueError:
                             raise UpstreamError("upstream sent an event that is not JSON: "
                                                 f"{event[:200]!r}") from None
@@ -7996,6 +8027,24 @@ class MessagesJSON(MessagesRender):
                 "usage": anthropic_usage(end.usage)}))
 
 
+# A stream's events that carry no text of their own, as named_event() makes them, field for
+# field: message_start (message id, model) with its ping; a text block's start and a block's
+# stop (index); the end (stop_reason, stop_sequence, input and output tokens).
+MESSAGE_START_EVENTS = (
+    b'event: message_start\ndata: {"type":"message_start","message":{"id":"%s","type":"message",'
+    b'"role":"assistant","model":%s,"content":[],"stop_reason":null,"stop_sequence":null,'
+    b'"usage":{"input_tokens":0,"output_tokens":0,"cache_creation_input_tokens":0,'
+    b'"cache_read_input_tokens":0}}}\n\nevent: ping\ndata: {"type":"ping"}\n\n')
+TEXT_BLOCK_START_EVENT = (b'event: content_block_start\ndata: {"type":"content_block_start",'
+                          b'"index":%d,"content_block":{"type":"text","text":""}}\n\n')
+BLOCK_STOP_EVENT = b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n'
+MESSAGE_END_EVENTS = (
+    b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":%s,'
+    b'"stop_sequence":%s},"usage":{"input_tokens":%d,"output_tokens":%d,'
+    b'"cache_creation_input_tokens":0,"cache_read_input_tokens":0}}\n\n'
+    b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+
+
 class MessagesSSE(MessagesRender):
     """A tool loop rendered as Anthropic's event stream: message_start (and a ping) once the
     upstream answered; a content block per run of thinking or text, its deltas as they come;
@@ -8023,13 +8072,9 @@ class MessagesSSE(MessagesRender):
     def opened(self, up):
         if self.conn.streaming:
             return
-        message = {"id": self.id, "type": "message", "role": "assistant", "model": self.model,
-                   "content": [], "stop_reason": None, "stop_sequence": None,
-                   "usage": anthropic_usage(None)}
         self.keep_alive = self.conn.start_stream(self.request, 200, [
             ("Content-Type", "text/event-stream"), ("X-Llmhost-Server", up.name)] + SSE_HEADERS,
-            named_event("message_start", {"type": "message_start", "message": message}) +
-            named_event("ping", {"type": "ping"}))
+            MESSAGE_START_EVENTS % (self.id.encode(), json_bytes(self.model)))
         self.request.status = 200
 
     def begin(self, kind, block):
@@ -8039,6 +8084,9 @@ class MessagesSSE(MessagesRender):
         self.close()
         self.index += 1
         self.open = kind
+        if kind == "text":
+            self.out.append(TEXT_BLOCK_START_EVENT % self.index)
+            return
         self.send("content_block_start", {"index": self.index, "content_block": block})
 
     def close(self):
@@ -8046,7 +8094,7 @@ class MessagesSSE(MessagesRender):
             self.send("content_block_delta", {"index": self.index, "delta": {
                 "type": "signature_delta", "signature": ""}})
         if self.open is not None:
-            self.send("content_block_stop", {"index": self.index})
+            self.out.append(BLOCK_STOP_EVENT % self.index)
         self.open = None
 
     def whole(self, block, partial_json=None):
@@ -8057,7 +8105,7 @@ class MessagesSSE(MessagesRender):
         if partial_json is not None:
             self.send("content_block_delta", {"index": self.index, "delta": {
                 "type": "input_json_delta", "partial_json": partial_json}})
-        self.send("content_block_stop", {"index": self.index})
+        self.out.append(BLOCK_STOP_EVENT % self.index)
 
     def delta(self, doc, text, reasoning):
         if reasoning is None:  # (vLLM's newer name, and Ollama's)
@@ -8117,9 +8165,8 @@ class MessagesSSE(MessagesRender):
             self.whole(dict(use, input={}), json_bytes(use["input"]).decode())
         reason, sequence = stop_reason(end, self.stops)
         usage = anthropic_usage(end.usage)
-        self.send("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence},
-                                    "usage": usage})
-        self.send("message_stop", {})
+        self.out.append(MESSAGE_END_EVENTS % (json_bytes(reason), json_bytes(sequence),
+                                              usage["input_tokens"], usage["output_tokens"]))
         self.conn.end_stream(b"".join(self.out))
         return self.keep_alive
 
@@ -9754,9 +9801,31 @@ def owns(owner, row_owner):
     return not owner or not row_owner or hmac.compare_digest(owner, row_owner)
 
 
-TEXT_DELTA_EVENT = (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
-                    b'"item_id":"%s","output_index":%d,"content_index":0,"delta":%s,'
-                    b'"logprobs":[],"sequence_number":%d}\n\n')
+# (the head: item id, output_index; then the text; the tail: sequence number)
+TEXT_DELTA_HEAD = (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+                   b'"item_id":"%s","output_index":%d,"content_index":0,"delta":')
+TEXT_DELTA_TAIL = b',"logprobs":[],"sequence_number":%d}\n\n'
+# A message item's events before its first text and after its last, as event() makes them,
+# field for field: (output_index, item id, sequence number, item id, output_index, number).
+MESSAGE_ADDED_EVENTS = (
+    b'event: response.output_item.added\ndata: {"type":"response.output_item.added",'
+    b'"output_index":%d,"item":{"id":"%s","type":"message","role":"assistant",'
+    b'"status":"in_progress","content":[]},"sequence_number":%d}\n\n'
+    b'event: response.content_part.added\ndata: {"type":"response.content_part.added",'
+    b'"item_id":"%s","output_index":%d,"content_index":0,"part":{"type":"output_text",'
+    b'"text":"","annotations":[]},"sequence_number":%d}\n\n')
+# (item id, output_index, text, number; item id, output_index, text, number; output_index,
+# item id, status, text, number)
+MESSAGE_DONE_EVENTS = (
+    b'event: response.output_text.done\ndata: {"type":"response.output_text.done",'
+    b'"item_id":"%s","output_index":%d,"content_index":0,"text":%s,"logprobs":[],'
+    b'"sequence_number":%d}\n\n'
+    b'event: response.content_part.done\ndata: {"type":"response.content_part.done",'
+    b'"item_id":"%s","output_index":%d,"content_index":0,"part":{"type":"output_text",'
+    b'"text":%s,"annotations":[]},"sequence_number":%d}\n\n'
+    b'event: response.output_item.done\ndata: {"type":"response.output_item.done",'
+    b'"output_index":%d,"item":{"id":"%s","type":"message","role":"assistant","status":"%s",'
+    b'"content":[{"type":"output_text","text":%s,"annotations":[]}]},"sequence_number":%d}\n\n')
 
 
 class ResponsesRender(Render, Face):
@@ -9781,6 +9850,7 @@ class ResponsesRender(Render, Face):
         self.output = []
         self.where = {}  # item id -> its output_index
         self.item = None  # the message or reasoning item whose text is streaming
+        self.delta_head = None  # its text deltas' template head (a message streamed)
         self.pieces = []  # its text so far
         self.bindings = {}
         self.running = []  # the mcp_call items of the calls running
@@ -9840,16 +9910,40 @@ class ResponsesRender(Render, Face):
         return dict(item_id=item["id"], output_index=self.where[item["id"]], **fields)
 
     # -- streamed text -------------------------------------------------------------------------
+    def templated(self):
+        """Whether the events go out now (streamed, begun, the client there): the frequent
+        ones are then written from a template, not built and encoded as dicts."""
+        return self.stream and self.started and not self.conn.gone
+
     def open_item(self, item, part):
         self.item, self.pieces = item, []
+        if item["type"] == "message" and self.templated():
+            index = self.where[item["id"]] = len(self.output)
+            self.output.append(item)
+            rid = item["id"].encode()
+            self.conn.write_chunk(MESSAGE_ADDED_EVENTS % (index, rid, self.seq, rid, index,
+                                                          self.seq + 1))
+            self.seq += 2
+            self.delta_head = TEXT_DELTA_HEAD % (rid, index)
+            return
         self.add(item)
         self.emit("response.content_part.added", **self.at(item, content_index=0, part=part))
 
     def close_item(self, status="completed"):
-        item, self.item = self.item, None
+        item, self.item, self.delta_head = self.item, None, None
         if item is None:
             return
         text = "".join(self.pieces)
+        if item["type"] == "message" and self.templated():
+            part = {"type": "output_text", "text": text, "annotations": []}
+            item.update(content=[part], status=status)
+            rid, index, encoded, seq = item["id"].encode(), self.where[item["id"]], \
+                json_bytes(text), self.seq
+            self.conn.write_chunk(MESSAGE_DONE_EVENTS % (
+                rid, index, encoded, seq, rid, index, encoded, seq + 1,
+                index, rid, status.encode(), encoded, seq + 2))
+            self.seq += 3
+            return
         if item["type"] == "message":
             part = {"type": "output_text", "text": text, "annotations": []}
             self.emit("response.output_text.done", **self.at(item, content_index=0, text=text,
@@ -9863,6 +9957,13 @@ class ResponsesRender(Render, Face):
         self.done(item)
 
     def text(self, text, reasoning=False):
+        if self.delta_head is not None and not reasoning and not self.conn.gone:
+            # The event a stream has most of, written from a template: what event() would
+            # make, field for field, without building and encoding a dict per token.
+            self.pieces.append(text)
+            self.conn.write_chunk(self.delta_head + json_bytes(text) + TEXT_DELTA_TAIL % self.seq)
+            self.seq += 1
+            return
         kind = "reasoning" if reasoning else "message"
         if self.item is None or self.item["type"] != kind:
             self.close_item()
@@ -9881,18 +9982,13 @@ class ResponsesRender(Render, Face):
                 self.open_item({"id": new_item_id("msg"), "type": "message",
                                 "role": "assistant", "status": "in_progress", "content": []},
                                {"type": "output_text", "text": "", "annotations": []})
+        if self.delta_head is not None and not self.conn.gone:  # (a message just opened)
+            return self.text(text)
         self.pieces.append(text)
-        if reasoning or not self.stream or not self.started or self.conn.gone:
-            self.emit("response.reasoning_text.delta" if reasoning else
-                      "response.output_text.delta", **self.at(
-                          self.item, content_index=0, delta=text,
-                          **({} if reasoning else {"logprobs": []})))
-            return
-        # The event a stream has most of, written from a template: what event() would make,
-        # field for field, without building and encoding a dict per token.
-        self.conn.write_chunk(TEXT_DELTA_EVENT % (
-            self.item["id"].encode(), self.where[self.item["id"]], json_bytes(text), self.seq))
-        self.seq += 1
+        self.emit("response.reasoning_text.delta" if reasoning else
+                  "response.output_text.delta", **self.at(
+                      self.item, content_index=0, delta=text,
+                      **({} if reasoning else {"logprobs": []})))
 
     def whole_text(self, text, reasoning=False, status="completed"):
         """A text not streamed, as the item it makes."""

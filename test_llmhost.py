@@ -1889,6 +1889,32 @@ def test_responses_stream_events_in_order_with_sequence_numbers(gateway, fake):
     assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
 
 
+@pytest.mark.parametrize("finish, tools", [("stop", False), ("length", False), (None, True)])
+def test_responses_templated_events_are_the_bytes_event_makes(gateway, fake, monkeypatch, finish,
+                                                             tools):
+    """The events a stream writes from templates (a message's added, delta and done events)
+    are, byte for byte, what the renderer's generic event() makes of the same fields."""
+    body = {"model": "fake-model", "input": 'say "h\u00e9" \\ \u2603 \U0001f600\nnow',
+            "instructions": "Be brief, \u00e9.", "metadata": {"k": "v\u2603"}, "temperature": 0.5,
+            "top_p": 0.9, "user": "u1", "max_output_tokens": 50}
+    if tools:  # (the fake calls the first tool given)
+        body["tools"] = [weather_tool()]
+    raws = []
+    for generic in (False, True):
+        if generic:
+            monkeypatch.setattr(llmhost.ResponsesRender, "templated", lambda self: False)
+        fake.script({"reasoning": "think first", "finish": finish})
+        status, _, raw = post(gateway.port, "/v1/responses", dict(body, stream=True))
+        assert status == 200, raw
+        raws.append(re.sub(rb'"(resp|rs|msg|fc)_[0-9a-f]{48}"', rb'"\1_"', re.sub(
+            rb'"(created_at|completed_at)":\d+', rb'"\1":0', raw)))
+    assert raws[0] == raws[1]
+    kinds = [e["type"] for e in response_events(raws[0])]
+    assert kinds.count("response.output_text.delta") == (0 if tools else 6)
+    assert ("response.function_call_arguments.done" in kinds) == tools
+    assert kinds[-1] == ("response.incomplete" if finish == "length" else "response.completed")
+
+
 def test_responses_stream_sends_text_as_it_comes_and_a_death_ends_it_with_response_failed(
         gateway, fake):
     stall = threading.Event()
@@ -2556,6 +2582,35 @@ def test_messages_stream_events_in_order_and_deltas_before_the_end(gateway, fake
         "stop_reason": "end_turn", "stop_sequence": None}, "usage": USAGE}
     assert events[8][1] == {"type": "message_stop"}
     assert sent_body(fake)["stream"] is True  # (with include_usage: the usage above)
+
+
+def test_messages_templated_events_are_the_bytes_named_event_makes(gateway, fake):
+    """The events a stream writes from templates (message_start and its ping, a text block's
+    start, a block's stop, message_delta and message_stop) are, byte for byte and key for key,
+    what named_event() makes of the doc the API defines."""
+    fake.script({"reasoning": "think first"})
+    status, _, raw = post(gateway.port, "/v1/messages", dict(MSG, stream=True))
+    assert status == 200
+    blocks = [block + b"\n\n" for block in raw.split(b"\n\n") if block]
+    events = named_events(raw)
+    assert len(blocks) == len(events)
+    for block, (name, data) in zip(blocks, events):
+        assert block == llmhost.named_event(name, data), block
+    usage = ["input_tokens", "output_tokens", "cache_creation_input_tokens",
+             "cache_read_input_tokens"]
+    keys = {name: data for name, data in events}
+    assert list(keys["message_start"]["message"]) == [
+        "id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage"]
+    assert list(keys["message_start"]["message"]["usage"]) == usage
+    starts = [data for name, data in events if name == "content_block_start"]
+    assert starts[1] == {"type": "content_block_start", "index": 1,
+                         "content_block": {"type": "text", "text": ""}}
+    assert events[-3] == ("content_block_stop", {"type": "content_block_stop", "index": 1})
+    assert list(events[-2][1]) == ["type", "delta", "usage"] and \
+        list(events[-2][1]["delta"]) == ["stop_reason", "stop_sequence"] and \
+        list(events[-2][1]["usage"]) == usage
+    assert [(name, list(data)) for name, data in events if name == "content_block_start"] == [
+        ("content_block_start", ["type", "index", "content_block"])] * 2
 
 
 def test_messages_an_upstream_dying_mid_stream_ends_with_an_error_event(gateway, fake):
@@ -7067,6 +7122,22 @@ def test_the_mcp_loop_names_what_it_cannot_read_in_an_answer(tmp_path, caplog):
     finally:
         running.stop()
         upstream.close()
+
+
+@pytest.mark.parametrize("data", [
+    '{"a":1}', ' {"a": [1, "x"]} ', '{"a":1}\t', '{"a":1}x', '{"a":1}{}', "", " ", "NaN",
+    '"\\ud800"', "\ufeff{}", "[" * 100000, '{"a":', "[1,]", "tok"])
+def test_event_json_is_json_loads(data):
+    """The tool loop's decoder of an upstream event gives what json_loads gives, and raises a
+    ValueError where it does (whitespace around the object, extra data, too deep a nesting)."""
+    try:
+        expected = llmhost.json_loads(data)
+    except ValueError as exc:
+        with pytest.raises(ValueError) as caught:
+            llmhost.event_json(data)
+        assert str(caught.value) == str(exc)
+    else:
+        assert repr(llmhost.event_json(data)) == repr(expected)  # (NaN is not NaN)
 
 
 def test_an_upstream_head_with_bare_lf_lines_is_read_and_a_bare_cr_refused(tmp_path):
