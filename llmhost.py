@@ -5359,6 +5359,7 @@ class MCPFront:
         self.asks = {}  # id of a request we sent a client -> (its session, the future)
         self.asked = 0
         self.owners = {}  # resource URI -> the server that listed it (for /mcp)
+        self.releasing = set()  # release()'s unsubscribes running (held: the loop holds none)
         self.current = contextvars.ContextVar("mcp_exchange", default=None)
         self.closing = False
         hub.notice, hub.asker = self.notice, self.ask
@@ -5418,10 +5419,11 @@ class MCPFront:
         pairs = list(resources)
         resources.clear()
         if pairs:
-            return asyncio.ensure_future(asyncio.gather(*(
+            task = asyncio.ensure_future(asyncio.gather(*(
                 self.hub.unsubscribe(server, uri) for server, uri in pairs),
                 return_exceptions=True))
-        return None
+            self.releasing.add(task)
+            task.add_done_callback(self.releasing.discard)
 
     def session_of(self, sid, view):
         """The session `sid` names on this view, recovered from the id if another process (or
@@ -9898,10 +9900,14 @@ class ResponsesRender(Render, Face):
         elif not self.conn.gone:
             self.conn.write_chunk(self.event(kind, fields))
 
-    def add(self, item):
-        self.where[item["id"]] = len(self.output)
+    def place(self, item):
+        """Put `item` at the end of the output -> its output_index."""
+        index = self.where[item["id"]] = len(self.output)
         self.output.append(item)
-        self.emit("response.output_item.added", output_index=self.where[item["id"]], item=item)
+        return index
+
+    def add(self, item):
+        self.emit("response.output_item.added", output_index=self.place(item), item=item)
 
     def done(self, item):
         self.emit("response.output_item.done", output_index=self.where[item["id"]], item=item)
@@ -9918,8 +9924,7 @@ class ResponsesRender(Render, Face):
     def open_item(self, item, part):
         self.item, self.pieces = item, []
         if item["type"] == "message" and self.templated():
-            index = self.where[item["id"]] = len(self.output)
-            self.output.append(item)
+            index = self.place(item)
             rid = item["id"].encode()
             self.conn.write_chunk(MESSAGE_ADDED_EVENTS % (index, rid, self.seq, rid, index,
                                                           self.seq + 1))
