@@ -713,6 +713,27 @@ def test_response_head_refuses_response_splitting():
     assert llmhost.response_head(204, [("X-A", "b")]) == b"HTTP/1.1 204 No Content\r\nX-A: b\r\n\r\n"
 
 
+@pytest.mark.parametrize("obj", [
+    {"a": [1, 2.5, None, True, False, "é", {"b": {}}], "c": []}, "plain", "é\u2028",
+    "half \ud83d", {"x": ["half \ud83d", "é"]}, [1e300, float("nan"), -0.0, 10**30],
+    {1: 2, 2.5: "x", None: 3, True: 4}, 3, None, [], {}])
+def test_json_bytes_is_compact_json_dumps(obj):
+    """json_bytes' C encoder, built once, gives what json.dumps gives: UTF-8, or escaped
+    throughout when a lone surrogate has no UTF-8."""
+    try:
+        expected = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        expected = json.dumps(obj, separators=(",", ":")).encode()
+    assert llmhost.json_bytes(obj) == expected
+    assert llmhost.json_bytes(obj) == expected  # (the encoder is reused: a second call too)
+
+
+def test_json_bytes_refuses_what_is_no_json():
+    with pytest.raises(TypeError):
+        llmhost.json_bytes({"a": object()})
+    assert llmhost.json_bytes({"a": 1}) == b'{"a":1}'  # (and works after a failure)
+
+
 # =============================================================================
 # Registry
 # =============================================================================
