@@ -9714,3 +9714,21 @@ def test_sse_decoder_incremental():
     for i in range(len(stream)):
         events += decoder.feed(stream[i:i + 1])
     assert events == ["a", "b\nc", "d"]
+
+
+@pytest.mark.parametrize("chunk", [
+    b"data: {\"a\":1}\n\n", b"data: \n\n", b"data:  two spaces\n\n", b"data: cr\r\n\n",
+    b"data: cr\r\n\r\n", b"data: \xff\xfe bad utf-8\n\n", b"data:x\n\n", b"data: a\ndata: b\n\n",
+    b"data: a\n\ndata: b\n\n", b"data: a\n", b"data: a\n\n\n", b"data: \xe2\x82\xac\n\n"])
+def test_sse_decoder_gives_a_whole_event_as_its_lines_do(chunk):
+    """A read that is one whole event (the decoder's short way) gives what the same bytes give
+    fed byte by byte (line by line), and leaves the decoder as they do."""
+    whole, split = llmhost.SSEDecoder(), llmhost.SSEDecoder()
+    bytewise = []
+    for i in range(len(chunk)):
+        bytewise += split.feed(chunk[i:i + 1])
+    assert whole.feed(chunk) == bytewise
+    assert whole.feed(b"data: next\n\n") == split.feed(b"data: next\n\n")
+    # and after a partial event the short way is not taken
+    decoder = llmhost.SSEDecoder()
+    assert decoder.feed(b"data: a\n") == [] and decoder.feed(b"data: b\n\n") == ["a\nb"]
