@@ -686,7 +686,11 @@ def _compact_encoder(ascii):
     join = "".join
 
     def encoded(obj):
-        return string(obj) if obj.__class__ is str else join(encode(obj, 0))
+        if obj.__class__ is str:
+            return string(obj)
+        if obj is None:  # (the fields a Response echoes are mostly null)
+            return "null"
+        return join(encode(obj, 0))
     return encoded
 
 
@@ -9855,6 +9859,14 @@ def owns(owner, row_owner):
     return not owner or not row_owner or hmac.compare_digest(owner, row_owner)
 
 
+# A Response as json_bytes makes it (ResponsesRender.response_json): id, created_at, status,
+# error, incomplete_details, the echo before "output", output, the echo between, usage, the
+# echo after, and completed_at's member if it has one.
+RESPONSE_JSON = ('{"id":"%s","object":"response","created_at":%d,"status":"%s",'
+                 '"background":false,"error":%s,"incomplete_details":%s,%s,"output":%s,%s,'
+                 '"usage":%s,%s%s}')
+# An event that carries a Response (kind, kind, the Response, sequence number)
+RESPONSE_EVENT = b'event: %s\ndata: {"type":"%s","response":%s,"sequence_number":%d}\n\n'
 # (the head: item id, output_index; then the text; the tail: sequence number)
 TEXT_DELTA_HEAD = (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
                    b'"item_id":"%s","output_index":%d,"content_index":0,"delta":')
@@ -9914,30 +9926,59 @@ class ResponsesRender(Render, Face):
         self.held = []  # events told before the stream began (tool lists, approved calls)
         self.final = None
         self.keep_alive = True
+        self.echoed = self.echo(body, store)
+        self.echoed_json = None  # the echo encoded (response_json), once it has been
 
     # -- the Response and its events ---------------------------------------------------------
+    @staticmethod
+    def echo(body, store):
+        """The Response's fields that echo the request (and `store`), in the Response's order:
+        the runs before "output", between it and "usage", and after "usage"."""
+        return ({"instructions": body.get("instructions"),
+                 "max_output_tokens": body.get("max_output_tokens"), "model": body["model"]},
+                {"parallel_tool_calls": body.get("parallel_tool_calls") is not False,
+                 "previous_response_id": body.get("previous_response_id"),
+                 "reasoning": body["reasoning"] if isinstance(body.get("reasoning"), dict)
+                 else {"effort": None, "summary": None},
+                 "store": store, "temperature": body.get("temperature"),
+                 "text": body["text"] if isinstance(body.get("text"), dict)
+                 else {"format": {"type": "text"}},
+                 "tool_choice": body.get("tool_choice") or "auto",
+                 "tools": [redacted_tool(tool) for tool in body.get("tools") or ()],
+                 "top_p": body.get("top_p"), "truncation": "disabled"},
+                {"user": body.get("user"), "metadata": body.get("metadata") or {}})
+
     def response(self, status, output, usage=None, error=None, incomplete=None):
-        body = self.body
+        before, between, after = self.echoed
         doc = {"id": self.id, "object": "response", "created_at": self.created,
                "status": status, "background": False, "error": error,
-               "incomplete_details": incomplete, "instructions": body.get("instructions"),
-               "max_output_tokens": body.get("max_output_tokens"), "model": body["model"],
-               "output": output,
-               "parallel_tool_calls": body.get("parallel_tool_calls") is not False,
-               "previous_response_id": body.get("previous_response_id"),
-               "reasoning": body["reasoning"] if isinstance(body.get("reasoning"), dict)
-               else {"effort": None, "summary": None},
-               "store": self.store, "temperature": body.get("temperature"),
-               "text": body["text"] if isinstance(body.get("text"), dict)
-               else {"format": {"type": "text"}},
-               "tool_choice": body.get("tool_choice") or "auto",
-               "tools": [redacted_tool(tool) for tool in body.get("tools") or ()],
-               "top_p": body.get("top_p"),
-               "truncation": "disabled", "usage": usage, "user": body.get("user"),
-               "metadata": body.get("metadata") or {}}
+               "incomplete_details": incomplete, **before, "output": output, **between,
+               "usage": usage, **after}
         if status in ("completed", "incomplete"):
             doc["completed_at"] = int(time.time())
         return doc
+
+    def response_json(self, doc=None):
+        """json_bytes(doc) for a `doc` response() made (None: response("in_progress", []), a
+        stream's first): the echo, which a stream's Responses share (response.created,
+        .in_progress, .completed), is encoded once, the rest spliced around it. A lone
+        surrogate anywhere (no UTF-8: json_bytes escapes the whole Response then) takes
+        json_bytes itself."""
+        if self.echoed_json is None:
+            self.echoed_json = [_JSON_UTF8(run)[1:-1] for run in self.echoed]
+        before, between, after = self.echoed_json
+        if doc is None:
+            fields = "in_progress", "null", "null", before, "[]", between, "null", after, ""
+        else:
+            completed = doc.get("completed_at")
+            fields = (doc["status"], _JSON_UTF8(doc["error"]),
+                      _JSON_UTF8(doc["incomplete_details"]), before, _JSON_UTF8(doc["output"]),
+                      between, _JSON_UTF8(doc["usage"]), after,
+                      "" if completed is None else f',"completed_at":{completed}')
+        try:
+            return (RESPONSE_JSON % (self.id, self.created, *fields)).encode()
+        except UnicodeEncodeError:
+            return json_bytes(self.response("in_progress", []) if doc is None else doc)
 
     def event(self, kind, fields):
         doc = {"type": kind, **fields, "sequence_number": self.seq}
@@ -10065,11 +10106,10 @@ class ResponsesRender(Render, Face):
             ("Content-Type", "text/event-stream"),
             ("X-Llmhost-Server", up.name if up is not None else "-")] + SSE_HEADERS)
         self.request.status = 200
-        snapshot = json_bytes(self.response("in_progress", []))  # (encoded once for both)
+        snapshot = self.response_json()  # (once for both)
         head = b""
         for kind in (b"response.created", b"response.in_progress"):
-            head += b'event: %s\ndata: {"type":"%s","response":%s,"sequence_number":%d}\n\n' % (
-                kind, kind, snapshot, self.seq)
+            head += RESPONSE_EVENT % (kind, kind, snapshot, self.seq)
             self.seq += 1
         for kind, fields in self.held:
             head += self.event(kind, fields)
@@ -10241,8 +10281,10 @@ class ResponsesRender(Render, Face):
                 ("X-Llmhost-Server", self.request.server or "-")], json_bytes(doc))
         if not self.started:
             self.opened(None)
-        conn.end_stream(self.event("response.incomplete" if doc["status"] == "incomplete"
-                                   else "response.completed", {"response": doc}))
+        kind = b"response.incomplete" if doc["status"] == "incomplete" else \
+            b"response.completed"
+        conn.end_stream(RESPONSE_EVENT % (kind, kind, self.response_json(doc), self.seq))
+        self.seq += 1
         return self.keep_alive
 
     # -- as the request's Face -----------------------------------------------------------------

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -1924,6 +1925,8 @@ def test_responses_templated_events_are_the_bytes_event_makes(gateway, fake, mon
     for generic in (False, True):
         if generic:
             monkeypatch.setattr(llmhost.ResponsesRender, "templated", lambda self: False)
+            monkeypatch.setattr(llmhost.ResponsesRender, "response_json", lambda self, doc=None:
+                                llmhost.json_bytes(doc or self.response("in_progress", [])))
         fake.script({"reasoning": "think first", "finish": finish})
         status, _, raw = post(gateway.port, "/v1/responses", dict(body, stream=True))
         assert status == 200, raw
@@ -1934,6 +1937,41 @@ def test_responses_templated_events_are_the_bytes_event_makes(gateway, fake, mon
     assert kinds.count("response.output_text.delta") == (0 if tools else 6)
     assert ("response.function_call_arguments.done" in kinds) == tools
     assert kinds[-1] == ("response.incomplete" if finish == "length" else "response.completed")
+
+
+@pytest.mark.parametrize("body", [
+    {"model": "m", "input": "hi"},
+    {"model": "m\u00e9", "input": "hi", "instructions": "Be brief, \u2603.", "max_output_tokens": 5,
+     "metadata": {"k": "v\u00e9"}, "temperature": 0.5, "top_p": 1, "user": "u",
+     "parallel_tool_calls": False, "previous_response_id": "resp_1", "tool_choice": "required",
+     "reasoning": {"effort": "low"}, "text": {"format": {"type": "json_object"}},
+     "tools": [{"type": "function", "name": "f", "parameters": {}},
+               {"type": "mcp", "server_label": "s", "headers": {"a": "b"}}]},
+    {"model": "m", "input": "hi", "instructions": [{"role": "system", "content": "x"}],
+     "tool_choice": {"type": "function", "name": "f"}, "temperature": 1e-7},
+    {"model": "m", "input": "hi", "instructions": "half \ud83d"},  # (no UTF-8: all escaped)
+])
+@pytest.mark.parametrize("store", [True, False])
+def test_responses_response_json_is_json_bytes_of_the_response(body, store):
+    """A stream's Responses are encoded with their echo of the request encoded once
+    (response_json): byte for byte what json_bytes makes of the whole Response."""
+    request = types.SimpleNamespace(conn=None)
+    render = llmhost.ResponsesRender(request, body, llmhost.new_item_id("resp"), True, rounds=8,
+                                     names={}, rules={}, approved=[], store=store)
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
+               "content": [{"type": "output_text", "text": "h\u00e9 \U0001f600", "annotations": []}]}
+    usage = {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5,
+             "input_tokens_details": {"cached_tokens": 0}}
+    for doc in (render.response("in_progress", []),
+                render.response("completed", [message], usage),
+                render.response("incomplete", [message], usage,
+                                incomplete={"reason": "max_output_tokens"}),
+                render.response("failed", [message], error={"code": "server_error",
+                                                            "message": "upstream: \u2603"}),
+                render.response("completed", [dict(message, content=[
+                    {"type": "output_text", "text": "half \udc00", "annotations": []}])])):
+        assert render.response_json(doc) == llmhost.json_bytes(doc)
+    assert render.response_json() == llmhost.json_bytes(render.response("in_progress", []))
 
 
 def test_responses_stream_sends_text_as_it_comes_and_a_death_ends_it_with_response_failed(
