@@ -9926,30 +9926,33 @@ class ResponsesRender(Render, Face):
         self.held = []  # events told before the stream began (tool lists, approved calls)
         self.final = None
         self.keep_alive = True
-        self.echoed = self.echo(body, store)
-        self.echoed_json = None  # the echo encoded (response_json), once it has been
+        self.echoed = None  # echo()'s runs, made with the first Response (once the upstream
+        self.echoed_json = None  # is asked), and encoded (response_json)
 
     # -- the Response and its events ---------------------------------------------------------
-    @staticmethod
-    def echo(body, store):
+    def echo(self):
         """The Response's fields that echo the request (and `store`), in the Response's order:
         the runs before "output", between it and "usage", and after "usage"."""
-        return ({"instructions": body.get("instructions"),
+        if self.echoed is not None:
+            return self.echoed
+        body = self.body
+        self.echoed = ({"instructions": body.get("instructions"),
                  "max_output_tokens": body.get("max_output_tokens"), "model": body["model"]},
                 {"parallel_tool_calls": body.get("parallel_tool_calls") is not False,
                  "previous_response_id": body.get("previous_response_id"),
                  "reasoning": body["reasoning"] if isinstance(body.get("reasoning"), dict)
                  else {"effort": None, "summary": None},
-                 "store": store, "temperature": body.get("temperature"),
+                 "store": self.store, "temperature": body.get("temperature"),
                  "text": body["text"] if isinstance(body.get("text"), dict)
                  else {"format": {"type": "text"}},
                  "tool_choice": body.get("tool_choice") or "auto",
                  "tools": [redacted_tool(tool) for tool in body.get("tools") or ()],
                  "top_p": body.get("top_p"), "truncation": "disabled"},
                 {"user": body.get("user"), "metadata": body.get("metadata") or {}})
+        return self.echoed
 
     def response(self, status, output, usage=None, error=None, incomplete=None):
-        before, between, after = self.echoed
+        before, between, after = self.echo()
         doc = {"id": self.id, "object": "response", "created_at": self.created,
                "status": status, "background": False, "error": error,
                "incomplete_details": incomplete, **before, "output": output, **between,
@@ -9965,7 +9968,7 @@ class ResponsesRender(Render, Face):
         surrogate anywhere (no UTF-8: json_bytes escapes the whole Response then) takes
         json_bytes itself."""
         if self.echoed_json is None:
-            self.echoed_json = [_JSON_UTF8(run)[1:-1] for run in self.echoed]
+            self.echoed_json = [_JSON_UTF8(run)[1:-1] for run in self.echo()]
         before, between, after = self.echoed_json
         if doc is None:
             fields = "in_progress", "null", "null", before, "[]", between, "null", after, ""
