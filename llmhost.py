@@ -698,9 +698,12 @@ _JSON_UTF8 = _compact_encoder(False)
 _JSON_ASCII = _compact_encoder(True)
 
 
+_JSON_STRING = json.encoder.encode_basestring
+
+
 def json_bytes(obj):
-    try:
-        return _JSON_UTF8(obj).encode()
+    try:  # (a string, a token's text, without a second call)
+        return (_JSON_STRING(obj) if obj.__class__ is str else _JSON_UTF8(obj)).encode()
     except UnicodeEncodeError:  # a lone surrogate (half an emoji) has no UTF-8: keep its escape
         return _JSON_ASCII(obj).encode()
 
