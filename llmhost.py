@@ -9883,7 +9883,7 @@ MESSAGE_ADDED_EVENTS = (
     b'"item_id":"%s","output_index":%d,"content_index":0,"part":{"type":"output_text",'
     b'"text":"","annotations":[]},"sequence_number":%d}\n\n')
 # (item id, output_index, text, number; item id, output_index, text, number; output_index,
-# item id, status, text, number)
+# the item (MESSAGE_ITEM_JSON), number)
 MESSAGE_DONE_EVENTS = (
     b'event: response.output_text.done\ndata: {"type":"response.output_text.done",'
     b'"item_id":"%s","output_index":%d,"content_index":0,"text":%s,"logprobs":[],'
@@ -9892,8 +9892,10 @@ MESSAGE_DONE_EVENTS = (
     b'"item_id":"%s","output_index":%d,"content_index":0,"part":{"type":"output_text",'
     b'"text":%s,"annotations":[]},"sequence_number":%d}\n\n'
     b'event: response.output_item.done\ndata: {"type":"response.output_item.done",'
-    b'"output_index":%d,"item":{"id":"%s","type":"message","role":"assistant","status":"%s",'
-    b'"content":[{"type":"output_text","text":%s,"annotations":[]}]},"sequence_number":%d}\n\n')
+    b'"output_index":%d,"item":%s,"sequence_number":%d}\n\n')
+# A message item, done (item id, status, text)
+MESSAGE_ITEM_JSON = (b'{"id":"%s","type":"message","role":"assistant","status":"%s",'
+                     b'"content":[{"type":"output_text","text":%s,"annotations":[]}]}')
 
 
 class ResponsesRender(Render, Face):
@@ -9928,6 +9930,7 @@ class ResponsesRender(Render, Face):
         self.held = []  # events told before the stream began (tool lists, approved calls)
         self.final = None
         self.keep_alive = True
+        self.items_json = {}  # item id -> its JSON, of the items a template encoded whole
         self.echoed = None  # echo()'s runs, made with the first Response (once the upstream
         self.echoed_json = None  # is asked), and encoded (response_json)
 
@@ -9977,13 +9980,22 @@ class ResponsesRender(Render, Face):
         else:
             completed = doc.get("completed_at")
             fields = (doc["status"], _JSON_UTF8(doc["error"]),
-                      _JSON_UTF8(doc["incomplete_details"]), before, _JSON_UTF8(doc["output"]),
+                      _JSON_UTF8(doc["incomplete_details"]), before,
+                      self.output_json(doc["output"]),
                       between, _JSON_UTF8(doc["usage"]), after,
                       "" if completed is None else f',"completed_at":{completed}')
         try:
             return (RESPONSE_JSON % (self.id, self.created, *fields)).encode()
         except UnicodeEncodeError:
             return json_bytes(self.response("in_progress", []) if doc is None else doc)
+
+    def output_json(self, output):
+        """_JSON_UTF8(output), of the JSON close_item made of its items (a streamed message,
+        not changed since) when it made all of them."""
+        known = [self.items_json.get(item["id"]) for item in output]
+        if not known or None in known:
+            return _JSON_UTF8(output)
+        return "[" + ",".join(known) + "]"
 
     def event(self, kind, fields):
         doc = {"type": kind, **fields, "sequence_number": self.seq}
@@ -10040,12 +10052,17 @@ class ResponsesRender(Render, Face):
         if item["type"] == "message" and self.templated():
             part = {"type": "output_text", "text": text, "annotations": []}
             item.update(content=[part], status=status)
-            rid, index, encoded, seq = item["id"].encode(), self.where[item["id"]], \
-                json_bytes(text), self.seq
+            rid, index, seq = item["id"].encode(), self.where[item["id"]], self.seq
+            try:
+                encoded, utf8 = _JSON_STRING(text).encode(), True
+            except UnicodeEncodeError:  # (a lone surrogate: escaped, as json_bytes does)
+                encoded, utf8 = json_bytes(text), False
+            whole = MESSAGE_ITEM_JSON % (rid, status.encode(), encoded)
             self.conn.write_chunk(MESSAGE_DONE_EVENTS % (
-                rid, index, encoded, seq, rid, index, encoded, seq + 1,
-                index, rid, status.encode(), encoded, seq + 2))
+                rid, index, encoded, seq, rid, index, encoded, seq + 1, index, whole, seq + 2))
             self.seq += 3
+            if utf8:  # (the final Response's output is spliced from it: response_json)
+                self.items_json[item["id"]] = whole.decode()
             return
         if item["type"] == "message":
             part = {"type": "output_text", "text": text, "annotations": []}

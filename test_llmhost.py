@@ -1974,6 +1974,35 @@ def test_responses_response_json_is_json_bytes_of_the_response(body, store):
     assert render.response_json() == llmhost.json_bytes(render.response("in_progress", []))
 
 
+@pytest.mark.parametrize("texts", [["h\u00e9 ", "\U0001f600"], ["half \ud83d"],
+                                   ["why", None, "answer"]])  # (None: a reasoning item)
+def test_responses_streamed_items_spliced_into_the_response_are_its_json(texts):
+    """The final Response's output is spliced from the JSON of the messages streamed
+    (close_item's): byte for byte what json_bytes makes of it; a lone surrogate in one (no
+    UTF-8) and an item not streamed from a template take json_bytes."""
+    written = []
+    conn = types.SimpleNamespace(gone=False, write_chunk=written.append,
+                                 start_stream=lambda *args: True)
+    request = types.SimpleNamespace(conn=conn, status=None)
+    render = llmhost.ResponsesRender(request, {"model": "m\u00e9", "input": "x"},
+                                     llmhost.new_item_id("resp"), True, rounds=8, names={},
+                                     rules={}, approved=[], store=False)
+    render.opened(None)
+    reasoning = False
+    for text in texts:
+        if text is None:
+            reasoning = True
+            continue
+        render.text(text, reasoning=reasoning)
+        reasoning = False
+    render.close_item()
+    assert bool(render.items_json) == ("\ud83d" not in texts[0])  # (the spliced way taken)
+    doc = render.response("completed", render.output, {"input_tokens": 1})
+    assert render.response_json(doc) == llmhost.json_bytes(doc)
+    done = llmhost.json_loads(written[-1].split(b"data: ")[-1])
+    assert done["type"] == "response.output_item.done" and done["item"] == render.output[-1]
+
+
 def test_responses_stream_sends_text_as_it_comes_and_a_death_ends_it_with_response_failed(
         gateway, fake):
     stall = threading.Event()
