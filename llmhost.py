@@ -688,7 +688,7 @@ def _compact_encoder(ascii):
     def encoded(obj):
         if obj.__class__ is str:
             return string(obj)
-        if obj is None:  # (the fields a Response echoes are mostly null)
+        if obj is None:  # (a Response's error, incomplete_details and usage, often)
             return "null"
         return join(encode(obj, 0))
     return encoded
@@ -9941,19 +9941,20 @@ class ResponsesRender(Render, Face):
         if self.echoed is not None:
             return self.echoed
         body = self.body
-        self.echoed = ({"instructions": body.get("instructions"),
-                 "max_output_tokens": body.get("max_output_tokens"), "model": body["model"]},
-                {"parallel_tool_calls": body.get("parallel_tool_calls") is not False,
-                 "previous_response_id": body.get("previous_response_id"),
-                 "reasoning": body["reasoning"] if isinstance(body.get("reasoning"), dict)
-                 else {"effort": None, "summary": None},
-                 "store": self.store, "temperature": body.get("temperature"),
-                 "text": body["text"] if isinstance(body.get("text"), dict)
-                 else {"format": {"type": "text"}},
-                 "tool_choice": body.get("tool_choice") or "auto",
-                 "tools": [redacted_tool(tool) for tool in body.get("tools") or ()],
-                 "top_p": body.get("top_p"), "truncation": "disabled"},
-                {"user": body.get("user"), "metadata": body.get("metadata") or {}})
+        before = {"instructions": body.get("instructions"),
+                  "max_output_tokens": body.get("max_output_tokens"), "model": body["model"]}
+        between = {"parallel_tool_calls": body.get("parallel_tool_calls") is not False,
+                   "previous_response_id": body.get("previous_response_id"),
+                   "reasoning": body["reasoning"] if isinstance(body.get("reasoning"), dict)
+                   else {"effort": None, "summary": None},
+                   "store": self.store, "temperature": body.get("temperature"),
+                   "text": body["text"] if isinstance(body.get("text"), dict)
+                   else {"format": {"type": "text"}},
+                   "tool_choice": body.get("tool_choice") or "auto",
+                   "tools": [redacted_tool(tool) for tool in body.get("tools") or ()],
+                   "top_p": body.get("top_p"), "truncation": "disabled"}
+        after = {"user": body.get("user"), "metadata": body.get("metadata") or {}}
+        self.echoed = before, between, after
         return self.echoed
 
     def response(self, status, output, usage=None, error=None, incomplete=None):
