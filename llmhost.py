@@ -852,6 +852,15 @@ class SSEDecoder:
 
 
 
+class _NoOwner:
+    """A Wire's owner once its connection is lost (see Wire.connection_lost)."""
+    def peer_gone(self):
+        pass
+
+
+_NO_OWNER = _NoOwner()
+
+
 class _Ready:
     """An awaitable that is done at once (a wait that need not wait)."""
     def __await__(self):
@@ -932,7 +941,8 @@ class Wire:
         waiter = self.write_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        self.owner.peer_gone()
+        owner, self.owner = self.owner, _NO_OWNER  # (the last call: the connection and its
+        owner.peer_gone()  # wire refer to each other; freed at once, not by the next GC pass)
 
     def pause_writing(self):
         self.write_paused = True
@@ -8606,7 +8616,8 @@ class Application:
         self.metrics.answered(request, status, now)
         if self.access_log is not None:
             self.access_log.add(request, status, request.model, request.server, now)
-        return keep_alive
+        request.face = None  # (a Responses render is its request's face, and refers to it: a
+        return keep_alive  # cycle, which the cyclic GC would have to find; see serve's gc)
 
     def fail(self, request, exc):
         conn = request.conn

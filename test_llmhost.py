@@ -1882,6 +1882,45 @@ def test_responses_image_input_reaches_the_upstream_as_an_image_url(gateway, fak
     assert status == 400 and "file_id" in doc["error"]["message"], doc
 
 
+def test_requests_leave_nothing_for_the_cyclic_gc(gateway):
+    """What serving a request builds is freed by reference counting once it is answered: none
+    of it waits for the cyclic GC, whose passes over a heap of such garbage stalled every
+    stream (a Responses render and its request referred to each other, so did a client
+    connection and its Wire: 6 ms pauses at 50 streams, Responses' first-token p99 +3 to +8 ms
+    over chat's). Objects of llmhost's classes that only the GC finds are such garbage."""
+    import gc
+    MESSAGES = [{"role": "user", "content": "hi"}]
+    bodies = [("/v1/chat/completions", {"model": "fake-model", "messages": MESSAGES}),
+              ("/v1/chat/completions", {"model": "fake-model", "messages": MESSAGES,
+                                        "stream": True}),
+              ("/v1/responses", {"model": "fake-model", "input": "hi"}),
+              ("/v1/responses", {"model": "fake-model", "input": "hi", "stream": True}),
+              ("/v1/messages", {"model": "fake-model", "max_tokens": 20, "messages": MESSAGES}),
+              ("/v1/messages", {"model": "fake-model", "max_tokens": 20, "messages": MESSAGES,
+                                "stream": True}),
+              ("/v1/chat/completions", {"model": "no-such-model", "messages": MESSAGES})]
+    for path, body in bodies:  # (first uses: imports, the response store)
+        post(gateway.port, path, body)
+    connections = gateway.gateway.http.connections
+    assert wait_until(lambda: not connections)
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # (what a pass finds is kept in gc.garbage, not freed)
+    try:
+        for path, body in bodies * 2:
+            status, _, _ = post(gateway.port, path, body)
+            assert status == (404 if body["model"] == "no-such-model" else 200)
+        assert wait_until(lambda: not connections)  # (each connection's end is seen)
+        gc.collect()
+        found = sorted({type(o).__qualname__ for o in gc.garbage
+                        if type(o).__module__ == llmhost.__name__})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert found == []
+
+
 def test_responses_stream_events_in_order_with_sequence_numbers(gateway, fake):
     fake.script({"reasoning": "think first", "pace": 0.01})
     status, headers, events = rstream(gateway.port, {"model": "fake-model", "input": "hello there"})
