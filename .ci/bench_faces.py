@@ -13,7 +13,12 @@ The APIs take turns, in --rounds slots each (DURATION/ROUNDS s a slot, the perce
 all of an API's slots), so that each API meets the machine as the others do: on a shared VM a
 10 s window of one API alone can meet a burst of other work the others do not.
 
+--pin runs llmhost alone on CPU 1, and this client and the upstream on CPU 0 (Linux): then a
+Responses stream's bigger events cost the client its own CPU, not llmhost's, as when clients
+run elsewhere; without it, all three share the machine's cores.
+
 Usage: python3 .ci/bench_faces.py [--concurrency 50] [--duration 10] [--rounds 5] [--pace-ms 10]
+                                  [--pin]
 Exit: 0 when every stream succeeded and both faces' p99 is within --budget-ms (2) of chat's.
 """
 import argparse
@@ -162,7 +167,12 @@ def main():
     ap.add_argument("--pace-ms", type=float, default=10)
     ap.add_argument("--budget-ms", type=float, default=2.0)
     ap.add_argument("--apis", default="chat,responses,messages")
+    ap.add_argument("--pin", action="store_true", help="llmhost on CPU 1, the rest on CPU 0")
     a = ap.parse_args()
+    if a.pin:
+        if len(os.sched_getaffinity(0)) < 2 or not {0, 1} <= os.sched_getaffinity(0):
+            raise SystemExit("--pin needs CPUs 0 and 1")
+        os.sched_setaffinity(0, {0})  # (the upstream started below inherits it)
     up, lh = free_port(), free_port()
     work = f"/tmp/llmhost-bench-faces-{os.getpid()}"
     os.makedirs(work, exist_ok=True)
@@ -174,7 +184,8 @@ def main():
                                str(up), str(a.pace_ms)]),
              subprocess.Popen([sys.executable, os.path.join(ROOT, "llmhost.py"), "--registry",
                                registry, "serve", "--port", str(lh), "--no-access-log",
-                               "--no-store"], stderr=subprocess.DEVNULL)]
+                               "--no-store"], stderr=subprocess.DEVNULL,
+                              preexec_fn=(lambda: os.sched_setaffinity(0, {1})) if a.pin else None)]
     try:
         wait_port(up)
         wait_port(lh)
@@ -199,7 +210,8 @@ def main():
             p.terminate()
             p.wait(10)
     print(f"first text delta, {a.concurrency} concurrent streams per API, {a.duration:g} s each "
-          f"in {max(1, a.rounds)} turns, upstream events {a.pace_ms:g} ms apart")
+          f"in {max(1, a.rounds)} turns, upstream events {a.pace_ms:g} ms apart"
+          f"{', llmhost pinned to CPU 1' if a.pin else ''}")
     print("| API | streams | p50 ms | p90 ms | p99 ms | Δp99 vs chat ms | llmhost CPU ms/stream "
           "| errors |")
     print("|---|--:|--:|--:|--:|--:|--:|---|")
