@@ -42,6 +42,27 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT = 10  # every socket in these tests has one, so a hang fails fast
 
 
+def compile_scripts():
+    """llmhost.py and this file compiled to bytecode in a directory of their own, once per session
+    -> their .pyc files, which python3 runs as it runs the .py (and the one imports the other).
+    A script run as `python3 llmhost.py` is compiled on every start and never cached: 0.2 s of
+    CPU for its 13k lines, in each of the 150 llmhost processes and 50 MCP servers and fake
+    upstreams the suite starts. The tests of a bare Python run llmhost.py itself."""
+    import atexit
+    import py_compile
+    import shutil
+    where = tempfile.mkdtemp(prefix="llmhost-pyc-")
+    atexit.register(shutil.rmtree, where, ignore_errors=True)
+    return [py_compile.compile(os.path.join(HERE, name), os.path.join(where, name + "c"),
+                               doraise=True) for name in ("llmhost.py", "test_llmhost.py")]
+
+
+if __name__ == "__main__":  # this file run as a script: one of the servers it defines
+    LLMHOST_PY, TESTS_PY = os.path.join(HERE, "llmhost.py"), os.path.abspath(__file__)
+else:
+    LLMHOST_PY, TESTS_PY = compile_scripts()
+
+
 # =============================================================================
 # Fake upstream: a scriptable OpenAI-compatible server on stdlib http.server
 # =============================================================================
@@ -840,7 +861,7 @@ def test_failed_update_leaves_file_byte_identical(registry):
 def test_racing_adds_from_many_processes_lose_nothing(registry):
     """Twelve `add --no-check` processes at once: every entry lands (the lock serialises the
     read-modify-write; without it, last writer wins)."""
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
+    procs = [subprocess.Popen([sys.executable, LLMHOST_PY, "--registry",
                                registry, "add", f"s{i}", f"http://127.0.0.1:{9000 + i}/v1",
                                "--no-check"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
              for i in range(12)]
@@ -3880,7 +3901,7 @@ def legacy_only(app):
     return legacy
 
 
-MCP_STDIO = {"command": sys.executable, "args": [os.path.abspath(__file__), "mcp-server", "stdio"]}
+MCP_STDIO = {"command": sys.executable, "args": [TESTS_PY, "mcp-server", "stdio"]}
 
 
 @pytest.fixture(scope="module")
@@ -4697,8 +4718,7 @@ def test_mcp_client_leaving_mid_round_is_no_internal_error(mcp_env, caplog):
 
 
 def start_mcp_http(kind, *extra, env=None):
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "mcp-server", kind,
-                             *extra],
+    proc = subprocess.Popen([sys.executable, TESTS_PY, "mcp-server", kind, *extra],
                             stdout=subprocess.PIPE, text=True, env=dict(os.environ, **(env or {})))
     line = proc.stdout.readline()
     assert line.startswith("PORT "), line
@@ -4929,7 +4949,7 @@ def test_mcp_list_never_prints_a_url_password(tmp_path):
 
 def mcp_cli(registry, *argv):
     """`python3 llmhost.py --registry REGISTRY mcp ARGV...` as a user runs it."""
-    return subprocess.run([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
+    return subprocess.run([sys.executable, LLMHOST_PY, "--registry",
                            registry, "mcp", *argv], capture_output=True, text=True, timeout=60)
 
 
@@ -5040,13 +5060,14 @@ def test_mcp_cli_remove_removes_a_server_and_fails_for_one_not_there(mcp_cli_reg
     assert mcp_cli(mcp_cli_registry, "remove", "w").returncode == 1
 
 
-def test_mcp_cli_tool_names_that_clash_once_sanitised_get_serves_hash_suffix(tmp_path):
+def test_mcp_cli_tool_names_that_clash_once_sanitised_get_serves_hash_suffix(tmp_path,
+                                                                          mcp_http_server):
     """As serve names them: the listing shows models' names."""
     registry = write_registry(tmp_path / "servers.json", [], mcp={"t": MCP_STDIO})
     # (in either order: the second of the two in the registry is the one with the suffix)
     assert [r.returncode for r in at_once(
-        lambda: mcp_cli(registry, "add", "a.b", "--", *MCP_STDIO_ARGV),
-        lambda: mcp_cli(registry, "add", "a_b", "--", *MCP_STDIO_ARGV))] == [0, 0]
+        lambda: mcp_cli(registry, "add", "a.b", "--url", mcp_http_server),
+        lambda: mcp_cli(registry, "add", "a_b", "--url", mcp_http_server))] == [0, 0]
     assert sorted(llmhost.load_registry(registry)["mcpServers"]) == ["a.b", "a_b", "t"]
     names = [t["openai_name"] for t in json.loads(mcp_cli(registry, "tools", "--json").stdout)
              if t["name"] == "echo"]
@@ -5067,7 +5088,7 @@ def test_mcp_cli_stopped_by_sigterm_stops_its_stdio_server(tmp_path):
     # Two processes, started at once (each imports the SDK): one for a SIGTERM, one for two.
     # Each has a `sleep` of its own, found by its argument.
     markers = [f"{time.time() % 1000:.6f}{i}" for i in (1, 2)]  # (seconds still)
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
+    procs = [subprocess.Popen([sys.executable, LLMHOST_PY, "--registry",
                                str(tmp_path / "s.json"), "mcp", "tools", "--", "sleep", marker],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
              for marker in markers]
@@ -5107,7 +5128,7 @@ def test_mcp_add_with_a_relative_path_saves_the_folder_it_is_from(tmp_path):
     """serve (systemd, another shell) may start elsewhere: the path found now must be found
     then."""
     registry = str(tmp_path / "s.json")
-    result = subprocess.run([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
+    result = subprocess.run([sys.executable, LLMHOST_PY, "--registry",
                              registry, "mcp", "add", "rel", "--no-check", "--", sys.executable,
                              "test_llmhost.py", "mcp-server", "stdio"], cwd=HERE,
                             capture_output=True, text=True, timeout=60)
@@ -5376,7 +5397,7 @@ OAUTH_BROWSER = " ".join(shlex.quote(arg) for arg in [
 
 def oauth_cli(registry, *argv, env=None):
     """`llmhost.py --registry REGISTRY mcp ARGV` as a user runs it, with a browser (BROWSER)."""
-    return subprocess.run([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
+    return subprocess.run([sys.executable, LLMHOST_PY, "--registry",
                            registry, "mcp", *argv], capture_output=True, text=True, timeout=60,
                           stdin=subprocess.DEVNULL,
                           env=dict(os.environ, BROWSER=OAUTH_BROWSER, **(env or {})))
@@ -5504,7 +5525,7 @@ def test_mcp_oauth_processes_spend_a_rotating_refresh_token_once(tmp_path, oauth
     auth.refresh_gate = threading.Event()  # the first refresh is answered when all have come
     try:
         calls = [subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "llmhost.py"), "--registry", registry, "mcp",
+            [sys.executable, LLMHOST_PY, "--registry", registry, "mcp",
              "call", "docs", "echo", f'{{"text": "{i}"}}'], stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
             env=dict(os.environ, BROWSER=OAUTH_BROWSER)) for i in range(3)]
@@ -6113,7 +6134,7 @@ def test_mcp_serve_stdio_bridges_an_http_server_to_a_stdio_client(front_env):
 
     async def session(name, tool, mode):
         params = StdioServerParameters(command=sys.executable, args=[
-            os.path.join(HERE, "llmhost.py"), "--registry", path, "mcp", "serve", "--stdio",
+            LLMHOST_PY, "--registry", path, "mcp", "serve", "--stdio",
             *name])
         async with Client(params, mode=mode) as c:
             tools = [t.name for t in (await c.list_tools()).tools]
@@ -6140,7 +6161,7 @@ def fixture_env(tmp_path_factory):
     URL)."""
     procs, urls = [], []
     for extra in ([], ["legacy"]):
-        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__),
+        procs.append(subprocess.Popen([sys.executable, TESTS_PY,
                                        "mcp-fixture", *extra], stdout=subprocess.PIPE,
                                       text=True))
         line = procs[-1].stdout.readline()
@@ -6287,7 +6308,7 @@ def test_mcp_server_results_name_llmhost_not_the_backend(fixture_env):
 def paged_env(tmp_path_factory):
     """llmhost in front of the conformance fixture paging its resources one a page (`paged`)
     and the stdio test server (`t`), for both revisions' clients: the cursors hold no state."""
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "mcp-fixture"],
+    proc = subprocess.Popen([sys.executable, TESTS_PY, "mcp-fixture"],
                             stdout=subprocess.PIPE, text=True,
                             env=dict(os.environ, LLMHOST_TEST_MCP_PAGE="1"))
     line = proc.stdout.readline()
@@ -6389,7 +6410,7 @@ def test_mcp_server_resource_subscriptions_at_both_revisions(fixture_env, backen
 # Managed servers: started on demand, stopped when idle
 # =============================================================================
 
-FAKE_CMD = f"{sys.executable} {os.path.abspath(__file__)} fake-upstream ${{PORT}}"
+FAKE_CMD = f"{sys.executable} {TESTS_PY} fake-upstream ${{PORT}}"
 
 
 def managed_entry(name, model, **extra):
@@ -7971,7 +7992,7 @@ def start_serve(registry, *extra, env=None, python=()):
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    proc = subprocess.Popen([sys.executable, *python, os.path.join(HERE, "llmhost.py"),
+    proc = subprocess.Popen([sys.executable, *python, LLMHOST_PY,
                              "--registry", registry, "serve", "--port", str(port), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, **(env or {})))
@@ -7996,8 +8017,8 @@ class PtyChat:
         pid, fd = pty.fork()
         if pid == 0:  # (the child: a session of its own, the terminal its controlling one)
             try:
-                os.execve(sys.executable, [sys.executable, os.path.join(HERE, "llmhost.py"),
-                                           *argv], dict(os.environ, TERM="dumb", HOME=str(home)))
+                os.execve(sys.executable, [sys.executable, LLMHOST_PY, *argv],
+                          dict(os.environ, TERM="dumb", HOME=str(home)))
             finally:
                 os._exit(127)
         self.pid, self.fd, self.out, self.mark, self.status = pid, fd, b"", 0, None
@@ -8264,7 +8285,7 @@ def test_api_keys_file_gives_labels_and_must_be_private(tmp_path):
 def test_user_session_subprocess(fake, tmp_path):
     """add / list / serve / request / remove / SIGTERM as typed in a shell."""
     registry = str(tmp_path / "servers.json")
-    cli = [sys.executable, os.path.join(HERE, "llmhost.py")]
+    cli = [sys.executable, LLMHOST_PY]
     env = dict(os.environ, LLMHOST_REGISTRY=registry)
     assert subprocess.run(cli + ["add", "local", fake.url], env=env, timeout=TIMEOUT,
                           capture_output=True).returncode == 0
@@ -8291,7 +8312,7 @@ def test_status_finds_the_serve_of_its_registry_by_the_record_beside_it(fake, tm
     registry = write_registry(tmp_path / "servers.json",
                               [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
     record = registry + ".serve"
-    cli = [sys.executable, os.path.join(HERE, "llmhost.py"), "--registry", registry, "status"]
+    cli = [sys.executable, LLMHOST_PY, "--registry", registry, "status"]
     env = {k: v for k, v in os.environ.items() if k != "LLMHOST_API_KEY"}
     proc, port = start_serve(registry, "--workers", workers)  # a free port, not 4000
     try:
@@ -8398,7 +8419,7 @@ def test_ctrl_c_in_a_terminal_lets_workers_finish_their_requests(fake, tmp_path,
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
+    proc = subprocess.Popen([sys.executable, LLMHOST_PY, "--registry",
                              registry, "serve", "--port", str(port), "--workers", "2",
                              "--log-level", "debug"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -9331,7 +9352,7 @@ def test_cors_origin_lets_its_origin_through_preflight_included(fake, tmp_path):
 
 def test_non_loopback_without_key_refuses_to_start(tmp_path):
     registry = write_registry(tmp_path / "s.json", [])
-    result = subprocess.run([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
+    result = subprocess.run([sys.executable, LLMHOST_PY, "--registry",
                              registry, "serve", "--host", "0.0.0.0", "--port", "0"],
                             capture_output=True, text=True, timeout=TIMEOUT,
                             env={k: v for k, v in os.environ.items() if k != "LLMHOST_API_KEY"})
@@ -9353,7 +9374,7 @@ def test_api_key_flag_wins_over_the_variable_and_a_variable_without_a_key_is_ref
     finally:
         proc.terminate()
         proc.communicate(timeout=TIMEOUT)
-    result = subprocess.run([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
+    result = subprocess.run([sys.executable, LLMHOST_PY, "--registry",
                              registry, "serve", "--port", "0"], capture_output=True, text=True,
                             timeout=TIMEOUT, env=dict(os.environ, LLMHOST_API_KEY=" , "))
     assert result.returncode == 1 and "LLMHOST_API_KEY holds no key" in result.stderr
@@ -9379,7 +9400,7 @@ def test_no_key_appears_in_any_output(fake, tmp_path):
         assert fake.posts()[0]["headers"]["authorization"] == "Bearer " + secrets[1]
         for argv in (["list"], ["list", "--json"], ["show", "a"], ["show", "b"]):
             outputs.append(subprocess.run(
-                [sys.executable, os.path.join(HERE, "llmhost.py"), "--registry", registry,
+                [sys.executable, LLMHOST_PY, "--registry", registry,
                  *argv], capture_output=True, timeout=TIMEOUT).stdout)
     finally:
         proc.terminate()
@@ -9404,7 +9425,7 @@ def test_no_url_password_appears_in_any_output(fake, tmp_path):
     outputs = []
 
     def cli(*argv):
-        result = subprocess.run([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
+        result = subprocess.run([sys.executable, LLMHOST_PY, "--registry",
                                  registry, *argv], capture_output=True, text=True,
                                 timeout=TIMEOUT * 3)
         outputs.extend([result.stdout, result.stderr])
@@ -9622,7 +9643,7 @@ def test_a_worker_that_cannot_be_forked_stops_serve_with_a_clear_message(fake, t
     registry = write_registry(tmp_path / "s.json",
                               [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
     pids = tmp_path / "pids"
-    proc = subprocess.run([sys.executable, *FAILING_FORK, os.path.join(HERE, "llmhost.py"),
+    proc = subprocess.run([sys.executable, *FAILING_FORK, LLMHOST_PY,
                            "--registry", registry, "serve", "--port", "0", "--workers", "2"],
                           capture_output=True, text=True, timeout=TIMEOUT,
                           env=dict(os.environ, FORK_FAILS_AT="1", PIDS=str(pids)))
@@ -9724,7 +9745,7 @@ def test_workers_neither_share_their_port_nor_outlive_serve(fake, tmp_path):
                               [{"name": "local", "url": fake.url, "models": ["fake-model"]}])
     proc, port = start_serve(registry, "--workers", "2")
     try:
-        second = subprocess.run([sys.executable, os.path.join(HERE, "llmhost.py"), "--registry",
+        second = subprocess.run([sys.executable, LLMHOST_PY, "--registry",
                                  registry, "serve", "--port", str(port), "--workers", "2"],
                                 capture_output=True, text=True, timeout=TIMEOUT)
         assert second.returncode == 1 and "Address already in use" in second.stderr
@@ -9802,7 +9823,7 @@ def test_bench_duration_ends_the_run_on_time(fake):
 
 def test_bench_ctrl_c_prints_what_finished(fake):
     fake.script(*[{"delay": 0.2}] * 40)
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llmhost.py"), "bench", fake.url,
+    proc = subprocess.Popen([sys.executable, LLMHOST_PY, "bench", fake.url,
                              "--model", "fake-model", "-c", "2", "-n", "40", "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert wait_until(lambda: len(fake.posts()) >= 5)
