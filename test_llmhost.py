@@ -7322,10 +7322,11 @@ def test_an_upstream_head_with_bare_lf_lines_is_read_and_a_bare_cr_refused(tmp_p
         upstream.close()
 
 
-def test_an_upstream_field_we_pass_on_with_a_control_character_is_refused(tmp_path):
-    """Content-Type is passed on: a NUL in it is a 502, before any byte goes to the client
-    (before: a 500, or for a stream an error chunk with no status line before it)."""
-    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\x00\r\n"
+@pytest.mark.parametrize("control", [b"\x00", b"\x0b", b"\x1f", b"\x7f"])
+def test_an_upstream_field_we_pass_on_with_a_control_character_is_refused(tmp_path, control):
+    """Content-Type is passed on: a NUL (or another control) in it is a 502, before any byte
+    goes to the client (before: a 500, or for a stream an error chunk with no status line)."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream%s\r\n" % control
     upstream = CloseFramedUpstream([
         (None, head + b"\r\ndata: [DONE]\n\n"),
         (None, head + b"Content-Length: 2\r\n\r\n{}")])
