@@ -11084,11 +11084,10 @@ def run_worker(args, path, keys, options, max_concurrency, queue_size, sock=None
         addresses = await gateway.start(args.host, args.port, sock=sock)
         import gc
         gc.freeze()  # what start-up built lives for good: later collections need not scan it
-        # Python's own thresholds (700, 10, 10): a request leaves no cycles (see handle()), so a
-        # pass only scans the objects of the requests in flight, and a young one every 700 of
-        # them stays under 1-4 ms; 10,000 made them 4-9 ms, each a stall of every stream (at
-        # 50 paced streams: 0.3% of the CPU in passes, against 0.1%)
-        gc.set_threshold(700, 10, 10)
+        # Python's own GC thresholds are kept (700, 10, 10 on 3.10-3.13): a request leaves no
+        # cycles (see handle()), so a pass only scans the objects of the requests in flight,
+        # and a young one every 700 of them stays under 1-4 ms; 10,000 made them 4-9 ms, each a
+        # stall of every stream (at 50 paced streams: 0.3% of the CPU in passes, against 0.1%)
         logger().info("llmhost %s%s serving on %s; %d servers, %d models; registry %s",
                       __version__, label, serve_addresses(addresses, keys),
                       len(gateway.router.upstreams), len(gateway.router.table), path)
